@@ -1,0 +1,137 @@
+"""Backends: the array namespace is chosen from the array's own type.
+
+There is no global device flag. :func:`backend_of` looks at ``type(array)``
+and returns a :class:`Backend`, a thin namespace over NumPy, CuPy (imported
+lazily, the first time a CuPy array shows up) or any namespace registered
+with :func:`register_backend` (the tests register a strict stand-in). Rules
+and layers create and touch data only through it, never through ``numpy.``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy
+
+
+class Backend:
+    """An array namespace: the module's functions plus the few extras rules need.
+
+    Attribute access falls through to the module, so ``B.exp``, ``B.matmul``,
+    ``B.zeros`` are the module's own. Extras: ``name`` (part of plan cache
+    keys), ``erf``, ``add_at``, ``as_strided``, ``to_numpy``, ``asarray``.
+    """
+
+    def __init__(self, name: str, module: ModuleType | Any, *, erf: Callable,
+                 add_at: Callable, as_strided: Callable, to_numpy: Callable,
+                 asarray: Callable | None = None, device: str = "cpu"):
+        self.name, self.module, self.device = name, module, device
+        self.erf, self.add_at, self.as_strided, self.to_numpy = erf, add_at, as_strided, to_numpy
+        self.asarray = asarray or module.asarray
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self.module, attr)
+        setattr(self, attr, value)  # cache: later lookups skip __getattr__
+        return value
+
+    def __repr__(self) -> str:
+        return f"<einsumgrad backend {self.name}>"
+
+
+def _numpy_erf() -> Callable:
+    try:
+        from scipy.special import erf  # exact and vectorized when SciPy is present
+        return erf
+    except ImportError:
+        verf = numpy.vectorize(math.erf, otypes=[float])
+        return lambda x: verf(x).astype(x.dtype, copy=False)
+
+
+def _numpy_add_at(target, index, values):
+    numpy.add.at(target, index, values)
+
+
+NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
+                as_strided=numpy.lib.stride_tricks.as_strided,
+                to_numpy=lambda a: a)
+
+_registry: dict = {numpy.ndarray: NUMPY}
+_CUPY: Backend | None = None
+
+
+def register_backend(array_type: type, backend: Backend) -> None:
+    """Make arrays of ``array_type`` (and its subclasses) run on ``backend``."""
+    _registry[array_type] = backend
+
+
+def _cupy_backend() -> Backend:
+    global _CUPY
+    if _CUPY is None:
+        import cupy
+        import cupyx
+        from cupyx.scipy.special import erf
+        _CUPY = Backend("cupy", cupy, erf=erf, add_at=cupyx.scatter_add,
+                        as_strided=cupy.lib.stride_tricks.as_strided,
+                        to_numpy=cupy.asnumpy, device="cuda")
+    return _CUPY
+
+
+def _lookup(tp: type) -> Backend | None:
+    for base in tp.__mro__:
+        if base in _registry:
+            return _registry[base]
+    if tp.__module__.startswith("cupy") and "cupy" in sys.modules:
+        _registry[tp] = _cupy_backend()
+        return _registry[tp]
+    return None
+
+
+def backend_of(array: Any) -> Backend:
+    """The backend of one array; NumPy for scalars and NumPy arrays."""
+    b = _registry.get(type(array))
+    if b is not None:
+        return b
+    b = _lookup(type(array))
+    if b is not None:
+        _registry[type(array)] = b
+        return b
+    return NUMPY
+
+
+def common_backend(arrays) -> Backend:
+    """The one backend of several arrays; NumPy scalars and 0-d arrays adapt.
+
+    Raises:
+        ValueError: the arrays live on two devices (both are named).
+    """
+    found = None
+    for a in arrays:
+        if isinstance(a, (int, float, complex, numpy.generic)):
+            continue
+        b = backend_of(a)
+        if found is None or found is b:
+            found = b
+        else:
+            raise ValueError(f"operands live on two devices: {found.name} ({found.device}) and "
+                             f"{b.name} ({b.device}); move one with .to(...) first")
+    return found or NUMPY
+
+
+def to_backend(array: Any, backend: Backend) -> Any:
+    """Move ``array`` onto ``backend`` (a copy when the device changes)."""
+    src = backend_of(array)
+    if src is backend:
+        return array
+    return backend.asarray(src.to_numpy(array))
+
+
+def device_backend(device: str) -> Backend:
+    """The backend for a device string: 'cpu' or 'cuda'."""
+    if device == "cpu":
+        return NUMPY
+    if device.startswith("cuda") or device == "gpu":
+        import cupy  # noqa: F401  (import makes _lookup see cupy types)
+        return _cupy_backend()
+    raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")

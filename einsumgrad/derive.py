@@ -1,0 +1,327 @@
+"""The derivation layer: the derivatives of one einsum, derived on index labels.
+
+For ``z = einsum(spec, x_0, ..., x_n)``:
+
+* **VJP** for operand k: one einsum, the cotangent ``g`` first and then the
+  other operands, producing operand k's subscripts. Where one einsum cannot
+  say it, extra steps follow: ``broadcast`` an index that only operand k has
+  (it was summed away), ``diag`` for an index repeated inside operand k (the
+  cotangent is written onto the diagonal), ``unsqueeze`` for axes that NumPy
+  broadcast from size 1. ``'ij,jk->ik'`` gives ``'ik,jk->ij'``.
+* **JVP** for operand k: the same einsum with the tangent in slot k.
+* **Jacobian** w.r.t. operand k: ``J[out..., x...]``, the other operands'
+  contraction written onto the generalized diagonal that ties each index of
+  ``x`` to the same index of ``out`` (the diagonal embedding), every index
+  that is not kept summed (the collapse).
+
+All of it is pure: no arrays, cached per spec. Execution (``apply``,
+``materialize``) builds an einsum over the engine's ops, in which the extra
+steps are fused as constant operands (an identity matrix ties a repeated
+index to its copy, a ones vector broadcasts), so the result is itself
+differentiable.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+from .spec import FRESH, Spec, bind_sizes, parse, render, _render_terms
+
+COT = "g"  # how the cotangent / tangent is named in printed patterns
+
+
+class Derivation:
+    """The derivatives of one einsum: ``eg.derive(spec, *shapes)``."""
+
+    def __init__(self, subscripts: str, shapes: Sequence[tuple] | None = None):
+        shapes = None if shapes is None or len(shapes) == 0 else tuple(tuple(s) for s in shapes)
+        self.subscripts = subscripts
+        self.shapes = shapes
+        self.spec = parse(subscripts, None if shapes is None else tuple(len(s) for s in shapes))
+        if shapes is None:
+            self.sizes, self.broadcast = None, tuple(() for _ in self.spec.inputs)
+        else:
+            self.sizes, self.broadcast = bind_sizes(self.spec, shapes, subscripts)
+        # The spec the engine executes: axes broadcast from size 1 are squeezed away.
+        self.clean = Spec(tuple(tuple(l for ax, l in enumerate(t) if ax not in b)
+                                for t, b in zip(self.spec.inputs, self.broadcast)),
+                          self.spec.output)
+        self.squeezed_shapes = None if shapes is None else tuple(
+            tuple(n for ax, n in enumerate(s) if ax not in b) if b else None
+            for s, b in zip(shapes, self.broadcast))
+
+    @property
+    def n(self) -> int:
+        return len(self.spec.inputs)
+
+    @property
+    def out_shape(self) -> tuple | None:
+        return None if self.sizes is None else tuple(self.sizes[l] for l in self.spec.output)
+
+    def _k(self, k: int) -> int:
+        if not -self.n <= k < self.n:
+            raise IndexError(f"operand {k} out of range: {self.subscripts!r} has {self.n}")
+        return k % self.n
+
+    def vjp(self, k: int) -> "VJP":
+        """The reverse-mode pattern for operand ``k``."""
+        k = self._k(k)
+        return _vjp(self.clean, k, self.broadcast[k], self.spec.inputs[k])
+
+    def jvp(self, k: int) -> "JVP":
+        """The forward-mode pattern for a tangent in operand ``k``."""
+        return JVP(self.spec, self._k(k))
+
+    def jacobian(self, k: int) -> "Jacobian":
+        """The full Jacobian with respect to operand ``k``."""
+        return Jacobian(self, self._k(k))
+
+    def __repr__(self) -> str:
+        return f"derive({self.subscripts!r})"
+
+
+@lru_cache(maxsize=4096)
+def derive(subscripts: str, *shapes) -> Derivation:
+    """Derive the VJP, JVP and Jacobian patterns of one einsum, symbolically.
+
+    Args:
+        subscripts: an einsum spec in NumPy's grammar.
+        *shapes: the operands' shapes; needed only to expand ``...`` and to see
+            size-1 broadcasting.
+
+    Example:
+        >>> str(derive('ij,jk->ik').vjp(1))
+        'ik,ij->jk'
+    """
+    return Derivation(subscripts, tuple(tuple(s) for s in shapes) if shapes else None)
+
+
+def _fresh(spec_labels, count: int) -> list:
+    top = max([FRESH - 1] + [l for l in spec_labels if l >= FRESH])
+    return list(range(top + 1, top + 1 + count))
+
+
+class VJP:
+    """Reverse-mode pattern: ``g, *others -> operand k`` plus steps.
+
+    Attributes:
+        core: the one einsum (cotangent first, then the other operands).
+        steps: ``('broadcast', from, to)``, ``('diag', from, to)``,
+            ``('unsqueeze', from, raw)`` where one einsum cannot say it.
+    """
+
+    def __init__(self, spec: Spec, k: int, broadcast_axes: tuple, raw_term: tuple):
+        self.spec, self.k = spec, k
+        term = spec.inputs[k]
+        others = (spec.output,) + tuple(t for j, t in enumerate(spec.inputs) if j != k)
+        present = set().union(*others)
+        uniq = tuple(dict.fromkeys(term))
+        self.core = Spec(others, tuple(l for l in uniq if l in present))
+        self.steps = []
+        lone = tuple(l for l in uniq if l not in present)
+        if lone:
+            self.steps.append(("broadcast", self.core.output, uniq))
+        if len(uniq) != len(term):
+            self.steps.append(("diag", uniq, term))
+        self.raw_term, self.broadcast_axes = raw_term, broadcast_axes
+        if broadcast_axes:
+            self.steps.append(("unsqueeze", term, raw_term))
+        # The fused einsum that runs: identity matrices tie each repeat of an
+        # index to a fresh copy, ones vectors broadcast the lone indices.
+        fresh = iter(_fresh(spec.labels, len(term)))
+        out, seen, extra = [], set(), []
+        for l in term:
+            if l in seen:
+                f = next(fresh)
+                extra.append(("eye", (l, f)))
+                out.append(f)
+            else:
+                seen.add(l)
+                out.append(l)
+        extra += [("ones", (l,)) for l in lone]
+        self.extra = tuple(extra)
+        self.fused = Spec(others + tuple(t for _, t in extra), tuple(out))
+
+    def __str__(self) -> str:
+        s = render(self.core)
+        letters = _letters(self.spec)
+        for kind, a, b in self.steps:
+            if kind == "unsqueeze":
+                raw = "".join("1" if ax in self.broadcast_axes else "?" for ax in range(len(b)))
+                it = iter(_term_str(a, letters))
+                b_s = "".join(c if c == "1" else next(it) for c in raw)
+                s += f" | unsqueeze {_term_str(a, letters)}->{b_s}"
+            else:
+                s += f" | {kind} {_term_str(a, letters)}->{_term_str(b, letters)}"
+        return s
+
+    def __repr__(self) -> str:
+        return f"<VJP {self}>"
+
+    def apply(self, g, *others, shape: tuple, nb: int = 0):
+        """Run the pattern on engine Tensors, giving operand k (of ``shape``, squeezed).
+
+        ``g`` may carry ``nb`` leading batch axes; the result carries them too.
+        """
+        from .ops import constant_like, einsum_spec, reshape
+        spec = self.fused if nb == 0 else _batched(self.fused, (0,), nb)
+        ops = [g, *others]
+        sizes = dict(zip(self.spec.inputs[self.k], shape))
+        for kind, labels in self.extra:
+            n = sizes[labels[0]]
+            ops.append(constant_like(g, "eye" if kind == "eye" else "ones", n))
+        r = einsum_spec(spec, *ops)
+        if self.broadcast_axes:
+            it = iter(r.shape[nb:])
+            r = reshape(r, r.shape[:nb] + tuple(1 if ax in self.broadcast_axes else next(it)
+                                                for ax in range(len(self.raw_term))))
+        return r
+
+
+@lru_cache(maxsize=4096)
+def _vjp(spec: Spec, k: int, broadcast_axes: tuple, raw_term: tuple) -> VJP:
+    return VJP(spec, k, broadcast_axes, raw_term)
+
+
+@lru_cache(maxsize=4096)
+def _batched(spec: Spec, slots: tuple, nb: int) -> Spec:
+    """``spec`` with ``nb`` fresh leading indices on the given slots and the output."""
+    fresh = tuple(_fresh(spec.labels, nb))
+    return Spec(tuple(fresh + t if i in slots else t for i, t in enumerate(spec.inputs)),
+                fresh + spec.output)
+
+
+class JVP:
+    """Forward-mode pattern: the einsum with the tangent in slot k."""
+
+    def __init__(self, spec: Spec, k: int):
+        self.spec, self.k = spec, k
+
+    def __str__(self) -> str:
+        return render(self.spec)
+
+    def __repr__(self) -> str:
+        return f"<JVP slot {self.k}: {self}>"
+
+    def apply(self, t, *operands, nb: int = 0):
+        """Run with tangent ``t`` (``nb`` leading batch axes) in place of operand k."""
+        from .ops import einsum_spec
+        ops = list(operands)
+        ops.insert(self.k, t)
+        spec = self.spec if nb == 0 else _batched(self.spec, (self.k,), nb)
+        return einsum_spec(spec, *ops)
+
+
+class Jacobian:
+    """``J[out..., x_k...]``: a diagonal embedding, then a collapse.
+
+    ``str()`` reads as a generalized einsum: the other operands on the left,
+    ``J``'s subscripts on the right with a bar between the output's and
+    operand k's. An index on both sides of the bar is a diagonal (``J`` is zero
+    off it); an index on the right only is broadcast; one on the left only is
+    summed (the collapse). ``'ij,jk->ik'`` w.r.t. 0 reads ``'jk->ik|ij'``:
+    ``J[i,k,i',j] = w[j,k]`` where ``i' = i``.
+    """
+
+    def __init__(self, d: Derivation, k: int):
+        self.d, self.k = d, k
+        spec = d.clean
+        self.others = tuple(t for j, t in enumerate(spec.inputs) if j != k)
+
+    def __str__(self) -> str:
+        spec = self.d.spec
+        return _render_terms(self.others, spec.output, None) + "|" + \
+            _term_str(spec.inputs[self.k], _letters(spec))
+
+    def __repr__(self) -> str:
+        return f"<Jacobian wrt operand {self.k}: {self}>"
+
+    def materialize(self, *operands):
+        """Build ``J`` with shape ``out.shape + operand_k.shape``.
+
+        ``J`` starts as zeros; the other operands' contraction is written onto
+        its generalized diagonal through a strided view. Peak memory is ``J``
+        plus that contraction: no ``x.shape x w.shape x x.shape`` intermediate.
+        Returns a Tensor when given Tensors, else a backend array.
+        """
+        from .backend import common_backend
+        from .tensor import Tensor
+        wrap = any(isinstance(o, Tensor) for o in operands)
+        arrays = [o.data if isinstance(o, Tensor) else o for o in operands]
+        xp = common_backend(arrays)
+        arrays = [xp.asarray(a) for a in arrays]
+        d = derive(self.d.subscripts, *[a.shape for a in arrays])
+        k = self.k
+        clean = [a.reshape(s) if s is not None and j != k else a
+                 for j, (a, s) in enumerate(zip(arrays, d.squeezed_shapes))]
+        J = jacobian_of(d.clean, k, clean, d.broadcast[k])
+        return Tensor(J) if wrap else J
+
+    def jvp(self, v, *operands):
+        """``J @ v`` (v shaped like operand k) without building ``J``."""
+        from .ops import einsum
+        ops = list(operands)
+        ops[self.k] = v
+        return einsum(self.d.subscripts, *ops)
+
+    def vjp(self, u, *operands):
+        """``u @ J`` (u shaped like the output) without building ``J``."""
+        from .transforms import vjp
+        k = self.k
+        from .ops import einsum
+        f = lambda x: einsum(self.d.subscripts, *operands[:k], x, *operands[k + 1:])
+        return vjp(f, operands[k])[1](u)[0]
+
+
+def jacobian_of(spec: Spec, k: int, arrays: Sequence, broadcast_axes: tuple = ()):
+    """Materialize ``J = d einsum(spec) / d operand k`` on backend arrays.
+
+    ``spec`` is clean (one size per label); operand k may keep axes of size 1
+    that broadcast (``broadcast_axes``, absent from ``spec.inputs[k]``). ``J``
+    starts as zeros and the other operands' contraction is written onto its
+    generalized diagonal through a strided view: peak memory is ``J`` plus that
+    contraction, never an ``x.shape x w.shape x x.shape`` intermediate.
+    """
+    from .backend import common_backend
+    from .plan import contract
+    xp = common_backend(arrays)
+    dtype = xp.result_type(*arrays)
+    sizes = {l: n for t, a in zip(spec.inputs, arrays) for l, n in zip(t, a.shape)}
+    x_shape = arrays[k].shape
+    J = xp.zeros(tuple(sizes[l] for l in spec.output) + x_shape, dtype=dtype)
+    # J's axes: the output's labels, then operand k's (a broadcast axis of size
+    # 1 is an axis of its own). Axes sharing a label are one axis of the
+    # diagonal view, whose stride is the sum of theirs.
+    fresh = iter(_fresh(spec.labels, len(x_shape)))
+    term = iter(spec.inputs[k])
+    x_labels = [next(fresh) if ax in broadcast_axes else next(term) for ax in range(len(x_shape))]
+    axes = list(spec.output) + x_labels
+    view_labels = tuple(dict.fromkeys(axes))
+    strides = tuple(sum(s for a, s in zip(axes, J.strides) if a == l) for l in view_labels)
+    view = xp.as_strided(J, shape=tuple(J.shape[axes.index(l)] for l in view_labels),
+                         strides=strides)
+    terms = [t for j, t in enumerate(spec.inputs) if j != k]
+    others = [a for j, a in enumerate(arrays) if j != k]
+    present = set().union(*terms) if terms else set()
+    if terms:
+        D = contract(Spec(tuple(terms), tuple(l for l in view_labels if l in present)), others)
+    else:
+        D = xp.ones((), dtype=dtype)
+    view[...] = xp.reshape(D, tuple(n if l in present else 1
+                                    for l, n in zip(view_labels, view.shape)))
+    return J
+
+
+def _letters(spec: Spec) -> dict:
+    """The letters ``render`` gives each label of ``spec`` (so steps print alike)."""
+    s = render(spec)
+    lhs, rhs = s.split("->")
+    letters = {}
+    for t, txt in zip(spec.inputs + (spec.output,), lhs.split(",") + [rhs]):
+        if "..." not in txt and len(txt) == len(t):
+            letters.update(zip(t, txt))
+    return letters
+
+
+def _term_str(term: tuple, letters: dict) -> str:
+    return _render_terms([], term, letters, sep="")

@@ -1,0 +1,189 @@
+"""The planner: a contraction order from opt_einsum, planned once and cached.
+
+A :class:`Plan` is made once per (spec, shapes, dtypes, backend) and then only
+runs. opt_einsum picks the pairwise order (for three or more operands); each
+pairwise step is lowered to the cheapest backend call: a (batched) ``matmul``
+when an index is contracted, a broadcast multiply when none is, a ``sum`` and
+a transpose for one operand, and the backend's own ``einsum`` only where a
+term repeats an index (diagonals).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import opt_einsum
+
+from .backend import Backend, common_backend
+from .spec import Spec
+
+_plans: dict = {}
+stats = {"planned": 0}  # how many plans were made; a test reads it
+
+
+def contract(spec: Spec, arrays: Sequence) -> object:
+    """Evaluate ``spec`` on backend arrays, with the cached plan."""
+    return plan_for(spec, arrays)(arrays)
+
+
+def plan_for(spec: Spec, arrays: Sequence):
+    """The cached plan for ``spec`` at these arrays' shapes, dtypes and backend,
+    as a function of the arrays."""
+    xp = common_backend(arrays)
+    key = (spec, tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays), xp.name)
+    run = _plans.get(key)
+    if run is None:
+        plan = Plan(spec, key[1])
+        run = _plans[key] = plan.bind(xp)
+    return run
+
+
+def letters_of(spec: Spec) -> str:
+    """``spec`` as a string opt_einsum and the backends accept (labels renamed)."""
+    sym = {l: opt_einsum.get_symbol(i) for i, l in enumerate(spec.labels)}
+    return ",".join("".join(sym[l] for l in t) for t in spec.inputs) + "->" + \
+        "".join(sym[l] for l in spec.output)
+
+
+def path_info(spec: Spec, shapes: Sequence[tuple]):
+    """opt_einsum's contraction path and its cost report for ``spec``."""
+    return opt_einsum.contract_path(letters_of(spec), *shapes, shapes=True, optimize="auto")
+
+
+class Plan:
+    """The steps that evaluate one spec at one set of shapes."""
+
+    def __init__(self, spec: Spec, shapes: Sequence[tuple]):
+        stats["planned"] += 1
+        self.spec = spec
+        sizes = {l: n for t, s in zip(spec.inputs, shapes) for l, n in zip(t, s)}
+        terms = list(spec.inputs)
+        if len(terms) <= 2:
+            path = [tuple(range(len(terms)))]
+        else:
+            path = path_info(spec, shapes)[0]
+        self.steps = []
+        for pos in path:
+            pos = tuple(sorted(pos, reverse=True))
+            picked = [terms.pop(p) for p in pos]
+            rest = set(spec.output).union(*terms) if terms else set(spec.output)
+            if terms:  # an intermediate keeps what is still needed, in first-seen order
+                result = tuple(dict.fromkeys(l for t in picked[::-1] for l in t if l in rest))
+            else:
+                result = spec.output
+            self.steps.append((pos, _lower(picked[::-1], result, sizes)))
+            terms.append(result)
+
+    def bind(self, xp: Backend):
+        """This plan as a function of the arrays alone, on backend ``xp``."""
+        if len(self.steps) == 1:
+            step = self.steps[0][1]
+            return lambda arrays: step(xp, arrays)
+        return lambda arrays: self(xp, arrays)
+
+    def __call__(self, xp: Backend, arrays: Sequence) -> object:
+        arrays = list(arrays)
+        for pos, run in self.steps:
+            picked = [arrays.pop(p) for p in pos]
+            arrays.append(run(xp, picked[::-1]))
+        return arrays[0]
+
+
+def _lower(terms: list, result: tuple, sizes: dict):
+    """A function (xp, arrays) -> array for one step of a plan."""
+    if any(len(set(t)) != len(t) for t in terms) or len(terms) > 2:
+        sub = letters_of(Spec(tuple(terms), result))
+        return lambda xp, arrs: xp.einsum(sub, *arrs)
+    if len(terms) == 1:
+        return _lower_one(terms[0], result)
+    a, b = terms
+    # An index in one operand only and not kept is summed away first.
+    lone_a = tuple(l for l in a if l not in b and l not in result)
+    lone_b = tuple(l for l in b if l not in a and l not in result)
+    pre_a = _lower_one(a, tuple(l for l in a if l not in lone_a)) if lone_a else None
+    pre_b = _lower_one(b, tuple(l for l in b if l not in lone_b)) if lone_b else None
+    a = tuple(l for l in a if l not in lone_a)
+    b = tuple(l for l in b if l not in lone_b)
+    contracted = [l for l in a if l in b and l not in result]
+    if not contracted:
+        body = _broadcast_multiply(a, b, result)
+    else:
+        body = _matmul(a, b, result, contracted, sizes)
+    if pre_a is None and pre_b is None:
+        return body
+
+    def run(xp, arrs):
+        x, y = arrs
+        return body(xp, (pre_a(xp, [x]) if pre_a else x, pre_b(xp, [y]) if pre_b else y))
+    return run
+
+
+def _lower_one(term: tuple, result: tuple):
+    summed = tuple(i for i, l in enumerate(term) if l not in result)
+    kept = [l for l in term if l in result]
+    perm = tuple(kept.index(l) for l in result)
+    if not summed:
+        if perm == tuple(range(len(perm))):
+            return lambda xp, arrs: arrs[0]
+        return lambda xp, arrs: xp.transpose(arrs[0], perm)
+    if perm == tuple(range(len(perm))):
+        return lambda xp, arrs: xp.sum(arrs[0], axis=summed)
+    return lambda xp, arrs: xp.transpose(xp.sum(arrs[0], axis=summed), perm)
+
+
+def _broadcast_multiply(a: tuple, b: tuple, result: tuple):
+    def lay(t):  # transpose t into result order, with size-1 axes for what it lacks
+        order = [l for l in result if l in t]
+        perm = tuple(t.index(l) for l in order)
+        shape_idx = [order.index(l) if l in t else None for l in result]
+        return perm, shape_idx
+    pa, ia = lay(a)
+    pb, ib = lay(b)
+    ident_a, ident_b = pa == tuple(range(len(a))), pb == tuple(range(len(b)))
+
+    def expand(xp, x, perm, idx, ident):
+        if not ident:
+            x = xp.transpose(x, perm)
+        if None in idx:
+            x = xp.reshape(x, tuple(1 if i is None else x.shape[i] for i in idx))
+        return x
+
+    def run(xp, arrs):
+        x, y = arrs
+        return xp.multiply(expand(xp, x, pa, ia, ident_a), expand(xp, y, pb, ib, ident_b))
+    return run
+
+
+def _matmul(a: tuple, b: tuple, result: tuple, contracted: list, sizes: dict):
+    batch = [l for l in result if l in a and l in b]
+    left = [l for l in a if l in result and l not in b]
+    right = [l for l in b if l in result and l not in a]
+    order_a = batch + left + contracted
+    order_b = batch + contracted + right
+    perm_a = tuple(a.index(l) for l in order_a)
+    perm_b = tuple(b.index(l) for l in order_b)
+    prod = lambda ls: math.prod(sizes[l] for l in ls)
+    bs, m, k, n = prod(batch), prod(left), prod(contracted), prod(right)
+    shape_a = (bs, m, k) if batch else (m, k)
+    shape_b = (bs, k, n) if batch else (k, n)
+    out_shape = tuple(sizes[l] for l in batch + left + right)
+    out_labels = batch + left + right
+    perm_c = tuple(out_labels.index(l) for l in result)
+    ident = lambda p: p == tuple(range(len(p)))
+    perm_a, perm_b, perm_c = (None if ident(p) else p for p in (perm_a, perm_b, perm_c))
+
+    def run(xp, arrs):
+        x, y = arrs
+        if perm_a:
+            x = xp.transpose(x, perm_a)
+        if perm_b:
+            y = xp.transpose(y, perm_b)
+        if x.shape != shape_a:
+            x = xp.reshape(x, shape_a)
+        if y.shape != shape_b:
+            y = xp.reshape(y, shape_b)
+        c = xp.matmul(x, y)
+        if c.shape != out_shape:
+            c = xp.reshape(c, out_shape)
+        return xp.transpose(c, perm_c) if perm_c else c
+    return run

@@ -1,0 +1,370 @@
+"""Tensor and tape: primitives are bound here, recorded, and differentiated.
+
+A :class:`Primitive` holds its implementation on backend arrays and its rules:
+``vjp(k, g, out, *xs)``, ``jvp(k, t, out, *xs)`` and ``batch`` (which axis of
+the output is the batch axis, for :func:`~einsumgrad.batch_jacobian`). Rules
+are written with the engine's own ops, so running them while recording makes
+the backward (or forward) pass itself differentiable.
+
+:func:`bind` applies a primitive to Tensors and, when something upstream
+requires grad or a transform is tracing, records a :class:`Node` on the
+output. :func:`backprop` walks nodes in reverse (cotangents may carry leading
+batch axes: that is how a whole Jacobian costs one pass) and :func:`push`
+walks them forward with tangents, which is true forward mode: each JVP rule
+pushes the tangent through its primitive.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy
+
+from .backend import backend_of, common_backend, device_backend, to_backend
+
+
+class BatchMixingError(ValueError):
+    """A function given to batch_jacobian / batch_hessian mixes batch rows."""
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.grad = True        # record at all (no_grad turns it off)
+        self.tracing = 0        # transforms in flight: record every op
+        self.batch = 0          # batch_jacobian in flight: track batch axes
+
+
+state = _State()
+
+
+class Primitive:
+    """An op on backend arrays with its derivative rules beside it."""
+
+    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "elementwise", "linear")
+
+    def __init__(self, name: str, impl: Callable, *, elementwise: bool = False,
+                 linear: bool = False):
+        self.name, self.impl = name, impl
+        self.vjp = self.jvp = self.batch = None
+        self.elementwise = elementwise  # NumPy broadcasting between inputs
+        self.linear = linear            # jvp(k, t) is the primitive itself on t
+
+    def defvjp(self, fn: Callable) -> Callable:
+        self.vjp = fn
+        return fn
+
+    def defjvp(self, fn: Callable) -> Callable:
+        self.jvp = fn
+        return fn
+
+    def defbatch(self, fn: Callable) -> Callable:
+        self.batch = fn
+        return fn
+
+    def __repr__(self) -> str:
+        return f"<primitive {self.name}>"
+
+
+class Node:
+    """One recorded application: the primitive, its inputs and its parameters."""
+
+    __slots__ = ("prim", "inputs", "params")
+
+    def __init__(self, prim: Primitive, inputs: tuple, params: dict):
+        self.prim, self.inputs, self.params = prim, inputs, params
+
+
+class Tensor:
+    """An array (NumPy or CuPy) that records the ops applied to it.
+
+    Attributes:
+        data: the backend array.
+        requires_grad: whether ``backward`` accumulates into ``grad``.
+        grad: the accumulated gradient (a Tensor) or ``None``.
+    """
+
+    __slots__ = ("data", "requires_grad", "grad", "_node", "_bdim", "__weakref__")
+    __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected op
+
+    def __init__(self, data: Any, requires_grad: bool = False):
+        self.data = data
+        self.requires_grad = requires_grad
+        self.grad = None
+        self._node = None
+        self._bdim = None
+
+    # -- array-like surface -------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    dtype = property(lambda self: self.data.dtype)
+    size = property(lambda self: self.data.size)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def device(self) -> str:
+        return backend_of(self.data).device
+
+    def numpy(self) -> numpy.ndarray:
+        """The values as a NumPy array (copied from the GPU if need be)."""
+        return backend_of(self.data).to_numpy(self.data)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def __float__(self) -> float:
+        return float(self.data)
+
+    def __repr__(self) -> str:
+        body = numpy.array2string(self.numpy(), separator=", ", prefix="tensor(")
+        extra = ", requires_grad=True" if self.requires_grad else ""
+        if self.dtype != numpy.float64:
+            extra = f", dtype={self.dtype}" + extra
+        return f"tensor({body}{extra})"
+
+    def to(self, device: str) -> "Tensor":
+        """A copy on ``device`` ('cpu' or 'cuda'); differentiable is not kept."""
+        return Tensor(to_backend(self.data, device_backend(device)), self.requires_grad)
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def requires_grad_(self, flag: bool = True) -> "Tensor":
+        self.requires_grad = flag
+        return self
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None
+
+    def backward(self, grad: Any = None, retain_graph: bool | None = None,
+                 create_graph: bool = False) -> None:
+        """Reverse mode from this tensor into ``.grad`` of leaves requiring grad.
+
+        Args:
+            grad: the cotangent, shaped like this tensor; optional for a scalar.
+            retain_graph: keep the graph for another backward (default:
+                ``create_graph``); otherwise what it saved is freed.
+            create_graph: record the backward pass itself, so the gradients
+                can be differentiated again.
+        """
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward of a tensor of shape {self.shape} needs `grad` "
+                                   f"(shaped like it); only a scalar's is implied")
+            grad = Tensor(backend_of(self.data).ones_like(self.data))
+        grad = as_tensor(grad, like=self)
+        if grad.shape != self.shape:
+            raise ValueError(f"backward: grad has shape {grad.shape}, the tensor {self.shape}")
+        if not self.requires_grad:
+            raise RuntimeError("backward of a tensor that does not require grad: "
+                               "no input on its path has requires_grad=True")
+        retain = create_graph if retain_graph is None else retain_graph
+        with _recording(create_graph):
+            grads = backprop([self], [grad], targets=None)
+        for t, g in grads:
+            g = g if create_graph else g.detach()
+            t.grad = g if t.grad is None else (t.grad + g if create_graph else
+                                               Tensor(t.grad.data + g.data))
+        if not retain:
+            _free(self)
+
+
+def _free(root: Tensor) -> None:
+    for t in _topo([root], lambda t: t.requires_grad):
+        node = t._node
+        if node is not None and node.inputs is not None:
+            node.inputs = None
+
+
+# -- binding and recording ----------------------------------------------------
+
+def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
+    """``x`` as a Tensor; a Python scalar takes the dtype NumPy would give it next to ``like``."""
+    if isinstance(x, Tensor):
+        return x
+    if like is not None and isinstance(x, (int, float, bool)):
+        xp = backend_of(like.data)
+        return Tensor(xp.asarray(x, dtype=xp.result_type(like.data.dtype, x)))
+    if like is not None and not hasattr(x, "__array_namespace__") and not isinstance(x, numpy.ndarray):
+        x = backend_of(like.data).asarray(x)
+    if not hasattr(x, "shape"):
+        x = numpy.asarray(x)
+    return Tensor(x)
+
+
+def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
+    """Apply ``prim`` to Tensors, recording it when something needs the graph."""
+    out = Tensor(prim.impl(*[t.data for t in inputs], **params))
+    if state.grad:
+        rg = False
+        for t in inputs:
+            if t.requires_grad:
+                rg = True
+                break
+        if rg or state.tracing:
+            out.requires_grad = rg
+            out._node = Node(prim, inputs, params)
+    if state.batch:
+        bdims = [t._bdim for t in inputs]
+        if any(b is not None for b in bdims):
+            if prim.batch is None:
+                raise BatchMixingError(f"op {prim.name!r} has no batch rule: cannot show it "
+                                       f"keeps batch rows apart")
+            out._bdim = prim.batch(bdims, [t.shape for t in inputs], out.shape, **params)
+    return out
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Stop recording inside the block (as ``torch.no_grad``)."""
+    prev = state.grad
+    state.grad = False
+    try:
+        yield
+    finally:
+        state.grad = prev
+
+
+@contextlib.contextmanager
+def enable_grad():
+    prev = state.grad
+    state.grad = True
+    try:
+        yield
+    finally:
+        state.grad = prev
+
+
+@contextlib.contextmanager
+def _recording(on: bool):
+    prev = state.grad
+    state.grad = on
+    try:
+        yield
+    finally:
+        state.grad = prev
+
+
+# -- graph walks ----------------------------------------------------------------
+
+def _topo(roots: Sequence[Tensor], keep: Callable[[Tensor], bool],
+          stop: set | None = None) -> list:
+    """Tensors reachable from ``roots`` through ``keep``-ing inputs, inputs first."""
+    order, seen = [], set()
+    stack = [(r, False) for r in roots if keep(r)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            order.append(t)
+            continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        stack.append((t, True))
+        node = t._node
+        if node is None or (stop is not None and id(t) in stop):
+            continue
+        if node.inputs is None:
+            raise RuntimeError("trying to backward through the graph a second time: its saved "
+                               "tensors were freed; pass retain_graph=True the first time")
+        for x in node.inputs:
+            if id(x) not in seen and keep(x):
+                stack.append((x, False))
+    return order
+
+
+def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> Callable:
+    """A predicate: does a tensor lie on a path from ``targets`` to ``roots``?"""
+    memo = {id(t): True for t in targets}
+    stop = set(memo)
+    for t in _topo(roots, lambda t: True, stop):
+        if id(t) not in memo:
+            node = t._node
+            memo[id(t)] = node is not None and any(memo.get(id(x), False) for x in node.inputs)
+    return lambda t: memo.get(id(t), False)
+
+
+def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
+             targets: Sequence[Tensor] | None) -> list:
+    """Reverse mode: pull ``cotangents`` from ``roots`` back to ``targets``.
+
+    Cotangents may carry leading batch axes beyond their root's shape; every
+    VJP rule keeps them. With ``targets=None`` it flows into every leaf that
+    requires grad (``Tensor.backward``).
+
+    Returns:
+        ``[(tensor, cotangent)]`` for the targets (or leaves) reached.
+    """
+    if targets is None:
+        keep = lambda t: t.requires_grad
+        stop = None
+    else:
+        keep = _reaching(roots, targets)
+        stop = {id(t) for t in targets}
+    order = _topo(roots, keep, stop)
+    cots: dict = {}
+    for r, g in zip(roots, cotangents):
+        cots[id(r)] = cots[id(r)] + g if id(r) in cots else g
+    result = []
+    for t in reversed(order):
+        g = cots.pop(id(t), None)
+        if g is None:
+            continue
+        node = t._node
+        if node is None or (stop is not None and id(t) in stop):
+            result.append((t, g))
+            continue
+        prim, xs = node.prim, node.inputs
+        for k, x in enumerate(xs):
+            if not keep(x):
+                continue
+            gk = prim.vjp(k, g, t, *xs, **node.params)
+            if prim.elementwise and gk.shape[gk.ndim - x.ndim:] != x.shape:
+                gk = _ops.sum_to(gk, x.shape, g.ndim - t.ndim)
+            cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
+    return result
+
+
+def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor | None:
+    """Forward mode: push ``tangents`` of ``sources`` through the recorded ops to ``root``.
+
+    Each tangent may carry the same leading batch axes; JVP rules keep them.
+    Returns ``root``'s tangent, or ``None`` where it does not depend on the sources.
+    """
+    keep = _reaching([root], sources)
+    stop = {id(s) for s in sources}
+    tan = {id(s): t for s, t in zip(sources, tangents)}
+    nb = tangents[0].ndim - sources[0].ndim if tangents else 0
+    for t in _topo([root], keep, stop):
+        if id(t) in stop:
+            continue
+        node = t._node
+        prim, xs = node.prim, node.inputs
+        total = None
+        for k, x in enumerate(xs):
+            tk = tan.get(id(x))
+            if tk is None:
+                continue
+            if prim.elementwise and x.ndim < t.ndim:  # align with the output's axes
+                tk = _ops.reshape(tk, tk.shape[:nb] + (1,) * (t.ndim - x.ndim) + tk.shape[nb:])
+            c = prim.jvp(k, tk, t, *xs, **node.params)
+            if prim.elementwise and c.shape[nb:] != t.shape:
+                c = _ops.broadcast_to(c, c.shape[:nb] + t.shape)
+            total = c if total is None else total + c
+        tan[id(t)] = total
+    return tan.get(id(root))
+
+
+# The few ops the walks themselves need live in the rule table (ops.py).
+from . import ops as _ops  # noqa: E402

@@ -1,0 +1,300 @@
+"""Transforms on functions of Tensors, built on two walks: ``backprop`` and ``push``.
+
+Each transform traces ``f`` (recording every op while it is in flight), then
+pulls cotangents back (:func:`vjp`) or pushes tangents forward (:func:`jvp`).
+The final walk records only what an enclosing transform or a user's
+``requires_grad`` needs, so transforms nest: ``hessian`` is ``jacfwd`` of
+``jacrev``. A whole Jacobian is one walk: the basis rides as one extra
+leading index through every pattern.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Sequence
+
+from .backend import backend_of
+from .derive import jacobian_of
+from .ops import einsum, einsum_p, identity_p, reshape, sum as _sum
+from .spec import Spec, letters
+from .tensor import (BatchMixingError, Tensor, as_tensor, backprop, bind, push, state)
+
+
+@contextlib.contextmanager
+def _tracing(batch: bool = False):
+    """Record every op while ``f`` runs (and track batch axes for batch_jacobian)."""
+    prev = state.grad
+    state.grad = True
+    state.tracing += 1
+    state.batch += batch
+    try:
+        yield
+    finally:
+        state.tracing -= 1
+        state.batch -= batch
+        state.grad = prev
+
+
+def _start(p: Any) -> Tensor:
+    """A fresh tensor standing for one primal; tied to ``p`` if an outer graph needs it."""
+    p = _float_tensor(p)
+    if p.requires_grad or state.tracing > 1:
+        x = bind(identity_p, p)
+    else:
+        x = Tensor(p.data)
+    x._bdim = p._bdim
+    return x
+
+
+def _float_tensor(p: Any) -> Tensor:
+    t = as_tensor(p)
+    if t.dtype.kind not in "fc":
+        raise TypeError(f"cannot differentiate with respect to an input of dtype {t.dtype}: "
+                        f"pass floating-point values")
+    return t
+
+
+def _finish(t: Tensor) -> Tensor:
+    """Cut a result from the trace when nothing outside needs its graph."""
+    return t if state.tracing or t.requires_grad else t.detach()
+
+
+def _basis(like: Tensor, shape: tuple, nb_shape: tuple = ()) -> Tensor:
+    """Identity basis: shape ``(n,) + nb_shape + shape`` with ``n = prod(shape)``."""
+    xp = backend_of(like.data)
+    n = math.prod(shape)
+    e = xp.eye(n, dtype=like.dtype).reshape((n,) + (1,) * len(nb_shape) + shape)
+    return Tensor(xp.broadcast_to(e, (n,) + nb_shape + shape))
+
+
+def _zeros(like: Tensor, shape: tuple) -> Tensor:
+    return Tensor(backend_of(like.data).zeros(shape, dtype=like.dtype))
+
+
+def _move_first_last(t: Tensor) -> Tensor:
+    """Move axis 0 after the others: an einsum."""
+    labels = letters(t.ndim)
+    return einsum_spec_raw(Spec((labels,), labels[1:] + labels[:1]), t)
+
+
+def einsum_spec_raw(spec: Spec, t: Tensor) -> Tensor:
+    return bind(einsum_p, t, spec=spec)
+
+
+def _argnums(argnums, n: int) -> tuple:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    for a in nums:
+        if not -n <= a < n:
+            raise ValueError(f"argnums {a} out of range for {n} argument(s)")
+    return tuple(a % n for a in nums)
+
+
+def _trace(f: Callable, args: Sequence, nums: tuple, batch: bool = False):
+    """Run ``f`` with fresh tensors at ``nums``; returns (xs, out)."""
+    with _tracing(batch):
+        args = list(args)
+        xs = []
+        for i in nums:
+            args[i] = _start(args[i])
+            if batch:
+                args[i]._bdim = 0
+            xs.append(args[i])
+        out = as_tensor(f(*args))
+    return xs, out
+
+
+# -- the two foundations ----------------------------------------------------------
+
+def vjp(f: Callable, *primals) -> tuple:
+    """Reverse mode: ``(out, vjp_fn)``, with ``vjp_fn(cotangent)`` a tuple, one per primal.
+
+    ``vjp_fn(g)[k][j...] = sum_i g[i...] d out[i...] / d primal_k[j...]``.
+    """
+    xs, out = _trace(f, primals, tuple(range(len(primals))))
+
+    def vjp_fn(cotangent) -> tuple:
+        g = as_tensor(cotangent, like=out)
+        if g.shape[g.ndim - out.ndim:] != out.shape:
+            raise ValueError(f"vjp: cotangent shape {g.shape} does not match the output {out.shape}")
+        return tuple(_finish(r) for r in _pull(out, g, xs))
+    return _finish(out), vjp_fn
+
+
+def _pull(out: Tensor, g: Tensor, xs: Sequence[Tensor]) -> list:
+    """Cotangents of ``xs`` (zeros where out does not depend on them)."""
+    nb = g.ndim - out.ndim
+    got = {id(t): c for t, c in backprop([out], [g], xs)}
+    return [got[id(x)] if id(x) in got else _zeros(g, g.shape[:nb] + x.shape) for x in xs]
+
+
+def jvp(f: Callable, primals: Sequence, tangents: Sequence) -> tuple:
+    """Forward mode: ``(out, tangent_out)``, tangents pushed through each JVP rule."""
+    primals, tangents = tuple(primals), tuple(tangents)
+    if len(primals) != len(tangents):
+        raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
+    xs, out = _trace(f, primals, tuple(range(len(primals))))
+    ts = [as_tensor(t, like=x) for t, x in zip(tangents, xs)]
+    for t, x in zip(ts, xs):
+        if t.shape != x.shape:
+            raise ValueError(f"jvp: tangent shape {t.shape} does not match its primal {x.shape}")
+    return _finish(out), _finish(_push(out, xs, ts))
+
+
+def _push(out: Tensor, xs: Sequence[Tensor], ts: Sequence[Tensor]) -> Tensor:
+    nb = ts[0].ndim - xs[0].ndim
+    r = push(out, xs, ts)
+    return r if r is not None else _zeros(ts[0], ts[0].shape[:nb] + out.shape)
+
+
+# -- gradients -------------------------------------------------------------------------
+
+def value_and_grad(f: Callable, argnums=0) -> Callable:
+    """``(f(*args), gradient)`` of a scalar ``f``; a tuple of gradients for tuple ``argnums``."""
+    def wrapped(*args):
+        nums = _argnums(argnums, len(args))
+        xs, out = _trace(f, args, nums)
+        if out.size != 1:
+            raise ValueError(f"grad needs a scalar output, got shape {out.shape}; "
+                             f"use jacrev, or vjp with a cotangent")
+        gs = [_finish(g) for g in _pull(out, Tensor(backend_of(out.data).ones_like(out.data)), xs)]
+        return _finish(out), (gs[0] if isinstance(argnums, int) else tuple(gs))
+    return wrapped
+
+
+def grad(f: Callable, argnums=0) -> Callable:
+    """The gradient of a scalar ``f`` with respect to ``args[argnums]``."""
+    vg = value_and_grad(f, argnums)
+    return lambda *args: vg(*args)[1]
+
+
+def elementwise_grad(f: Callable, argnums=0) -> Callable:
+    """For element-wise ``f``: the diagonal of its Jacobian, in one reverse pass.
+
+    It is the gradient of ``sum(f)``, which equals the diagonal exactly when each
+    output element depends on the matching input element only (broadcast inputs
+    get the sum over the broadcast axes, as a meshgrid's partials are).
+    """
+    def wrapped(*args):
+        nums = _argnums(argnums, len(args))
+        xs, out = _trace(f, args, nums)
+        gs = [_finish(g) for g in _pull(out, Tensor(backend_of(out.data).ones_like(out.data)), xs)]
+        return gs[0] if isinstance(argnums, int) else tuple(gs)
+    return wrapped
+
+
+# -- Jacobians and Hessians ----------------------------------------------------------
+
+def _single_einsum(out: Tensor, x: Tensor):
+    """If ``out`` is one einsum with ``x`` as one operand and nothing else traced, its slot."""
+    node = out._node
+    if state.tracing or node is None or node.prim is not einsum_p:
+        return None
+    slots = [k for k, t in enumerate(node.inputs) if t is x]
+    if len(slots) != 1 or any(t._node is not None for t in node.inputs):
+        return None
+    return slots[0]
+
+
+def jacrev(f: Callable, argnums=0) -> Callable:
+    """Full Jacobian ``out.shape + arg.shape`` by reverse mode, in one batched pass."""
+    def wrapped(*args):
+        nums = _argnums(argnums, len(args))
+        xs, out = _trace(f, args, nums)
+        res = []
+        for x in xs:
+            k = _single_einsum(out, x)
+            if k is not None:
+                node = out._node
+                res.append(Tensor(jacobian_of(node.params["spec"], k,
+                                              [t.data for t in node.inputs])))
+        if len(res) != len(xs):
+            gs = _pull(out, _basis(out, out.shape), xs)
+            res = [_finish(reshape(g, out.shape + x.shape)) for g, x in zip(gs, xs)]
+        return res[0] if isinstance(argnums, int) else tuple(res)
+    return wrapped
+
+
+def jacfwd(f: Callable, argnums=0) -> Callable:
+    """Full Jacobian ``out.shape + arg.shape`` by forward mode, in one batched pass."""
+    def wrapped(*args):
+        nums = _argnums(argnums, len(args))
+        xs, out = _trace(f, args, nums)
+        res = []
+        for x in xs:
+            k = _single_einsum(out, x)
+            if k is not None:
+                node = out._node
+                res.append(Tensor(jacobian_of(node.params["spec"], k,
+                                              [t.data for t in node.inputs])))
+                continue
+            t = _push(out, [x], [_basis(x, x.shape)])  # (n, *out.shape)
+            res.append(_finish(reshape(_move_first_last(t), out.shape + x.shape)))
+        return res[0] if isinstance(argnums, int) else tuple(res)
+    return wrapped
+
+
+def hessian(f: Callable, argnums=0) -> Callable:
+    """Hessian ``out.shape + arg.shape + arg.shape``: forward over reverse."""
+    return jacfwd(jacrev(f, argnums), argnums)
+
+
+def hvp(f: Callable) -> Callable:
+    """Hessian-vector product ``H(x) v`` of a scalar ``f``, without building ``H``."""
+    return lambda x, v: jvp(grad(f), (x,), (v,))[1]
+
+
+def directional(f: Callable, order: int = 1) -> Callable:
+    """``d^n/dt^n f(x + t v)`` at ``t = 0``: nested forward mode, no Hessian built.
+
+    ``directional(f, 2)(x, x)[b, j] == einsum('bi,bjik,bk->bj', x, H, x)`` for
+    the per-sample Hessian ``H`` of seed 000, at the cost of a few forward passes.
+    """
+    if order < 1:
+        raise ValueError("directional: order must be at least 1")
+
+    def wrapped(x, v):
+        g = f
+        for _ in range(order):
+            g = (lambda h: lambda y: jvp(h, (y,), (v,))[1])(g)
+        return g(x)
+    return wrapped
+
+
+# -- per-sample derivatives ----------------------------------------------------------
+
+def batch_jacobian(f: Callable) -> Callable:
+    """Per-sample Jacobian ``(B,) + out.shape[1:] + x.shape[1:]`` of a row-wise ``f``.
+
+    The batch axis stays one free index through every pattern: the basis covers
+    one sample's features and is broadcast over ``B``, so no ``B x B`` block is
+    ever built. Forward mode when a sample has fewer inputs than outputs,
+    reverse mode otherwise. While ``f`` runs, each op's batch rule checks that
+    it keeps rows apart.
+
+    Raises:
+        BatchMixingError: ``f`` mixes batch rows (names the op).
+    """
+    def wrapped(x):
+        xs, out = _trace(f, (x,), (0,), batch=True)
+        x = xs[0]
+        B = x.shape[0]
+        if out.ndim == 0 or out.shape[0] != B:
+            raise BatchMixingError(f"batch_jacobian: f's output {out.shape} does not keep the "
+                                   f"batch axis of size {B} first")
+        if out._bdim not in (0, None):
+            raise BatchMixingError(f"batch_jacobian: f moved the batch axis to {out._bdim}")
+        fin, fout = x.shape[1:], out.shape[1:]
+        if math.prod(fin) <= math.prod(fout):
+            t = _push(out, [x], [_basis(x, fin, (B,))])           # (E, B, *fout)
+            J = reshape(_move_first_last(t), out.shape + fin)
+        else:
+            g = _pull(out, _basis(out, fout, (B,)), [x])[0]        # (C, B, *fin)
+            ls = letters(g.ndim)
+            J = reshape(einsum_spec_raw(Spec((ls,), (ls[1], ls[0]) + ls[2:]), g), out.shape + fin)
+        return _finish(J)
+    return wrapped
+
+
+def batch_hessian(f: Callable) -> Callable:
+    """Per-sample Hessian ``(B,) + out.shape[1:] + x.shape[1:] * 2``; same rule and error."""
+    return batch_jacobian(batch_jacobian(f))
