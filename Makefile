@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test bench test-gpu clean
+.PHONY: demo test bench test-gpu bench-gpu clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) bench/run.py
+
+# On a machine with an NVIDIA GPU: the suites again with CuPy arrays.
+$(VENV)/.gpu: $(VENV)/.test
+	$(PIP) -e '.[gpu]'
+	@touch $@
+
+test-gpu: $(VENV)/.gpu
+	EINSUMGRAD_BACKEND=cupy $(PY) -m pytest -q
+
+bench-gpu: $(VENV)/.gpu
+	EINSUMGRAD_BENCH_GPU=1 $(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

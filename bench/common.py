@@ -1,0 +1,79 @@
+"""Timing and reporting shared by the bench cases.
+
+Every case times its contenders in one run, on this machine, and prints the
+median per call and the ratio against each named peer, with the target when
+the issue sets one. Nothing here asserts: speed is read, not unit-tested.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import tracemalloc
+from typing import Callable
+
+RESULTS: list = []  # (case, contender, seconds) of this run, for a summary
+
+
+def median_time(fn: Callable, *, min_time: float = 0.3, repeat: int = 7, sync: Callable | None = None) -> float:
+    """Median seconds per call of ``fn()`` over ``repeat`` batches of at least ``min_time``/``repeat``."""
+    fn()  # warm up: plans, caches, allocator
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    one = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, int(min_time / repeat / one))
+    samples = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) / number)
+    return statistics.median(samples)
+
+
+def peak_memory(fn: Callable) -> int:
+    """Peak bytes NumPy allocates while ``fn()`` runs (tracemalloc sees NumPy's buffers)."""
+    gc.collect()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def fmt(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:9.2f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:9.2f} ms"
+    return f"{seconds:9.3f} s "
+
+
+def report(case: str, times: dict, *, ours: str, targets: dict | None = None, note: str = "") -> None:
+    """Print one case: each contender's median, and ours as a ratio to each peer.
+
+    Args:
+        case: the case's title.
+        times: contender name -> median seconds (measured in this run).
+        ours: the einsumgrad contender's name.
+        targets: peer name -> the ratio ours must not exceed (ours / peer).
+    """
+    targets = targets or {}
+    print(f"\n== {case}" + (f"  ({note})" if note else ""))
+    for name, t in times.items():
+        RESULTS.append((case, name, t))
+        line = f"  {name:<34} {fmt(t)}"
+        if name != ours and t:
+            r = times[ours] / t
+            line += f"   ours/this = {r:6.2f}x"
+            if name in targets:
+                line += f"  (target <= {targets[name]}x: {'met' if r <= targets[name] else 'MISSED'})"
+        print(line)

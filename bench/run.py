@@ -1,0 +1,37 @@
+"""Run the benchmarks: ``make bench`` or ``python bench/run.py [case ...]``.
+
+Each ``bench/bench_*.py`` module has ``main()``, which times einsumgrad and
+its peers (NumPy, PyTorch eager, torch.func, hand-written NumPy) in this one
+run and prints medians and ratios. Name modules (``mlp``, ``seeds``, ...) to
+run only those.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+
+def main(argv: list) -> None:
+    names = sorted(p.stem for p in HERE.glob("bench_*.py"))
+    if argv:
+        names = [n for n in names if any(a in n for a in argv)]
+    try:
+        import torch
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    except ImportError:
+        print("torch not installed: its columns are skipped")
+    import numpy
+    print(f"numpy {numpy.__version__}, cores {os.cpu_count()}")
+    for n in names:
+        importlib.import_module(n).main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

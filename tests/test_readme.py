@@ -1,0 +1,31 @@
+"""The README's quick start runs as written and prints what it says."""
+import contextlib
+import io
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quick_start_runs_as_written():
+    text = README.read_text()
+    block = re.search(r"## Quick start\s+```python\n(.*?)```", text, re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README quick start", "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "ik,jk->ij | ik,ij->jk"
+    assert lines[1] == "d,nd->n | diag n->nn"
+    assert lines[2] == "(4, 2, 3) (3, 3)"
+    assert len(block.strip().splitlines()) <= 17
+
+
+def test_cli_explain():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "einsumgrad", "explain", "bij,bjk->bik",
+                        "--shapes", "2x3x4", "2x4x5"], capture_output=True, text=True, check=True)
+    assert "d/dx0: bik,bjk->bij" in r.stdout and "FLOPs" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "einsumgrad", "explain", "ij,jk->ik",
+                          "--shapes", "2x3", "4x5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'j'" in bad.stderr
