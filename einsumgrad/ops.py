@@ -87,7 +87,8 @@ def _prepare(subscripts: str, ts: list) -> tuple:
     if not ts:
         raise EinsumError(f"einsum {subscripts!r} was given no operands")
     d = derive(subscripts, *[t.shape for t in ts])
-    squeezed = d.squeezed_shapes if any(d.squeezed_shapes) else None
+    # A shape squeezed to () is falsy: test for None, not truth.
+    squeezed = d.squeezed_shapes if any(s is not None for s in d.squeezed_shapes) else None
     arrays = [t.data if s is None else t.data.reshape(s)
               for t, s in zip(ts, squeezed or [None] * len(ts))]
     return d.clean, squeezed, plan_for(d.clean, arrays)
