@@ -286,7 +286,10 @@ def jacobian_of(spec: Spec, k: int, arrays: Sequence, broadcast_axes: tuple = ()
     from .plan import contract
     xp = common_backend(arrays)
     dtype = xp.result_type(*arrays)
-    sizes = {l: n for t, a in zip(spec.inputs, arrays) for l, n in zip(t, a.shape)}
+    # Operand k's broadcast axes are absent from its term: skip them when sizing.
+    sizes = {l: n for j, (t, a) in enumerate(zip(spec.inputs, arrays))
+             for l, n in zip(t, (n for ax, n in enumerate(a.shape)
+                                 if j != k or ax not in broadcast_axes))}
     x_shape = arrays[k].shape
     J = xp.zeros(tuple(sizes[l] for l in spec.output) + x_shape, dtype=dtype)
     # J's axes: the output's labels, then operand k's (a broadcast axis of size
