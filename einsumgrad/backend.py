@@ -69,9 +69,12 @@ def register_backend(array_type: type, backend: Backend) -> None:
 def _cupy_backend() -> Backend:
     global _CUPY
     if _CUPY is None:
-        import cupy
-        import cupyx
-        from cupyx.scipy.special import erf
+        try:
+            import cupy
+            import cupyx
+            from cupyx.scipy.special import erf
+        except ImportError as e:
+            raise ImportError("device 'cuda' needs CuPy: pip install -e '.[gpu]'") from e
         _CUPY = Backend("cupy", cupy, erf=erf, add_at=cupyx.scatter_add,
                         as_strided=cupy.lib.stride_tricks.as_strided,
                         to_numpy=cupy.asnumpy, device="cuda")
@@ -101,7 +104,7 @@ def backend_of(array: Any) -> Backend:
 
 
 def common_backend(arrays) -> Backend:
-    """The one backend of several arrays; NumPy scalars and 0-d arrays adapt.
+    """The one backend of several arrays; NumPy scalars adapt.
 
     Raises:
         ValueError: the arrays live on two devices (both are named).
@@ -114,9 +117,29 @@ def common_backend(arrays) -> Backend:
         if found is None or found is b:
             found = b
         else:
-            raise ValueError(f"operands live on two devices: {found.name} ({found.device}) and "
-                             f"{b.name} ({b.device}); move one with .to(...) first")
+            raise DeviceMismatchError(found, b)
     return found or NUMPY
+
+
+class DeviceMismatchError(ValueError):
+    """Operands of one op live on two devices; the message names both."""
+
+    def __init__(self, a: Backend, b: Backend):
+        super().__init__(f"operands live on two devices: {a.name} ({a.device}) and "
+                         f"{b.name} ({b.device}); move one with .to(...) first")
+
+
+def device_mismatch(arrays) -> DeviceMismatchError | None:
+    """The error naming both devices when ``arrays`` mix devices, else ``None``.
+
+    Array libraries raise their own deep errors on mixed operands; ops call
+    this only after such a failure, to say what went wrong (no cost otherwise).
+    """
+    try:
+        common_backend(arrays)
+    except DeviceMismatchError as e:
+        return e
+    return None
 
 
 def to_backend(array: Any, backend: Backend) -> Any:
@@ -128,10 +151,13 @@ def to_backend(array: Any, backend: Backend) -> Any:
 
 
 def device_backend(device: str) -> Backend:
-    """The backend for a device string: 'cpu' or 'cuda'."""
+    """The backend for a device string: 'cpu', 'cuda' (also 'cuda:0', 'gpu'),
+    or the device of a registered backend (the tests' 'strict')."""
     if device == "cpu":
         return NUMPY
     if device.startswith("cuda") or device == "gpu":
-        import cupy  # noqa: F401  (import makes _lookup see cupy types)
         return _cupy_backend()
+    for b in _registry.values():
+        if b.device == device:
+            return b
     raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")

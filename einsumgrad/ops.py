@@ -187,13 +187,14 @@ def sum_to(g: Tensor, shape: tuple, nb: int = 0) -> Tensor:
     return reshape(g, g.shape[:nb] + shape)
 
 
-def _norm_index(index):
-    if isinstance(index, Tensor):
-        return index.data
+def _norm_index(index, xp):
+    """Index arrays (Tensors, lists, host arrays) as arrays of the indexed tensor's backend."""
     if isinstance(index, tuple):
-        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
-    if isinstance(index, list):
-        return numpy.asarray(index)
+        return tuple(_norm_index(i, xp) for i in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, (list, numpy.ndarray)):
+        return xp.asarray(index)  # on a GPU: the index goes to the device too
     return index
 
 
@@ -267,7 +268,7 @@ scatter_p.defbatch(_scatter_batch)
 
 def getitem(x: Tensor, index, nb: int = 0) -> Tensor:
     """``x[index]`` (NumPy indexing); ``nb`` leading axes are passed over whole."""
-    index = _norm_index(index)
+    index = _norm_index(index, backend_of(x.data))
     if nb:
         index = (slice(None),) * nb + (index if isinstance(index, tuple) else (index,))
     return bind(getitem_p, x, index=index)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy
 
-from .backend import backend_of, common_backend, device_backend, to_backend
+from .backend import backend_of, common_backend, device_backend, device_mismatch, to_backend
 
 
 class BatchMixingError(ValueError):
@@ -205,7 +205,13 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
 
 def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
     """Apply ``prim`` to Tensors, recording it when something needs the graph."""
-    out = Tensor(prim.impl(*[t.data for t in inputs], **params))
+    try:
+        out = Tensor(prim.impl(*[t.data for t in inputs], **params))
+    except Exception:
+        err = device_mismatch([t.data for t in inputs])
+        if err is None:
+            raise
+        raise err from None  # one clear error, not the array library's deep one
     if state.grad:
         rg = False
         for t in inputs:

@@ -1,0 +1,138 @@
+"""Stateless layers, each a few einsums, with ``torch.nn.functional``'s meaning.
+
+Every function takes and returns :class:`~einsumgrad.Tensor` (NumPy or backend
+arrays are accepted too) and is differentiable to any order, because it is
+built from the engine's primitives only: einsum, element-wise ops, indexing
+and the patch op of :mod:`einsumgrad.nn.patches`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import ops
+from ..backend import backend_of
+from ..tensor import Tensor, as_tensor
+from .patches import _pair, patches, unpatch  # noqa: F401  (re-exported)
+
+__all__ = ["linear", "conv2d", "max_pool2d", "avg_pool2d", "layer_norm", "cross_entropy",
+           "mse_loss", "scaled_dot_product_attention", "embedding", "dropout", "patches",
+           "unpatch", "relu", "gelu", "softmax", "log_softmax"]
+
+relu, gelu, softmax, log_softmax = ops.relu, ops.gelu, ops.softmax, ops.log_softmax
+
+
+def linear(x: Any, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x @ w.T + b``: the einsum ``'...i,oi->...o'`` with ``w`` of shape ``(out, in)``."""
+    y = ops.einsum("...i,oi->...o", x, w)
+    return y if b is None else y + b
+
+
+def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> Tensor:
+    """2-D cross-correlation as torch's: ``x (B, C, H, W)``, ``w (F, C, kh, kw)``.
+
+    The patches of ``x`` are a strided view; the layer is then one einsum,
+    ``'bchwkl,fckl->bfhw'``, whose derived VJPs are the weight gradient
+    ``'bfhw,bchwkl->fckl'`` and the patch cotangent ``'bfhw,fckl->bchwkl'``
+    (which ``unpatch`` adds back onto the image).
+    """
+    x = as_tensor(x)
+    p = patches(x, w.shape[-2:], stride, padding)
+    y = ops.einsum("bchwkl,fckl->bfhw", p, w)
+    return y if b is None else y + ops.reshape(b, (-1, 1, 1))
+
+
+def max_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
+    """Maximum over each window (``stride`` defaults to the window size)."""
+    p = patches(as_tensor(x), kernel_size, kernel_size if stride is None else stride)
+    return ops.max(p, axis=(-2, -1))
+
+
+def avg_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
+    """Mean over each window: ``'...hwkl->...hw'`` scaled by ``1 / (kh * kw)``."""
+    kh, kw = _pair(kernel_size)
+    p = patches(as_tensor(x), (kh, kw), (kh, kw) if stride is None else stride)
+    return ops.einsum("...hwkl->...hw", p) * (1.0 / (kh * kw))
+
+
+def layer_norm(x: Any, normalized_shape, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Normalize over the trailing ``normalized_shape`` axes (biased variance, as torch)."""
+    x = as_tensor(x)
+    n = 1 if isinstance(normalized_shape, int) else len(tuple(normalized_shape))
+    axes = tuple(range(x.ndim - n, x.ndim))
+    d = x - ops.mean(x, axes, keepdims=True)
+    y = d / ops.sqrt(ops.mean(d * d, axes, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+def _labels_array(labels: Any, like: Tensor):
+    xp = backend_of(like.data)
+    data = labels.data if isinstance(labels, Tensor) else labels
+    if backend_of(data) is not xp:
+        data = xp.asarray(backend_of(data).to_numpy(data))
+    return data
+
+
+def cross_entropy(logits: Any, labels: Any) -> Tensor:
+    """Mean negative log-likelihood of integer ``labels`` under ``softmax(logits)``.
+
+    ``logits`` is ``(B, C)`` (or ``(..., C)``); the label pick is an einsum with a
+    constant one-hot mask, so its adjoint is a multiply, not a scatter.
+    """
+    logits = as_tensor(logits)
+    xp = backend_of(logits.data)
+    y = _labels_array(labels, logits)
+    c = logits.shape[-1]
+    onehot = (y.reshape(-1, 1) == xp.arange(c)).astype(logits.dtype)
+    logp = ops.log_softmax(ops.reshape(logits, (-1, c)), -1)
+    return ops.einsum("bc,bc->", logp, Tensor(onehot)) * (-1.0 / onehot.shape[0])
+
+
+def mse_loss(a: Any, b: Any) -> Tensor:
+    """Mean of the squared differences."""
+    d = as_tensor(a) - b
+    return ops.mean(d * d)
+
+
+def embedding(ids: Any, weight: Tensor) -> Tensor:
+    """Rows of ``weight`` picked by integer ``ids``; the gradient scatters back into them."""
+    return weight[_labels_array(ids, weight)]
+
+
+def dropout(x: Any, p: float = 0.5, training: bool = True, rng=None) -> Tensor:
+    """Zero each entry with probability ``p`` and scale the rest by ``1 / (1 - p)``."""
+    x = as_tensor(x)
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    from .init import generator
+    keep = (rng or generator()).random(x.shape) >= p
+    mask = backend_of(x.data).asarray(keep).astype(x.dtype) * (1.0 / (1.0 - p))
+    return x * Tensor(mask)
+
+
+def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
+                                 is_causal: bool = False) -> Tensor:
+    """``softmax(q k^T / sqrt(d) + mask) v`` over the last two axes, as torch's.
+
+    ``mask`` is boolean (True: may attend) or additive (float); ``is_causal``
+    masks out keys after each query. Scores are ``'...qd,...kd->...qk'``.
+    """
+    q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
+    s = ops.einsum("...qd,...kd->...qk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
+    xp = backend_of(s.data)
+    if is_causal:
+        lq, lk = s.shape[-2:]
+        allowed = xp.tril(xp.ones((lq, lk), dtype=bool))
+        s = ops.where(xp.broadcast_to(allowed, s.shape), s, -math.inf)
+    if mask is not None:
+        m = mask.data if isinstance(mask, Tensor) else mask
+        if m.dtype == bool:
+            s = ops.where(xp.broadcast_to(m, s.shape), s, -math.inf)
+        else:
+            s = s + Tensor(m.astype(s.dtype))
+    return ops.einsum("...qk,...kd->...qd", ops.softmax(s, -1), v)

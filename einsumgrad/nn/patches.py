@@ -1,0 +1,108 @@
+"""Image patches as an engine primitive: the op that turns convolution into an einsum.
+
+``patches(x)`` maps ``(..., H, W)`` to ``(..., OH, OW, kh, kw)``: entry
+``[..., i, j, k, l]`` is ``xpad[..., i*sh + k, j*sw + l]``. Forward it is a
+strided *view* of the padded input (no copy). Its adjoint, :func:`unpatch`,
+adds every patch back where it came from (overlap-add) and crops the padding.
+Both are linear, and each one's VJP is the other, so every derivative of a
+convolution, to any order and in either mode, is again patches, unpatch and
+einsums. Leading axes (batch, channels, a Jacobian's basis) pass through.
+"""
+from __future__ import annotations
+
+from ..backend import backend_of
+from ..tensor import BatchMixingError, Primitive, Tensor, bind
+
+
+def out_size(n: int, k: int, s: int, p: int) -> int:
+    """Output length of a window of ``k`` with stride ``s`` over ``n`` padded by ``p`` each side."""
+    return (n + 2 * p - k) // s + 1
+
+
+def _patches_impl(x, kernel, stride, padding):
+    xp = backend_of(x)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    if ph or pw:
+        x = xp.pad(x, [(0, 0)] * (x.ndim - 2) + [(ph, ph), (pw, pw)])
+    hp, wp = x.shape[-2:]
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    *lead, s_h, s_w = x.strides
+    return xp.as_strided(x, shape=x.shape[:-2] + (oh, ow, kh, kw),
+                         strides=tuple(lead) + (s_h * sh, s_w * sw, s_h, s_w))
+
+
+def _unpatch_impl(g, size, kernel, stride, padding):
+    xp = backend_of(g)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    (h, w), (oh, ow) = size, g.shape[-4:-2]
+    z = xp.zeros(g.shape[:-4] + (h + 2 * ph, w + 2 * pw), dtype=g.dtype)
+    # One strided add per kernel offset: kh*kw vectorized adds, not one per patch.
+    for k in range(kh):
+        for l in range(kw):
+            z[..., k:k + sh * (oh - 1) + 1:sh, l:l + sw * (ow - 1) + 1:sw] += g[..., k, l]
+    return z[..., ph:ph + h, pw:pw + w] if (ph or pw) else z
+
+
+patches_p = Primitive("patches", _patches_impl, linear=True)
+unpatch_p = Primitive("unpatch", _unpatch_impl, linear=True)
+
+
+@patches_p.defvjp
+def _patches_vjp(k, g, out, x, kernel, stride, padding):
+    return unpatch(g, x.shape[-2:], kernel, stride, padding)
+
+
+@patches_p.defjvp
+def _patches_jvp(k, t, out, x, kernel, stride, padding):
+    return patches(t, kernel, stride, padding)
+
+
+@unpatch_p.defvjp
+def _unpatch_vjp(k, g, out, x, size, kernel, stride, padding):
+    return patches(g, kernel, stride, padding)
+
+
+@unpatch_p.defjvp
+def _unpatch_jvp(k, t, out, x, size, kernel, stride, padding):
+    return unpatch(t, size, kernel, stride, padding)
+
+
+def _lead_batch(n_core_in: int, n_core_out: int):
+    """Batch rule: a leading axis keeps its place; a spatial (core) axis would mix rows."""
+    def rule(bdims, shapes, out_shape, **params):
+        b = bdims[0]
+        if b >= len(shapes[0]) - n_core_in:
+            raise BatchMixingError(f"patches/unpatch along batch axis {b}: windows mix rows")
+        return b
+    return rule
+
+
+patches_p.defbatch(_lead_batch(2, 4))
+unpatch_p.defbatch(_lead_batch(4, 2))
+
+
+def _pair(v) -> tuple:
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(n) for n in v)
+
+
+def patches(x: Tensor, kernel_size, stride=1, padding=0) -> Tensor:
+    """Sliding windows of the last two axes: ``(..., H, W) -> (..., OH, OW, kh, kw)``.
+
+    Args:
+        x: a Tensor with at least two axes (the image's height and width last).
+        kernel_size: window size, an int or ``(kh, kw)``.
+        stride: step between windows, an int or a pair.
+        padding: zeros added on each side of both axes, an int or a pair.
+    """
+    kernel, stride, padding = _pair(kernel_size), _pair(stride), _pair(padding)
+    h, w = x.shape[-2:]
+    if h + 2 * padding[0] < kernel[0] or w + 2 * padding[1] < kernel[1]:
+        raise ValueError(f"patches: a {kernel} window does not fit a {(h, w)} image "
+                         f"padded by {padding}")
+    return bind(patches_p, x, kernel=kernel, stride=stride, padding=padding)
+
+
+def unpatch(g: Tensor, size, kernel_size, stride=1, padding=0) -> Tensor:
+    """The adjoint of :func:`patches`: add each window back onto a ``size`` image."""
+    return bind(unpatch_p, g, size=tuple(int(n) for n in size), kernel=_pair(kernel_size),
+                stride=_pair(stride), padding=_pair(padding))

@@ -1,0 +1,256 @@
+"""einsumgrad.nn against torch.nn in float64: forward values and every gradient to 1e-9."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import einsumgrad as eg
+from einsumgrad import nn
+from einsumgrad.backend import backend_of
+from einsumgrad.nn import functional as F
+from einsumgrad.testing import check_grads
+
+from backends import npy, xb
+
+TF = torch.nn.functional
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def on_backend(model: nn.Module) -> nn.Module:
+    """Move a model's parameters onto the backend under test."""
+    return model.to(backend_of(xb(np.zeros(1))))
+
+
+def compare(eg_fn, torch_fn, *arrays, grad_of=None, seed=1):
+    """Run both functions on the same float64 arrays; compare outputs and input gradients."""
+    grad_of = range(len(arrays)) if grad_of is None else grad_of
+    ours = [eg.tensor(xb(a), requires_grad=i in grad_of) for i, a in enumerate(arrays)]
+    theirs = [torch.tensor(a, requires_grad=i in grad_of) for i, a in enumerate(arrays)]
+    y, ty = eg_fn(*ours), torch_fn(*theirs)
+    np.testing.assert_allclose(npy(y), ty.detach().numpy(), **TOL)
+    g = np.random.default_rng(seed).standard_normal(ty.shape)
+    y.backward(xb(g))
+    ty.backward(torch.tensor(g))
+    for i in grad_of:
+        np.testing.assert_allclose(npy(ours[i].grad), theirs[i].grad.numpy(), **TOL,
+                                   err_msg=f"gradient of argument {i}")
+
+
+def compare_module(ours: nn.Module, theirs: torch.nn.Module, x, *, call=None):
+    """Load torch's parameters into ours; compare output, input grad and every parameter grad."""
+    theirs = theirs.double()
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    on_backend(ours)
+    call = call or (lambda m, x: m(x))
+    xe = eg.tensor(xb(x), requires_grad=x.dtype.kind == "f")
+    xt = torch.tensor(x, requires_grad=x.dtype.kind == "f")
+    y, ty = call(ours, xe), call(theirs, xt)
+    np.testing.assert_allclose(npy(y), ty.detach().numpy(), **TOL)
+    g = np.random.default_rng(2).standard_normal(ty.shape)
+    y.backward(xb(g))
+    ty.backward(torch.tensor(g))
+    if xe.requires_grad:
+        np.testing.assert_allclose(npy(xe.grad), xt.grad.numpy(), **TOL)
+    tp = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        np.testing.assert_allclose(npy(p.grad), tp[name].grad.numpy(), **TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding", [0, 1])
+def test_conv2d_matches_torch(rng, stride, padding):
+    x, w, b = rng.standard_normal((2, 3, 7, 8)), rng.standard_normal((4, 3, 3, 2)), rng.standard_normal(4)
+    compare(lambda x, w, b: F.conv2d(x, w, b, stride, padding),
+            lambda x, w, b: TF.conv2d(x, w, b, stride, padding), x, w, b)
+
+
+def test_conv2d_module_matches_torch(rng):
+    compare_module(nn.Conv2d(2, 3, 3, stride=2, padding=1), torch.nn.Conv2d(2, 3, 3, 2, 1),
+                   rng.standard_normal((2, 2, 6, 6)))
+
+
+@pytest.mark.parametrize("kernel,stride", [(2, None), (3, 1), ((2, 3), 2)])
+def test_pools_match_torch(rng, kernel, stride):
+    x = rng.standard_normal((2, 3, 7, 7))
+    compare(lambda x: F.max_pool2d(x, kernel, stride), lambda x: TF.max_pool2d(x, kernel, stride), x)
+    compare(lambda x: F.avg_pool2d(x, kernel, stride), lambda x: TF.avg_pool2d(x, kernel, stride), x)
+
+
+def test_layer_norm_matches_torch(rng):
+    compare_module(nn.LayerNorm(5), torch.nn.LayerNorm(5), rng.standard_normal((3, 4, 5)))
+    x, w, b = rng.standard_normal((3, 4, 5)), rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+    compare(lambda x, w, b: F.layer_norm(x, (4, 5), w, b),
+            lambda x, w, b: TF.layer_norm(x, (4, 5), w, b), x, w, b)
+
+
+def test_linear_and_sequential_match_torch(rng):
+    ours = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3, bias=False))
+    theirs = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3, bias=False))
+    compare_module(ours, theirs, rng.standard_normal((4, 2, 5)))
+
+
+def test_embedding_matches_torch(rng):
+    ids = rng.integers(0, 10, size=(3, 6))
+    compare_module(nn.Embedding(10, 4), torch.nn.Embedding(10, 4), ids)
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "random"])
+def test_multi_head_attention_matches_torch(rng, mask):
+    b, l, e, h = 2, 5, 8, 2
+    x = rng.standard_normal((b, l, e))
+    allowed = None
+    if mask == "causal":
+        allowed = np.tril(np.ones((l, l), bool))
+    elif mask == "random":
+        allowed = rng.random((l, l)) < 0.6
+        allowed[np.arange(l), np.arange(l)] = True  # no row fully masked
+    theirs = torch.nn.MultiheadAttention(e, h, batch_first=True)
+    tmask = None if allowed is None else torch.tensor(~allowed)  # torch: True = blocked
+
+    def call(m, x):
+        if isinstance(m, torch.nn.Module):
+            return m(x, x, x, attn_mask=tmask, need_weights=False)[0]
+        return m(x, mask=None if allowed is None else xb(allowed))
+    compare_module(nn.MultiHeadAttention(e, h), theirs, x, call=call)
+
+
+def test_causal_flag_equals_causal_mask(rng):
+    x = xb(rng.standard_normal((2, 4, 6)))
+    m = on_backend(nn.MultiHeadAttention(6, 3, causal=True))
+    plain = nn.MultiHeadAttention(6, 3)
+    plain.load_state_dict(m.state_dict())
+    on_backend(plain)
+    np.testing.assert_allclose(npy(m(x)), npy(plain(x, mask=xb(np.tril(np.ones((4, 4), bool))))),
+                               **TOL)
+
+
+def test_cross_attention_matches_torch(rng):
+    q, kv = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 6, 4))
+    theirs = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
+    ours = nn.MultiHeadAttention(4, 2)
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    on_backend(ours)
+    y = ours(xb(q), xb(kv), xb(kv))
+    ty = theirs(*(torch.tensor(a) for a in (q, kv, kv)), need_weights=False)[0]
+    np.testing.assert_allclose(npy(y), ty.detach().numpy(), **TOL)
+
+
+def test_sdpa_with_float_mask_matches_torch(rng):
+    q, k, v = (rng.standard_normal((2, 3, 4, 5)) for _ in range(3))
+    add = rng.standard_normal((4, 4))
+    compare(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, xb(add)),
+            lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, torch.tensor(add)), q, k, v)
+
+
+def test_cross_entropy_and_mse_match_torch(rng):
+    logits, labels = rng.standard_normal((6, 4)), rng.integers(0, 4, 6)
+    compare(lambda z: F.cross_entropy(z, xb(labels)),
+            lambda z: TF.cross_entropy(z, torch.tensor(labels)), logits)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    compare(F.mse_loss, TF.mse_loss, a, b)
+
+
+def test_dropout_train_and_eval(rng):
+    nn.manual_seed(3)
+    d = nn.Dropout(0.25)
+    x = xb(np.ones((200, 50)))
+    y = npy(d(x))
+    assert set(np.unique(y)) == {0.0, 1 / 0.75}
+    assert abs((y == 0).mean() - 0.25) < 0.02
+    assert np.array_equal(npy(d.eval()(x)), npy(x))
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1)])
+def test_patch_op_check_grads_order_2(rng, stride, padding):
+    x = xb(rng.standard_normal((2, 5, 6)))
+    check_grads(lambda x: nn.patches(x, (3, 2), stride, padding), x, order=2)
+    g = xb(rng.standard_normal(nn.patches(eg.tensor(x), (3, 2), stride, padding).shape))
+    check_grads(lambda g: nn.unpatch(g, (5, 6), (3, 2), stride, padding), g, order=2)
+
+
+def test_conv_second_order_and_jvp(rng):
+    x, w = xb(rng.standard_normal((1, 2, 5, 5))), xb(rng.standard_normal((3, 2, 3, 3)))
+    check_grads(lambda x, w: F.conv2d(x, w, stride=2, padding=1), x, w, order=2)
+    check_grads(lambda x: F.max_pool2d(F.conv2d(x, w), 2), x, order=1)
+
+
+def test_patch_op_is_a_view_and_unpatch_is_its_adjoint(rng):
+    x = rng.standard_normal((2, 3, 6, 7))
+    p = nn.patches(eg.tensor(xb(x)), 3, 2, 1)
+    assert p.shape == (2, 3, 3, 4, 3, 3)
+    assert np.shares_memory(npy(p.data), npy(p.data)) and p.data.base is not None
+    g = rng.standard_normal(p.shape)
+    lhs = np.vdot(npy(p), g)
+    rhs = np.vdot(x, npy(nn.unpatch(eg.tensor(xb(g)), (6, 7), 3, 2, 1)))
+    assert abs(lhs - rhs) < 1e-9 * abs(lhs)
+
+
+def test_batch_jacobian_through_conv(rng):
+    w = xb(rng.standard_normal((2, 1, 3, 3)))
+    x = xb(rng.standard_normal((4, 1, 5, 5)))
+    f = lambda x: F.conv2d(x, w, padding=1)
+    jb = npy(eg.batch_jacobian(f)(x))
+    full = npy(eg.jacrev(f)(x))
+    assert jb.shape == (4, 2, 5, 5, 1, 5, 5)
+    for b in range(4):
+        np.testing.assert_allclose(jb[b], full[b, :, :, :, b], **TOL)
+    with pytest.raises(eg.BatchMixingError):
+        eg.batch_jacobian(lambda x: nn.patches(eg.transpose(x, (1, 0, 2, 3)), 2))(x)
+
+
+def test_torch_cnn_state_dict_gives_same_logits(rng):
+    def make(mod):
+        return mod.Sequential(mod.Conv2d(1, 4, 3, padding=1), mod.ReLU(), mod.MaxPool2d(2),
+                              mod.Conv2d(4, 6, 3, stride=2), mod.ReLU(), mod.Flatten(),
+                              mod.Linear(6 * 1 * 1, 5))
+    theirs = make(torch.nn).double()
+    ours = on_backend(make(nn))
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    assert [n for n, _ in ours.named_parameters()] == list(theirs.state_dict())
+    x = rng.standard_normal((3, 1, 6, 6))
+    np.testing.assert_allclose(npy(ours(xb(x))), theirs(torch.tensor(x)).detach().numpy(), **TOL)
+
+
+def test_state_dict_round_trips_through_a_file(tmp_path, rng):
+    model = on_backend(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3),
+                                     nn.LayerNorm(3)))
+    x = xb(rng.standard_normal((2, 1, 4, 4)))
+    before = npy(model(x))
+    path = os.path.join(tmp_path, "model.npz")
+    np.savez(path, **model.state_dict())
+    fresh = on_backend(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3),
+                                     nn.LayerNorm(3)))
+    with np.load(path) as f:
+        fresh.load_state_dict(f)
+    for (n, a), (m, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert n == m and a.dtype == b.dtype and np.array_equal(a, b)
+    assert np.array_equal(npy(fresh(x)), before)
+    with pytest.raises(KeyError):
+        fresh.load_state_dict({"0.weight": model.state_dict()["0.weight"]})
+
+
+def test_init_matches_torch_defaults():
+    nn.manual_seed(0)
+    lin = nn.Linear(100, 50)
+    w, b = npy(lin.weight), npy(lin.bias)
+    assert w.shape == (50, 100) and np.abs(w).max() <= 0.1 and np.abs(w).max() > 0.09
+    assert np.abs(b).max() <= 0.1 and abs(w.std() - 0.1 / np.sqrt(3)) < 0.005
+    conv = nn.Conv2d(4, 8, 3)
+    assert np.abs(npy(conv.weight)).max() <= 1 / 6
+    nn.manual_seed(0)
+    assert np.array_equal(npy(nn.Linear(100, 50).weight), w)
+
+
+def test_module_surface():
+    m = on_backend(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)))
+    assert [n for n, _ in m.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert len(list(m.parameters())) == 4
+    assert not m.eval()[1].training and m.train()[1].training
+    out = m(xb(np.ones((5, 3))))
+    out.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    m.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
+    m.to(dtype=np.float32)
+    assert all(p.dtype == np.float32 for p in m.parameters())
