@@ -336,7 +336,9 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
             if not keep(x):
                 continue
             gk = prim.vjp(k, g, t, *xs, **node.params)
-            if prim.elementwise and gk.shape[gk.ndim - x.ndim:] != x.shape:
+            # Compare past the nb batch axes: a trailing match alone misses the
+            # leading axes a broadcast input (a bias) gained.
+            if prim.elementwise and gk.shape[g.ndim - t.ndim:] != x.shape:
                 gk = _ops.sum_to(gk, x.shape, g.ndim - t.ndim)
             cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
     return result
