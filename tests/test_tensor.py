@@ -1,0 +1,205 @@
+"""The Tensor API: NumPy semantics, mixing with arrays and scalars, and backward."""
+import numpy as np
+import pytest
+import torch
+
+import einsumgrad as eg
+from backends import npy, xb
+
+RNG = np.random.default_rng(0)
+
+
+def leaf(a):
+    return eg.tensor(xb(a), requires_grad=True)
+
+
+def randn(*shape):
+    return RNG.standard_normal(shape)
+
+
+# -- arithmetic with NumPy broadcasting -------------------------------------------------
+
+BINARY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+          "/": lambda a, b: a / b, "**": lambda a, b: a ** b}
+
+
+@pytest.mark.parametrize("op", list(BINARY))
+@pytest.mark.parametrize("sa,sb", [((3, 1), (4,)), ((2, 3), ()), ((1, 3), (2, 1)),
+                                   ((2, 1, 3), (4, 1))])
+def test_broadcast_arithmetic_and_reduced_gradients_match_torch(op, sa, sb):
+    a0, b0 = 0.5 + np.abs(randn(*sa)), randn(*sb)
+    a, b = leaf(a0), leaf(b0)
+    out = BINARY[op](a, b)
+    g0 = randn(*out.shape)
+    out.backward(xb(g0))
+    at, bt = (torch.tensor(v, requires_grad=True) for v in (a0, b0))
+    ref = BINARY[op](at, bt)
+    ref.backward(torch.tensor(g0))
+    np.testing.assert_allclose(npy(out), ref.detach().numpy(), rtol=1e-12)
+    assert a.grad.shape == sa and b.grad.shape == sb
+    np.testing.assert_allclose(npy(a.grad), at.grad.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(npy(b.grad), bt.grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("op", list(BINARY) + ["@"])
+def test_array_and_scalar_on_either_side_keep_the_graph(op):
+    fn = BINARY.get(op, lambda a, b: a @ b)
+    x0, arr0 = 0.5 + np.abs(randn(3, 3)), 0.5 + np.abs(randn(3, 3))
+    arr = xb(arr0)
+    others = [arr] if op == "@" else [arr, 2.0, 2]
+    for other in others:
+        for left in (True, False):
+            x = leaf(x0)
+            out = fn(x, other) if left else fn(other, x)
+            assert isinstance(out, eg.Tensor), (op, type(other), left)
+            assert out.requires_grad
+            out.sum().backward()
+            xt = torch.tensor(x0, requires_grad=True)
+            o = torch.tensor(arr0) if other is arr else other
+            (fn(xt, o) if left else fn(o, xt)).sum().backward()
+            np.testing.assert_allclose(npy(x.grad), xt.grad.numpy(), rtol=1e-12,
+                                       err_msg=f"{op} {type(other).__name__} left={left}")
+
+
+def test_python_scalar_keeps_float32():
+    x = eg.tensor(xb(np.ones(3, np.float32)))
+    for y in (x + 1, 2.5 * x, x / 3, 1 - x, x ** 2):
+        assert y.dtype == np.float32
+
+
+def test_comparisons_give_plain_values():
+    x = eg.tensor(xb(np.array([1.0, 2.0, 3.0])))
+    np.testing.assert_array_equal(npy(x > 2.0), [False, False, True])
+    np.testing.assert_array_equal(npy(x <= xb(np.array([1.0, 1.0, 4.0]))), [True, False, True])
+
+
+# -- sum, mean, reshape, T, @ as in NumPy --------------------------------------------------
+
+@pytest.mark.parametrize("axis", [None, 0, -1, (0, 2), (2, 0)])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_sum_and_mean_match_numpy(axis, keepdims):
+    a = randn(2, 3, 4)
+    np.testing.assert_allclose(npy(eg.tensor(xb(a)).sum(axis=axis, keepdims=keepdims)),
+                               a.sum(axis=axis, keepdims=keepdims), rtol=1e-12)
+    np.testing.assert_allclose(npy(eg.tensor(xb(a)).mean(axis=axis, keepdims=keepdims)),
+                               a.mean(axis=axis, keepdims=keepdims), rtol=1e-12)
+
+
+def test_reshape_and_transpose_match_numpy():
+    a = randn(2, 3, 4)
+    t = eg.tensor(xb(a))
+    np.testing.assert_array_equal(npy(t.reshape(6, 4)), a.reshape(6, 4))
+    np.testing.assert_array_equal(npy(t.reshape((4, -1))), a.reshape(4, -1))
+    np.testing.assert_array_equal(npy(t.reshape(-1)), a.reshape(-1))
+    np.testing.assert_array_equal(npy(t.T), a.T)
+    with pytest.raises(ValueError, match="reshape"):
+        t.reshape(5, 5)
+
+
+@pytest.mark.parametrize("sa,sb", [((2, 3), (3, 4)), ((3,), (3,)), ((3,), (3, 4)),
+                                   ((2, 3), (3,)), ((5, 2, 3), (3, 4)), ((1, 2, 3), (5, 3, 4))])
+def test_matmul_matches_numpy(sa, sb):
+    a, b = randn(*sa), randn(*sb)
+    np.testing.assert_allclose(npy(eg.tensor(xb(a)) @ eg.tensor(xb(b))), a @ b, rtol=1e-12)
+
+
+def test_getitem_matches_numpy():
+    a = randn(3, 4)
+    t = eg.tensor(xb(a))
+    for index in [1, (slice(None), 2), (slice(1, None), slice(None, None, -1)), (None, 0),
+                  (Ellipsis, 1)]:
+        np.testing.assert_array_equal(npy(t[index]), a[index])
+
+
+# -- backward ------------------------------------------------------------------------------
+
+def test_backward_accumulates_into_grad():
+    x = leaf(randn(3))
+    (x * 2.0).sum().backward()
+    (x * 3.0).sum().backward()
+    np.testing.assert_allclose(npy(x.grad), np.full(3, 5.0))
+    assert isinstance(x.grad, eg.Tensor)
+
+
+def test_shared_input_gets_both_paths():
+    x0 = randn(3)
+    x = leaf(x0)
+    (x * x + eg.sin(x)).sum().backward()
+    np.testing.assert_allclose(npy(x.grad), 2 * x0 + np.cos(x0), rtol=1e-12)
+
+
+def test_non_scalar_backward_needs_grad():
+    x = leaf(randn(2, 3))
+    y = x * 2.0
+    with pytest.raises(RuntimeError, match="needs `grad`"):
+        y.backward()
+    g = randn(2, 3)
+    y.backward(xb(g))
+    np.testing.assert_allclose(npy(x.grad), 2 * g)
+    with pytest.raises(ValueError, match="shape"):
+        (x * 2.0).backward(xb(np.ones(3)))
+
+
+def test_second_backward_needs_retain_graph():
+    x = leaf(randn(3))
+    y = eg.exp(x).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        y.backward()
+
+    x = leaf(randn(3))
+    y = eg.exp(x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+    np.testing.assert_allclose(npy(x.grad), 2 * np.exp(npy(x)), rtol=1e-12)
+
+
+def test_backward_without_requires_grad_raises():
+    with pytest.raises(RuntimeError, match="requires_grad"):
+        eg.tensor(xb(randn(3))).sum().backward()
+
+
+def test_requires_grad_on_integers_raises():
+    with pytest.raises(TypeError, match="floating"):
+        eg.tensor(xb(np.arange(3)), requires_grad=True)
+
+
+def test_grad_of_grad_through_backward_create_graph():
+    x0 = randn(4)
+    x = leaf(x0)
+    (x ** 3).sum().backward(create_graph=True)
+    g = x.grad                       # 3 x^2, itself recorded
+    assert g.requires_grad
+    np.testing.assert_allclose(npy(g), 3 * x0 ** 2, rtol=1e-12)
+    x.grad = None
+    g.sum().backward()
+    np.testing.assert_allclose(npy(x.grad), 6 * x0, rtol=1e-12)
+
+
+def test_no_grad_and_detach_stop_recording():
+    x = leaf(randn(3))
+    with eg.no_grad():
+        y = x * 2.0
+    assert not y.requires_grad and y.is_leaf
+    z = (x * 2.0).detach()
+    assert not z.requires_grad and z.is_leaf
+    w = x * 2.0 + z            # only the recorded path contributes
+    w.sum().backward()
+    np.testing.assert_allclose(npy(x.grad), np.full(3, 2.0))
+    assert (x * 2.0).requires_grad  # recording is back on after the block
+
+
+# -- the array-like surface -------------------------------------------------------------------
+
+def test_array_interop():
+    a = randn(2, 3)
+    t = eg.tensor(xb(a))
+    assert t.shape == (2, 3) and t.ndim == 2 and t.dtype == np.float64
+    np.testing.assert_array_equal(np.asarray(t), a)
+    np.testing.assert_array_equal(t.numpy(), a)
+    assert isinstance(np.asarray(t), np.ndarray)
+    s = t.sum()
+    assert s.item() == pytest.approx(a.sum()) and isinstance(s.item(), float)
+    assert float(s) == pytest.approx(a.sum())
+    assert eg.tensor([1.0, 2.0], dtype=np.float32).dtype == np.float32
+    assert "requires_grad=True" in repr(leaf(a))
