@@ -164,7 +164,7 @@ def _erf(x):
 
 
 def _add_at(target, index, values):
-    _refuse_plain((index, values), "strict add_at")
+    _refuse_plain((target, index, values), "strict add_at")
     numpy.add.at(_plain(target), _plain(index), _plain(values))
 
 
