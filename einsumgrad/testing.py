@@ -57,7 +57,9 @@ def check_grads(f: Callable[..., Tensor], *args: Any, order: int = 2,
     _check(f, xs, order, tuple(modes), eps, rtol, atol, rng, name, 1)
 
 
-def _check(f, xs, order, modes, eps, rtol, atol, rng, name, level):
+def _check(f, xs, order, modes, eps, rtol, atol, rng, name, level) -> None:
+    """One level of :func:`check_grads`, recursing into the derivative functions."""
+    out = Tensor(_value(f, xs))
     vs = [_randn_like(x, rng) for x in xs]
     numeric = _numeric_jvp(f, xs, vs, eps)
     where = f"{name} (derivative order {level})"
@@ -65,13 +67,14 @@ def _check(f, xs, order, modes, eps, rtol, atol, rng, name, level):
         _, t = jvp(f, tuple(xs), tuple(vs))
         _assert_close(_np(t), numeric, rtol, atol, f"forward mode (JVP) of {where}")
     if "rev" in modes:
-        u = _randn_like(Tensor(_value(f, xs)), rng)
+        u = _randn_like(out, rng)
         _, pull = vjp(f, *xs)
         cots = pull(u)
         lhs = sum(float(numpy.vdot(_np(c), _np(v))) for c, v in zip(cots, vs))
         rhs = float(numpy.vdot(_np(u), numeric))
         _assert_close(numpy.asarray(lhs), numpy.asarray(rhs), rtol, atol,
-                      f"reverse mode (VJP) of {where}: <vjp(u), v> vs <u, finite-difference jvp(v)>")
+                      f"reverse mode (VJP) of {where}: <vjp(u), v> against "
+                      f"<u, finite-difference jvp(v)>")
     if order <= 1:
         return
     n = len(xs)
@@ -81,7 +84,7 @@ def _check(f, xs, order, modes, eps, rtol, atol, rng, name, level):
         _check(jvp_fn, xs + vs, order - 1, modes, eps, rtol, atol, rng,
                f"jvp of {name}", level + 1)
     if "rev" in modes:
-        u = _randn_like(Tensor(_value(f, xs)), rng)
+        u = _randn_like(out, rng)
         for k in range(n):
             def vjp_fn(*a, k=k):
                 return vjp(f, *a[:n])[1](a[n])[k]

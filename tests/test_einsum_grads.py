@@ -94,7 +94,7 @@ def _check_jacobian(spec: str, shapes, full) -> None:
                                    err_msg=f"jacobian {k} of {spec!r}")
 
 
-# -- random specs: 500 + 300 + 200 = 1000 cases a run -------------------------------------
+# -- random specs: 500 + 300 + 200 + 60 = 1060 cases a run -----------------------------
 
 @settings(max_examples=500)
 @given(einsum_cases())
@@ -113,6 +113,15 @@ def test_random_jvp_matches_torch(case):
 @given(einsum_cases(max_operands=3))
 def test_random_jacobian_materialize_matches_torch(case):
     _check_jacobian(*case)
+
+
+@settings(max_examples=60)
+@given(einsum_cases(max_operands=3))
+def test_random_second_order_against_finite_differences(case):
+    # VJPs and JVPs of the derived patterns (diag, broadcast, unsqueeze) are
+    # themselves differentiated: fwd/rev over fwd/rev.
+    spec, shapes, _ = case
+    check_grads(lambda *xs: eg.einsum(spec, *xs), *[xb(o) for o in _operands(shapes)], order=2)
 
 
 # -- the named specs, one by one -------------------------------------------------------

@@ -31,7 +31,8 @@ def test_labels_are_ints_and_letters_keep_their_code():
 ])
 def test_implicit_output_follows_numpy(implicit, explicit):
     # Every axis of size 2; a '...' covers one axis.
-    ops = [np.random.default_rng(0).standard_normal((2,) * (len(t.replace("...", "")) + ("..." in t)))
+    rng = np.random.default_rng(0)
+    ops = [rng.standard_normal((2,) * (len(t.replace("...", "")) + ("..." in t)))
            for t in implicit.split(",")]
     ndims = tuple(o.ndim for o in ops)
     assert parse(implicit, ndims) == parse(explicit, ndims)
