@@ -96,9 +96,11 @@ def mlp_step() -> None:
 
         times["PyTorch eager"] = median_time(torch_step, min_time=2.0)
         targets["PyTorch eager"] = 1.3
-        # Same numbers: the step is the step.
+        # Same numbers, gradients included: the step is the step.
         l_eg, l_t = float(eg_step().item()), float(torch_step().item())
         assert abs(l_eg - l_t) < 1e-4, (l_eg, l_t)
+        for p, q in zip(params, tparams):
+            assert np.allclose(p.grad.numpy(), q.grad.numpy(), atol=1e-5), "gradients differ"
     report("(b) MLP 512-1024-1024-10 forward+backward, batch 256, float32", times,
            ours="einsumgrad", targets=targets)
 
