@@ -5,6 +5,7 @@ import torch
 
 import einsumgrad as eg
 from backends import npy, xb
+from einsum_cases import full_shapes
 
 
 def test_matmul_vjp_patterns_are_canonical():
@@ -83,7 +84,7 @@ def test_jacobian_materialize_matches_torch(spec, shapes):
     rng = np.random.default_rng(0)
     ops = [rng.standard_normal(s) for s in shapes]
     d = eg.derive(spec, *shapes)
-    full = [tuple(d.sizes[l] for l in t) for t in d.spec.inputs]
+    full = full_shapes(spec, shapes)
     ref = torch.autograd.functional.jacobian(
         lambda *xs: torch.einsum(spec, *[x.expand(f) for x, f in zip(xs, full)]),
         tuple(map(torch.tensor, ops)))

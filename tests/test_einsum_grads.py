@@ -11,7 +11,7 @@ from hypothesis import event, given, settings
 
 import einsumgrad as eg
 from backends import npy, xb
-from einsum_cases import einsum_cases
+from einsum_cases import einsum_cases, full_shapes
 from einsumgrad.testing import check_grads
 
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -27,12 +27,6 @@ NAMED = [
     ("ij->i", [(2, 3)]),
     ("ij,jk->ik", [(2, 3), (3, 4)]),
 ]
-
-
-def _full_shapes(spec: str, shapes) -> list:
-    """Each operand's shape with its size-1 broadcast axes at full size."""
-    d = eg.derive(spec, *shapes)
-    return [tuple(d.sizes[l] for l in t) for t in d.spec.inputs]
 
 
 def _torch_fn(spec: str, full):
@@ -128,7 +122,7 @@ def test_random_second_order_against_finite_differences(case):
 
 @pytest.mark.parametrize("spec,shapes", NAMED)
 def test_named_spec_forward_vjp_jvp_jacobian(spec, shapes):
-    full = _full_shapes(spec, shapes)
+    full = full_shapes(spec, shapes)
     _check_forward_and_vjp(spec, shapes, full)
     _check_jvp(spec, shapes, full)
     _check_jacobian(spec, shapes, full)
@@ -149,7 +143,7 @@ def test_named_spec_second_order(spec, shapes):
     ("ba", [(2, 3)]),                     # implicit output: letters sorted, a transpose
 ])
 def test_broadcast_and_implicit_cases(spec, shapes):
-    full = _full_shapes(spec, shapes)
+    full = full_shapes(spec, shapes)
     _check_forward_and_vjp(spec, shapes, full)
     _check_jvp(spec, shapes, full)
     _check_jacobian(spec, shapes, full)
