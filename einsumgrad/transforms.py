@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from .backend import backend_of
 from .derive import jacobian_of
-from .ops import einsum, einsum_p, identity_p, reshape, sum as _sum
+from .ops import einsum_p, identity_p, reshape
 from .spec import Spec, letters
 from .tensor import (BatchMixingError, Tensor, as_tensor, backprop, bind, push, state)
 
@@ -74,10 +74,11 @@ def _zeros(like: Tensor, shape: tuple) -> Tensor:
 def _move_first_last(t: Tensor) -> Tensor:
     """Move axis 0 after the others: an einsum."""
     labels = letters(t.ndim)
-    return einsum_spec_raw(Spec((labels,), labels[1:] + labels[:1]), t)
+    return _einsum1(Spec((labels,), labels[1:] + labels[:1]), t)
 
 
-def einsum_spec_raw(spec: Spec, t: Tensor) -> Tensor:
+def _einsum1(spec: Spec, t: Tensor) -> Tensor:
+    """A one-operand einsum (a transpose) on a clean spec."""
     return bind(einsum_p, t, spec=spec)
 
 
@@ -276,15 +277,26 @@ def hessian(f: Callable, argnums=0) -> Callable:
 
 
 def hvp(f: Callable) -> Callable:
-    """Hessian-vector product ``H(x) v`` of a scalar ``f``, without building ``H``."""
+    """Hessian-vector product ``H(x) v`` of a scalar ``f``, without building ``H``.
+
+    Forward over reverse: the JVP of ``grad(f)`` at ``x`` along ``v``, about
+    the cost of two gradients.
+    """
     return lambda x, v: jvp(grad(f), (x,), (v,))[1]
 
 
 def directional(f: Callable, order: int = 1) -> Callable:
     """``d^n/dt^n f(x + t v)`` at ``t = 0``: nested forward mode, no Hessian built.
 
-    ``directional(f, 2)(x, x)[b, j] == einsum('bi,bjik,bk->bj', x, H, x)`` for
-    the per-sample Hessian ``H`` of seed 000, at the cost of a few forward passes.
+    Each order nests one more :func:`jvp`, so order ``n`` costs about ``2^n``
+    forward passes and no derivative tensor larger than ``f``'s output. For a
+    row-wise ``f``, ``directional(f, 2)(x, x)[b, j] ==
+    einsum('bi,bjik,bk->bj', x, H, x)`` with ``H = batch_hessian(f)(x)`` of
+    shape ``(B, out, in, in)``: seed 000's contraction, H never built.
+
+    Args:
+        f: takes one Tensor, returns a Tensor.
+        order: the derivative's order, at least 1.
     """
     if order < 1:
         raise ValueError("directional: order must be at least 1")
@@ -305,9 +317,11 @@ def batch_jacobian(f: Callable, *, batch_ndim: int = 1,
 
     The batch axis stays one free index through every pattern: the basis covers
     one sample's features and is broadcast over ``B``, so no ``B x B`` block is
-    ever built. Forward mode when a sample has fewer inputs than outputs,
-    reverse mode otherwise. While ``f`` runs, each op's batch rule checks that
-    it keeps rows apart.
+    ever built. Forward mode (one push of ``prod(fin)`` tangents) when a
+    sample has no more inputs than outputs, else reverse mode (one pull of
+    ``prod(fout)`` cotangents). While ``f`` runs, each op's batch rule checks
+    that it keeps rows apart, so a mixing ``f`` is an error, never a silently
+    summed answer.
 
     Args:
         f: maps ``x`` of shape ``(B, *fin)`` to ``(B, *fout)``, row ``b`` of the
@@ -370,7 +384,7 @@ def _batch_jacobian(f: Callable, x: Tensor) -> Tensor:
         return reshape(_move_first_last(t), out.shape + fin)
     g = _pull(out, _basis(out, fout, (B,)), [x])[0]        # (C, B, *fin)
     ls = letters(g.ndim)
-    return reshape(einsum_spec_raw(Spec((ls,), (ls[1], ls[0]) + ls[2:]), g), out.shape + fin)
+    return reshape(_einsum1(Spec((ls,), (ls[1], ls[0]) + ls[2:]), g), out.shape + fin)
 
 
 def batch_hessian(f: Callable, *, batch_ndim: int = 1,

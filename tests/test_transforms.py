@@ -263,3 +263,13 @@ def test_batch_mixing_message_names_the_op(rng):
     x = xb(rng.standard_normal((4, 3)))
     with pytest.raises(eg.BatchMixingError, match="bi,ci->bc"):
         eg.batch_jacobian(MIXING["gram"])(x)
+
+
+def test_bad_arguments_are_errors(rng):
+    x = xb(rng.standard_normal((2, 3)))
+    with pytest.raises(ValueError, match="order"):
+        eg.directional(eg.tanh, 0)
+    with pytest.raises(ValueError, match="batch_ndim"):
+        eg.batch_jacobian(eg.tanh, batch_ndim=3)(x)
+    with pytest.raises(TypeError, match="floating"):
+        eg.jacrev(eg.tanh)(xb(np.arange(3)))
