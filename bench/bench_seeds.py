@@ -8,13 +8,15 @@ Four cases, float64, each timed side by side in this one run:
   per point); our peak memory against our forward pass.
 * seed 001: the Jacobian ``[B, C, D]`` of a 784-256-10 classifier, B = 512,
   against ``vmap(jacrev)`` and the user's loop over classes.
-* seed 000: ``einsum('bi,bjik,bk->bj', x, H, x)`` (H is (B, out, in, in)) for an MLP 16-64-8 (tanh),
-  B = 256, as ``eg.directional(f, 2)(x, x)``, against ``vmap(hessian)`` + einsum
-  and nested ``torch.func.jvp``.
+* seed 000: ``einsum('bi,bjik,bk->bj', x, H, x)`` (H is (B, out, in, in)) for
+  an MLP 16-64-8 (tanh), B = 256, as ``eg.directional(f, 2)(x, x)``, against
+  ``vmap(hessian)`` + einsum and nested ``torch.func.jvp``.
 * seed 003: ``materialize`` of the Jacobian of ``'bij,bjk->bik'`` (all sizes 16)
   against ``torch.autograd.functional.jacobian``; peak memory against J's size.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -59,6 +61,13 @@ def _torch_mlp(params, act=None):
     return f
 
 
+def _once(fn) -> float:
+    """Seconds of one call: for peers that take seconds (already warmed by a check)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _check(name, ours, theirs):
     err = np.abs(np.asarray(ours) - np.asarray(theirs)).max()
     print(f"  check {name}: max |ours - torch| = {err:.1e}")
@@ -79,7 +88,7 @@ def seed002(rng, n_points=100_000, n_forum=1_500):
         small = xt[:n_forum]
         forum = lambda: torch.autograd.functional.jacobian(ft, small).sum(dim=2)
         _check(f"vs forum route on {n_forum} points", ours()[:n_forum], forum())
-        per_point = median_time(forum, repeat=3, min_time=0.1) / n_forum
+        per_point = _once(forum) / n_forum
         times[f"forum jacobian (N={n_forum}, scaled)"] = per_point * n_points
     report(f"seed 002: per-point Jacobians, MLP 3-64-64-3 tanh, {n_points:,} points", times,
            ours="einsumgrad batch_jacobian",
@@ -145,7 +154,7 @@ def seed003(rng, n=16):
         tj = lambda: torch.autograd.functional.jacobian(
             lambda a: torch.einsum("bij,bjk->bik", a, wt), torch.tensor(x))
         _check("vs torch jacobian", ours(), tj())
-        times["torch.autograd.functional.jacobian"] = median_time(tj, repeat=3, min_time=0.1)
+        times["torch.autograd.functional.jacobian"] = _once(tj)
     report(f"seed 003: materialize J of 'bij,bjk->bik', sizes {n} ({n ** 6 / 1e6:.1f}M entries)",
            times, ours="einsumgrad materialize",
            targets={"torch.autograd.functional.jacobian": 0.1})

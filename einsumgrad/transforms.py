@@ -117,7 +117,8 @@ def vjp(f: Callable, *primals) -> tuple:
     def vjp_fn(cotangent) -> tuple:
         g = as_tensor(cotangent, like=out)
         if g.shape[g.ndim - out.ndim:] != out.shape:
-            raise ValueError(f"vjp: cotangent shape {g.shape} does not match the output {out.shape}")
+            raise ValueError(f"vjp: cotangent shape {g.shape} does not match the output "
+                             f"{out.shape}")
         return tuple(_finish(r) for r in _pull(out, g, xs))
     return _finish(out), vjp_fn
 

@@ -49,7 +49,8 @@ def main() -> dict:
         assert np.allclose(np.asarray(H).transpose(0, 1, 3, 2), second_t.detach().numpy())
         assert np.allclose(np.asarray(J), jac_t.detach().numpy())
         theirs_ms = best_ms(users_code)
-        print(f"matches the user's loop; einsumgrad {ours_ms:.2f} ms, user's code {theirs_ms:.2f} ms")
+        print(f"matches the user's loop; einsumgrad {ours_ms:.2f} ms, "
+              f"user's code {theirs_ms:.2f} ms")
     else:
         print(f"einsumgrad {ours_ms:.2f} ms")
     return {"J": np.asarray(J), "H": np.asarray(H), "result": np.asarray(result)}
