@@ -123,7 +123,9 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
     masks out keys after each query. Scores are ``'...qd,...kd->...qk'``.
     """
     q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
-    s = ops.einsum("...qd,...kd->...qk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
+    four = q.ndim == 4 and k.ndim == 4 and v.ndim == 4  # (batch, heads, length, dim)
+    s = ops.einsum("bhqd,bhkd->bhqk" if four else "...qd,...kd->...qk", q, k)
+    s = s * (1.0 / math.sqrt(q.shape[-1]))
     xp = backend_of(s.data)
     if is_causal:
         lq, lk = s.shape[-2:]
@@ -135,4 +137,4 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
             s = ops.where(xp.broadcast_to(m, s.shape), s, -math.inf)
         else:
             s = s + Tensor(m.astype(s.dtype))
-    return ops.einsum("...qk,...kd->...qd", ops.softmax(s, -1), v)
+    return ops.einsum("bhqk,bhkd->bhqd" if four else "...qk,...kd->...qd", ops.softmax(s, -1), v)

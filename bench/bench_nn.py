@@ -1,0 +1,117 @@
+"""Training steps of einsumgrad.nn models beside the same models in PyTorch eager (issue #4).
+
+Two cases, float32, each a full step (forward, cross-entropy, backward, Adam)
+timed for both frameworks in this one run on the same weights and batch:
+
+* CNN: batch 128 of 1x28x28, conv 3x3 (16, pad 1) -> relu -> max-pool 2 ->
+  conv 3x3 (32, pad 1) -> relu -> max-pool 2 -> linear 10. Target <= 1.5x torch.
+* attention: 2 pre-norm transformer blocks (d=64, 4 heads, MLP 256, GELU) on
+  batch 64 x 32 tokens, per-token 10-way readout. Target <= 1.3x torch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import einsumgrad as eg
+from einsumgrad import nn, optim
+from einsumgrad.nn import functional as F
+from common import median_time, report
+
+try:
+    import torch
+except ImportError:  # the torch columns are skipped
+    torch = None
+
+
+def _cnn(mod, f32):
+    return mod.Sequential(
+        mod.Conv2d(1, 16, 3, padding=1, **f32), mod.ReLU(), mod.MaxPool2d(2),
+        mod.Conv2d(16, 32, 3, padding=1, **f32), mod.ReLU(), mod.MaxPool2d(2),
+        mod.Flatten(), mod.Linear(32 * 7 * 7, 10, **f32))
+
+
+class _Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        f32 = dict(dtype="float32")
+        self.ln1, self.ln2 = nn.LayerNorm(d, **f32), nn.LayerNorm(d, **f32)
+        self.attn = nn.MultiHeadAttention(d, heads, **f32)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d, **f32), nn.GELU(), nn.Linear(4 * d, d, **f32))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+def _attention_model(d, heads, classes):
+    return nn.Sequential(_Block(d, heads), _Block(d, heads), nn.Linear(d, classes, dtype="float32"))
+
+
+def _torch_attention_model(d, heads, classes):
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(),
+                                           torch.nn.Linear(4 * d, d))
+
+        def forward(self, x):
+            h = self.ln1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return x + self.mlp(self.ln2(x))
+    return torch.nn.Sequential(Block(), Block(), torch.nn.Linear(d, classes))
+
+
+def _steps(ours, theirs, x, y):
+    """One training step each, on the same weights (torch's, copied into ours)."""
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    opt = optim.Adam(ours.parameters(), lr=1e-3)
+
+    def eg_step():
+        loss = F.cross_entropy(ours(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tx, ty = torch.tensor(x), torch.tensor(y)
+    topt = torch.optim.Adam(theirs.parameters(), lr=1e-3)
+
+    def torch_step():
+        logits = theirs(tx)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 ty.reshape(-1))
+        topt.zero_grad()
+        loss.backward()
+        topt.step()
+    return eg_step, torch_step
+
+
+def main() -> None:
+    if torch is None:
+        print("bench_nn: torch is not installed, skipped")
+        return
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+
+    x = rng.standard_normal((128, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 128)
+    eg_step, torch_step = _steps(_cnn(nn, dict(dtype="float32")), _cnn(torch.nn, {}), x, y)
+    times = {"einsumgrad": median_time(eg_step), "PyTorch eager": median_time(torch_step)}
+    report("CNN training step (batch 128, 1x28x28, 2 conv + linear, Adam), float32", times,
+           ours="einsumgrad", targets={"PyTorch eager": 1.5})
+
+    d, heads, classes = 64, 4, 10
+    x = rng.standard_normal((64, 32, d)).astype(np.float32)
+    y = rng.integers(0, classes, (64, 32))
+    eg_step, torch_step = _steps(_attention_model(d, heads, classes),
+                                 _torch_attention_model(d, heads, classes), x, y)
+    times = {"einsumgrad": median_time(eg_step), "PyTorch eager": median_time(torch_step)}
+    report("2-block attention training step (batch 64 x 32 tokens, d=64, 4 heads, Adam), float32",
+           times, ours="einsumgrad", targets={"PyTorch eager": 1.3})
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
