@@ -37,7 +37,7 @@ def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> T
     (which ``unpatch`` adds back onto the image).
     """
     x = as_tensor(x)
-    p = patches(x, w.shape[-2:], stride, padding)
+    p = patches(x, w.shape[-2:], stride, padding, contiguous=True)
     y = ops.einsum("bchwkl,fckl->bfhw", p, w)
     return y if b is None else y + ops.reshape(b, (-1, 1, 1))
 

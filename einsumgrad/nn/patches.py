@@ -2,7 +2,8 @@
 
 ``patches(x)`` maps ``(..., H, W)`` to ``(..., OH, OW, kh, kw)``: entry
 ``[..., i, j, k, l]`` is ``xpad[..., i*sh + k, j*sw + l]``. Forward it is a
-strided *view* of the padded input (no copy). Its adjoint, :func:`unpatch`,
+strided view of the padded input (``as_strided``), copied once into the
+memory order a convolution's matmul reads. Its adjoint, :func:`unpatch`,
 adds every patch back where it came from (overlap-add) and crops the padding.
 Both are linear, and each one's VJP is the other, so every derivative of a
 convolution, to any order and in either mode, is again patches, unpatch and
@@ -19,7 +20,7 @@ def out_size(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
 
-def _patches_impl(x, kernel, stride, padding):
+def _patches_impl(x, kernel, stride, padding, contiguous):
     xp = backend_of(x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     if ph or pw:
@@ -27,8 +28,14 @@ def _patches_impl(x, kernel, stride, padding):
     hp, wp = x.shape[-2:]
     oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     *lead, s_h, s_w = x.strides
-    return xp.as_strided(x, shape=x.shape[:-2] + (oh, ow, kh, kw),
+    view = xp.as_strided(x, shape=x.shape[:-2] + (oh, ow, kh, kw),
                          strides=tuple(lead) + (s_h * sh, s_w * sw, s_h, s_w))
+    if not contiguous or x.ndim < 3:
+        return view
+    # For a convolution: copy the view once, laid out (..., OH, OW, C, kh, kw)
+    # in memory, so the conv einsum and its weight gradient reshape it into a
+    # matrix for free instead of each copying the strided view (im2col).
+    return xp.moveaxis(xp.ascontiguousarray(xp.moveaxis(view, -5, -3)), -3, -5)
 
 
 def _unpatch_impl(g, size, kernel, stride, padding):
@@ -48,13 +55,13 @@ unpatch_p = Primitive("unpatch", _unpatch_impl, linear=True)
 
 
 @patches_p.defvjp
-def _patches_vjp(k, g, out, x, kernel, stride, padding):
+def _patches_vjp(k, g, out, x, kernel, stride, padding, contiguous):
     return unpatch(g, x.shape[-2:], kernel, stride, padding)
 
 
 @patches_p.defjvp
-def _patches_jvp(k, t, out, x, kernel, stride, padding):
-    return patches(t, kernel, stride, padding)
+def _patches_jvp(k, t, out, x, kernel, stride, padding, contiguous):
+    return patches(t, kernel, stride, padding, contiguous)
 
 
 @unpatch_p.defvjp
@@ -85,7 +92,7 @@ def _pair(v) -> tuple:
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(n) for n in v)
 
 
-def patches(x: Tensor, kernel_size, stride=1, padding=0) -> Tensor:
+def patches(x: Tensor, kernel_size, stride=1, padding=0, contiguous: bool = False) -> Tensor:
     """Sliding windows of the last two axes: ``(..., H, W) -> (..., OH, OW, kh, kw)``.
 
     Args:
@@ -93,13 +100,16 @@ def patches(x: Tensor, kernel_size, stride=1, padding=0) -> Tensor:
         kernel_size: window size, an int or ``(kh, kw)``.
         stride: step between windows, an int or a pair.
         padding: zeros added on each side of both axes, an int or a pair.
+        contiguous: copy the windows into ``(..., OH, OW, C, kh, kw)`` memory
+            order (what a convolution's matmul reads) instead of returning a view.
     """
     kernel, stride, padding = _pair(kernel_size), _pair(stride), _pair(padding)
     h, w = x.shape[-2:]
     if h + 2 * padding[0] < kernel[0] or w + 2 * padding[1] < kernel[1]:
         raise ValueError(f"patches: a {kernel} window does not fit a {(h, w)} image "
                          f"padded by {padding}")
-    return bind(patches_p, x, kernel=kernel, stride=stride, padding=padding)
+    return bind(patches_p, x, kernel=kernel, stride=stride, padding=padding,
+                contiguous=contiguous)
 
 
 def unpatch(g: Tensor, size, kernel_size, stride=1, padding=0) -> Tensor:
