@@ -313,7 +313,7 @@ def directional(f: Callable, order: int = 1) -> Callable:
 # -- per-sample derivatives ----------------------------------------------------------
 
 def batch_jacobian(f: Callable, *, batch_ndim: int = 1,
-                   chunk_size: int | None = 8192) -> Callable:
+                   chunk_size: int | None = 16384) -> Callable:
     """Per-sample Jacobian ``(B,) + out.shape[1:] + x.shape[1:]`` of a row-wise ``f``.
 
     The batch axis stays one free index through every pattern: the basis covers
@@ -389,7 +389,7 @@ def _batch_jacobian(f: Callable, x: Tensor) -> Tensor:
 
 
 def batch_hessian(f: Callable, *, batch_ndim: int = 1,
-                  chunk_size: int | None = 8192) -> Callable:
+                  chunk_size: int | None = 16384) -> Callable:
     """Per-sample Hessian ``(B,) + out.shape[1:] + x.shape[1:] * 2``: forward over reverse.
 
     ``batch_jacobian`` of ``batch_jacobian``; the arguments, the rule on ``f``
