@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .derive import derive
-from .spec import name
+from .spec import name, render
 
 
 def explain(spec: str, *shapes) -> str:
@@ -19,12 +19,11 @@ def explain(spec: str, *shapes) -> str:
     n = len(s.inputs)
     ops = [f"x{k}" for k in range(n)]
     lines = [f"einsum {spec!r}"]
-    out = "".join(name(l) if l < 128 else "." for l in s.output) or "(scalar)"
-    for k, t in enumerate(s.inputs):
+    lhs, rhs = render(s).split("->")
+    for k, term in enumerate(lhs.split(",")):
         shape = f" shape {d.shapes[k]}" if d.shapes else ""
-        lines.append(f"  operand {k} ({ops[k]}): {''.join(name(l) if l < 128 else '.' for l in t)}"
-                     f"{shape}")
-    lines.append(f"  output: {out}" + (f" shape {d.out_shape}" if d.shapes else ""))
+        lines.append(f"  operand {k} ({ops[k]}): {term or '(scalar)'}{shape}")
+    lines.append(f"  output: {rhs or '(scalar)'}" + (f" shape {d.out_shape}" if d.shapes else ""))
     summed = [l for l in s.labels if l not in s.output]
     if summed:
         lines.append("  summed over: " + ", ".join(name(l) for l in summed))
@@ -39,8 +38,7 @@ def explain(spec: str, *shapes) -> str:
         path, info = path_info(d.clean, [s2 for s2 in _clean_shapes(d)])
         lines.append("")
         lines.append("contraction path (opt_einsum): " + " -> ".join(str(p) for p in path))
-        lines.append(f"  cost: {int(info.opt_cost):,} FLOPs (naive single loop: "
-                     f"{int(info.naive_cost):,}); largest intermediate: "
+        lines.append(f"  cost: {int(info.opt_cost):,} FLOPs; largest intermediate: "
                      f"{int(info.largest_intermediate):,} elements")
     lines.append("")
     lines.append("reverse mode (VJP): g is the output's cotangent; each pattern takes g, then")
