@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     except (EinsumError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... | head` closed the pipe: not an error
+        sys.stderr.close()
     return 0
 
 
