@@ -14,12 +14,17 @@ from .tensor import Tensor
 
 
 class Optimizer:
-    """Base class: holds the parameters and clears their gradients."""
+    """Base class: holds the parameters, walks them on ``step``, clears their gradients.
 
-    def __init__(self, params: Iterable[Tensor]):
+    A subclass gives its rule as ``update(p, d)``, where ``d`` is the gradient
+    with L2 weight decay already added (both torch optimizers add it first).
+    """
+
+    def __init__(self, params: Iterable[Tensor], weight_decay: float = 0.0):
         self.params = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
+        self.weight_decay = weight_decay
         self.state: dict = {}
 
     def zero_grad(self) -> None:
@@ -27,7 +32,18 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
-        raise NotImplementedError
+        """Update every parameter that has a gradient (the others are skipped, as in torch)."""
+        for p in self.params:
+            if p.grad is None:
+                continue
+            d = p.grad.data
+            if self.weight_decay:
+                d = d + self.weight_decay * p.data
+            self.update(p, d)
+
+    def update(self, p: Tensor, d) -> None:
+        """Rewrite ``p.data`` in place from the decayed gradient ``d``."""
+        raise TypeError(f"{type(self).__name__} defines no update rule")
 
 
 class SGD(Optimizer):
@@ -39,25 +55,19 @@ class SGD(Optimizer):
 
     def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0):
-        super().__init__(params)
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        super().__init__(params, weight_decay)
+        self.lr, self.momentum = lr, momentum
 
-    def step(self) -> None:
-        for p in self.params:
-            if p.grad is None:
-                continue
-            d = p.grad.data
-            if self.weight_decay:
-                d = d + self.weight_decay * p.data
-            if self.momentum:
-                buf = self.state.get(id(p))
-                if buf is None:
-                    buf = self.state[id(p)] = d.copy()
-                else:
-                    buf *= self.momentum
-                    buf += d
-                d = buf
-            p.data -= self.lr * d
+    def update(self, p: Tensor, d) -> None:
+        if self.momentum:
+            buf = self.state.get(id(p))
+            if buf is None:
+                buf = self.state[id(p)] = d.copy()
+            else:
+                buf *= self.momentum
+                buf += d
+            d = buf
+        p.data -= self.lr * d
 
 
 class Adam(Optimizer):
@@ -65,26 +75,20 @@ class Adam(Optimizer):
 
     def __init__(self, params: Iterable[Tensor], lr: float = 1e-3, betas: tuple = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params)
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        super().__init__(params, weight_decay)
+        self.lr, self.betas, self.eps = lr, betas, eps
 
-    def step(self) -> None:
+    def update(self, p: Tensor, g) -> None:
         b1, b2 = self.betas
-        for p in self.params:
-            if p.grad is None:
-                continue
-            g = p.grad.data
-            if self.weight_decay:
-                g = g + self.weight_decay * p.data
-            st = self.state.get(id(p))
-            if st is None:
-                xp = backend_of(p.data)
-                st = self.state[id(p)] = [0, xp.zeros_like(p.data), xp.zeros_like(p.data)]
-            st[0] += 1
-            t, m, v = st
-            m += (1 - b1) * (g - m)  # torch's lerp form
-            v *= b2
-            v += (1 - b2) * g * g
-            step_size = self.lr / (1 - b1 ** t)
-            denom = backend_of(v).sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
-            p.data -= step_size * (m / denom)
+        st = self.state.get(id(p))
+        if st is None:
+            xp = backend_of(p.data)
+            st = self.state[id(p)] = [0, xp.zeros_like(p.data), xp.zeros_like(p.data)]
+        st[0] += 1
+        t, m, v = st
+        m += (1 - b1) * (g - m)  # torch's lerp form
+        v *= b2
+        v += (1 - b2) * g * g
+        step_size = self.lr / (1 - b1 ** t)
+        denom = backend_of(v).sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
+        p.data -= step_size * (m / denom)
