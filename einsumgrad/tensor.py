@@ -354,14 +354,19 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
     stop = {id(s) for s in sources}
     tan = {id(s): t for s, t in zip(sources, tangents)}
     nb = tangents[0].ndim - sources[0].ndim if tangents else 0
-    for t in _topo([root], keep, stop):
-        if id(t) in stop:
-            continue
+    order = [t for t in _topo([root], keep, stop) if id(t) not in stop]
+    # Each tangent is dropped after its last use, so a long chain holds few at once.
+    uses: dict = {}
+    for t in order:
+        for x in t._node.inputs:
+            uses[id(x)] = uses.get(id(x), 0) + 1
+    for t in order:
         node = t._node
         prim, xs = node.prim, node.inputs
         total = None
         for k, x in enumerate(xs):
-            tk = tan.get(id(x))
+            uses[id(x)] -= 1
+            tk = tan.get(id(x)) if uses[id(x)] or x is root else tan.pop(id(x), None)
             if tk is None:
                 continue
             if prim.elementwise and x.ndim < t.ndim:  # align with the output's axes
