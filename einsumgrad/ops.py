@@ -437,15 +437,94 @@ def transpose(x, axes: Sequence[int] | None = None) -> Tensor:
     return einsum_spec(Spec((labels,), tuple(labels[a] for a in axes)), x)
 
 
+def _offsets(shape: tuple, axes: tuple) -> list:
+    """One index per position in the reduced ``axes`` (ints there, whole slices elsewhere).
+
+    Reductions over a few small axes (pooling windows) run as element-wise ops
+    over these slices: NumPy's reduce over short strided axes is many times slower.
+    """
+    idx = [()]
+    for a in range(len(shape)):
+        idx = [i + (j,) for i in idx for j in range(shape[a])] if a in axes else \
+            [i + (slice(None),) for i in idx]
+    return idx
+
+
+_FOLD = 64  # fold over slices up to this many window positions, else one reduce
+
+
+def _max_impl(x, axes):
+    xp = backend_of(x)
+    n = math.prod(x.shape[a] for a in axes)
+    if n > _FOLD or n < 2 or x.ndim == len(axes):
+        return xp.max(x, axis=axes)
+    offs = _offsets(x.shape, axes)
+    r = xp.maximum(x[offs[0]], x[offs[1]])
+    for o in offs[2:]:
+        xp.maximum(r, x[o], out=r)
+    return r
+
+
+max_p = Primitive("max", _max_impl)
+
+
+def _max_mask(x: Tensor, out: Tensor, axes: tuple) -> Tensor:
+    """Where ``x`` attains its maximum, ``1 / (number of ties)``, else 0 (a constant)."""
+    xp = backend_of(x.data)
+    n = math.prod(x.shape[a] for a in axes)
+    if n > _FOLD or n < 2 or x.ndim == len(axes):
+        hit = x.data == xp.expand_dims(out.data, axes)
+        count = xp.sum(hit, axis=axes, keepdims=True, dtype=x.dtype)
+        mask = hit.astype(x.dtype)
+        if count.size and xp.max(count) > 1:  # ties: split the gradient evenly
+            mask /= count
+        return Tensor(mask)
+    offs = _offsets(x.shape, axes)
+    mask = xp.empty_like(x.data)  # in x's memory order, as the ops around it
+    for o in offs:
+        xp.equal(x.data[o], out.data, out=mask[o])
+    count = mask[offs[0]] + mask[offs[1]]
+    for o in offs[2:]:
+        count += mask[o]
+    if xp.max(count) > 1:  # ties (windows of zeros after a ReLU): split evenly
+        for o in offs:
+            mask[o] /= count
+    return Tensor(mask)
+
+
+def _keep(t: Tensor, axes: tuple, ndim: int) -> Tensor:
+    """``t`` (leading batch axes, then a max's output) with the reduced axes back as size 1."""
+    nb = t.ndim - (ndim - len(axes))
+    it = iter(t.shape[nb:])
+    return reshape(t, t.shape[:nb] + tuple(1 if a in axes else next(it) for a in range(ndim)))
+
+
+@max_p.defvjp
+def _max_vjp(k, g, out, x, axes):
+    # The mask is built here from x and the saved max: the forward keeps nothing.
+    return _keep(g, axes, x.ndim) * _max_mask(x, out, axes)
+
+
+@max_p.defjvp
+def _max_jvp(k, t, out, x, axes):
+    nb = t.ndim - x.ndim
+    return sum(t * _max_mask(x, out, axes), tuple(nb + a for a in axes))
+
+
+@max_p.defbatch
+def _max_batch(bdims, shapes, out_shape, axes):
+    b = bdims[0]
+    if b in axes:
+        raise BatchMixingError("max over the batch axis: rows mix")
+    return b - builtins.sum(1 for a in axes if a < b)
+
+
 def max(x, axis=None, keepdims: bool = False) -> Tensor:
     """Maximum over ``axis``; its gradient is split evenly between ties."""
     x = as_tensor(x)
-    xp = backend_of(x.data)
     axes = _axes(axis, x.ndim)
-    m = xp.max(x.data, axis=axes, keepdims=True)
-    mask = (x.data == m).astype(x.dtype)
-    mask /= xp.sum(mask, axis=axes, keepdims=True)
-    return sum(x * Tensor(mask), axis, keepdims)
+    r = bind(max_p, x, axes=axes)
+    return _keep(r, axes, x.ndim) if keepdims else r
 
 
 def logsumexp(x, axis=-1, keepdims: bool = False) -> Tensor:

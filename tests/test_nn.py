@@ -70,9 +70,11 @@ def test_conv2d_module_matches_torch(rng):
                    rng.standard_normal((2, 2, 6, 6)))
 
 
-@pytest.mark.parametrize("kernel,stride", [(2, None), (3, 1), ((2, 3), 2)])
-def test_pools_match_torch(rng, kernel, stride):
-    x = rng.standard_normal((2, 3, 7, 7))
+@pytest.mark.parametrize("kernel,stride,size", [(2, None, 7), (3, 1, 7), ((2, 3), 2, 7),
+                                                (2, None, 8), ((2, 3), (2, 3), 6)])
+def test_pools_match_torch(rng, kernel, stride, size):
+    # size 8 and 6 with stride == kernel: the windows tile the image (reshape path).
+    x = rng.standard_normal((2, 3, size, size))
     compare(lambda x: F.max_pool2d(x, kernel, stride), lambda x: TF.max_pool2d(x, kernel, stride), x)
     compare(lambda x: F.avg_pool2d(x, kernel, stride), lambda x: TF.avg_pool2d(x, kernel, stride), x)
 
@@ -173,6 +175,7 @@ def test_conv_second_order_and_jvp(rng):
     x, w = xb(rng.standard_normal((1, 2, 5, 5))), xb(rng.standard_normal((3, 2, 3, 3)))
     check_grads(lambda x, w: F.conv2d(x, w, stride=2, padding=1), x, w, order=2)
     check_grads(lambda x: F.max_pool2d(F.conv2d(x, w), 2), x, order=1)
+    check_grads(lambda x: F.max_pool2d(x, 2), xb(rng.standard_normal((2, 3, 4, 6))), order=2)
 
 
 def test_patch_op_values_and_unpatch_is_its_adjoint(rng):

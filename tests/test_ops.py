@@ -68,6 +68,9 @@ OPS = [
     ("logsumexp", eg.logsumexp, [randn(2, 3)]),
     ("max", lambda a: eg.max(a, axis=1), [randn(2, 3)]),
     ("max all", eg.max, [randn(2, 3)]),
+    ("max keepdims", lambda a: eg.max(a, axis=(0, 2), keepdims=True), [randn(3, 4, 5)]),
+    # Small reduced axes run as element-wise folds over slices: a pooling window.
+    ("max windows", lambda a: eg.max(a, axis=(1, 3)) * 2.0, [randn(2, 2, 3, 3, 4)]),
 ]
 
 
@@ -228,3 +231,24 @@ def test_gelu_matches_torch_both_forms():
 def test_max_splits_gradient_between_ties():
     g = eg.grad(lambda t: eg.max(t))(xb(np.array([1.0, 3.0, 3.0])))
     np.testing.assert_allclose(npy(g), [0.0, 0.5, 0.5])
+
+
+def test_max_over_windows_splits_ties_in_both_modes():
+    # Two 2x2 windows (the folded path): one 4-way tie at zero, one single maximum.
+    x = np.array([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 5.0], [2.0, -1.0]]])
+    f = lambda t: eg.max(t, axis=(1, 2))
+    np.testing.assert_allclose(npy(f(xb(x))), [0.0, 5.0])
+    g = npy(eg.grad(lambda t: f(t).sum())(xb(x)))
+    np.testing.assert_allclose(g, [[[0.25, 0.25], [0.25, 0.25]], [[0.0, 1.0], [0.0, 0.0]]])
+    _, tangent = eg.jvp(f, (xb(x),), (xb(np.ones_like(x)),))
+    np.testing.assert_allclose(npy(tangent), [1.0, 1.0])
+
+
+def test_max_batch_rule_keeps_rows_and_refuses_the_batch_axis():
+    x = xb(randn(3, 4, 2))
+    jb = npy(eg.batch_jacobian(lambda t: eg.max(t, axis=2))(x))
+    full = npy(eg.jacrev(lambda t: eg.max(t, axis=2))(x))
+    for b in range(3):
+        np.testing.assert_allclose(jb[b], full[b, :, b])
+    with pytest.raises(eg.BatchMixingError):
+        eg.batch_jacobian(lambda t: eg.max(t, axis=0))(x)

@@ -44,8 +44,15 @@ def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> T
 
 def max_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
     """Maximum over each window (``stride`` defaults to the window size)."""
-    p = patches(as_tensor(x), kernel_size, kernel_size if stride is None else stride)
-    return ops.max(p, axis=(-2, -1))
+    x = as_tensor(x)
+    (kh, kw), (sh, sw) = _pair(kernel_size), _pair(kernel_size if stride is None else stride)
+    h, w = x.shape[-2:]
+    if (kh, kw) == (sh, sw) and h % kh == 0 and w % kw == 0:
+        # Windows tile the image: a reshape to (..., H/kh, kh, W/kw, kw) is a
+        # view, and its adjoint a reshape too, so no window copy or overlap-add.
+        t = ops.reshape(x, x.shape[:-2] + (h // kh, kh, w // kw, kw))
+        return ops.max(t, axis=(-3, -1))
+    return ops.max(patches(x, (kh, kw), (sh, sw)), axis=(-2, -1))
 
 
 def avg_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
