@@ -32,17 +32,28 @@ def _patches_impl(x, kernel, stride, padding, contiguous):
                          strides=tuple(lead) + (s_h * sh, s_w * sw, s_h, s_w))
     if not contiguous or x.ndim < 3:
         return view
-    # For a convolution: copy the view once, laid out (..., OH, OW, C, kh, kw)
+    # For a convolution: copy the windows once, laid out (..., OH, OW, C, kh, kw)
     # in memory, so the conv einsum and its weight gradient reshape it into a
-    # matrix for free instead of each copying the strided view (im2col).
-    return xp.moveaxis(xp.ascontiguousarray(xp.moveaxis(view, -5, -3)), -3, -5)
+    # matrix for free instead of each copying the strided view (im2col). One
+    # copy per kernel offset: kh*kw plain strided copies beat one 6-D gather.
+    out = xp.empty(x.shape[:-3] + (oh, ow, x.shape[-3], kh, kw), dtype=x.dtype)
+    for k in range(kh):
+        for l in range(kw):
+            out[..., k, l] = xp.moveaxis(view[..., k, l], -3, -1)
+    return xp.moveaxis(out, -3, -5)
 
 
 def _unpatch_impl(g, size, kernel, stride, padding):
     xp = backend_of(g)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     (h, w), (oh, ow) = size, g.shape[-4:-2]
-    z = xp.zeros(g.shape[:-4] + (h + 2 * ph, w + 2 * pw), dtype=g.dtype)
+    shape = g.shape[:-4] + (h + 2 * ph, w + 2 * pw)
+    if g.ndim >= 5 and g.strides[-5] < g.strides[-4]:
+        # Channels vary fastest in g (a conv's patch cotangent): add into a
+        # channels-last image so each strided add reads and writes nearby memory.
+        z = xp.moveaxis(xp.zeros(shape[:-3] + shape[-2:] + shape[-3:-2], dtype=g.dtype), -1, -3)
+    else:
+        z = xp.zeros(shape, dtype=g.dtype)
     # One strided add per kernel offset: kh*kw vectorized adds, not one per patch.
     for k in range(kh):
         for l in range(kw):
