@@ -387,6 +387,38 @@ def square(x) -> Tensor:
     return x * x
 
 
+_SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_impl(x):
+    # x Phi(x) in one pass of in-place ops (the composite records five ops).
+    xp = backend_of(x)
+    r = xp.erf(x * _SQRT_HALF)
+    r += 1.0
+    r *= x
+    r *= 0.5
+    return r
+
+
+def _gelu_d_impl(x):
+    # GELU'(x) = Phi(x) + x phi(x).
+    xp = backend_of(x)
+    d = xp.erf(x * _SQRT_HALF)
+    d += 1.0
+    d *= 0.5
+    phi = xp.exp(x * x * -0.5)
+    phi *= x
+    phi *= _INV_SQRT_2PI
+    d += phi
+    return d
+
+
+# GELU''(x) = phi(x) (2 - x^2), in engine ops: every order stays differentiable.
+_gelu_d, gelu_d_p = _unary("gelu_d", _gelu_d_impl, lambda x, out: exp(-0.5 * (x * x)) * (
+    (2.0 - x * x) * _INV_SQRT_2PI))
+_gelu, gelu_p = _unary("gelu", _gelu_impl, lambda x, out: _gelu_d(x))
+
+
 def gelu(x, approximate: str = "none") -> Tensor:
     """GELU as ``torch.nn.functional.gelu``: exact erf form, or ``approximate='tanh'``."""
     x = as_tensor(x)
@@ -395,7 +427,7 @@ def gelu(x, approximate: str = "none") -> Tensor:
         return 0.5 * x * (1.0 + tanh(c * (x + 0.044715 * x * x * x)))
     if approximate != "none":
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
-    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+    return _gelu(x)
 
 
 # -- reductions (einsums) and the softmax family ---------------------------------------

@@ -1,5 +1,7 @@
 """Every op and activation: derivatives to order 2 (check_grads), higher orders
 against PyTorch, float32 in and out, and numerically stable softmax."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -252,3 +254,29 @@ def test_max_batch_rule_keeps_rows_and_refuses_the_batch_axis():
         np.testing.assert_allclose(jb[b], full[b, :, b])
     with pytest.raises(eg.BatchMixingError):
         eg.batch_jacobian(lambda t: eg.max(t, axis=0))(x)
+
+
+def test_float32_erf_is_within_two_ulps_of_the_exact_value():
+    # The NumPy backend's float32 erf is a rational approximation (SciPy's is ~8x slower).
+    from einsumgrad.backend import NUMPY
+    x = np.concatenate([np.linspace(-6, 6, 200001), [0.0, 1e-30, -1e-6]]).astype(np.float32)
+    exact = np.array([math.erf(v) for v in x.astype(np.float64)])
+    got = NUMPY.erf(x)
+    assert got.dtype == np.float32
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - exact) / ulp) <= 2.0
+    assert NUMPY.erf(np.float32(np.inf)) == 1.0 and np.isnan(NUMPY.erf(np.float32(np.nan)))
+
+
+def test_gelu_primitive_derivatives_to_order_three_match_torch():
+    # gelu and its derivative are primitives; the third derivative is engine ops.
+    x0 = randn(6) * 2.0
+    d3 = eg.grad(lambda x: eg.grad(lambda y: eg.grad(lambda z: eg.gelu(z).sum())(y).sum())(x).sum())
+    xt = torch.tensor(x0, requires_grad=True)
+    d = torch.nn.functional.gelu(xt).sum()
+    for _ in range(3):
+        d = torch.autograd.grad(d, xt, create_graph=True)[0]
+        last = d
+        d = d.sum()
+    np.testing.assert_allclose(npy(d3(xb(x0))), last.detach().numpy(), rtol=1e-10, atol=1e-12)
+    check_grads(eg.gelu, xb(x0), order=3)
