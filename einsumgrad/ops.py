@@ -500,28 +500,26 @@ def _max_impl(x, axes):
 max_p = Primitive("max", _max_impl)
 
 
-def _max_mask(x: Tensor, out: Tensor, axes: tuple) -> Tensor:
-    """Where ``x`` attains its maximum, ``1 / (number of ties)``, else 0 (a constant)."""
+def _max_mask(x: Tensor, out: Tensor, axes: tuple) -> tuple:
+    """Constants for max's rules: where ``x`` attains its maximum (1, else 0), and
+    ``1 / (number of ties)`` shaped like ``out``, or None where no window ties.
+
+    Ties (windows of zeros after a ReLU) split the derivative evenly; the
+    split is applied on the small output side, not on the mask.
+    """
     xp = backend_of(x.data)
+    mask = (x.data == xp.expand_dims(out.data, axes)).astype(x.dtype)
     n = math.prod(x.shape[a] for a in axes)
     if n > _FOLD or n < 2 or x.ndim == len(axes):
-        hit = x.data == xp.expand_dims(out.data, axes)
-        count = xp.sum(hit, axis=axes, keepdims=True, dtype=x.dtype)
-        mask = hit.astype(x.dtype)
-        if count.size and xp.max(count) > 1:  # ties: split the gradient evenly
-            mask /= count
-        return Tensor(mask)
-    offs = _offsets(x.shape, axes)
-    mask = xp.empty_like(x.data)  # in x's memory order, as the ops around it
-    for o in offs:
-        xp.equal(x.data[o], out.data, out=mask[o])
-    count = mask[offs[0]] + mask[offs[1]]
-    for o in offs[2:]:
-        count += mask[o]
-    if xp.max(count) > 1:  # ties (windows of zeros after a ReLU): split evenly
-        for o in offs:
-            mask[o] /= count
-    return Tensor(mask)
+        count = xp.sum(mask, axis=axes)
+    else:
+        offs = _offsets(x.shape, axes)
+        count = mask[offs[0]] + mask[offs[1]]
+        for o in offs[2:]:
+            count += mask[o]
+    if not (xp.size(count) and xp.max(count) > 1):
+        return Tensor(mask), None
+    return Tensor(mask), Tensor(xp.reciprocal(count))
 
 
 def _keep(t: Tensor, axes: tuple, ndim: int) -> Tensor:
@@ -534,13 +532,16 @@ def _keep(t: Tensor, axes: tuple, ndim: int) -> Tensor:
 @max_p.defvjp
 def _max_vjp(k, g, out, x, axes):
     # The mask is built here from x and the saved max: the forward keeps nothing.
-    return _keep(g, axes, x.ndim) * _max_mask(x, out, axes)
+    mask, split = _max_mask(x, out, axes)
+    return _keep(g if split is None else g * split, axes, x.ndim) * mask
 
 
 @max_p.defjvp
 def _max_jvp(k, t, out, x, axes):
     nb = t.ndim - x.ndim
-    return sum(t * _max_mask(x, out, axes), tuple(nb + a for a in axes))
+    mask, split = _max_mask(x, out, axes)
+    r = sum(t * mask, tuple(nb + a for a in axes))
+    return r if split is None else r * split
 
 
 @max_p.defbatch
