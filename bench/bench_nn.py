@@ -1,7 +1,10 @@
 """Training steps of einsumgrad.nn models beside the same models in PyTorch eager (issue #4).
 
 Two cases, float32, each a full step (forward, cross-entropy, backward, Adam)
-timed for both frameworks in this one run on the same weights and batch:
+timed for both frameworks in this one run on the same weights and batch.
+Each case runs twice, with the same thread count on both sides: one thread
+(BLAS for NumPy, intra-op for torch), then every core. NumPy's element-wise
+ops use one thread either way; torch's use them all.
 
 * CNN: batch 128 of 1x28x28, conv 3x3 (16, pad 1) -> relu -> max-pool 2 ->
   conv 3x3 (32, pad 1) -> relu -> max-pool 2 -> linear 10. Target <= 1.5x torch.
@@ -9,6 +12,9 @@ timed for both frameworks in this one run on the same weights and batch:
   batch 64 x 32 tokens, per-token 10-way readout. Target <= 1.3x torch.
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import numpy as np
 
@@ -86,6 +92,31 @@ def _steps(ours, theirs, x, y):
     return eg_step, torch_step
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """``n`` threads for both sides: NumPy's BLAS and torch's intra-op pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(limits=n, user_api="blas")
+    except ImportError:  # BLAS keeps its default (every core)
+        limits = contextlib.nullcontext()
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_both(eg_step, torch_step, title: str, target: float) -> None:
+    for n in sorted({1, os.cpu_count() or 1}):
+        with _threads(n):
+            times = {"einsumgrad": median_time(eg_step), "PyTorch eager": median_time(torch_step)}
+        report(f"{title}, {n} thread{'s' * (n > 1)} each", times, ours="einsumgrad",
+               targets={"PyTorch eager": target})
+
+
 def main() -> None:
     if torch is None:
         print("bench_nn: torch is not installed, skipped")
@@ -96,22 +127,19 @@ def main() -> None:
     x = rng.standard_normal((128, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 128)
     eg_step, torch_step = _steps(_cnn(nn, dict(dtype="float32")), _cnn(torch.nn, {}), x, y)
-    times = {"einsumgrad": median_time(eg_step), "PyTorch eager": median_time(torch_step)}
-    report("CNN training step (batch 128, 1x28x28, 2 conv + linear, Adam), float32", times,
-           ours="einsumgrad", targets={"PyTorch eager": 1.5})
+    _time_both(eg_step, torch_step,
+               "CNN training step (batch 128, 1x28x28, 2 conv + linear, Adam), float32", 1.5)
 
     d, heads, classes = 64, 4, 10
     x = rng.standard_normal((64, 32, d)).astype(np.float32)
     y = rng.integers(0, classes, (64, 32))
     eg_step, torch_step = _steps(_attention_model(d, heads, classes),
                                  _torch_attention_model(d, heads, classes), x, y)
-    times = {"einsumgrad": median_time(eg_step), "PyTorch eager": median_time(torch_step)}
-    report("2-block attention training step (batch 64 x 32 tokens, d=64, 4 heads, Adam), float32",
-           times, ours="einsumgrad", targets={"PyTorch eager": 1.3})
+    _time_both(eg_step, torch_step, "2-block attention training step (batch 64 x 32 tokens, "
+               "d=64, 4 heads, Adam), float32", 1.3)
 
 
 if __name__ == "__main__":
-    import os
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()
