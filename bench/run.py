@@ -18,6 +18,8 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def main(argv: list) -> None:
+    from common import keep_freed_memory
+    print(keep_freed_memory())
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
     if argv:
         names = [n for n in names if any(a in n for a in argv)]
