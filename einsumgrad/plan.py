@@ -126,9 +126,23 @@ def _lower_one(term: tuple, result: tuple):
         if perm == tuple(range(len(perm))):
             return lambda xp, arrs: arrs[0]
         return lambda xp, arrs: xp.transpose(arrs[0], perm)
+    keep = tuple(i for i, l in enumerate(term) if l in result)
+    outer = summed + keep
+
+    def reduce(xp, a):
+        # Summing the outer axes of a layout (a bias gradient of channels-last
+        # data) is a matrix-vector product: NumPy's axis sum adds row by row.
+        if keep and a.size and a.dtype.kind in "fc":
+            t = xp.transpose(a, outer)
+            if t.flags.c_contiguous:
+                rows = math.prod(a.shape[i] for i in summed)
+                m = xp.reshape(t, (rows, t.size // rows))
+                return xp.reshape(xp.matmul(xp.ones(rows, dtype=a.dtype), m),
+                                  tuple(a.shape[i] for i in keep))
+        return xp.sum(a, axis=summed)
     if perm == tuple(range(len(perm))):
-        return lambda xp, arrs: xp.sum(arrs[0], axis=summed)
-    return lambda xp, arrs: xp.transpose(xp.sum(arrs[0], axis=summed), perm)
+        return lambda xp, arrs: reduce(xp, arrs[0])
+    return lambda xp, arrs: xp.transpose(reduce(xp, arrs[0]), perm)
 
 
 def _broadcast_multiply(a: tuple, b: tuple, result: tuple):
