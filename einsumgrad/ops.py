@@ -400,23 +400,46 @@ def _gelu_impl(x):
     return r
 
 
-def _gelu_d_impl(x):
-    # GELU'(x) = Phi(x) + x phi(x).
+def _gelu_d_impl(x, cdf):
+    # GELU'(x) = Phi(x) + x phi(x); Phi(x) comes in as ``cdf`` (see _cdf).
     xp = backend_of(x)
-    d = xp.erf(x * _SQRT_HALF)
-    d += 1.0
-    d *= 0.5
     phi = xp.exp(x * x * -0.5)
     phi *= x
     phi *= _INV_SQRT_2PI
-    d += phi
-    return d
+    phi += cdf
+    return phi
 
 
+def _cdf(x, out):
+    """Phi(x) = GELU(x) / x, read off the saved output instead of a second erf.
+
+    Where ``out`` is not a normal number (``x`` zero or tiny, far negative,
+    infinite or NaN) the quotient loses precision: there erf is evaluated.
+    """
+    xp = backend_of(x)
+    a = xp.abs(out)
+    exact = (a >= xp.finfo(out.dtype).tiny) & (a < math.inf)
+    cdf = xp.asarray(out / xp.where(exact, x, 1.0))
+    if not xp.all(exact):
+        redo = ~exact
+        cdf[redo] = 0.5 * (1.0 + xp.erf(x[redo] * _SQRT_HALF))
+    return cdf
+
+
+gelu_d_p = Primitive("gelu_d", _gelu_d_impl, elementwise=True)
 # GELU''(x) = phi(x) (2 - x^2), in engine ops: every order stays differentiable.
-_gelu_d, gelu_d_p = _unary("gelu_d", _gelu_d_impl, lambda x, out: exp(-0.5 * (x * x)) * (
-    (2.0 - x * x) * _INV_SQRT_2PI))
-_gelu, gelu_p = _unary("gelu", _gelu_impl, lambda x, out: _gelu_d(x))
+_gelu_dd = lambda x: exp(-0.5 * (x * x)) * ((2.0 - x * x) * _INV_SQRT_2PI)
+gelu_d_p.defvjp(lambda k, g, out, x, cdf: g * _gelu_dd(x))
+gelu_d_p.defjvp(lambda k, t, out, x, cdf: t * _gelu_dd(x))
+gelu_d_p.defbatch(_elementwise_batch)
+
+
+def _gelu_d(x: Tensor, out: Tensor) -> Tensor:
+    """GELU'(x), given GELU(x) as ``out`` (a constant, so the rule is of ``x`` alone)."""
+    return bind(gelu_d_p, x, cdf=_cdf(x.data, out.data))
+
+
+_gelu, gelu_p = _unary("gelu", _gelu_impl, _gelu_d)
 
 
 def gelu(x, approximate: str = "none") -> Tensor:

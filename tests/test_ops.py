@@ -280,3 +280,18 @@ def test_gelu_primitive_derivatives_to_order_three_match_torch():
         d = d.sum()
     np.testing.assert_allclose(npy(d3(xb(x0))), last.detach().numpy(), rtol=1e-10, atol=1e-12)
     check_grads(eg.gelu, xb(x0), order=3)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gelu_gradient_reads_phi_off_the_output_and_matches_torch_at_edges(dtype):
+    # GELU'(x) takes Phi(x) = GELU(x) / x; at 0, tiny and far negative x (where
+    # that quotient is inexact) it evaluates erf instead. Reference: torch in float64.
+    x0 = np.array([0.0, -0.0, 1e-42, -1e-300, 1e-8, -3.0, 2.5, -12.0, -40.0, 40.0], dtype=dtype)
+    x = eg.tensor(xb(x0), requires_grad=True)
+    eg.gelu(x).sum().backward()
+    xt = torch.tensor(x0.astype(np.float64), requires_grad=True)
+    torch.nn.functional.gelu(xt).sum().backward()
+    tol = dict(rtol=1e-12, atol=1e-300) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-38)
+    np.testing.assert_allclose(npy(x.grad), xt.grad.numpy(), **tol)
+    assert x.grad.dtype == dtype
+    check_grads(lambda t: eg.gelu(t) * 1.0, xb(np.array([0.0, 1e-3, -2.0, 1.5])), order=2)
