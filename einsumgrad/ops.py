@@ -552,11 +552,46 @@ def _keep(t: Tensor, axes: tuple, ndim: int) -> Tensor:
     return reshape(t, t.shape[:nb] + tuple(1 if a in axes else next(it) for a in range(ndim)))
 
 
+def _spread_impl(g, mask, axes):
+    xp = backend_of(g)
+    r = xp.empty_like(mask)
+    for o in _offsets(mask.shape, axes):
+        xp.multiply(g, mask[o], out=r[o])
+    return r
+
+
+# spread(g, mask) = g, with the reduced axes put back, times the constant mask:
+# max's VJP. One multiply per window position keeps NumPy's inner loops long,
+# where the broadcast multiply runs them over the window's 2 or 3 entries.
+spread_p = Primitive("spread", _spread_impl, linear=True)
+spread_p.defvjp(lambda k, g, out, x, mask, axes:
+                sum(g * Tensor(mask), tuple(g.ndim - mask.ndim + a for a in axes)))
+spread_p.defjvp(lambda k, t, out, x, mask, axes: _spread(t, Tensor(mask), axes))
+
+
+@spread_p.defbatch
+def _spread_batch(bdims, shapes, out_shape, mask, axes):
+    kept = [a for a in range(len(out_shape)) if a not in axes]
+    return kept[bdims[0]]
+
+
+def _spread(g: Tensor, mask: Tensor, axes: tuple) -> Tensor:
+    """``_keep(g) * mask`` for max's rules, as one primitive where the window is small."""
+    n = math.prod(mask.shape[a] for a in axes)
+    # A C-ordered g (from a reshape) against a mask in another order is where
+    # the broadcast multiply is slowest; otherwise (g laid out as the mask,
+    # leading batch axes, one big window) it is as fast or faster.
+    if (g.ndim + len(axes) != mask.ndim or n > _FOLD or n < 2 or g.ndim == 0
+            or not g.data.flags.c_contiguous):
+        return _keep(g, axes, mask.ndim) * mask
+    return bind(spread_p, g, mask=mask.data, axes=axes)
+
+
 @max_p.defvjp
 def _max_vjp(k, g, out, x, axes):
     # The mask is built here from x and the saved max: the forward keeps nothing.
     mask, split = _max_mask(x, out, axes)
-    return _keep(g if split is None else g * split, axes, x.ndim) * mask
+    return _spread(g if split is None else g * split, mask, axes)
 
 
 @max_p.defjvp

@@ -295,3 +295,16 @@ def test_gelu_gradient_reads_phi_off_the_output_and_matches_torch_at_edges(dtype
     np.testing.assert_allclose(npy(x.grad), xt.grad.numpy(), **tol)
     assert x.grad.dtype == dtype
     check_grads(lambda t: eg.gelu(t) * 1.0, xb(np.array([0.0, 1e-3, -2.0, 1.5])), order=2)
+
+
+def test_spread_primitive_rules():
+    # max's VJP over small windows is the spread primitive: linear in g, its VJP a
+    # masked sum, its batch rule mapping g's axes to the kept axes of the mask.
+    from einsumgrad.ops import _spread, _spread_batch, spread_p
+    mask = xb((randn(2, 3, 2, 4, 2) > 0).astype(float))
+    g = xb(randn(2, 3, 4))
+    r = _spread(eg.tensor(g, requires_grad=True), eg.tensor(mask), (2, 4))
+    assert r._node.prim is spread_p
+    np.testing.assert_allclose(npy(r), npy(g)[:, :, None, :, None] * npy(mask))
+    check_grads(lambda t: _spread(t, eg.tensor(mask), (2, 4)), g, order=2)
+    assert [_spread_batch([b], [g.shape], mask.shape, mask, (2, 4)) for b in range(3)] == [0, 1, 3]
