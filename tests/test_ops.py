@@ -308,3 +308,22 @@ def test_spread_primitive_rules():
     np.testing.assert_allclose(npy(r), npy(g)[:, :, None, :, None] * npy(mask))
     check_grads(lambda t: _spread(t, eg.tensor(mask), (2, 4)), g, order=2)
     assert [_spread_batch([b], [g.shape], mask.shape, mask, (2, 4)) for b in range(3)] == [0, 1, 3]
+
+
+def test_softmax_primitive_batch_rule_and_third_order_against_torch():
+    x = xb(randn(3, 4))
+    jb = npy(eg.batch_jacobian(lambda t: eg.softmax(t, -1))(x))
+    full = npy(eg.jacrev(lambda t: eg.softmax(t, -1))(x))
+    for b in range(3):
+        np.testing.assert_allclose(jb[b], full[b, :, b], rtol=1e-12, atol=1e-15)
+    with pytest.raises(eg.BatchMixingError):
+        eg.batch_jacobian(lambda t: eg.softmax(t, 0))(x)
+    x0, w0 = randn(5), randn(5)
+    f = lambda t: (eg.softmax(t) * xb(w0)).sum()
+    d3 = eg.grad(lambda a: eg.grad(lambda b: eg.grad(f)(b).sum())(a).sum())
+    xt = torch.tensor(x0, requires_grad=True)
+    d = (torch.softmax(xt, -1) * torch.tensor(w0)).sum()
+    for _ in range(3):
+        d = torch.autograd.grad(d, xt, create_graph=True)[0].sum() if _ < 2 else \
+            torch.autograd.grad(d, xt, create_graph=True)[0]
+    np.testing.assert_allclose(npy(d3(xb(x0))), d.detach().numpy(), rtol=1e-10, atol=1e-13)
