@@ -86,6 +86,19 @@ def test_layer_norm_matches_torch(rng):
             lambda x, w, b: TF.layer_norm(x, (4, 5), w, b), x, w, b)
 
 
+def test_layer_norm_primitive_second_order_and_batch_rule(rng):
+    # normalize is one primitive; its rules are engine ops, so orders 2 and up hold.
+    x, w = xb(rng.standard_normal((3, 4, 5))), xb(rng.standard_normal(5))
+    check_grads(lambda x: F.layer_norm(x, 5, eg.tensor(w)) * 1.0, x, order=2)
+    check_grads(lambda x: F.layer_norm(x, (4, 5)), x, order=2)
+    f = lambda x: F.layer_norm(x, 5)
+    jb, full = npy(eg.batch_jacobian(f)(x)), npy(eg.jacrev(f)(x))
+    for b in range(3):
+        np.testing.assert_allclose(jb[b], full[b, :, :, b], **TOL)
+    with pytest.raises(eg.BatchMixingError):
+        eg.batch_jacobian(lambda x: F.layer_norm(x, (3, 4, 5)))(x)
+
+
 def test_linear_and_sequential_match_torch(rng):
     ours = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3, bias=False))
     theirs = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3, bias=False))

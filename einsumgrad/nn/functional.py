@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import ops
 from ..backend import backend_of
-from ..tensor import Tensor, as_tensor
+from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
 from .patches import _pair, patches, unpatch  # noqa: F401  (re-exported)
 
 __all__ = ["linear", "conv2d", "max_pool2d", "avg_pool2d", "layer_norm", "cross_entropy",
@@ -62,14 +62,48 @@ def avg_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
     return ops.einsum("...hwkl->...hw", p) * (1.0 / (kh * kw))
 
 
+def _normalize_impl(x, axes, eps):
+    xp = backend_of(x)
+    d = x - xp.mean(x, axis=axes, keepdims=True)
+    d /= xp.sqrt(xp.mean(d * d, axis=axes, keepdims=True) + eps)
+    return d
+
+
+def _inv_std(x: Tensor, axes: tuple, eps: float) -> Tensor:
+    d = x - ops.mean(x, axes, keepdims=True)
+    return 1.0 / ops.sqrt(ops.mean(d * d, axes, keepdims=True) + eps)
+
+
+def _normalize_rule(k, g, out, x, axes, eps):
+    # y = (x - mean) * s with s = 1/sqrt(var + eps): its Jacobian
+    # s (I - 11^T/n - y y^T/n) is symmetric, so the VJP and JVP are one formula.
+    # Written in engine ops on x and the output, so it differentiates again.
+    m1 = ops.mean(g, axes, keepdims=True)
+    m2 = ops.mean(g * out, axes, keepdims=True)
+    return _inv_std(x, axes, eps) * (g - m1 - out * m2)
+
+
+# (x - mean) / sqrt(var + eps) over trailing axes as one primitive: the
+# composite records ~10 ops forward and ~20 backward on the full activation.
+normalize_p = Primitive("normalize", _normalize_impl)
+normalize_p.defvjp(_normalize_rule)
+normalize_p.defjvp(_normalize_rule)
+
+
+@normalize_p.defbatch
+def _normalize_batch(bdims, shapes, out_shape, axes, eps):
+    if bdims[0] - len(out_shape) in axes:
+        raise BatchMixingError("layer_norm normalizes along the batch axis: rows mix")
+    return bdims[0]
+
+
 def layer_norm(x: Any, normalized_shape, weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalize over the trailing ``normalized_shape`` axes (biased variance, as torch)."""
     x = as_tensor(x)
     n = 1 if isinstance(normalized_shape, int) else len(tuple(normalized_shape))
-    axes = tuple(range(x.ndim - n, x.ndim))
-    d = x - ops.mean(x, axes, keepdims=True)
-    y = d / ops.sqrt(ops.mean(d * d, axes, keepdims=True) + eps)
+    # Negative axes name the same axes of a cotangent with leading batch axes.
+    y = bind(normalize_p, x, axes=tuple(range(-n, 0)), eps=float(eps))
     if weight is not None:
         y = y * weight
     return y if bias is None else y + bias
