@@ -81,7 +81,6 @@ class Tape:
         return names
 
     def __str__(self) -> str:
-        from .plan import letters_of
         from .spec import render
         names = self._names()
         lines = []

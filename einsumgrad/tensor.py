@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy
 
-from .backend import backend_of, common_backend, device_backend, device_mismatch, to_backend
+from .backend import backend_of, device_backend, device_mismatch, to_backend
 
 
 class BatchMixingError(ValueError):
@@ -201,6 +201,14 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     if not hasattr(x, "shape"):
         x = numpy.asarray(x)
     return Tensor(x)
+
+
+def pair(x: Any, y: Any) -> tuple:
+    """Two operands as Tensors; a Python scalar takes its dtype from the other side."""
+    if isinstance(x, Tensor):
+        return x, as_tensor(y, like=x)
+    y = as_tensor(y)
+    return as_tensor(x, like=y), y
 
 
 def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:

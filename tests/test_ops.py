@@ -300,7 +300,7 @@ def test_gelu_gradient_reads_phi_off_the_output_and_matches_torch_at_edges(dtype
 def test_spread_primitive_rules():
     # max's VJP over small windows is the spread primitive: linear in g, its VJP a
     # masked sum, its batch rule mapping g's axes to the kept axes of the mask.
-    from einsumgrad.ops import _spread, _spread_batch, spread_p
+    from einsumgrad.reductions import _spread, _spread_batch, spread_p
     mask = xb((randn(2, 3, 2, 4, 2) > 0).astype(float))
     g = xb(randn(2, 3, 4))
     r = _spread(eg.tensor(g, requires_grad=True), eg.tensor(mask), (2, 4))

@@ -1,0 +1,193 @@
+"""Element-wise primitives: arithmetic with NumPy broadcasting, and the activations.
+
+Each primitive sits beside its rules. A unary op's VJP and JVP both multiply
+by its derivative, written with engine ops (``_unary``), so it differentiates
+again. The walks in tensor.py handle broadcasting for every element-wise
+primitive: a cotangent is summed back to its input's shape, a tangent is
+lined up with the output's axes.
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import backend_of
+from .tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, pair
+
+# -- element-wise primitives -----------------------------------------------------------
+
+def _elementwise_batch(bdims, shapes, out_shape, **_):
+    axes = {len(out_shape) - len(s) + b for b, s in zip(bdims, shapes) if b is not None}
+    if len(axes) > 1:
+        raise BatchMixingError("an element-wise op lines up the batch axis of one input "
+                               "with another axis of the other: rows mix")
+    return axes.pop()
+
+
+def _binary(name, impl, vjp, jvp, linear=False):
+    p = Primitive(name, impl, elementwise=True, linear=linear)
+    p.defvjp(vjp)
+    p.defjvp(jvp)
+    p.defbatch(_elementwise_batch)
+    return p
+
+
+add_p = _binary("add", lambda x, y: x + y, lambda k, g, out, x, y: g,
+                lambda k, t, out, x, y: t, linear=True)
+sub_p = _binary("sub", lambda x, y: x - y, lambda k, g, out, x, y: g if k == 0 else -g,
+                lambda k, t, out, x, y: t if k == 0 else -t, linear=True)
+mul_p = _binary("mul", lambda x, y: x * y, lambda k, g, out, x, y: g * (y if k == 0 else x),
+                lambda k, t, out, x, y: t * (y if k == 0 else x))
+div_p = _binary("div", lambda x, y: x / y,
+                lambda k, g, out, x, y: g / y if k == 0 else -g * out / y,
+                lambda k, t, out, x, y: t / y if k == 0 else -t * out / y)
+
+
+def _pow_d(k, out, x, y):
+    if k == 0:
+        return y * x ** (y - 1)
+    safe = where(x.data > 0, x, 1.0)  # d/dy x**y = x**y log x, taken as 0 where x <= 0
+    return where(x.data > 0, out * log(safe), 0.0)
+
+
+pow_p = _binary("pow", lambda x, y: x ** y,
+                lambda k, g, out, x, y: g * _pow_d(k, out, x, y),
+                lambda k, t, out, x, y: t * _pow_d(k, out, x, y))
+
+# where(cond, x, y) with a constant boolean cond.
+where_p = Primitive("where", lambda x, y, cond: backend_of(x).where(cond, x, y),
+                    elementwise=True, linear=True)
+where_p.defvjp(lambda k, g, out, x, y, cond:
+               where(cond, g, 0.0) if k == 0 else where(cond, 0.0, g))
+where_p.defjvp(lambda k, t, out, x, y, cond:
+               where(cond, t, 0.0) if k == 0 else where(cond, 0.0, t))
+where_p.defbatch(_elementwise_batch)
+
+
+def where(cond, x, y) -> Tensor:
+    """``x`` where ``cond`` (a constant mask) holds, else ``y``."""
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    x, y = pair(x, y)
+    return bind(where_p, x, y, cond=cond)
+
+
+def _unary(name, impl, deriv, linear=False):
+    """An element-wise primitive whose VJP and JVP both multiply by ``deriv(x, out)``."""
+    p = Primitive(name, impl, elementwise=True, linear=linear)
+    p.defvjp(lambda k, g, out, x: g * deriv(x, out))
+    p.defjvp(lambda k, t, out, x: t * deriv(x, out))
+    p.defbatch(_elementwise_batch)
+    return lambda x: bind(p, as_tensor(x)), p
+
+
+def _const(x: Tensor, array) -> Tensor:
+    return Tensor(array.astype(x.dtype, copy=False))
+
+
+neg, neg_p = _unary("neg", lambda x: -x, lambda x, out: -1.0, linear=True)
+neg_p.defvjp(lambda k, g, out, x: -g)
+neg_p.defjvp(lambda k, t, out, x: -t)
+exp, exp_p = _unary("exp", lambda x: backend_of(x).exp(x), lambda x, out: out)
+log, log_p = _unary("log", lambda x: backend_of(x).log(x), lambda x, out: 1.0 / x)
+sin, sin_p = _unary("sin", lambda x: backend_of(x).sin(x), lambda x, out: cos(x))
+cos, cos_p = _unary("cos", lambda x: backend_of(x).cos(x), lambda x, out: -sin(x))
+tanh, tanh_p = _unary("tanh", lambda x: backend_of(x).tanh(x), lambda x, out: 1.0 - out * out)
+sqrt, sqrt_p = _unary("sqrt", lambda x: backend_of(x).sqrt(x), lambda x, out: 0.5 / out)
+erf, erf_p = _unary("erf", lambda x: backend_of(x).erf(x),
+                    lambda x, out: (2.0 / math.sqrt(math.pi)) * exp(-(x * x)))
+
+
+def _sigmoid(x):
+    xp = backend_of(x)
+    # Stable on both tails: exp of a non-positive number only.
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+
+
+sigmoid, sigmoid_p = _unary("sigmoid", _sigmoid, lambda x, out: out * (1.0 - out))
+softplus, softplus_p = _unary("softplus", lambda x: backend_of(x).logaddexp(0, x).astype(
+    x.dtype, copy=False), lambda x, out: sigmoid(x))
+relu, relu_p = _unary("relu", lambda x: backend_of(x).maximum(x, 0),
+                      lambda x, out: _const(x, x.data > 0))
+abs, abs_p = _unary("abs", lambda x: backend_of(x).abs(x),
+                    lambda x, out: _const(x, backend_of(x.data).sign(x.data)))
+
+
+def square(x) -> Tensor:
+    x = as_tensor(x)
+    return x * x
+
+
+_SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_impl(x):
+    # x Phi(x) in one pass of in-place ops (the composite records five ops).
+    xp = backend_of(x)
+    r = xp.erf(x * _SQRT_HALF)
+    r += 1.0
+    r *= x
+    r *= 0.5
+    return r
+
+
+def _gelu_d_impl(x, cdf):
+    # GELU'(x) = Phi(x) + x phi(x); Phi(x) comes in as ``cdf`` (see _cdf).
+    xp = backend_of(x)
+    phi = xp.exp(x * x * -0.5)
+    phi *= x
+    phi *= _INV_SQRT_2PI
+    phi += cdf
+    return phi
+
+
+def _cdf(x, out):
+    """Phi(x) = GELU(x) / x, read off the saved output instead of a second erf.
+
+    Where ``out`` is not a normal number (``x`` zero or tiny, far negative,
+    infinite or NaN) the quotient loses precision: there erf is evaluated.
+    """
+    xp = backend_of(x)
+    a = xp.abs(out)
+    exact = (a >= xp.finfo(out.dtype).tiny) & (a < math.inf)
+    cdf = xp.asarray(out / xp.where(exact, x, 1.0))
+    if not xp.all(exact):
+        redo = ~exact
+        cdf[redo] = 0.5 * (1.0 + xp.erf(x[redo] * _SQRT_HALF))
+    return cdf
+
+
+gelu_d_p = Primitive("gelu_d", _gelu_d_impl, elementwise=True)
+# GELU''(x) = phi(x) (2 - x^2), in engine ops: every order stays differentiable.
+_gelu_dd = lambda x: exp(-0.5 * (x * x)) * ((2.0 - x * x) * _INV_SQRT_2PI)
+gelu_d_p.defvjp(lambda k, g, out, x, cdf: g * _gelu_dd(x))
+gelu_d_p.defjvp(lambda k, t, out, x, cdf: t * _gelu_dd(x))
+gelu_d_p.defbatch(_elementwise_batch)
+
+
+def _gelu_d(x: Tensor, out: Tensor) -> Tensor:
+    """GELU'(x), given GELU(x) as ``out`` (a constant, so the rule is of ``x`` alone)."""
+    return bind(gelu_d_p, x, cdf=_cdf(x.data, out.data))
+
+
+_gelu, gelu_p = _unary("gelu", _gelu_impl, _gelu_d)
+
+
+def gelu(x, approximate: str = "none") -> Tensor:
+    """GELU as ``torch.nn.functional.gelu``: exact erf form, or ``approximate='tanh'``."""
+    x = as_tensor(x)
+    if approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        return 0.5 * x * (1.0 + tanh(c * (x + 0.044715 * x * x * x)))
+    if approximate != "none":
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
+    return _gelu(x)
+
+
+def _binop(p):
+    def op(x, y):
+        x, y = pair(x, y)
+        return bind(p, x, y)
+    return op
+
+
+add, sub, mul, div, power = (_binop(p) for p in (add_p, sub_p, mul_p, div_p, pow_p))

@@ -1,0 +1,330 @@
+"""Linear primitives: einsum, the one linear-algebra primitive, and the shape ops.
+
+Rules receive the cotangent ``g`` (or tangent ``t``), the output and the
+inputs as Tensors, and use only the engine's ops, so every rule can itself be
+differentiated. ``g`` and ``t`` may carry leading batch axes (a whole
+Jacobian's basis); rules keep them, by broadcasting or by giving the einsum
+fresh leading indices. Sums, means, transposes, traces and matmul are einsums;
+reshape, broadcast and indexing (with its adjoint, scatter-add) are the shape
+ops the other rules need.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+from typing import Any, Sequence
+
+import numpy
+
+from .backend import backend_of
+from .derive import JVP, _vjp, derive
+from .plan import contract, plan_for
+from .spec import EinsumError, Spec, letters
+from .tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, pair
+
+# -- einsum: the one linear-algebra primitive ----------------------------------
+
+def _einsum_impl(*arrays, spec, run=None):
+    return run(arrays) if run is not None else contract(spec, arrays)
+
+
+einsum_p = Primitive("einsum", _einsum_impl)
+
+
+@einsum_p.defvjp
+def _einsum_vjp(k, g, out, *xs, spec, run=None):
+    others = xs[:k] + xs[k + 1:]
+    return _vjp(spec, k, (), spec.inputs[k]).apply(g, *others, shape=xs[k].shape,
+                                                   nb=g.ndim - out.ndim)
+
+
+@einsum_p.defjvp
+def _einsum_jvp(k, t, out, *xs, spec, run=None):
+    return JVP(spec, k).apply(t, *(xs[:k] + xs[k + 1:]), nb=t.ndim - xs[k].ndim)
+
+
+@einsum_p.defbatch
+def _einsum_batch(bdims, shapes, out_shape, spec, run=None):
+    labels = {spec.inputs[k][b] for k, b in enumerate(bdims) if b is not None}
+    if len(labels) > 1:
+        raise BatchMixingError(f"einsum '{spec}' pairs the batch rows of one operand with another "
+                               f"index of another operand: rows mix")
+    label = labels.pop()
+    if label not in spec.output:
+        raise BatchMixingError(f"einsum '{spec}' sums over the batch index: rows mix")
+    return spec.output.index(label)
+
+
+def einsum(subscripts: str, *operands: Any) -> Tensor:
+    """NumPy's einsum on Tensors, differentiable to any order in both modes.
+
+    The full grammar: explicit and implicit output, ``...``, repeated indices
+    (diagonals, traces), indices summed away, size-1 broadcasting, any number
+    of operands. The contraction order is planned once by opt_einsum and
+    cached per (spec, shapes, dtypes, backend).
+
+    Raises:
+        EinsumError: a bad spec or operands; the message names the culprit.
+    """
+    ts = [o if type(o) is Tensor else _operand(o, k) for k, o in enumerate(operands)]
+    key = (subscripts,) + tuple((t.data.shape, t.data.dtype, type(t.data)) for t in ts)
+    hit = _prepared.get(key)
+    if hit is None:
+        hit = _prepared[key] = _prepare(subscripts, ts)
+    clean, squeezed, run = hit
+    if squeezed:
+        ts = [reshape(t, s) if s is not None else t for t, s in zip(ts, squeezed)]
+    return bind(einsum_p, *ts, spec=clean, run=run)
+
+
+_prepared: dict = {}
+
+
+def _prepare(subscripts: str, ts: list) -> tuple:
+    """Parse, check and plan once per (spec, shapes, dtypes, array types)."""
+    if not ts:
+        raise EinsumError(f"einsum {subscripts!r} was given no operands")
+    d = derive(subscripts, *[t.shape for t in ts])
+    # A shape squeezed to () is falsy: test for None, not truth.
+    squeezed = d.squeezed_shapes if any(s is not None for s in d.squeezed_shapes) else None
+    arrays = [t.data if s is None else t.data.reshape(s)
+              for t, s in zip(ts, squeezed or [None] * len(ts))]
+    return d.clean, squeezed, plan_for(d.clean, arrays)
+
+
+def _operand(o: Any, k: int) -> Tensor:
+    t = as_tensor(o)
+    if not hasattr(t.data, "dtype") or t.data.dtype == object:
+        raise EinsumError(f"operand {k} is not a numeric array: {type(o).__name__}")
+    return t
+
+
+def einsum_spec(spec: Spec, *operands: Tensor) -> Tensor:
+    """Einsum of a clean :class:`Spec` (labels already bound): the rules' entry."""
+    return bind(einsum_p, *operands, spec=spec)
+
+
+def constant_like(g: Tensor, kind: str, n: int) -> Tensor:
+    """An ``eye(n)`` or ``ones(n)`` on ``g``'s backend and dtype (never recorded)."""
+    xp = backend_of(g.data)
+    return Tensor(xp.eye(n, dtype=g.dtype) if kind == "eye" else xp.ones(n, dtype=g.dtype))
+
+
+def _labels(n: int) -> tuple:
+    return letters(n)
+
+
+# -- shape ops ---------------------------------------------------------------------
+
+identity_p = Primitive("identity", lambda x: x, linear=True)
+identity_p.defvjp(lambda k, g, out, x: g)
+identity_p.defjvp(lambda k, t, out, x: t)
+identity_p.defbatch(lambda bdims, shapes, out_shape: bdims[0])
+
+reshape_p = Primitive("reshape", lambda x, shape: x.reshape(shape), linear=True)
+reshape_p.defvjp(lambda k, g, out, x, shape: reshape(g, g.shape[:g.ndim - out.ndim] + x.shape))
+reshape_p.defjvp(lambda k, t, out, x, shape: reshape(t, t.shape[:t.ndim - x.ndim] + out.shape))
+
+
+@reshape_p.defbatch
+def _reshape_batch(bdims, shapes, out_shape, shape):
+    b, in_shape = bdims[0], shapes[0]
+    before = math.prod(in_shape[:b])
+    for p in range(len(out_shape)):
+        if math.prod(out_shape[:p]) == before and out_shape[p] == in_shape[b]:
+            return p
+    raise BatchMixingError(f"reshape {in_shape} -> {out_shape} merges or splits the batch axis")
+
+
+def reshape(x: Tensor, *shape) -> Tensor:
+    """``x`` with a new shape (NumPy rules, one ``-1`` allowed)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    shape = tuple(int(n) for n in shape)
+    if -1 in shape:
+        known = math.prod(n for n in shape if n != -1)
+        shape = tuple(x.size // known if n == -1 else n for n in shape)
+    if shape == x.shape:
+        return x
+    if math.prod(shape) != x.size:
+        raise ValueError(f"cannot reshape a tensor of shape {x.shape} into {shape}")
+    return bind(reshape_p, x, shape=shape)
+
+
+broadcast_p = Primitive("broadcast_to", lambda x, shape: backend_of(x).broadcast_to(x, shape),
+                        linear=True)
+broadcast_p.defvjp(lambda k, g, out, x, shape: sum_to(g, x.shape, g.ndim - out.ndim))
+
+
+@broadcast_p.defjvp
+def _broadcast_jvp(k, t, out, x, shape):
+    nb = t.ndim - x.ndim
+    t = reshape(t, t.shape[:nb] + (1,) * (len(shape) - x.ndim) + t.shape[nb:])
+    return broadcast_to(t, t.shape[:nb] + shape)
+
+
+@broadcast_p.defbatch
+def _broadcast_batch(bdims, shapes, out_shape, shape):
+    return bdims[0] + len(shape) - len(shapes[0])
+
+
+def broadcast_to(x: Tensor, shape: tuple) -> Tensor:
+    shape = tuple(shape)
+    return x if x.shape == shape else bind(broadcast_p, x, shape=shape)
+
+
+def sum_to(g: Tensor, shape: tuple, nb: int = 0) -> Tensor:
+    """Sum ``g`` (``nb`` leading batch axes, then a broadcast of ``shape``) back to ``shape``."""
+    shape = tuple(shape)
+    lead = g.ndim - nb - len(shape)
+    labels = _labels(g.ndim)
+    keep = labels[:nb] + tuple(l for i, l in enumerate(labels[nb + lead:])
+                               if not (shape[i] == 1 and g.shape[nb + lead + i] != 1))
+    if len(keep) < g.ndim:
+        g = einsum_spec(Spec((labels,), keep), g)
+    return reshape(g, g.shape[:nb] + shape)
+
+
+def _norm_index(index, xp):
+    """Index arrays (Tensors, lists, host arrays) as arrays of the indexed tensor's backend."""
+    if isinstance(index, tuple):
+        return tuple(_norm_index(i, xp) for i in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, (list, numpy.ndarray)):
+        return xp.asarray(index)  # on a GPU: the index goes to the device too
+    return index
+
+
+getitem_p = Primitive("getitem", lambda x, index: x[index], linear=True)
+getitem_p.defvjp(lambda k, g, out, x, index:
+                 scatter_add(g, g.shape[:g.ndim - out.ndim] + x.shape, index, g.ndim - out.ndim))
+getitem_p.defjvp(lambda k, t, out, x, index: getitem(t, index, t.ndim - x.ndim))
+
+
+def _scatter_impl(g, shape, index, nb):
+    xp = backend_of(g)
+    z = xp.zeros(shape, dtype=g.dtype)
+    xp.add_at(z, (slice(None),) * nb + (index if isinstance(index, tuple) else (index,)), g)
+    return z
+
+
+scatter_p = Primitive("scatter_add", _scatter_impl, linear=True)
+scatter_p.defvjp(lambda k, g, out, x, shape, index, nb: getitem(g, index, g.ndim - len(shape) + nb))
+scatter_p.defjvp(lambda k, t, out, x, shape, index, nb:
+                 scatter_add(t, t.shape[:t.ndim - x.ndim] + shape, index, t.ndim - x.ndim + nb))
+
+
+def _index_map(ndim: int, index) -> list:
+    """For basic indexing: each input axis's output axis, or None where an int drops it.
+
+    Raises BatchMixingError on advanced (array) indexing, which this does not follow."""
+    idx = index if isinstance(index, tuple) else (index,)
+    n_real = len([e for e in idx if e is not None and e is not Ellipsis])
+    if Ellipsis in idx:
+        i = idx.index(Ellipsis)
+        idx = idx[:i] + (slice(None),) * (ndim - n_real) + idx[i + 1:]
+    idx = idx + (slice(None),) * (ndim - n_real)
+    mapping, out_ax = [], 0
+    for e in idx:
+        if e is None:
+            out_ax += 1
+        elif isinstance(e, (int, numpy.integer)):
+            mapping.append((None, e))
+        elif isinstance(e, slice):
+            mapping.append((out_ax, e))
+            out_ax += 1
+        else:
+            raise BatchMixingError(f"advanced indexing {index!r} is not followed by the batch check")
+    return mapping
+
+
+def _whole(e) -> bool:
+    return isinstance(e, slice) and e == slice(None)
+
+
+def _getitem_batch(bdims, shapes, out_shape, index):
+    out_ax, e = _index_map(len(shapes[0]), index)[bdims[0]]
+    if not _whole(e):
+        raise BatchMixingError(f"indexing with {index!r} selects along the batch axis")
+    return out_ax
+
+
+def _scatter_batch(bdims, shapes, out_shape, shape, index, nb):
+    full = (slice(None),) * nb + (index if isinstance(index, tuple) else (index,))
+    for in_ax, (out_ax, e) in enumerate(_index_map(len(shape), full)):
+        if out_ax == bdims[0]:
+            if not _whole(e):
+                break
+            return in_ax
+    raise BatchMixingError(f"scatter with {index!r} writes along the batch axis")
+
+
+getitem_p.defbatch(_getitem_batch)
+scatter_p.defbatch(_scatter_batch)
+
+
+def getitem(x: Tensor, index, nb: int = 0) -> Tensor:
+    """``x[index]`` (NumPy indexing); ``nb`` leading axes are passed over whole."""
+    index = _norm_index(index, backend_of(x.data))
+    if nb:
+        index = (slice(None),) * nb + (index if isinstance(index, tuple) else (index,))
+    return bind(getitem_p, x, index=index)
+
+
+def scatter_add(g: Tensor, shape: tuple, index, nb: int = 0) -> Tensor:
+    """Zeros of ``shape`` with ``g`` added at ``[(:,)*nb, index]`` (the adjoint of getitem)."""
+    return bind(scatter_p, g, shape=tuple(shape), index=index, nb=nb)
+
+
+# -- sums, means, transposes, matmul: einsums ------------------------------------------
+
+def _axes(axis, ndim: int) -> tuple:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"axis {a} is out of bounds for a tensor of rank {ndim}")
+        out.append(a % ndim if ndim else 0)
+    return tuple(out)
+
+
+def sum(x, axis=None, keepdims: bool = False) -> Tensor:
+    """Sum over ``axis`` (an einsum that drops those indices)."""
+    x = as_tensor(x)
+    axes = _axes(axis, x.ndim)
+    labels = _labels(x.ndim)
+    r = einsum_spec(Spec((labels,), tuple(l for i, l in enumerate(labels) if i not in axes)), x)
+    if keepdims:
+        r = reshape(r, tuple(1 if i in axes else n for i, n in enumerate(x.shape)))
+    return r
+
+
+def mean(x, axis=None, keepdims: bool = False) -> Tensor:
+    x = as_tensor(x)
+    n = math.prod(x.shape[a] for a in _axes(axis, x.ndim))
+    return sum(x, axis, keepdims) * (1.0 / n)
+
+
+def transpose(x, axes: Sequence[int] | None = None) -> Tensor:
+    """Permute axes (reverse them by default): an einsum that reorders indices."""
+    x = as_tensor(x)
+    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+    labels = _labels(x.ndim)
+    return einsum_spec(Spec((labels,), tuple(labels[a] for a in axes)), x)
+
+
+def matmul(a, b) -> Tensor:
+    """``a @ b`` with NumPy's matmul rules, as an einsum."""
+    a, b = pair(a, b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError("matmul: scalar operands are not allowed, use *")
+    if a.ndim == 1 and b.ndim == 1:
+        return einsum("i,i->", a, b)
+    if a.ndim == 1:
+        return einsum("j,...jk->...k", a, b)
+    if b.ndim == 1:
+        return einsum("...ij,j->...i", a, b)
+    return einsum("...ij,...jk->...ik", a, b)
