@@ -191,6 +191,34 @@ def test_conv_second_order_and_jvp(rng):
     check_grads(lambda x: F.max_pool2d(x, 2), xb(rng.standard_normal((2, 3, 4, 6))), order=2)
 
 
+@pytest.mark.parametrize("c,f", [(4, 1), (1, 8)])  # per-offset loop; patches materialized
+def test_patch_einsum_is_einsum_of_patches_order_2(rng, c, f):
+    x, w = xb(rng.standard_normal((2, c, 5, 6))), xb(rng.standard_normal((f, c, 3, 2)))
+    g = xb(rng.standard_normal((2, f, 3, 4)))
+    ref = eg.einsum("bchwkl,fckl->bfhw", nn.patches(eg.tensor(x), (3, 2), 2, 1), w)
+    y = F.patch_einsum("bchwkl,fckl->bfhw", x, w, (3, 2), 2, 1)
+    np.testing.assert_allclose(npy(y), npy(ref), **TOL)
+    dx = F.unpatch_einsum("bfhw,fckl->bchwkl", g, w, (5, 6), (3, 2), 2, 1)
+    ref = nn.unpatch(eg.einsum("bfhw,fckl->bchwkl", g, w), (5, 6), (3, 2), 2, 1)
+    np.testing.assert_allclose(npy(dx), npy(ref), **TOL)
+    check_grads(lambda x, w: F.patch_einsum("bchwkl,fckl->bfhw", x, w, (3, 2), 2, 1),
+                x, w, order=2)
+    check_grads(lambda x, g: F.patch_einsum("bchwkl,bfhw->fckl", x, g, (3, 2), 2, 1),
+                x, g, order=2)
+    check_grads(lambda g, w: F.unpatch_einsum("bfhw,fckl->bchwkl", g, w, (5, 6), (3, 2), 2, 1),
+                g, w, order=2)
+
+
+def test_patch_einsum_batch_rule(rng):
+    x, w = xb(rng.standard_normal((3, 4, 5, 5))), xb(rng.standard_normal((1, 4, 3, 3)))
+    f = lambda x: F.patch_einsum("bchwkl,fckl->bfhw", x, w, 3, 1, 1)
+    jb, full = npy(eg.batch_jacobian(f)(x)), npy(eg.jacrev(f)(x))
+    for b in range(3):
+        np.testing.assert_allclose(jb[b], full[b, :, :, :, b], **TOL)
+    with pytest.raises(eg.BatchMixingError):
+        eg.batch_jacobian(lambda x: f(eg.transpose(x, (2, 1, 0, 3))))(x)
+
+
 def test_patch_op_values_and_unpatch_is_its_adjoint(rng):
     x = rng.standard_normal((2, 3, 6, 7))
     p = nn.patches(eg.tensor(xb(x)), 3, 2, 1)

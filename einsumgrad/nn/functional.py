@@ -13,11 +13,12 @@ from typing import Any
 from .. import ops
 from ..backend import backend_of
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
+from .patch_einsum import patch_einsum, unpatch_einsum  # noqa: F401  (re-exported)
 from .patches import _pair, patches, unpatch  # noqa: F401  (re-exported)
 
 __all__ = ["linear", "conv2d", "max_pool2d", "avg_pool2d", "layer_norm", "cross_entropy",
            "mse_loss", "scaled_dot_product_attention", "embedding", "dropout", "patches",
-           "unpatch", "relu", "gelu", "softmax", "log_softmax"]
+           "unpatch", "patch_einsum", "unpatch_einsum", "relu", "gelu", "softmax", "log_softmax"]
 
 relu, gelu, softmax, log_softmax = ops.relu, ops.gelu, ops.softmax, ops.log_softmax
 
@@ -31,14 +32,13 @@ def linear(x: Any, w: Tensor, b: Tensor | None = None) -> Tensor:
 def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> Tensor:
     """2-D cross-correlation as torch's: ``x (B, C, H, W)``, ``w (F, C, kh, kw)``.
 
-    The patches of ``x`` are a strided view; the layer is then one einsum,
-    ``'bchwkl,fckl->bfhw'``, whose derived VJPs are the weight gradient
-    ``'bfhw,bchwkl->fckl'`` and the patch cotangent ``'bfhw,fckl->bchwkl'``
-    (which ``unpatch`` adds back onto the image).
+    The layer is one einsum over the patches of ``x``, ``'bchwkl,fckl->bfhw'``;
+    its VJPs are the weight gradient ``'bfhw,bchwkl->fckl'`` and the patch
+    cotangent ``'bfhw,fckl->bchwkl'`` added back onto the image by ``unpatch``.
+    All three run as :func:`patch_einsum` / :func:`unpatch_einsum`: one matmul
+    per kernel offset, never the ``kh*kw`` times larger patch tensor.
     """
-    x = as_tensor(x)
-    p = patches(x, w.shape[-2:], stride, padding, contiguous=True)
-    y = ops.einsum("bchwkl,fckl->bfhw", p, w)
+    y = patch_einsum("bchwkl,fckl->bfhw", x, w, w.shape[-2:], stride, padding)
     return y if b is None else y + ops.reshape(b, (-1, 1, 1))
 
 

@@ -1,0 +1,248 @@
+"""Einsums against image patches, computed one kernel offset at a time.
+
+``patch_einsum(spec, x, o)`` is ``einsum(spec, patches(x), o)`` and
+``unpatch_einsum(spec, a, b, size)`` is ``unpatch(einsum(spec, a, b))``: a
+convolution, its weight gradient and its input gradient. Materialized, the
+patch tensor is ``kh*kw`` times the image (14 MB per conv of the bench CNN),
+and a step that allocates it forward and again backward page-faults fresh
+heap every step under glibc's default malloc. Here each of the ``kh*kw``
+offsets is one planned einsum on a strided view of the padded image (a
+matmul), added into the result (or, for ``unpatch_einsum``, onto the image):
+no buffer larger than the image.
+
+The patch term is the first operand of ``patch_einsum`` and the output of
+``unpatch_einsum``; its last four labels are (OH, OW, kh, kw). The two
+primitives are each other's transposes in the patch operand, so every VJP
+and JVP is again one of them, and derivatives of any order stay cheap.
+"""
+from __future__ import annotations
+
+import math
+
+from ..backend import backend_of
+from ..plan import plan_for
+from ..spec import Spec
+from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
+from .patches import _pair, _patches_impl, _unpatch_impl, out_size
+
+
+def _in_order_of(like, shape, xp):
+    """Zeros of ``shape`` laid out in memory in the axis order of ``like``'s strides."""
+    order = sorted(range(like.ndim), key=lambda i: -like.strides[i])
+    z = xp.zeros(tuple(shape[i] for i in order), dtype=like.dtype)
+    return xp.transpose(z, tuple(order.index(i) for i in range(like.ndim)))
+
+
+def _padded(x, padding):
+    """``x`` zero-padded, keeping its memory order (channels-last stays so): each
+    offset's copy into matmul order then reads whole rows of channels."""
+    (ph, pw), (h, w) = padding, x.shape[-2:]
+    if not (ph or pw):
+        return x
+    z = _in_order_of(x, x.shape[:-2] + (h + 2 * ph, w + 2 * pw), backend_of(x))
+    z[..., ph:ph + h, pw:pw + w] = x
+    return z
+
+
+def _shifted(xpad, k, l, oh, ow, stride):
+    """The ``(k, l)`` offset of every window: a strided view ``(..., OH, OW)``."""
+    sh, sw = stride
+    return xpad[..., k:k + sh * (oh - 1) + 1:sh, l:l + sw * (ow - 1) + 1:sw]
+
+
+def _drop(spec: Spec, gone: tuple) -> Spec:
+    return Spec(tuple(tuple(a for a in t if a not in gone) for t in spec.inputs),
+                tuple(a for a in spec.output if a not in gone))
+
+
+def _at(term: tuple, kl: tuple, k: int, l: int) -> tuple:
+    """An index taking offset ``(k, l)`` along the window labels that ``term`` has."""
+    return tuple(k if a == kl[0] else l if a == kl[1] else slice(None) for a in term)
+
+
+def _lay_out(o, term: tuple, first: tuple):
+    """``o`` copied once into memory order ``first`` then the rest, same axes.
+
+    Each offset's matmul then reshapes it into a matrix for free instead of
+    copying it again, ``kh*kw`` times.
+    """
+    xp = backend_of(o)
+    order = [term.index(a) for a in first if a in term]
+    order += [i for i in range(len(term)) if i not in order]
+    if o.ndim < 2 or order == list(range(len(term))):
+        return o
+    buf = xp.empty(tuple(o.shape[i] for i in order), dtype=o.dtype)
+    buf[...] = xp.transpose(o, order)
+    return xp.transpose(buf, tuple(order.index(i) for i in range(len(term))))
+
+
+def _small(patch_shape, *others) -> bool:
+    """Whether the patch tensor is no larger than an array the op touches anyway:
+    then one copy of it and one big matmul beat ``kh*kw`` thin ones (a conv
+    of few input channels), and it adds no more memory than is already in use."""
+    return math.prod(patch_shape) <= max(math.prod(s) for s in others)
+
+
+def _patch_einsum_impl(x, o, spec, kernel, stride, padding):
+    xp = backend_of(x)
+    (kh, kw), p, out_term = kernel, spec.inputs[0], spec.output
+    oh, ow = (out_size(n, k, s, q) for n, k, s, q in zip(x.shape[-2:], kernel, stride, padding))
+    sizes = dict(zip(p, x.shape[:-2] + (oh, ow) + kernel)) | dict(zip(spec.inputs[1], o.shape))
+    if _small(tuple(sizes[a] for a in p), o.shape, tuple(sizes[a] for a in out_term)):
+        arrs = [_patches_impl(x, kernel, stride, padding, contiguous=True), o]
+        return plan_for(spec, arrs)(arrs)
+    xpad, o = _padded(x, padding), _lay_out(o, spec.inputs[1], p[:-2])
+    kl = p[-2:]
+    sub = _drop(spec, kl)
+    kept = any(a in out_term for a in kl)
+    out, run = None, None
+    for k in range(kh):
+        for l in range(kw):
+            arrs = [_shifted(xpad, k, l, oh, ow, stride), o[_at(spec.inputs[1], kl, k, l)]]
+            run = run or plan_for(sub, arrs)
+            r = run(arrs)
+            if kept:  # a window label in the output: each offset fills its own slice
+                if out is None:
+                    shape = dict(zip(sub.output, r.shape)) | dict(zip(kl, kernel))
+                    out = xp.zeros(tuple(shape[a] for a in out_term), dtype=r.dtype)
+                out[_at(out_term, kl, k, l)] += r
+            elif out is None:
+                out = r  # a fresh matmul result, owned here: accumulate in its layout
+            else:
+                out += r
+    return out
+
+
+def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding):
+    xp = backend_of(a)
+    (kh, kw), (ph, pw), p = kernel, padding, spec.output
+    sizes = {n: s for t, arr in zip(spec.inputs, (a, b)) for n, s in zip(t, arr.shape)}
+    oh, ow = sizes[p[-4]], sizes[p[-3]]
+    if _small(tuple(sizes.get(n, 0) for n in p[:-2]) + kernel, a.shape, b.shape):
+        r = plan_for(spec, [a, b])([a, b])
+        return _unpatch_impl(r, size, kernel, stride, padding)
+    b, kl = _lay_out(b, spec.inputs[1], spec.inputs[0]), p[-2:]
+    sub = _drop(spec, kl)
+    z, run = None, None
+    for k in range(kh):
+        for l in range(kw):
+            arrs = [a[_at(spec.inputs[0], kl, k, l)], b[_at(spec.inputs[1], kl, k, l)]]
+            run = run or plan_for(sub, arrs)
+            r = run(arrs)
+            if z is None:  # the padded image, in r's memory order so each add is local
+                z = _in_order_of(r, r.shape[:-2] + (size[0] + 2 * ph, size[1] + 2 * pw), xp)
+            _shifted(z, k, l, oh, ow, stride)[...] += r
+    return z[..., ph:ph + size[0], pw:pw + size[1]] if (ph or pw) else z
+
+
+patch_einsum_p = Primitive("patch_einsum", _patch_einsum_impl)
+unpatch_einsum_p = Primitive("unpatch_einsum", _unpatch_einsum_impl)
+
+
+def _lead(spec: Spec, n: int) -> tuple:
+    """``n`` labels not in ``spec``: the leading axes of a cotangent or tangent basis."""
+    top = max(spec.labels) + 1
+    return tuple(range(top, top + n))
+
+
+@patch_einsum_p.defvjp
+def _patch_einsum_vjp(k, g, out, x, o, spec, kernel, stride, padding):
+    (p, ot), r, n = spec.inputs, spec.output, _lead(spec, g.ndim - out.ndim)
+    if k == 0:
+        return _unpatch(Spec((n + r, ot), n + p), g, o, x.shape[-2:], kernel, stride, padding)
+    return _patch(Spec((p, n + r), n + ot), x, g, kernel, stride, padding)
+
+
+@patch_einsum_p.defjvp
+def _patch_einsum_jvp(k, t, out, x, o, spec, kernel, stride, padding):
+    (p, ot), r = spec.inputs, spec.output
+    n = _lead(spec, t.ndim - (x, o)[k].ndim)
+    if k == 0:
+        return _patch(Spec((n + p, ot), n + r), t, o, kernel, stride, padding)
+    return _patch(Spec((p, n + ot), n + r), x, t, kernel, stride, padding)
+
+
+@unpatch_einsum_p.defvjp
+def _unpatch_einsum_vjp(k, g, out, a, b, spec, size, kernel, stride, padding):
+    (at, bt), p, n = spec.inputs, spec.output, _lead(spec, g.ndim - out.ndim)
+    other, term = (b, bt) if k == 0 else (a, at)
+    return _patch(Spec((n + p, term), n + spec.inputs[k]), g, other, kernel, stride, padding)
+
+
+@unpatch_einsum_p.defjvp
+def _unpatch_einsum_jvp(k, t, out, a, b, spec, size, kernel, stride, padding):
+    (at, bt), p = spec.inputs, spec.output
+    n = _lead(spec, t.ndim - (a, b)[k].ndim)
+    s = Spec((n + at, bt), n + p) if k == 0 else Spec((at, n + bt), n + p)
+    return _unpatch(s, t if k == 0 else a, b if k == 0 else t, size, kernel, stride, padding)
+
+
+def _batch_rule(patch_term):
+    def rule(bdims, shapes, out_shape, spec, **params):
+        labels = {spec.inputs[k][d] for k, d in enumerate(bdims) if d is not None}
+        label = labels.pop()
+        if labels or label not in spec.output or label in patch_term(spec)[-4:]:
+            raise BatchMixingError(f"{spec}: the batch axis is paired, summed or windowed: "
+                                   f"rows mix")
+        return spec.output.index(label)
+    return rule
+
+
+patch_einsum_p.defbatch(_batch_rule(lambda spec: spec.inputs[0]))
+unpatch_einsum_p.defbatch(_batch_rule(lambda spec: spec.output))
+
+
+def _patch(spec, x, o, kernel, stride, padding) -> Tensor:
+    return bind(patch_einsum_p, x, o, spec=spec, kernel=kernel, stride=stride, padding=padding)
+
+
+def _unpatch(spec, a, b, size, kernel, stride, padding) -> Tensor:
+    return bind(unpatch_einsum_p, a, b, spec=spec, size=tuple(int(s) for s in size),
+                kernel=kernel, stride=stride, padding=padding)
+
+
+def _parse(subscripts: str, patch_at: int) -> Spec:
+    ins, out = subscripts.replace(" ", "").split("->")
+    terms = ins.split(",")
+    spec = Spec(tuple(tuple(map(ord, t)) for t in terms), tuple(map(ord, out)))
+    allt = spec.inputs + (spec.output,)
+    if len(terms) != 2 or any(len(set(t)) != len(t) for t in allt) or \
+            any(sum(a in t for t in allt) < 2 for a in spec.labels):
+        raise ValueError(f"{subscripts!r}: want two operands, no repeated index, and each "
+                         f"index in two terms")
+    if len(allt[patch_at]) < 4:
+        raise ValueError(f"{subscripts!r}: the patch term needs (..., OH, OW, kh, kw) axes")
+    return spec
+
+
+def patch_einsum(subscripts: str, x, o, kernel_size, stride=1, padding=0) -> Tensor:
+    """``einsum(subscripts, patches(x, kernel_size, stride, padding), o)``, without
+    materializing the patches.
+
+    Args:
+        subscripts: an explicit two-operand einsum; the first term is the patch
+            tensor's, ``(..., OH, OW, kh, kw)``.
+        x: the image, ``(..., H, W)``.
+        o: the other operand.
+        kernel_size, stride, padding: as for :func:`~einsumgrad.nn.patches`.
+    """
+    x, o = as_tensor(x), as_tensor(o)
+    kernel = _pair(kernel_size)
+    if x.shape[-2] + 2 * _pair(padding)[0] < kernel[0] or \
+            x.shape[-1] + 2 * _pair(padding)[1] < kernel[1]:
+        raise ValueError(f"patch_einsum: a {kernel} window does not fit a {x.shape[-2:]} image")
+    spec, stride, padding = _parse(subscripts, 0), _pair(stride), _pair(padding)
+    oh, ow = (out_size(n, k, s, q) for n, k, s, q in zip(x.shape[-2:], kernel, stride, padding))
+    sizes = dict(zip(spec.inputs[0], x.shape[:-2] + (oh, ow) + kernel))
+    for a, n in zip(spec.inputs[1], o.shape):
+        if sizes.setdefault(a, n) != n:
+            raise ValueError(f"patch_einsum {subscripts!r}: index {chr(a)!r} is {sizes[a]} in "
+                             f"the patches {x.shape[:-2] + (oh, ow) + kernel} but {n} in {o.shape}")
+    return _patch(spec, x, o, kernel, stride, padding)
+
+
+def unpatch_einsum(subscripts: str, a, b, size, kernel_size, stride=1, padding=0) -> Tensor:
+    """``unpatch(einsum(subscripts, a, b), size, ...)``, without materializing the
+    patch-shaped product; the output term is ``(..., OH, OW, kh, kw)``."""
+    return _unpatch(_parse(subscripts, 2), as_tensor(a), as_tensor(b), size,
+                    _pair(kernel_size), _pair(stride), _pair(padding))
