@@ -171,11 +171,20 @@ class Tensor:
                                "no input on its path has requires_grad=True")
         retain = create_graph if retain_graph is None else retain_graph
         with _recording(create_graph):
-            grads = backprop([self], [grad], targets=None, free=not retain)
+            grads = backprop([self], [grad], targets=None)
         for t, g in grads:
             g = g if create_graph else g.detach()
             t.grad = g if t.grad is None else (t.grad + g if create_graph else
                                                Tensor(t.grad.data + g.data))
+        if not retain:
+            _free(self)
+
+
+def _free(root: Tensor) -> None:
+    for t in _topo([root], lambda t: t.requires_grad):
+        node = t._node
+        if node is not None and node.inputs is not None:
+            node.inputs = None
 
 
 # -- binding and recording ----------------------------------------------------
@@ -301,17 +310,12 @@ def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> Callable:
 
 
 def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
-             targets: Sequence[Tensor] | None, free: bool = False) -> list:
+             targets: Sequence[Tensor] | None) -> list:
     """Reverse mode: pull ``cotangents`` from ``roots`` back to ``targets``.
 
     Cotangents may carry leading batch axes beyond their root's shape; every
     VJP rule keeps them. With ``targets=None`` it flows into every leaf that
     requires grad (``Tensor.backward``).
-
-    With ``free``, each node drops its inputs once its VJP has run, so the
-    activations it saved are released during the pass, not after it (the
-    backward's peak memory, and with it the heap each step grows and
-    returns, is then about the forward's).
 
     Returns:
         ``[(tensor, cotangent)]`` for the targets (or leaves) reached.
@@ -327,16 +331,11 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
     for r, g in zip(roots, cotangents):
         cots[id(r)] = cots[id(r)] + g if id(r) in cots else g
     result = []
-    for i in range(len(order) - 1, -1, -1):
-        t = order[i]
-        if free:  # let what only this step still needed go now, as torch frees saved tensors
-            order[i] = None
+    for t in reversed(order):
         g = cots.pop(id(t), None)
-        node = t._node
         if g is None:
-            if free and node is not None:
-                node.inputs = None
             continue
+        node = t._node
         if node is None or (stop is not None and id(t) in stop):
             result.append((t, g))
             continue
@@ -350,8 +349,6 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
             if prim.elementwise and gk.shape[g.ndim - t.ndim:] != x.shape:
                 gk = _ops.sum_to(gk, x.shape, g.ndim - t.ndim)
             cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
-        if free:
-            node.inputs = xs = None
     return result
 
 
