@@ -172,22 +172,55 @@ def _matmul(a: tuple, b: tuple, result: tuple, contracted: list, sizes: dict):
     batch = [l for l in result if l in a and l in b]
     left = [l for l in a if l in result and l not in b]
     right = [l for l in b if l in result and l not in a]
-    order_a = batch + left + contracted
-    order_b = batch + contracted + right
-    perm_a = tuple(a.index(l) for l in order_a)
-    perm_b = tuple(b.index(l) for l in order_b)
-    prod = lambda ls: math.prod(sizes[l] for l in ls)
-    bs, m, k, n = prod(batch), prod(left), prod(contracted), prod(right)
-    shape_a = (bs, m, k) if batch else (m, k)
-    shape_b = (bs, k, n) if batch else (k, n)
-    out_shape = tuple(sizes[l] for l in batch + left + right)
-    out_labels = batch + left + right
-    perm_c = tuple(out_labels.index(l) for l in result)
-    ident = lambda p: p == tuple(range(len(p)))
-    perm_a, perm_b, perm_c = (None if ident(p) else p for p in (perm_a, perm_b, perm_c))
+    layouts: dict = {}  # (strides of a, strides of b) -> the arrangement for them
 
     def run(xp, arrs):
         x, y = arrs
+        key = (x.strides, y.strides)
+        go = layouts.get(key)
+        if go is None:
+            go = layouts[key] = _arrange(a, b, result, batch, left, contracted, right,
+                                         sizes, x.strides, y.strides, x.size >= y.size)
+        return go(xp, x, y)
+    return run
+
+
+def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larger):
+    """One matmul for these operand layouts: each operand is read in its own memory order.
+
+    Groups of labels are flattened in the order they lie in memory, and an
+    operand whose contracted axes lie outside its free ones goes to the matmul
+    transposed (a view BLAS reads as is): no copy where the layout allows none,
+    and where one is needed (a strided view) it reads memory in order.
+    """
+    real = lambda ls: [l for l in ls if sizes[l] > 1]  # size-1 axes have no layout
+    sa = {l: sa[a.index(l)] for l in a}
+    sb = {l: sb[b.index(l)] for l in b}
+    key_a = lambda l: -sa[l] if sizes[l] > 1 else 0
+    key_b = lambda l: -sb[l] if sizes[l] > 1 else 0
+    batch = sorted(batch, key=key_a if a_larger else key_b)
+    contracted = sorted(contracted, key=key_a if a_larger else key_b)
+    left, right = sorted(left, key=key_a), sorted(right, key=key_b)
+    inner_a = min(real(left + contracted), key=lambda l: sa[l], default=None)
+    inner_b = min(real(contracted + right), key=lambda l: sb[l], default=None)
+    trans_a = inner_a in left     # contracted axes outer in memory: read a^T
+    trans_b = inner_b in contracted
+    order_a = batch + (contracted + left if trans_a else left + contracted)
+    order_b = batch + (right + contracted if trans_b else contracted + right)
+    prod = lambda ls: math.prod(sizes[l] for l in ls)
+    bs, m, k, n = prod(batch), prod(left), prod(contracted), prod(right)
+    shape_a = (k, m) if trans_a else (m, k)
+    shape_b = (n, k) if trans_b else (k, n)
+    if batch:
+        shape_a, shape_b = (bs,) + shape_a, (bs,) + shape_b
+    out_shape = tuple(sizes[l] for l in batch + left + right)
+    out_labels = batch + left + right
+    ident = lambda p: None if p == tuple(range(len(p))) else p
+    perm_a = ident(tuple(a.index(l) for l in order_a))
+    perm_b = ident(tuple(b.index(l) for l in order_b))
+    perm_c = ident(tuple(out_labels.index(l) for l in result))
+
+    def go(xp, x, y):
         if perm_a:
             x = xp.transpose(x, perm_a)
         if perm_b:
@@ -196,8 +229,12 @@ def _matmul(a: tuple, b: tuple, result: tuple, contracted: list, sizes: dict):
             x = xp.reshape(x, shape_a)
         if y.shape != shape_b:
             y = xp.reshape(y, shape_b)
+        if trans_a:
+            x = xp.swapaxes(x, -1, -2)
+        if trans_b:
+            y = xp.swapaxes(y, -1, -2)
         c = xp.matmul(x, y)
         if c.shape != out_shape:
             c = xp.reshape(c, out_shape)
         return xp.transpose(c, perm_c) if perm_c else c
-    return run
+    return go
