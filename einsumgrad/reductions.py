@@ -78,6 +78,14 @@ def _keep(t: Tensor, axes: tuple, ndim: int) -> Tensor:
 def _spread_impl(g, mask, axes):
     xp = backend_of(g)
     r = xp.empty_like(mask)
+    kept = [a for a in range(mask.ndim) if a not in axes]
+    order = sorted(range(g.ndim), key=lambda i: -mask.strides[kept[i]])
+    if sorted(range(g.ndim), key=lambda i: -g.strides[i]) != order:
+        # g in the mask's memory order first (one copy of the small side), so
+        # each multiply below walks all three arrays the same way.
+        buf = xp.empty(tuple(g.shape[i] for i in order), dtype=g.dtype)
+        buf[...] = xp.transpose(g, order)
+        g = xp.transpose(buf, tuple(order.index(i) for i in range(g.ndim)))
     for o in _offsets(mask.shape, axes):
         xp.multiply(g, mask[o], out=r[o])
     return r

@@ -20,27 +20,64 @@ def out_size(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
 
+def _in_order_of(like, shape, xp, fill: str = "zeros"):
+    """Zeros (or an empty array) of ``shape``, laid out in memory in the axis order
+    of ``like``'s strides."""
+    order = sorted(range(like.ndim), key=lambda i: -like.strides[i])
+    z = getattr(xp, fill)(tuple(shape[i] for i in order), dtype=like.dtype)
+    return xp.transpose(z, tuple(order.index(i) for i in range(like.ndim)))
+
+
+def _padded(x, padding):
+    """``x`` zero-padded, keeping its memory order (channels-last stays so)."""
+    (ph, pw), (h, w) = padding, x.shape[-2:]
+    if not (ph or pw):
+        return x
+    z = _in_order_of(x, x.shape[:-2] + (h + 2 * ph, w + 2 * pw), backend_of(x))
+    z[..., ph:ph + h, pw:pw + w] = x
+    return z
+
+
 def _patches_impl(x, kernel, stride, padding, contiguous):
     xp = backend_of(x)
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    if ph or pw:
-        x = xp.pad(x, [(0, 0)] * (x.ndim - 2) + [(ph, ph), (pw, pw)])
-    hp, wp = x.shape[-2:]
-    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    (kh, kw), (sh, sw) = kernel, stride
+    x = _padded(x, padding)
+    oh, ow = (x.shape[-2] - kh) // sh + 1, (x.shape[-1] - kw) // sw + 1
     *lead, s_h, s_w = x.strides
     view = xp.as_strided(x, shape=x.shape[:-2] + (oh, ow, kh, kw),
                          strides=tuple(lead) + (s_h * sh, s_w * sw, s_h, s_w))
     if not contiguous or x.ndim < 3:
         return view
-    # For a convolution: copy the windows once, laid out (..., OH, OW, C, kh, kw)
-    # in memory, so the conv einsum and its weight gradient reshape it into a
-    # matrix for free instead of each copying the strided view (im2col). One
-    # copy per kernel offset: kh*kw plain strided copies beat one 6-D gather.
-    out = xp.empty(x.shape[:-3] + (oh, ow, x.shape[-3], kh, kw), dtype=x.dtype)
+    return _im2col(x, view, kernel, (oh, ow), (s_h * sh, s_w * sw))
+
+
+def _im2col(x, view, kernel, out_hw, step):
+    """The windows copied once (im2col), in a memory order that follows ``x``'s.
+
+    A convolution's matmul then reads them as a matrix without another copy
+    (the planner takes each operand in its memory order), and the copy itself
+    runs over long contiguous stretches: for a channels-last image a window
+    row ``(kw, C)`` is one run, copied ``kh`` times; otherwise each of the
+    ``kh*kw`` offsets copies whole output rows into ``(C, kh, kw, ..., OH, OW)``.
+    Either way the result is indexed ``(..., C, OH, OW, kh, kw)``.
+    """
+    xp = backend_of(x)
+    (kh, kw), (oh, ow), c, item = kernel, out_hw, x.shape[-3], x.itemsize
+    lead = x.shape[:-3]
+    if c > 1 and x.strides[-3] == item and x.strides[-1] == c * item:
+        out = xp.empty(lead + (oh, ow, kh, kw * c), dtype=x.dtype)
+        for k in range(kh):
+            row = x[..., k:, :]
+            out[..., k, :] = xp.as_strided(row, shape=lead + (oh, ow, kw * c),
+                                           strides=row.strides[:-3] + step + (item,))
+        out = xp.reshape(out, lead + (oh, ow, kh, kw, c))
+        return xp.moveaxis(out, -1, -5)
+    out = xp.empty((c, kh, kw) + lead + (oh, ow), dtype=x.dtype)
     for k in range(kh):
         for l in range(kw):
-            out[..., k, l] = xp.moveaxis(view[..., k, l], -3, -1)
-    return xp.moveaxis(out, -3, -5)
+            out[:, k, l] = xp.moveaxis(view[..., k, l], -3, 0)
+    n = len(lead)
+    return xp.transpose(out, tuple(range(3, 3 + n)) + (0, 3 + n, 4 + n, 1, 2))
 
 
 def _unpatch_impl(g, size, kernel, stride, padding):
@@ -111,8 +148,8 @@ def patches(x: Tensor, kernel_size, stride=1, padding=0, contiguous: bool = Fals
         kernel_size: window size, an int or ``(kh, kw)``.
         stride: step between windows, an int or a pair.
         padding: zeros added on each side of both axes, an int or a pair.
-        contiguous: copy the windows into ``(..., OH, OW, C, kh, kw)`` memory
-            order (what a convolution's matmul reads) instead of returning a view.
+        contiguous: copy the windows once (im2col), in a memory order a
+            convolution's matmul reads as a matrix, instead of returning a view.
     """
     kernel, stride, padding = _pair(kernel_size), _pair(stride), _pair(padding)
     h, w = x.shape[-2:]
