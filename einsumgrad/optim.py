@@ -62,7 +62,9 @@ class SGD(Optimizer):
         if self.momentum:
             buf = self.state.get(id(p))
             if buf is None:
-                buf = self.state[id(p)] = d.copy()
+                # asarray: a 0-d parameter's decayed gradient is a NumPy scalar,
+                # and `buf *=` below must update the stored buffer, not rebind.
+                buf = self.state[id(p)] = backend_of(p.data).asarray(d).copy()
             else:
                 buf *= self.momentum
                 buf += d

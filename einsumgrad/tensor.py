@@ -75,6 +75,9 @@ class Node:
         self.prim, self.inputs, self.params = prim, inputs, params
 
 
+_SCALAR = numpy.generic  # a module global: checked on every Tensor, a lookup saved
+
+
 class Tensor:
     """An array (NumPy or CuPy) that records the ops applied to it.
 
@@ -88,6 +91,10 @@ class Tensor:
     __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected op
 
     def __init__(self, data: Any, requires_grad: bool = False):
+        if isinstance(data, _SCALAR):
+            # NumPy reductions and 0-d arithmetic give scalars; data stays an
+            # array so np.asarray(t) works and in-place updates (optimizers) stick.
+            data = backend_of(data).asarray(data)
         self.data = data
         self.requires_grad = requires_grad
         self.grad = None
@@ -109,11 +116,13 @@ class Tensor:
 
     def numpy(self) -> numpy.ndarray:
         """The values as a NumPy array (copied from the GPU if need be)."""
-        return backend_of(self.data).to_numpy(self.data)
+        return numpy.asarray(backend_of(self.data).to_numpy(self.data))
 
     def __array__(self, dtype=None, copy=None):
         a = self.numpy()
-        return a if dtype is None else a.astype(dtype, copy=False)
+        if dtype is not None and a.dtype != dtype:
+            return a.astype(dtype)  # already a fresh copy
+        return a.copy() if copy else a
 
     def item(self) -> float:
         return self.data.item()

@@ -44,6 +44,24 @@ def test_adam_matches_torch(wd):
     run_both(lambda ps: optim.Adam(ps), lambda ps: torch.optim.Adam(ps))
 
 
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_sgd_momentum_on_a_0d_parameter_matches_torch(wd):
+    # A 0-d parameter's momentum buffer must update in place (a NumPy scalar would rebind).
+    s = eg.tensor(xb(np.array(2.0)), requires_grad=True)
+    ts = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    opt = optim.SGD([s], lr=0.1, momentum=0.9, weight_decay=wd)
+    topt = torch.optim.SGD([ts], lr=0.1, momentum=0.9, weight_decay=wd)
+    for _ in range(3):
+        opt.zero_grad()
+        topt.zero_grad()
+        (eg.sin(s) * s).backward()
+        (torch.sin(ts) * ts).backward()
+        opt.step()
+        topt.step()
+        assert npy(s) == pytest.approx(ts.item(), abs=1e-12)
+    assert npy(s).shape == ()
+
+
 def test_updates_in_place_and_skips_missing_grads():
     model = nn.Linear(3, 2).to(eg.backend.backend_of(xb(np.zeros(1))))
     w_array, w_before = model.weight.data, npy(model.weight).copy()

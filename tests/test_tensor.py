@@ -203,3 +203,22 @@ def test_array_interop():
     assert float(s) == pytest.approx(a.sum())
     assert eg.tensor([1.0, 2.0], dtype=np.float32).dtype == np.float32
     assert "requires_grad=True" in repr(leaf(a))
+
+
+def test_scalar_results_hold_0d_arrays():
+    # NumPy's full reductions and 0-d arithmetic give NumPy scalars; a Tensor keeps
+    # a 0-d array, so np.asarray works and in-place updates of it stick.
+    x = leaf(np.array([1.0, -2.0, 3.0]))
+    value, _ = eg.value_and_grad(lambda t: (t * t).sum())(xb(np.ones(3)))
+    outs = [x.sum(), x.mean(), x.max(), eg.einsum("i->", x), eg.einsum("i,i", x, x),
+            x.sum() * 2.0, x.sum() < 3.0, value]
+    for s in outs:
+        assert not isinstance(s.data, np.generic) and s.shape == ()
+        a = np.asarray(s)
+        assert type(a) is np.ndarray and a.shape == ()
+    np.testing.assert_array_equal(np.asarray(outs[0], dtype=np.float32), np.float32(2.0))
+    assert np.asarray(outs[0], dtype=np.float32).dtype == np.float32
+    s = eg.tensor(xb(np.array(2.0)), requires_grad=True)
+    for _ in range(2):  # the second backward accumulates two 0-d gradients
+        (s * s).backward()
+    assert not isinstance(s.grad.data, np.generic) and npy(s.grad) == 8.0
