@@ -49,33 +49,37 @@ _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
           -7.37332916720468e-03, -1.42647390514189e-02)
 
 
-_ERF_CHUNK = 1 << 15  # float64 temporaries of this many entries stay in cache
+_ERF_P32 = tuple(numpy.float32(a) for a in _ERF_P)
+_ERF_Q32 = tuple(numpy.float32(b) for b in _ERF_Q)
+_ERF_CHUNK = 1 << 16  # four float32 temporaries of this many entries stay in L2
 
 
 def _erf_float32(x):
-    """erf for float32 (and narrower) arrays, within 2 float32 ulps of the exact value.
+    """erf for float32 (and narrower) arrays, within 8 float32 ulps of the exact value.
 
-    SciPy's erf costs ~30 exps per element; this rational approximation is a
-    dozen in-place passes, evaluated in float64 so rounding stays below an ulp,
-    chunk by chunk so the float64 temporaries never leave the cache.
+    SciPy's erf costs ~30 exps per element and works in float64; this rational
+    approximation is two dozen in-place float32 passes, chunk by chunk so the
+    temporaries never leave the cache (4x faster than SciPy; evaluated in
+    float64 it is within 2 ulps but twice as slow, which GELU felt).
     """
     flat = numpy.ascontiguousarray(x).reshape(-1)
     out = numpy.empty(flat.shape, x.dtype)
-    c, x2, p, q = numpy.empty((4, min(_ERF_CHUNK, flat.size)))
+    f32, P, Q = numpy.float32, _ERF_P32, _ERF_Q32
+    c, x2, p, q = numpy.empty((4, min(_ERF_CHUNK, flat.size)), f32)
     for s in range(0, flat.size, _ERF_CHUNK):
         e = min(s + _ERF_CHUNK, flat.size)
         cc, xx, pp, qq = c[:e - s], x2[:e - s], p[:e - s], q[:e - s]
-        numpy.clip(flat[s:e], -4.0, 4.0, out=cc)
+        numpy.clip(flat[s:e], f32(-4.0), f32(4.0), out=cc)
         numpy.multiply(cc, cc, out=xx)
-        numpy.multiply(xx, _ERF_P[0], out=pp)
-        pp += _ERF_P[1]
-        for a in _ERF_P[2:]:
+        numpy.multiply(xx, P[0], out=pp)
+        pp += P[1]
+        for a in P[2:]:
             pp *= xx
             pp += a
         pp *= cc
-        numpy.multiply(xx, _ERF_Q[0], out=qq)
-        qq += _ERF_Q[1]
-        for b in _ERF_Q[2:]:
+        numpy.multiply(xx, Q[0], out=qq)
+        qq += Q[1]
+        for b in Q[2:]:
             qq *= xx
             qq += b
         numpy.divide(pp, qq, out=out[s:e], casting="same_kind")

@@ -256,15 +256,16 @@ def test_max_batch_rule_keeps_rows_and_refuses_the_batch_axis():
         eg.batch_jacobian(lambda t: eg.max(t, axis=0))(x)
 
 
-def test_float32_erf_is_within_two_ulps_of_the_exact_value():
-    # The NumPy backend's float32 erf is a rational approximation (SciPy's is ~8x slower).
+def test_float32_erf_is_within_eight_ulps_of_the_exact_value():
+    # The NumPy backend's float32 erf is a rational approximation in float32
+    # arithmetic (SciPy's is ~4x slower); relative error under 1e-6.
     from einsumgrad.backend import NUMPY
     x = np.concatenate([np.linspace(-6, 6, 200001), [0.0, 1e-30, -1e-6]]).astype(np.float32)
     exact = np.array([math.erf(v) for v in x.astype(np.float64)])
     got = NUMPY.erf(x)
     assert got.dtype == np.float32
     ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
-    assert np.max(np.abs(got - exact) / ulp) <= 2.0
+    assert np.max(np.abs(got - exact) / ulp) <= 8.0
     assert NUMPY.erf(np.float32(np.inf)) == 1.0 and np.isnan(NUMPY.erf(np.float32(np.nan)))
 
 

@@ -1,0 +1,95 @@
+"""The fast paths chosen by layout, size or values give the plain answer.
+
+Each kernel here picks a cheaper way to compute the same numbers (a shift by
+a block max, a sum as a matrix-vector product, a matmul on an operand in its
+own memory order, patches copied a chunk at a time); each test drives it down
+every branch and compares with NumPy or PyTorch.
+"""
+import numpy as np
+import pytest
+import torch
+
+import einsumgrad as eg
+from einsumgrad.nn import functional as F
+from einsumgrad.nn import patch_einsum as pe
+from tests.backends import npy, xb
+
+
+def _torch_softmax(x):
+    return torch.softmax(torch.tensor(x), -1).numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_block_shift_matches_torch_and_falls_back_exactly(dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 8, 8)).astype(dtype)
+    tol = dict(rtol=1e-12, atol=1e-15) if dtype == np.float64 else dict(rtol=2e-6, atol=1e-9)
+    np.testing.assert_allclose(npy(eg.softmax(xb(x))), _torch_softmax(x), **tol)
+    # One row 500 below the rest of its block: shifted by the block max its
+    # entries would underflow; the row-max path must give torch's numbers.
+    far = x.copy()
+    far[1, 2, 3] -= 500.0
+    np.testing.assert_allclose(npy(eg.softmax(xb(far))), _torch_softmax(far), **tol)
+    # A fully masked row is NaN (as torch); +inf logits as torch too.
+    masked = x.copy()
+    masked[0, 0, 0] = -np.inf
+    masked[2, 1, 5, 3] = np.inf
+    got, want = npy(eg.softmax(xb(masked))), _torch_softmax(masked)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], **tol)
+
+
+@pytest.mark.parametrize("spec,shape,order", [
+    ("abc->ab", (8, 16, 64), None),            # short inner rows: matrix @ ones
+    ("abc->c", (8, 16, 64), None),             # outer axes: ones @ matrix
+    ("abcd->bd", (16, 4, 32, 16), None),       # summed axes on both sides of a kept one
+    ("abcd->ad", (16, 4, 32, 16), (0, 2, 3, 1)),  # a channels-last layout
+])
+def test_sums_by_matrix_vector_products_match_numpy(spec, shape, order):
+    x = np.random.default_rng(1).standard_normal(shape)
+    if order is not None:  # the same values, laid out in memory in another order
+        x = np.ascontiguousarray(x.transpose(order)).transpose(np.argsort(order))
+    np.testing.assert_allclose(npy(eg.einsum(spec, xb(x))), np.einsum(spec, x), rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout_a,layout_b", [((0, 1, 2), (0, 1, 2)), ((2, 0, 1), (0, 1, 2)),
+                                               ((0, 1, 2), (2, 1, 0)), ((1, 2, 0), (1, 0, 2))])
+def test_matmul_reads_operands_in_any_memory_order(layout_a, layout_b):
+    rng = np.random.default_rng(2)
+
+    def laid_out(shape, order):
+        a = rng.standard_normal(tuple(shape[i] for i in order))
+        return a.transpose(np.argsort(order))
+    a, b = laid_out((5, 6, 7), layout_a), laid_out((5, 7, 3), layout_b)
+    for spec in ("bij,bjk->bik", "bij,bjk->kib", "bij,bjk->ij"):
+        np.testing.assert_allclose(npy(eg.einsum(spec, xb(a), xb(b))),
+                                   np.einsum(spec, a, b), rtol=1e-12, err_msg=spec)
+    # A strided view (every other row) is read as is.
+    v = laid_out((5, 12, 7), layout_a)[:, ::2]
+    np.testing.assert_allclose(npy(eg.einsum("bij,bjk->bik", xb(v), xb(b))),
+                               np.einsum("bij,bjk->bik", v, b), rtol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
+    # A chunk budget of a few KB forces the chunked im2col on small data; the
+    # per-offset path (past the budget) is forced the same way.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 3, 9, 8))
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    w = rng.standard_normal((4, 3, 3, 3))
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    want = torch.nn.functional.conv2d(tx, tw, stride=2, padding=1)
+    gy = rng.standard_normal(tuple(want.shape))
+    want_gx, want_gw = torch.autograd.grad(want, (tx, tw), torch.tensor(gy))
+    for chunk, budget in ((4096, 1 << 26), (4096, 4096), (1 << 20, 1 << 26)):
+        monkeypatch.setattr(pe, "_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(pe, "_PATCH_BYTES", budget)
+        ex, ew = eg.tensor(xb(x), requires_grad=True), eg.tensor(xb(w), requires_grad=True)
+        y = F.conv2d(ex, ew, stride=2, padding=1)
+        np.testing.assert_allclose(npy(y), want.detach().numpy(), rtol=1e-10, atol=1e-12)
+        y.backward(xb(gy))
+        np.testing.assert_allclose(npy(ex.grad), want_gx.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(npy(ew.grad), want_gw.numpy(), rtol=1e-10, atol=1e-12)
