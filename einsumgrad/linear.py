@@ -196,18 +196,119 @@ def _norm_index(index, xp):
     return index
 
 
-getitem_p = Primitive("getitem", lambda x, index: x[index], linear=True)
-getitem_p.defvjp(lambda k, g, out, x, index:
-                 scatter_add(g, g.shape[:g.ndim - out.ndim] + x.shape, index, g.ndim - out.ndim))
-getitem_p.defjvp(lambda k, t, out, x, index: getitem(t, index, t.ndim - x.ndim))
+def _entry(e) -> tuple:
+    """One index entry as (axes it consumes, broadcast dims it adds if advanced, is an array).
+
+    An int is (1, 0, False): advanced only beside an array. A bool (scalar or 0-d)
+    consumes no axis and adds one; a k-d bool mask consumes k axes and adds one.
+    """
+    if isinstance(e, (bool, numpy.bool_)):
+        return 0, 1, True
+    if isinstance(e, (int, numpy.integer)):
+        return 1, 0, False
+    if hasattr(e, "dtype") and hasattr(e, "ndim"):
+        return (e.ndim, 1, True) if e.dtype == bool else (1, e.ndim, True)
+    raise BatchMixingError(f"index entry {e!r} is not followed by the batch check")
+
+
+def _advanced(index) -> tuple:
+    """NumPy's rule for where advanced (array) indices put their broadcast dims.
+
+    Returns ``(positions, n_adv, front)``: the tuple positions of the advanced
+    entries (ints among them when any array is present), how many dims their
+    broadcast adds, and whether those dims go first (entries not adjacent:
+    any slice, None or Ellipsis between them) or replace the entries in place.
+    """
+    idx = index if isinstance(index, tuple) else (index,)
+    info = [None if e is None or e is Ellipsis or isinstance(e, slice) else _entry(e)
+            for e in idx]
+    if not any(i is not None and i[2] for i in info):
+        return (), 0, False
+    pos = tuple(k for k, i in enumerate(info) if i is not None)
+    return pos, builtins.max(info[k][1] for k in pos), pos[-1] - pos[0] + 1 != len(pos)
+
+
+def _index_map(ndim: int, index, nb: int = 0) -> list:
+    """Each input axis's output axis under ``[(:,)*nb, index]`` (None: it is dropped or
+    replaced by advanced-index dims), with the index entry that took it.
+
+    The ``nb`` leading axes stay first whatever ``index`` is (as the rules pass
+    batch axes); the rest follow NumPy's indexing, advanced indices included.
+    """
+    idx = index if isinstance(index, tuple) else (index,)
+    pos, n_adv, front = _advanced(idx)
+    adv = set(pos)
+    used = 0
+    for e in idx:
+        if not (e is None or e is Ellipsis):
+            used += 1 if isinstance(e, slice) else _entry(e)[0]
+    fill = ndim - nb - used
+    mapping = [(a, slice(None)) for a in range(nb)]
+    out_ax = nb + (n_adv if front else 0)
+    placed = front
+    for k, e in enumerate(idx):
+        if e is Ellipsis:
+            for _ in range(fill):
+                mapping.append((out_ax, slice(None)))
+                out_ax += 1
+            fill = 0
+        elif e is None:
+            out_ax += 1
+        elif isinstance(e, slice):
+            mapping.append((out_ax, e))
+            out_ax += 1
+        else:
+            if k in adv and not placed:
+                out_ax += n_adv  # adjacent advanced entries: their dims go here
+                placed = True
+            mapping.extend([(None, e)] * _entry(e)[0])
+    return mapping + [(out_ax + i, slice(None)) for i in range(fill)]
+
+
+def _numpy_lead(index, nb: int) -> int:
+    """How many dims NumPy puts before the ``nb`` leading axes of ``x[(:,)*nb, index]``.
+
+    The rules keep those axes first; NumPy does too, except that separated
+    advanced entries put their broadcast dims before everything.
+    """
+    if not nb:
+        return 0
+    _, n_adv, front = _advanced(index)
+    return n_adv if front else 0
+
+
+def _to_front(a, k: int, n: int):
+    """``a`` with its axes ``k .. k+n-1`` moved before axes ``0 .. k-1``."""
+    return a.transpose(tuple(range(k, k + n)) + tuple(range(k)) + tuple(range(k + n, a.ndim)))
+
+
+def _full(index, nb: int) -> tuple:
+    return (slice(None),) * nb + (index if isinstance(index, tuple) else (index,))
+
+
+def _getitem_impl(x, index, nb):
+    if not nb:
+        return x[index]
+    lead = _numpy_lead(index, nb)
+    y = x[_full(index, nb)]
+    return _to_front(y, lead, nb) if lead else y
 
 
 def _scatter_impl(g, shape, index, nb):
     xp = backend_of(g)
+    lead = _numpy_lead(index, nb)
+    if lead:  # g has its nb axes first; the index puts NumPy's lead dims there
+        g = _to_front(g, nb, lead)
     z = xp.zeros(shape, dtype=g.dtype)
-    xp.add_at(z, (slice(None),) * nb + (index if isinstance(index, tuple) else (index,)), g)
+    xp.add_at(z, _full(index, nb), g)
     return z
 
+
+getitem_p = Primitive("getitem", _getitem_impl, linear=True)
+getitem_p.defvjp(lambda k, g, out, x, index, nb:
+                 scatter_add(g, g.shape[:g.ndim - out.ndim] + x.shape, index,
+                             g.ndim - out.ndim + nb))
+getitem_p.defjvp(lambda k, t, out, x, index, nb: getitem(t, index, t.ndim - x.ndim + nb))
 
 scatter_p = Primitive("scatter_add", _scatter_impl, linear=True)
 scatter_p.defvjp(lambda k, g, out, x, shape, index, nb: getitem(g, index, g.ndim - len(shape) + nb))
@@ -215,65 +316,37 @@ scatter_p.defjvp(lambda k, t, out, x, shape, index, nb:
                  scatter_add(t, t.shape[:t.ndim - x.ndim] + shape, index, t.ndim - x.ndim + nb))
 
 
-def _index_map(ndim: int, index) -> list:
-    """For basic indexing: each input axis's output axis, or None where an int drops it.
-
-    Raises BatchMixingError on advanced (array) indexing, which this does not follow."""
-    idx = index if isinstance(index, tuple) else (index,)
-    n_real = len([e for e in idx if e is not None and e is not Ellipsis])
-    if Ellipsis in idx:
-        i = idx.index(Ellipsis)
-        idx = idx[:i] + (slice(None),) * (ndim - n_real) + idx[i + 1:]
-    idx = idx + (slice(None),) * (ndim - n_real)
-    mapping, out_ax = [], 0
-    for e in idx:
-        if e is None:
-            out_ax += 1
-        elif isinstance(e, (int, numpy.integer)):
-            mapping.append((None, e))
-        elif isinstance(e, slice):
-            mapping.append((out_ax, e))
-            out_ax += 1
-        else:
-            raise BatchMixingError(f"advanced indexing {index!r} is not followed by the batch check")
-    return mapping
-
-
 def _whole(e) -> bool:
     return isinstance(e, slice) and e == slice(None)
 
 
-def _getitem_batch(bdims, shapes, out_shape, index):
-    out_ax, e = _index_map(len(shapes[0]), index)[bdims[0]]
+@getitem_p.defbatch
+def _getitem_batch(bdims, shapes, out_shape, index, nb):
+    out_ax, e = _index_map(len(shapes[0]), index, nb)[bdims[0]]
     if not _whole(e):
-        raise BatchMixingError(f"indexing with {index!r} selects along the batch axis")
+        raise BatchMixingError(f"getitem: indexing with {index!r} selects along the batch "
+                               f"axis: rows mix")
     return out_ax
 
 
+@scatter_p.defbatch
 def _scatter_batch(bdims, shapes, out_shape, shape, index, nb):
-    full = (slice(None),) * nb + (index if isinstance(index, tuple) else (index,))
-    for in_ax, (out_ax, e) in enumerate(_index_map(len(shape), full)):
+    for in_ax, (out_ax, e) in enumerate(_index_map(len(shape), index, nb)):
         if out_ax == bdims[0]:
             if not _whole(e):
                 break
             return in_ax
-    raise BatchMixingError(f"scatter with {index!r} writes along the batch axis")
-
-
-getitem_p.defbatch(_getitem_batch)
-scatter_p.defbatch(_scatter_batch)
+    raise BatchMixingError(f"scatter_add with {index!r} writes along the batch axis: rows mix")
 
 
 def getitem(x: Tensor, index, nb: int = 0) -> Tensor:
-    """``x[index]`` (NumPy indexing); ``nb`` leading axes are passed over whole."""
-    index = _norm_index(index, backend_of(x.data))
-    if nb:
-        index = (slice(None),) * nb + (index if isinstance(index, tuple) else (index,))
-    return bind(getitem_p, x, index=index)
+    """``x[index]`` (NumPy indexing); ``nb`` leading axes are passed over whole and stay first."""
+    return bind(getitem_p, x, index=_norm_index(index, backend_of(x.data)), nb=nb)
 
 
 def scatter_add(g: Tensor, shape: tuple, index, nb: int = 0) -> Tensor:
-    """Zeros of ``shape`` with ``g`` added at ``[(:,)*nb, index]`` (the adjoint of getitem)."""
+    """Zeros of ``shape`` with ``g`` added at ``[(:,)*nb, index]`` (the adjoint of getitem);
+    ``g``'s ``nb`` leading axes come first, as getitem leaves them."""
     return bind(scatter_p, g, shape=tuple(shape), index=index, nb=nb)
 
 

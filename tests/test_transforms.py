@@ -238,8 +238,57 @@ def test_batch_jacobian_result_stays_differentiable(rng):
     close(eg.grad(g)(xb(x)), tf.grad(gt)(torch.tensor(x)))
 
 
+# (ours on the batch, torch's on one row): array indices off the batch axis keep rows apart.
+INDEXING = {
+    "columns": (lambda x: x[:, [0, 2]], lambda r: r[[0, 2]]),
+    "ellipsis": (lambda x: x[..., [0, 2]], lambda r: r[..., [0, 2]]),
+    "2-d index": (lambda x: eg.sin(x)[:, [[0, 2], [1, 1]]] * x[:, :1, None],
+                  lambda r: torch.sin(r)[torch.tensor([[0, 2], [1, 1]])] * r[:1, None]),
+    "mask": (lambda x: x[:, np.array([True, False, True])] ** 2,
+             lambda r: r[torch.tensor([True, False, True])] ** 2),
+}
+INDEXING_3D = {  # x of shape (B, 3, 4, 2)
+    "with a slice": (lambda x: x[:, [1, 0], 1:], lambda r: r[[1, 0], 1:]),
+    "adjacent arrays": (lambda x: x[..., [1, 0], [0, 0]], lambda r: r[..., [1, 0], [0, 0]]),
+    # separated arrays put their dims first, (2, B, 4): moved back by a transpose
+    "separated arrays": (lambda x: eg.transpose(x[:, [0, 2], :, [1, 0]], (1, 0, 2)),
+                         lambda r: r[[0, 2], :, [1, 0]]),
+}
+
+
+@pytest.mark.parametrize("name", list(INDEXING) + list(INDEXING_3D))
+def test_batch_jacobian_through_array_indexing(rng, name):
+    f, ft = INDEXING.get(name) or INDEXING_3D[name]
+    x = rng.standard_normal((5, 3) if name in INDEXING else (5, 3, 4, 2))
+    xt = torch.tensor(x)
+    close(eg.batch_jacobian(f)(xb(x)), tf.vmap(tf.jacrev(ft))(xt))
+    g = lambda x: eg.sum(eg.sin(f(x)), axis=tuple(range(1, f(x).ndim)))  # per-row scalar
+    gt = lambda r: torch.sin(ft(r)).sum()
+    close(eg.batch_hessian(g)(xb(x)), tf.vmap(tf.hessian(gt))(xt))
+
+
+@pytest.mark.parametrize("index", [([1, 0], slice(None), [2, 0]), (slice(None), [[0], [1]], [0, 1]),
+                                   (Ellipsis, [3, 0]), (1, slice(None), [2, 0]),
+                                   ([0, 2], Ellipsis, None, [1, 1])])
+def test_jacobians_through_advanced_indexing_follow_numpy(rng, index):
+    # Leading basis axes must stay first even where NumPy puts separated
+    # advanced-index dims first; the reference is x[index] applied to a basis.
+    x = rng.standard_normal((3, 4, 5))
+    basis = np.eye(x.size).reshape((x.size,) + x.shape)
+    want = np.stack([e[index] for e in basis], axis=-1).reshape(x[index].shape + x.shape)
+    f = lambda t: t[index]
+    for jac in (eg.jacrev, eg.jacfwd):
+        np.testing.assert_array_equal(npy(jac(f)(xb(x))), want)
+    g = lambda t: (f(t) ** 3).sum()  # Hessian J^T diag(6 x[index]) J
+    jm = want.reshape(-1, x.size)
+    np.testing.assert_allclose(npy(eg.hessian(g)(xb(x))).reshape(x.size, x.size),
+                               (jm.T * (6 * x[index].reshape(-1))) @ jm, **TOL)
+
+
 MIXING = {
     "centering": lambda x: x - x.mean(axis=0),
+    "permute rows": lambda x: x[[1, 0, 3, 2]],
+    "index rows and columns": lambda x: x[[0, 1, 2, 3], [1, 1, 0, 0]],
     "gram": lambda x: eg.einsum("bi,ci->bc", x, x),
     "softmax over batch": lambda x: eg.softmax(x, axis=0),
     "sum over batch": lambda x: x * x.sum(axis=0, keepdims=True),
@@ -263,6 +312,8 @@ def test_batch_mixing_message_names_the_op(rng):
     x = xb(rng.standard_normal((4, 3)))
     with pytest.raises(eg.BatchMixingError, match="bi,ci->bc"):
         eg.batch_jacobian(MIXING["gram"])(x)
+    with pytest.raises(eg.BatchMixingError, match="getitem"):
+        eg.batch_jacobian(MIXING["permute rows"])(x)
 
 
 def test_bad_arguments_are_errors(rng):
