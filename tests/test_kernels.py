@@ -93,3 +93,18 @@ def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
         y.backward(xb(gy))
         np.testing.assert_allclose(npy(ex.grad), want_gx.numpy(), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(npy(ew.grad), want_gw.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_float32_gelu_kernel_matches_torch():
+    # The NumPy backend computes float32 GELU in one chunked kernel with its erf.
+    x = (np.random.default_rng(4).standard_normal(70000) * 4).astype(np.float32)
+    x[:4] = [0.0, -0.0, 1e-30, -30.0]
+    got = npy(eg.gelu(xb(x)))
+    exact = torch.nn.functional.gelu(torch.tensor(x, dtype=torch.float64)).numpy()
+    assert got.dtype == np.float32
+    # 1 + erf cancels for negative x: the error is a few float32 ulps of x/2,
+    # as for torch's own float32 GELU (checked on the same points).
+    theirs = torch.nn.functional.gelu(torch.tensor(x)).numpy()
+    bound = 4 * np.spacing(np.float32(1)) * np.maximum(np.abs(x), 1)
+    assert np.all(np.abs(got - exact) <= bound)
+    assert np.all(np.abs(theirs - exact) <= bound)
