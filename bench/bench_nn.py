@@ -75,7 +75,7 @@ def _steps(ours, theirs, x, y):
     opt = optim.Adam(ours.parameters(), lr=1e-3)
 
     def eg_step():
-        loss = F.cross_entropy(ours(x), y)
+        loss = F.cross_entropy(ours(x).reshape(y.size, -1), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()

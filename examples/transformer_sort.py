@@ -77,7 +77,8 @@ def run(steps: int = 1500, seed: int = 0, progress: bool = True) -> tuple:
     with few_blas_threads():
         for step in bar:
             x, y = batch(rng, 128)
-            loss = F.cross_entropy(model(x), y)
+            # (B, T, VOCAB) logits: classes go on axis 1, so flatten the positions
+            loss = F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -166,6 +166,32 @@ def test_cross_entropy_and_mse_match_torch(rng):
     compare(F.mse_loss, TF.mse_loss, a, b)
 
 
+@pytest.mark.parametrize("logits_shape", [(6, 4), (3, 4, 5), (2, 4, 3, 2), (4,)],
+                         ids=["N,C", "N,C,d", "N,C,d1,d2", "C"])
+def test_cross_entropy_takes_classes_on_axis_1_as_torch(rng, logits_shape):
+    # Labels drop the class axis (axis 1, or axis 0 of a (C,) input).
+    axis = 0 if len(logits_shape) == 1 else 1
+    labels = rng.integers(0, 4, logits_shape[:axis] + logits_shape[axis + 1:])
+    logits = rng.standard_normal(logits_shape)
+    compare(lambda z: F.cross_entropy(z, xb(labels)),
+            lambda z: TF.cross_entropy(z, torch.tensor(labels)), logits)
+    hess = eg.hessian(lambda z: F.cross_entropy(z, xb(labels)))(xb(logits))
+    want = torch.func.hessian(lambda z: TF.cross_entropy(z, torch.tensor(labels)))(
+        torch.tensor(logits))
+    np.testing.assert_allclose(npy(hess), want.numpy(), **TOL)
+
+
+def test_cross_entropy_rejects_labels_that_do_not_fit(rng):
+    logits = eg.tensor(xb(rng.standard_normal((3, 4, 5))))
+    for bad in [np.zeros(3, int), np.zeros((3, 4), int), np.zeros((3, 5, 1), int)]:
+        with pytest.raises(ValueError, match=r"labels must have shape \(3, 5\)"):
+            F.cross_entropy(logits, xb(bad))
+    with pytest.raises(ValueError, match=r"must have shape \(\)"):
+        F.cross_entropy(eg.tensor(xb(np.ones(4))), xb(np.array([1])))
+    with pytest.raises(ValueError, match="integer"):
+        F.cross_entropy(logits, xb(np.zeros((3, 5))))
+
+
 def test_dropout_train_and_eval(rng):
     nn.manual_seed(3)
     d = nn.Dropout(0.25)

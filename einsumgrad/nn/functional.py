@@ -118,18 +118,36 @@ def _labels_array(labels: Any, like: Tensor):
 
 
 def cross_entropy(logits: Any, labels: Any) -> Tensor:
-    """Mean negative log-likelihood of integer ``labels`` under ``softmax(logits)``.
+    """Mean negative log-likelihood of integer ``labels`` under ``softmax(logits)``, as torch's.
 
-    ``logits`` is ``(B, C)`` (or ``(..., C)``); the label pick is an einsum with a
-    constant one-hot mask, so its adjoint is a multiply, not a scatter.
+    The class axis is axis 1: ``logits`` ``(N, C)`` with ``labels`` ``(N,)``, or
+    ``(N, C, d1, ...)`` with ``(N, d1, ...)``, or ``(C,)`` with a 0-d label; the
+    mean is over all targets. The label pick is an einsum with a constant
+    one-hot mask, so its adjoint is a multiply, not a scatter.
+
+    Raises:
+        ValueError: the labels' shape does not fit the logits', or they are not integers.
     """
     logits = as_tensor(logits)
     xp = backend_of(logits.data)
     y = _labels_array(labels, logits)
-    c = logits.shape[-1]
-    onehot = (y.reshape(-1, 1) == xp.arange(c)).astype(logits.dtype)
-    logp = ops.log_softmax(ops.reshape(logits, (-1, c)), -1)
-    return ops.einsum("bc,bc->", logp, Tensor(onehot)) * (-1.0 / onehot.shape[0])
+    if logits.ndim == 0:
+        raise ValueError("cross_entropy: logits need a class axis, got a 0-d tensor")
+    axis = 0 if logits.ndim == 1 else 1
+    want = logits.shape[:axis] + logits.shape[axis + 1:]
+    if tuple(y.shape) != want:
+        raise ValueError(f"cross_entropy: labels of shape {tuple(y.shape)} do not fit logits of "
+                         f"shape {logits.shape} (classes on axis {axis}, as torch): "
+                         f"labels must have shape {want}")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"cross_entropy: labels must be integer class indices, got {y.dtype}")
+    c = logits.shape[axis]
+    classes = xp.arange(c).reshape((c,) + (1,) * (logits.ndim - axis - 1))
+    onehot = (y.reshape(want[:axis] + (1,) + want[axis:]) == classes).astype(logits.dtype)
+    logp = ops.log_softmax(logits, axis)
+    s = "abcdefghijklmnopqrstuvwxyz"[:logits.ndim]
+    scale = -1.0 / y.size if y.size else math.nan  # an empty batch's mean: nan, as torch
+    return ops.einsum(f"{s},{s}->", logp, Tensor(onehot)) * scale
 
 
 def mse_loss(a: Any, b: Any) -> Tensor:
