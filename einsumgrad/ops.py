@@ -15,6 +15,8 @@ out_shape, **params)``. This module gathers the public ops and gives
 """
 from __future__ import annotations
 
+import numbers
+
 from .elementwise import *  # noqa: F401,F403
 from .elementwise import (abs, add, cos, div, exp, log, mul, neg, power, relu, sigmoid, sin,
                           sqrt, sub, tanh)
@@ -26,7 +28,16 @@ from .tensor import Tensor, pair
 
 
 def _compare(fn):
-    return lambda x, y: Tensor(fn(*(t.data for t in pair(x, y))))
+    """An element-wise comparison giving a bool Tensor (not recorded: it has no gradient).
+
+    Other operands (None, strings, ...) give NotImplemented, so ``t == None`` is
+    False as for torch, and ``t < None`` a TypeError.
+    """
+    def compare(x, y):
+        if not (isinstance(y, (Tensor, numbers.Number, list, tuple)) or hasattr(y, "shape")):
+            return NotImplemented
+        return Tensor(fn(*(t.data for t in pair(x, y))))
+    return compare
 
 
 def _install_methods():
@@ -45,7 +56,9 @@ def _install_methods():
     T.__le__ = _compare(lambda a, b: a <= b)
     T.__gt__ = _compare(lambda a, b: a > b)
     T.__ge__ = _compare(lambda a, b: a >= b)
-    T.__hash__ = object.__hash__
+    T.__eq__ = _compare(lambda a, b: a == b)
+    T.__ne__ = _compare(lambda a, b: a != b)
+    T.__hash__ = object.__hash__  # by identity: the engine keys by id(), never by ==
     T.T = property(lambda x: transpose(x))
     T.sum = lambda x, axis=None, keepdims=False: sum(x, axis, keepdims)
     T.mean = lambda x, axis=None, keepdims=False: mean(x, axis, keepdims)

@@ -131,7 +131,16 @@ class Tensor:
         return self.numpy().tolist()
 
     def __float__(self) -> float:
-        return float(self.data)
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __bool__(self) -> bool:
+        if self.size != 1:  # as torch and NumPy; without __bool__ Python would use len()
+            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous: "
+                             f"only a one-element tensor has one")
+        return bool(self.item())
 
     def __repr__(self) -> str:
         body = numpy.array2string(self.numpy(), separator=", ", prefix="tensor(")

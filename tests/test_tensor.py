@@ -73,6 +73,35 @@ def test_comparisons_give_plain_values():
     np.testing.assert_array_equal(npy(x <= xb(np.array([1.0, 1.0, 4.0]))), [True, False, True])
 
 
+def test_equality_is_element_wise_and_hashing_by_identity():
+    a = np.array([1.0, 2.0, 3.0])
+    x = eg.tensor(xb(a), requires_grad=True)
+    other = xb(np.array([1.0, 0.0, 3.0]))
+    for got, want in [(x == 2.0, a == 2.0), (x != 2.0, a != 2.0), (x == other, [1, 0, 1]),
+                      (other == x, [1, 0, 1]), (x != eg.tensor(other), [0, 1, 0]),
+                      (2.0 == x, a == 2.0), (x * 2 == x + x, [1, 1, 1])]:
+        assert isinstance(got, eg.Tensor) and got.dtype == bool and not got.requires_grad
+        np.testing.assert_array_equal(npy(got), want)
+    assert (x == None) is False and (x != None) is True  # noqa: E711  (as torch)
+    y = eg.tensor(xb(a))
+    assert hash(x) != hash(y) and {x: 1, y: 2}[y] == 2 and x in [x] and x in {x}
+
+
+def test_bool_int_float_of_one_element_tensors():
+    for data, b, i in [(np.array(0.0), False, 0), (np.array([2.7]), True, 2),
+                       (np.array([[-3.5]]), True, -3), (np.array([0]), False, 0)]:
+        t = eg.tensor(xb(data))
+        assert bool(t) is b and int(t) == i and float(t) == float(data.reshape(()))
+        tt = torch.tensor(data)
+        assert bool(t) == bool(tt) and int(t) == int(tt)
+    assert bool(eg.tensor(xb(np.array([1.0]))) > 0.5)
+    for t in [eg.tensor(xb(np.ones(2))), eg.tensor(xb(np.zeros((0,))))]:
+        with pytest.raises(ValueError, match="ambiguous"):
+            bool(t)
+        with pytest.raises(ValueError):
+            int(t)
+
+
 # -- sum, mean, reshape, T, @ as in NumPy --------------------------------------------------
 
 @pytest.mark.parametrize("axis", [None, 0, -1, (0, 2), (2, 0)])
