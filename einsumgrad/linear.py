@@ -60,12 +60,17 @@ def einsum(subscripts: str, *operands: Any) -> Tensor:
 
     The full grammar: explicit and implicit output, ``...``, repeated indices
     (diagonals, traces), indices summed away, size-1 broadcasting, any number
-    of operands. The contraction order is planned once by opt_einsum and
-    cached per (spec, shapes, dtypes, backend).
+    of operands. NumPy's second form, operands each followed by a sublist of
+    ints in ``[0, 52)`` (and ``...``), then an optional output sublist, works
+    too: ``einsum(a, [0, 1], b, [1, 2], [0, 2])`` is ``einsum('ab,bc->ac', a, b)``.
+    The contraction order is planned once by opt_einsum and cached per
+    (spec, shapes, dtypes, backend).
 
     Raises:
-        EinsumError: a bad spec or operands; the message names the culprit.
+        EinsumError: a bad spec, sublist or operands; the message names the culprit.
     """
+    if type(subscripts) is not str:
+        subscripts, operands = _from_sublists((subscripts,) + operands)
     ts = [o if type(o) is Tensor else _operand(o, k) for k, o in enumerate(operands)]
     key = (subscripts,) + tuple((t.data.shape, t.data.dtype, type(t.data)) for t in ts)
     hit = _prepared.get(key)
@@ -78,6 +83,40 @@ def einsum(subscripts: str, *operands: Any) -> Tensor:
 
 
 _prepared: dict = {}
+
+# Sublist ints 0-25 are 'A'-'Z', 26-51 'a'-'z' (NumPy's map): an implicit
+# output sorted by letter is then sorted by int, as NumPy sorts it.
+_SUBLIST_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _from_sublists(args: tuple) -> tuple:
+    """``(op0, sub0, op1, sub1, ..., [out])`` as ``(spec string, operands)``."""
+    out = args[-1] if len(args) % 2 else None
+    pairs = args[:len(args) - len(args) % 2]
+    terms = [_sublist_term(sub, f"operand {k}'s sublist") for k, sub in enumerate(pairs[1::2])]
+    spec = ",".join(terms)
+    if out is not None:
+        spec += "->" + _sublist_term(out, "the output sublist")
+    return spec, pairs[0::2]
+
+
+def _sublist_term(sub: Any, what: str) -> str:
+    if isinstance(sub, numpy.ndarray) and sub.ndim == 1 and sub.dtype.kind in "iu":
+        sub = sub.tolist()
+    if not isinstance(sub, (list, tuple)):
+        raise EinsumError(f"einsum: {what} must be a list of ints and ..., "
+                          f"got {type(sub).__name__}")
+    term = []
+    for e in sub:
+        if e is Ellipsis:
+            term.append("...")
+        elif isinstance(e, (int, numpy.integer)) and not isinstance(e, bool):
+            if not 0 <= e < len(_SUBLIST_LETTERS):
+                raise EinsumError(f"einsum: {what} has index {e}, outside [0, 52)")
+            term.append(_SUBLIST_LETTERS[e])
+        else:
+            raise EinsumError(f"einsum: {what} has {e!r}: each entry must be an int or ...")
+    return "".join(term)
 
 
 def _prepare(subscripts: str, ts: list) -> tuple:

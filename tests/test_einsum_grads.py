@@ -147,3 +147,47 @@ def test_broadcast_and_implicit_cases(spec, shapes):
     _check_forward_and_vjp(spec, shapes, full)
     _check_jvp(spec, shapes, full)
     _check_jacobian(spec, shapes, full)
+
+
+# -- NumPy's sublist form: einsum(op0, sublist0, op1, sublist1, ..., [output]) ---------------
+
+E = Ellipsis
+SUBLISTS = [
+    ([(2, 3), [0, 1], (3, 4), [1, 2]], None),            # implicit output
+    ([(2, 3), [0, 1], (3, 4), [1, 2]], [0, 2]),
+    ([(2, 3, 4), [E, 0, 1], (4, 5), [1, 2]], [E, 2, 0]),  # ... inside sublists
+    ([(5, 2, 3), (0, E), (3,), [E]], [E, 0]),              # tuples work too
+    ([(2, 3), [27, 0]], None),                            # implicit: sorted by int, a transpose
+    ([(3, 3), [4, 4], (3,), [4]], []),                    # trace times a vector
+]
+
+
+@pytest.mark.parametrize("args,out", SUBLISTS)
+def test_sublist_form_matches_numpy_and_torch(args, out):
+    shapes = args[0::2]
+    ops = _operands(shapes)
+    sublists = args[1::2]
+
+    def interleave(xs):
+        return [v for pair in zip(xs, sublists) for v in pair] + ([] if out is None else [out])
+    want = np.einsum(*interleave(ops))
+    got, pull = eg.vjp(lambda *xs: eg.einsum(*interleave(xs)), *[xb(o) for o in ops])
+    assert npy(got).shape == want.shape
+    np.testing.assert_allclose(npy(got), want, **TOL)
+    g = np.random.default_rng(1).standard_normal(want.shape)
+    ts = [torch.tensor(o, requires_grad=True) for o in ops]
+    ref = torch.autograd.grad(torch.einsum(*interleave(ts)), ts, torch.tensor(g))
+    for k, (ours, r) in enumerate(zip(pull(xb(g)), ref)):
+        np.testing.assert_allclose(npy(ours), r.numpy(), **TOL, err_msg=f"vjp {k}")
+
+
+def test_malformed_sublists_name_the_operand():
+    a, b = xb(np.ones((2, 3))), xb(np.ones((3, 4)))
+    for args, match in [((a, [0, 1], b, [1, 1.5]), "operand 1's sublist has 1.5"),
+                        ((a, [0, 52]), "operand 0's sublist has index 52"),
+                        ((a, [-1, 0]), "operand 0's sublist has index -1"),
+                        ((a, "ab"), "operand 0's sublist must be a list"),
+                        ((a, [0, 1], b, [1, 2], [0, "c"]), "output sublist"),
+                        ((a, [0], b, [1, 2]), "operand 0")]:
+        with pytest.raises(eg.EinsumError, match=match):
+            eg.einsum(*args)
