@@ -65,7 +65,7 @@ def token_accuracy(model: nn.Module, x, y) -> float:
         return float((np.asarray(model(x)).argmax(-1) == y).mean())
 
 
-def run(steps: int = 1500, seed: int = 0, progress: bool = True) -> tuple:
+def run(steps: int = 1000, seed: int = 0, progress: bool = True) -> tuple:
     """Train with Adam on fresh batches; returns ``(token accuracy, training seconds, model)``."""
     from tqdm import tqdm
     nn.manual_seed(seed)
