@@ -22,17 +22,18 @@ class Backend:
     Attribute access falls through to the module, so ``B.exp``, ``B.matmul``,
     ``B.zeros`` are the module's own. Extras: ``name`` (part of plan cache
     keys), ``erf``, ``add_at``, ``as_strided``, ``to_numpy``, ``asarray``, and
-    ``gelu``: a fused ``x * Phi(x)`` kernel, or None to compose it from ``erf``.
+    ``normal_cdf``: a fused kernel for the normal CDF ``Phi(x)`` (GELU's), or None
+    to compose it from ``erf``.
     """
 
     def __init__(self, name: str, module: ModuleType | Any, *, erf: Callable,
                  add_at: Callable, as_strided: Callable, to_numpy: Callable,
                  asarray: Callable | None = None, device: str = "cpu",
-                 gelu: Callable | None = None):
+                 normal_cdf: Callable | None = None):
         self.name, self.module, self.device = name, module, device
         self.erf, self.add_at, self.as_strided, self.to_numpy = erf, add_at, as_strided, to_numpy
         self.asarray = asarray or module.asarray
-        self.gelu = gelu
+        self.normal_cdf = normal_cdf
 
     def __getattr__(self, attr: str) -> Any:
         value = getattr(self.module, attr)
@@ -58,9 +59,9 @@ _SQRT_HALF32 = numpy.float32(math.sqrt(0.5))
 _ERF_CHUNK = 1 << 16  # four float32 temporaries of this many entries stay in L2
 
 
-def _erf_float32(x, gelu: bool = False):
+def _erf_float32(x, cdf: bool = False):
     """erf for float32 (and narrower) arrays, within 8 float32 ulps of the exact value;
-    with ``gelu``, GELU(x) = x (1 + erf(x / sqrt 2)) / 2 in the same passes.
+    with ``cdf``, the normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2 in the same passes.
 
     SciPy's erf costs ~30 exps per element and works in float64; this rational
     approximation is two dozen in-place float32 passes, chunk by chunk so the
@@ -74,7 +75,7 @@ def _erf_float32(x, gelu: bool = False):
     for s in range(0, flat.size, _ERF_CHUNK):
         e = min(s + _ERF_CHUNK, flat.size)
         cc, xx, pp, qq = c[:e - s], x2[:e - s], p[:e - s], q[:e - s]
-        if gelu:
+        if cdf:
             numpy.multiply(flat[s:e], _SQRT_HALF32, out=cc)
             numpy.clip(cc, f32(-4.0), f32(4.0), out=cc)
         else:
@@ -91,10 +92,9 @@ def _erf_float32(x, gelu: bool = False):
         for b in Q[2:]:
             qq *= xx
             qq += b
-        if gelu:
+        if cdf:
             pp /= qq
             pp += f32(1.0)
-            pp *= flat[s:e]
             numpy.multiply(pp, f32(0.5), out=out[s:e], casting="same_kind")
         else:
             numpy.divide(pp, qq, out=out[s:e], casting="same_kind")
@@ -116,9 +116,9 @@ def _numpy_erf() -> Callable:
     return dispatch
 
 
-def _numpy_gelu(x):
+def _numpy_normal_cdf(x):
     if x.dtype.kind == "f" and x.dtype.itemsize <= 4:
-        return _erf_float32(x, gelu=True)
+        return _erf_float32(x, cdf=True)
     return None  # float64: composed from SciPy's exact erf
 
 
@@ -128,7 +128,7 @@ def _numpy_add_at(target, index, values):
 
 NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
                 as_strided=numpy.lib.stride_tricks.as_strided,
-                to_numpy=lambda a: a, gelu=_numpy_gelu)
+                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf)
 
 _registry: dict = {numpy.ndarray: NUMPY}
 _CUPY: Backend | None = None

@@ -120,60 +120,26 @@ def square(x) -> Tensor:
 _SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _gelu_impl(x):
-    # x Phi(x) in one pass of in-place ops (the composite records five ops),
-    # or the backend's fused kernel where it has one for this dtype.
+def _normal_cdf_impl(x):
+    # Phi(x) = (1 + erf(x / sqrt 2)) / 2, in place, or the backend's fused
+    # kernel where it has one for this dtype.
     xp = backend_of(x)
-    r = xp.gelu(x) if xp.gelu is not None else None
-    if r is not None:
-        return r
-    r = xp.erf(x * _SQRT_HALF)
-    r += 1.0
-    r *= x
-    r *= 0.5
+    r = xp.normal_cdf(x) if xp.normal_cdf is not None else None
+    if r is None:
+        r = xp.erf(x * _SQRT_HALF)
+        r += 1.0
+        r *= 0.5
     return r
 
 
-def _gelu_d_impl(x, cdf):
-    # GELU'(x) = Phi(x) + x phi(x); Phi(x) comes in as ``cdf`` (see _cdf).
-    xp = backend_of(x)
-    phi = xp.exp(x * x * -0.5)
-    phi *= x
-    phi *= _INV_SQRT_2PI
-    phi += cdf
-    return phi
+def _normal_pdf(x: Tensor) -> Tensor:
+    """phi(x) = exp(-x^2 / 2) / sqrt(2 pi), in engine ops (differentiable again)."""
+    return exp(-0.5 * (x * x)) * _INV_SQRT_2PI
 
 
-def _cdf(x, out):
-    """Phi(x) = GELU(x) / x, read off the saved output instead of a second erf.
-
-    Where ``out`` is not a normal number (``x`` zero or tiny, far negative,
-    infinite or NaN) the quotient loses precision: there erf is evaluated.
-    """
-    xp = backend_of(x)
-    a = xp.abs(out)
-    exact = (a >= xp.finfo(out.dtype).tiny) & (a < math.inf)
-    cdf = xp.asarray(out / xp.where(exact, x, 1.0))
-    if not xp.all(exact):
-        redo = ~exact
-        cdf[redo] = 0.5 * (1.0 + xp.erf(x[redo] * _SQRT_HALF))
-    return cdf
-
-
-gelu_d_p = Primitive("gelu_d", _gelu_d_impl, elementwise=True)
-# GELU''(x) = phi(x) (2 - x^2), in engine ops: every order stays differentiable.
-_gelu_dd = lambda x: exp(-0.5 * (x * x)) * ((2.0 - x * x) * _INV_SQRT_2PI)
-gelu_d_p.defvjp(lambda k, g, out, x, cdf: g * _gelu_dd(x))
-gelu_d_p.defjvp(lambda k, t, out, x, cdf: t * _gelu_dd(x))
-gelu_d_p.defbatch(_elementwise_batch)
-
-
-def _gelu_d(x: Tensor, out: Tensor) -> Tensor:
-    """GELU'(x), given GELU(x) as ``out`` (a constant, so the rule is of ``x`` alone)."""
-    return bind(gelu_d_p, x, cdf=_cdf(x.data, out.data))
-
-
-_gelu, gelu_p = _unary("gelu", _gelu_impl, _gelu_d)
+# The standard normal CDF; GELU is x * Phi(x). Phi is saved by the forward
+# pass, so GELU's backward is a few multiplies and one exp: no erf again.
+normal_cdf, normal_cdf_p = _unary("normal_cdf", _normal_cdf_impl, lambda x, out: _normal_pdf(x))
 
 
 def gelu(x, approximate: str = "none") -> Tensor:
@@ -184,7 +150,7 @@ def gelu(x, approximate: str = "none") -> Tensor:
         return 0.5 * x * (1.0 + tanh(c * (x + 0.044715 * x * x * x)))
     if approximate != "none":
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
-    return _gelu(x)
+    return x * normal_cdf(x)
 
 
 def _binop(p):

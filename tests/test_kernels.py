@@ -96,7 +96,7 @@ def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
 
 
 def test_float32_gelu_kernel_matches_torch():
-    # The NumPy backend computes float32 GELU in one chunked kernel with its erf.
+    # The NumPy backend computes float32 Phi(x) in one chunked kernel with its erf.
     x = (np.random.default_rng(4).standard_normal(70000) * 4).astype(np.float32)
     x[:4] = [0.0, -0.0, 1e-30, -30.0]
     got = npy(eg.gelu(xb(x)))

@@ -269,8 +269,8 @@ def test_float32_erf_is_within_eight_ulps_of_the_exact_value():
     assert NUMPY.erf(np.float32(np.inf)) == 1.0 and np.isnan(NUMPY.erf(np.float32(np.nan)))
 
 
-def test_gelu_primitive_derivatives_to_order_three_match_torch():
-    # gelu and its derivative are primitives; the third derivative is engine ops.
+def test_gelu_derivatives_to_order_three_match_torch():
+    # gelu is x * Phi(x) with Phi a primitive whose derivative is engine ops.
     x0 = randn(6) * 2.0
     d3 = eg.grad(lambda x: eg.grad(lambda y: eg.grad(lambda z: eg.gelu(z).sum())(y).sum())(x).sum())
     xt = torch.tensor(x0, requires_grad=True)
