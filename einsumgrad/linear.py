@@ -91,6 +91,8 @@ _SUBLIST_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 def _from_sublists(args: tuple) -> tuple:
     """``(op0, sub0, op1, sub1, ..., [out])`` as ``(spec string, operands)``."""
+    if len(args) < 2:
+        raise EinsumError(f"einsum: the spec must be a string, got {type(args[0]).__name__}")
     out = args[-1] if len(args) % 2 else None
     pairs = args[:len(args) - len(args) % 2]
     terms = [_sublist_term(sub, f"operand {k}'s sublist") for k, sub in enumerate(pairs[1::2])]
@@ -104,8 +106,9 @@ def _sublist_term(sub: Any, what: str) -> str:
     if isinstance(sub, numpy.ndarray) and sub.ndim == 1 and sub.dtype.kind in "iu":
         sub = sub.tolist()
     if not isinstance(sub, (list, tuple)):
-        raise EinsumError(f"einsum: {what} must be a list of ints and ..., "
-                          f"got {type(sub).__name__}")
+        raise EinsumError(f"einsum: the spec must be a string, or each operand followed by its "
+                          f"sublist of ints and ... (NumPy's second form): {what} is a "
+                          f"{type(sub).__name__}")
     term = []
     for e in sub:
         if e is Ellipsis:

@@ -186,7 +186,7 @@ def test_malformed_sublists_name_the_operand():
     for args, match in [((a, [0, 1], b, [1, 1.5]), "operand 1's sublist has 1.5"),
                         ((a, [0, 52]), "operand 0's sublist has index 52"),
                         ((a, [-1, 0]), "operand 0's sublist has index -1"),
-                        ((a, "ab"), "operand 0's sublist must be a list"),
+                        ((a, "ab"), "operand 0's sublist is a str"),
                         ((a, [0, 1], b, [1, 2], [0, "c"]), "output sublist"),
                         ((a, [0], b, [1, 2]), "operand 0")]:
         with pytest.raises(eg.EinsumError, match=match):
