@@ -168,6 +168,18 @@ def _sum_by_matvec(xp, a, summed: tuple, keep: tuple):
     return xp.transpose(t, tuple(order.index(i) for i in keep))
 
 
+def _on_one_slice(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larger, flat):
+    """The matmul on the first slice along the ``flat`` (stride-0) labels,
+    broadcast back along them (a read-only view, as ``broadcast_to`` gives)."""
+    one = dict(sizes) | {l: 1 for l in flat}
+    go = _arrange(a, b, result, batch, left, contracted, right, one,
+                  tuple(sa[l] for l in a), tuple(sb[l] for l in b), a_larger)
+    cut_a = tuple(slice(0, 1) if l in flat else slice(None) for l in a)
+    cut_b = tuple(slice(0, 1) if l in flat else slice(None) for l in b)
+    shape = tuple(sizes[l] for l in result)
+    return lambda xp, x, y: xp.broadcast_to(go(xp, x[cut_a], y[cut_b]), shape)
+
+
 def _broadcast_multiply(a: tuple, b: tuple, result: tuple):
     def lay(t):  # transpose t into result order, with size-1 axes for what it lacks
         order = [l for l in result if l in t]
@@ -219,6 +231,14 @@ def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larg
     real = lambda ls: [l for l in ls if sizes[l] > 1]  # size-1 axes have no layout
     sa = {l: sa[a.index(l)] for l in a}
     sb = {l: sb[b.index(l)] for l in b}
+    # A free axis along which an operand is broadcast (stride 0: a Jacobian's
+    # basis, shared by every sample) leaves the product constant along it:
+    # multiply one slice and broadcast the result, not every copy.
+    flat = [l for l in real(left) if sa[l] == 0] + [l for l in real(right) if sb[l] == 0] + \
+        [l for l in real(batch) if sa[l] == 0 and sb[l] == 0]
+    if flat:
+        return _on_one_slice(a, b, result, batch, left, contracted, right, sizes, sa, sb,
+                             a_larger, flat)
     key_a = lambda l: -sa[l] if sizes[l] > 1 else 0
     key_b = lambda l: -sb[l] if sizes[l] > 1 else 0
     batch = sorted(batch, key=key_a if a_larger else key_b)

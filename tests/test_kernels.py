@@ -108,3 +108,28 @@ def test_float32_gelu_kernel_matches_torch():
     bound = 4 * np.spacing(np.float32(1)) * np.maximum(np.abs(x), 1)
     assert np.all(np.abs(got - exact) <= bound)
     assert np.all(np.abs(theirs - exact) <= bound)
+
+
+def test_matmul_on_broadcast_operands_multiplies_one_slice():
+    # Stride-0 free axes (a Jacobian basis shared by every sample) are multiplied
+    # once and broadcast; contracted and batch axes broadcast in one operand only
+    # take the general path. Values as NumPy's either way.
+    rng = np.random.default_rng(5)
+    basis = np.broadcast_to(rng.standard_normal((4, 1, 3)), (4, 6, 3))
+    w = rng.standard_normal((3, 5))
+    wide = np.broadcast_to(rng.standard_normal((1, 5)), (6, 5))
+    cases = [("abo,oi->abi", basis, w), ("ij,jk->ik", rng.standard_normal((2, 6)), wide),
+             ("bij,bjk->bik", np.broadcast_to(rng.standard_normal((1, 2, 3)), (4, 2, 3)),
+              np.broadcast_to(rng.standard_normal((1, 3, 2)), (4, 3, 2))),
+             ("bij,bjk->bik", np.broadcast_to(rng.standard_normal((1, 2, 3)), (4, 2, 3)),
+              rng.standard_normal((4, 3, 2)))]
+    for spec, a, b in cases:
+        np.testing.assert_allclose(npy(eg.einsum(spec, xb(a), xb(b))), np.einsum(spec, a, b),
+                                   rtol=1e-12, err_msg=spec)
+    # A per-sample Jacobian of a conv: its basis is broadcast over the batch.
+    x = rng.standard_normal((3, 2, 5, 5))
+    wc = rng.standard_normal((4, 2, 3, 3))
+    J = npy(eg.batch_jacobian(lambda t: F.conv2d(t, xb(wc), padding=1))(xb(x)))
+    want = torch.func.vmap(torch.func.jacrev(lambda t: torch.nn.functional.conv2d(
+        t[None], torch.tensor(wc), padding=1)[0]))(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(J, want, rtol=1e-10, atol=1e-12)

@@ -114,13 +114,19 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding):
                     out = xp.zeros(tuple(shape[a] for a in out_term), dtype=r.dtype)
                 out[_at(out_term, kl, k, l)] += r
             elif out is None:
-                out = r  # a fresh matmul result, owned here: accumulate in its layout
+                out = _owned(r)  # accumulate in the matmul result's own layout
             else:
                 out += r
     return out
 
 
 _PATCH_BYTES = 64 << 20  # past this per chunk the offsets run one at a time
+
+
+def _owned(r):
+    """``r`` if it can be added into in place, else a copy: a product constant
+    along a broadcast axis comes back as a stride-0 (read-only) view."""
+    return r.copy() if 0 in r.strides else r
 
 
 def _by_chunks(x, o, spec, kernel, stride, padding, ax, step):
@@ -138,7 +144,7 @@ def _by_chunks(x, o, spec, kernel, stride, padding, ax, step):
                 o[cut(ot, sl)] if label in ot else o]
         r = plan_for(spec, arrs)(arrs)
         if label not in out_term:  # the cut axis is summed: add the chunks up
-            out = r if out is None else out.__iadd__(r)
+            out = _owned(r) if out is None else out.__iadd__(r)
             continue
         if out is None:
             shape = r.shape[:out_term.index(label)] + (x.shape[ax],) + \
