@@ -132,14 +132,23 @@ def _normal_cdf_impl(x):
     return r
 
 
-def _normal_pdf(x: Tensor) -> Tensor:
-    """phi(x) = exp(-x^2 / 2) / sqrt(2 pi), in engine ops (differentiable again)."""
-    return exp(-0.5 * (x * x)) * _INV_SQRT_2PI
+def _normal_pdf_impl(x):
+    # exp(-x^2 / 2) / sqrt(2 pi) in place on one buffer: four passes, one array.
+    xp = backend_of(x)
+    r = xp.asarray(x * -0.5)  # an array (0-d too) of x's float dtype
+    r *= x
+    xp.exp(r, out=r)
+    r *= _INV_SQRT_2PI
+    return r
+
+
+# phi(x), the normal density: Phi's derivative, and its own is -x phi(x).
+normal_pdf, normal_pdf_p = _unary("normal_pdf", _normal_pdf_impl, lambda x, out: -(x * out))
 
 
 # The standard normal CDF; GELU is x * Phi(x). Phi is saved by the forward
 # pass, so GELU's backward is a few multiplies and one exp: no erf again.
-normal_cdf, normal_cdf_p = _unary("normal_cdf", _normal_cdf_impl, lambda x, out: _normal_pdf(x))
+normal_cdf, normal_cdf_p = _unary("normal_cdf", _normal_cdf_impl, lambda x, out: normal_pdf(x))
 
 
 def gelu(x, approximate: str = "none") -> Tensor:
