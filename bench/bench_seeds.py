@@ -68,9 +68,19 @@ def _once(fn) -> float:
     return time.perf_counter() - t0
 
 
+_CHECKS: list = []  # this case's agreement lines, printed under its table
+
+
 def _check(name, ours, theirs):
     err = np.abs(np.asarray(ours) - np.asarray(theirs)).max()
-    print(f"  check {name}: max |ours - torch| = {err:.1e}")
+    _CHECKS.append(f"  check {name}: max |ours - torch| = {err:.1e}")
+
+
+def _report(*args, **kwargs):
+    report(*args, **kwargs)
+    for line in _CHECKS:
+        print(line)
+    _CHECKS.clear()
 
 
 def seed002(rng, n_points=100_000, n_forum=1_500):
@@ -90,7 +100,7 @@ def seed002(rng, n_points=100_000, n_forum=1_500):
         _check(f"vs forum route on {n_forum} points", ours()[:n_forum], forum())
         per_point = _once(forum) / n_forum
         times[f"forum jacobian (N={n_forum}, scaled)"] = per_point * n_points
-    report(f"seed 002: per-point Jacobians, MLP 3-64-64-3 tanh, {n_points:,} points", times,
+    _report(f"seed 002: per-point Jacobians, MLP 3-64-64-3 tanh, {n_points:,} points", times,
            ours="einsumgrad batch_jacobian",
            targets={"torch.func vmap(jacrev)": 1.0, f"forum jacobian (N={n_forum}, scaled)": 0.02},
            note="forum route timed at its size, scaled per point")
@@ -118,7 +128,7 @@ def seed001(rng, batch=512):
         _check("vs vmap(jacrev)", ours(), vmap(t_jacrev(ft))(xt))
         times["torch.func vmap(jacrev)"] = median_time(lambda: vmap(t_jacrev(ft))(xt))
         times["user's loop over classes"] = median_time(loop)
-    report(f"seed 001: Jacobian [B, C, D] of a 784-256-10 classifier, B = {batch}", times,
+    _report(f"seed 001: Jacobian [B, C, D] of a 784-256-10 classifier, B = {batch}", times,
            ours="einsumgrad batch_jacobian",
            targets={"torch.func vmap(jacrev)": 1.0, "user's loop over classes": 1.0})
 
@@ -137,7 +147,7 @@ def seed000(rng, batch=256):
         _check("vs vmap(hessian) + einsum", ours(), via_h())
         times["vmap(hessian) + einsum"] = median_time(via_h)
         times["nested torch.func.jvp"] = median_time(nested)
-    report(f"seed 000: einsum('bi,bjik,bk->bj', x, H, x), MLP 16-64-8 tanh, B = {batch}", times,
+    _report(f"seed 000: einsum('bi,bjik,bk->bj', x, H, x), MLP 16-64-8 tanh, B = {batch}", times,
            ours="einsumgrad directional(f, 2)",
            targets={"vmap(hessian) + einsum": 0.2, "nested torch.func.jvp": 1.0})
 
@@ -155,7 +165,7 @@ def seed003(rng, n=16):
             lambda a: torch.einsum("bij,bjk->bik", a, wt), torch.tensor(x))
         _check("vs torch jacobian", ours(), tj())
         times["torch.autograd.functional.jacobian"] = _once(tj)
-    report(f"seed 003: materialize J of 'bij,bjk->bik', sizes {n} ({n ** 6 / 1e6:.1f}M entries)",
+    _report(f"seed 003: materialize J of 'bij,bjk->bik', sizes {n} ({n ** 6 / 1e6:.1f}M entries)",
            times, ours="einsumgrad materialize",
            targets={"torch.autograd.functional.jacobian": 0.1})
     print(f"  peak memory: {mem:.2f}x J's own {j_bytes / MB:.0f} MiB (target <= 1.5x: "
