@@ -183,8 +183,9 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
     """
     q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
     four = q.ndim == 4 and k.ndim == 4 and v.ndim == 4  # (batch, heads, length, dim)
+    # The scale goes on q, the smaller side (Lq x d against Lq x Lk).
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
     s = ops.einsum("bhqd,bhkd->bhqk" if four else "...qd,...kd->...qk", q, k)
-    s = s * (1.0 / math.sqrt(q.shape[-1]))
     xp = backend_of(s.data)
     if is_causal:
         lq, lk = s.shape[-2:]
