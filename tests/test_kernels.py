@@ -12,7 +12,7 @@ import torch
 import einsumgrad as eg
 from einsumgrad.nn import functional as F
 from einsumgrad.nn import patch_einsum as pe
-from tests.backends import npy, xb
+from tests.backends import NAME, npy, xb
 
 
 def _torch_softmax(x):
@@ -133,3 +133,23 @@ def test_matmul_on_broadcast_operands_multiplies_one_slice():
     want = torch.func.vmap(torch.func.jacrev(lambda t: torch.nn.functional.conv2d(
         t[None], torch.tensor(wc), padding=1)[0]))(torch.tensor(x)).numpy()
     np.testing.assert_allclose(J, want, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_bias_added_in_place_only_into_fresh_products():
+    rng = np.random.default_rng(6)
+    x, w, b = rng.standard_normal((5, 4)), rng.standard_normal((3, 4)), rng.standard_normal(3)
+    # Through F.linear (the product is fresh): values, gradients and a Hessian as torch.
+    f = lambda x_: eg.tanh(F.linear(x_, eg.tensor(xb(w)), eg.tensor(xb(b)))).sum()
+    tf = lambda x_: torch.tanh(torch.nn.functional.linear(x_, torch.tensor(w), torch.tensor(b))).sum()
+    np.testing.assert_allclose(npy(eg.hessian(f)(xb(x))),
+                               torch.func.hessian(tf)(torch.tensor(x)).numpy(), rtol=1e-10, atol=1e-12)
+    # A y that cannot take the sum in place (a broadcast view, a read-only NumPy
+    # array, a wider b) is left as it was.
+    readonly = np.ones((5, 3))
+    readonly.flags.writeable = False
+    for y in (np.broadcast_to(rng.standard_normal(3), (5, 3)), readonly) if NAME == "numpy" else ():
+        before = y.copy()
+        np.testing.assert_allclose(npy(F._add_bias(eg.tensor(y), b)), before + b)
+        np.testing.assert_array_equal(y, before)
+    wide = F._add_bias(eg.tensor(xb(np.ones((1, 3)))), xb(np.ones((4, 3))))
+    assert wide.shape == (4, 3)

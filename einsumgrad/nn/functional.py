@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from .. import ops
+from ..elementwise import _elementwise_batch
 from ..backend import backend_of
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
 from .patch_einsum import patch_einsum, unpatch_einsum  # noqa: F401  (re-exported)
@@ -23,10 +24,34 @@ __all__ = ["linear", "conv2d", "max_pool2d", "avg_pool2d", "layer_norm", "cross_
 relu, gelu, softmax, log_softmax = ops.relu, ops.gelu, ops.softmax, ops.log_softmax
 
 
+def _add_bias_impl(y, b):
+    # y is a product the layer has just made, read by nothing else (an
+    # einsum's rules need its inputs, never its output): add b in place while
+    # y is still in cache, as a GEMM with a bias term would. A view that cannot
+    # take the sum (stride 0, read-only, another dtype or shape) gets a new array.
+    fits = b.ndim <= y.ndim and all(n in (1, m) for n, m in zip(b.shape[::-1], y.shape[::-1]))
+    if (fits and 0 not in y.strides and getattr(y.flags, "writeable", True)
+            and backend_of(y).result_type(y, b) == y.dtype):
+        y += b
+        return y
+    return y + b
+
+
+add_bias_p = Primitive("add_bias", _add_bias_impl, elementwise=True, linear=True)
+add_bias_p.defvjp(lambda k, g, out, y, b: g)
+add_bias_p.defjvp(lambda k, t, out, y, b: t)
+add_bias_p.defbatch(_elementwise_batch)
+
+
+def _add_bias(y: Tensor, b: Any) -> Tensor:
+    """``y + b`` for a ``y`` this layer just computed and hands on to nobody else."""
+    return bind(add_bias_p, y, as_tensor(b, like=y))
+
+
 def linear(x: Any, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x @ w.T + b``: the einsum ``'...i,oi->...o'`` with ``w`` of shape ``(out, in)``."""
     y = ops.einsum("...i,oi->...o", x, w)
-    return y if b is None else y + b
+    return y if b is None else _add_bias(y, b)
 
 
 def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> Tensor:
@@ -39,7 +64,7 @@ def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> T
     per kernel offset, never the ``kh*kw`` times larger patch tensor.
     """
     y = patch_einsum("bchwkl,fckl->bfhw", x, w, w.shape[-2:], stride, padding)
-    return y if b is None else y + ops.reshape(b, (-1, 1, 1))
+    return y if b is None else _add_bias(y, ops.reshape(b, (-1, 1, 1)))
 
 
 def max_pool2d(x: Any, kernel_size, stride=None) -> Tensor:

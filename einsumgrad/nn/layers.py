@@ -207,12 +207,13 @@ class MultiHeadAttention(Module):
         # Split heads inside the projections: weights viewed as (3, heads, head_dim, E).
         w3 = ops.reshape(self.in_proj_weight, (3, h, e // h, e))
         b3 = None if self.in_proj_bias is None else ops.reshape(self.in_proj_bias, (3, h, 1, e // h))
-        q, k, v = (ops.einsum("ble,hde->bhld", x, w3[i]) + (0.0 if b3 is None else b3[i])
+        q, k, v = (ops.einsum("ble,hde->bhld", x, w3[i]) if b3 is None else
+                   F._add_bias(ops.einsum("ble,hde->bhld", x, w3[i]), b3[i])
                    for i, x in enumerate((query, key, value)))
         o = F.scaled_dot_product_attention(q, k, v, mask, self.causal)
         wo = ops.reshape(self.out_proj.weight, (e, h, e // h))
         y = ops.einsum("bhld,ehd->ble", o, wo)
-        return y if self.out_proj.bias is None else y + self.out_proj.bias
+        return y if self.out_proj.bias is None else F._add_bias(y, self.out_proj.bias)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, causal={self.causal}"
