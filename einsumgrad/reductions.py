@@ -175,13 +175,15 @@ def _softmax_impl(x, axis):
     # (their small entries would underflow), all -inf, inf or nan.
     if axis == -1 and x.ndim >= 2 and x.shape[-1] * x.shape[-2] <= 4096 and x.dtype.kind == "f":
         m = xp.max(x, axis=(-2, -1), keepdims=True)
-        e = xp.exp(x - xp.where(m == -math.inf, 0, m))
+        e = x - xp.where(m == -math.inf, 0, m)
+        xp.exp(e, out=e)
         s = xp.matmul(e, xp.ones(x.shape[-1], dtype=e.dtype))[..., None]  # row sums
         if xp.all(s >= math.sqrt(xp.finfo(x.dtype).tiny)):
             e /= s
             return e
     m = xp.max(x, axis=axis, keepdims=True)
-    e = xp.exp(x - xp.where(m == -math.inf, 0, m))  # -inf rows 0/0, +inf rows inf-inf: NaN as torch
+    e = x - xp.where(m == -math.inf, 0, m)  # -inf rows 0/0, +inf rows inf-inf: NaN as torch
+    e = xp.exp(e, out=e) if e.dtype.kind in "fc" else xp.exp(e)
     e /= xp.sum(e, axis=axis, keepdims=True)
     return e
 

@@ -130,7 +130,8 @@ def layer_norm(x: Any, normalized_shape, weight: Tensor | None = None,
     # Negative axes name the same axes of a cotangent with leading batch axes.
     y = bind(normalize_p, x, axes=tuple(range(-n, 0)), eps=float(eps))
     if weight is not None:
-        y = y * weight
+        y = y * weight  # a new product: the bias can go into it in place
+        return y if bias is None else _add_bias(y, bias)
     return y if bias is None else y + bias
 
 
