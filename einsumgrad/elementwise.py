@@ -121,8 +121,8 @@ _SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def _normal_cdf_impl(x):
-    # Phi(x) = (1 + erf(x / sqrt 2)) / 2, in place, or the backend's fused
-    # kernel where it has one for this dtype.
+    # The normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2, in place, or the
+    # backend's fused kernel where it has one for this dtype.
     xp = backend_of(x)
     r = xp.normal_cdf(x) if xp.normal_cdf is not None else None
     if r is None:
@@ -142,13 +142,31 @@ def _normal_pdf_impl(x):
     return r
 
 
-# phi(x), the normal density: Phi's derivative, and its own is -x phi(x).
+# phi(x), the normal density, with its derivative -x phi(x).
 normal_pdf, normal_pdf_p = _unary("normal_pdf", _normal_pdf_impl, lambda x, out: -(x * out))
 
 
-# The standard normal CDF; GELU is x * Phi(x). Phi is saved by the forward
-# pass, so GELU's backward is a few multiplies and one exp: no erf again.
-normal_cdf, normal_cdf_p = _unary("normal_cdf", _normal_cdf_impl, lambda x, out: normal_pdf(x))
+def _gelu_d_impl(x, cdf):
+    # GELU'(x) = Phi(x) + x phi(x): one new array, the rest in place.
+    r = _normal_pdf_impl(x)
+    r *= x
+    r += cdf
+    return r
+
+
+gelu_d_p = Primitive("gelu_d", _gelu_d_impl, elementwise=True)
+# GELU''(x) = phi(x) (2 - x^2), in engine ops: every order stays differentiable.
+_gelu_dd = lambda x: normal_pdf(x) * (2.0 - x * x)
+gelu_d_p.defvjp(lambda k, g, out, x, cdf: g * _gelu_dd(x))
+gelu_d_p.defjvp(lambda k, t, out, x, cdf: t * _gelu_dd(x))
+gelu_d_p.defbatch(_elementwise_batch)
+
+# GELU(x) = x Phi(x). Phi(x) is computed once, forward, and kept on the node
+# as a constant: the derivative Phi + x phi reads it instead of another erf.
+gelu_p = Primitive("gelu", lambda x, cdf: x * cdf, elementwise=True)
+gelu_p.defvjp(lambda k, g, out, x, cdf: g * bind(gelu_d_p, x, cdf=cdf))
+gelu_p.defjvp(lambda k, t, out, x, cdf: t * bind(gelu_d_p, x, cdf=cdf))
+gelu_p.defbatch(_elementwise_batch)
 
 
 def gelu(x, approximate: str = "none") -> Tensor:
@@ -159,7 +177,7 @@ def gelu(x, approximate: str = "none") -> Tensor:
         return 0.5 * x * (1.0 + tanh(c * (x + 0.044715 * x * x * x)))
     if approximate != "none":
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
-    return x * normal_cdf(x)
+    return bind(gelu_p, x, cdf=_normal_cdf_impl(x.data))
 
 
 def _binop(p):
