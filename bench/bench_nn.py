@@ -112,7 +112,10 @@ def _threads(n: int):
 def _time_both(eg_step, torch_step, title: str, target: float) -> None:
     for n in sorted({1, os.cpu_count() or 1}):
         with _threads(n):
-            times = {"einsumgrad": median_time(eg_step), "PyTorch eager": median_time(torch_step)}
+            # Several steps per sample, back to back as in training (one step a
+            # sample would time each right after the gc.collect between samples).
+            times = {"einsumgrad": median_time(eg_step, min_time=2.0),
+                     "PyTorch eager": median_time(torch_step, min_time=2.0)}
         report(f"{title}, {n} thread{'s' * (n > 1)} each", times, ours="einsumgrad",
                targets={"PyTorch eager": target})
 
