@@ -342,7 +342,10 @@ def _scatter_impl(g, shape, index, nb):
     if lead:  # g has its nb axes first; the index puts NumPy's lead dims there
         g = _to_front(g, nb, lead)
     z = xp.zeros(shape, dtype=g.dtype)
-    xp.add_at(z, _full(index, nb), g)
+    if _advanced(index)[0]:
+        xp.add_at(z, _full(index, nb), g)  # array indices may repeat a position
+    else:
+        z[_full(index, nb)] = g  # basic indexing reaches each position once
     return z
 
 
