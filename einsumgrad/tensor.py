@@ -189,20 +189,11 @@ class Tensor:
                                "no input on its path has requires_grad=True")
         retain = create_graph if retain_graph is None else retain_graph
         with _recording(create_graph):
-            grads = backprop([self], [grad], targets=None)
+            grads = backprop([self], [grad], targets=None, release=not retain)
         for t, g in grads:
             g = g if create_graph else g.detach()
             t.grad = g if t.grad is None else (t.grad + g if create_graph else
                                                Tensor(t.grad.data + g.data))
-        if not retain:
-            _free(self)
-
-
-def _free(root: Tensor) -> None:
-    for t in _topo([root], lambda t: t.requires_grad):
-        node = t._node
-        if node is not None and node.inputs is not None:
-            node.inputs = None
 
 
 # -- binding and recording ----------------------------------------------------
@@ -328,12 +319,13 @@ def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> Callable:
 
 
 def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
-             targets: Sequence[Tensor] | None) -> list:
+             targets: Sequence[Tensor] | None, release: bool = False) -> list:
     """Reverse mode: pull ``cotangents`` from ``roots`` back to ``targets``.
 
     Cotangents may carry leading batch axes beyond their root's shape; every
     VJP rule keeps them. With ``targets=None`` it flows into every leaf that
-    requires grad (``Tensor.backward``).
+    requires grad (``Tensor.backward``). With ``release``, the nodes walked
+    drop what they saved once the pass is done (a second backward then raises).
 
     Returns:
         ``[(tensor, cotangent)]`` for the targets (or leaves) reached.
@@ -367,6 +359,10 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
             if prim.elementwise and gk.shape[g.ndim - t.ndim:] != x.shape:
                 gk = _ops.sum_to(gk, x.shape, g.ndim - t.ndim)
             cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
+    if release:
+        for t in order:
+            if t._node is not None:
+                t._node.inputs = None
     return result
 
 
