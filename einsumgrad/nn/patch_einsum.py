@@ -1,14 +1,15 @@
-"""Einsums against image patches, computed one kernel offset at a time.
+"""Einsums against image patches, without the whole patch tensor.
 
 ``patch_einsum(spec, x, o)`` is ``einsum(spec, patches(x), o)`` and
 ``unpatch_einsum(spec, a, b, size)`` is ``unpatch(einsum(spec, a, b))``: a
-convolution, its weight gradient and its input gradient. Materialized, the
-patch tensor is ``kh*kw`` times the image (14 MB per conv of the bench CNN),
-and a step that allocates it forward and again backward page-faults fresh
-heap every step under glibc's default malloc. Here each of the ``kh*kw``
-offsets is one planned einsum on a strided view of the padded image (a
-matmul), added into the result (or, for ``unpatch_einsum``, onto the image):
-no buffer larger than the image.
+convolution, its weight gradient and its input gradient. Materialized whole,
+the patch tensor is ``kh*kw`` times the image (14 MB per conv of the bench
+CNN), copied from and to memory. ``patch_einsum`` copies the patches a
+cache-sized chunk of images at a time, each chunk one matmul over
+``kh*kw*C``; ``unpatch_einsum`` (and ``patch_einsum`` past 64 MB a chunk) runs
+each of the ``kh*kw`` offsets as one planned einsum on a strided view of the
+padded image (a matmul), added into the result or onto the image: no buffer
+larger than the image.
 
 The patch term is the first operand of ``patch_einsum`` and the output of
 ``unpatch_einsum``; its last four labels are (OH, OW, kh, kw). The two
@@ -64,10 +65,17 @@ def _small(patch_shape, *others) -> bool:
     return math.prod(patch_shape) <= max(math.prod(s) for s in others)
 
 
+def _owned(r):
+    """``r`` if it can be added into in place, else a copy: a product constant
+    along a broadcast axis comes back as a stride-0 (read-only) view."""
+    return r.copy() if 0 in r.strides else r
+
+
 # Patches are copied (im2col) this many bytes at a time: a chunk stays in
 # cache between its copy and its matmul. Whole, the bench CNN's are 14 MB
 # and each copy ran from memory at twice the cost (fwd 7.3 -> 5.2 ms).
 _CHUNK_BYTES = 1 << 20
+_PATCH_BYTES = 64 << 20  # past this per chunk the offsets run one at a time
 
 
 def _chunks(x, p: tuple, out_term: tuple, sizes: dict) -> tuple:
@@ -118,15 +126,6 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding):
             else:
                 out += r
     return out
-
-
-_PATCH_BYTES = 64 << 20  # past this per chunk the offsets run one at a time
-
-
-def _owned(r):
-    """``r`` if it can be added into in place, else a copy: a product constant
-    along a broadcast axis comes back as a stride-0 (read-only) view."""
-    return r.copy() if 0 in r.strides else r
 
 
 def _by_chunks(x, o, spec, kernel, stride, padding, ax, step):
