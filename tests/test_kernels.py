@@ -8,11 +8,14 @@ every branch and compares with NumPy or PyTorch.
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import einsumgrad as eg
 from einsumgrad.nn import functional as F
 from einsumgrad.nn import patch_einsum as pe
 from tests.backends import NAME, npy, xb
+from tests.einsum_cases import einsum_cases
 
 
 def _torch_softmax(x):
@@ -154,3 +157,43 @@ def test_layer_bias_added_in_place_only_into_fresh_products():
         np.testing.assert_array_equal(y, before)
     wide = F._add_bias(eg.tensor(xb(np.ones((1, 3)))), xb(np.ones((4, 3))))
     assert wide.shape == (4, 3)
+
+
+@st.composite
+def _laid_out(draw):
+    """A random einsum problem whose operands lie in memory in random ways:
+    axes permuted, every other entry of a doubled axis, broadcast (stride 0)
+    along a size-1 axis widened to its full size."""
+    subscripts, shapes, full = draw(einsum_cases())
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    ops = []
+    for shape, wide in zip(shapes, full):
+        kind = draw(st.sampled_from(["plain", "permuted", "strided", "broadcast"]))
+        if kind == "broadcast" and shape != wide and "..." not in subscripts:
+            # the same values einsum would broadcast itself, as a stride-0 view
+            op = np.broadcast_to(rng.standard_normal(shape), wide)
+        elif kind == "permuted" and len(shape) > 1:
+            order = draw(st.permutations(range(len(shape))))
+            op = rng.standard_normal(tuple(shape[i] for i in order)).transpose(np.argsort(order))
+        elif kind == "strided" and len(shape):
+            op = rng.standard_normal(shape[:-1] + (2 * shape[-1],))[..., ::2]
+        else:
+            op = rng.standard_normal(shape)
+        ops.append(op)
+    return subscripts, ops
+
+
+@settings(max_examples=300, deadline=None)
+@given(_laid_out())
+def test_random_einsums_on_any_memory_layout_match_numpy(case):
+    subscripts, ops = case
+    want = np.einsum(subscripts, *ops)
+    out, pull = eg.vjp(lambda *a: eg.einsum(subscripts, *a), *[xb(o) for o in ops])
+    np.testing.assert_allclose(npy(out), want, rtol=1e-10, atol=1e-12, err_msg=subscripts)
+    # The VJPs read the saved operands in those layouts too: as from plain copies.
+    g = xb(np.random.default_rng(0).standard_normal(want.shape))
+    _, pull_plain = eg.vjp(lambda *a: eg.einsum(subscripts, *a),
+                           *[xb(np.array(o, order="C")) for o in ops])
+    for k, (a, b) in enumerate(zip(pull(g), pull_plain(g))):
+        np.testing.assert_allclose(npy(a), npy(b), rtol=1e-10, atol=1e-12,
+                                   err_msg=f"{subscripts}: vjp {k}")
