@@ -161,9 +161,6 @@ def logsumexp(x, axis=-1, keepdims: bool = False) -> Tensor:
                                                if i not in _axes(axis, x.ndim)))
 
 
-def log_softmax(x, axis=-1) -> Tensor:
-    x = as_tensor(x)
-    return x - logsumexp(x, axis, keepdims=True)
 
 
 def _softmax_impl(x, axis):
@@ -207,3 +204,26 @@ def softmax(x, axis=-1) -> Tensor:
     x = as_tensor(x)
     # A negative axis names the same axis of a cotangent with leading batch axes.
     return bind(softmax_p, x, axis=_axes(axis, x.ndim)[0] - x.ndim)
+
+
+def _log_softmax_impl(x, axis):
+    xp = backend_of(x)
+    m = xp.max(x, axis=axis, keepdims=True)
+    r = x - xp.where(xp.isfinite(m), m, 0)  # the shift cancels; it keeps exp in range
+    r = r.astype(xp.result_type(r.dtype, 1.0), copy=False)  # integers: float, as exp gives
+    r -= xp.log(xp.sum(xp.exp(r), axis=axis, keepdims=True))
+    return r
+
+
+log_softmax_p = Primitive("log_softmax", _log_softmax_impl)
+# x - logsumexp(x) as one primitive (the composite records ten ops each way);
+# its rules are in engine ops on the output, softmax being exp(out).
+log_softmax_p.defvjp(lambda k, g, out, x, axis: g - exp(out) * sum(g, axis, keepdims=True))
+log_softmax_p.defjvp(lambda k, t, out, x, axis: t - sum(exp(out) * t, axis, keepdims=True))
+log_softmax_p.defbatch(_softmax_batch)
+
+
+def log_softmax(x, axis=-1) -> Tensor:
+    """``x - logsumexp(x)`` along ``axis``, stable for large inputs."""
+    x = as_tensor(x)
+    return bind(log_softmax_p, x, axis=_axes(axis, x.ndim)[0] - x.ndim)
