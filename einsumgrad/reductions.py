@@ -161,8 +161,6 @@ def logsumexp(x, axis=-1, keepdims: bool = False) -> Tensor:
                                                if i not in _axes(axis, x.ndim)))
 
 
-
-
 def _softmax_impl(x, axis):
     xp = backend_of(x)
     # Any shift cancels; the row max keeps exp from overflowing. Over short
@@ -209,7 +207,7 @@ def softmax(x, axis=-1) -> Tensor:
 def _log_softmax_impl(x, axis):
     xp = backend_of(x)
     m = xp.max(x, axis=axis, keepdims=True)
-    r = x - xp.where(xp.isfinite(m), m, 0)  # the shift cancels; it keeps exp in range
+    r = x - xp.where(m == -math.inf, 0, m)  # the shift cancels; NaN rows as softmax's
     r = r.astype(xp.result_type(r.dtype, 1.0), copy=False)  # integers: float, as exp gives
     r -= xp.log(xp.sum(xp.exp(r), axis=axis, keepdims=True))
     return r
