@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy
 
+from . import blas
+
 
 class Backend:
     """An array namespace: the module's functions plus the few extras rules need.
@@ -23,14 +25,17 @@ class Backend:
     ``B.zeros`` are the module's own. Extras: ``name`` (part of plan cache
     keys), ``erf``, ``add_at``, ``as_strided``, ``to_numpy``, ``asarray``, and
     ``normal_cdf``: a fused kernel for the normal CDF ``Phi(x)`` (GELU's), or None
-    to compose it from ``erf``.
+    to compose it from ``erf``; ``matmul`` replaces the module's (the NumPy
+    backend takes MKL's GEMM when it is installed, see :mod:`einsumgrad.blas`).
     """
 
     def __init__(self, name: str, module: ModuleType | Any, *, erf: Callable,
                  add_at: Callable, as_strided: Callable, to_numpy: Callable,
                  asarray: Callable | None = None, device: str = "cpu",
-                 normal_cdf: Callable | None = None):
+                 normal_cdf: Callable | None = None, matmul: Callable | None = None):
         self.name, self.module, self.device = name, module, device
+        if matmul is not None:
+            self.matmul = matmul
         self.erf, self.add_at, self.as_strided, self.to_numpy = erf, add_at, as_strided, to_numpy
         self.asarray = asarray or module.asarray
         self.normal_cdf = normal_cdf
@@ -128,7 +133,7 @@ def _numpy_add_at(target, index, values):
 
 NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
                 as_strided=numpy.lib.stride_tricks.as_strided,
-                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf)
+                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf, matmul=blas.matmul)
 
 _registry: dict = {numpy.ndarray: NUMPY}
 _CUPY: Backend | None = None

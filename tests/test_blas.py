@@ -1,0 +1,105 @@
+"""MKL's GEMM behind the NumPy backend's matmul (einsumgrad/blas.py): it must be
+``numpy.matmul`` on every layout, shape and dtype, taking or declining each."""
+import importlib.metadata
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from einsumgrad import backend, blas
+
+
+def _mkl_installed() -> bool:
+    try:
+        importlib.metadata.version("mkl")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return sys.platform.startswith("linux")
+
+
+needs_mkl = pytest.mark.skipif(blas.matmul is None, reason="the mkl wheel is not installed")
+
+
+def test_mkl_is_used_when_installed():
+    # make test installs the mkl wheel on Linux x86: the kernel must load there,
+    # so the tests below run rather than skip.
+    if _mkl_installed():
+        assert blas.matmul is not None
+        assert backend.NUMPY.matmul is blas.matmul
+    else:
+        assert backend.NUMPY.matmul is np.matmul
+
+
+def _layout(draw, shape, dtype):
+    """An array of ``shape`` laid out as drawn: C order, transposed last axes,
+    strided, or broadcast (stride 0) along a batch axis."""
+    kind = draw(st.sampled_from(["c", "f", "strided", "batch-broadcast", "permuted-batch"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    base = lambda s: rng.standard_normal(s).astype(dtype)
+    if kind == "f" and len(shape) >= 2:
+        return np.swapaxes(base(shape[:-2] + shape[-2:][::-1]), -1, -2)
+    if kind == "strided":
+        return base(shape[:-1] + (2 * shape[-1],))[..., ::2]
+    if kind == "batch-broadcast" and len(shape) >= 3:
+        return np.broadcast_to(base((1,) + shape[1:]), shape)
+    if kind == "permuted-batch" and len(shape) >= 3:  # heads inside tokens: batch strides do not nest
+        return np.moveaxis(base((shape[-2], shape[0]) + shape[1:-2] + shape[-1:]), 0, -2)
+    return base(shape)
+
+
+@st.composite
+def problems(draw):
+    m, k, n = (draw(st.integers(1, 24)) for _ in range(3))
+    batch = tuple(draw(st.lists(st.integers(1, 4), max_size=2)))
+    a_shape, b_shape = batch + (m, k), batch + (k, n)
+    if batch and draw(st.booleans()):  # broadcast one batch axis of b
+        b_shape = (1,) + b_shape[1:]
+    if draw(st.booleans()):
+        a_shape = (k,)
+    elif draw(st.booleans()):
+        b_shape = (k,)
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    return _layout(draw, a_shape, dtype), _layout(draw, b_shape, dtype)
+
+
+@needs_mkl
+@settings(max_examples=300, deadline=None)
+@given(problems())
+def test_matmul_as_numpy(ab):
+    a, b = ab
+    # Every product goes through MKL, however small (the size cut-off is
+    # tested below), so these small random problems exercise the kernel.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blas, "_MIN_WORK", 0)
+        got = blas.matmul(a, b)
+    want = np.matmul(a, b)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = 1e-4 if a.dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@needs_mkl
+def test_declines_what_blas_cannot_take(monkeypatch):
+    calls = []
+    monkeypatch.setattr(np, "matmul", lambda a, b: calls.append(1) or a.__matmul__(b))
+    a32, b64 = np.ones((64, 64), np.float32), np.ones((64, 64))
+    blas.matmul(a32, b64)                          # mixed dtypes
+    blas.matmul(np.ones((64, 64), int), np.ones((64, 64), int))
+    blas.matmul(np.ones((4, 4)), np.ones((4, 4)))  # too small to pay for a ctypes call
+    assert len(calls) == 3
+    calls.clear()
+    big = np.ones((64, 64))
+    assert np.array_equal(blas.matmul(big, big), np.full((64, 64), 64.0))
+    assert not calls
+
+
+@needs_mkl
+def test_large_products_and_errors():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 200, 300)), rng.standard_normal((300, 100))
+    np.testing.assert_allclose(blas.matmul(a, b), a @ b, rtol=1e-12)
+    with pytest.raises(ValueError, match="matmul"):
+        blas.matmul(rng.standard_normal((200, 300)), rng.standard_normal((299, 100)))
+    with pytest.raises(ValueError):
+        blas.matmul(rng.standard_normal((2, 200, 300)), rng.standard_normal((3, 300, 100)))
