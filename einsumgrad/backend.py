@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy
 
-from . import blas
+from . import mkl
 
 
 class Backend:
@@ -26,7 +26,7 @@ class Backend:
     keys), ``erf``, ``add_at``, ``as_strided``, ``to_numpy``, ``asarray``, and
     ``normal_cdf``: a fused kernel for the normal CDF ``Phi(x)`` (GELU's), or None
     to compose it from ``erf``; ``matmul`` replaces the module's (the NumPy
-    backend takes MKL's GEMM when it is installed, see :mod:`einsumgrad.blas`).
+    backend takes MKL's GEMM when it is installed, see :mod:`einsumgrad.mkl`).
     """
 
     def __init__(self, name: str, module: ModuleType | Any, *, erf: Callable,
@@ -115,6 +115,9 @@ def _numpy_erf() -> Callable:
 
     def dispatch(x):
         x = numpy.asarray(x)
+        r = mkl.erf(x) if mkl.erf is not None else None
+        if r is not None:
+            return r
         if x.dtype.kind == "f" and x.dtype.itemsize <= 4:
             return _erf_float32(x)
         return erf(x)
@@ -122,9 +125,10 @@ def _numpy_erf() -> Callable:
 
 
 def _numpy_normal_cdf(x):
-    if x.dtype.kind == "f" and x.dtype.itemsize <= 4:
-        return _erf_float32(x, cdf=True)
-    return None  # float64: composed from SciPy's exact erf
+    r = mkl.normal_cdf(x) if mkl.normal_cdf is not None else None
+    if r is None and x.dtype.kind == "f" and x.dtype.itemsize <= 4:
+        r = _erf_float32(x, cdf=True)
+    return r  # None for float64 without MKL: composed from SciPy's exact erf
 
 
 def _numpy_add_at(target, index, values):
@@ -133,7 +137,7 @@ def _numpy_add_at(target, index, values):
 
 NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
                 as_strided=numpy.lib.stride_tricks.as_strided,
-                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf, matmul=blas.matmul)
+                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf, matmul=mkl.matmul)
 
 _registry: dict = {numpy.ndarray: NUMPY}
 _CUPY: Backend | None = None

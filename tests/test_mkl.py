@@ -1,13 +1,15 @@
-"""MKL's GEMM behind the NumPy backend's matmul (einsumgrad/blas.py): it must be
-``numpy.matmul`` on every layout, shape and dtype, taking or declining each."""
+"""MKL kernels behind the NumPy backend (einsumgrad/mkl.py): matmul must be
+``numpy.matmul`` on every layout, shape and dtype, taking or declining each;
+erf and the normal CDF must be SciPy's to about an ulp."""
 import importlib.metadata
+import os
 import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from einsumgrad import backend, blas
+from einsumgrad import backend, mkl
 
 
 def _mkl_installed() -> bool:
@@ -15,18 +17,18 @@ def _mkl_installed() -> bool:
         importlib.metadata.version("mkl")
     except importlib.metadata.PackageNotFoundError:
         return False
-    return sys.platform.startswith("linux")
+    return sys.platform.startswith("linux") and os.environ.get("EINSUMGRAD_MKL") != "0"
 
 
-needs_mkl = pytest.mark.skipif(blas.matmul is None, reason="the mkl wheel is not installed")
+needs_mkl = pytest.mark.skipif(mkl.matmul is None, reason="the mkl wheel is not installed")
 
 
 def test_mkl_is_used_when_installed():
-    # make test installs the mkl wheel on Linux x86: the kernel must load there,
-    # so the tests below run rather than skip.
+    # make test installs the mkl wheel on Linux x86: the kernels must load there
+    # (unless EINSUMGRAD_MKL=0), so the tests below run rather than skip.
     if _mkl_installed():
-        assert blas.matmul is not None
-        assert backend.NUMPY.matmul is blas.matmul
+        assert None not in (mkl.matmul, mkl.erf, mkl.normal_cdf)
+        assert backend.NUMPY.matmul is mkl.matmul
     else:
         assert backend.NUMPY.matmul is np.matmul
 
@@ -71,8 +73,8 @@ def test_matmul_as_numpy(ab):
     # Every product goes through MKL, however small (the size cut-off is
     # tested below), so these small random problems exercise the kernel.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(blas, "_MIN_WORK", 0)
-        got = blas.matmul(a, b)
+        mp.setattr(mkl, "_MIN_WORK", 0)
+        got = mkl.matmul(a, b)
     want = np.matmul(a, b)
     assert got.shape == want.shape and got.dtype == want.dtype
     tol = 1e-4 if a.dtype == np.float32 else 1e-12
@@ -80,26 +82,46 @@ def test_matmul_as_numpy(ab):
 
 
 @needs_mkl
-def test_declines_what_blas_cannot_take(monkeypatch):
+def test_matmul_declines_what_blas_cannot_take(monkeypatch):
     calls = []
     monkeypatch.setattr(np, "matmul", lambda a, b: calls.append(1) or a.__matmul__(b))
     a32, b64 = np.ones((64, 64), np.float32), np.ones((64, 64))
-    blas.matmul(a32, b64)                          # mixed dtypes
-    blas.matmul(np.ones((64, 64), int), np.ones((64, 64), int))
-    blas.matmul(np.ones((4, 4)), np.ones((4, 4)))  # too small to pay for a ctypes call
+    mkl.matmul(a32, b64)                          # mixed dtypes
+    mkl.matmul(np.ones((64, 64), int), np.ones((64, 64), int))
+    mkl.matmul(np.ones((4, 4)), np.ones((4, 4)))  # too small to pay for a ctypes call
     assert len(calls) == 3
     calls.clear()
     big = np.ones((64, 64))
-    assert np.array_equal(blas.matmul(big, big), np.full((64, 64), 64.0))
+    assert np.array_equal(mkl.matmul(big, big), np.full((64, 64), 64.0))
     assert not calls
 
 
 @needs_mkl
-def test_large_products_and_errors():
+def test_matmul_large_products_and_errors():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 200, 300)), rng.standard_normal((300, 100))
-    np.testing.assert_allclose(blas.matmul(a, b), a @ b, rtol=1e-12)
+    np.testing.assert_allclose(mkl.matmul(a, b), a @ b, rtol=1e-12)
     with pytest.raises(ValueError, match="matmul"):
-        blas.matmul(rng.standard_normal((200, 300)), rng.standard_normal((299, 100)))
+        mkl.matmul(rng.standard_normal((200, 300)), rng.standard_normal((299, 100)))
     with pytest.raises(ValueError):
-        blas.matmul(rng.standard_normal((2, 200, 300)), rng.standard_normal((3, 300, 100)))
+        mkl.matmul(rng.standard_normal((2, 200, 300)), rng.standard_normal((3, 300, 100)))
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_erf_and_normal_cdf(dtype):
+    special = pytest.importorskip("scipy.special")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(100_000) * 3, np.linspace(-40, 10, 1001),
+                        [0.0, -0.0, 1e-30, np.inf, -np.inf]]).astype(dtype)
+    for ours, exact in ((mkl.erf, special.erf), (mkl.normal_cdf, special.ndtr)):
+        want = exact(x.astype(np.float64))
+        got = ours(x[::-1])[::-1]  # a strided view goes in too
+        assert got.dtype == dtype and got.shape == x.shape
+        # Within one epsilon (two ulps of 1/2) everywhere, the tails included:
+        # the composed 0.5 * (1 + erf(x / sqrt 2)) that MKL replaces is no closer.
+        assert np.max(np.abs(got - want)) <= np.finfo(dtype).eps
+    assert mkl.erf(np.array(0.5, dtype)) == pytest.approx(special.erf(0.5), rel=1e-6)
+    assert np.isnan(mkl.normal_cdf(np.array([np.nan], dtype))).all()
+    assert mkl.erf(np.ones(3, int)) is None  # other dtypes: the caller's own route
+    assert mkl.normal_cdf(np.zeros((0, 3), dtype)).shape == (0, 3)
