@@ -94,19 +94,21 @@ def _steps(ours, theirs, x, y):
 
 @contextlib.contextmanager
 def _threads(n: int):
-    """``n`` threads for both sides: NumPy's BLAS and torch's intra-op pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    """``n`` threads for both sides: NumPy's BLAS (and MKL's) and torch's intra-op pool."""
     try:
         from threadpoolctl import threadpool_limits
+        # Taken first: it records each pool's count before torch.set_num_threads
+        # moves the OpenMP runtime that MKL shares with torch, and restores them last.
         limits = threadpool_limits(limits=n, user_api="blas")
     except ImportError:  # BLAS keeps its default (every core)
         limits = contextlib.nullcontext()
-    try:
-        with limits:
+    with limits:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
             yield
-    finally:
-        torch.set_num_threads(before)
+        finally:
+            torch.set_num_threads(before)
 
 
 def _time_both(eg_step, torch_step, title: str, target: float) -> None:

@@ -16,7 +16,8 @@ array type):
   about 1 ulp) on float32 and float64.
 
 ``EINSUMGRAD_MKL=0`` turns it all off. Thread counts follow ``MKL_NUM_THREADS``
-and ``threadpoolctl``, as for any MKL.
+and ``threadpoolctl``, as for any MKL; MKL runs on the OpenMP runtime already
+in the process, so with torch imported ``torch.set_num_threads`` moves it too.
 """
 from __future__ import annotations
 
