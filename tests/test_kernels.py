@@ -197,3 +197,37 @@ def test_random_einsums_on_any_memory_layout_match_numpy(case):
     for k, (a, b) in enumerate(zip(pull(g), pull_plain(g))):
         np.testing.assert_allclose(npy(a), npy(b), rtol=1e-10, atol=1e-12,
                                    err_msg=f"{subscripts}: vjp {k}")
+
+
+@st.composite
+def _windowed_max(draw):
+    """A max over small window axes of an array in a random memory layout, its
+    values from a handful of levels so that windows tie."""
+    ndim = draw(st.integers(1, 5))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
+    axes = tuple(sorted(draw(st.sets(st.integers(0, ndim - 1), min_size=1, max_size=ndim))))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    order = draw(st.permutations(range(ndim)))
+    x = rng.integers(-2, 2, tuple(shape[i] for i in order)).astype(float)
+    x = x.transpose(np.argsort(order))
+    if draw(st.booleans()):  # every other entry along the innermost axis
+        x = np.repeat(x, 2, axis=-1)[..., ::2]
+    return x, axes
+
+
+@settings(max_examples=300, deadline=None)
+@given(_windowed_max())
+def test_windowed_max_and_its_rules_on_any_layout(case):
+    # max over pooling windows folds one axis at a time and aligns its saved
+    # output (and the cotangent) with the input's rows; ties split evenly.
+    x, axes = case
+    np.testing.assert_array_equal(npy(eg.max(xb(x), axis=axes)), np.max(x, axis=axes))
+    winners = x == np.max(x, axis=axes, keepdims=True)
+    g = np.random.default_rng(1).standard_normal(np.max(x, axis=axes).shape)
+    want = np.expand_dims(g / winners.sum(axis=axes), axes) * winners
+    _, pull = eg.vjp(lambda t: eg.max(t, axis=axes), xb(x))
+    np.testing.assert_allclose(npy(pull(xb(g))[0]), want, rtol=1e-12, atol=0)
+    t = np.random.default_rng(2).standard_normal(x.shape)
+    _, tangent = eg.jvp(lambda a: eg.max(a, axis=axes), (xb(x),), (xb(t),))
+    np.testing.assert_allclose(npy(tangent), (winners * t).sum(axis=axes) / winners.sum(axis=axes),
+                               rtol=1e-12, atol=1e-15)
