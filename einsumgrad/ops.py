@@ -40,6 +40,19 @@ def _compare(fn):
     return compare
 
 
+def _reduction(fn):
+    def method(x, axis=None, keepdims=False, **numpy_kwargs):
+        # numpy.sum(t), numpy.mean(t), numpy.max(t) call these with their own
+        # keywords (out=None, dtype=None): fine while unset, refused by name if set.
+        given = sorted(k for k, v in numpy_kwargs.items() if v is not None)
+        if given:
+            raise TypeError(f"Tensor.{fn.__name__}: {', '.join(given)} not supported "
+                            f"(einsumgrad reductions return a new Tensor)")
+        return fn(x, axis, keepdims)
+    method.__name__, method.__doc__ = fn.__name__, fn.__doc__
+    return method
+
+
 def _install_methods():
     T = Tensor
     T.__add__ = T.__radd__ = lambda x, y: add(x, y)
@@ -60,9 +73,7 @@ def _install_methods():
     T.__ne__ = _compare(lambda a, b: a != b)
     T.__hash__ = object.__hash__  # by identity: the engine keys by id(), never by ==
     T.T = property(lambda x: transpose(x))
-    T.sum = lambda x, axis=None, keepdims=False: sum(x, axis, keepdims)
-    T.mean = lambda x, axis=None, keepdims=False: mean(x, axis, keepdims)
-    T.max = lambda x, axis=None, keepdims=False: max(x, axis, keepdims)
+    T.sum, T.mean, T.max = _reduction(sum), _reduction(mean), _reduction(max)
     T.reshape = lambda x, *shape: reshape(x, *shape)
     T.transpose = lambda x, *axes: transpose(x, axes[0] if len(axes) == 1 and isinstance(
         axes[0], (tuple, list)) else (axes or None))

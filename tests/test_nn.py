@@ -190,6 +190,24 @@ def test_cross_entropy_rejects_labels_that_do_not_fit(rng):
         F.cross_entropy(eg.tensor(xb(np.ones(4))), xb(np.array([1])))
     with pytest.raises(ValueError, match="integer"):
         F.cross_entropy(logits, xb(np.zeros((3, 5))))
+    # A label outside [0, C) would pick no class and count as a zero loss: refused.
+    for label in (4, -1):
+        out_of_range = np.zeros((3, 5), int)
+        out_of_range[2, 1] = label
+        with pytest.raises(ValueError, match=f"label {label} is out of range for 4 classes"):
+            F.cross_entropy(logits, xb(out_of_range))
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_cross_entropy_ignore_index_as_torch(rng, ignore_index):
+    logits = rng.standard_normal((7, 4, 3))
+    labels = rng.integers(0, 4, (7, 3))
+    labels[[0, 3, 5], [1, 0, 2]] = ignore_index
+    compare(lambda z: F.cross_entropy(z, xb(labels), ignore_index=ignore_index),
+            lambda z: TF.cross_entropy(z, torch.tensor(labels), ignore_index=ignore_index),
+            logits)
+    every = np.full((7, 3), ignore_index)  # nothing left to average: nan, as torch
+    assert np.isnan(float(npy(F.cross_entropy(xb(logits), xb(every), ignore_index=ignore_index))))
 
 
 def test_dropout_train_and_eval(rng):

@@ -143,16 +143,18 @@ def _labels_array(labels: Any, like: Tensor):
     return data
 
 
-def cross_entropy(logits: Any, labels: Any) -> Tensor:
+def cross_entropy(logits: Any, labels: Any, ignore_index: int = -100) -> Tensor:
     """Mean negative log-likelihood of integer ``labels`` under ``softmax(logits)``, as torch's.
 
     The class axis is axis 1: ``logits`` ``(N, C)`` with ``labels`` ``(N,)``, or
     ``(N, C, d1, ...)`` with ``(N, d1, ...)``, or ``(C,)`` with a 0-d label; the
-    mean is over all targets. The label pick is an einsum with a constant
-    one-hot mask, so its adjoint is a multiply, not a scatter.
+    mean is over the targets not equal to ``ignore_index`` (NaN if there are
+    none, as torch). The label pick is an einsum with a constant one-hot mask,
+    so its adjoint is a multiply, not a scatter.
 
     Raises:
-        ValueError: the labels' shape does not fit the logits', or they are not integers.
+        ValueError: the labels' shape does not fit the logits', they are not
+            integers, or one lies outside ``[0, C)`` (and is not ``ignore_index``).
     """
     logits = as_tensor(logits)
     xp = backend_of(logits.data)
@@ -168,11 +170,19 @@ def cross_entropy(logits: Any, labels: Any) -> Tensor:
     if y.dtype.kind not in "iu":
         raise ValueError(f"cross_entropy: labels must be integer class indices, got {y.dtype}")
     c = logits.shape[axis]
+    kept = y != ignore_index
+    bad = kept & ((y < 0) | (y >= c))
+    if bool(xp.any(bad)):
+        raise ValueError(f"cross_entropy: label {int(y[bad].reshape(-1)[0])} is out of range "
+                         f"for {c} classes (logits {logits.shape}, class axis {axis})")
     classes = xp.arange(c).reshape((c,) + (1,) * (logits.ndim - axis - 1))
-    onehot = (y.reshape(want[:axis] + (1,) + want[axis:]) == classes).astype(logits.dtype)
+    as_column = lambda a: a.reshape(want[:axis] + (1,) + want[axis:])
+    # An ignored target's row of the mask is zero (its label may be a class).
+    onehot = ((as_column(y) == classes) & as_column(kept)).astype(logits.dtype)
     logp = ops.log_softmax(logits, axis)
     s = "abcdefghijklmnopqrstuvwxyz"[:logits.ndim]
-    scale = -1.0 / y.size if y.size else math.nan  # an empty batch's mean: nan, as torch
+    n = int(xp.sum(kept))
+    scale = -1.0 / n if n else math.nan  # no target left: nan, as torch
     return ops.einsum(f"{s},{s}->", logp, Tensor(onehot)) * scale
 
 
