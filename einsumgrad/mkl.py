@@ -32,6 +32,7 @@ import numpy
 _MIN_WORK = 1 << 16  # m*n*k below this: numpy.matmul (a ctypes call is ~5 us)
 _ROW, _NOTRANS, _TRANS = 101, 111, 112
 _INT, _PTR = ctypes.c_int, ctypes.c_void_p
+_INT_LIMIT = 2 ** 31
 
 
 def _load() -> ctypes.CDLL | None:
@@ -91,7 +92,11 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
         if tb is None:
             y = numpy.ascontiguousarray(y)
             tb = _NOTRANS, n
+        if max(m, n, k, ta[1], tb[1]) >= _INT_LIMIT:
+            return numpy.matmul(a, b)  # past MKL's 32-bit integers
         out = numpy.empty(lead + (m, n), dtype=a.dtype)
+        if out.size == 0:
+            return numpy.matmul(a, b)  # an empty batch
         fn, scalar = gemm[a.dtype]
         one, zero = scalar(1.0), scalar(0.0)
         if not lead:

@@ -101,6 +101,8 @@ def test_matmul_large_products_and_errors():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 200, 300)), rng.standard_normal((300, 100))
     np.testing.assert_allclose(mkl.matmul(a, b), a @ b, rtol=1e-12)
+    empty = rng.standard_normal((0, 200, 300))  # an empty batch of big matrices
+    assert mkl.matmul(empty, b).shape == (0, 200, 100)
     with pytest.raises(ValueError, match="matmul"):
         mkl.matmul(rng.standard_normal((200, 300)), rng.standard_normal((299, 100)))
     with pytest.raises(ValueError):
