@@ -30,7 +30,11 @@ def main(argv: list) -> None:
     except ImportError:
         print("torch not installed: its columns are skipped")
     import numpy
-    print(f"numpy {numpy.__version__}, cores {os.cpu_count()}")
+    from einsumgrad import mkl
+    print(f"numpy {numpy.__version__}, cores {os.cpu_count()}; einsumgrad's NumPy backend: "
+          + ("MKL GEMM and VML (einsumgrad[mkl]; EINSUMGRAD_MKL=0 turns it off), "
+             "NumPy's own BLAS for the hand-written NumPy peers" if mkl.matmul is not None
+             else "NumPy's own BLAS"))
     for n in names:
         importlib.import_module(n).main()
 
