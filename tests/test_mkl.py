@@ -45,7 +45,7 @@ def _layout(draw, shape, dtype):
         return base(shape[:-1] + (2 * shape[-1],))[..., ::2]
     if kind == "batch-broadcast" and len(shape) >= 3:
         return np.broadcast_to(base((1,) + shape[1:]), shape)
-    if kind == "permuted-batch" and len(shape) >= 3:  # heads inside tokens: batch strides do not nest
+    if kind == "permuted-batch" and len(shape) >= 3:  # rows outside the batch: strides do not nest
         return np.moveaxis(base((shape[-2], shape[0]) + shape[1:-2] + shape[-1:]), 0, -2)
     return base(shape)
 
