@@ -131,6 +131,12 @@ def _numpy_normal_cdf(x):
     return r  # None for float64 without MKL: composed from SciPy's exact erf
 
 
+def memory_order(a) -> list:
+    """``a``'s axes from outermost to innermost in memory (by stride; size-1
+    axes, which have no place in memory, last): how kernels walk any layout."""
+    return sorted(range(a.ndim), key=lambda i: -a.strides[i] if a.shape[i] > 1 else 0)
+
+
 def _numpy_add_at(target, index, values):
     numpy.add.at(target, index, values)
 

@@ -238,6 +238,10 @@ def _norm_index(index, xp):
     return index
 
 
+def _as_tuple(index) -> tuple:
+    return index if isinstance(index, tuple) else (index,)
+
+
 def _entry(e) -> tuple:
     """One index entry as (axes it consumes, broadcast dims it adds if advanced, is an array).
 
@@ -261,7 +265,7 @@ def _advanced(index) -> tuple:
     broadcast adds, and whether those dims go first (entries not adjacent:
     any slice, None or Ellipsis between them) or replace the entries in place.
     """
-    idx = index if isinstance(index, tuple) else (index,)
+    idx = _as_tuple(index)
     info = [None if e is None or e is Ellipsis or isinstance(e, slice) else _entry(e)
             for e in idx]
     if not any(i is not None and i[2] for i in info):
@@ -277,7 +281,7 @@ def _index_map(ndim: int, index, nb: int = 0) -> list:
     The ``nb`` leading axes stay first whatever ``index`` is (as the rules pass
     batch axes); the rest follow NumPy's indexing, advanced indices included.
     """
-    idx = index if isinstance(index, tuple) else (index,)
+    idx = _as_tuple(index)
     pos, n_adv, front = _advanced(idx)
     adv = set(pos)
     used = 0
@@ -325,7 +329,7 @@ def _to_front(a, k: int, n: int):
 
 
 def _full(index, nb: int) -> tuple:
-    return (slice(None),) * nb + (index if isinstance(index, tuple) else (index,))
+    return (slice(None),) * nb + _as_tuple(index)
 
 
 def _getitem_impl(x, index, nb):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import opt_einsum
 
-from .backend import Backend, common_backend
+from .backend import Backend, common_backend, memory_order
 from .spec import Spec
 
 _plans: dict = {}
@@ -146,7 +146,7 @@ def _sum_by_matvec(xp, a, summed: tuple, keep: tuple):
     on short rows. What is left between them (if anything) is summed by NumPy,
     on an array already that much smaller.
     """
-    order = sorted(range(a.ndim), key=lambda i: -a.strides[i] if a.shape[i] > 1 else 0)
+    order = memory_order(a)
     t = xp.transpose(a, order)
     if not t.flags.c_contiguous:
         return xp.sum(a, axis=summed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import math
 
-from .backend import backend_of
+from .backend import backend_of, memory_order
 from .elementwise import exp, log
 from .linear import _axes, reshape, sum
 from .tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
@@ -25,7 +25,7 @@ def _in_memory_order(xp, a, axes: tuple):
     memory, the window ``axes`` renumbered to match, and the moves for arrays
     without the window axes (shaped as a reduction over them): ``to_m`` into the
     same order, ``back`` out of it; ``full_back`` puts a full one back."""
-    perm = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    perm = memory_order(a)
     kept_m = [p for p in perm if p not in axes]
     kept = [k for k in range(a.ndim) if k not in axes]
     to_m = lambda r: xp.transpose(r, [kept.index(k) for k in kept_m])
@@ -56,8 +56,8 @@ def _aligned(xp, small, big, axes: tuple):
     op against ``big`` then runs its inner loop over everything inside that axis
     (whole rows, or runs of channels), not over the window's 2 or 3 entries."""
     e = xp.expand_dims(small, axes)
-    w = builtins.max(axes)
-    return xp.repeat(e, big.shape[w], axis=w) if big.shape[w] > 1 else e
+    wide = [a for a in axes if big.shape[a] > 1]
+    return xp.repeat(e, big.shape[wide[-1]], axis=wide[-1]) if wide else e
 
 
 def _max_impl(x, axes):
@@ -175,6 +175,13 @@ def logsumexp(x, axis=-1, keepdims: bool = False) -> Tensor:
                                                if i not in _axes(axis, x.ndim)))
 
 
+def _shift(xp, x, m):
+    """``x - m`` for a max ``m``: the shift cancels in softmax and log-softmax and
+    keeps exp from overflowing; all -inf rows give 0/0 and +inf rows inf-inf,
+    NaN as in torch."""
+    return x - xp.where(m == -math.inf, 0, m)
+
+
 def _softmax_impl(x, axis):
     xp = backend_of(x)
     # Any shift cancels; the row max keeps exp from overflowing. Over short
@@ -184,14 +191,14 @@ def _softmax_impl(x, axis):
     # (their small entries would underflow), all -inf, inf or nan.
     if axis == -1 and x.ndim >= 2 and x.shape[-1] * x.shape[-2] <= 4096 and x.dtype.kind == "f":
         m = xp.max(x, axis=(-2, -1), keepdims=True)
-        e = x - xp.where(m == -math.inf, 0, m)
+        e = _shift(xp, x, m)
         xp.exp(e, out=e)
         s = xp.matmul(e, xp.ones(x.shape[-1], dtype=e.dtype))[..., None]  # row sums
         if xp.all(s >= math.sqrt(xp.finfo(x.dtype).tiny)):
             e /= s
             return e
     m = xp.max(x, axis=axis, keepdims=True)
-    e = x - xp.where(m == -math.inf, 0, m)  # -inf rows 0/0, +inf rows inf-inf: NaN as torch
+    e = _shift(xp, x, m)
     e = xp.exp(e, out=e) if e.dtype.kind in "fc" else xp.exp(e)
     e /= xp.sum(e, axis=axis, keepdims=True)
     return e
@@ -221,7 +228,7 @@ def softmax(x, axis=-1) -> Tensor:
 def _log_softmax_impl(x, axis):
     xp = backend_of(x)
     m = xp.max(x, axis=axis, keepdims=True)
-    r = x - xp.where(m == -math.inf, 0, m)  # the shift cancels; NaN rows as softmax's
+    r = _shift(xp, x, m)
     r = r.astype(xp.result_type(r.dtype, 1.0), copy=False)  # integers: float, as exp gives
     r -= xp.log(xp.sum(xp.exp(r), axis=axis, keepdims=True))
     return r

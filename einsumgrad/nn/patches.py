@@ -11,7 +11,7 @@ einsums. Leading axes (batch, channels, a Jacobian's basis) pass through.
 """
 from __future__ import annotations
 
-from ..backend import backend_of
+from ..backend import backend_of, memory_order
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
 
 
@@ -23,7 +23,7 @@ def out_size(n: int, k: int, s: int, p: int) -> int:
 def _in_order_of(like, shape, xp, fill: str = "zeros"):
     """Zeros (or an empty array) of ``shape``, laid out in memory in the axis order
     of ``like``'s strides."""
-    order = sorted(range(like.ndim), key=lambda i: -like.strides[i])
+    order = memory_order(like)
     z = getattr(xp, fill)(tuple(shape[i] for i in order), dtype=like.dtype)
     return xp.transpose(z, tuple(order.index(i) for i in range(like.ndim)))
 
