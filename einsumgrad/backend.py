@@ -26,16 +26,21 @@ class Backend:
     keys), ``erf``, ``add_at``, ``as_strided``, ``to_numpy``, ``asarray``, and
     ``normal_cdf``: a fused kernel for the normal CDF ``Phi(x)`` (GELU's), or None
     to compose it from ``erf``; ``matmul`` replaces the module's (the NumPy
-    backend takes MKL's GEMM when it is installed, see :mod:`einsumgrad.mkl`).
+    backend takes MKL's GEMM when it is installed, see :mod:`einsumgrad.mkl`);
+    ``ufuncs`` replace module functions of the same name and signature (MKL's
+    multi-threaded element-wise kernels, for NumPy).
     """
 
     def __init__(self, name: str, module: ModuleType | Any, *, erf: Callable,
                  add_at: Callable, as_strided: Callable, to_numpy: Callable,
                  asarray: Callable | None = None, device: str = "cpu",
-                 normal_cdf: Callable | None = None, matmul: Callable | None = None):
+                 normal_cdf: Callable | None = None, matmul: Callable | None = None,
+                 ufuncs: dict | None = None):
         self.name, self.module, self.device = name, module, device
         if matmul is not None:
             self.matmul = matmul
+        for attr, fn in (ufuncs or {}).items():
+            setattr(self, attr, fn)
         self.erf, self.add_at, self.as_strided, self.to_numpy = erf, add_at, as_strided, to_numpy
         self.asarray = asarray or module.asarray
         self.normal_cdf = normal_cdf
@@ -143,7 +148,8 @@ def _numpy_add_at(target, index, values):
 
 NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
                 as_strided=numpy.lib.stride_tricks.as_strided,
-                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf, matmul=mkl.matmul)
+                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf, matmul=mkl.matmul,
+                ufuncs=mkl.ufuncs)
 
 _registry: dict = {numpy.ndarray: NUMPY}
 _CUPY: Backend | None = None

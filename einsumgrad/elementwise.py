@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import backend_of
+from .backend import backend_of, common_backend
 from .tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, pair
 
 # -- element-wise primitives -----------------------------------------------------------
@@ -31,11 +31,15 @@ def _binary(name, impl, vjp, jvp, linear=False):
     return p
 
 
-add_p = _binary("add", lambda x, y: x + y, lambda k, g, out, x, y: g,
-                lambda k, t, out, x, y: t, linear=True)
-sub_p = _binary("sub", lambda x, y: x - y, lambda k, g, out, x, y: g if k == 0 else -g,
+# Through the backend's functions, not operators: the NumPy backend runs the
+# large same-layout cases on MKL's threads (einsumgrad.mkl.ufuncs).
+add_p = _binary("add", lambda x, y: common_backend((x, y)).add(x, y),
+                lambda k, g, out, x, y: g, lambda k, t, out, x, y: t, linear=True)
+sub_p = _binary("sub", lambda x, y: common_backend((x, y)).subtract(x, y),
+                lambda k, g, out, x, y: g if k == 0 else -g,
                 lambda k, t, out, x, y: t if k == 0 else -t, linear=True)
-mul_p = _binary("mul", lambda x, y: x * y, lambda k, g, out, x, y: g * (y if k == 0 else x),
+mul_p = _binary("mul", lambda x, y: common_backend((x, y)).multiply(x, y),
+                lambda k, g, out, x, y: g * (y if k == 0 else x),
                 lambda k, t, out, x, y: t * (y if k == 0 else x))
 div_p = _binary("div", lambda x, y: x / y,
                 lambda k, g, out, x, y: g / y if k == 0 else -g * out / y,
@@ -136,10 +140,10 @@ def _normal_cdf_impl(x):
 def _normal_pdf_impl(x):
     # exp(-x^2 / 2) / sqrt(2 pi) in place on one buffer: four passes, one array.
     xp = backend_of(x)
-    r = xp.asarray(x * -0.5)  # an array (0-d too) of x's float dtype
-    r *= x
+    r = xp.asarray(xp.multiply(x, -0.5))  # an array (0-d too) of x's float dtype
+    xp.multiply(r, x, out=r)
     xp.exp(r, out=r)
-    r *= _INV_SQRT_2PI
+    xp.multiply(r, _INV_SQRT_2PI, out=r)
     return r
 
 
@@ -149,9 +153,10 @@ normal_pdf, normal_pdf_p = _unary("normal_pdf", _normal_pdf_impl, lambda x, out:
 
 def _gelu_d_impl(x, cdf):
     # GELU'(x) = Phi(x) + x phi(x): one new array, the rest in place.
+    xp = backend_of(x)
     r = _normal_pdf_impl(x)
-    r *= x
-    r += cdf
+    xp.multiply(r, x, out=r)
+    xp.add(r, cdf, out=r)
     return r
 
 
@@ -164,7 +169,7 @@ gelu_d_p.defbatch(_elementwise_batch)
 
 # GELU(x) = x Phi(x). Phi(x) is computed once, forward, and kept on the node
 # as a constant: the derivative Phi + x phi reads it instead of another erf.
-gelu_p = Primitive("gelu", lambda x, cdf: x * cdf, elementwise=True)
+gelu_p = Primitive("gelu", lambda x, cdf: backend_of(x).multiply(x, cdf), elementwise=True)
 gelu_p.defvjp(lambda k, g, out, x, cdf: g * bind(gelu_d_p, x, cdf=cdf))
 gelu_p.defjvp(lambda k, t, out, x, cdf: t * bind(gelu_d_p, x, cdf=cdf))
 gelu_p.defbatch(_elementwise_batch)

@@ -14,6 +14,13 @@ array type):
   one thread, so the two thread pools never contend) go to ``numpy.matmul``.
 * ``erf`` and ``normal_cdf``: ``v?Erf`` and ``v?CdfNorm`` (high-accuracy mode,
   about 1 ulp) on float32 and float64.
+* ``ufuncs``: ``add``, ``subtract``, ``multiply`` (two arrays of one layout, or
+  an array and a Python number, by ``v?LinearFrac``: bit for bit NumPy's
+  result), ``exp``, ``log``, ``tanh`` (within 2 ulps, as NumPy's). Not
+  ``divide`` or ``sqrt``: VML's are not always correctly rounded. NumPy runs an element-wise op
+  on one core; VML runs it on MKL's threads, already awake from the last GEMM,
+  so at 2 threads a pass over a few MB takes half the time. Small arrays,
+  broadcasts, other layouts and dtypes go to NumPy's ufunc.
 
 ``EINSUMGRAD_MKL=0`` turns it all off. Thread counts follow ``MKL_NUM_THREADS``
 and ``threadpoolctl``, as for any MKL; MKL runs on the OpenMP runtime already
@@ -148,8 +155,104 @@ def _vector(lib: ctypes.CDLL, single: str, double: str) -> Callable:
 
 
 _VECTOR_CHUNK = 1 << 30
+_VML_MIN = 1 << 15  # fewer entries: NumPy's ufunc (the checks and the call cost ~3 us)
+
+
+def _flat(a, like=None) -> bool:
+    """Whether ``a`` is an array VML can take as one flat run: a float32/64
+    ndarray of at least ``_VML_MIN`` entries, dense in memory (any axis order)
+    and, given ``like``, of its shape, dtype and strides."""
+    if type(a) is not numpy.ndarray or a.size < _VML_MIN:
+        return False
+    if like is not None:
+        return a.shape == like.shape and a.dtype == like.dtype and a.strides == like.strides
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+        return False
+    if a.flags.c_contiguous or a.flags.f_contiguous:
+        return True
+    step = a.itemsize
+    for st, n in sorted((st, n) for st, n in zip(a.strides, a.shape) if n > 1):
+        if st != step:
+            return False
+        step *= n
+    return True
+
+
+def _out(a, out):
+    """``out`` when VML may write ``a``'s result into it, a new array of ``a``'s
+    layout when ``out`` is None, else None (NumPy then handles the call)."""
+    if out is None:
+        out = numpy.empty_like(a)  # order "K": a dense array's own strides
+        return out if out.strides == a.strides else None
+    return out if _flat(out, a) else None
+
+
+def _chunks(n: int):
+    return ((s, min(s + _VECTOR_CHUNK, n)) for s in range(0, n, _VECTOR_CHUNK))
+
+
+def _ufuncs(lib: ctypes.CDLL) -> dict:
+    f32, f64 = numpy.dtype(numpy.float32), numpy.dtype(numpy.float64)
+    scalar = {f32: ctypes.c_float, f64: ctypes.c_double}
+    frac = {f32: lib.vsLinearFrac, f64: lib.vdLinearFrac}
+    ptr = lambda a, s: _PTR(a.ctypes.data + s * a.itemsize)
+
+    def affine(a, scale, shift, out):
+        """``scale * a + shift`` (VML's (s*a + t) / (0*a + 1), exact for these uses)."""
+        c = scalar[a.dtype]
+        for s, e in _chunks(a.size):
+            frac[a.dtype](_INT(e - s), ptr(a, s), ptr(a, s), c(scale), c(shift), c(0.0),
+                          c(1.0), ptr(out, s))
+        return out
+
+    def binary(single, double, ufunc, with_number):
+        fns = {f32: getattr(lib, single), f64: getattr(lib, double)}
+
+        def op(a, b, out=None):
+            if _flat(a):
+                if _flat(b, a):
+                    o = _out(a, out)
+                    if o is not None:
+                        for s, e in _chunks(a.size):
+                            fns[a.dtype](_INT(e - s), ptr(a, s), ptr(b, s), ptr(o, s))
+                        return o
+                elif type(b) in (int, float):
+                    o = _out(a, out)
+                    if o is not None:
+                        return affine(a, *with_number(b), o)
+            elif type(a) in (int, float) and _flat(b) and ufunc is not numpy.subtract:
+                o = _out(b, out)
+                if o is not None:
+                    return affine(b, *with_number(a), o)
+            return ufunc(a, b) if out is None else ufunc(a, b, out=out)
+        return op
+
+    def unary(single, double, ufunc):
+        fns = {f32: getattr(lib, single), f64: getattr(lib, double)}
+
+        def op(a, out=None):
+            o = _out(a, out) if _flat(a) else None
+            if o is None:
+                return ufunc(a) if out is None else ufunc(a, out=out)
+            for s, e in _chunks(a.size):
+                fns[a.dtype](_INT(e - s), ptr(a, s), ptr(o, s))
+            return o
+        return op
+
+    return {
+        "add": binary("vsAdd", "vdAdd", numpy.add, lambda v: (1.0, v)),
+        "subtract": binary("vsSub", "vdSub", numpy.subtract, lambda v: (1.0, -v)),
+        # -0.0: x*v + (-0.0) is x*v for every x, signed zeros included.
+        "multiply": binary("vsMul", "vdMul", numpy.multiply, lambda v: (v, -0.0)),
+        "exp": unary("vsExp", "vdExp", numpy.exp),
+        "log": unary("vsLn", "vdLn", numpy.log),
+        "tanh": unary("vsTanh", "vdTanh", numpy.tanh),
+    }
+
+
 _LIB = _load()
 matmul: Callable | None = _kernel(_LIB) if _LIB is not None else None
+ufuncs: dict = _ufuncs(_LIB) if _LIB is not None else {}
 erf: Callable | None = _vector(_LIB, "vsErf", "vdErf") if _LIB is not None else None
 normal_cdf: Callable | None = (_vector(_LIB, "vsCdfNorm", "vdCdfNorm")
                                if _LIB is not None else None)

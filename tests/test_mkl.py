@@ -127,3 +127,89 @@ def test_erf_and_normal_cdf(dtype):
     assert np.isnan(mkl.normal_cdf(np.array([np.nan], dtype))).all()
     assert mkl.erf(np.ones(3, int)) is None  # other dtypes: the caller's own route
     assert mkl.normal_cdf(np.zeros((0, 3), dtype)).shape == (0, 3)
+
+
+@st.composite
+def ufunc_operands(draw):
+    """Operands for a binary ufunc, big enough for VML: two arrays of one layout
+    (C, transposed, strided, different layouts), or an array and a number."""
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    shape = draw(st.sampled_from([(40, 1000), (8, 64, 70), (mkl._VML_MIN,), (3, 5)]))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40, 3e38], dtype)
+
+    def array(kind):
+        a = rng.standard_normal(shape).astype(dtype)
+        a.reshape(-1)[:special.size] = special[:a.size]
+        if kind == "transposed":
+            return np.ascontiguousarray(a.T).T
+        if kind == "strided":
+            return np.repeat(a, 2, axis=-1)[..., ::2]
+        return a
+    kinds = ["c", "transposed", "strided"]
+    a = array(draw(st.sampled_from(kinds)))
+    form = draw(st.sampled_from(["same", "other", "number", "number-first"]))
+    if form == "number":
+        return a, draw(st.sampled_from([0.5, -2.0, 0.0, -0.0, 3, 1e300]))
+    if form == "number-first":
+        return draw(st.sampled_from([0.5, -2.0, 0.0, 3])), a
+    b = array(draw(st.sampled_from(kinds)))
+    if form == "same" and a.strides != b.strides:
+        b = np.empty_like(a)
+        b[...] = array("c")
+    return a, b
+
+
+@needs_mkl
+@settings(max_examples=200, deadline=None)
+@given(ufunc_operands(), st.sampled_from(["add", "subtract", "multiply"]), st.booleans())
+def test_ufuncs_are_numpys_bit_for_bit(ab, name, into):
+    a, b = ab
+    with np.errstate(all="ignore"):
+        want = getattr(np, name)(a, b)
+        out = np.empty_like(want) if into else None
+        got = mkl.ufuncs[name](a, b, out=out)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert out is None or got is out
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.array_equal(np.signbit(got), np.signbit(want))  # signed zeros too
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["exp", "log", "tanh"])
+def test_unary_ufuncs_within_two_ulps(dtype, name):
+    # of the float64 result rounded (float32), or of NumPy's (float64)
+    rng = np.random.default_rng(1)
+    x = np.abs(rng.standard_normal((64, 1024)) * 4).astype(dtype) + np.finfo(dtype).tiny
+    x[0, :4] = [np.inf, 0.0, 80.0, np.nan]
+    x = x.T  # a transposed layout goes to VML as one run too
+    with np.errstate(all="ignore"):
+        want = getattr(np, name)(x.astype(np.float64)).astype(dtype)
+        got = mkl.ufuncs[name](x)
+        into = np.empty_like(x)
+        assert mkl.ufuncs[name](x, out=into) is into
+    assert got.strides == x.strides and np.array_equal(into, got, equal_nan=True)
+    finite = np.isfinite(want) & (want != 0)
+    np.testing.assert_array_max_ulp(got[finite], want[finite], maxulp=2)
+    assert np.array_equal(got[~finite], want[~finite], equal_nan=True)
+
+
+@needs_mkl
+def test_ufuncs_leave_the_rest_to_numpy(monkeypatch):
+    calls = []
+    for name in ("add", "multiply"):
+        real = getattr(np, name)
+        monkeypatch.setattr(np, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    fresh = mkl._ufuncs(mkl._LIB)  # built now: it holds the patched ufuncs
+    big = np.ones(mkl._VML_MIN, np.float32)
+    fresh["add"](big, big)                                   # VML
+    assert not calls
+    fresh["add"](big[:10], big[:10])                         # small
+    fresh["add"](big, big.astype(np.float64))                # mixed dtypes
+    fresh["add"](big.reshape(-1, 8), big.reshape(-1, 8)[:1])  # broadcast
+    fresh["multiply"](big, np.float64(2.0))                  # a NumPy scalar: its own dtype rules
+    fresh["multiply"](big.astype(int), 2)                    # integers
+    fresh["add"](big, True)
+    assert len(calls) == 6
+    assert fresh["multiply"](big, np.float64(2.0)).dtype == np.float64
