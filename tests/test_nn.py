@@ -9,6 +9,7 @@ import einsumgrad as eg
 from einsumgrad import nn
 from einsumgrad.backend import backend_of
 from einsumgrad.nn import functional as F
+from einsumgrad.tensor import bind
 from einsumgrad.testing import check_grads
 
 from backends import npy, xb
@@ -91,6 +92,9 @@ def test_layer_norm_primitive_second_order_and_batch_rule(rng):
     x, w = xb(rng.standard_normal((3, 4, 5))), xb(rng.standard_normal(5))
     check_grads(lambda x: F.layer_norm(x, 5, eg.tensor(w)) * 1.0, x, order=2)
     check_grads(lambda x: F.layer_norm(x, (4, 5)), x, order=2)
+    # 1/sqrt(var + eps), which normalize's rule binds: its own rules, to order 2
+    inv_std = lambda x: bind(F.inv_std_p, x, axes=(-2, -1), eps=1e-5)
+    check_grads(inv_std, x, order=2)
     f = lambda x: F.layer_norm(x, 5)
     jb, full = npy(eg.batch_jacobian(f)(x)), npy(eg.jacrev(f)(x))
     for b in range(3):
