@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import math
 import os
 import sys
 from typing import Callable
@@ -75,6 +76,8 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
             numpy.dtype(numpy.float32): (lib.cblas_sgemm, ctypes.c_float)}
     batch = {numpy.dtype(numpy.float64): lib.cblas_dgemm_batch,
              numpy.dtype(numpy.float32): lib.cblas_sgemm_batch}
+    strided = {numpy.dtype(numpy.float64): getattr(lib, "cblas_dgemm_batch_strided", None),
+               numpy.dtype(numpy.float32): getattr(lib, "cblas_sgemm_batch_strided", None)}
 
     def matmul(a, b):
         """``numpy.matmul(a, b)``, by MKL where BLAS can take the operands."""
@@ -83,14 +86,20 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
         x = a if a.ndim > 1 else a[None]        # vectors as 1-row / 1-column matrices
         y = b if b.ndim > 1 else b[:, None]
         (m, k), (k2, n) = x.shape[-2:], y.shape[-2:]
-        # Small products stay with NumPy: there a ctypes call costs more than
-        # it saves, and OpenBLAS runs them on one thread (no pool to contend with).
-        if k != k2 or m * n * k < _MIN_WORK:
-            return numpy.matmul(a, b)
+        if k != k2:
+            return numpy.matmul(a, b)  # NumPy says which sizes clash
         try:
             lead = numpy.broadcast_shapes(x.shape[:-2], y.shape[:-2])
         except ValueError:
-            return numpy.matmul(a, b)  # NumPy says which shapes clash
+            return numpy.matmul(a, b)
+        count = math.prod(lead)
+        # Small products stay with NumPy: there a ctypes call costs more than
+        # it saves, and OpenBLAS runs them on one thread (no pool to contend
+        # with). A batch of them (attention's heads) goes to MKL when a few
+        # strided-batch calls walk it: 3x faster than NumPy at 2 threads.
+        if m * n * k < _MIN_WORK and (m * n * k * count < _MIN_WORK or strided[a.dtype] is None
+                                      or _by_stride((x, y), lead) is None):
+            return numpy.matmul(a, b)
         ta = _as_blas(x, m, k)
         if ta is None:
             x = numpy.ascontiguousarray(x)
@@ -106,12 +115,20 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
             return numpy.matmul(a, b)  # an empty batch
         fn, scalar = gemm[a.dtype]
         one, zero = scalar(1.0), scalar(0.0)
-        if not lead:
-            fn(_ROW, ta[0], tb[0], m, n, k, one, _PTR(x.ctypes.data), ta[1],
-               _PTR(y.ctypes.data), tb[1], zero, _PTR(out.ctypes.data), n)
+        ptrs = [v.ctypes.data for v in (x, y, out)]
+        walk = _by_stride((x, y, out), lead) if count > 1 and strided[a.dtype] else None
+        if count == 1:  # one matrix each, at offset 0 however many size-1 batch axes
+            fn(_ROW, ta[0], tb[0], m, n, k, one, _PTR(ptrs[0]), ta[1],
+               _PTR(ptrs[1]), tb[1], zero, _PTR(ptrs[2]), n)
+        elif walk is not None:  # MKL's strided batch: 1.6x faster than from pointers
+            (sa, sb, sc), size, offsets = walk
+            for oa, ob, oc in offsets:
+                strided[a.dtype](_ROW, ta[0], tb[0], m, n, k, one, _PTR(ptrs[0] + oa), ta[1],
+                                 sa, _PTR(ptrs[1] + ob), tb[1], sb, zero, _PTR(ptrs[2] + oc), n,
+                                 sc, size)
         else:  # one batched call: every matrix's address, from broadcast strides
-            pa, pb, pc = (v.ctypes.data + _offsets(v.shape[:-2], v.strides[:-2], lead)
-                          for v in (x, y, out))
+            pa, pb, pc = ((p + _offsets(_frame(v, lead), lead)).astype(numpy.uintp)
+                          for p, v in zip(ptrs, (x, y, out)))
             ref = lambda v: ctypes.byref(_INT(v))
             batch[a.dtype](_ROW, ref(ta[0]), ref(tb[0]), ref(m), ref(n), ref(k),
                            ctypes.byref(one), _PTR(pa.ctypes.data), ref(ta[1]),
@@ -123,17 +140,66 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
     return matmul
 
 
-def _offsets(shape: tuple, strides: tuple, lead: tuple) -> numpy.ndarray:
-    """Byte offsets of each matrix of an operand broadcast to the batch shape ``lead``."""
-    off = numpy.zeros((), dtype=numpy.int64)
+_MAX_CALLS = 8  # strided-batch calls per product, else one call from pointers
+
+
+def _frame(v, lead: tuple) -> tuple:
+    """Byte strides of ``v``'s matrices along each axis of the batch shape
+    ``lead`` it is broadcast to (0 along broadcast and size-1 axes)."""
+    shape, strides = v.shape[:-2], v.strides[:-2]
     pad = len(lead) - len(shape)
-    for axis, size in enumerate(lead):
-        if axis >= pad and shape[axis - pad] == size and size > 1:
-            step = numpy.arange(size, dtype=numpy.int64) * strides[axis - pad]
-            off = off[..., None] + step
-        else:
-            off = off[..., None] + numpy.zeros(size, dtype=numpy.int64)
-    return off.reshape(-1).astype(numpy.uintp)
+    return tuple(strides[i - pad] if i >= pad and shape[i - pad] == size > 1 else 0
+                 for i, size in enumerate(lead))
+
+
+def _by_stride(vs, lead: tuple):
+    """How MKL's strided batch walks operands ``vs`` over batch shape ``lead``:
+    ``(element strides, matrices per call, byte offsets of each call)``, or None.
+
+    One call when a single stride walks every operand's matrices; else one
+    call per index of the other axes along the longest axis (attention's
+    ``(batch, heads)`` over tokens laid out ``(batch, tokens, heads)``), if
+    that takes at most ``_MAX_CALLS``.
+    """
+    frames = [_frame(v, lead) for v in vs]
+    axes = [i for i, size in enumerate(lead) if size > 1]
+    steps = [_one_stride(f, lead, axes) for f in frames]
+    if None not in steps:
+        walked, rest = axes, []
+    else:
+        longest = max(axes, key=lead.__getitem__)
+        walked, rest = [longest], [i for i in axes if i != longest]
+        if math.prod(lead[i] for i in rest) > _MAX_CALLS:
+            return None
+        steps = [f[longest] for f in frames]
+    items = [v.itemsize for v in vs]
+    if any(s < 0 or s % i or s // i >= _INT_LIMIT for s, i in zip(steps, items)):
+        return None
+    offsets = zip(*(_offsets(f, lead, rest).tolist() for f in frames))
+    return ([s // i for s, i in zip(steps, items)], math.prod(lead[i] for i in walked),
+            list(offsets))
+
+
+def _one_stride(frame: tuple, lead: tuple, axes: list) -> int | None:
+    """The byte stride that walks ``axes`` of ``frame`` as one, or None."""
+    step, span = None, 1
+    for i in reversed(axes):
+        if step is None:
+            step = frame[i]
+        elif frame[i] != step * span:
+            return None
+        span *= lead[i]
+    return step or 0
+
+
+def _offsets(frame: tuple, lead: tuple, axes: list | None = None) -> numpy.ndarray:
+    """Byte offsets of an operand's matrices at every index of batch ``axes``
+    (all of ``lead``'s by default), the last axis fastest."""
+    axes = range(len(lead)) if axes is None else axes
+    off = numpy.zeros((), dtype=numpy.int64)
+    for i in axes:
+        off = off[..., None] + numpy.arange(lead[i], dtype=numpy.int64) * frame[i]
+    return off.reshape(-1)
 
 
 def _vector(lib: ctypes.CDLL, single: str, double: str) -> Callable:

@@ -82,6 +82,34 @@ def test_matmul_as_numpy(ab):
 
 
 @needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_batches_walked_by_stride(dtype, monkeypatch):
+    # Heads inside tokens, (batch, tokens, heads, dim) read as (batch, heads)
+    # matrices: no single stride walks the batch, so MKL's strided batch runs
+    # once per head along the batch axis. Also a broadcast operand, three
+    # batch axes, and too many calls (the pointer batch then).
+    calls = []
+    real = mkl._by_stride
+    monkeypatch.setattr(mkl, "_by_stride", lambda vs, lead: calls.append(real(vs, lead)) or calls[-1])
+    rng = np.random.default_rng(0)
+    r = lambda *s: rng.standard_normal(s).astype(dtype)
+    q, kt = r(6, 32, 4, 16).transpose(0, 2, 1, 3), r(6, 32, 4, 16).transpose(0, 2, 3, 1)
+    cases = [  # (a, b, strided calls: None for the pointer batch)
+        (r(6, 4, 32, 16), r(6, 4, 16, 32), 1),                    # one stride walks all
+        (q, kt, 4),                                                # one call per head
+        (q, r(1, 4, 16, 8), 4),                                    # b broadcast over the batch
+        (r(3, 2, 5, 16, 24).transpose(1, 0, 2, 3, 4), r(24, 12), 6),
+        (r(9, 64, 10, 32).transpose(0, 2, 1, 3), r(32, 40), None),  # 9 calls: too many
+    ]
+    for a, b, n_calls in cases:
+        calls.clear()
+        got = mkl.matmul(a, b)
+        np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-4, atol=1e-4)
+        walk = calls[-1]  # for (a, b, out); None: the pointer batch ran
+        assert (walk and len(walk[2])) == n_calls
+
+
+@needs_mkl
 def test_matmul_declines_what_blas_cannot_take(monkeypatch):
     calls = []
     monkeypatch.setattr(np, "matmul", lambda a, b: calls.append(1) or a.__matmul__(b))
