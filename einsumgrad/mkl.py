@@ -78,6 +78,7 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
              numpy.dtype(numpy.float32): lib.cblas_sgemm_batch}
     strided = {numpy.dtype(numpy.float64): getattr(lib, "cblas_dgemm_batch_strided", None),
                numpy.dtype(numpy.float32): getattr(lib, "cblas_sgemm_batch_strided", None)}
+    threads = lib.MKL_Get_Max_Threads
 
     def matmul(a, b):
         """``numpy.matmul(a, b)``, by MKL where BLAS can take the operands."""
@@ -92,13 +93,8 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
             lead = numpy.broadcast_shapes(x.shape[:-2], y.shape[:-2])
         except ValueError:
             return numpy.matmul(a, b)
-        count = math.prod(lead)
-        # Small products stay with NumPy: there a ctypes call costs more than
-        # it saves, and OpenBLAS runs them on one thread (no pool to contend
-        # with). A batch of them (attention's heads) goes to MKL when a few
-        # strided-batch calls walk it: 3x faster than NumPy at 2 threads.
-        if m * n * k < _MIN_WORK and (m * n * k * count < _MIN_WORK or strided[a.dtype] is None
-                                      or _by_stride((x, y), lead) is None):
+        if _small(m * n * k, math.prod(lead), lambda: _by_stride((x, y), lead) is not None
+                  and strided[a.dtype] is not None, threads):
             return numpy.matmul(a, b)
         ta = _as_blas(x, m, k)
         if ta is None:
@@ -115,6 +111,7 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
             return numpy.matmul(a, b)  # an empty batch
         fn, scalar = gemm[a.dtype]
         one, zero = scalar(1.0), scalar(0.0)
+        count = math.prod(lead)
         ptrs = [v.ctypes.data for v in (x, y, out)]
         walk = _by_stride((x, y, out), lead) if count > 1 and strided[a.dtype] else None
         if count == 1:  # one matrix each, at offset 0 however many size-1 batch axes
@@ -141,6 +138,25 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
 
 
 _MAX_CALLS = 8  # strided-batch calls per product, else one call from pointers
+_MIN_BATCHED = 1 << 19  # m*n*k per matrix of a batch MKL takes on one thread
+_MIN_THREADED = 1 << 8  # ... and on several, when strided calls walk the batch
+
+
+def _small(work: int, count: int, by_stride: Callable, threads: Callable) -> bool:
+    """Whether NumPy's matmul should take ``count`` products of ``work`` (m*n*k) each.
+
+    Measured on the bench machine. One product: below ``_MIN_WORK`` a ctypes
+    call costs more than it saves, and OpenBLAS runs it on one thread (no pool
+    to contend with MKL's). A batch on one MKL thread: NumPy's loop over
+    OpenBLAS wins up to about 80^3 a matrix. On several: MKL splits the batch
+    over its threads (attention's heads: 3x faster at 2), down to 8x8x8
+    matrices when a few strided-batch calls walk it.
+    """
+    if count == 1:
+        return work < _MIN_WORK
+    if threads() == 1:
+        return work < _MIN_BATCHED
+    return work < _MIN_THREADED or (work < _MIN_WORK and not by_stride())
 
 
 def _frame(v, lead: tuple) -> tuple:

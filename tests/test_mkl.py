@@ -73,7 +73,8 @@ def test_matmul_as_numpy(ab):
     # Every product goes through MKL, however small (the size cut-off is
     # tested below), so these small random problems exercise the kernel.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mkl, "_MIN_WORK", 0)
+        for cut in ("_MIN_WORK", "_MIN_BATCHED", "_MIN_THREADED"):
+            mp.setattr(mkl, cut, 0)
         got = mkl.matmul(a, b)
     want = np.matmul(a, b)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -88,6 +89,8 @@ def test_matmul_batches_walked_by_stride(dtype, monkeypatch):
     # matrices: no single stride walks the batch, so MKL's strided batch runs
     # once per head along the batch axis. Also a broadcast operand, three
     # batch axes, and too many calls (the pointer batch then).
+    for cut in ("_MIN_WORK", "_MIN_BATCHED", "_MIN_THREADED"):  # every batch to MKL
+        monkeypatch.setattr(mkl, cut, 0)
     calls = []
     real = mkl._by_stride
     monkeypatch.setattr(mkl, "_by_stride", lambda vs, lead: calls.append(real(vs, lead)) or calls[-1])
@@ -107,6 +110,18 @@ def test_matmul_batches_walked_by_stride(dtype, monkeypatch):
         np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-4, atol=1e-4)
         walk = calls[-1]  # for (a, b, out); None: the pointer batch ran
         assert (walk and len(walk[2])) == n_calls
+
+
+def test_which_products_numpy_keeps():
+    one, two = (lambda: 1), (lambda: 2)
+    walks, no_walk = (lambda: True), (lambda: False)
+    assert mkl._small(40 ** 3, 1, walks, two) and not mkl._small(41 ** 3, 1, walks, two)
+    # a batch on one MKL thread: NumPy's loop up to ~80^3 a matrix
+    assert mkl._small(64 ** 3, 16, walks, one) and not mkl._small(96 ** 3, 16, walks, one)
+    # on two: MKL from 8x8x8, small ones only where strided calls walk the batch
+    assert not mkl._small(8 ** 3, 10_000, walks, two) and mkl._small(4 ** 3, 10_000, walks, two)
+    assert mkl._small(32 * 32 * 16, 256, no_walk, two)
+    assert not mkl._small(64 ** 3, 16, no_walk, two)
 
 
 @needs_mkl
