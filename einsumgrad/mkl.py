@@ -87,14 +87,14 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
         x = a if a.ndim > 1 else a[None]        # vectors as 1-row / 1-column matrices
         y = b if b.ndim > 1 else b[:, None]
         (m, k), (k2, n) = x.shape[-2:], y.shape[-2:]
-        if k != k2:
-            return numpy.matmul(a, b)  # NumPy says which sizes clash
+        if k != k2 or (x.ndim == y.ndim == 2 and m * n * k < _MIN_WORK):
+            return numpy.matmul(a, b)  # NumPy says which sizes clash; small: see _small
         try:
             lead = numpy.broadcast_shapes(x.shape[:-2], y.shape[:-2])
         except ValueError:
             return numpy.matmul(a, b)
-        if _small(m * n * k, math.prod(lead), lambda: _by_stride((x, y), lead) is not None
-                  and strided[a.dtype] is not None, threads):
+        if lead and _small(m * n * k, math.prod(lead), lambda: _by_stride((x, y), lead) is not None
+                           and strided[a.dtype] is not None, threads):
             return numpy.matmul(a, b)
         ta = _as_blas(x, m, k)
         if ta is None:
