@@ -193,7 +193,9 @@ def _softmax_impl(x, axis):
         m = xp.max(x, axis=(-2, -1), keepdims=True)
         e = _shift(xp, x, m)
         xp.exp(e, out=e)
-        s = xp.matmul(e, xp.ones(x.shape[-1], dtype=e.dtype))[..., None]  # row sums
+        # Row sums as one matrix-vector product over all rows (e is a new array).
+        s = xp.reshape(xp.matmul(xp.reshape(e, (-1, x.shape[-1])),
+                                 xp.ones(x.shape[-1], dtype=e.dtype)), x.shape[:-1] + (1,))
         if xp.all(s >= math.sqrt(xp.finfo(x.dtype).tiny)):
             e /= s
             return e
