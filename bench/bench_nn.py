@@ -3,8 +3,9 @@
 Two cases, float32, each a full step (forward, cross-entropy, backward, Adam)
 timed for both frameworks in this one run on the same weights and batch.
 Each case runs twice, with the same thread count on both sides: one thread
-(BLAS for NumPy, intra-op for torch), then every core. NumPy's element-wise
-ops use one thread either way; torch's use them all.
+(BLAS for NumPy, intra-op for torch), then every core. At every core MKL runs
+our GEMMs and large same-layout element-wise ops (VML) on all threads, but
+NumPy's broadcasts, reductions and copies stay on one; torch's use them all.
 
 * CNN: batch 128 of 1x28x28, conv 3x3 (16, pad 1) -> relu -> max-pool 2 ->
   conv 3x3 (32, pad 1) -> relu -> max-pool 2 -> linear 10. Target <= 1.5x torch.
