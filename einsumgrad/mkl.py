@@ -17,10 +17,10 @@ array type):
 * ``ufuncs``: ``add``, ``subtract``, ``multiply`` (two arrays of one layout, or
   an array and a Python number, by ``v?LinearFrac``: bit for bit NumPy's
   result), ``exp``, ``log``, ``tanh`` (within 2 ulps, as NumPy's). Not
-  ``divide`` or ``sqrt``: VML's are not always correctly rounded. NumPy runs an element-wise op
-  on one core; VML runs it on MKL's threads, already awake from the last GEMM,
-  so at 2 threads a pass over a few MB takes half the time. Small arrays,
-  broadcasts, other layouts and dtypes go to NumPy's ufunc.
+  ``divide`` or ``sqrt``: VML's are not always correctly rounded. NumPy runs
+  an element-wise op on one core; VML runs it on MKL's threads, already awake
+  from the last GEMM, so at 2 threads a pass over a few MB takes half the
+  time. Small arrays, broadcasts, other layouts and dtypes go to NumPy's ufunc.
 
 ``EINSUMGRAD_MKL=0`` turns it all off. Thread counts follow ``MKL_NUM_THREADS``
 and ``threadpoolctl``, as for any MKL; MKL runs on the OpenMP runtime already
