@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import itertools
 import math
 import os
 import sys
@@ -97,27 +98,23 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
             lead = numpy.broadcast_shapes(x.shape[:-2], y.shape[:-2])
         except ValueError:
             return numpy.matmul(a, b)
-        if lead and _small(m * n * k, math.prod(lead), lambda: _by_stride((x, y), lead) is not None
-                           and strided[a.dtype] is not None, threads):
+        count = math.prod(lead)
+        out = numpy.empty(lead + (m, n), dtype=a.dtype)
+        walk = _by_stride((x, y, out), lead) if count > 1 and strided[a.dtype] else None
+        if lead and _small(m * n * k, count, walk is not None, threads()):
             return numpy.matmul(a, b)
-        ta = _as_blas(x, m, k)
-        if ta is None:
-            x = numpy.ascontiguousarray(x)
-            ta = _NOTRANS, k
-        tb = _as_blas(y, k, n)
-        if tb is None:
-            y = numpy.ascontiguousarray(y)
-            tb = _NOTRANS, n
+        ta, tb = _as_blas(x, m, k), _as_blas(y, k, n)
+        if ta is None or tb is None:  # copied as NumPy would; the copy walks anew
+            x, ta = (x, ta) if ta else (numpy.ascontiguousarray(x), (_NOTRANS, k))
+            y, tb = (y, tb) if tb else (numpy.ascontiguousarray(y), (_NOTRANS, n))
+            walk = _by_stride((x, y, out), lead) if count > 1 and strided[a.dtype] else None
         if max(m, n, k, ta[1], tb[1]) >= _INT_LIMIT:
             return numpy.matmul(a, b)  # past MKL's 32-bit integers
-        out = numpy.empty(lead + (m, n), dtype=a.dtype)
         if out.size == 0:
             return numpy.matmul(a, b)  # an empty batch
         fn, scalar = gemm[a.dtype]
         one, zero = scalar(1.0), scalar(0.0)
-        count = math.prod(lead)
         ptrs = [v.ctypes.data for v in (x, y, out)]
-        walk = _by_stride((x, y, out), lead) if count > 1 and strided[a.dtype] else None
         if count == 1:  # one matrix each, at offset 0 however many size-1 batch axes
             fn(_ROW, ta[0], tb[0], m, n, k, one, _PTR(ptrs[0]), ta[1],
                _PTR(ptrs[1]), tb[1], zero, _PTR(ptrs[2]), n)
@@ -146,8 +143,10 @@ _MIN_BATCHED = 1 << 19  # m*n*k per matrix of a batch MKL takes on one thread
 _MIN_THREADED = 1 << 8  # ... and on several, when strided calls walk the batch
 
 
-def _small(work: int, count: int, by_stride: Callable, threads: Callable) -> bool:
-    """Whether NumPy's matmul should take ``count`` products of ``work`` (m*n*k) each.
+def _small(work: int, count: int, by_stride: bool, threads: int) -> bool:
+    """Whether NumPy's matmul should take ``count`` products of ``work`` (m*n*k)
+    each, ``by_stride`` telling whether strided-batch calls walk them, with
+    MKL on ``threads`` threads.
 
     Measured on the bench machine. One product: below ``_MIN_WORK`` a ctypes
     call costs more than it saves, and OpenBLAS runs it on one thread (no pool
@@ -158,9 +157,9 @@ def _small(work: int, count: int, by_stride: Callable, threads: Callable) -> boo
     """
     if count == 1:
         return work < _MIN_WORK
-    if threads() == 1:
+    if threads == 1:
         return work < _MIN_BATCHED
-    return work < _MIN_THREADED or (work < _MIN_WORK and not by_stride())
+    return work < _MIN_THREADED or (work < _MIN_WORK and not by_stride)
 
 
 def _frame(v, lead: tuple) -> tuple:
@@ -195,9 +194,9 @@ def _by_stride(vs, lead: tuple):
     items = [v.itemsize for v in vs]
     if any(s < 0 or s % i or s // i >= _INT_LIMIT for s, i in zip(steps, items)):
         return None
-    offsets = zip(*(_offsets(f, lead, rest).tolist() for f in frames))
-    return ([s // i for s, i in zip(steps, items)], math.prod(lead[i] for i in walked),
-            list(offsets))
+    offsets = [tuple(sum(j * f[a] for j, a in zip(index, rest)) for f in frames)
+               for index in itertools.product(*(range(lead[a]) for a in rest))]
+    return [s // i for s, i in zip(steps, items)], math.prod(lead[i] for i in walked), offsets
 
 
 def _one_stride(frame: tuple, lead: tuple, axes: list) -> int | None:
@@ -212,12 +211,11 @@ def _one_stride(frame: tuple, lead: tuple, axes: list) -> int | None:
     return step or 0
 
 
-def _offsets(frame: tuple, lead: tuple, axes: list | None = None) -> numpy.ndarray:
-    """Byte offsets of an operand's matrices at every index of batch ``axes``
-    (all of ``lead``'s by default), the last axis fastest."""
-    axes = range(len(lead)) if axes is None else axes
+def _offsets(frame: tuple, lead: tuple) -> numpy.ndarray:
+    """Byte offsets of an operand's matrices at every index of batch shape
+    ``lead``, the last axis fastest."""
     off = numpy.zeros((), dtype=numpy.int64)
-    for i in axes:
+    for i in range(len(lead)):
         off = off[..., None] + numpy.arange(lead[i], dtype=numpy.int64) * frame[i]
     return off.reshape(-1)
 
@@ -233,8 +231,7 @@ def _vector(lib: ctypes.CDLL, single: str, double: str) -> Callable:
             return None
         flat = numpy.ascontiguousarray(x).reshape(-1)
         out = numpy.empty(flat.shape, x.dtype)
-        for s in range(0, flat.size, _VECTOR_CHUNK):  # n is a C int
-            e = min(s + _VECTOR_CHUNK, flat.size)
+        for s, e in _chunks(flat.size):  # n is a C int
             fn(_INT(e - s), _PTR(flat[s:].ctypes.data), _PTR(out[s:].ctypes.data))
         return out.reshape(x.shape)[()]  # a 0-d input gives a scalar, as a ufunc does
     return apply

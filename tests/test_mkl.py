@@ -113,8 +113,7 @@ def test_matmul_batches_walked_by_stride(dtype, monkeypatch):
 
 
 def test_which_products_numpy_keeps():
-    one, two = (lambda: 1), (lambda: 2)
-    walks, no_walk = (lambda: True), (lambda: False)
+    one, two, walks, no_walk = 1, 2, True, False
     assert mkl._small(40 ** 3, 1, walks, two) and not mkl._small(41 ** 3, 1, walks, two)
     # a batch on one MKL thread: NumPy's loop up to ~80^3 a matrix
     assert mkl._small(64 ** 3, 16, walks, one) and not mkl._small(96 ** 3, 16, walks, one)
