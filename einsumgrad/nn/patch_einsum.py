@@ -4,9 +4,9 @@
 ``unpatch_einsum(spec, a, b, size)`` is ``unpatch(einsum(spec, a, b))``: a
 convolution, its weight gradient and its input gradient. Materialized whole,
 the patch tensor is ``kh*kw`` times the image (14 MB per conv of the bench
-CNN), copied from and to memory. ``patch_einsum`` copies the patches a
-cache-sized chunk of images at a time, each chunk one matmul over
-``kh*kw*C``; ``unpatch_einsum`` (and ``patch_einsum`` past 64 MB a chunk) runs
+CNN), copied from and to memory. ``patch_einsum`` copies the patches (im2col)
+at most 16 MB of them at a time, each chunk one matmul over ``kh*kw*C``;
+``unpatch_einsum`` (and ``patch_einsum`` past 64 MB a chunk) runs
 each of the ``kh*kw`` offsets as one planned einsum on a strided view of the
 padded image (a matmul), added into the result or onto the image: no buffer
 larger than the image.
@@ -71,10 +71,11 @@ def _owned(r):
     return r.copy() if 0 in r.strides else r
 
 
-# Patches are copied (im2col) this many bytes at a time: a chunk stays in
-# cache between its copy and its matmul. Whole, the bench CNN's are 14 MB
-# and each copy ran from memory at twice the cost (fwd 7.3 -> 5.2 ms).
-_CHUNK_BYTES = 1 << 20
+# Patches are copied (im2col) at most this many bytes at a time, which bounds
+# the buffer for a large batch or Jacobian basis. Not cache-sized: the bench
+# CNN's 14 MB in one matmul beat 1 MB chunks at 2 threads (step 29.3 -> 27.0
+# ms; the same at 1 thread): MKL threads one large GEMM better than 15 small ones.
+_CHUNK_BYTES = 1 << 24
 _PATCH_BYTES = 64 << 20  # past this per chunk the offsets run one at a time
 
 
@@ -137,9 +138,10 @@ def _by_chunks(x, o, spec, kernel, stride, padding, ax, step):
         return plan_for(spec, arrs)(arrs)
     label, out = p[ax], None
     cut = lambda term, sl: (slice(None),) * term.index(label) + (sl,)
+    xpad = _padded(x, padding)  # once: a chunk's own padding is a copy per chunk
     for s in range(0, x.shape[ax], step):
         sl = slice(s, s + step)
-        arrs = [_patches_impl(x[cut(p, sl)], kernel, stride, padding, contiguous=True),
+        arrs = [_patches_impl(xpad[cut(p, sl)], kernel, stride, (0, 0), contiguous=True),
                 o[cut(ot, sl)] if label in ot else o]
         r = plan_for(spec, arrs)(arrs)
         if label not in out_term:  # the cut axis is summed: add the chunks up
