@@ -27,6 +27,7 @@ class Backend:
     ``normal_cdf``: a fused kernel for the normal CDF ``Phi(x)`` (GELU's), or None
     to compose it from ``erf``; ``matmul`` replaces the module's (the NumPy
     backend takes MKL's GEMM when it is installed, see :mod:`einsumgrad.mkl`);
+    :meth:`matmul_add` accumulates a product in place;
     ``ufuncs`` replace module functions of the same name and signature (MKL's
     multi-threaded element-wise kernels, for NumPy).
     """
@@ -35,15 +36,22 @@ class Backend:
                  add_at: Callable, as_strided: Callable, to_numpy: Callable,
                  asarray: Callable | None = None, device: str = "cpu",
                  normal_cdf: Callable | None = None, matmul: Callable | None = None,
-                 ufuncs: dict | None = None):
+                 matmul_add: Callable | None = None, ufuncs: dict | None = None):
         self.name, self.module, self.device = name, module, device
         if matmul is not None:
             self.matmul = matmul
+        self._matmul_add = matmul_add
         for attr, fn in (ufuncs or {}).items():
             setattr(self, attr, fn)
         self.erf, self.add_at, self.as_strided, self.to_numpy = erf, add_at, as_strided, to_numpy
         self.asarray = asarray or module.asarray
         self.normal_cdf = normal_cdf
+
+    def matmul_add(self, a, b, c) -> None:
+        """``c += a @ b`` for matrices, in place: by the backend's kernel (GEMM
+        with beta 1) where it takes the layout, else a product and an add."""
+        if self._matmul_add is None or not self._matmul_add(a, b, c):
+            c += self.matmul(a, b)
 
     def __getattr__(self, attr: str) -> Any:
         value = getattr(self.module, attr)
@@ -149,7 +157,7 @@ def _numpy_add_at(target, index, values):
 NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
                 as_strided=numpy.lib.stride_tricks.as_strided,
                 to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf, matmul=mkl.matmul,
-                ufuncs=mkl.ufuncs)
+                matmul_add=mkl.matmul_add, ufuncs=mkl.ufuncs)
 
 _registry: dict = {numpy.ndarray: NUMPY}
 _CUPY: Backend | None = None

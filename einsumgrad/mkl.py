@@ -12,6 +12,8 @@ array type):
   take as laid out are copied first, as NumPy does; other dtypes and small
   products (where a ctypes call costs more than it saves, and OpenBLAS runs on
   one thread, so the two thread pools never contend) go to ``numpy.matmul``.
+* ``matmul_add``: ``c += a @ b`` in place (``cblas_?gemm`` with beta 1), the
+  step of a convolution run as one product per window offset.
 * ``erf`` and ``normal_cdf``: ``v?Erf`` and ``v?CdfNorm`` (high-accuracy mode,
   about 1 ulp) on float32 and float64.
 * ``ufuncs``: ``add``, ``subtract``, ``multiply`` (two arrays of one layout, or
@@ -136,6 +138,29 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
             out = out[..., 0, :]
         return out[..., 0] if b.ndim == 1 else out
     return matmul
+
+
+def _accumulating(lib: ctypes.CDLL) -> Callable:
+    gemm = {numpy.dtype(numpy.float64): (lib.cblas_dgemm, ctypes.c_double),
+            numpy.dtype(numpy.float32): (lib.cblas_sgemm, ctypes.c_float)}
+
+    def matmul_add(a, b, c) -> bool:
+        """``c += a @ b`` for matrices, in place (GEMM with beta 1), when BLAS can
+        take the three as laid out; False (and ``c`` untouched) when it cannot."""
+        if not all(type(v) is numpy.ndarray and v.ndim == 2 and v.dtype == c.dtype
+                   for v in (a, b, c)) or c.dtype not in gemm:
+            return False
+        (m, k), (k2, n) = a.shape, b.shape
+        ta, tb, tc = _as_blas(a, m, k), _as_blas(b, k, n), _as_blas(c, m, n)
+        if (k != k2 or c.shape != (m, n) or None in (ta, tb) or tc is None or tc[0] != _NOTRANS
+                or not c.flags.writeable or 0 in (m, n, k)
+                or max(m, n, k, ta[1], tb[1], tc[1]) >= _INT_LIMIT):
+            return False
+        fn, scalar = gemm[c.dtype]
+        fn(_ROW, ta[0], tb[0], m, n, k, scalar(1.0), _PTR(a.ctypes.data), ta[1],
+           _PTR(b.ctypes.data), tb[1], scalar(1.0), _PTR(c.ctypes.data), tc[1])
+        return True
+    return matmul_add
 
 
 _MAX_CALLS = 8  # strided-batch calls per product, else one call from pointers
@@ -335,6 +360,7 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
 
 _LIB = _load()
 matmul: Callable | None = _kernel(_LIB) if _LIB is not None else None
+matmul_add: Callable | None = _accumulating(_LIB) if _LIB is not None else None
 ufuncs: dict = _ufuncs(_LIB) if _LIB is not None else {}
 erf: Callable | None = _vector(_LIB, "vsErf", "vdErf") if _LIB is not None else None
 normal_cdf: Callable | None = (_vector(_LIB, "vsCdfNorm", "vdCdfNorm")

@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 
 import einsumgrad as eg
 from einsumgrad.nn import functional as F
+from einsumgrad.nn import grid
 from einsumgrad.nn import patch_einsum as pe
+from einsumgrad.spec import parse
+from einsumgrad.testing import check_grads
 from tests.backends import NAME, npy, xb
 from tests.einsum_cases import einsum_cases
 
@@ -97,6 +100,66 @@ def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
         y.backward(xb(gy))
         np.testing.assert_allclose(npy(ex.grad), want_gx.numpy(), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(npy(ew.grad), want_gw.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def _grid_calls(monkeypatch) -> list:
+    """Names of the padded-grid kernels as they run."""
+    calls = []
+    for name in ("conv_on_grid", "unpatch_on_grid"):
+        f = getattr(pe, name)
+        monkeypatch.setattr(pe, name, lambda *a, f=f, name=name: calls.append(name) or f(*a))
+    return calls
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("padding,kernel", [(0, (3, 3)), (1, (3, 3)), (2, (2, 3)), (1, (1, 1))])
+def test_conv_on_the_padded_grid_matches_torch(monkeypatch, channels_last, padding, kernel):
+    # Stride 1 with enough channels: one product per window offset on the
+    # padded grid, forward and for the input gradient.
+    calls = _grid_calls(monkeypatch)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 9, 9, 8))
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    w = rng.standard_normal((10, 9) + kernel)
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    want = torch.nn.functional.conv2d(tx, tw, padding=padding)
+    gy = rng.standard_normal(tuple(want.shape))
+    want_gx, want_gw = torch.autograd.grad(want, (tx, tw), torch.tensor(gy))
+    ex, ew = eg.tensor(xb(x), requires_grad=True), eg.tensor(xb(w), requires_grad=True)
+    y = F.conv2d(ex, ew, padding=padding)
+    y.backward(xb(gy))
+    for got, ref in ((y, want.detach()), (ex.grad, want_gx), (ew.grad, want_gw)):
+        np.testing.assert_allclose(npy(got), ref.numpy(), rtol=1e-10, atol=1e-12)
+    assert calls == ["conv_on_grid", "unpatch_on_grid"]
+
+
+def test_conv_on_the_padded_grid_second_order_and_jacobians(monkeypatch):
+    # Forced onto the grid for every size: derivatives of any order and the
+    # leading axes of a Jacobian basis (grid rows) match the patch copy's.
+    rng = np.random.default_rng(6)
+    x, w = xb(rng.standard_normal((2, 3, 5, 4))), xb(rng.standard_normal((2, 3, 3, 2)))
+    f = lambda x, w: F.conv2d(x, w, padding=1)
+    want = [npy(eg.jacrev(f, argnums=(0, 1))(x, w)[i]) for i in (0, 1)]
+    want_fwd = npy(eg.jacfwd(f)(x, w))
+    calls = _grid_calls(monkeypatch)
+    monkeypatch.setattr(grid, "MIN_INNER", 1)
+    check_grads(f, x, w, order=2)
+    got = eg.jacrev(f, argnums=(0, 1))(x, w)
+    for g, ref in zip(got, want):
+        np.testing.assert_allclose(npy(g), ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(npy(eg.jacfwd(f)(x, w)), want_fwd, rtol=1e-12, atol=1e-12)
+    assert {"conv_on_grid", "unpatch_on_grid"} <= set(calls)
+
+
+def test_grid_only_for_products_per_offset():
+    groups = lambda spec: grid.grid_groups(*parse(spec).inputs, parse(spec).output)
+    b, c, h, w, k, l, f = (parse("bchwklf->").inputs[0])
+    assert groups("bchwkl,fckl->bfhw") == ((b,), (c,), (f,))
+    assert groups("bchwkl,bfckl->bfhw") is None   # per-sample weights: b in all three
+    assert groups("bchwkl,fckl->bfhwkl") is None  # window labels kept
+    assert groups("bchwkl,fcckl->bfhw") is None   # a repeated label
+    assert groups("bchwkl,fkl->bfhw") is None     # c summed on the patches alone
 
 
 def test_float32_gelu_kernel_matches_torch():

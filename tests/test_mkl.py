@@ -139,6 +139,32 @@ def test_matmul_declines_what_blas_cannot_take(monkeypatch):
 
 
 @needs_mkl
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matmul_add_accumulates_in_place_or_declines(dtype):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((40, 7)).astype(dtype), rng.standard_normal((7, 9)).astype(dtype)
+    c = rng.standard_normal((50, 9)).astype(dtype)
+    before = c.copy()
+    # Row ranges of one array, as a convolution's offsets use them; a transposed operand.
+    assert mkl.matmul_add(a, b, c[3:43]) and mkl.matmul_add(a[:30], b.T.copy().T, c[:30])
+    want = before.copy()
+    want[3:43] += a @ b
+    want[:30] += a[:30] @ b
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(c, want, rtol=tol, atol=tol)
+    # What BLAS cannot take is declined and left untouched.
+    other = np.float16 if dtype == np.float32 else np.float32
+    for args in ((a, b, np.ones((9, 40), dtype).T),                  # c column-major
+                 (a, b.astype(other), c[:40]),                       # mixed dtypes
+                 (a.astype(int), b.astype(int), c[:40].astype(int)),  # integers
+                 (a, b, c[:20]),                                     # c's shape clashes
+                 (a[:, :6], b, c[:40])):                             # a's and b's clash
+        kept = args[2].copy()
+        assert not mkl.matmul_add(*args)
+        np.testing.assert_array_equal(args[2], kept)
+
+
+@needs_mkl
 def test_matmul_large_products_and_errors():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 200, 300)), rng.standard_normal((300, 100))

@@ -9,7 +9,9 @@ at most 16 MB of them at a time, each chunk one matmul over ``kh*kw*C``;
 ``unpatch_einsum`` (and ``patch_einsum`` past 64 MB a chunk) runs
 each of the ``kh*kw`` offsets as one planned einsum on a strided view of the
 padded image (a matmul), added into the result or onto the image: no buffer
-larger than the image.
+larger than the image. At stride 1 with enough channels a convolution and its
+input gradient run on the padded grid instead (:mod:`.grid`): one product per
+window offset, accumulated in place, with no patch copy and no strided adds.
 
 The patch term is the first operand of ``patch_einsum`` and the output of
 ``unpatch_einsum``; its last four labels are (OH, OW, kh, kw). The two
@@ -24,6 +26,7 @@ from ..backend import backend_of
 from ..plan import plan_for
 from ..spec import Spec
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
+from .grid import conv_on_grid, grid_groups, grid_pays, unpatch_on_grid
 from .patches import _in_order_of, _padded, _pair, _patches_impl, _unpatch_impl, out_size
 
 
@@ -102,6 +105,10 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding):
     (kh, kw), p, out_term = kernel, spec.inputs[0], spec.output
     oh, ow = (out_size(n, k, s, q) for n, k, s, q in zip(x.shape[-2:], kernel, stride, padding))
     sizes = dict(zip(p, x.shape[:-2] + (oh, ow) + kernel)) | dict(zip(spec.inputs[1], o.shape))
+    groups = grid_groups(p, spec.inputs[1], out_term)
+    grid_hw = tuple(n + 2 * q for n, q in zip(x.shape[-2:], padding))
+    if groups and grid_pays(groups[1], sizes, stride, grid_hw, (oh, ow), (x.dtype, o.dtype)):
+        return conv_on_grid(x, o, spec, kernel, padding, groups)
     ax, step, nbytes = _chunks(x, p, out_term, sizes)
     if nbytes <= _PATCH_BYTES:
         # One copy of the windows and one matmul over kh*kw*C beat kh*kw thin
@@ -160,6 +167,10 @@ def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding):
     (kh, kw), (ph, pw), p = kernel, padding, spec.output
     sizes = {n: s for t, arr in zip(spec.inputs, (a, b)) for n, s in zip(t, arr.shape)}
     oh, ow = sizes[p[-4]], sizes[p[-3]]
+    groups = grid_groups(p, spec.inputs[1], spec.inputs[0])
+    grid_hw = (size[0] + 2 * ph, size[1] + 2 * pw)
+    if groups and grid_pays(groups[2], sizes, stride, grid_hw, (oh, ow), (a.dtype, b.dtype)):
+        return unpatch_on_grid(a, b, spec, size, kernel, padding, groups)
     if _small(tuple(sizes.get(n, 0) for n in p[:-2]) + kernel, a.shape, b.shape):
         r = plan_for(spec, [a, b])([a, b])
         return _unpatch_impl(r, size, kernel, stride, padding)

@@ -11,6 +11,8 @@ einsums. Leading axes (batch, channels, a Jacobian's basis) pass through.
 """
 from __future__ import annotations
 
+import operator
+
 from ..backend import backend_of, memory_order
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
 
@@ -137,7 +139,11 @@ unpatch_p.defbatch(_lead_batch(4, 2))
 
 
 def _pair(v) -> tuple:
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(n) for n in v)
+    try:
+        n = operator.index(v)  # an int, NumPy's included
+    except TypeError:
+        return tuple(int(n) for n in v)
+    return (n, n)
 
 
 def patches(x: Tensor, kernel_size, stride=1, padding=0, contiguous: bool = False) -> Tensor:
