@@ -105,7 +105,7 @@ def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
 def _grid_calls(monkeypatch) -> list:
     """Names of the padded-grid kernels as they run."""
     calls = []
-    for name in ("conv_on_grid", "unpatch_on_grid"):
+    for name in ("conv_on_grid", "unpatch_on_grid", "windows_on_grid"):
         f = getattr(pe, name)
         monkeypatch.setattr(pe, name, lambda *a, f=f, name=name: calls.append(name) or f(*a))
     return calls
@@ -115,7 +115,7 @@ def _grid_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("padding,kernel", [(0, (3, 3)), (1, (3, 3)), (2, (2, 3)), (1, (1, 1))])
 def test_conv_on_the_padded_grid_matches_torch(monkeypatch, channels_last, padding, kernel):
     # Stride 1 with enough channels: one product per window offset on the
-    # padded grid, forward and for the input gradient.
+    # padded grid, forward and for both gradients.
     calls = _grid_calls(monkeypatch)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 9, 9, 8))
@@ -131,7 +131,7 @@ def test_conv_on_the_padded_grid_matches_torch(monkeypatch, channels_last, paddi
     y.backward(xb(gy))
     for got, ref in ((y, want.detach()), (ex.grad, want_gx), (ew.grad, want_gw)):
         np.testing.assert_allclose(npy(got), ref.numpy(), rtol=1e-10, atol=1e-12)
-    assert calls == ["conv_on_grid", "unpatch_on_grid"]
+    assert calls == ["conv_on_grid", "unpatch_on_grid", "windows_on_grid"]
 
 
 def test_conv_on_the_padded_grid_second_order_and_jacobians(monkeypatch):
@@ -149,13 +149,15 @@ def test_conv_on_the_padded_grid_second_order_and_jacobians(monkeypatch):
     for g, ref in zip(got, want):
         np.testing.assert_allclose(npy(g), ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(npy(eg.jacfwd(f)(x, w)), want_fwd, rtol=1e-12, atol=1e-12)
-    assert {"conv_on_grid", "unpatch_on_grid"} <= set(calls)
+    assert {"conv_on_grid", "unpatch_on_grid", "windows_on_grid"} <= set(calls)
 
 
 def test_grid_only_for_products_per_offset():
     groups = lambda spec: grid.grid_groups(*parse(spec).inputs, parse(spec).output)
     b, c, h, w, k, l, f = (parse("bchwklf->").inputs[0])
     assert groups("bchwkl,fckl->bfhw") == ((b,), (c,), (f,))
+    spec = parse("bchwkl,bfhw->fckl")  # the weight gradient: windows kept in the output
+    assert grid.grid_groups(spec.inputs[0], spec.output, spec.inputs[1]) == ((b,), (c,), (f,))
     assert groups("bchwkl,bfckl->bfhw") is None   # per-sample weights: b in all three
     assert groups("bchwkl,fckl->bfhwkl") is None  # window labels kept
     assert groups("bchwkl,fcckl->bfhw") is None   # a repeated label
