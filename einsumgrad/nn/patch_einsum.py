@@ -9,9 +9,9 @@ at most 16 MB of them at a time, each chunk one matmul over ``kh*kw*C``;
 ``unpatch_einsum`` (and ``patch_einsum`` past 64 MB a chunk) runs
 each of the ``kh*kw`` offsets as one planned einsum on a strided view of the
 padded image (a matmul), added into the result or onto the image: no buffer
-larger than the image. At stride 1 with enough channels a convolution and its
-input gradient run on the padded grid instead (:mod:`.grid`): one product per
-window offset, accumulated in place, with no patch copy and no strided adds.
+larger than the image. At stride 1 with enough channels a convolution and both
+its gradients run on the padded grid instead (:mod:`.grid`): one product per
+window offset, with no patch copy and no strided adds.
 
 The patch term is the first operand of ``patch_einsum`` and the output of
 ``unpatch_einsum``; its last four labels are (OH, OW, kh, kw). The two
