@@ -73,8 +73,9 @@ max_p = Primitive("max", _max_impl)
 
 
 def _max_mask(x: Tensor, out: Tensor, axes: tuple) -> tuple:
-    """Constants for max's rules: where ``x`` attains its maximum (1, else 0), and
-    ``1 / (number of ties)`` shaped like ``out``, or None where no window ties.
+    """Constants for max's rules: where ``x`` attains its maximum (a bool mask
+    over small windows, else 1 and 0 in x's dtype), and ``1 / (number of ties)``
+    shaped like ``out``, or None where no window ties.
 
     Ties (windows of zeros after a ReLU) split the derivative evenly; the
     split is applied on the small output side, not on the mask.
@@ -87,9 +88,11 @@ def _max_mask(x: Tensor, out: Tensor, axes: tuple) -> tuple:
     else:  # in x's memory order, out lined up with it: long inner loops
         xm, axes_m, to_m, back, full_back = _in_memory_order(xp, x.data, axes)
         hit = xm == _aligned(xp, to_m(out.data), xm, axes_m)
-        # Counted in bytes (a window has at most _FOLD entries): 2x faster than in floats.
+        # Counted in bytes (a window has at most _FOLD entries): 2x faster than
+        # in floats. The mask stays bool: a product with it is as fast as with
+        # floats, and the cast would be one more pass over the input's size.
         count = back(_fold(hit.view(xp.uint8), axes_m, xp.add))
-        mask = full_back(hit.astype(x.dtype))
+        mask = full_back(hit)
     if not (xp.size(count) and xp.max(count) > 1):
         return Tensor(mask), None
     return Tensor(mask), Tensor(xp.reciprocal(count.astype(x.dtype)))
