@@ -158,10 +158,12 @@ class VJP:
     def __repr__(self) -> str:
         return f"<VJP {self}>"
 
-    def apply(self, g, *others, shape: tuple, nb: int = 0):
+    def apply(self, g, *others, shape: tuple, nb: int = 0, order: tuple | None = None):
         """Run the pattern on engine Tensors, giving operand k (of ``shape``, squeezed).
 
         ``g`` may carry ``nb`` leading batch axes; the result carries them too.
+        ``order``: the layout asked of the result (its axes, outermost in memory
+        first), honoured where the pattern gives operand k's axes as they are.
         """
         from .ops import constant_like, einsum_spec, reshape
         spec = self.fused if nb == 0 else _batched(self.fused, (0,), nb)
@@ -170,7 +172,9 @@ class VJP:
         for kind, labels in self.extra:
             n = sizes[labels[0]]
             ops.append(constant_like(g, "eye" if kind == "eye" else "ones", n))
-        r = einsum_spec(spec, *ops)
+        if order is not None and (nb or self.broadcast_axes or len(spec.output) != len(order)):
+            order = None
+        r = einsum_spec(spec, *ops, order=order)
         if self.broadcast_axes:
             it = iter(r.shape[nb:])
             r = reshape(r, r.shape[:nb] + tuple(1 if ax in self.broadcast_axes else next(it)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy
 
-from .backend import backend_of
+from .backend import backend_of, memory_order
 from .derive import JVP, _vjp, derive
 from .plan import contract, plan_for
 from .spec import EinsumError, Spec, letters
@@ -24,27 +24,31 @@ from .tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, pair
 
 # -- einsum: the one linear-algebra primitive ----------------------------------
 
-def _einsum_impl(*arrays, spec, run=None):
-    return run(arrays) if run is not None else contract(spec, arrays)
+def _einsum_impl(*arrays, spec, run=None, order=None):
+    return run(arrays) if run is not None else contract(spec, arrays, order)
 
 
 einsum_p = Primitive("einsum", _einsum_impl)
 
 
 @einsum_p.defvjp
-def _einsum_vjp(k, g, out, *xs, spec, run=None):
+def _einsum_vjp(k, g, out, *xs, spec, run=None, order=None):
     others = xs[:k] + xs[k + 1:]
-    return _vjp(spec, k, (), spec.inputs[k]).apply(g, *others, shape=xs[k].shape,
-                                                   nb=g.ndim - out.ndim)
+    nb = g.ndim - out.ndim
+    # The cotangent laid out like its primal: the ops that meet it next (the
+    # primal's other rules, its producer's VJP) then read it without a copy.
+    like = tuple(memory_order(xs[k].data)) if nb == 0 and xs[k].ndim > 2 else None
+    return _vjp(spec, k, (), spec.inputs[k]).apply(g, *others, shape=xs[k].shape, nb=nb,
+                                                   order=like)
 
 
 @einsum_p.defjvp
-def _einsum_jvp(k, t, out, *xs, spec, run=None):
+def _einsum_jvp(k, t, out, *xs, spec, run=None, order=None):
     return JVP(spec, k).apply(t, *(xs[:k] + xs[k + 1:]), nb=t.ndim - xs[k].ndim)
 
 
 @einsum_p.defbatch
-def _einsum_batch(bdims, shapes, out_shape, spec, run=None):
+def _einsum_batch(bdims, shapes, out_shape, spec, run=None, order=None):
     labels = {spec.inputs[k][b] for k, b in enumerate(bdims) if b is not None}
     if len(labels) > 1:
         raise BatchMixingError(f"einsum '{spec}' pairs the batch rows of one operand with another "
@@ -141,9 +145,13 @@ def _operand(o: Any, k: int) -> Tensor:
     return t
 
 
-def einsum_spec(spec: Spec, *operands: Tensor) -> Tensor:
-    """Einsum of a clean :class:`Spec` (labels already bound): the rules' entry."""
-    return bind(einsum_p, *operands, spec=spec)
+def einsum_spec(spec: Spec, *operands: Tensor, order: tuple | None = None) -> Tensor:
+    """Einsum of a clean :class:`Spec` (labels already bound): the rules' entry.
+    ``order``: the output's axes, outermost in memory first, where the planner
+    can write that layout (see :func:`einsumgrad.plan.contract`)."""
+    if order is None:
+        return bind(einsum_p, *operands, spec=spec)
+    return bind(einsum_p, *operands, spec=spec, order=order)
 
 
 def constant_like(g: Tensor, kind: str, n: int) -> Tensor:

@@ -83,10 +83,15 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
                numpy.dtype(numpy.float32): getattr(lib, "cblas_sgemm_batch_strided", None)}
     threads = lib.MKL_Get_Max_Threads
 
-    def matmul(a, b):
-        """``numpy.matmul(a, b)``, by MKL where BLAS can take the operands."""
+    def matmul(a, b, out=None):
+        """``numpy.matmul(a, b, out=out)``, by MKL where BLAS can take the operands
+        (and ``out``, when given: any layout whose matrices are row-major)."""
+        plain = lambda: numpy.matmul(a, b) if out is None else numpy.matmul(a, b, out=out)
         if a.dtype != b.dtype or a.dtype not in gemm or 0 in (a.ndim, b.ndim):
-            return numpy.matmul(a, b)
+            return plain()
+        if out is not None and (a.ndim < 2 or b.ndim < 2 or out.dtype != a.dtype
+                                or type(out) is not numpy.ndarray):
+            return plain()
         if b.ndim == 1 and a.ndim > 2 and a.flags.c_contiguous:
             # A stack of matrices times a vector is one tall matrix times it,
             # not a batch of one-column GEMMs (4x slower).
@@ -95,48 +100,54 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
         y = b if b.ndim > 1 else b[:, None]
         (m, k), (k2, n) = x.shape[-2:], y.shape[-2:]
         if k != k2 or (x.ndim == y.ndim == 2 and m * n * k < _MIN_WORK):
-            return numpy.matmul(a, b)  # NumPy says which sizes clash; small: see _small
+            return plain()  # NumPy says which sizes clash; small: see _small
         try:
             lead = numpy.broadcast_shapes(x.shape[:-2], y.shape[:-2])
         except ValueError:
-            return numpy.matmul(a, b)
+            return plain()
         count = math.prod(lead)
-        out = numpy.empty(lead + (m, n), dtype=a.dtype)
-        walk = _by_stride((x, y, out), lead) if count > 1 and strided[a.dtype] else None
+        if out is None:
+            c, ldc = numpy.empty(lead + (m, n), dtype=a.dtype), n
+        else:
+            tc = _as_blas(out, m, n) if out.shape == lead + (m, n) else None
+            if tc is None or tc[0] != _NOTRANS or not out.flags.writeable:
+                return plain()
+            c, ldc = out, tc[1]
+        walk = _by_stride((x, y, c), lead) if count > 1 and strided[a.dtype] else None
         if lead and _small(m * n * k, count, walk is not None, threads()):
-            return numpy.matmul(a, b)
+            return plain()
         ta, tb = _as_blas(x, m, k), _as_blas(y, k, n)
         if ta is None or tb is None:  # copied as NumPy would; the copy walks anew
             x, ta = (x, ta) if ta else (numpy.ascontiguousarray(x), (_NOTRANS, k))
             y, tb = (y, tb) if tb else (numpy.ascontiguousarray(y), (_NOTRANS, n))
-            walk = _by_stride((x, y, out), lead) if count > 1 and strided[a.dtype] else None
-        if max(m, n, k, ta[1], tb[1]) >= _INT_LIMIT:
-            return numpy.matmul(a, b)  # past MKL's 32-bit integers
-        if out.size == 0:
-            return numpy.matmul(a, b)  # an empty batch
+            walk = _by_stride((x, y, c), lead) if count > 1 and strided[a.dtype] else None
+        if max(m, n, k, ta[1], tb[1], ldc) >= _INT_LIMIT:
+            return plain()  # past MKL's 32-bit integers
+        if c.size == 0:
+            return plain()  # an empty batch
         fn, scalar = gemm[a.dtype]
         one, zero = scalar(1.0), scalar(0.0)
-        ptrs = [v.ctypes.data for v in (x, y, out)]
+        ptrs = [v.ctypes.data for v in (x, y, c)]
         if count == 1:  # one matrix each, at offset 0 however many size-1 batch axes
             fn(_ROW, ta[0], tb[0], m, n, k, one, _PTR(ptrs[0]), ta[1],
-               _PTR(ptrs[1]), tb[1], zero, _PTR(ptrs[2]), n)
+               _PTR(ptrs[1]), tb[1], zero, _PTR(ptrs[2]), ldc)
         elif walk is not None:  # MKL's strided batch: 1.6x faster than from pointers
             (sa, sb, sc), size, offsets = walk
             for oa, ob, oc in offsets:
                 strided[a.dtype](_ROW, ta[0], tb[0], m, n, k, one, _PTR(ptrs[0] + oa), ta[1],
-                                 sa, _PTR(ptrs[1] + ob), tb[1], sb, zero, _PTR(ptrs[2] + oc), n,
+                                 sa, _PTR(ptrs[1] + ob), tb[1], sb, zero, _PTR(ptrs[2] + oc), ldc,
                                  sc, size)
         else:  # one batched call: every matrix's address, from broadcast strides
             pa, pb, pc = ((p + _offsets(_frame(v, lead), lead)).astype(numpy.uintp)
-                          for p, v in zip(ptrs, (x, y, out)))
+                          for p, v in zip(ptrs, (x, y, c)))
             ref = lambda v: ctypes.byref(_INT(v))
             batch[a.dtype](_ROW, ref(ta[0]), ref(tb[0]), ref(m), ref(n), ref(k),
                            ctypes.byref(one), _PTR(pa.ctypes.data), ref(ta[1]),
                            _PTR(pb.ctypes.data), ref(tb[1]), ctypes.byref(zero),
-                           _PTR(pc.ctypes.data), ref(n), _INT(1), ref(pa.size))
+                           _PTR(pc.ctypes.data), ref(ldc), _INT(1), ref(pa.size))
         if a.ndim == 1:
-            out = out[..., 0, :]
-        return out[..., 0] if b.ndim == 1 else out
+            c = c[..., 0, :]
+        return c[..., 0] if b.ndim == 1 else c
     return matmul
 
 

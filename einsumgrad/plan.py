@@ -21,14 +21,16 @@ _plans: dict = {}
 stats = {"planned": 0}  # how many plans were made; a test reads it
 
 
-def contract(spec: Spec, arrays: Sequence) -> object:
-    """Evaluate ``spec`` on backend arrays, with the cached plan."""
-    return plan_for(spec, arrays)(arrays)
+def contract(spec: Spec, arrays: Sequence, order: tuple | None = None) -> object:
+    """Evaluate ``spec`` on backend arrays, with the cached plan; ``order`` (the
+    output's axes, outermost in memory first) asks for that layout where the
+    last step is a matmul that can write it."""
+    return plan_for(spec, arrays)(arrays, order)
 
 
 def plan_for(spec: Spec, arrays: Sequence):
     """The cached plan for ``spec`` at these arrays' shapes, dtypes and backend,
-    as a function of the arrays."""
+    as a function of the arrays (and an optional output ``order``)."""
     xp = common_backend(arrays)
     key = (spec, tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays), xp.name)
     run = _plans.get(key)
@@ -75,17 +77,23 @@ class Plan:
             terms.append(result)
 
     def bind(self, xp: Backend):
-        """This plan as a function of the arrays alone, on backend ``xp``."""
+        """This plan as a function of the arrays (and an output order), on backend ``xp``."""
         if len(self.steps) == 1:
             step = self.steps[0][1]
-            return lambda arrays: step(xp, arrays)
-        return lambda arrays: self(xp, arrays)
+            ordered = getattr(step, "ordered", None)
+            if ordered is None:
+                return lambda arrays, order=None: step(xp, arrays)
+            return lambda arrays, order=None: (step(xp, arrays) if order is None
+                                               else ordered(xp, arrays, order))
+        return lambda arrays, order=None: self(xp, arrays, order)
 
-    def __call__(self, xp: Backend, arrays: Sequence) -> object:
+    def __call__(self, xp: Backend, arrays: Sequence, order: tuple | None = None) -> object:
         arrays = list(arrays)
-        for pos, run in self.steps:
-            picked = [arrays.pop(p) for p in pos]
-            arrays.append(run(xp, picked[::-1]))
+        for i, (pos, run) in enumerate(self.steps):
+            picked = [arrays.pop(p) for p in pos][::-1]
+            ordered = getattr(run, "ordered", None) if i == len(self.steps) - 1 else None
+            arrays.append(run(xp, picked) if order is None or ordered is None
+                          else ordered(xp, picked, order))
         return arrays[0]
 
 
@@ -111,10 +119,12 @@ def _lower(terms: list, result: tuple, sizes: dict):
         body = _matmul(a, b, result, contracted, sizes)
     if pre_a is None and pre_b is None:
         return body
+    pre = lambda xp, x, y: (pre_a(xp, [x]) if pre_a else x, pre_b(xp, [y]) if pre_b else y)
 
     def run(xp, arrs):
-        x, y = arrs
-        return body(xp, (pre_a(xp, [x]) if pre_a else x, pre_b(xp, [y]) if pre_b else y))
+        return body(xp, pre(xp, *arrs))
+    if hasattr(body, "ordered"):
+        run.ordered = lambda xp, arrs, order: body.ordered(xp, pre(xp, *arrs), order)
     return run
 
 
@@ -207,26 +217,35 @@ def _matmul(a: tuple, b: tuple, result: tuple, contracted: list, sizes: dict):
     batch = [l for l in result if l in a and l in b]
     left = [l for l in a if l in result and l not in b]
     right = [l for l in b if l in result and l not in a]
-    layouts: dict = {}  # (strides of a, strides of b) -> the arrangement for them
+    layouts: dict = {}  # (strides of a, strides of b, output order) -> the arrangement
 
-    def run(xp, arrs):
+    def ordered(xp, arrs, order):
         x, y = arrs
-        key = (x.strides, y.strides)
+        key = (x.strides, y.strides, order)
         go = layouts.get(key)
         if go is None:
             go = layouts[key] = _arrange(a, b, result, batch, left, contracted, right,
-                                         sizes, x.strides, y.strides, x.size >= y.size)
+                                         sizes, x.strides, y.strides, x.size >= y.size, order)
         return go(xp, x, y)
+
+    def run(xp, arrs):
+        return ordered(xp, arrs, None)
+    run.ordered = ordered
     return run
 
 
-def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larger):
+def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larger,
+             order=None):
     """One matmul for these operand layouts: each operand is read in its own memory order.
 
     Groups of labels are flattened in the order they lie in memory, and an
     operand whose contracted axes lie outside its free ones goes to the matmul
     transposed (a view BLAS reads as is): no copy where the layout allows none,
-    and where one is needed (a strided view) it reads memory in order.
+    and where one is needed (a strided view) it reads memory in order. With
+    ``order`` (the result's axes, outermost in memory first), the matmul writes
+    straight into an array of that layout, where its rows and columns are one
+    axis each: a cotangent laid out like its primal (attention's heads inside
+    its tokens) reaches the next matmul without a copy.
     """
     real = lambda ls: [l for l in ls if sizes[l] > 1]  # size-1 axes have no layout
     sa = {l: sa[a.index(l)] for l in a}
@@ -263,6 +282,7 @@ def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larg
     perm_a = ident(tuple(a.index(l) for l in order_a))
     perm_b = ident(tuple(b.index(l) for l in order_b))
     perm_c = ident(tuple(out_labels.index(l) for l in result))
+    into = _into(order, result, batch, left, right, sizes)
 
     def go(xp, x, y):
         if perm_a:
@@ -277,8 +297,35 @@ def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larg
             x = xp.swapaxes(x, -1, -2)
         if trans_b:
             y = xp.swapaxes(y, -1, -2)
+        if into is not None:
+            buf_shape, to_mm, index, to_result = into
+            buf = xp.empty(buf_shape, dtype=xp.result_type(x.dtype, y.dtype))
+            xp.matmul(x, y, out=xp.transpose(buf, to_mm)[index])
+            return xp.transpose(buf, to_result)
         c = xp.matmul(x, y)
         if c.shape != out_shape:
             c = xp.reshape(c, out_shape)
         return xp.transpose(c, perm_c) if perm_c else c
     return go
+
+
+def _into(order, result, batch, left, right, sizes):
+    """How the matmul writes into an array laid out in ``order``: the buffer's
+    shape, the transpose and basic index that view it as ``(batch..., m, n)``
+    (size-1 axes dropped or added, so the view is never a copy), and the
+    transpose back to ``result``; None without an order, or where the rows or
+    the columns span several axes."""
+    real = lambda ls: [l for l in ls if sizes[l] > 1]
+    if order is None or len(real(left)) > 1 or len(real(right)) > 1:
+        return None
+    mem = [result[i] for i in order]
+    rows, cols = real(left), real(right)
+    labels = batch + rows + cols
+    index = (slice(None),) * len(batch) + (() if rows else (None,)) + \
+        (slice(None),) * len(rows) + (() if cols else (None,)) + (slice(None),) * len(cols)
+    # The buffer holds every result label; those of size 1 outside batch, rows
+    # and cols are indexed away (their 0) after the transpose puts them last.
+    extra = [l for l in result if l not in labels]
+    to_mm = tuple(mem.index(l) for l in labels + extra)
+    index += (0,) * len(extra)
+    return (tuple(sizes[l] for l in mem), to_mm, index, tuple(mem.index(l) for l in result))

@@ -15,6 +15,8 @@ import einsumgrad as eg
 from einsumgrad.nn import functional as F
 from einsumgrad.nn import grid
 from einsumgrad.nn import patch_einsum as pe
+from einsumgrad import plan
+from einsumgrad.backend import memory_order
 from einsumgrad.spec import parse
 from einsumgrad.testing import check_grads
 from tests.backends import NAME, npy, xb
@@ -76,6 +78,39 @@ def test_matmul_reads_operands_in_any_memory_order(layout_a, layout_b):
     v = laid_out((5, 12, 7), layout_a)[:, ::2]
     np.testing.assert_allclose(npy(eg.einsum("bij,bjk->bik", xb(v), xb(b))),
                                np.einsum("bij,bjk->bik", v, b), rtol=1e-12)
+
+
+@pytest.mark.parametrize("spec,shapes,order,honoured", [
+    ("bhqk,bhkd->bhqd", [(3, 4, 5, 6), (3, 4, 6, 2)], (0, 2, 1, 3), True),  # heads inside queries
+    ("ij,jk->ik", [(5, 6), (6, 7)], (1, 0), True),                          # column-major
+    ("bij,bjk->bik", [(4, 1, 6), (4, 6, 3)], (2, 1, 0), True),              # a size-1 row
+    ("bij,bj->bi", [(4, 5, 6), (4, 6)], (1, 0), True),                      # no column axis
+    ("ibj,bjk->kbi", [(4, 3, 5), (3, 5, 6)], (1, 0, 2), True),              # batch outermost
+    ("ij,jk,kl->il", [(3, 4), (4, 5), (5, 6)], (1, 0), True),               # the last step's
+    ("aibj,bjk->aibk", [(2, 4, 3, 5), (3, 5, 6)], (3, 2, 1, 0), False),     # rows span 2 axes
+])
+def test_contraction_written_in_the_order_asked(spec, shapes, order, honoured):
+    # The planner writes a matmul's result in the layout asked for where its
+    # rows and columns are one axis each, else as it would; the values never change.
+    rng = np.random.default_rng(7)
+    arrays = [xb(rng.standard_normal(s)) for s in shapes]
+    got = plan.contract(parse(spec), arrays, order)
+    np.testing.assert_allclose(npy(got), np.einsum(spec, *map(npy, arrays)), rtol=1e-12)
+    real = lambda axes: [a for a in axes if got.shape[a] > 1]  # size 1: no place in memory
+    assert (real(memory_order(got)) == real(order)) == honoured, spec
+
+
+def test_cotangent_laid_out_like_its_primal():
+    # q as a projection leaves it: heads inside tokens, (b, l, h, d) in memory.
+    rng = np.random.default_rng(8)
+    q = xb(np.ascontiguousarray(rng.standard_normal((2, 5, 3, 4)))).transpose(0, 2, 1, 3)
+    k = xb(rng.standard_normal((2, 3, 6, 4)))
+    _, pull = eg.vjp(lambda q, k: eg.einsum("bhqd,bhkd->bhqk", q, k), q, k)
+    g = xb(rng.standard_normal((2, 3, 5, 6)))
+    gq, gk = pull(g)
+    assert memory_order(npy(gq)) == memory_order(npy(q))
+    np.testing.assert_allclose(npy(gq), np.einsum("bhqk,bhkd->bhqd", npy(g), npy(k)), rtol=1e-12)
+    np.testing.assert_allclose(npy(gk), np.einsum("bhqk,bhqd->bhkd", npy(g), npy(q)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

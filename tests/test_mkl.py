@@ -140,6 +140,29 @@ def test_matmul_declines_what_blas_cannot_take(monkeypatch):
 
 @needs_mkl
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matmul_writes_into_out_of_any_row_major_layout(dtype):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 4, 40, 30)).astype(dtype)
+    b = rng.standard_normal((6, 4, 30, 20)).astype(dtype)
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    # Heads inside rows: buffer (6, 40, 4, 20) seen as (6, 4, 40, 20).
+    buf = np.empty((6, 40, 4, 20), dtype)
+    r = mkl.matmul(a, b, out=buf.transpose(0, 2, 1, 3))
+    assert np.shares_memory(r, buf)
+    np.testing.assert_allclose(buf.transpose(0, 2, 1, 3), np.matmul(a, b), rtol=tol, atol=tol)
+    # A column-major out goes to NumPy, which writes it all the same.
+    col = np.empty((6, 4, 20, 40), dtype).transpose(0, 1, 3, 2)
+    mkl.matmul(a, b, out=col)
+    np.testing.assert_allclose(col, np.matmul(a, b), rtol=tol, atol=tol)
+    m = np.empty((40, 20), dtype)  # one product
+    mkl.matmul(a[0, 0], b[0, 0], out=m)
+    np.testing.assert_allclose(m, a[0, 0] @ b[0, 0], rtol=tol, atol=tol)
+    with pytest.raises(ValueError):
+        mkl.matmul(a, b, out=np.empty((6, 4, 40, 21), dtype))
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_matmul_add_accumulates_in_place_or_declines(dtype):
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((40, 7)).astype(dtype), rng.standard_normal((7, 9)).astype(dtype)

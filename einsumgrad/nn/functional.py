@@ -13,6 +13,8 @@ from typing import Any
 from .. import ops
 from ..elementwise import _elementwise_batch
 from ..backend import backend_of
+from ..linear import einsum_spec
+from ..spec import parse
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
 from .patch_einsum import patch_einsum, unpatch_einsum  # noqa: F401  (re-exported)
 from .patches import _pair, patches, unpatch  # noqa: F401  (re-exported)
@@ -241,6 +243,9 @@ def dropout(x: Any, p: float = 0.5, training: bool = True, rng=None) -> Tensor:
     return x * Tensor(mask)
 
 
+_ATTEND = parse("bhqk,bhkd->bhqd")
+
+
 def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
                                  is_causal: bool = False) -> Tensor:
     """``softmax(q k^T / sqrt(d) + mask) v`` over the last two axes, as torch's.
@@ -264,4 +269,9 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
             s = ops.where(xp.broadcast_to(m, s.shape), s, -math.inf)
         else:
             s = s + Tensor(m.astype(s.dtype))
-    return ops.einsum("bhqk,bhkd->bhqd" if four else "...qk,...kd->...qd", ops.softmax(s, -1), v)
+    a = ops.softmax(s, -1)
+    if four and a.shape[:2] == v.shape[:2] and a.shape[3] == v.shape[2]:  # else einsum says why
+        # Written with the heads inside the queries, (b, q, h, d) in memory: the
+        # output projection then reads it as a (b q) x (h d) matrix, no copy.
+        return einsum_spec(_ATTEND, a, v, order=(0, 2, 1, 3))
+    return ops.einsum("bhqk,bhkd->bhqd" if four else "...qk,...kd->...qd", a, v)
