@@ -89,6 +89,10 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
     def matmul(a, b, out=None):
         """``numpy.matmul(a, b, out=out)``, by MKL where BLAS can take the operands
         (and ``out``, when given: any layout whose matrices are row-major)."""
+        if out is None and a.ndim == 2 and b.ndim == 2:  # first, the small ones: no more checks
+            (m, k), n = a.shape, b.shape[1]
+            if m * n * k < (_MIN_VECTOR if 1 in (m, n) else _MIN_WORK):
+                return numpy.matmul(a, b)
         plain = lambda: numpy.matmul(a, b) if out is None else numpy.matmul(a, b, out=out)
         if a.dtype != b.dtype or a.dtype not in gemm or 0 in (a.ndim, b.ndim):
             return plain()

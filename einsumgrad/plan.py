@@ -217,19 +217,24 @@ def _matmul(a: tuple, b: tuple, result: tuple, contracted: list, sizes: dict):
     batch = [l for l in result if l in a and l in b]
     left = [l for l in a if l in result and l not in b]
     right = [l for l in b if l in result and l not in a]
-    layouts: dict = {}  # (strides of a, strides of b, output order) -> the arrangement
+    layouts: dict = {}  # (strides of a, strides of b[, output order]) -> the arrangement
+
+    def arranged(key, x, y, order):
+        go = layouts[key] = _arrange(a, b, result, batch, left, contracted, right, sizes,
+                                     x.strides, y.strides, x.size >= y.size, order)
+        return go
+
+    def run(xp, arrs):  # the common call, kept short: a per-call einsum pays for each step
+        x, y = arrs
+        key = (x.strides, y.strides)
+        go = layouts.get(key) or arranged(key, x, y, None)
+        return go(xp, x, y)
 
     def ordered(xp, arrs, order):
         x, y = arrs
         key = (x.strides, y.strides, order)
-        go = layouts.get(key)
-        if go is None:
-            go = layouts[key] = _arrange(a, b, result, batch, left, contracted, right,
-                                         sizes, x.strides, y.strides, x.size >= y.size, order)
+        go = layouts.get(key) or arranged(key, x, y, order)
         return go(xp, x, y)
-
-    def run(xp, arrs):
-        return ordered(xp, arrs, None)
     run.ordered = ordered
     return run
 
