@@ -41,6 +41,9 @@ class Backend:
         if matmul is not None:
             self.matmul = matmul
         self._matmul_add = matmul_add
+        # Whether matmul_add accumulates in place (a GEMM with beta 1), not
+        # through a temporary product: the padded-grid convolutions need it to pay.
+        self.matmul_adds_in_place = matmul_add is not None
         for attr, fn in (ufuncs or {}).items():
             setattr(self, attr, fn)
         self.erf, self.add_at, self.as_strided, self.to_numpy = erf, add_at, as_strided, to_numpy

@@ -99,11 +99,13 @@ def _weights_by_offset(o, term: tuple, kl: tuple, first: tuple, second: tuple, x
                                         math.prod(size[n] for n in second)))
 
 
-def grid_pays(contracted: tuple, sizes: dict, stride, grid_hw, out_hw, dtypes) -> bool:
-    """Whether the products on the grid beat copying the patches: stride 1, one
-    dtype, a product over enough entries, and a grid not much larger than the
-    windows (each offset's product runs over every grid entry)."""
-    return (stride == (1, 1) and len(set(dtypes)) == 1
+def grid_pays(xp, contracted: tuple, sizes: dict, stride, grid_hw, out_hw, dtypes) -> bool:
+    """Whether the products on the grid beat copying the patches: a backend that
+    accumulates products in place (through temporaries the grid lost: CNN step
+    42 against 39 ms on plain NumPy), stride 1, one dtype, a product over enough
+    entries, and a grid not much larger than the windows (each offset's product
+    runs over every grid entry)."""
+    return (xp.matmul_adds_in_place and stride == (1, 1) and len(set(dtypes)) == 1
             and math.prod(sizes[n] for n in contracted) >= MIN_INNER
             and math.prod(grid_hw) <= 2 * math.prod(out_hw))
 

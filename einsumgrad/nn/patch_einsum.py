@@ -107,10 +107,10 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding):
     sizes = dict(zip(p, x.shape[:-2] + (oh, ow) + kernel)) | dict(zip(spec.inputs[1], o.shape))
     groups = grid_groups(p, spec.inputs[1], out_term)
     grid_hw = tuple(n + 2 * q for n, q in zip(x.shape[-2:], padding))
-    if groups and grid_pays(groups[1], sizes, stride, grid_hw, (oh, ow), (x.dtype, o.dtype)):
+    if groups and grid_pays(xp, groups[1], sizes, stride, grid_hw, (oh, ow), (x.dtype, o.dtype)):
         return conv_on_grid(x, o, spec, kernel, padding, groups)
     kept = grid_groups(p, out_term, spec.inputs[1])  # the window labels in the output
-    if kept and grid_pays(kept[1], sizes, stride, grid_hw, (oh, ow), (x.dtype, o.dtype)):
+    if kept and grid_pays(xp, kept[1], sizes, stride, grid_hw, (oh, ow), (x.dtype, o.dtype)):
         return windows_on_grid(x, o, spec, kernel, padding, kept)
     ax, step, nbytes = _chunks(x, p, out_term, sizes)
     if nbytes <= _PATCH_BYTES:
@@ -172,7 +172,7 @@ def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding):
     oh, ow = sizes[p[-4]], sizes[p[-3]]
     groups = grid_groups(p, spec.inputs[1], spec.inputs[0])
     grid_hw = (size[0] + 2 * ph, size[1] + 2 * pw)
-    if groups and grid_pays(groups[2], sizes, stride, grid_hw, (oh, ow), (a.dtype, b.dtype)):
+    if groups and grid_pays(xp, groups[2], sizes, stride, grid_hw, (oh, ow), (a.dtype, b.dtype)):
         return unpatch_on_grid(a, b, spec, size, kernel, padding, groups)
     if _small(tuple(sizes.get(n, 0) for n in p[:-2]) + kernel, a.shape, b.shape):
         r = plan_for(spec, [a, b])([a, b])
