@@ -128,6 +128,7 @@ def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
     want_gx, want_gw = torch.autograd.grad(want, (tx, tw), torch.tensor(gy))
     for chunk, budget in ((4096, 1 << 26), (4096, 4096), (1 << 20, 1 << 26)):
         monkeypatch.setattr(pe, "_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(pe, "_CHUNK_BYTES_MKL", chunk)
         monkeypatch.setattr(pe, "_PATCH_BYTES", budget)
         ex, ew = eg.tensor(xb(x), requires_grad=True), eg.tensor(xb(w), requires_grad=True)
         y = F.conv2d(ex, ew, stride=2, padding=1)

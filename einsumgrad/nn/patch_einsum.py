@@ -5,7 +5,7 @@
 convolution, its weight gradient and its input gradient. Materialized whole,
 the patch tensor is ``kh*kw`` times the image (14 MB per conv of the bench
 CNN), copied from and to memory. ``patch_einsum`` copies the patches (im2col)
-at most 16 MB of them at a time, each chunk one matmul over ``kh*kw*C``;
+a chunk at a time (1 MB, or 16 MB with MKL), each chunk one matmul over ``kh*kw*C``;
 ``unpatch_einsum`` (and ``patch_einsum`` past 64 MB a chunk) runs
 each of the ``kh*kw`` offsets as one planned einsum on a strided view of the
 padded image (a matmul), added into the result or onto the image: no buffer
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from .. import mkl
 from ..backend import backend_of
 from ..plan import plan_for
 from ..spec import Spec
@@ -74,11 +75,13 @@ def _owned(r):
     return r.copy() if 0 in r.strides else r
 
 
-# Patches are copied (im2col) at most this many bytes at a time, which bounds
-# the buffer for a large batch or Jacobian basis. Not cache-sized: the bench
-# CNN's 14 MB in one matmul beat 1 MB chunks at 2 threads (step 29.3 -> 27.0
-# ms; the same at 1 thread): MKL threads one large GEMM better than 15 small ones.
-_CHUNK_BYTES = 1 << 24
+# Patches are copied (im2col) at most this many bytes at a time. A chunk that
+# stays in cache between its copy and its matmul suits OpenBLAS (bench CNN step
+# 38.4 -> 36.3 ms at 1 thread against 16 MB chunks); MKL threads one large GEMM
+# better than 15 small ones (the 14 MB whole: 29.3 -> 27.0 ms at 2 threads, the
+# same at 1), so with it only large batches or Jacobian bases are cut.
+_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES_MKL = 1 << 24
 _PATCH_BYTES = 64 << 20  # past this per chunk the offsets run one at a time
 
 
@@ -91,12 +94,14 @@ def _chunks(x, p: tuple, out_term: tuple, sizes: dict) -> tuple:
     """
     total = math.prod(sizes[a] for a in p) * x.itemsize
     axes = [i for i in range(len(p) - 4) if x.shape[i] > 1]
-    if total <= _CHUNK_BYTES or not axes:
+    limit = _CHUNK_BYTES_MKL if mkl.matmul is not None and backend_of(x).matmul is mkl.matmul \
+        else _CHUNK_BYTES
+    if total <= limit or not axes:
         return None, 0, total
     ax = max(axes, key=lambda i: x.strides[i])
     if p[ax] in out_term and 2 * math.prod(sizes[a] for a in out_term) * x.itemsize > total:
         return None, 0, total
-    step = max(1, x.shape[ax] * _CHUNK_BYTES // total)
+    step = max(1, x.shape[ax] * limit // total)
     return ax, step, total // x.shape[ax] * step
 
 
