@@ -18,7 +18,10 @@ array type):
   about 1 ulp) on float32 and float64.
 * ``ufuncs``: ``add``, ``subtract``, ``multiply`` (two arrays of one layout, or
   an array and a Python number, by ``v?LinearFrac``: bit for bit NumPy's
-  result), ``exp``, ``log``, ``tanh`` (within 2 ulps, as NumPy's). Not
+  result; an in-place ``add`` / ``subtract`` of an array that varies only
+  along the innermost or outermost axes in memory, a layer's bias, as one
+  rank-1 update ``cblas_?ger``), ``exp``, ``log``, ``tanh`` (within 2 ulps,
+  as NumPy's). Not
   ``divide`` or ``sqrt``: VML's are not always correctly rounded. NumPy runs
   an element-wise op on one core; VML runs it on MKL's threads, already awake
   from the last GEMM, so at 2 threads a pass over a few MB takes half the
@@ -332,11 +335,52 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
                           c(1.0), ptr(out, s))
         return out
 
+    ger = {f32: lib.cblas_sger, f64: lib.cblas_dger}
+    ones: dict = {}  # dtype -> a vector of ones, grown as needed; BLAS only reads it
+
+    def rank1(a, b, alpha: float) -> bool:
+        """``a += alpha * b`` in place where ``b``, broadcast to ``a``, varies only
+        along ``a``'s innermost axes in memory (a bias over channels) or only its
+        outermost (a per-row shift): one rank-1 update against a vector of ones
+        (``cblas_?ger``, on MKL's threads; 3-8x NumPy's broadcast). With alpha
+        +-1 and ones every product is exact: bit for bit NumPy's sum (a ``b``
+        with zeros goes to NumPy: BLAS skips them, signed zeros would differ)."""
+        if type(b) is not numpy.ndarray or b.dtype != a.dtype or not 0 < b.ndim <= a.ndim:
+            return False
+        bb = b.reshape((1,) * (a.ndim - b.ndim) + b.shape)
+        if any(n not in (1, m) for n, m in zip(bb.shape, a.shape)):
+            return False
+        mem = [i for i in sorted(range(a.ndim), key=lambda i: -a.strides[i]) if a.shape[i] > 1]
+        vary = [i for i in mem if bb.shape[i] > 1]
+        if not vary or len(vary) == len(mem):
+            return False
+        inner = vary == mem[len(mem) - len(vary):]
+        if not inner and vary != mem[:len(vary)]:
+            return False
+        n = math.prod(a.shape[i] for i in vary)
+        r = a.size // n
+        if max(n, r) >= _INT_LIMIT:
+            return False
+        v = numpy.ascontiguousarray(bb.transpose(vary + [i for i in range(a.ndim)
+                                                         if i not in vary])).reshape(-1)
+        if not v.all():  # BLAS skips a zero's row or column: -0.0 + 0.0 would stay -0.0
+            return False
+        one = ones.get(a.dtype)
+        if one is None or one.size < r:
+            one = ones[a.dtype] = numpy.ones(max(r, 1 << 12), dtype=a.dtype)
+        x, y, rows, cols = (one, v, r, n) if inner else (v, one, n, r)
+        ger[a.dtype](_ROW, rows, cols, scalar[a.dtype](alpha), _PTR(x.ctypes.data), 1,
+                     _PTR(y.ctypes.data), 1, _PTR(a.ctypes.data), cols)
+        return True
+
     def binary(single, double, ufunc, with_number):
         fns = {f32: getattr(lib, single), f64: getattr(lib, double)}
+        alpha = {numpy.add: 1.0, numpy.subtract: -1.0}.get(ufunc)
 
         def op(a, b, out=None):
             if _flat(a):
+                if out is a and alpha is not None and rank1(a, b, alpha):
+                    return a
                 if _flat(b, a):
                     o = _out(a, out)
                     if o is not None:

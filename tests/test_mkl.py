@@ -266,6 +266,55 @@ def test_ufuncs_are_numpys_bit_for_bit(ab, name, into):
     assert np.array_equal(np.signbit(got), np.signbit(want))  # signed zeros too
 
 
+@st.composite
+def in_place_broadcasts(draw):
+    """``a += b`` / ``a -= b`` with ``a`` dense in a random axis order and ``b``
+    varying along a random set of its axes (the innermost or outermost in memory:
+    one rank-1 update; any other set: NumPy), special values on both sides."""
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    shape = draw(st.sampled_from([(64, 32, 16), (40, 1000), (8, 16, 16, 32)]))
+    order = draw(st.permutations(range(len(shape))))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40, 3e38], dtype)
+    a = rng.standard_normal(tuple(shape[i] for i in order)).astype(dtype)
+    a.reshape(-1)[:special.size] = special
+    a = a.transpose(np.argsort(order))
+    vary = draw(st.sets(st.sampled_from(range(len(shape))), min_size=1, max_size=len(shape) - 1))
+    b = rng.standard_normal(tuple(n if i in vary else 1 for i, n in enumerate(shape))).astype(dtype)
+    b.reshape(-1)[:3] = special[[3, 4, 0]][:b.size]
+    if draw(st.booleans()):  # b without its leading size-1 axes
+        b = b.reshape(b.shape[next((i for i, n in enumerate(b.shape) if n > 1), 0):])
+    return a, b
+
+
+@needs_mkl
+@settings(max_examples=200, deadline=None)
+@given(in_place_broadcasts(), st.sampled_from(["add", "subtract"]))
+def test_in_place_broadcast_add_is_numpys_bit_for_bit(ab, name):
+    a, b = ab
+    with np.errstate(all="ignore"):
+        want = getattr(np, name)(a, b)
+        got = mkl.ufuncs[name](a, b, out=a)
+    assert got is a
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.array_equal(np.signbit(got), np.signbit(want))
+
+
+@needs_mkl
+def test_in_place_broadcast_takes_one_rank_one_update(monkeypatch):
+    # A bias over the channels of channels-last data, a shift per row: MKL;
+    # a bias along a middle axis in memory: NumPy.
+    calls = []
+    monkeypatch.setattr(np, "add", lambda *a, real=np.add, **k: calls.append(1) or real(*a, **k))
+    fresh = mkl._ufuncs(mkl._LIB)
+    y = np.zeros((64, 16, 14, 14), np.float32).transpose(0, 2, 3, 1)  # memory (b, c, h, w)
+    fresh["add"](y, np.ones((14, 14, 1), np.float32), out=y)        # inner (h, w)
+    fresh["add"](y, np.ones((64, 1, 1, 1), np.float32), out=y)      # outer b
+    assert not calls and np.all(y == 2)
+    fresh["add"](y, np.ones((1, 1, 1, 16), np.float32), out=y)      # c: between b and (h, w)
+    assert len(calls) == 1 and np.all(y == 3)
+
+
 @needs_mkl
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ["exp", "log", "tanh"])

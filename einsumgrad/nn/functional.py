@@ -31,11 +31,12 @@ def _add_bias_impl(y, b):
     # einsum's rules need its inputs, never its output): add b in place while
     # y is still in cache, as a GEMM with a bias term would. A view that cannot
     # take the sum (stride 0, read-only, another dtype or shape) gets a new array.
+    # With MKL the backend's add runs it as one rank-1 update on MKL's threads.
+    xp = backend_of(y)
     fits = b.ndim <= y.ndim and all(n in (1, m) for n, m in zip(b.shape[::-1], y.shape[::-1]))
     if (fits and 0 not in y.strides and getattr(y.flags, "writeable", True)
-            and backend_of(y).result_type(y, b) == y.dtype):
-        y += b
-        return y
+            and xp.result_type(y, b) == y.dtype):
+        return xp.add(y, b, out=y)
     return y + b
 
 
