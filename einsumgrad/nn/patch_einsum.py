@@ -5,13 +5,13 @@
 convolution, its weight gradient and its input gradient. Materialized whole,
 the patch tensor is ``kh*kw`` times the image (14 MB per conv of the bench
 CNN), copied from and to memory. ``patch_einsum`` copies the patches (im2col)
-a chunk at a time (1 MB, or 16 MB with MKL), each chunk one matmul over ``kh*kw*C``;
-``unpatch_einsum`` (and ``patch_einsum`` past 64 MB a chunk) runs
-each of the ``kh*kw`` offsets as one planned einsum on a strided view of the
-padded image (a matmul), added into the result or onto the image: no buffer
-larger than the image. At stride 1 with enough channels a convolution and both
-its gradients run on the padded grid instead (:mod:`.grid`): one product per
-window offset, with no patch copy and no strided adds.
+a chunk at a time (1 MB, or 16 MB with MKL), each chunk one matmul over
+``kh*kw*C``; ``unpatch_einsum`` (and ``patch_einsum`` past 64 MB a chunk)
+runs each of the ``kh*kw`` offsets as one planned einsum on a strided view of
+the padded image (a matmul), added into the result or onto the image: no
+buffer larger than the image. At stride 1 with enough channels a convolution
+and both its gradients run on the padded grid instead (:mod:`.grid`): one
+product per window offset, with no patch copy and no strided adds.
 
 The patch term is the first operand of ``patch_einsum`` and the output of
 ``unpatch_einsum``; its last four labels are (OH, OW, kh, kw). The two
@@ -94,8 +94,7 @@ def _chunks(x, p: tuple, out_term: tuple, sizes: dict) -> tuple:
     """
     total = math.prod(sizes[a] for a in p) * x.itemsize
     axes = [i for i in range(len(p) - 4) if x.shape[i] > 1]
-    limit = _CHUNK_BYTES_MKL if mkl.matmul is not None and backend_of(x).matmul is mkl.matmul \
-        else _CHUNK_BYTES
+    limit = _CHUNK_BYTES_MKL if backend_of(x).matmul is mkl.matmul else _CHUNK_BYTES
     if total <= limit or not axes:
         return None, 0, total
     ax = max(axes, key=lambda i: x.strides[i])
