@@ -59,7 +59,9 @@ def _im2col(x, view, kernel, out_hw, step):
     A convolution's matmul then reads them as a matrix without another copy
     (the planner takes each operand in its memory order), and the copy itself
     runs over long contiguous stretches: for a channels-last image a window
-    row ``(kw, C)`` is one run, copied ``kh`` times; otherwise each of the
+    row ``(kw, C)`` is one run, and all of them go in one copy (three copies,
+    one per kernel row, each writing every third run, took 2.5x as long:
+    1.6 against 0.66 ms for the bench CNN's second conv); otherwise each of the
     ``kh*kw`` offsets copies whole output rows into ``(C, kh, kw, ..., OH, OW)``.
     Either way the result is indexed ``(..., C, OH, OW, kh, kw)``.
     """
@@ -68,10 +70,8 @@ def _im2col(x, view, kernel, out_hw, step):
     lead = x.shape[:-3]
     if c > 1 and x.strides[-3] == item and x.strides[-1] == c * item:
         out = xp.empty(lead + (oh, ow, kh, kw * c), dtype=x.dtype)
-        for k in range(kh):
-            row = x[..., k:, :]
-            out[..., k, :] = xp.as_strided(row, shape=lead + (oh, ow, kw * c),
-                                           strides=row.strides[:-3] + step + (item,))
+        out[...] = xp.as_strided(x, shape=out.shape,
+                                 strides=x.strides[:-3] + step + (x.strides[-2], item))
         out = xp.reshape(out, lead + (oh, ow, kh, kw, c))
         return xp.moveaxis(out, -1, -5)
     out = xp.empty((c, kh, kw) + lead + (oh, ow), dtype=x.dtype)
