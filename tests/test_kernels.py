@@ -143,7 +143,7 @@ def _grid_calls(monkeypatch) -> list:
     backend (it waits for an in-place GEMM, MKL's, to pay)."""
     monkeypatch.setattr(backend_of(xb(np.zeros(1))), "matmul_adds_in_place", True)
     calls = []
-    for name in ("conv_on_grid", "unpatch_on_grid", "windows_on_grid"):
+    for name in ("conv_on_grid", "unpatch_on_grid"):
         f = getattr(pe, name)
         monkeypatch.setattr(pe, name, lambda *a, f=f, name=name: calls.append(name) or f(*a))
     return calls
@@ -153,7 +153,7 @@ def _grid_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("padding,kernel", [(0, (3, 3)), (1, (3, 3)), (2, (2, 3)), (1, (1, 1))])
 def test_conv_on_the_padded_grid_matches_torch(monkeypatch, channels_last, padding, kernel):
     # Stride 1 with enough channels: one product per window offset on the
-    # padded grid, forward and for both gradients.
+    # padded grid, forward and for the input gradient.
     calls = _grid_calls(monkeypatch)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 9, 9, 8))
@@ -169,7 +169,7 @@ def test_conv_on_the_padded_grid_matches_torch(monkeypatch, channels_last, paddi
     y.backward(xb(gy))
     for got, ref in ((y, want.detach()), (ex.grad, want_gx), (ew.grad, want_gw)):
         np.testing.assert_allclose(npy(got), ref.numpy(), rtol=1e-10, atol=1e-12)
-    assert calls == ["conv_on_grid", "unpatch_on_grid", "windows_on_grid"]
+    assert calls == ["conv_on_grid", "unpatch_on_grid"]
 
 
 def test_conv_on_the_padded_grid_second_order_and_jacobians(monkeypatch):
@@ -187,15 +187,13 @@ def test_conv_on_the_padded_grid_second_order_and_jacobians(monkeypatch):
     for g, ref in zip(got, want):
         np.testing.assert_allclose(npy(g), ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(npy(eg.jacfwd(f)(x, w)), want_fwd, rtol=1e-12, atol=1e-12)
-    assert {"conv_on_grid", "unpatch_on_grid", "windows_on_grid"} <= set(calls)
+    assert {"conv_on_grid", "unpatch_on_grid"} <= set(calls)
 
 
 def test_grid_only_for_products_per_offset():
     groups = lambda spec: grid.grid_groups(*parse(spec).inputs, parse(spec).output)
     b, c, h, w, k, l, f = (parse("bchwklf->").inputs[0])
     assert groups("bchwkl,fckl->bfhw") == ((b,), (c,), (f,))
-    spec = parse("bchwkl,bfhw->fckl")  # the weight gradient: windows kept in the output
-    assert grid.grid_groups(spec.inputs[0], spec.output, spec.inputs[1]) == ((b,), (c,), (f,))
     assert groups("bchwkl,bfckl->bfhw") is None   # per-sample weights: b in all three
     assert groups("bchwkl,fckl->bfhwkl") is None  # window labels kept
     assert groups("bchwkl,fcckl->bfhw") is None   # a repeated label
@@ -334,3 +332,31 @@ def test_windowed_max_and_its_rules_on_any_layout(case):
     _, tangent = eg.jvp(lambda a: eg.max(a, axis=axes), (xb(x),), (xb(t),))
     np.testing.assert_allclose(npy(tangent), (winners * t).sum(axis=axes) / winners.sum(axis=axes),
                                rtol=1e-12, atol=1e-15)
+
+
+@st.composite
+def _image(draw):
+    """An image ``(lead..., C, H, W)`` in a random memory layout (channels-last
+    among them), with a window, stride and padding that fit it."""
+    lead = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
+    shape = lead + (draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+    order = draw(st.permutations(range(len(shape))))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    x = rng.standard_normal(tuple(shape[i] for i in order)).transpose(np.argsort(order))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    kernel = tuple(draw(st.integers(1, n + 2 * p)) for n, p in zip(shape[-2:], padding))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    return x, kernel, stride, padding
+
+
+@settings(max_examples=200, deadline=None)
+@given(_image())
+def test_patches_copied_in_one_pass_equal_the_strided_view(case):
+    # The patch copy (im2col) in the image's memory order, one strided copy for
+    # a channels-last image, holds the same entries as the view of the windows.
+    from einsumgrad.nn.patches import _patches_impl
+    x, kernel, stride, padding = case
+    x = xb(x)
+    view = _patches_impl(x, kernel, stride, padding, contiguous=False)
+    np.testing.assert_array_equal(npy(_patches_impl(x, kernel, stride, padding, contiguous=True)),
+                                  npy(view))

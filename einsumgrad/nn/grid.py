@@ -1,17 +1,18 @@
 """Stride-1 convolutions as one matrix product per window offset, on the padded grid.
 
 The kernels :mod:`.patch_einsum` takes at stride 1 with enough channels: a
-convolution and its weight gradient (``patch_einsum``), its input gradient
-(``unpatch_einsum``). Laid out flat with its zero border, ``(rows..., Hp, Wp,
+convolution (``patch_einsum``) and its input gradient (``unpatch_einsum``). Laid out flat with its zero border, ``(rows..., Hp, Wp,
 channels...)``, the image (or the cotangent) meets window offset ``(k, l)``
 at a shift of ``k*Wp + l`` whole rows, the same for every window. So each
 offset is one matrix product of row ranges (accumulated in place, a GEMM with
 beta 1, where the offsets share an output): no patch copy (im2col, ``kh*kw``
 times the image) and no strided adds. The price: products over the whole
 grid, border included, so the grid must not be much larger than the windows.
-On the bench CNN's second conv (2 threads) this takes the forward from 3.1 to
-1.7 ms and the input gradient from 3.8 to 2.4; the weight gradient's nine
-thin products gain less (about 0.5 ms of the step).
+On the bench CNN's second conv (2 threads) the input gradient takes 2.5 ms
+here against 3.9 through the patches, and the forward about as long either
+way. The weight gradient, nine thin products over the whole grid here, runs
+faster as one product over the copied patches (2.4 against 4.0 ms), so it
+does not come here.
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from ..backend import backend_of
 
 
 # Stride-1 windows with at least this many entries in each offset's product
-# (a conv's input channels, forward and for the weight gradient; its output
-# channels for the input gradient) run on the padded grid; fewer make too
-# thin a product.
+# (a conv's input channels forward, its output channels for the input
+# gradient) run on the padded grid; fewer make too thin a product.
 MIN_INNER = 8
 
 
@@ -148,29 +148,3 @@ def unpatch_on_grid(a, b, spec, size, kernel, padding, groups):
     have = rows + hw + inner
     return xp.transpose(z, [have.index(n) for n in lead + hw])
 
-
-def windows_on_grid(x, g, spec, kernel, padding, groups):
-    """``patch_einsum`` of stride 1 that keeps the window labels (a conv's weight
-    gradient): for each offset, the grid rows of ``g`` against those of the
-    padded image one shift further on. ``g`` sits at the windows' corners on
-    a zero grid, so rows of no window add nothing."""
-    xp = backend_of(x)
-    p, gt, out_term = spec.inputs[0], spec.inputs[1], spec.output
-    rows, inner, cols = groups  # inner: the image's channels; cols: g's own (a conv's filters)
-    lead, hw = p[:-4], p[-4:-2]
-    (kh, kw), (ph, pw) = kernel, padding
-    grid_hw = (x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw)
-    img = _on_grid(x, lead + hw, (rows, inner), hw, grid_hw, (ph, pw), xp)
-    src = _on_grid(g, gt, (rows, cols), hw, grid_hw, (0, 0), xp)
-    size = dict(zip(lead, x.shape[:-2])) | dict(zip(gt, g.shape))
-    n_in, n_col = math.prod(size[n] for n in inner), math.prod(size[n] for n in cols)
-    a, b = xp.reshape(src, (-1, n_col)), xp.reshape(img, (-1, n_in))
-    n, wp = a.shape[0], grid_hw[1]
-    out = xp.empty((kh, kw, n_col, n_in), dtype=x.dtype)
-    for k in range(kh):
-        for l in range(kw):
-            s = k * wp + l
-            out[k, l] = xp.matmul(xp.transpose(a[:n - s]), b[s:])
-    out = xp.reshape(out, (kh, kw) + tuple(size[n] for n in cols) + tuple(size[n] for n in inner))
-    have = p[-2:] + cols + inner
-    return xp.transpose(out, [have.index(n) for n in out_term])

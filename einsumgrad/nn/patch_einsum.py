@@ -10,7 +10,7 @@ a chunk at a time (1 MB, or 16 MB with MKL), each chunk one matmul over
 runs each of the ``kh*kw`` offsets as one planned einsum on a strided view of
 the padded image (a matmul), added into the result or onto the image: no
 buffer larger than the image. At stride 1 with enough channels a convolution
-and both its gradients run on the padded grid instead (:mod:`.grid`): one
+and its input gradient run on the padded grid instead (:mod:`.grid`): one
 product per window offset, with no patch copy and no strided adds.
 
 The patch term is the first operand of ``patch_einsum`` and the output of
@@ -27,7 +27,7 @@ from ..backend import backend_of
 from ..plan import plan_for
 from ..spec import Spec
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
-from .grid import conv_on_grid, grid_groups, grid_pays, unpatch_on_grid, windows_on_grid
+from .grid import conv_on_grid, grid_groups, grid_pays, unpatch_on_grid
 from .patches import _in_order_of, _padded, _pair, _patches_impl, _unpatch_impl, out_size
 
 
@@ -113,9 +113,6 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding):
     grid_hw = tuple(n + 2 * q for n, q in zip(x.shape[-2:], padding))
     if groups and grid_pays(xp, groups[1], sizes, stride, grid_hw, (oh, ow), (x.dtype, o.dtype)):
         return conv_on_grid(x, o, spec, kernel, padding, groups)
-    kept = grid_groups(p, out_term, spec.inputs[1])  # the window labels in the output
-    if kept and grid_pays(xp, kept[1], sizes, stride, grid_hw, (oh, ow), (x.dtype, o.dtype)):
-        return windows_on_grid(x, o, spec, kernel, padding, kept)
     ax, step, nbytes = _chunks(x, p, out_term, sizes)
     if nbytes <= _PATCH_BYTES:
         # One copy of the windows and one matmul over kh*kw*C beat kh*kw thin
