@@ -42,7 +42,7 @@ class Backend:
             self.matmul = matmul
         self._matmul_add = matmul_add
         # Whether matmul_add accumulates in place (a GEMM with beta 1), not
-        # through a temporary product: the padded-grid convolutions need it to pay.
+        # through a temporary product: the padded-grid input gradient needs it to pay.
         self.matmul_adds_in_place = matmul_add is not None
         for attr, fn in (ufuncs or {}).items():
             setattr(self, attr, fn)

@@ -139,21 +139,23 @@ def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
 
 
 def _grid_calls(monkeypatch) -> list:
-    """Names of the padded-grid kernels as they run; the grid taken on any
-    backend (it waits for an in-place GEMM, MKL's, to pay)."""
+    """Names of the padded-grid kernel (an input gradient) and of the patch copy
+    as they run; the grid taken on any backend (it waits for an in-place GEMM,
+    MKL's, to pay)."""
     monkeypatch.setattr(backend_of(xb(np.zeros(1))), "matmul_adds_in_place", True)
     calls = []
-    for name in ("conv_on_grid", "unpatch_on_grid"):
+    for name in ("unpatch_on_grid", "_patches_impl"):
         f = getattr(pe, name)
-        monkeypatch.setattr(pe, name, lambda *a, f=f, name=name: calls.append(name) or f(*a))
+        monkeypatch.setattr(pe, name, lambda *a, f=f, name=name, **k: calls.append(name) or f(*a, **k))
     return calls
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("padding,kernel", [(0, (3, 3)), (1, (3, 3)), (2, (2, 3)), (1, (1, 1))])
 def test_conv_on_the_padded_grid_matches_torch(monkeypatch, channels_last, padding, kernel):
-    # Stride 1 with enough channels: one product per window offset on the
-    # padded grid, forward and for the input gradient.
+    # Stride 1 with enough channels: the input gradient as one product per
+    # window offset on the padded grid; the patches copied once, forward, and
+    # read again by the weight gradient.
     calls = _grid_calls(monkeypatch)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 9, 9, 8))
@@ -169,7 +171,7 @@ def test_conv_on_the_padded_grid_matches_torch(monkeypatch, channels_last, paddi
     y.backward(xb(gy))
     for got, ref in ((y, want.detach()), (ex.grad, want_gx), (ew.grad, want_gw)):
         np.testing.assert_allclose(npy(got), ref.numpy(), rtol=1e-10, atol=1e-12)
-    assert calls == ["conv_on_grid", "unpatch_on_grid"]
+    assert sorted(calls) == ["_patches_impl", "unpatch_on_grid"]
 
 
 def test_conv_on_the_padded_grid_second_order_and_jacobians(monkeypatch):
@@ -187,7 +189,26 @@ def test_conv_on_the_padded_grid_second_order_and_jacobians(monkeypatch):
     for g, ref in zip(got, want):
         np.testing.assert_allclose(npy(g), ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(npy(eg.jacfwd(f)(x, w)), want_fwd, rtol=1e-12, atol=1e-12)
-    assert {"conv_on_grid", "unpatch_on_grid"} <= set(calls)
+    assert "unpatch_on_grid" in calls
+
+
+def test_forward_patches_serve_only_their_own_image(monkeypatch):
+    # A conv whose weight needs a gradient keeps its forward patch copy for the
+    # weight gradient; a JVP or VJP whose patch operand is another array (the
+    # tangent of the image) must not read it. Checked against torch.
+    calls = _grid_calls(monkeypatch)
+    rng = np.random.default_rng(7)
+    x, t = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 6, 5))
+    w, tw = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((4, 3, 3, 3))
+    conv = lambda a, b: torch.nn.functional.conv2d(torch.tensor(a), torch.tensor(b), padding=1)
+    ew = eg.tensor(xb(w), requires_grad=True)
+    _, got = eg.jvp(lambda a: F.conv2d(a, ew, padding=1), (xb(x),), (xb(t),))
+    np.testing.assert_allclose(npy(got), conv(t, w).numpy(), rtol=1e-10, atol=1e-12)
+    assert calls.count("_patches_impl") == 2  # the image's (kept, unread) and the tangent's
+    ex = eg.tensor(xb(x), requires_grad=True)
+    _, got = eg.jvp(lambda b: F.conv2d(ex, b, padding=1), (xb(w),), (xb(tw),))
+    np.testing.assert_allclose(npy(got), conv(x, tw).numpy(), rtol=1e-10, atol=1e-12)
+    assert calls.count("_patches_impl") == 3  # the image's, read again for the tangent
 
 
 def test_grid_only_for_products_per_offset():

@@ -63,10 +63,11 @@ def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> T
     The layer is one einsum over the patches of ``x``, ``'bchwkl,fckl->bfhw'``;
     its VJPs are the weight gradient ``'bfhw,bchwkl->fckl'`` and the patch
     cotangent ``'bfhw,fckl->bchwkl'`` added back onto the image by ``unpatch``.
-    All three run as :func:`patch_einsum` / :func:`unpatch_einsum`: at stride 1
-    with enough channels the forward and the input gradient as one matmul per
-    kernel offset on the padded image, otherwise (and the weight gradient)
-    matmuls over the patches copied a bounded chunk at a time.
+    All three run as :func:`patch_einsum` / :func:`unpatch_einsum`: the forward
+    and the weight gradient as matmuls over the patches copied a bounded chunk
+    at a time (a copy made whole is kept for the weight gradient), the input
+    gradient at stride 1 with enough channels as one matmul per kernel offset
+    on the padded image.
     """
     y = patch_einsum("bchwkl,fckl->bfhw", x, w, w.shape[-2:], stride, padding)
     return y if b is None else _add_bias(y, ops.reshape(b, (-1, 1, 1)))

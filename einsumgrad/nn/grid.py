@@ -1,18 +1,17 @@
-"""Stride-1 convolutions as one matrix product per window offset, on the padded grid.
+"""A stride-1 convolution's input gradient as one matrix product per window offset.
 
-The kernels :mod:`.patch_einsum` takes at stride 1 with enough channels: a
-convolution (``patch_einsum``) and its input gradient (``unpatch_einsum``). Laid out flat with its zero border, ``(rows..., Hp, Wp,
-channels...)``, the image (or the cotangent) meets window offset ``(k, l)``
-at a shift of ``k*Wp + l`` whole rows, the same for every window. So each
-offset is one matrix product of row ranges (accumulated in place, a GEMM with
-beta 1, where the offsets share an output): no patch copy (im2col, ``kh*kw``
-times the image) and no strided adds. The price: products over the whole
-grid, border included, so the grid must not be much larger than the windows.
-On the bench CNN's second conv (2 threads) the input gradient takes 2.5 ms
-here against 3.9 through the patches, and the forward about as long either
-way. The weight gradient, nine thin products over the whole grid here, runs
-faster as one product over the copied patches (2.4 against 4.0 ms), so it
-does not come here.
+The kernel :mod:`.patch_einsum` takes for ``unpatch_einsum`` at stride 1 with
+enough channels: a convolution's input gradient, the cotangent of every window
+added back onto the image. Laid out flat with its zero border, ``(rows..., Hp,
+Wp, channels...)``, the image meets window offset ``(k, l)`` at a shift of
+``k*Wp + l`` whole rows, the same for every window. So each offset is one
+matrix product of row ranges, accumulated in place (a GEMM with beta 1): no
+patch-shaped product (``kh*kw`` times the image) and no strided adds. The
+price: products over the whole grid, border included, so the grid must not be
+much larger than the windows. On the bench CNN's second conv (2 threads) this
+takes 2.5 ms against 3.9 through the patches. The forward and the weight
+gradient are faster as one product over the copied patches (the forward's copy
+kept for the weight gradient), so they do not come here.
 """
 from __future__ import annotations
 
@@ -21,9 +20,8 @@ import math
 from ..backend import backend_of
 
 
-# Stride-1 windows with at least this many entries in each offset's product
-# (a conv's input channels forward, its output channels for the input
-# gradient) run on the padded grid; fewer make too thin a product.
+# Stride-1 windows with at least this many entries in each offset's product (a
+# conv's output channels) run on the padded grid; fewer make too thin a product.
 MIN_INNER = 8
 
 
@@ -62,19 +60,15 @@ def _on_grid(a, term: tuple, groups: tuple, hw: tuple, grid_hw: tuple, at: tuple
     return grid
 
 
-def _by_offset_on_grid(src, w, kernel, grid_hw, gather: bool, xp):
-    """``kh*kw`` accumulating products over the flattened padded grid.
+def _scatter_on_grid(src, w, kernel, grid_hw, xp):
+    """``out[window + shift] += src[window] @ w[k, l]`` for every offset ``(k, l)``:
+    ``kh*kw`` products accumulated in place over the flattened padded grid.
 
     Window ``(i, j)`` (its top-left corner on the grid) meets offset ``(k, l)``
     at grid entry ``(i + k, j + l)``: ``k*Wp + l`` rows further on once the grid
-    is flat, one shift for every window. So each offset is a plain matrix
-    product of row ranges, accumulated in place: no patch copy (im2col) and
-    no strided adds. ``gather``: out[window] += src[window + shift] @ w[k, l]
-    (a convolution); else out[window + shift] += src[window] @ w[k, l] (its
-    input gradient). ``src`` is ``(rows..., Hp, Wp, inner...)``. Only windows
-    that fit on the grid are real; a shift from any other may cross into the
-    next image's rows, so the caller crops those windows' outputs (gather) or
-    gives them zero rows in ``src`` (scatter).
+    is flat, one shift for every window. ``src`` is ``(rows..., Hp, Wp, inner...)``
+    with the windows' entries at their corners and zeros elsewhere: a shift from
+    a row of no window (which may cross into the next image's rows) adds nothing.
     """
     (kh, kw), wp = kernel, grid_hw[1]
     a = xp.reshape(src, (-1, w.shape[-2]))
@@ -83,10 +77,7 @@ def _by_offset_on_grid(src, w, kernel, grid_hw, gather: bool, xp):
     for k in range(kh):
         for l in range(kw):
             s = k * wp + l
-            if gather:
-                xp.matmul_add(a[s:], w[k, l], out[:n - s])
-            else:
-                xp.matmul_add(a[:n - s], w[k, l], out[s:])
+            xp.matmul_add(a[:n - s], w[k, l], out[s:])
     return out
 
 
@@ -110,27 +101,6 @@ def grid_pays(xp, contracted: tuple, sizes: dict, stride, grid_hw, out_hw, dtype
             and math.prod(grid_hw) <= 2 * math.prod(out_hw))
 
 
-def conv_on_grid(x, o, spec, kernel, padding, groups):
-    """``patch_einsum`` of stride 1 as products per window offset on the padded grid."""
-    xp = backend_of(x)
-    p, ot, out_term = spec.inputs[0], spec.inputs[1], spec.output
-    rows, inner, cols = groups
-    lead, hw = p[:-4], p[-4:-2]
-    (kh, kw), (ph, pw) = kernel, padding
-    grid_hw = (x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw)
-    src = _on_grid(x, lead + hw, (rows, inner), hw, grid_hw, (ph, pw), xp)
-    w = _weights_by_offset(o, ot, p[-2:], inner, cols, xp)
-    out = _by_offset_on_grid(src, w, kernel, grid_hw, True, xp)
-    size = dict(zip(lead, x.shape[:-2])) | dict(zip(ot, o.shape))
-    out = xp.reshape(out, tuple(size[n] for n in rows) + grid_hw + tuple(size[n] for n in cols))
-    # Cropped to the windows and compacted: later ops and products read a
-    # dense array faster than the grid's gapped rows (bias, pool, weight gradient).
-    out = xp.ascontiguousarray(out[(slice(None),) * len(rows) + (
-        slice(0, grid_hw[0] - kh + 1), slice(0, grid_hw[1] - kw + 1))])
-    have = rows + hw + cols
-    return xp.transpose(out, [have.index(n) for n in out_term])
-
-
 def unpatch_on_grid(a, b, spec, size, kernel, padding, groups):
     """``unpatch_einsum`` of stride 1 as products per window offset on the padded grid."""
     xp = backend_of(a)
@@ -140,7 +110,7 @@ def unpatch_on_grid(a, b, spec, size, kernel, padding, groups):
     grid_hw = tuple(n + 2 * q for n, q in zip(size, padding))
     src = _on_grid(a, at, (rows, cols), hw, grid_hw, (0, 0), xp)
     w = _weights_by_offset(b, bt, p[-2:], cols, inner, xp)
-    z = _by_offset_on_grid(src, w, kernel, grid_hw, False, xp)
+    z = _scatter_on_grid(src, w, kernel, grid_hw, xp)
     sizes = dict(zip(at, a.shape)) | dict(zip(bt, b.shape))
     z = xp.reshape(z, tuple(sizes[n] for n in rows) + grid_hw + tuple(sizes[n] for n in inner))
     (ph, pw), (h, w_) = padding, size
