@@ -113,19 +113,27 @@ def _centered(x, axes, eps):
     return xp.reshape(d, x.shape), xp.reshape(1.0 / xp.sqrt(var + eps), keep)
 
 
-def _normalize_impl(x, axes, eps):
+def _normalized(x, axes, eps) -> tuple:
+    """``((x - mean) * s, s)`` with ``s = 1 / sqrt(var + eps)`` (axes kept as size 1)."""
     d, s = _centered(x, axes, eps)
     d *= s
-    return d
+    return d, s
 
 
-def _normalize_rule(k, g, out, x, axes, eps):
+def _normalize_impl(x, axes, eps, stats=None):
+    # stats: (the output, s) as layer_norm computed them; s is kept for the rules.
+    return _normalized(x, axes, eps)[0] if stats is None else stats[0]
+
+
+def _normalize_rule(k, g, out, x, axes, eps, stats=None):
     # y = (x - mean) * s with s = 1/sqrt(var + eps): its Jacobian
     # s (I - 11^T/n - y y^T/n) is symmetric, so the VJP and JVP are one formula.
-    # Written in engine ops on x and the output, so it differentiates again.
+    # Written in engine ops on x and the output, so it differentiates again;
+    # s is the forward's, not computed again (a pass over x fewer).
     m1 = ops.mean(g, axes, keepdims=True)
     m2 = ops.mean(g * out, axes, keepdims=True)
-    return bind(inv_std_p, x, axes=axes, eps=eps) * (g - m1 - out * m2)
+    s = bind(inv_std_p, x, axes=axes, eps=eps, value=None if stats is None else stats[1])
+    return s * (g - m1 - out * m2)
 
 
 # (x - mean) / sqrt(var + eps) over trailing axes as one primitive: the
@@ -142,15 +150,17 @@ def _inv_std_d(x, out, axes):
 
 
 # 1 / sqrt(var + eps) over trailing axes (kept as size 1): normalize's rule
-# needs it, as one primitive rather than six ops on the full activation.
-inv_std_p = Primitive("inv_std", lambda x, axes, eps: _centered(x, axes, eps)[1])
-inv_std_p.defvjp(lambda k, g, out, x, axes, eps: g * _inv_std_d(x, out, axes))
-inv_std_p.defjvp(lambda k, t, out, x, axes, eps:
+# needs it, as one primitive rather than six ops on the full activation
+# (``value``: the forward's, where it has it).
+inv_std_p = Primitive("inv_std", lambda x, axes, eps, value=None:
+                      _centered(x, axes, eps)[1] if value is None else value)
+inv_std_p.defvjp(lambda k, g, out, x, axes, eps, value=None: g * _inv_std_d(x, out, axes))
+inv_std_p.defjvp(lambda k, t, out, x, axes, eps, value=None:
                  ops.sum(t * _inv_std_d(x, out, axes), axes, keepdims=True))
 
 
 @normalize_p.defbatch
-def _normalize_batch(bdims, shapes, out_shape, axes, eps):
+def _normalize_batch(bdims, shapes, out_shape, axes, eps, **_):
     if bdims[0] - len(out_shape) in axes:
         raise BatchMixingError("layer_norm normalizes along the batch axis: rows mix")
     return bdims[0]
@@ -165,7 +175,8 @@ def layer_norm(x: Any, normalized_shape, weight: Tensor | None = None,
     x = as_tensor(x)
     n = 1 if isinstance(normalized_shape, int) else len(tuple(normalized_shape))
     # Negative axes name the same axes of a cotangent with leading batch axes.
-    y = bind(normalize_p, x, axes=tuple(range(-n, 0)), eps=float(eps))
+    axes, eps = tuple(range(-n, 0)), float(eps)
+    y = bind(normalize_p, x, axes=axes, eps=eps, stats=_normalized(x.data, axes, eps))
     if weight is not None:
         y = y * weight  # a new product: the bias can go into it in place
         return y if bias is None else _add_bias(y, bias)
