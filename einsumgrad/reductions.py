@@ -190,13 +190,20 @@ def _softmax_impl(x, axis):
     xp = backend_of(x)
     # Any shift cancels; the row max keeps exp from overflowing. Over short
     # rows NumPy's max is slow (18x a max over whole 32x32 blocks), so shift
-    # by the max over the last two axes, and redo exactly the case where some
-    # row's sum came out below sqrt(tiny): rows far under their block's max
-    # (their small entries would underflow), all -inf, inf or nan.
+    # by the max over the last two axes (or by nothing, where nothing can
+    # overflow), and redo exactly the case where some row's sum came out
+    # below sqrt(tiny): rows far under their shift (their small entries would
+    # underflow), all -inf, inf or nan.
     if axis == -1 and x.ndim >= 2 and x.shape[-1] * x.shape[-2] <= 4096 and x.dtype.kind == "f":
-        m = xp.max(x, axis=(-2, -1), keepdims=True)
-        e = _shift(xp, x, m)
-        xp.exp(e, out=e)
+        info = xp.finfo(x.dtype)
+        if xp.max(x) < math.log(info.max) - math.log(x.shape[-1]) - 1:
+            # No exp, nor any row's sum, can overflow: no shift at all (one
+            # broadcast subtract fewer). Underflow is caught as for a shift.
+            e = xp.exp(x)
+        else:
+            m = xp.max(x, axis=(-2, -1), keepdims=True)
+            e = _shift(xp, x, m)
+            xp.exp(e, out=e)
         # Row sums as one matrix-vector product over all rows (e is a new array).
         s = xp.reshape(xp.matmul(xp.reshape(e, (-1, x.shape[-1])),
                                  xp.ones(x.shape[-1], dtype=e.dtype)), x.shape[:-1] + (1,))

@@ -29,7 +29,7 @@ def _torch_softmax(x):
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the NaN rows, on purpose
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_softmax_block_shift_matches_torch_and_falls_back_exactly(dtype):
+def test_softmax_shift_matches_torch_and_falls_back_exactly(dtype):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 4, 8, 8)).astype(dtype)
     tol = dict(rtol=1e-12, atol=1e-15) if dtype == np.float64 else dict(rtol=2e-6, atol=1e-9)
@@ -39,6 +39,12 @@ def test_softmax_block_shift_matches_torch_and_falls_back_exactly(dtype):
     far = x.copy()
     far[1, 2, 3] -= 500.0
     np.testing.assert_allclose(npy(eg.softmax(xb(far))), _torch_softmax(far), **tol)
+    # Logits that exp would overflow (past 80 in float32, 700 in float64) take
+    # the block shift; the others none. Both, with a row far under the rest.
+    for lift in (0.0, 1000.0):
+        big = x * 10 + lift
+        big[1, 2, 3] -= 500.0
+        np.testing.assert_allclose(npy(eg.softmax(xb(big))), _torch_softmax(big), **tol)
     # A fully masked row is NaN (as torch); +inf logits as torch too.
     masked = x.copy()
     masked[0, 0, 0] = -np.inf
