@@ -348,17 +348,23 @@ def _getitem_impl(x, index, nb):
     return _to_front(y, lead, nb) if lead else y
 
 
-def _scatter_impl(g, shape, index, nb):
-    xp = backend_of(g)
+def _scatter_into(z, g, index, nb, fresh: bool = False):
+    """``z[(:,)*nb, index] += g`` in place, ``g`` with its ``nb`` axes first
+    (``fresh``: ``z`` is zeros, so basic indexing just copies ``g`` in)."""
     lead = _numpy_lead(index, nb)
     if lead:  # g has its nb axes first; the index puts NumPy's lead dims there
         g = _to_front(g, nb, lead)
-    z = xp.zeros(shape, dtype=g.dtype)
     if _advanced(index)[0]:
-        xp.add_at(z, _full(index, nb), g)  # array indices may repeat a position
-    else:
+        backend_of(z).add_at(z, _full(index, nb), g)  # array indices may repeat a position
+    elif fresh:
         z[_full(index, nb)] = g  # basic indexing reaches each position once
+    else:
+        z[_full(index, nb)] += g
     return z
+
+
+def _scatter_impl(g, shape, index, nb):
+    return _scatter_into(backend_of(g).zeros(shape, dtype=g.dtype), g, index, nb, fresh=True)
 
 
 getitem_p = Primitive("getitem", _getitem_impl, linear=True)
@@ -366,6 +372,8 @@ getitem_p.defvjp(lambda k, g, out, x, index, nb:
                  scatter_add(g, g.shape[:g.ndim - out.ndim] + x.shape, index,
                              g.ndim - out.ndim + nb))
 getitem_p.defjvp(lambda k, t, out, x, index, nb: getitem(t, index, t.ndim - x.ndim + nb))
+getitem_p.defaccum(lambda buf, g, out, x, index, nb:
+                   _scatter_into(buf, g.data, index, g.ndim - out.ndim + nb))
 
 scatter_p = Primitive("scatter_add", _scatter_impl, linear=True)
 scatter_p.defvjp(lambda k, g, out, x, shape, index, nb: getitem(g, index, g.ndim - len(shape) + nb))

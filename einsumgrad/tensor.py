@@ -4,7 +4,10 @@ A :class:`Primitive` holds its implementation on backend arrays and its rules:
 ``vjp(k, g, out, *xs)``, ``jvp(k, t, out, *xs)`` and ``batch`` (which axis of
 the output is the batch axis, for :func:`~einsumgrad.batch_jacobian`). Rules
 are written with the engine's own ops, so running them while recording makes
-the backward (or forward) pass itself differentiable.
+the backward (or forward) pass itself differentiable. A primitive whose VJP
+fills part of an otherwise zero array (indexing) may also give ``accum``, the
+same VJP added in place into a buffer: a backward that records nothing sums
+the cotangents of several slices of one tensor in one buffer that way.
 
 :func:`bind` applies a primitive to Tensors and, when something upstream
 requires grad or a transform is tracing, records a :class:`Node` on the
@@ -41,12 +44,12 @@ state = _State()
 class Primitive:
     """An op on backend arrays with its derivative rules beside it."""
 
-    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "elementwise", "linear")
+    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "accum", "elementwise", "linear")
 
     def __init__(self, name: str, impl: Callable, *, elementwise: bool = False,
                  linear: bool = False):
         self.name, self.impl = name, impl
-        self.vjp = self.jvp = self.batch = None
+        self.vjp = self.jvp = self.batch = self.accum = None
         self.elementwise = elementwise  # NumPy broadcasting between inputs
         self.linear = linear            # jvp(k, t) is the primitive itself on t
 
@@ -60,6 +63,12 @@ class Primitive:
 
     def defbatch(self, fn: Callable) -> Callable:
         self.batch = fn
+        return fn
+
+    def defaccum(self, fn: Callable) -> Callable:
+        """``fn(buf, g, out, x, **params)`` adds the VJP for the one input into
+        the backend array ``buf`` in place (for a backward that records nothing)."""
+        self.accum = fn
         return fn
 
     def __repr__(self) -> str:
@@ -340,11 +349,13 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
     cots: dict = {}
     for r, g in zip(roots, cotangents):
         cots[id(r)] = cots[id(r)] + g if id(r) in cots else g
+    owned: set = set()  # ids whose cotangent is a buffer of this pass's own, added into
     result = []
     for t in reversed(order):
         g = cots.pop(id(t), None)
         if g is None:
             continue
+        owned.discard(id(t))
         node = t._node
         if node is None or (stop is not None and id(t) in stop):
             result.append((t, g))
@@ -353,17 +364,43 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
         for k, x in enumerate(xs):
             if not keep(x):
                 continue
+            if prim.accum is not None and not state.grad:
+                # Slices of one tensor (q, k and v of one product) add their
+                # cotangents into one zero buffer, in place: not one zero
+                # array each, then summed.
+                if id(x) not in owned:
+                    buf = _zeros_in_order(x.data, g.shape[:g.ndim - t.ndim], g.dtype)
+                    if id(x) in cots:
+                        buf += cots[id(x)].data
+                    cots[id(x)] = Tensor(buf)
+                    owned.add(id(x))
+                prim.accum(cots[id(x)].data, g, t, x, **node.params)
+                continue
             gk = prim.vjp(k, g, t, *xs, **node.params)
             # Compare past the nb batch axes: a trailing match alone misses the
             # leading axes a broadcast input (a bias) gained.
             if prim.elementwise and gk.shape[g.ndim - t.ndim:] != x.shape:
                 gk = _ops.sum_to(gk, x.shape, g.ndim - t.ndim)
-            cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
+            if id(x) in owned:
+                buf = cots[id(x)].data
+                backend_of(buf).add(buf, gk.data, out=buf)
+            else:
+                cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
     if release:
         for t in order:
             if t._node is not None:
                 t._node.inputs = None
     return result
+
+
+def _zeros_in_order(like, lead: tuple, dtype):
+    """Zeros of shape ``lead + like.shape``, laid out as ``like`` is in memory
+    (``lead`` outermost): a slice's cotangent then goes in along its own rows."""
+    xp = backend_of(like)
+    order = sorted(range(like.ndim), key=lambda i: -like.strides[i] if like.shape[i] > 1 else 0)
+    z = xp.zeros(lead + tuple(like.shape[i] for i in order), dtype=dtype)
+    n = len(lead)
+    return xp.transpose(z, tuple(range(n)) + tuple(n + order.index(i) for i in range(like.ndim)))
 
 
 def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor | None:

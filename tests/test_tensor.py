@@ -5,6 +5,7 @@ import torch
 
 import einsumgrad as eg
 from backends import npy, xb
+from einsumgrad.testing import check_grads
 
 RNG = np.random.default_rng(0)
 
@@ -155,6 +156,42 @@ def test_shared_input_gets_both_paths():
     x = leaf(x0)
     (x * x + eg.sin(x)).sum().backward()
     np.testing.assert_allclose(npy(x.grad), 2 * x0 + np.cos(x0), rtol=1e-12)
+
+
+def test_slices_of_one_tensor_sum_their_cotangents_in_one_buffer():
+    # A backward that records nothing adds the cotangents of a tensor's slices
+    # (basic, repeated advanced indices, a channels-last view) into one buffer,
+    # between and after other uses of the tensor; recording, and a Jacobian
+    # (leading basis axes), take the op-by-op path. All agree with torch.
+    x0 = np.ascontiguousarray(randn(4, 3, 5).transpose(1, 2, 0)).transpose(2, 0, 1)
+    w = randn(4, 3, 5)
+
+    def f(lib, x, w, whole_first):
+        sin = eg.sin if lib is eg else torch.sin
+        y = x[0] * w[0] + sin(x[1:3]).sum(0) * 2.0 + x[[3, 3, 0], 1].sum(0) + x[..., 2:].sum()
+        # x's other use reaches the backward before its slices, or after them
+        return (x * w).sum(0) + y if whole_first else y + (x * w).sum(0)
+
+    for first in (False, True):
+        fe = lambda x: f(eg, x, xb(w), first)
+        ft = lambda x: f(torch, x, torch.tensor(w), first)
+        x = leaf(x0)
+        fe(x).sum().backward()
+        xt = torch.tensor(x0, requires_grad=True)
+        ft(xt).sum().backward()
+        np.testing.assert_allclose(npy(x.grad), xt.grad.numpy(), rtol=1e-12, atol=1e-14)
+        x = leaf(x0)
+        fe(x).sum().backward(create_graph=True)
+        np.testing.assert_allclose(npy(x.grad), xt.grad.numpy(), rtol=1e-12, atol=1e-14)
+        check_grads(fe, xb(x0), order=2)
+        want = torch.autograd.functional.jacobian(ft, torch.tensor(x0)).numpy()
+        np.testing.assert_allclose(npy(eg.jacrev(fe)(xb(x0))), want, rtol=1e-12, atol=1e-14)
+        # Pulled back without recording, with leading basis axes: the buffer path.
+        _, pull = eg.vjp(fe, xb(x0))
+        basis = np.eye(want.shape[0] * want.shape[1]).reshape((-1,) + want.shape[:2])
+        with eg.no_grad():
+            (jac,) = pull(xb(basis))
+        np.testing.assert_allclose(npy(jac).reshape(want.shape), want, rtol=1e-12, atol=1e-14)
 
 
 def test_non_scalar_backward_needs_grad():

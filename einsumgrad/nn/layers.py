@@ -207,9 +207,18 @@ class MultiHeadAttention(Module):
         # Split heads inside the projections: weights viewed as (3, heads, head_dim, E).
         w3 = ops.reshape(self.in_proj_weight, (3, h, e // h, e))
         b3 = None if self.in_proj_bias is None else ops.reshape(self.in_proj_bias, (3, h, 1, e // h))
-        q, k, v = (ops.einsum("ble,hde->bhld", x, w3[i]) if b3 is None else
-                   F._add_bias(ops.einsum("ble,hde->bhld", x, w3[i]), b3[i])
-                   for i, x in enumerate((query, key, value)))
+        if query is key and key is value:
+            # Self-attention: q, k and v as one product and its three slices
+            # (one wider GEMM each way; backward the slices' cotangents go
+            # back into one buffer, read by one GEMM for x and one for W).
+            qkv = ops.einsum("ble,thde->tbhld", query, w3)
+            if b3 is not None:
+                qkv = F._add_bias(qkv, ops.reshape(b3, (3, 1, h, 1, e // h)))
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            q, k, v = (ops.einsum("ble,hde->bhld", x, w3[i]) if b3 is None else
+                       F._add_bias(ops.einsum("ble,hde->bhld", x, w3[i]), b3[i])
+                       for i, x in enumerate((query, key, value)))
         o = F.scaled_dot_product_attention(q, k, v, mask, self.causal)
         wo = ops.reshape(self.out_proj.weight, (e, h, e // h))
         y = ops.einsum("bhld,ehd->ble", o, wo)
