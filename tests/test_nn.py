@@ -109,6 +109,34 @@ def test_linear_and_sequential_match_torch(rng):
     compare_module(ours, theirs, rng.standard_normal((4, 2, 5)))
 
 
+def test_sequential_pools_before_relu_with_the_same_values_and_derivatives(rng, monkeypatch):
+    # Sequential runs ReLU -> MaxPool2d as pool, then ReLU: the same numbers
+    # and derivatives as in order (tied, zero and all-negative windows
+    # included), and as torch's, which runs them in order.
+    shapes = []
+    monkeypatch.setattr(nn.layers.ops, "relu", lambda t, f=eg.relu: shapes.append(t.shape) or f(t))
+    ours = nn.Sequential(nn.Tanh(), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    in_order = lambda t: eg.reshape(F.max_pool2d(eg.relu(eg.tanh(t)), 2), (2, -1))
+    x = rng.integers(-2, 3, (2, 3, 6, 4)).astype(float)
+    x[0, 0, :2, :2] = [[0.0, -0.0], [-1.0, 0.0]]
+    x = xb(x)
+    np.testing.assert_array_equal(npy(ours(x)), npy(in_order(x)))
+    assert shapes == [(2, 3, 3, 2)]  # the ReLU ran on the pooled tensor
+    for jac in (eg.jacrev, eg.jacfwd):
+        np.testing.assert_array_equal(npy(jac(ours)(x)), npy(jac(in_order)(x)))
+    _, pull = eg.vjp(ours, x)
+    _, pull_in_order = eg.vjp(in_order, x)
+    g = xb(rng.standard_normal((2, 18)))
+    np.testing.assert_array_equal(npy(pull(g)[0]), npy(pull_in_order(g)[0]))
+    check_grads(ours, xb(rng.standard_normal((2, 3, 6, 4))), order=2)
+    # Average pooling does not commute with ReLU: it stays in order.
+    avg = nn.Sequential(nn.ReLU(), nn.AvgPool2d(2))
+    np.testing.assert_allclose(npy(avg(x)), npy(F.avg_pool2d(eg.relu(x), 2)), rtol=1e-15)
+    theirs = torch.nn.Sequential(torch.nn.Tanh(), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                 torch.nn.Flatten())
+    compare_module(ours, theirs, rng.standard_normal((2, 3, 6, 4)))
+
+
 def test_embedding_matches_torch(rng):
     ids = rng.integers(0, 10, size=(3, 6))
     compare_module(nn.Embedding(10, 4), torch.nn.Embedding(10, 4), ids)
