@@ -368,10 +368,13 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
                 # Slices of one tensor (q, k and v of one product) add their
                 # cotangents into one zero buffer, in place: not one zero
                 # array each, then summed.
-                if id(x) not in owned:
-                    buf = _zeros_in_order(x.data, g.shape[:g.ndim - t.ndim], g.dtype)
-                    if id(x) in cots:
-                        buf += cots[id(x)].data
+                xp = backend_of(g.data)
+                have = cots.get(id(x))
+                dtype = xp.result_type(g.dtype, x.dtype, *(() if have is None else (have.dtype,)))
+                if id(x) not in owned or have.dtype != dtype:
+                    buf = _zeros_in_order(x.data, g.shape[:g.ndim - t.ndim], dtype)
+                    if have is not None:
+                        buf += have.data
                     cots[id(x)] = Tensor(buf)
                     owned.add(id(x))
                 prim.accum(cots[id(x)].data, g, t, x, **node.params)
@@ -381,10 +384,11 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
             # leading axes a broadcast input (a bias) gained.
             if prim.elementwise and gk.shape[g.ndim - t.ndim:] != x.shape:
                 gk = _ops.sum_to(gk, x.shape, g.ndim - t.ndim)
-            if id(x) in owned:
-                buf = cots[id(x)].data
+            buf = cots[id(x)].data if id(x) in owned else None
+            if buf is not None and gk.shape == buf.shape and gk.dtype == buf.dtype:
                 backend_of(buf).add(buf, gk.data, out=buf)
-            else:
+            else:  # a new sum (NumPy's promotion and broadcasting), no longer ours to add into
+                owned.discard(id(x))
                 cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
     if release:
         for t in order:

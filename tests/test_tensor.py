@@ -192,6 +192,15 @@ def test_slices_of_one_tensor_sum_their_cotangents_in_one_buffer():
         with eg.no_grad():
             (jac,) = pull(xb(basis))
         np.testing.assert_allclose(npy(jac).reshape(want.shape), want, rtol=1e-12, atol=1e-14)
+    # Slices whose cotangents come in float32 and float64: the buffer takes the
+    # wider type, as the recorded sum does.
+    grads = []
+    for record in (False, True):
+        x = eg.tensor(xb(x0.astype(np.float32)), requires_grad=True)
+        (x[0] * xb(w[0]) + x[1] * 2.0 + (x * 3.0).sum(0)).sum().backward(create_graph=record)
+        grads.append(x.grad)
+    assert grads[0].dtype == grads[1].dtype == np.float64
+    np.testing.assert_array_equal(npy(grads[0]), npy(grads[1]))
 
 
 def test_non_scalar_backward_needs_grad():
