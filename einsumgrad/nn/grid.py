@@ -47,15 +47,15 @@ def grid_groups(patch: tuple, windowed: tuple, plain: tuple):
     return rows, inner, cols
 
 
-def _on_grid(a, term: tuple, groups: tuple, hw: tuple, grid_hw: tuple, at: tuple, xp):
+def _on_grid(a, term: tuple, groups: tuple, hw: tuple, grid_hw: tuple, xp):
     """Zeros of shape ``(rows..., Hp, Wp, last...)`` with ``a`` (labels ``term``,
-    its spatial axes ``hw``) copied in at offset ``at``: ``groups`` is ``(rows, last)``."""
+    its spatial axes ``hw``) copied into the top-left corner, each window's
+    entry at the window's first grid position: ``groups`` is ``(rows, last)``."""
     rows, last = groups
     size = dict(zip(term, a.shape))
     grid = xp.zeros(tuple(size[n] for n in rows) + grid_hw + tuple(size[n] for n in last),
                     dtype=a.dtype)
-    h, w = size[hw[0]], size[hw[1]]
-    spot = (slice(None),) * len(rows) + (slice(at[0], at[0] + h), slice(at[1], at[1] + w))
+    spot = (slice(None),) * len(rows) + (slice(0, size[hw[0]]), slice(0, size[hw[1]]))
     grid[spot] = xp.transpose(a, [term.index(n) for n in rows + hw + last])
     return grid
 
@@ -108,7 +108,7 @@ def unpatch_on_grid(a, b, spec, size, kernel, padding, groups):
     rows, inner, cols = groups  # inner: the image's labels in b (a conv's input channels)
     lead, hw = p[:-4], p[-4:-2]
     grid_hw = tuple(n + 2 * q for n, q in zip(size, padding))
-    src = _on_grid(a, at, (rows, cols), hw, grid_hw, (0, 0), xp)
+    src = _on_grid(a, at, (rows, cols), hw, grid_hw, xp)
     w = _weights_by_offset(b, bt, p[-2:], cols, inner, xp)
     z = _scatter_on_grid(src, w, kernel, grid_hw, xp)
     sizes = dict(zip(at, a.shape)) | dict(zip(bt, b.shape))
