@@ -19,7 +19,6 @@ import os
 
 import numpy as np
 
-import einsumgrad as eg
 from einsumgrad import nn, optim
 from einsumgrad.nn import functional as F
 from common import median_time, report

@@ -153,6 +153,15 @@ def memory_order(a) -> list:
     return sorted(range(a.ndim), key=lambda i: -a.strides[i] if a.shape[i] > 1 else 0)
 
 
+def in_order_of(like, shape, fill: str = "zeros", lead: tuple = (), dtype=None):
+    """Zeros (or an empty array) of shape ``lead + shape``, its last ``like.ndim``
+    axes laid out in memory in the order of ``like``'s strides, ``lead`` outermost."""
+    xp, order, n = backend_of(like), memory_order(like), len(lead)
+    z = getattr(xp, fill)(tuple(lead) + tuple(shape[i] for i in order),
+                          dtype=like.dtype if dtype is None else dtype)
+    return xp.transpose(z, tuple(range(n)) + tuple(n + order.index(i) for i in range(like.ndim)))
+
+
 def _numpy_add_at(target, index, values):
     numpy.add.at(target, index, values)
 

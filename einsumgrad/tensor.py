@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy
 
-from .backend import backend_of, device_backend, device_mismatch, to_backend
+from .backend import backend_of, device_backend, device_mismatch, in_order_of, to_backend
 
 
 class BatchMixingError(ValueError):
@@ -372,7 +372,7 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
                 have = cots.get(id(x))
                 dtype = xp.result_type(g.dtype, x.dtype, *(() if have is None else (have.dtype,)))
                 if id(x) not in owned or have.dtype != dtype:
-                    buf = _zeros_in_order(x.data, g.shape[:g.ndim - t.ndim], dtype)
+                    buf = in_order_of(x.data, x.shape, lead=g.shape[:g.ndim - t.ndim], dtype=dtype)
                     if have is not None:
                         buf += have.data
                     cots[id(x)] = Tensor(buf)
@@ -395,16 +395,6 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
             if t._node is not None:
                 t._node.inputs = None
     return result
-
-
-def _zeros_in_order(like, lead: tuple, dtype):
-    """Zeros of shape ``lead + like.shape``, laid out as ``like`` is in memory
-    (``lead`` outermost): a slice's cotangent then goes in along its own rows."""
-    xp = backend_of(like)
-    order = sorted(range(like.ndim), key=lambda i: -like.strides[i] if like.shape[i] > 1 else 0)
-    z = xp.zeros(lead + tuple(like.shape[i] for i in order), dtype=dtype)
-    n = len(lead)
-    return xp.transpose(z, tuple(range(n)) + tuple(n + order.index(i) for i in range(like.ndim)))
 
 
 def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor | None:

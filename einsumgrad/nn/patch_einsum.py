@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 
 from .. import mkl
-from ..backend import backend_of
+from ..backend import backend_of, in_order_of
 from ..plan import plan_for
 from ..spec import Spec
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, state
 from .grid import grid_groups, grid_pays, unpatch_on_grid
-from .patches import _in_order_of, _padded, _pair, _patches_impl, _unpatch_impl, out_size
+from .patches import _padded, _pair, _patches_impl, _unpatch_impl, out_size
 
 
 def _shifted(xpad, k, l, oh, ow, stride):
@@ -128,8 +128,8 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None):
         return plan_for(spec, [patches, o])([patches, o])
     xp = backend_of(x)
     (kh, kw), p, out_term = kernel, spec.inputs[0], spec.output
-    oh, ow = (out_size(n, k, s, q) for n, k, s, q in zip(x.shape[-2:], kernel, stride, padding))
     sizes = _sizes(x, o, spec, kernel, stride, padding)
+    oh, ow = sizes[p[-4]], sizes[p[-3]]
     ax, step, nbytes = _chunks(x, p, out_term, sizes)
     if nbytes <= _PATCH_BYTES:
         # One copy of the windows and one matmul over kh*kw*C beat kh*kw thin
@@ -178,7 +178,7 @@ def _by_chunks(x, o, spec, kernel, stride, padding, ax, step):
         if out is None:
             shape = r.shape[:out_term.index(label)] + (x.shape[ax],) + \
                 r.shape[out_term.index(label) + 1:]
-            out = _in_order_of(r, shape, backend_of(r), fill="empty")
+            out = in_order_of(r, shape, fill="empty")
         out[cut(out_term, sl)] = r
     return out
 
@@ -204,7 +204,7 @@ def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding):
             run = run or plan_for(sub, arrs)
             r = run(arrs)
             if z is None:  # the padded image, in r's memory order so each add is local
-                z = _in_order_of(r, r.shape[:-2] + (size[0] + 2 * ph, size[1] + 2 * pw), xp)
+                z = in_order_of(r, r.shape[:-2] + (size[0] + 2 * ph, size[1] + 2 * pw))
             _shifted(z, k, l, oh, ow, stride)[...] += r
     return z[..., ph:ph + size[0], pw:pw + size[1]] if (ph or pw) else z
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 
-from ..backend import backend_of, memory_order
+from ..backend import backend_of, in_order_of
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
 
 
@@ -22,20 +22,12 @@ def out_size(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
 
-def _in_order_of(like, shape, xp, fill: str = "zeros"):
-    """Zeros (or an empty array) of ``shape``, laid out in memory in the axis order
-    of ``like``'s strides."""
-    order = memory_order(like)
-    z = getattr(xp, fill)(tuple(shape[i] for i in order), dtype=like.dtype)
-    return xp.transpose(z, tuple(order.index(i) for i in range(like.ndim)))
-
-
 def _padded(x, padding):
     """``x`` zero-padded, keeping its memory order (channels-last stays so)."""
     (ph, pw), (h, w) = padding, x.shape[-2:]
     if not (ph or pw):
         return x
-    z = _in_order_of(x, x.shape[:-2] + (h + 2 * ph, w + 2 * pw), backend_of(x))
+    z = in_order_of(x, x.shape[:-2] + (h + 2 * ph, w + 2 * pw))
     z[..., ph:ph + h, pw:pw + w] = x
     return z
 
