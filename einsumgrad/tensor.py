@@ -7,7 +7,10 @@ are written with the engine's own ops, so running them while recording makes
 the backward (or forward) pass itself differentiable. A primitive whose VJP
 fills part of an otherwise zero array (indexing) may also give ``accum``, the
 same VJP added in place into a buffer: a backward that records nothing sums
-the cotangents of several slices of one tensor in one buffer that way.
+the cotangents of several slices of one tensor in one buffer that way. A
+primitive may also give ``fused``: every input's VJP at once on backend
+arrays, for a backward that records nothing (one fused kernel where the rule
+is several passes); it may decline, and the rules run.
 
 :func:`bind` applies a primitive to Tensors and, when something upstream
 requires grad or a transform is tracing, records a :class:`Node` on the
@@ -44,12 +47,13 @@ state = _State()
 class Primitive:
     """An op on backend arrays with its derivative rules beside it."""
 
-    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "accum", "elementwise", "linear")
+    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "accum", "fused", "elementwise",
+                 "linear")
 
     def __init__(self, name: str, impl: Callable, *, elementwise: bool = False,
                  linear: bool = False):
         self.name, self.impl = name, impl
-        self.vjp = self.jvp = self.batch = self.accum = None
+        self.vjp = self.jvp = self.batch = self.accum = self.fused = None
         self.elementwise = elementwise  # NumPy broadcasting between inputs
         self.linear = linear            # jvp(k, t) is the primitive itself on t
 
@@ -69,6 +73,13 @@ class Primitive:
         """``fn(buf, g, out, x, **params)`` adds the VJP for the one input into
         the backend array ``buf`` in place (for a backward that records nothing)."""
         self.accum = fn
+        return fn
+
+    def deffused(self, fn: Callable) -> Callable:
+        """``fn(g, out, *xs, **params)`` gives every input's VJP at once as backend
+        arrays (for a backward that records nothing), or None to leave it to
+        the rules. It must agree with ``vjp``, which stays the definition."""
+        self.fused = fn
         return fn
 
     def __repr__(self) -> str:
@@ -361,6 +372,9 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
             result.append((t, g))
             continue
         prim, xs = node.prim, node.inputs
+        fused = None
+        if prim.fused is not None and not state.grad:
+            fused = prim.fused(g.data, t.data, *[x.data for x in xs], **node.params)
         for k, x in enumerate(xs):
             if not keep(x):
                 continue
@@ -379,7 +393,7 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
                     owned.add(id(x))
                 prim.accum(cots[id(x)].data, g, t, x, **node.params)
                 continue
-            gk = prim.vjp(k, g, t, *xs, **node.params)
+            gk = Tensor(fused[k]) if fused is not None else prim.vjp(k, g, t, *xs, **node.params)
             # Compare past the nb batch axes: a trailing match alone misses the
             # leading axes a broadcast input (a bias) gained.
             if prim.elementwise and gk.shape[g.ndim - t.ndim:] != x.shape:
