@@ -88,10 +88,20 @@ def test_layer_norm_matches_torch(rng):
 
 
 def test_layer_norm_primitive_second_order_and_batch_rule(rng):
-    # normalize is one primitive; its rules are engine ops, so orders 2 and up hold.
-    x, w = xb(rng.standard_normal((3, 4, 5))), xb(rng.standard_normal(5))
+    # normalize and layer_norm (with weight and bias) are primitives; their
+    # rules are engine ops, so orders 2 and up hold, in every input.
+    x, w, b = (xb(rng.standard_normal(s)) for s in ((3, 4, 5), (5,), (5,)))
     check_grads(lambda x: F.layer_norm(x, 5, eg.tensor(w)) * 1.0, x, order=2)
     check_grads(lambda x: F.layer_norm(x, (4, 5)), x, order=2)
+    check_grads(lambda x, w, b: F.layer_norm(x, 5, w, b), x, w, b, order=2)
+    w2, b2 = xb(rng.standard_normal((4, 5))), xb(rng.standard_normal((4, 5)))
+    check_grads(lambda x, w, b: F.layer_norm(x, (4, 5), w, b), x, w2, b2, order=2)
+    g = lambda x: F.layer_norm(x, 5, eg.tensor(w), eg.tensor(b))
+    jb, full = npy(eg.batch_jacobian(g)(x)), npy(eg.jacrev(g)(x))
+    for i in range(3):
+        np.testing.assert_allclose(jb[i], full[i, :, :, i], **TOL)
+    with pytest.raises(eg.BatchMixingError, match="weight or bias"):
+        eg.batch_jacobian(lambda w: F.layer_norm(eg.tensor(x), 5, w, eg.tensor(b)))(w)
     # 1/sqrt(var + eps), which normalize's rule binds: its own rules, to order 2
     inv_std = lambda x: bind(F.inv_std_p, x, axes=(-2, -1), eps=1e-5)
     check_grads(inv_std, x, order=2)

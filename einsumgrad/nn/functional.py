@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .. import ops
+from .. import jit, ops
 from ..elementwise import _elementwise_batch
 from ..backend import backend_of
 from ..linear import einsum_spec
@@ -115,6 +115,10 @@ def _centered(x, axes, eps):
 
 def _normalized(x, axes, eps) -> tuple:
     """``((x - mean) * s, s)`` with ``s = 1 / sqrt(var + eps)`` (axes kept as size 1)."""
+    n = math.prod(x.shape[a] for a in axes)
+    fused = jit.layer_norm(x, n, eps)  # one pass where numba can (see einsumgrad.jit)
+    if fused is not None:
+        return fused[0], fused[1].reshape(x.shape[:x.ndim - len(axes)] + (1,) * len(axes))
     d, s = _centered(x, axes, eps)
     d *= s
     return d, s
@@ -143,6 +147,15 @@ normalize_p.defvjp(_normalize_rule)
 normalize_p.defjvp(_normalize_rule)
 
 
+@normalize_p.deffused
+def _normalize_fused(g, out, x, axes, eps, stats=None):
+    # The rule above as one pass over the rows, when the forward kept s.
+    if stats is None:
+        return None
+    dx = jit.layer_norm_vjp(g, out, stats[1], math.prod(x.shape[a] for a in axes))
+    return None if dx is None else (dx,)
+
+
 def _inv_std_d(x, out, axes):
     # ds/dx = -s^3 (x - mean) / n, in engine ops: normalize's rule differentiates again.
     n = math.prod(x.shape[a] for a in axes)
@@ -169,6 +182,75 @@ def _normalize_batch(bdims, shapes, out_shape, axes, eps, **_):
 inv_std_p.defbatch(_normalize_batch)
 
 
+def _layer_norm_impl(x, w, b, axes, eps, stats=None):
+    # stats: (the output, x normalized, s) as layer_norm computed them.
+    if stats is not None:
+        return stats[0]
+    xp = backend_of(x)
+    y = xp.multiply(_normalized(x, axes, eps)[0], w)
+    return y + b
+
+
+def _normalized_node(x, axes, eps, stats):
+    # x normalized, as a recorded normalize op (so it differentiates again)
+    # holding the forward's values.
+    return bind(normalize_p, x, axes=axes, eps=eps, stats=None if stats is None else stats[1:])
+
+
+def _layer_norm_vjp(k, g, out, x, w, b, axes, eps, stats=None):
+    nb = g.ndim - out.ndim
+    if k == 2:
+        return ops.sum_to(g, b.shape, nb)
+    xhat = _normalized_node(x, axes, eps, stats)
+    if k == 1:
+        return ops.sum_to(g * xhat, w.shape, nb)
+    return _normalize_rule(0, g * w, xhat, x, axes, eps, None if stats is None else stats[1:])
+
+
+def _layer_norm_jvp(k, t, out, x, w, b, axes, eps, stats=None):
+    xhat = _normalized_node(x, axes, eps, stats)
+    if k == 0:
+        return _normalize_rule(0, t, xhat, x, axes, eps, None if stats is None else stats[1:]) * w
+    nb = t.ndim - w.ndim if k == 1 else t.ndim - b.ndim
+    lead = t.shape[:nb]
+    t = ops.reshape(t, lead + (1,) * (out.ndim - t.ndim + nb) + t.shape[nb:])
+    return xhat * t if k == 1 else ops.broadcast_to(t, lead + out.shape)
+
+
+# ``xhat * weight + bias`` with xhat normalized, as one primitive (torch's
+# native_layer_norm): forward and backward are one pass each over the rows
+# where numba compiles them (einsumgrad.jit), the rules engine ops as ever.
+layer_norm_p = Primitive("layer_norm", _layer_norm_impl)
+layer_norm_p.defvjp(_layer_norm_vjp)
+layer_norm_p.defjvp(_layer_norm_jvp)
+
+
+@layer_norm_p.defbatch
+def _layer_norm_batch(bdims, shapes, out_shape, axes, eps, **_):
+    if bdims[1] is not None or bdims[2] is not None:
+        raise BatchMixingError("layer_norm with a weight or bias that varies along the batch")
+    return _normalize_batch(bdims[:1], shapes, out_shape, axes, eps)
+
+
+@layer_norm_p.deffused
+def _layer_norm_fused(g, out, x, w, b, axes, eps, stats=None):
+    if stats is None or w.shape != b.shape:
+        return None
+    r = jit.layer_norm_vjp(g, stats[1], stats[2], math.prod(x.shape[a] for a in axes), w)
+    return None if r is None else (r[0], r[1].reshape(w.shape), r[2].reshape(b.shape))
+
+
+def _layer_norm_stats(x, axes, eps, w, b) -> tuple:
+    """``(xhat * w + b, xhat, s)``: the output and what the rules keep."""
+    fused = jit.layer_norm(x, math.prod(x.shape[a] for a in axes), eps, w, b)
+    if fused is not None:
+        y, xhat, s = fused
+        return y, xhat, s.reshape(x.shape[:x.ndim - len(axes)] + (1,) * len(axes))
+    xhat, s = _normalized(x, axes, eps)
+    y = backend_of(x).multiply(xhat, w)  # a new product: the bias can go into it in place
+    return _add_bias_impl(y, b), xhat, s
+
+
 def layer_norm(x: Any, normalized_shape, weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalize over the trailing ``normalized_shape`` axes (biased variance, as torch)."""
@@ -176,10 +258,13 @@ def layer_norm(x: Any, normalized_shape, weight: Tensor | None = None,
     n = 1 if isinstance(normalized_shape, int) else len(tuple(normalized_shape))
     # Negative axes name the same axes of a cotangent with leading batch axes.
     axes, eps = tuple(range(-n, 0)), float(eps)
+    if weight is not None and bias is not None:
+        weight, bias = as_tensor(weight, like=x), as_tensor(bias, like=x)
+        return bind(layer_norm_p, x, weight, bias, axes=axes, eps=eps,
+                    stats=_layer_norm_stats(x.data, axes, eps, weight.data, bias.data))
     y = bind(normalize_p, x, axes=axes, eps=eps, stats=_normalized(x.data, axes, eps))
     if weight is not None:
-        y = y * weight  # a new product: the bias can go into it in place
-        return y if bias is None else _add_bias(y, bias)
+        return y * weight
     return y if bias is None else y + bias
 
 

@@ -1,0 +1,126 @@
+"""numba's fused row kernels (einsumgrad/jit.py) against the NumPy path and the
+engine-op rules they stand in for, on values that make each pass matter."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import einsumgrad as eg
+from einsumgrad import jit
+from einsumgrad.nn import functional as F
+
+needs_jit = pytest.mark.skipif(not jit.available(), reason="numba is not installed")
+TOLS = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=5e-4, atol=5e-4)}
+
+
+def test_jit_is_used_when_installed():
+    # make test installs numba: the kernels must run there (unless EINSUMGRAD_JIT=0).
+    installed = importlib.util.find_spec("numba") is not None
+    assert jit.available() == (installed and os.environ.get("EINSUMGRAD_JIT") != "0")
+
+
+def numpy_path(fn, *args):
+    """``fn(*args)`` with the kernels switched off: the NumPy path."""
+    saved, jit._compiled = jit._compiled, False
+    try:
+        with np.errstate(invalid="ignore"):  # inf - inf: the NaN both paths give
+            return fn(*args)
+    finally:
+        jit._compiled = saved
+
+
+@st.composite
+def rows(draw):
+    """An array of 1-3 leading axes and a normalized row of 1-70 entries, with
+    rows that are constant, far from zero, or hold inf or NaN."""
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    lead = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
+    n = draw(st.integers(1, 70))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    x = rng.standard_normal(lead + (n,))
+    flat = x.reshape(-1, n)
+    for r in range(flat.shape[0]):
+        kind = draw(st.sampled_from(["plain"] * 4 + ["constant", "offset", "inf", "nan"]))
+        if kind == "constant":
+            flat[r] = flat[r, 0]
+        elif kind == "offset":  # the mean 100 standard deviations out: two passes keep it
+            flat[r] = flat[r] + 100.0
+        elif kind in ("inf", "nan"):
+            flat[r, draw(st.integers(0, n - 1))] = np.inf if kind == "inf" else np.nan
+    return x.astype(dtype)
+
+
+@needs_jit
+@settings(max_examples=60, deadline=None)
+@given(rows(), st.booleans())
+def test_layer_norm_is_the_numpy_path(x, affine):
+    n, dtype = x.shape[-1], x.dtype.type
+    rng = np.random.default_rng(0)
+    w, b = (rng.standard_normal(n).astype(dtype) for _ in range(2)) if affine else (None, None)
+    got = jit.layer_norm(x, n, 1e-5, w, b)
+    xhat, s = numpy_path(F._normalized, x, (-1,), 1e-5)
+    want = (xhat * w + b, xhat, s) if affine else (xhat, s)
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        np.testing.assert_allclose(a.reshape(e.shape), e, **TOLS[dtype])
+        assert a.dtype == x.dtype
+
+
+@needs_jit
+@settings(max_examples=60, deadline=None)
+@given(rows(), st.booleans())
+def test_layer_norm_vjp_is_the_rule(x, affine):
+    # The backward that records nothing takes the kernel; one that records
+    # (create_graph) runs the engine-op rules. Both give the same gradients.
+    n, dtype = x.shape[-1], x.dtype.type
+    x = np.nan_to_num(x, nan=0.5, posinf=2.0)  # a NaN row's gradients are all NaN either way
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    wb = [eg.tensor(rng.standard_normal(n).astype(dtype), requires_grad=True)
+          for _ in range(2 if affine else 0)]
+    grads = []
+    for record in (False, True):
+        xt = eg.tensor(x, requires_grad=True)
+        for p in wb:
+            p.grad = None
+        F.layer_norm(xt, n, *wb).backward(g, create_graph=record)
+        grads.append([t.grad.numpy() for t in [xt] + wb])
+    for fused, rule in zip(*grads):
+        np.testing.assert_allclose(fused, rule, **TOLS[dtype])
+
+
+@needs_jit
+def test_kernels_decline_what_they_cannot_take():
+    x = np.random.default_rng(0).standard_normal((6, 8))
+    assert jit.layer_norm(x.astype(np.int64), 8, 1e-5) is None          # not float32/64
+    assert jit.layer_norm(x.astype(np.float16), 8, 1e-5) is None
+    assert jit.layer_norm(x[:, ::2], 4, 1e-5) is None                   # rows not contiguous
+    assert jit.layer_norm(x, 8, 1e-5, np.ones(8, np.float32), np.ones(8)) is None  # dtypes differ
+    assert jit.layer_norm(x, 8, 1e-5, np.ones(4), np.ones(4)) is None   # weight of another size
+    assert jit.layer_norm(x[:0], 8, 1e-5) is None                       # nothing to do
+    xhat, s = jit.layer_norm(x, 8, 1e-5)
+    assert jit.layer_norm_vjp(x.astype(np.float32), xhat, s, 8) is None  # dtypes differ
+    assert jit.layer_norm_vjp(x[:3], xhat, s, 8) is None                 # shapes differ
+    # A strided cotangent is copied once, then taken.
+    g = np.asfortranarray(x)
+    np.testing.assert_allclose(jit.layer_norm_vjp(g, xhat, s, 8), jit.layer_norm_vjp(x, xhat, s, 8))
+
+
+@needs_jit
+def test_layer_norm_matches_torch_in_float32_through_the_kernels():
+    import torch
+    rng = np.random.default_rng(3)
+    x, g = (rng.standard_normal((64, 32, 64)).astype(np.float32) for _ in range(2))
+    w, b = (rng.standard_normal(64).astype(np.float32) for _ in range(2))
+    ours = [eg.tensor(a, requires_grad=True) for a in (x, w, b)]
+    theirs = [torch.tensor(a, requires_grad=True) for a in (x, w, b)]
+    y = F.layer_norm(ours[0], 64, ours[1], ours[2])
+    ty = torch.nn.functional.layer_norm(theirs[0], (64,), theirs[1], theirs[2])
+    y.backward(g)
+    ty.backward(torch.tensor(g))
+    np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    for a, t in zip(ours, theirs):
+        np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-4, atol=1e-4)
