@@ -14,16 +14,21 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
   deviations) as the NumPy path, and ``xhat * weight + bias`` in the same pass;
 * ``layer_norm_vjp``: the rules of :data:`einsumgrad.nn.functional.layer_norm_p`
   (and ``normalize_p``) on the forward's ``xhat`` and ``s``: the input's
-  cotangent, and the weight's and bias's summed over the rows.
+  cotangent, and the weight's and bias's summed over the rows;
+* ``softmax_vjp``: ``out * (g - sum(g * out))`` along each row (NumPy: a
+  product, a row sum, a broadcast subtract and a product);
+* ``divide_by_row_sums``: a softmax's rows divided by their sums in place,
+  saying whether each sum was safely positive (else the softmax redoes it).
 
-The engine-op rules stay the definition: these only serve a backward that
-records nothing, and the tests hold them to the NumPy path. Compiled with
-``fastmath`` limited to reassociation and contraction (so sums vectorize):
+The engine-op rules stay the definition: the VJPs only serve a backward that
+records nothing, and the tests hold every kernel to the NumPy path or the
+rule. Compiled with ``fastmath`` limited to reassociation and contraction
+(so sums vectorize):
 NaN and inf propagate as in NumPy, and results agree with it to rounding.
 
-Kernels take float32 and float64 arrays whose rows are contiguous; anything
-else (other dtypes, CuPy, strided cotangents) returns None and the caller's
-NumPy path runs. They run on the calling thread and release the GIL: numba's
+Kernels take float32 and float64 NumPy arrays in C order (a cotangent in
+another layout is copied first); anything else (other dtypes, CuPy, strided
+inputs) returns None and the caller's NumPy path runs. They run on the calling thread and release the GIL: numba's
 parallel layer would start an OpenMP runtime of its own, and next to torch's
 that resets the thread count of the whole process (measured: torch "at one
 thread" then ran on two). ``EINSUMGRAD_JIT=0`` turns them off. The first
@@ -44,8 +49,9 @@ _compiled: Any = None     # the kernels once built, False when numba is missing
 def _build():
     import numba
 
-    # One thread each, on purpose (see above).
-    opts = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    # One thread each, on purpose (see above). error_model "numpy": x / 0 is
+    # inf or NaN, as in NumPy, not an exception.
+    opts = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
     # Constants come in as arguments of the array's dtype: a Python literal
     # would promote float32 arithmetic to float64 (no longer 16 lanes wide).
@@ -94,7 +100,29 @@ def _build():
                 for j in range(g.shape[1]):
                     dx[i, j] = r * (g[i, j] - a - xhat[i, j] * m)
 
-    return numba, {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp}
+    @numba.njit(**opts)
+    def softmax_vjp(g, out, dx, zero):
+        for i in range(g.shape[0]):
+            t = zero
+            for j in range(g.shape[1]):
+                t += g[i, j] * out[i, j]
+            for j in range(g.shape[1]):
+                dx[i, j] = out[i, j] * (g[i, j] - t)
+
+    @numba.njit(**opts)
+    def divide_by_row_sums(e, floor, zero):
+        ok = True
+        for i in range(e.shape[0]):
+            t = zero
+            for j in range(e.shape[1]):
+                t += e[i, j]
+            ok = ok and t >= floor  # False for a NaN sum too
+            for j in range(e.shape[1]):
+                e[i, j] /= t
+        return ok
+
+    return numba, {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp,
+                   "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums}
 
 
 def _kernels():
@@ -121,8 +149,8 @@ def _rows(a, n: int):
     return a.reshape(-1, n)
 
 
-def _run(name: str, *args) -> None:
-    _compiled[1][name](*args)
+def _run(name: str, *args):
+    return _compiled[1][name](*args)
 
 
 def layer_norm(x, n: int, eps: float, weight=None, bias=None):
@@ -188,3 +216,34 @@ def layer_norm_vjp(g, xhat, s, n: int, weight=None):
 
 def _vector(v, dtype, n: int) -> bool:
     return type(v) is numpy.ndarray and v.dtype == dtype and v.size == n
+
+
+def softmax_vjp(g, out):
+    """``out * (g - sum(g * out))`` along the last axis, row by row, or None.
+
+    Args:
+        g: the cotangent, shaped and typed as ``out``.
+        out: the softmax's output.
+    """
+    if type(g) is not numpy.ndarray or g.shape != out.shape or g.dtype != out.dtype or not g.ndim:
+        return None
+    n = out.shape[-1]
+    gr, orows = _rows(numpy.ascontiguousarray(g), n), _rows(out, n)
+    if gr is None or orows is None or _kernels() is None:
+        return None
+    dx = numpy.empty_like(orows)
+    _run("softmax_vjp", gr, orows, dx, out.dtype.type(0))
+    return dx.reshape(out.shape)
+
+
+def divide_by_row_sums(e, floor: float):
+    """Divide each row (last axis) of ``e`` by its sum, in place; None if not taken.
+
+    Returns:
+        whether every row's sum was at least ``floor`` (False for a NaN sum):
+        a softmax redoes the rows otherwise (see ``reductions._softmax_impl``).
+    """
+    rows = _rows(e, e.shape[-1]) if getattr(e, "ndim", 0) else None
+    if rows is None or not e.flags.writeable or _kernels() is None:
+        return None
+    return bool(_run("divide_by_row_sums", rows, e.dtype.type(floor), e.dtype.type(0)))

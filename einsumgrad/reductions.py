@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import math
 
+from . import jit
 from .backend import backend_of, memory_order
 from .elementwise import exp, log
 from .linear import _axes, reshape, sum
@@ -204,11 +205,16 @@ def _softmax_impl(x, axis):
             m = xp.max(x, axis=(-2, -1), keepdims=True)
             e = _shift(xp, x, m)
             xp.exp(e, out=e)
-        # Row sums as one matrix-vector product over all rows (e is a new array).
-        s = xp.reshape(xp.matmul(xp.reshape(e, (-1, x.shape[-1])),
-                                 xp.ones(x.shape[-1], dtype=e.dtype)), x.shape[:-1] + (1,))
-        if xp.all(s >= math.sqrt(xp.finfo(x.dtype).tiny)):
-            e /= s
+        floor = math.sqrt(info.tiny)
+        ok = jit.divide_by_row_sums(e, floor)  # one pass where numba compiles it
+        if ok is None:
+            # Row sums as one matrix-vector product over all rows (e is a new array).
+            s = xp.reshape(xp.matmul(xp.reshape(e, (-1, x.shape[-1])),
+                                     xp.ones(x.shape[-1], dtype=e.dtype)), x.shape[:-1] + (1,))
+            ok = bool(xp.all(s >= floor))
+            if ok:
+                e /= s
+        if ok:
             return e
     m = xp.max(x, axis=axis, keepdims=True)
     e = _shift(xp, x, m)
@@ -222,6 +228,13 @@ softmax_p = Primitive("softmax", _softmax_impl)
 # VJP of three, in engine ops on the output, so it differentiates again.
 softmax_p.defvjp(lambda k, g, out, x, axis: out * (g - sum(g * out, axis, keepdims=True)))
 softmax_p.defjvp(lambda k, t, out, x, axis: out * (t - sum(t * out, axis, keepdims=True)))
+
+
+@softmax_p.deffused
+def _softmax_fused(g, out, x, axis):
+    # The VJP as one pass over the rows, where numba compiles it (einsumgrad.jit).
+    dx = jit.softmax_vjp(g, out) if axis == -1 else None
+    return None if dx is None else (dx,)
 
 
 @softmax_p.defbatch

@@ -124,3 +124,45 @@ def test_layer_norm_matches_torch_in_float32_through_the_kernels():
     np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
     for a, t in zip(ours, theirs):
         np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@needs_jit
+def test_zero_variance_and_zero_sums_give_numpys_inf_and_nan():
+    # Division by zero is NumPy's (inf, NaN), not an exception.
+    x = np.ones((3, 4))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        got, want = jit.layer_norm(x, 4, 0.0), numpy_path(F._normalized, x, (-1,), 0.0)
+    for a, e in zip(got, want):
+        np.testing.assert_array_equal(a.reshape(e.shape), e)
+    e = np.array([[1.0, 3.0], [0.0, 0.0], [np.nan, 1.0], [1e-200, 1e-200]])
+    assert jit.divide_by_row_sums(e[:1].copy(), 1e-150) is True
+    for row in e[1:]:
+        r = row[None].copy()
+        assert jit.divide_by_row_sums(r, 1e-150) is False  # zero, NaN, tiny: the caller redoes
+    r = e[:1].copy()
+    jit.divide_by_row_sums(r, 0.0)
+    np.testing.assert_array_equal(r, [[0.25, 0.75]])
+    assert jit.divide_by_row_sums(np.ones((2, 4))[:, ::2], 0.0) is None       # rows not contiguous
+    assert jit.divide_by_row_sums(np.ones((2, 2), np.int32), 0.0) is None
+
+
+@needs_jit
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([np.float64, np.float32]), st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       st.integers(1, 40), st.integers(0, 2 ** 16), st.booleans())
+def test_softmax_vjp_is_the_rule(dtype, lead, n, seed, masked):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(tuple(lead) + (n,)).astype(dtype)
+    if masked and n > 1:  # entries at -inf: their probabilities are exactly 0
+        x[..., rng.integers(0, n)] = -np.inf
+    g = rng.standard_normal(x.shape).astype(dtype)
+    grads = []
+    for record in (False, True):
+        xt = eg.tensor(x, requires_grad=True)
+        eg.softmax(xt, -1).backward(g, create_graph=record)
+        grads.append(xt.grad.numpy())
+    np.testing.assert_allclose(grads[0], grads[1], **TOLS[dtype])
+    out = eg.softmax(x, -1).numpy()
+    np.testing.assert_allclose(jit.softmax_vjp(g, out), out * (g - (g * out).sum(-1, keepdims=True)),
+                               **TOLS[dtype])
+    assert jit.softmax_vjp(g.astype(np.float16), out) is None
