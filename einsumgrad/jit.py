@@ -18,7 +18,11 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
 * ``softmax_vjp``: ``out * (g - sum(g * out))`` along each row (NumPy: a
   product, a row sum, a broadcast subtract and a product);
 * ``divide_by_row_sums``: a softmax's rows divided by their sums in place,
-  saying whether each sum was safely positive (else the softmax redoes it).
+  saying whether each sum was safely positive (else the softmax redoes it);
+* ``window_max`` and ``window_max_vjp``: max pooling's tiling windows, the
+  max and its VJP (mask, even split between ties, spread) in one pass each,
+  on NCHW or channels-last images (NumPy: a fold over strided slices, and
+  four passes back).
 
 The engine-op rules stay the definition: the VJPs only serve a backward that
 records nothing, and the tests hold every kernel to the NumPy path or the
@@ -121,8 +125,44 @@ def _build():
                 e[i, j] /= t
         return ok
 
+    # Pooling windows, x as (rows, window rows, cols, window cols, channels) in
+    # memory order, channels innermost (one for an NCHW image): the loops over
+    # channels run along memory, 16 float32 lanes at a time.
+    @numba.njit(**opts)
+    def window_max(x, out):
+        for b in range(x.shape[0]):
+            for w in range(x.shape[2]):
+                for c in range(x.shape[4]):
+                    out[b, w, c] = x[b, 0, w, 0, c]
+                for i in range(x.shape[1]):
+                    for j in range(x.shape[3]):
+                        for c in range(x.shape[4]):
+                            v = x[b, i, w, j, c]
+                            if v > out[b, w, c] or v != v:  # NaN wins, as numpy.maximum
+                                out[b, w, c] = v
+
+    @numba.njit(**opts)
+    def window_max_vjp(x, out, g, dx, one):
+        share = numpy.empty(x.shape[4], x.dtype)
+        for b in range(x.shape[0]):
+            for w in range(x.shape[2]):
+                share[:] = 0
+                for i in range(x.shape[1]):
+                    for j in range(x.shape[3]):
+                        for c in range(x.shape[4]):
+                            if x[b, i, w, j, c] == out[b, w, c]:
+                                share[c] += one
+                for c in range(x.shape[4]):  # ties split g evenly, as max's rule
+                    share[c] = g[b, w, c] * (one / share[c])
+                for i in range(x.shape[1]):
+                    for j in range(x.shape[3]):
+                        for c in range(x.shape[4]):
+                            hit = x[b, i, w, j, c] == out[b, w, c]
+                            dx[b, i, w, j, c] = share[c] if hit else 0
+
     return numba, {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp,
-                   "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums}
+                   "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
+                   "window_max": window_max, "window_max_vjp": window_max_vjp}
 
 
 def _kernels():
@@ -247,3 +287,56 @@ def divide_by_row_sums(e, floor: float):
     if rows is None or not e.flags.writeable or _kernels() is None:
         return None
     return bool(_run("divide_by_row_sums", rows, e.dtype.type(floor), e.dtype.type(0)))
+
+
+def _windows(x):
+    """A pooling view ``(B, C, Ho, kh, Wo, kw)`` as the kernels' 5-D C-ordered
+    ``(B*Ho or B*C*Ho, kh, Wo, kw, C or 1)`` and how to lay a result out back,
+    or None: channels innermost in memory (channels-last) or NCHW."""
+    if type(x) is not numpy.ndarray or x.ndim != 6 or x.dtype not in _KINDS or x.size == 0:
+        return None
+    b, c, ho, kh, wo, kw = x.shape
+    last = x.transpose(0, 2, 3, 4, 5, 1)
+    if last.flags.c_contiguous:
+        return last.reshape(b * ho, kh, wo, kw, c), (b, ho, wo, c), (0, 3, 1, 2)
+    if x.flags.c_contiguous:
+        return x.reshape(b * c * ho, kh, wo, kw, 1), (b, c, ho, wo), (0, 1, 2, 3)
+    return None
+
+
+def window_max(x):
+    """Max over axes 3 and 5 of a pooling view ``(B, C, Ho, kh, Wo, kw)``, laid
+    out as ``x`` (channels-last or NCHW), or None."""
+    view = _windows(x)
+    if view is None or _kernels() is None:
+        return None
+    xk, shape, back = view
+    out = numpy.empty(shape, x.dtype)
+    _run("window_max", xk, out.reshape(xk.shape[0], xk.shape[2], xk.shape[4]))
+    return out.transpose(back)
+
+
+def window_max_vjp(x, out, g):
+    """``g / (ties)`` where ``x`` attains the max ``out`` of its window, else 0:
+    max's VJP over a pooling view, laid out as ``x``, or None.
+
+    Args:
+        x: the pooling view ``(B, C, Ho, kh, Wo, kw)``.
+        out: its max over axes 3 and 5, ``(B, C, Ho, Wo)``.
+        g: the cotangent, shaped and typed as ``out``.
+    """
+    view = _windows(x)
+    if (view is None or type(g) is not numpy.ndarray or type(out) is not numpy.ndarray
+            or g.shape != out.shape or g.dtype != x.dtype or out.dtype != x.dtype
+            or _kernels() is None):
+        return None
+    xk, shape, back = view
+    order = tuple(numpy.argsort(back))  # out's axes in the kernel's order
+    rows = lambda a: numpy.ascontiguousarray(a.transpose(order)).reshape(
+        xk.shape[0], xk.shape[2], xk.shape[4])
+    dx = numpy.empty_like(xk)
+    _run("window_max_vjp", xk, rows(out), rows(g), dx, x.dtype.type(1))
+    b, c, ho, kh, wo, kw = x.shape
+    if back == (0, 3, 1, 2):
+        return dx.reshape(b, ho, kh, wo, kw, c).transpose(0, 5, 1, 2, 3, 4)
+    return dx.reshape(x.shape)

@@ -62,6 +62,10 @@ def _aligned(xp, small, big, axes: tuple):
 
 
 def _max_impl(x, axes):
+    if axes == (3, 5):  # a pooling view (B, C, Ho, kh, Wo, kw): one pass where numba can
+        out = jit.window_max(x)
+        if out is not None:
+            return out
     xp = backend_of(x)
     n = math.prod(x.shape[a] for a in axes)
     if n > _FOLD or n < 2 or x.ndim == len(axes):
@@ -150,6 +154,13 @@ def _max_jvp(k, t, out, x, axes):
     mask, split = _max_mask(x, out, axes)
     r = sum(t * mask, tuple(nb + a for a in axes))
     return r if split is None else r * split
+
+
+@max_p.deffused
+def _max_fused(g, out, x, axes):
+    # The mask, the tie split and the spread in one pass over a pooling view.
+    dx = jit.window_max_vjp(x, out, g) if axes == (3, 5) else None
+    return None if dx is None else (dx,)
 
 
 @max_p.defbatch

@@ -166,3 +166,57 @@ def test_softmax_vjp_is_the_rule(dtype, lead, n, seed, masked):
     np.testing.assert_allclose(jit.softmax_vjp(g, out), out * (g - (g * out).sum(-1, keepdims=True)),
                                **TOLS[dtype])
     assert jit.softmax_vjp(g.astype(np.float16), out) is None
+
+
+@st.composite
+def pool_views(draw):
+    """A 4-D image in NCHW or channels-last memory, as max_pool2d's tiling view
+    (B, C, H/kh, kh, W/kw, kw), with ties (a ReLU's zeros, repeated integers)."""
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    b, c, ho, wo = (draw(st.integers(1, 4)) for _ in range(4))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    x = rng.integers(-3, 4, (b, c, ho * kh, wo * kw)).astype(dtype)
+    if draw(st.booleans()):
+        x = x + rng.standard_normal(x.shape).astype(dtype)
+    if draw(st.booleans()):  # channels-last in memory, as the conv layers write it
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    return x, (kh, kw)
+
+
+@needs_jit
+@settings(max_examples=60, deadline=None)
+@given(pool_views(), st.booleans())
+def test_window_max_and_its_vjp_are_the_numpy_path_and_the_rule(view, nan):
+    x, (kh, kw) = view
+    b, c, h, w = x.shape
+    x6 = x.reshape(b, c, h // kh, kh, w // kw, kw)
+    want = x6.max(axis=(3, 5))
+    if nan:  # NaN wins its window, as numpy.maximum
+        x6 = x6.copy()
+        x6[0, 0, 0, -1, 0, -1] = np.nan  # last in its window: it must still win
+        want = x6.max(axis=(3, 5))
+    got = jit.window_max(x6)
+    np.testing.assert_array_equal(got, want)
+    if nan:
+        return
+    # The VJP, fused and by the rule (ties split evenly), through max_pool2d.
+    g = np.random.default_rng(1).standard_normal(want.shape).astype(x.dtype)
+    grads = []
+    for record in (False, True):
+        xt = eg.tensor(x, requires_grad=True)
+        F.max_pool2d(xt, (kh, kw)).backward(g, create_graph=record)
+        grads.append(xt.grad.numpy())
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(grads[0].sum(axis=(-2, -1)), g.sum(axis=(-2, -1)), rtol=1e-5)
+
+
+@needs_jit
+def test_window_kernels_decline_other_layouts():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 6))
+    odd = np.ascontiguousarray(x.transpose(2, 0, 1, 3)).transpose(1, 2, 0, 3)  # H outermost
+    assert jit.window_max(odd.reshape(2, 3, 2, 2, 3, 2)) is None
+    assert jit.window_max(x.astype(np.int32).reshape(2, 3, 2, 2, 3, 2)) is None
+    x6 = x.reshape(2, 3, 2, 2, 3, 2)
+    out = jit.window_max(x6)
+    assert jit.window_max_vjp(x6, out, out.astype(np.float32)) is None  # dtypes differ
