@@ -1,4 +1,4 @@
-"""Fused row kernels for the NumPy backend, compiled by numba when it is installed.
+"""Fused kernels for the NumPy backend, compiled by numba when it is installed.
 
 NumPy cannot fuse: a layer norm over 64-wide rows is six passes over the
 activation (a row sum, a broadcast subtract, a square, a second row sum, a
@@ -26,17 +26,18 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
 
 The engine-op rules stay the definition: the VJPs only serve a backward that
 records nothing, and the tests hold every kernel to the NumPy path or the
-rule. Compiled with ``fastmath`` limited to reassociation and contraction
-(so sums vectorize):
-NaN and inf propagate as in NumPy, and results agree with it to rounding.
+rule. Compiled with ``fastmath`` limited to reassociation and contraction (so
+sums vectorize): NaN and inf propagate as in NumPy, and results agree with it
+to rounding.
 
 Kernels take float32 and float64 NumPy arrays in C order (a cotangent in
 another layout is copied first); anything else (other dtypes, CuPy, strided
-inputs) returns None and the caller's NumPy path runs. They run on the calling thread and release the GIL: numba's
-parallel layer would start an OpenMP runtime of its own, and next to torch's
-that resets the thread count of the whole process (measured: torch "at one
-thread" then ran on two). ``EINSUMGRAD_JIT=0`` turns them off. The first
-call per dtype compiles (about a second), cached on disk afterwards.
+inputs) returns None and the caller's NumPy path runs. They run on the
+calling thread and release the GIL: numba's parallel layer would start an
+OpenMP runtime of its own, and next to torch's that resets the thread count
+of the whole process (measured: torch "at one thread" then ran on two).
+``EINSUMGRAD_JIT=0`` turns them off. The first call per dtype compiles
+(about a second), cached on disk afterwards.
 """
 from __future__ import annotations
 
