@@ -124,14 +124,14 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
             if tc is None or tc[0] != _NOTRANS or not out.flags.writeable:
                 return plain()
             c, ldc = out, tc[1]
-        walk = _by_stride((x, y, c), lead) if count > 1 and strided[a.dtype] else None
+        walk = _by_stride((x, y, c), lead, ldc * m) if count > 1 and strided[a.dtype] else None
         if lead and _small(m * n * k, count, walk is not None, threads()):
             return plain()
         ta, tb = _as_blas(x, m, k), _as_blas(y, k, n)
         if ta is None or tb is None:  # copied as NumPy would; the copy walks anew
             x, ta = (x, ta) if ta else (numpy.ascontiguousarray(x), (_NOTRANS, k))
             y, tb = (y, tb) if tb else (numpy.ascontiguousarray(y), (_NOTRANS, n))
-            walk = _by_stride((x, y, c), lead) if count > 1 and strided[a.dtype] else None
+            walk = _by_stride((x, y, c), lead, ldc * m) if count > 1 and strided[a.dtype] else None
         if max(m, n, k, ta[1], tb[1], ldc) >= _INT_LIMIT:
             return plain()  # past MKL's 32-bit integers
         if c.size == 0:
@@ -218,14 +218,18 @@ def _frame(v, lead: tuple) -> tuple:
                  for i, size in enumerate(lead))
 
 
-def _by_stride(vs, lead: tuple):
-    """How MKL's strided batch walks operands ``vs`` over batch shape ``lead``:
-    ``(element strides, matrices per call, byte offsets of each call)``, or None.
+def _by_stride(vs, lead: tuple, c_size: int):
+    """How MKL's strided batch walks operands ``vs`` (a, b, then c) over batch
+    shape ``lead``: ``(element strides, matrices per call, byte offsets of each
+    call)``, or None.
 
     One call when a single stride walks every operand's matrices; else one
     call per index of the other axes along the longest axis (attention's
     ``(batch, heads)`` over tokens laid out ``(batch, tokens, heads)``), if
-    that takes at most ``_MAX_CALLS``.
+    that takes at most ``_MAX_CALLS``. MKL refuses a stride between C
+    matrices below ``c_size`` (``ldc * m``; it then computes nothing): C
+    matrices interleaved along the walked axis (heads inside rows, walked
+    along the heads) go by pointers instead.
     """
     frames = [_frame(v, lead) for v in vs]
     axes = [i for i, size in enumerate(lead) if size > 1]
@@ -240,6 +244,8 @@ def _by_stride(vs, lead: tuple):
         steps = [f[longest] for f in frames]
     items = [v.itemsize for v in vs]
     if any(s < 0 or s % i or s // i >= _INT_LIMIT for s, i in zip(steps, items)):
+        return None
+    if steps[-1] // items[-1] < c_size:
         return None
     offsets = [tuple(sum(j * f[a] for j, a in zip(index, rest)) for f in frames)
                for index in itertools.product(*(range(lead[a]) for a in rest))]

@@ -93,7 +93,8 @@ def test_matmul_batches_walked_by_stride(dtype, monkeypatch):
         monkeypatch.setattr(mkl, cut, 0)
     calls = []
     real = mkl._by_stride
-    monkeypatch.setattr(mkl, "_by_stride", lambda vs, lead: calls.append(real(vs, lead)) or calls[-1])
+    monkeypatch.setattr(mkl, "_by_stride",
+                        lambda vs, lead, c_size: calls.append(real(vs, lead, c_size)) or calls[-1])
     rng = np.random.default_rng(0)
     r = lambda *s: rng.standard_normal(s).astype(dtype)
     q, kt = r(6, 32, 4, 16).transpose(0, 2, 1, 3), r(6, 32, 4, 16).transpose(0, 2, 3, 1)
@@ -103,10 +104,13 @@ def test_matmul_batches_walked_by_stride(dtype, monkeypatch):
         (q, r(1, 4, 16, 8), 4),                                    # b broadcast over the batch
         (r(3, 2, 5, 16, 24).transpose(1, 0, 2, 3, 4), r(24, 12), 6),
         (r(9, 64, 10, 32).transpose(0, 2, 1, 3), r(32, 40), None),  # 9 calls: too many
+        # Into (batch, tokens, heads, dim), walked along the 4 heads (batch 3):
+        # C matrices interleave, below MKL's stride floor: the pointer batch.
+        (r(3, 4, 32, 8), r(3, 4, 8, 16), None, np.empty((3, 32, 4, 16), dtype).transpose(0, 2, 1, 3)),
     ]
-    for a, b, n_calls in cases:
+    for a, b, n_calls, *out in cases:
         calls.clear()
-        got = mkl.matmul(a, b)
+        got = mkl.matmul(a, b, *out)
         np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-4, atol=1e-4)
         walk = calls[-1]  # for (a, b, out); None: the pointer batch ran
         assert (walk and len(walk[2])) == n_calls
@@ -150,6 +154,12 @@ def test_matmul_writes_into_out_of_any_row_major_layout(dtype):
     r = mkl.matmul(a, b, out=buf.transpose(0, 2, 1, 3))
     assert np.shares_memory(r, buf)
     np.testing.assert_allclose(buf.transpose(0, 2, 1, 3), np.matmul(a, b), rtol=tol, atol=tol)
+    # The same with the heads the longest batch axis: walked by stride, the C
+    # matrices would interleave, which MKL refuses (computing nothing).
+    buf = np.empty((3, 40, 4, 20), dtype)
+    mkl.matmul(a[:3], b[:3], out=buf.transpose(0, 2, 1, 3))
+    np.testing.assert_allclose(buf.transpose(0, 2, 1, 3), np.matmul(a[:3], b[:3]), rtol=tol,
+                               atol=tol)
     # A column-major out goes to NumPy, which writes it all the same.
     col = np.empty((6, 4, 20, 40), dtype).transpose(0, 1, 3, 2)
     mkl.matmul(a, b, out=col)
