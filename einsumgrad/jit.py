@@ -48,15 +48,13 @@ import numpy
 
 _ENABLED = os.environ.get("EINSUMGRAD_JIT", "1") != "0"
 _KINDS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
-_compiled: Any = None     # the kernels once built, False when numba is missing
+_compiled: Any = None  # the kernels once built, False when numba is missing
 
 
-def _build():
-    import numba
-
+def _build(numba, cache: bool) -> dict:
     # One thread each, on purpose (see above). error_model "numpy": x / 0 is
     # inf or NaN, as in NumPy, not an exception.
-    opts = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+    opts = dict(cache=cache, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
     # Constants come in as arguments of the array's dtype: a Python literal
     # would promote float32 arithmetic to float64 (no longer 16 lanes wide).
@@ -161,19 +159,26 @@ def _build():
                             hit = x[b, i, w, j, c] == out[b, w, c]
                             dx[b, i, w, j, c] = share[c] if hit else 0
 
-    return numba, {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp,
-                   "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
-                   "window_max": window_max, "window_max_vjp": window_max_vjp}
+    return {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp,
+            "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
+            "window_max": window_max, "window_max_vjp": window_max_vjp}
 
 
-def _kernels():
-    """``(numba, kernels)``, or None without numba (or with ``EINSUMGRAD_JIT=0``)."""
+def _kernels() -> dict | None:
+    """The compiled kernels by name, or None without numba (or with ``EINSUMGRAD_JIT=0``)."""
     global _compiled
     if _compiled is None:
         try:
-            _compiled = _build() if _ENABLED else False
+            import numba  # an ImportError too where numba does not support this NumPy
         except ImportError:
+            numba = None
+        if not _ENABLED or numba is None:
             _compiled = False
+        else:
+            try:
+                _compiled = _build(numba, cache=True)
+            except RuntimeError:  # nowhere to write numba's cache: compile in memory
+                _compiled = _build(numba, cache=False)
     return _compiled or None
 
 
@@ -191,7 +196,7 @@ def _rows(a, n: int):
 
 
 def _run(name: str, *args):
-    return _compiled[1][name](*args)
+    return _compiled[name](*args)
 
 
 def layer_norm(x, n: int, eps: float, weight=None, bias=None):

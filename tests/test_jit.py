@@ -220,3 +220,22 @@ def test_window_kernels_decline_other_layouts():
     x6 = x.reshape(2, 3, 2, 2, 3, 2)
     out = jit.window_max(x6)
     assert jit.window_max_vjp(x6, out, out.astype(np.float32)) is None  # dtypes differ
+
+
+@needs_jit
+def test_kernels_compile_in_memory_where_numba_cannot_cache(monkeypatch):
+    # numba raises RuntimeError at decoration when no directory takes its cache
+    # (a read-only install, no user cache): the kernels then compile in memory.
+    import numba
+    real = numba.njit
+
+    def njit(*args, **kw):
+        if kw.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available for file")
+        return real(*args, **kw)
+    monkeypatch.setattr(numba, "njit", njit)
+    monkeypatch.setattr(jit, "_compiled", None)
+    assert jit.available()
+    x = np.random.default_rng(0).standard_normal((3, 5))
+    want = numpy_path(F._normalized, x, (-1,), 1e-5)[0]
+    np.testing.assert_allclose(jit.layer_norm(x, 5, 1e-5)[0], want, **TOLS[np.float64])
