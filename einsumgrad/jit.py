@@ -324,7 +324,9 @@ def window_max(x):
 
 def window_max_vjp(x, out, g):
     """``g / (ties)`` where ``x`` attains the max ``out`` of its window, else 0:
-    max's VJP over a pooling view, laid out as ``x``, or None.
+    max's VJP over a pooling view, laid out as ``x``, or None. A window whose
+    max is NaN attains it nowhere and gets 0 (the rule: 0, or NaN when some
+    other window ties; torch sends it to the NaN).
 
     Args:
         x: the pooling view ``(B, C, Ho, kh, Wo, kw)``.
