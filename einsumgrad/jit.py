@@ -195,6 +195,14 @@ def _rows(a, n: int):
     return a.reshape(-1, n)
 
 
+def _cotangent(g, like, n: int):
+    """Cotangent ``g`` as ``(rows, n)`` in C order (copied if laid out otherwise)
+    when it is shaped and typed as ``like``, else None."""
+    if type(g) is not numpy.ndarray or g.shape != like.shape or g.dtype != like.dtype:
+        return None
+    return _rows(numpy.ascontiguousarray(g), n)
+
+
 def _run(name: str, *args):
     return _compiled[name](*args)
 
@@ -239,12 +247,10 @@ def layer_norm_vjp(g, xhat, s, n: int, weight=None):
         (``g`` without one); with ``weight``, ``(dx, dweight, dbias)``, the
         latter two ``g * xhat`` and ``g`` summed over the rows.
     """
-    if type(g) is not numpy.ndarray or g.shape != xhat.shape or g.dtype != xhat.dtype:
-        return None
     affine = weight is not None
-    if affine and not _vector(weight, g.dtype, n):
+    if affine and not _vector(weight, xhat.dtype, n):
         return None
-    gr, yr = _rows(numpy.ascontiguousarray(g), n), _rows(xhat, n)
+    gr, yr = _cotangent(g, xhat, n), _rows(xhat, n)
     if gr is None or yr is None or _kernels() is None:
         return None
     sr = numpy.ascontiguousarray(s, dtype=xhat.dtype).reshape(-1)
@@ -271,10 +277,10 @@ def softmax_vjp(g, out):
         g: the cotangent, shaped and typed as ``out``.
         out: the softmax's output.
     """
-    if type(g) is not numpy.ndarray or g.shape != out.shape or g.dtype != out.dtype or not g.ndim:
+    if not out.ndim:
         return None
     n = out.shape[-1]
-    gr, orows = _rows(numpy.ascontiguousarray(g), n), _rows(out, n)
+    gr, orows = _cotangent(g, out, n), _rows(out, n)
     if gr is None or orows is None or _kernels() is None:
         return None
     dx = numpy.empty_like(orows)

@@ -93,6 +93,16 @@ def avg_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
     return ops.einsum("...hwkl->...hw", p) * (1.0 / (kh * kw))
 
 
+def _width(x, axes) -> int:
+    """How many entries one normalized row has: the trailing ``axes`` of ``x``."""
+    return math.prod(x.shape[a] for a in axes)
+
+
+def _kept(x, axes) -> tuple:
+    """``x``'s shape with the trailing ``axes`` kept as size 1 (the statistics')."""
+    return x.shape[:x.ndim - len(axes)] + (1,) * len(axes)
+
+
 def _centered(x, axes, eps):
     """``x - mean`` and ``1 / sqrt(var + eps)`` over the trailing ``axes`` (the
     latter with those axes kept as size 1).
@@ -101,8 +111,7 @@ def _centered(x, axes, eps):
     64-wide layer norm) goes row by row, 5x slower.
     """
     xp = backend_of(x)
-    n = math.prod(x.shape[a] for a in axes)
-    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)
+    n, keep = _width(x, axes), _kept(x, axes)
     if n == 0:  # no entries: NaN statistics, as torch
         d = x - xp.mean(x, axis=axes, keepdims=True)
         return d, 1.0 / xp.sqrt(xp.mean(d * d, axis=axes, keepdims=True) + eps)
@@ -115,10 +124,9 @@ def _centered(x, axes, eps):
 
 def _normalized(x, axes, eps) -> tuple:
     """``((x - mean) * s, s)`` with ``s = 1 / sqrt(var + eps)`` (axes kept as size 1)."""
-    n = math.prod(x.shape[a] for a in axes)
-    fused = jit.layer_norm(x, n, eps)  # one pass where numba can (see einsumgrad.jit)
+    fused = jit.layer_norm(x, _width(x, axes), eps)  # one pass where numba can (einsumgrad.jit)
     if fused is not None:
-        return fused[0], fused[1].reshape(x.shape[:x.ndim - len(axes)] + (1,) * len(axes))
+        return fused[0], fused[1].reshape(_kept(x, axes))
     d, s = _centered(x, axes, eps)
     d *= s
     return d, s
@@ -152,13 +160,13 @@ def _normalize_fused(g, out, x, axes, eps, stats=None):
     # The rule above as one pass over the rows, when the forward kept s.
     if stats is None:
         return None
-    dx = jit.layer_norm_vjp(g, out, stats[1], math.prod(x.shape[a] for a in axes))
+    dx = jit.layer_norm_vjp(g, out, stats[1], _width(x, axes))
     return None if dx is None else (dx,)
 
 
 def _inv_std_d(x, out, axes):
     # ds/dx = -s^3 (x - mean) / n, in engine ops: normalize's rule differentiates again.
-    n = math.prod(x.shape[a] for a in axes)
+    n = _width(x, axes)
     return (out * out * out) * (-1.0 / n) * (x - ops.mean(x, axes, keepdims=True))
 
 
@@ -192,25 +200,27 @@ def _layer_norm_impl(x, w, b, axes, eps, stats=None):
 
 
 def _normalized_node(x, axes, eps, stats):
-    # x normalized, as a recorded normalize op (so it differentiates again)
-    # holding the forward's values.
-    return bind(normalize_p, x, axes=axes, eps=eps, stats=None if stats is None else stats[1:])
+    """x normalized, as a recorded normalize op (so it differentiates again)
+    holding the forward's values, and normalize's stats (xhat, s) out of
+    layer_norm's (y, xhat, s)."""
+    inner = None if stats is None else stats[1:]
+    return bind(normalize_p, x, axes=axes, eps=eps, stats=inner), inner
 
 
 def _layer_norm_vjp(k, g, out, x, w, b, axes, eps, stats=None):
     nb = g.ndim - out.ndim
     if k == 2:
         return ops.sum_to(g, b.shape, nb)
-    xhat = _normalized_node(x, axes, eps, stats)
+    xhat, inner = _normalized_node(x, axes, eps, stats)
     if k == 1:
         return ops.sum_to(g * xhat, w.shape, nb)
-    return _normalize_rule(0, g * w, xhat, x, axes, eps, None if stats is None else stats[1:])
+    return _normalize_rule(0, g * w, xhat, x, axes, eps, inner)
 
 
 def _layer_norm_jvp(k, t, out, x, w, b, axes, eps, stats=None):
-    xhat = _normalized_node(x, axes, eps, stats)
+    xhat, inner = _normalized_node(x, axes, eps, stats)
     if k == 0:
-        return _normalize_rule(0, t, xhat, x, axes, eps, None if stats is None else stats[1:]) * w
+        return _normalize_rule(0, t, xhat, x, axes, eps, inner) * w
     nb = t.ndim - w.ndim if k == 1 else t.ndim - b.ndim
     lead = t.shape[:nb]
     t = ops.reshape(t, lead + (1,) * (out.ndim - t.ndim + nb) + t.shape[nb:])
@@ -236,16 +246,16 @@ def _layer_norm_batch(bdims, shapes, out_shape, axes, eps, **_):
 def _layer_norm_fused(g, out, x, w, b, axes, eps, stats=None):
     if stats is None or w.shape != b.shape:
         return None
-    r = jit.layer_norm_vjp(g, stats[1], stats[2], math.prod(x.shape[a] for a in axes), w)
+    r = jit.layer_norm_vjp(g, stats[1], stats[2], _width(x, axes), w)
     return None if r is None else (r[0], r[1].reshape(w.shape), r[2].reshape(b.shape))
 
 
 def _layer_norm_stats(x, axes, eps, w, b) -> tuple:
     """``(xhat * w + b, xhat, s)``: the output and what the rules keep."""
-    fused = jit.layer_norm(x, math.prod(x.shape[a] for a in axes), eps, w, b)
+    fused = jit.layer_norm(x, _width(x, axes), eps, w, b)
     if fused is not None:
         y, xhat, s = fused
-        return y, xhat, s.reshape(x.shape[:x.ndim - len(axes)] + (1,) * len(axes))
+        return y, xhat, s.reshape(_kept(x, axes))
     xhat, s = _normalized(x, axes, eps)
     y = backend_of(x).multiply(xhat, w)  # a new product: the bias can go into it in place
     return _add_bias_impl(y, b), xhat, s
