@@ -23,6 +23,27 @@ def _mkl_installed() -> bool:
 needs_mkl = pytest.mark.skipif(mkl.matmul is None, reason="the mkl wheel is not installed")
 
 
+def assert_product_close(got, a, b, c=None):
+    """``got`` is ``c + a @ b`` (``c`` optional) up to rounding: two correct GEMMs
+    (MKL's, NumPy's BLAS) may sum their K terms in any order, so each entry
+    may differ by about ``K * eps * (|a| @ |b|)[entry]`` (the classic bound),
+    never by a fixed fraction of the entry: one near zero from cancellation
+    may differ by much more than it, relatively."""
+    a, b = np.asarray(a), np.asarray(b)
+    want = np.matmul(a, b) if c is None else c + np.matmul(a, b)
+    k = a.shape[-1]
+    eps = np.finfo(np.result_type(a, b)).eps
+    scale = np.matmul(np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64)))
+    if c is not None:
+        scale = scale + np.abs(c)
+    bound = 4 * (k + 2) * eps * scale + np.finfo(np.result_type(a, b)).tiny
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = np.abs(np.asarray(got, np.float64) - want)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else None
+    assert np.all(err <= bound), (f"entry {worst}: |{got[worst]} - {want[worst]}| = "
+                                  f"{err[worst]:.3g} > {bound[worst]:.3g} ({k}-term products)")
+
+
 def test_mkl_is_used_when_installed():
     # make test installs the mkl wheel on Linux x86: the kernels must load there
     # (unless EINSUMGRAD_MKL=0), so the tests below run rather than skip.
@@ -76,10 +97,8 @@ def test_matmul_as_numpy(ab):
         for cut in ("_MIN_WORK", "_MIN_BATCHED", "_MIN_THREADED"):
             mp.setattr(mkl, cut, 0)
         got = mkl.matmul(a, b)
-    want = np.matmul(a, b)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    tol = 1e-4 if a.dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    assert got.dtype == np.matmul(a, b).dtype
+    assert_product_close(got, a, b)
 
 
 @needs_mkl
@@ -111,7 +130,7 @@ def test_matmul_batches_walked_by_stride(dtype, monkeypatch):
     for a, b, n_calls, *out in cases:
         calls.clear()
         got = mkl.matmul(a, b, *out)
-        np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-4, atol=1e-4)
+        assert_product_close(got, a, b)
         walk = calls[-1]  # for (a, b, out); None: the pointer batch ran
         assert (walk and len(walk[2])) == n_calls
 
@@ -148,25 +167,23 @@ def test_matmul_writes_into_out_of_any_row_major_layout(dtype):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((6, 4, 40, 30)).astype(dtype)
     b = rng.standard_normal((6, 4, 30, 20)).astype(dtype)
-    tol = 1e-12 if dtype == np.float64 else 1e-4
     # Heads inside rows: buffer (6, 40, 4, 20) seen as (6, 4, 40, 20).
     buf = np.empty((6, 40, 4, 20), dtype)
     r = mkl.matmul(a, b, out=buf.transpose(0, 2, 1, 3))
     assert np.shares_memory(r, buf)
-    np.testing.assert_allclose(buf.transpose(0, 2, 1, 3), np.matmul(a, b), rtol=tol, atol=tol)
+    assert_product_close(buf.transpose(0, 2, 1, 3), a, b)
     # The same with the heads the longest batch axis: walked by stride, the C
     # matrices would interleave, which MKL refuses (computing nothing).
     buf = np.empty((3, 40, 4, 20), dtype)
     mkl.matmul(a[:3], b[:3], out=buf.transpose(0, 2, 1, 3))
-    np.testing.assert_allclose(buf.transpose(0, 2, 1, 3), np.matmul(a[:3], b[:3]), rtol=tol,
-                               atol=tol)
+    assert_product_close(buf.transpose(0, 2, 1, 3), a[:3], b[:3])
     # A column-major out goes to NumPy, which writes it all the same.
     col = np.empty((6, 4, 20, 40), dtype).transpose(0, 1, 3, 2)
     mkl.matmul(a, b, out=col)
-    np.testing.assert_allclose(col, np.matmul(a, b), rtol=tol, atol=tol)
+    assert_product_close(col, a, b)
     m = np.empty((40, 20), dtype)  # one product
     mkl.matmul(a[0, 0], b[0, 0], out=m)
-    np.testing.assert_allclose(m, a[0, 0] @ b[0, 0], rtol=tol, atol=tol)
+    assert_product_close(m, a[0, 0], b[0, 0])
     with pytest.raises(ValueError):
         mkl.matmul(a, b, out=np.empty((6, 4, 40, 21), dtype))
 
@@ -180,11 +197,12 @@ def test_matmul_add_accumulates_in_place_or_declines(dtype):
     before = c.copy()
     # Row ranges of one array, as a convolution's offsets use them; a transposed operand.
     assert mkl.matmul_add(a, b, c[3:43]) and mkl.matmul_add(a[:30], b.T.copy().T, c[:30])
-    want = before.copy()
-    want[3:43] += a @ b
-    want[:30] += a[:30] @ b
-    tol = 1e-12 if dtype == np.float64 else 1e-5
-    np.testing.assert_allclose(c, want, rtol=tol, atol=tol)
+    # Rows 3-29 took both products: each bounded against the sum of both.
+    both = np.concatenate([a[3:30], a[:27]], axis=1), np.concatenate([b, b])
+    assert_product_close(c[3:30], *both, before[3:30])
+    assert_product_close(c[:3], a[:3], b, before[:3])
+    assert_product_close(c[30:43], a[27:], b, before[30:43])
+    np.testing.assert_array_equal(c[43:], before[43:])
     # What BLAS cannot take is declined and left untouched.
     other = np.float16 if dtype == np.float32 else np.float32
     for args in ((a, b, np.ones((9, 40), dtype).T),                  # c column-major
@@ -201,7 +219,7 @@ def test_matmul_add_accumulates_in_place_or_declines(dtype):
 def test_matmul_large_products_and_errors():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 200, 300)), rng.standard_normal((300, 100))
-    np.testing.assert_allclose(mkl.matmul(a, b), a @ b, rtol=1e-12)
+    assert_product_close(mkl.matmul(a, b), a, b)
     empty = rng.standard_normal((0, 200, 300))  # an empty batch of big matrices
     assert mkl.matmul(empty, b).shape == (0, 200, 100)
     with pytest.raises(ValueError, match="matmul"):
