@@ -30,13 +30,13 @@ def main(argv: list) -> None:
     except ImportError:
         print("torch not installed: its columns are skipped")
     import numpy
-    from einsumgrad import jit, mkl
+    from einsumgrad.backends import kernels, mkl
     print(f"numpy {numpy.__version__}, cores {os.cpu_count()}; einsumgrad's NumPy backend: "
           + ("MKL GEMM and VML (einsumgrad[mkl]; EINSUMGRAD_MKL=0 turns it off), "
              "NumPy's own BLAS for the hand-written NumPy peers" if mkl.matmul is not None
              else "NumPy's own BLAS")
           + ("; numba row kernels (einsumgrad[jit]; EINSUMGRAD_JIT=0 turns them off)"
-             if jit.available() else "; no numba row kernels"))
+             if kernels.available() else "; no numba row kernels"))
     for n in names:
         importlib.import_module(n).main()
 

@@ -1,21 +1,27 @@
 """einsumgrad: a small, exact einsum-to-autograd engine.
 
-Data flows spec -> derive -> plan -> backend; Tensor and tape sit on top, and
-the transforms on top of those:
+Data flows spec -> derive -> plan -> backends; the tape sits on the
+backends, the rules on the tape, and the transforms on top of those:
 
 * :mod:`einsumgrad.spec`: einsum strings parsed into integer index labels;
-* :mod:`einsumgrad.derive`: VJP / JVP / Jacobian patterns, derived on labels;
+* :mod:`einsumgrad.derive`: VJP / JVP / Jacobian patterns, derived on labels (pure);
 * :mod:`einsumgrad.plan`: contraction order (opt_einsum), planned once, cached;
-* :mod:`einsumgrad.backend`: NumPy or CuPy, chosen by the arrays' own type;
-* :mod:`einsumgrad.tensor` and :mod:`einsumgrad.ops`: Tensor, tape, the rule table;
-* :mod:`einsumgrad.transforms`: grad, vjp, jvp, jacrev, jacfwd, hessian, ...
+* :mod:`einsumgrad.backends`: NumPy or CuPy, chosen by the arrays' own type,
+  with MKL and numba kernels as capabilities;
+* :mod:`einsumgrad.tensor`: Tensor, Primitive and the tape, which knows no rule;
+* :mod:`einsumgrad.rules`: every primitive beside its VJP, JVP and batch rule;
+* :mod:`einsumgrad.transforms`: grad, vjp, jvp, jacrev, jacfwd, hessian, ...;
+* :mod:`einsumgrad.extend`: what a person adding a primitive imports.
 """
-from .backend import Backend, register_backend
+import numpy as _numpy
+
+from .backends import Backend, register_backend
+from .backends import backend_of as _backend_of
 from .derive import derive
 from .explain import Tape, explain, trace
-from .ops import (abs, einsum, erf, exp, gelu, log, log_softmax, logsumexp, matmul, max, mean,
-                  relu, reshape, sigmoid, sin, cos, softmax, softplus, sqrt, square, sum, tanh,
-                  transpose, where)
+from .rules import (abs, cos, einsum, erf, exp, gelu, log, log_softmax, logsumexp, matmul, max,
+                    mean, relu, reshape, sigmoid, sin, softmax, softplus, sqrt, square, sum, tanh,
+                    transpose, where)
 from .spec import EinsumError
 from .tensor import BatchMixingError, Tensor, enable_grad, no_grad
 from .transforms import (batch_hessian, batch_jacobian, directional, elementwise_grad, grad,
@@ -32,14 +38,12 @@ def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
     Raises:
         TypeError: ``requires_grad`` on a non-floating dtype.
     """
-    from .backend import backend_of
     if isinstance(data, Tensor):
         data = data.data
-    if backend_of(data).name != "numpy":  # a device array (CuPy, the tests' strict) stays put
+    if _backend_of(data).name != "numpy":  # a device array (CuPy, the tests' strict) stays put
         arr = data if dtype is None else data.astype(dtype)
     else:
-        import numpy
-        arr = numpy.array(data, dtype=dtype)
+        arr = _numpy.array(data, dtype=dtype)
     if requires_grad and arr.dtype.kind not in "fc":
         raise TypeError(f"only floating-point tensors can require grad, got dtype {arr.dtype}")
     return Tensor(arr, requires_grad=requires_grad)

@@ -14,18 +14,19 @@ For ``z = einsum(spec, x_0, ..., x_n)``:
   ``x`` to the same index of ``out`` (the diagonal embedding), every index
   that is not kept summed (the collapse).
 
-All of it is pure: no arrays, cached per spec. Execution (``apply``,
-``materialize``) builds an einsum over the engine's ops, in which the extra
-steps are fused as constant operands (an identity matrix ties a repeated
-index to its copy, a ones vector broadcasts), so the result is itself
-differentiable.
+All of it is pure: labels in, patterns out, cached per spec; this module
+imports the spec layer alone and never touches an array. Running a pattern
+is the rules layer's business (:mod:`einsumgrad.rules.einsum`: the extra
+steps fused into one einsum as constant operands, so the result is itself
+differentiable); it installs the runner behind ``Jacobian.materialize`` and
+the Jacobian products with :func:`install_runner`.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Sequence
 
-from .spec import FRESH, Spec, bind_sizes, parse, render, _render_terms
+from .spec import Spec, bind_sizes, fresh, parse, render, render_terms
 
 COT = "g"  # how the cotangent / tangent is named in printed patterns
 
@@ -66,7 +67,7 @@ class Derivation:
     def vjp(self, k: int) -> "VJP":
         """The reverse-mode pattern for operand ``k``."""
         k = self._k(k)
-        return _vjp(self.clean, k, self.broadcast[k], self.spec.inputs[k])
+        return vjp_pattern(self.clean, k, self.broadcast[k], self.spec.inputs[k])
 
     def jvp(self, k: int) -> "JVP":
         """The forward-mode pattern for a tangent in operand ``k``."""
@@ -96,11 +97,6 @@ def derive(subscripts: str, *shapes) -> Derivation:
     return Derivation(subscripts, tuple(tuple(s) for s in shapes) if shapes else None)
 
 
-def _fresh(spec_labels, count: int) -> list:
-    top = max([FRESH - 1] + [l for l in spec_labels if l >= FRESH])
-    return list(range(top + 1, top + 1 + count))
-
-
 class VJP:
     """Reverse-mode pattern: ``g, *others -> operand k`` plus steps.
 
@@ -128,11 +124,11 @@ class VJP:
             self.steps.append(("unsqueeze", term, raw_term))
         # The fused einsum that runs: identity matrices tie each repeat of an
         # index to a fresh copy, ones vectors broadcast the lone indices.
-        fresh = iter(_fresh(spec.labels, len(term)))
+        copies = iter(fresh(spec.labels, len(term)))
         out, seen, extra = [], set(), []
         for l in term:
             if l in seen:
-                f = next(fresh)
+                f = next(copies)
                 extra.append(("eye", (l, f)))
                 out.append(f)
             else:
@@ -158,41 +154,20 @@ class VJP:
     def __repr__(self) -> str:
         return f"<VJP {self}>"
 
-    def apply(self, g, *others, shape: tuple, nb: int = 0, order: tuple | None = None):
-        """Run the pattern on engine Tensors, giving operand k (of ``shape``, squeezed).
-
-        ``g`` may carry ``nb`` leading batch axes; the result carries them too.
-        ``order``: the layout asked of the result (its axes, outermost in memory
-        first), honoured where the pattern gives operand k's axes as they are.
-        """
-        from .ops import constant_like, einsum_spec, reshape
-        spec = self.fused if nb == 0 else _batched(self.fused, (0,), nb)
-        ops = [g, *others]
-        sizes = dict(zip(self.spec.inputs[self.k], shape))
-        for kind, labels in self.extra:
-            n = sizes[labels[0]]
-            ops.append(constant_like(g, "eye" if kind == "eye" else "ones", n))
-        if order is not None and (nb or self.broadcast_axes or len(spec.output) != len(order)):
-            order = None
-        r = einsum_spec(spec, *ops, order=order)
-        if self.broadcast_axes:
-            it = iter(r.shape[nb:])
-            r = reshape(r, r.shape[:nb] + tuple(1 if ax in self.broadcast_axes else next(it)
-                                                for ax in range(len(self.raw_term))))
-        return r
-
 
 @lru_cache(maxsize=4096)
-def _vjp(spec: Spec, k: int, broadcast_axes: tuple, raw_term: tuple) -> VJP:
+def vjp_pattern(spec: Spec, k: int, broadcast_axes: tuple, raw_term: tuple) -> VJP:
+    """The VJP pattern for operand ``k`` of a clean ``spec`` (cached): what
+    ``derive(...).vjp(k)`` gives, and what the einsum primitive's rule runs."""
     return VJP(spec, k, broadcast_axes, raw_term)
 
 
 @lru_cache(maxsize=4096)
-def _batched(spec: Spec, slots: tuple, nb: int) -> Spec:
+def batched(spec: Spec, slots: tuple, nb: int) -> Spec:
     """``spec`` with ``nb`` fresh leading indices on the given slots and the output."""
-    fresh = tuple(_fresh(spec.labels, nb))
-    return Spec(tuple(fresh + t if i in slots else t for i, t in enumerate(spec.inputs)),
-                fresh + spec.output)
+    lead = tuple(fresh(spec.labels, nb))
+    return Spec(tuple(lead + t if i in slots else t for i, t in enumerate(spec.inputs)),
+                lead + spec.output)
 
 
 class JVP:
@@ -206,14 +181,6 @@ class JVP:
 
     def __repr__(self) -> str:
         return f"<JVP slot {self.k}: {self}>"
-
-    def apply(self, t, *operands, nb: int = 0):
-        """Run with tangent ``t`` (``nb`` leading batch axes) in place of operand k."""
-        from .ops import einsum_spec
-        ops = list(operands)
-        ops.insert(self.k, t)
-        spec = self.spec if nb == 0 else _batched(self.spec, (self.k,), nb)
-        return einsum_spec(spec, *ops)
 
 
 class Jacobian:
@@ -234,7 +201,7 @@ class Jacobian:
 
     def __str__(self) -> str:
         spec = self.d.spec
-        return _render_terms(self.others, spec.output, None) + "|" + \
+        return render_terms(self.others, spec.output, None) + "|" + \
             _term_str(spec.inputs[self.k], _letters(spec))
 
     def __repr__(self) -> str:
@@ -248,75 +215,31 @@ class Jacobian:
         plus that contraction: no ``x.shape x w.shape x x.shape`` intermediate.
         Returns a Tensor when given Tensors, else a backend array.
         """
-        from .backend import common_backend
-        from .tensor import Tensor
-        wrap = any(isinstance(o, Tensor) for o in operands)
-        arrays = [o.data if isinstance(o, Tensor) else o for o in operands]
-        xp = common_backend(arrays)
-        arrays = [xp.asarray(a) for a in arrays]
-        d = derive(self.d.subscripts, *[a.shape for a in arrays])
-        k = self.k
-        clean = [a.reshape(s) if s is not None and j != k else a
-                 for j, (a, s) in enumerate(zip(arrays, d.squeezed_shapes))]
-        J = jacobian_of(d.clean, k, clean, d.broadcast[k])
-        return Tensor(J) if wrap else J
+        return _runner("materialize")(self, *operands)
 
     def jvp(self, v, *operands):
         """``J @ v`` (v shaped like operand k) without building ``J``."""
-        from .ops import einsum
-        ops = list(operands)
-        ops[self.k] = v
-        return einsum(self.d.subscripts, *ops)
+        return _runner("jvp")(self, v, *operands)
 
     def vjp(self, u, *operands):
         """``u @ J`` (u shaped like the output) without building ``J``."""
-        from .transforms import vjp
-        k = self.k
-        from .ops import einsum
-        f = lambda x: einsum(self.d.subscripts, *operands[:k], x, *operands[k + 1:])
-        return vjp(f, operands[k])[1](u)[0]
+        return _runner("vjp")(self, u, *operands)
 
 
-def jacobian_of(spec: Spec, k: int, arrays: Sequence, broadcast_axes: tuple = ()):
-    """Materialize ``J = d einsum(spec) / d operand k`` on backend arrays.
+_runners: dict = {}
 
-    ``spec`` is clean (one size per label); operand k may keep axes of size 1
-    that broadcast (``broadcast_axes``, absent from ``spec.inputs[k]``). ``J``
-    starts as zeros and the other operands' contraction is written onto its
-    generalized diagonal through a strided view: peak memory is ``J`` plus that
-    contraction, never an ``x.shape x w.shape x x.shape`` intermediate.
-    """
-    from .backend import common_backend
-    from .plan import contract
-    xp = common_backend(arrays)
-    dtype = xp.result_type(*arrays)
-    # Operand k's broadcast axes are absent from its term: skip them when sizing.
-    sizes = {l: n for j, (t, a) in enumerate(zip(spec.inputs, arrays))
-             for l, n in zip(t, (n for ax, n in enumerate(a.shape)
-                                 if j != k or ax not in broadcast_axes))}
-    x_shape = arrays[k].shape
-    J = xp.zeros(tuple(sizes[l] for l in spec.output) + x_shape, dtype=dtype)
-    # J's axes: the output's labels, then operand k's (a broadcast axis of size
-    # 1 is an axis of its own). Axes sharing a label are one axis of the
-    # diagonal view, whose stride is the sum of theirs.
-    fresh = iter(_fresh(spec.labels, len(x_shape)))
-    term = iter(spec.inputs[k])
-    x_labels = [next(fresh) if ax in broadcast_axes else next(term) for ax in range(len(x_shape))]
-    axes = list(spec.output) + x_labels
-    view_labels = tuple(dict.fromkeys(axes))
-    strides = tuple(sum(s for a, s in zip(axes, J.strides) if a == l) for l in view_labels)
-    view = xp.as_strided(J, shape=tuple(J.shape[axes.index(l)] for l in view_labels),
-                         strides=strides)
-    terms = [t for j, t in enumerate(spec.inputs) if j != k]
-    others = [a for j, a in enumerate(arrays) if j != k]
-    present = set().union(*terms) if terms else set()
-    if terms:
-        D = contract(Spec(tuple(terms), tuple(l for l in view_labels if l in present)), others)
-    else:
-        D = xp.ones((), dtype=dtype)
-    view[...] = xp.reshape(D, tuple(n if l in present else 1
-                                    for l, n in zip(view_labels, view.shape)))
-    return J
+
+def install_runner(**runners) -> None:
+    """How Jacobians run on arrays: ``materialize``, ``jvp`` and ``vjp``, each
+    ``fn(jacobian, ...)`` (the rules layer installs them; this layer never runs)."""
+    _runners.update(runners)
+
+
+def _runner(what: str):
+    if what not in _runners:
+        raise RuntimeError(f"Jacobian.{what} runs on arrays: import einsumgrad (its rules "
+                           f"layer installs the runner), not einsumgrad.derive alone")
+    return _runners[what]
 
 
 def _letters(spec: Spec) -> dict:
@@ -331,4 +254,4 @@ def _letters(spec: Spec) -> dict:
 
 
 def _term_str(term: tuple, letters: dict) -> str:
-    return _render_terms([], term, letters, sep="")
+    return render_terms([], term, letters, sep="")

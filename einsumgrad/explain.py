@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .derive import derive
+from .derive import derive, vjp_pattern
+from .plan import path_info
 from .spec import name, render
+from .tensor import toposort
+from .transforms import trace_call
 
 
 def explain(spec: str, *shapes) -> str:
@@ -34,7 +37,6 @@ def explain(spec: str, *shapes) -> str:
         if d.broadcast[k]:
             lines.append(f"  operand {k} broadcasts axes {d.broadcast[k]} from size 1")
     if d.shapes:
-        from .plan import path_info
         path, info = path_info(d.clean, [s2 for s2 in _clean_shapes(d)])
         lines.append("")
         lines.append("contraction path (opt_einsum): " + " -> ".join(str(p) for p in path))
@@ -81,7 +83,6 @@ class Tape:
         return names
 
     def __str__(self) -> str:
-        from .spec import render
         names = self._names()
         lines = []
         for t in self.tensors:
@@ -94,9 +95,8 @@ class Tape:
                 spec = node.params["spec"]
                 head += f" '{render(spec)}'"
                 lines.append(f"{head}({args})")
-                from .derive import _vjp
                 for k in range(len(node.inputs)):
-                    lines.append(f"    vjp {k}: {_vjp(spec, k, (), spec.inputs[k])}")
+                    lines.append(f"    vjp {k}: {vjp_pattern(spec, k, (), spec.inputs[k])}")
             else:
                 params = {k: v for k, v in node.params.items() if k in ("shape",)}
                 lines.append(f"{head}({args}{', ' if params else ''}"
@@ -123,7 +123,5 @@ class Tape:
 
 def trace(f: Callable, *args: Any) -> Tape:
     """Run ``f`` once, recording every op, and return the :class:`Tape`."""
-    from .tensor import _topo
-    from .transforms import _trace
-    xs, out = _trace(f, args, tuple(range(len(args))))
-    return Tape(_topo([out], lambda t: True, {id(x) for x in xs}), xs, out)
+    xs, out = trace_call(f, args, tuple(range(len(args))))
+    return Tape(toposort([out], lambda t: True, {id(x) for x in xs}), xs, out)

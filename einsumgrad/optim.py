@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from .backend import backend_of
+from .backends import backend_of
 from .tensor import Tensor
 
 

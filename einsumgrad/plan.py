@@ -14,8 +14,8 @@ from typing import Sequence
 
 import opt_einsum
 
-from .backend import Backend, common_backend, memory_order
-from .spec import Spec
+from .backends import Backend, common_backend, memory_order
+from .spec import Spec, fresh
 
 _plans: dict = {}
 stats = {"planned": 0}  # how many plans were made; a test reads it
@@ -334,3 +334,43 @@ def _into(order, result, batch, left, right, sizes):
     to_mm = tuple(mem.index(l) for l in labels + extra)
     index += (0,) * len(extra)
     return (tuple(sizes[l] for l in mem), to_mm, index, tuple(mem.index(l) for l in result))
+
+
+def jacobian_of(spec: Spec, k: int, arrays: Sequence, broadcast_axes: tuple = ()):
+    """Materialize ``J = d einsum(spec) / d operand k`` on backend arrays.
+
+    ``spec`` is clean (one size per label); operand k may keep axes of size 1
+    that broadcast (``broadcast_axes``, absent from ``spec.inputs[k]``). ``J``
+    starts as zeros and the other operands' contraction is written onto its
+    generalized diagonal through a strided view: peak memory is ``J`` plus that
+    contraction, never an ``x.shape x w.shape x x.shape`` intermediate.
+    """
+    xp = common_backend(arrays)
+    dtype = xp.result_type(*arrays)
+    # Operand k's broadcast axes are absent from its term: skip them when sizing.
+    sizes = {l: n for j, (t, a) in enumerate(zip(spec.inputs, arrays))
+             for l, n in zip(t, (n for ax, n in enumerate(a.shape)
+                                 if j != k or ax not in broadcast_axes))}
+    x_shape = arrays[k].shape
+    J = xp.zeros(tuple(sizes[l] for l in spec.output) + x_shape, dtype=dtype)
+    # J's axes: the output's labels, then operand k's (a broadcast axis of size
+    # 1 is an axis of its own). Axes sharing a label are one axis of the
+    # diagonal view, whose stride is the sum of theirs.
+    made = iter(fresh(spec.labels, len(x_shape)))
+    term = iter(spec.inputs[k])
+    x_labels = [next(made) if ax in broadcast_axes else next(term) for ax in range(len(x_shape))]
+    axes = list(spec.output) + x_labels
+    view_labels = tuple(dict.fromkeys(axes))
+    strides = tuple(sum(s for a, s in zip(axes, J.strides) if a == l) for l in view_labels)
+    view = xp.as_strided(J, shape=tuple(J.shape[axes.index(l)] for l in view_labels),
+                         strides=strides)
+    terms = [t for j, t in enumerate(spec.inputs) if j != k]
+    others = [a for j, a in enumerate(arrays) if j != k]
+    present = set().union(*terms) if terms else set()
+    if terms:
+        D = contract(Spec(tuple(terms), tuple(l for l in view_labels if l in present)), others)
+    else:
+        D = xp.ones((), dtype=dtype)
+    view[...] = xp.reshape(D, tuple(n if l in present else 1
+                                    for l, n in zip(view_labels, view.shape)))
+    return J

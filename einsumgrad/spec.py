@@ -58,10 +58,10 @@ def render(spec: Spec, names: dict | None = None) -> str:
     (a contiguous run, right-aligned in the group) prints as ``...``; any other
     label gets the first letter unused by the spec.
     """
-    return _render_terms(spec.inputs, spec.output, names)
+    return render_terms(spec.inputs, spec.output, names)
 
 
-def _render_terms(inputs: Sequence[tuple], output: tuple, names: dict | None = None,
+def render_terms(inputs: Sequence[tuple], output: tuple, names: dict | None = None,
                   sep: str = "->") -> str:
     terms = list(inputs) + [output]
     letters = dict(names or {})
@@ -107,6 +107,12 @@ def _ellipsis_run(term: tuple, ell: list) -> tuple | None:
     if pos != list(range(pos[0], pos[0] + k)) or list(term[pos[0]:pos[0] + k]) != ell[len(ell) - k:]:
         return None
     return pos[0], k
+
+
+def fresh(labels, count: int) -> list:
+    """``count`` labels made up for a derivation, none of them among ``labels``."""
+    top = max([FRESH - 1] + [l for l in labels if l >= FRESH])
+    return list(range(top + 1, top + 1 + count))
 
 
 def letter_label(c: str) -> int:

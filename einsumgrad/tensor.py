@@ -18,6 +18,10 @@ output. :func:`backprop` walks nodes in reverse (cotangents may carry leading
 batch axes: that is how a whole Jacobian costs one pass) and :func:`push`
 walks them forward with tangents, which is true forward mode: each JVP rule
 pushes the tangent through its primitive.
+
+The tape knows no rule: it imports the backend layer alone, and the
+primitives with their rules (broadcasting included) live in
+:mod:`einsumgrad.rules`.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy
 
-from .backend import backend_of, device_backend, device_mismatch, in_order_of, to_backend
+from .backends import backend_of, device_backend, device_mismatch, in_order_of, to_backend
 
 
 class BatchMixingError(ValueError):
@@ -47,15 +51,11 @@ state = _State()
 class Primitive:
     """An op on backend arrays with its derivative rules beside it."""
 
-    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "accum", "fused", "elementwise",
-                 "linear")
+    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "accum", "fused")
 
-    def __init__(self, name: str, impl: Callable, *, elementwise: bool = False,
-                 linear: bool = False):
+    def __init__(self, name: str, impl: Callable):
         self.name, self.impl = name, impl
         self.vjp = self.jvp = self.batch = self.accum = self.fused = None
-        self.elementwise = elementwise  # NumPy broadcasting between inputs
-        self.linear = linear            # jvp(k, t) is the primitive itself on t
 
     def defvjp(self, fn: Callable) -> Callable:
         self.vjp = fn
@@ -64,6 +64,13 @@ class Primitive:
     def defjvp(self, fn: Callable) -> Callable:
         self.jvp = fn
         return fn
+
+    def deflinear(self) -> None:
+        """The primitive is linear in each input, the others held fixed (a
+        product, patches): its JVP is itself with the tangent in the input's
+        slot, as HIPS autograd's ``def_linear``. It must pass leading batch
+        axes of a tangent through, as every JVP rule does."""
+        self.jvp = lambda k, t, out, *xs, **params: bind(self, *xs[:k], t, *xs[k + 1:], **params)
 
     def defbatch(self, fn: Callable) -> Callable:
         self.batch = fn
@@ -301,7 +308,7 @@ def _recording(on: bool):
 
 # -- graph walks ----------------------------------------------------------------
 
-def _topo(roots: Sequence[Tensor], keep: Callable[[Tensor], bool],
+def toposort(roots: Sequence[Tensor], keep: Callable[[Tensor], bool],
           stop: set | None = None) -> list:
     """Tensors reachable from ``roots`` through ``keep``-ing inputs, inputs first."""
     order, seen = [], set()
@@ -331,7 +338,7 @@ def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> Callable:
     """A predicate: does a tensor lie on a path from ``targets`` to ``roots``?"""
     memo = {id(t): True for t in targets}
     stop = set(memo)
-    for t in _topo(roots, lambda t: True, stop):
+    for t in toposort(roots, lambda t: True, stop):
         if id(t) not in memo:
             node = t._node
             memo[id(t)] = node is not None and any(memo.get(id(x), False) for x in node.inputs)
@@ -356,7 +363,7 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
     else:
         keep = _reaching(roots, targets)
         stop = {id(t) for t in targets}
-    order = _topo(roots, keep, stop)
+    order = toposort(roots, keep, stop)
     cots: dict = {}
     for r, g in zip(roots, cotangents):
         cots[id(r)] = cots[id(r)] + g if id(r) in cots else g
@@ -394,10 +401,6 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
                 prim.accum(cots[id(x)].data, g, t, x, **node.params)
                 continue
             gk = Tensor(fused[k]) if fused is not None else prim.vjp(k, g, t, *xs, **node.params)
-            # Compare past the nb batch axes: a trailing match alone misses the
-            # leading axes a broadcast input (a bias) gained.
-            if prim.elementwise and gk.shape[g.ndim - t.ndim:] != x.shape:
-                gk = _ops.sum_to(gk, x.shape, g.ndim - t.ndim)
             buf = cots[id(x)].data if id(x) in owned else None
             if buf is not None and gk.shape == buf.shape and gk.dtype == buf.dtype:
                 backend_of(buf).add(buf, gk.data, out=buf)
@@ -420,8 +423,7 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
     keep = _reaching([root], sources)
     stop = {id(s) for s in sources}
     tan = {id(s): t for s, t in zip(sources, tangents)}
-    nb = tangents[0].ndim - sources[0].ndim if tangents else 0
-    order = [t for t in _topo([root], keep, stop) if id(t) not in stop]
+    order = [t for t in toposort([root], keep, stop) if id(t) not in stop]
     # Each tangent is dropped after its last use, so a long chain holds few at once.
     uses: dict = {}
     for t in order:
@@ -436,15 +438,7 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
             tk = tan.get(id(x)) if uses[id(x)] or x is root else tan.pop(id(x), None)
             if tk is None:
                 continue
-            if prim.elementwise and x.ndim < t.ndim:  # align with the output's axes
-                tk = _ops.reshape(tk, tk.shape[:nb] + (1,) * (t.ndim - x.ndim) + tk.shape[nb:])
             c = prim.jvp(k, tk, t, *xs, **node.params)
-            if prim.elementwise and c.shape[nb:] != t.shape:
-                c = _ops.broadcast_to(c, c.shape[:nb] + t.shape)
             total = c if total is None else total + c
         tan[id(t)] = total
     return tan.get(id(root))
-
-
-# The few ops the walks themselves need live in the rule table (ops.py).
-from . import ops as _ops  # noqa: E402

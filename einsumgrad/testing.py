@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy
 
-from .backend import backend_of
+from .backends import backend_of
 from .tensor import Tensor, as_tensor, no_grad
 from .transforms import jvp, vjp
 

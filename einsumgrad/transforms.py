@@ -13,9 +13,9 @@ import contextlib
 import math
 from typing import Any, Callable, Sequence
 
-from .backend import backend_of
-from .derive import jacobian_of
-from .ops import einsum_p, identity_p, reshape
+from .backends import backend_of
+from .plan import jacobian_of
+from .rules import einsum_p, identity_p, reshape
 from .spec import Spec, letters
 from .tensor import (BatchMixingError, Tensor, as_tensor, backprop, bind, push, state)
 
@@ -90,8 +90,8 @@ def _argnums(argnums, n: int) -> tuple:
     return tuple(a % n for a in nums)
 
 
-def _trace(f: Callable, args: Sequence, nums: tuple, batch: bool = False):
-    """Run ``f`` with fresh tensors at ``nums``; returns (xs, out)."""
+def trace_call(f: Callable, args: Sequence, nums: tuple, batch: bool = False):
+    """Run ``f`` recording every op, with fresh tensors at ``nums``; returns (xs, out)."""
     with _tracing(batch):
         args = list(args)
         xs = []
@@ -112,7 +112,7 @@ def vjp(f: Callable, *primals) -> tuple:
 
     ``vjp_fn(g)[k][j...] = sum_i g[i...] d out[i...] / d primal_k[j...]``.
     """
-    xs, out = _trace(f, primals, tuple(range(len(primals))))
+    xs, out = trace_call(f, primals, tuple(range(len(primals))))
 
     def vjp_fn(cotangent) -> tuple:
         g = as_tensor(cotangent, like=out)
@@ -135,7 +135,7 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence) -> tuple:
     primals, tangents = tuple(primals), tuple(tangents)
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
-    xs, out = _trace(f, primals, tuple(range(len(primals))))
+    xs, out = trace_call(f, primals, tuple(range(len(primals))))
     ts = [as_tensor(t, like=x) for t, x in zip(tangents, xs)]
     for t, x in zip(ts, xs):
         if t.shape != x.shape:
@@ -155,7 +155,7 @@ def value_and_grad(f: Callable, argnums=0) -> Callable:
     """``(f(*args), gradient)`` of a scalar ``f``; a tuple of gradients for tuple ``argnums``."""
     def wrapped(*args):
         nums = _argnums(argnums, len(args))
-        xs, out = _trace(f, args, nums)
+        xs, out = trace_call(f, args, nums)
         if out.size != 1:
             raise ValueError(f"grad needs a scalar output, got shape {out.shape}; "
                              f"use jacrev, or vjp with a cotangent")
@@ -179,7 +179,7 @@ def elementwise_grad(f: Callable, argnums=0) -> Callable:
     """
     def wrapped(*args):
         nums = _argnums(argnums, len(args))
-        xs, out = _trace(f, args, nums)
+        xs, out = trace_call(f, args, nums)
         gs = [_finish(g) for g in _pull(out, Tensor(backend_of(out.data).ones_like(out.data)), xs)]
         return gs[0] if isinstance(argnums, int) else tuple(gs)
     return wrapped
@@ -216,7 +216,7 @@ def _jacobian(f: Callable, argnums, one: Callable) -> Callable:
     """
     def wrapped(*args):
         nums = _argnums(argnums, len(args))
-        xs, out = _trace(f, args, nums)
+        xs, out = trace_call(f, args, nums)
         pick = (lambda r: r[0]) if isinstance(argnums, int) else tuple
         if isinstance(out, tuple):
             return tuple(pick(one(o, xs)) for o in out)
@@ -371,7 +371,7 @@ def batch_jacobian(f: Callable, *, batch_ndim: int = 1,
 
 
 def _batch_jacobian(f: Callable, x: Tensor) -> Tensor:
-    xs, out = _trace(f, (x,), (0,), batch=True)
+    xs, out = trace_call(f, (x,), (0,), batch=True)
     x = xs[0]
     B = x.shape[0]
     if out.ndim == 0 or out.shape[0] != B:

@@ -22,7 +22,7 @@ def xb(a, dtype=None):
         import cupy
         return cupy.asarray(a)
     if NAME == "strict":
-        from strict_backend import to_strict
+        from einsumgrad.backends.strict import to_strict
         return to_strict(a)
     raise ValueError(f"EINSUMGRAD_BACKEND={NAME!r}: use numpy, strict or cupy")
 

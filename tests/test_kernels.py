@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 import einsumgrad as eg
 from einsumgrad.nn import functional as F
-from einsumgrad.nn import grid
-from einsumgrad.nn import patch_einsum as pe
+from einsumgrad.rules import grid
+from einsumgrad.rules import convolution as pe
 from einsumgrad import plan
-from einsumgrad.backend import backend_of, memory_order
+from einsumgrad.backends import backend_of, memory_order
 from einsumgrad.spec import parse
 from einsumgrad.testing import check_grads
 from tests.backends import NAME, npy, xb
@@ -150,7 +150,7 @@ def _grid_calls(monkeypatch) -> list:
     MKL's, to pay)."""
     monkeypatch.setattr(backend_of(xb(np.zeros(1))), "matmul_adds_in_place", True)
     calls = []
-    for name in ("unpatch_on_grid", "_patches_impl"):
+    for name in ("unpatch_on_grid", "patches_array"):
         f = getattr(pe, name)
         monkeypatch.setattr(pe, name, lambda *a, f=f, name=name, **k: calls.append(name) or f(*a, **k))
     return calls
@@ -177,7 +177,7 @@ def test_conv_on_the_padded_grid_matches_torch(monkeypatch, channels_last, paddi
     y.backward(xb(gy))
     for got, ref in ((y, want.detach()), (ex.grad, want_gx), (ew.grad, want_gw)):
         np.testing.assert_allclose(npy(got), ref.numpy(), rtol=1e-10, atol=1e-12)
-    assert sorted(calls) == ["_patches_impl", "unpatch_on_grid"]
+    assert sorted(calls) == ["patches_array", "unpatch_on_grid"]
 
 
 def test_conv_on_the_padded_grid_second_order_and_jacobians(monkeypatch):
@@ -210,11 +210,11 @@ def test_forward_patches_serve_only_their_own_image(monkeypatch):
     ew = eg.tensor(xb(w), requires_grad=True)
     _, got = eg.jvp(lambda a: F.conv2d(a, ew, padding=1), (xb(x),), (xb(t),))
     np.testing.assert_allclose(npy(got), conv(t, w).numpy(), rtol=1e-10, atol=1e-12)
-    assert calls.count("_patches_impl") == 2  # the image's (kept, unread) and the tangent's
+    assert calls.count("patches_array") == 2  # the image's (kept, unread) and the tangent's
     ex = eg.tensor(xb(x), requires_grad=True)
     _, got = eg.jvp(lambda b: F.conv2d(ex, b, padding=1), (xb(w),), (xb(tw),))
     np.testing.assert_allclose(npy(got), conv(x, tw).numpy(), rtol=1e-10, atol=1e-12)
-    assert calls.count("_patches_impl") == 3  # the image's, read again for the tangent
+    assert calls.count("patches_array") == 3  # the image's, read again for the tangent
 
 
 def test_grid_only_for_products_per_offset():
@@ -281,9 +281,9 @@ def test_layer_bias_added_in_place_only_into_fresh_products():
     readonly.flags.writeable = False
     for y in (np.broadcast_to(rng.standard_normal(3), (5, 3)), readonly) if NAME == "numpy" else ():
         before = y.copy()
-        np.testing.assert_allclose(npy(F._add_bias(eg.tensor(y), b)), before + b)
+        np.testing.assert_allclose(npy(eg.rules.add_bias(eg.tensor(y), b)), before + b)
         np.testing.assert_array_equal(y, before)
-    wide = F._add_bias(eg.tensor(xb(np.ones((1, 3)))), xb(np.ones((4, 3))))
+    wide = eg.rules.add_bias(eg.tensor(xb(np.ones((1, 3)))), xb(np.ones((4, 3))))
     assert wide.shape == (4, 3)
 
 
@@ -381,9 +381,9 @@ def _image(draw):
 def test_patches_copied_in_one_pass_equal_the_strided_view(case):
     # The patch copy (im2col) in the image's memory order, one strided copy for
     # a channels-last image, holds the same entries as the view of the windows.
-    from einsumgrad.nn.patches import _patches_impl
+    from einsumgrad.rules.patches import patches_array
     x, kernel, stride, padding = case
     x = xb(x)
-    view = _patches_impl(x, kernel, stride, padding, contiguous=False)
-    np.testing.assert_array_equal(npy(_patches_impl(x, kernel, stride, padding, contiguous=True)),
+    view = patches_array(x, kernel, stride, padding, contiguous=False)
+    np.testing.assert_array_equal(npy(patches_array(x, kernel, stride, padding, contiguous=True)),
                                   npy(view))

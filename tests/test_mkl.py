@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from einsumgrad import backend, mkl
+from einsumgrad import backends as backend
+from einsumgrad.backends import mkl
 
 
 def _mkl_installed() -> bool:

@@ -63,7 +63,7 @@ def test_sgd_momentum_on_a_0d_parameter_matches_torch(wd):
 
 
 def test_updates_in_place_and_skips_missing_grads():
-    model = nn.Linear(3, 2).to(eg.backend.backend_of(xb(np.zeros(1))))
+    model = nn.Linear(3, 2).to(eg.backends.backend_of(xb(np.zeros(1))))
     w_array, w_before = model.weight.data, npy(model.weight).copy()
     opt = optim.Adam(model.parameters(), lr=0.1)
     model(xb(np.ones((4, 3)))).sum().backward()

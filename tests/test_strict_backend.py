@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import einsumgrad as eg
-from einsumgrad.backend import NUMPY, backend_of, device_backend
-from strict_backend import STRICT, MixedArrayError, StrictArray, to_numpy, to_strict
+from einsumgrad.backends import NUMPY, backend_of, device_backend
+from einsumgrad.backends.strict import STRICT, MixedArrayError, StrictArray, to_numpy, to_strict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 A = np.arange(6.0).reshape(2, 3) / 7

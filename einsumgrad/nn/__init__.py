@@ -13,7 +13,7 @@ from .init import manual_seed
 from .layers import (GELU, AvgPool2d, Conv2d, Dropout, Embedding, Flatten, LayerNorm, Linear,
                      MaxPool2d, MultiHeadAttention, ReLU, Sequential, Tanh)
 from .module import Module, Parameter
-from .patches import patches, unpatch
+from ..rules import patches, unpatch
 
 MultiheadAttention = MultiHeadAttention  # torch's spelling
 

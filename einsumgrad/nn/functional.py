@@ -10,14 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .. import jit, ops
-from ..elementwise import _elementwise_batch
-from ..backend import backend_of
-from ..linear import einsum_spec
+from .. import rules as ops
+from ..backends import backend_of
+from ..rules import add_bias, as_pair, einsum_spec, layer_norm, patch_einsum, patches, unpatch
+from ..rules import unpatch_einsum  # noqa: F401  (re-exported)
 from ..spec import parse
-from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
-from .patch_einsum import patch_einsum, unpatch_einsum  # noqa: F401  (re-exported)
-from .patches import _pair, patches, unpatch  # noqa: F401  (re-exported)
+from ..tensor import Tensor, as_tensor
 
 __all__ = ["linear", "conv2d", "max_pool2d", "avg_pool2d", "layer_norm", "cross_entropy",
            "mse_loss", "scaled_dot_product_attention", "embedding", "dropout", "patches",
@@ -26,35 +24,10 @@ __all__ = ["linear", "conv2d", "max_pool2d", "avg_pool2d", "layer_norm", "cross_
 relu, gelu, softmax, log_softmax = ops.relu, ops.gelu, ops.softmax, ops.log_softmax
 
 
-def _add_bias_impl(y, b):
-    # y is a product the layer has just made, read by nothing else (an
-    # einsum's rules need its inputs, never its output): add b in place while
-    # y is still in cache, as a GEMM with a bias term would. A view that cannot
-    # take the sum (stride 0, read-only, another dtype or shape) gets a new array.
-    # With MKL the backend's add runs it as one rank-1 update on MKL's threads.
-    xp = backend_of(y)
-    fits = b.ndim <= y.ndim and all(n in (1, m) for n, m in zip(b.shape[::-1], y.shape[::-1]))
-    if (fits and 0 not in y.strides and getattr(y.flags, "writeable", True)
-            and xp.result_type(y, b) == y.dtype):
-        return xp.add(y, b, out=y)
-    return y + b
-
-
-add_bias_p = Primitive("add_bias", _add_bias_impl, elementwise=True, linear=True)
-add_bias_p.defvjp(lambda k, g, out, y, b: g)
-add_bias_p.defjvp(lambda k, t, out, y, b: t)
-add_bias_p.defbatch(_elementwise_batch)
-
-
-def _add_bias(y: Tensor, b: Any) -> Tensor:
-    """``y + b`` for a ``y`` this layer just computed and hands on to nobody else."""
-    return bind(add_bias_p, y, as_tensor(b, like=y))
-
-
 def linear(x: Any, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x @ w.T + b``: the einsum ``'...i,oi->...o'`` with ``w`` of shape ``(out, in)``."""
     y = ops.einsum("...i,oi->...o", x, w)
-    return y if b is None else _add_bias(y, b)
+    return y if b is None else add_bias(y, b)
 
 
 def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> Tensor:
@@ -70,13 +43,13 @@ def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> T
     on the padded image.
     """
     y = patch_einsum("bchwkl,fckl->bfhw", x, w, w.shape[-2:], stride, padding)
-    return y if b is None else _add_bias(y, ops.reshape(b, (-1, 1, 1)))
+    return y if b is None else add_bias(y, ops.reshape(b, (-1, 1, 1)))
 
 
 def max_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
     """Maximum over each window (``stride`` defaults to the window size)."""
     x = as_tensor(x)
-    (kh, kw), (sh, sw) = _pair(kernel_size), _pair(kernel_size if stride is None else stride)
+    (kh, kw), (sh, sw) = as_pair(kernel_size), as_pair(kernel_size if stride is None else stride)
     h, w = x.shape[-2:]
     if (kh, kw) == (sh, sw) and h % kh == 0 and w % kw == 0:
         # Windows tile the image: a reshape to (..., H/kh, kh, W/kw, kw) is a
@@ -88,194 +61,9 @@ def max_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
 
 def avg_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
     """Mean over each window: ``'...hwkl->...hw'`` scaled by ``1 / (kh * kw)``."""
-    kh, kw = _pair(kernel_size)
+    kh, kw = as_pair(kernel_size)
     p = patches(as_tensor(x), (kh, kw), (kh, kw) if stride is None else stride)
     return ops.einsum("...hwkl->...hw", p) * (1.0 / (kh * kw))
-
-
-def _width(x, axes) -> int:
-    """How many entries one normalized row has: the trailing ``axes`` of ``x``."""
-    return math.prod(x.shape[a] for a in axes)
-
-
-def _kept(x, axes) -> tuple:
-    """``x``'s shape with the trailing ``axes`` kept as size 1 (the statistics')."""
-    return x.shape[:x.ndim - len(axes)] + (1,) * len(axes)
-
-
-def _centered(x, axes, eps):
-    """``x - mean`` and ``1 / sqrt(var + eps)`` over the trailing ``axes`` (the
-    latter with those axes kept as size 1).
-
-    Row sums are matrix-vector products: NumPy's mean over short rows (a
-    64-wide layer norm) goes row by row, 5x slower.
-    """
-    xp = backend_of(x)
-    n, keep = _width(x, axes), _kept(x, axes)
-    if n == 0:  # no entries: NaN statistics, as torch
-        d = x - xp.mean(x, axis=axes, keepdims=True)
-        return d, 1.0 / xp.sqrt(xp.mean(d * d, axis=axes, keepdims=True) + eps)
-    rows = xp.reshape(x, (-1, n))
-    ones = xp.ones(n, dtype=rows.dtype)
-    d = xp.subtract(rows, (xp.matmul(rows, ones) * (1.0 / n))[:, None])
-    var = xp.matmul(xp.multiply(d, d), ones) * (1.0 / n)
-    return xp.reshape(d, x.shape), xp.reshape(1.0 / xp.sqrt(var + eps), keep)
-
-
-def _normalized(x, axes, eps) -> tuple:
-    """``((x - mean) * s, s)`` with ``s = 1 / sqrt(var + eps)`` (axes kept as size 1)."""
-    fused = jit.layer_norm(x, _width(x, axes), eps)  # one pass where numba can (einsumgrad.jit)
-    if fused is not None:
-        return fused[0], fused[1].reshape(_kept(x, axes))
-    d, s = _centered(x, axes, eps)
-    d *= s
-    return d, s
-
-
-def _normalize_impl(x, axes, eps, stats=None):
-    # stats: (the output, s) as layer_norm computed them; s is kept for the rules.
-    return _normalized(x, axes, eps)[0] if stats is None else stats[0]
-
-
-def _normalize_rule(k, g, out, x, axes, eps, stats=None):
-    # y = (x - mean) * s with s = 1/sqrt(var + eps): its Jacobian
-    # s (I - 11^T/n - y y^T/n) is symmetric, so the VJP and JVP are one formula.
-    # Written in engine ops on x and the output, so it differentiates again;
-    # s is the forward's, not computed again (a pass over x fewer).
-    m1 = ops.mean(g, axes, keepdims=True)
-    m2 = ops.mean(g * out, axes, keepdims=True)
-    s = bind(inv_std_p, x, axes=axes, eps=eps, value=None if stats is None else stats[1])
-    return s * (g - m1 - out * m2)
-
-
-# (x - mean) / sqrt(var + eps) over trailing axes as one primitive: the
-# composite records ~10 ops forward and ~20 backward on the full activation.
-normalize_p = Primitive("normalize", _normalize_impl)
-normalize_p.defvjp(_normalize_rule)
-normalize_p.defjvp(_normalize_rule)
-
-
-@normalize_p.deffused
-def _normalize_fused(g, out, x, axes, eps, stats=None):
-    # The rule above as one pass over the rows, when the forward kept s.
-    if stats is None:
-        return None
-    dx = jit.layer_norm_vjp(g, out, stats[1], _width(x, axes))
-    return None if dx is None else (dx,)
-
-
-def _inv_std_d(x, out, axes):
-    # ds/dx = -s^3 (x - mean) / n, in engine ops: normalize's rule differentiates again.
-    n = _width(x, axes)
-    return (out * out * out) * (-1.0 / n) * (x - ops.mean(x, axes, keepdims=True))
-
-
-# 1 / sqrt(var + eps) over trailing axes (kept as size 1): normalize's rule
-# needs it, as one primitive rather than six ops on the full activation
-# (``value``: the forward's, where it has it).
-inv_std_p = Primitive("inv_std", lambda x, axes, eps, value=None:
-                      _centered(x, axes, eps)[1] if value is None else value)
-inv_std_p.defvjp(lambda k, g, out, x, axes, eps, value=None: g * _inv_std_d(x, out, axes))
-inv_std_p.defjvp(lambda k, t, out, x, axes, eps, value=None:
-                 ops.sum(t * _inv_std_d(x, out, axes), axes, keepdims=True))
-
-
-@normalize_p.defbatch
-def _normalize_batch(bdims, shapes, out_shape, axes, eps, **_):
-    if bdims[0] - len(out_shape) in axes:
-        raise BatchMixingError("layer_norm normalizes along the batch axis: rows mix")
-    return bdims[0]
-
-
-inv_std_p.defbatch(_normalize_batch)
-
-
-def _layer_norm_impl(x, w, b, axes, eps, stats=None):
-    # stats: (the output, x normalized, s) as layer_norm computed them.
-    if stats is not None:
-        return stats[0]
-    xp = backend_of(x)
-    y = xp.multiply(_normalized(x, axes, eps)[0], w)
-    return y + b
-
-
-def _normalized_node(x, axes, eps, stats):
-    """x normalized, as a recorded normalize op (so it differentiates again)
-    holding the forward's values, and normalize's stats (xhat, s) out of
-    layer_norm's (y, xhat, s)."""
-    inner = None if stats is None else stats[1:]
-    return bind(normalize_p, x, axes=axes, eps=eps, stats=inner), inner
-
-
-def _layer_norm_vjp(k, g, out, x, w, b, axes, eps, stats=None):
-    nb = g.ndim - out.ndim
-    if k == 2:
-        return ops.sum_to(g, b.shape, nb)
-    xhat, inner = _normalized_node(x, axes, eps, stats)
-    if k == 1:
-        return ops.sum_to(g * xhat, w.shape, nb)
-    return _normalize_rule(0, g * w, xhat, x, axes, eps, inner)
-
-
-def _layer_norm_jvp(k, t, out, x, w, b, axes, eps, stats=None):
-    xhat, inner = _normalized_node(x, axes, eps, stats)
-    if k == 0:
-        return _normalize_rule(0, t, xhat, x, axes, eps, inner) * w
-    nb = t.ndim - w.ndim if k == 1 else t.ndim - b.ndim
-    lead = t.shape[:nb]
-    t = ops.reshape(t, lead + (1,) * (out.ndim - t.ndim + nb) + t.shape[nb:])
-    return xhat * t if k == 1 else ops.broadcast_to(t, lead + out.shape)
-
-
-# ``xhat * weight + bias`` with xhat normalized, as one primitive (torch's
-# native_layer_norm): forward and backward are one pass each over the rows
-# where numba compiles them (einsumgrad.jit), the rules engine ops as ever.
-layer_norm_p = Primitive("layer_norm", _layer_norm_impl)
-layer_norm_p.defvjp(_layer_norm_vjp)
-layer_norm_p.defjvp(_layer_norm_jvp)
-
-
-@layer_norm_p.defbatch
-def _layer_norm_batch(bdims, shapes, out_shape, axes, eps, **_):
-    if bdims[1] is not None or bdims[2] is not None:
-        raise BatchMixingError("layer_norm with a weight or bias that varies along the batch")
-    return _normalize_batch(bdims[:1], shapes, out_shape, axes, eps)
-
-
-@layer_norm_p.deffused
-def _layer_norm_fused(g, out, x, w, b, axes, eps, stats=None):
-    if stats is None or w.shape != b.shape:
-        return None
-    r = jit.layer_norm_vjp(g, stats[1], stats[2], _width(x, axes), w)
-    return None if r is None else (r[0], r[1].reshape(w.shape), r[2].reshape(b.shape))
-
-
-def _layer_norm_stats(x, axes, eps, w, b) -> tuple:
-    """``(xhat * w + b, xhat, s)``: the output and what the rules keep."""
-    fused = jit.layer_norm(x, _width(x, axes), eps, w, b)
-    if fused is not None:
-        y, xhat, s = fused
-        return y, xhat, s.reshape(_kept(x, axes))
-    xhat, s = _normalized(x, axes, eps)
-    y = backend_of(x).multiply(xhat, w)  # a new product: the bias can go into it in place
-    return _add_bias_impl(y, b), xhat, s
-
-
-def layer_norm(x: Any, normalized_shape, weight: Tensor | None = None,
-               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """Normalize over the trailing ``normalized_shape`` axes (biased variance, as torch)."""
-    x = as_tensor(x)
-    n = 1 if isinstance(normalized_shape, int) else len(tuple(normalized_shape))
-    # Negative axes name the same axes of a cotangent with leading batch axes.
-    axes, eps = tuple(range(-n, 0)), float(eps)
-    if weight is not None and bias is not None:
-        weight, bias = as_tensor(weight, like=x), as_tensor(bias, like=x)
-        return bind(layer_norm_p, x, weight, bias, axes=axes, eps=eps,
-                    stats=_layer_norm_stats(x.data, axes, eps, weight.data, bias.data))
-    y = bind(normalize_p, x, axes=axes, eps=eps, stats=_normalized(x.data, axes, eps))
-    if weight is not None:
-        return y * weight
-    return y if bias is None else y + bias
 
 
 def _labels_array(labels: Any, like: Tensor):

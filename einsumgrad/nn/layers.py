@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy
 
-from .. import ops
+from .. import rules as ops
 from ..tensor import Tensor, as_tensor
 from . import functional as F
 from . import init
 from .module import Module, Parameter
-from .patches import _pair
 
 
 class Linear(Module):
@@ -44,9 +43,9 @@ class Conv2d(Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, dtype=numpy.float64, rng=None):
         super().__init__()
-        kh, kw = _pair(kernel_size)
+        kh, kw = ops.as_pair(kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (kh, kw), _pair(stride), _pair(padding)
+        self.kernel_size, self.stride, self.padding = (kh, kw), ops.as_pair(stride), ops.as_pair(padding)
         fan_in = in_channels * kh * kw
         self.weight = Parameter(init.kaiming_uniform((out_channels, in_channels, kh, kw), fan_in,
                                                      dtype, rng))
@@ -224,16 +223,16 @@ class MultiHeadAttention(Module):
             # back into one buffer, read by one GEMM for x and one for W).
             qkv = ops.einsum("ble,thde->tbhld", query, w3)
             if b3 is not None:
-                qkv = F._add_bias(qkv, ops.reshape(b3, (3, 1, h, 1, e // h)))
+                qkv = ops.add_bias(qkv, ops.reshape(b3, (3, 1, h, 1, e // h)))
             q, k, v = qkv[0], qkv[1], qkv[2]
         else:
             q, k, v = (ops.einsum("ble,hde->bhld", x, w3[i]) if b3 is None else
-                       F._add_bias(ops.einsum("ble,hde->bhld", x, w3[i]), b3[i])
+                       ops.add_bias(ops.einsum("ble,hde->bhld", x, w3[i]), b3[i])
                        for i, x in enumerate((query, key, value)))
         o = F.scaled_dot_product_attention(q, k, v, mask, self.causal)
         wo = ops.reshape(self.out_proj.weight, (e, h, e // h))
         y = ops.einsum("bhld,ehd->ble", o, wo)
-        return y if self.out_proj.bias is None else F._add_bias(y, self.out_proj.bias)
+        return y if self.out_proj.bias is None else ops.add_bias(y, self.out_proj.bias)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, causal={self.causal}"

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 import numpy
 
-from ..backend import Backend, backend_of, device_backend, to_backend
+from ..backends import Backend, backend_of, device_backend, to_backend
 from ..tensor import Tensor
 
 

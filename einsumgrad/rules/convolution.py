@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import math
 
-from .. import mkl
-from ..backend import backend_of, in_order_of
+from ..backends import backend_of, in_order_of
 from ..plan import plan_for
 from ..spec import Spec
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, state
 from .grid import grid_groups, grid_pays, unpatch_on_grid
-from .patches import _padded, _pair, _patches_impl, _unpatch_impl, out_size
+from .patches import as_pair, out_size, padded, patches_array, unpatch_array
 
 
 def _shifted(xpad, k, l, oh, ow, stride):
@@ -97,7 +96,7 @@ def _chunks(x, p: tuple, out_term: tuple, sizes: dict) -> tuple:
     """
     total = math.prod(sizes[a] for a in p) * x.itemsize
     axes = [i for i in range(len(p) - 4) if x.shape[i] > 1]
-    limit = _CHUNK_BYTES_MKL if backend_of(x).matmul is mkl.matmul else _CHUNK_BYTES
+    limit = _CHUNK_BYTES_MKL if backend_of(x).threads_large_gemm else _CHUNK_BYTES
     if total <= limit or not axes:
         return None, 0, total
     ax = max(axes, key=lambda i: x.strides[i])
@@ -120,7 +119,7 @@ def _copied_whole(x, o, spec: Spec, kernel, stride, padding):
     ax, _, nbytes = _chunks(x, p, out_term, _sizes(x, o, spec, kernel, stride, padding))
     if ax is not None or nbytes > _PATCH_BYTES:
         return None
-    return _patches_impl(x, kernel, stride, padding, contiguous=True)
+    return patches_array(x, kernel, stride, padding, contiguous=True)
 
 
 def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None):
@@ -135,7 +134,7 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None):
         # One copy of the windows and one matmul over kh*kw*C beat kh*kw thin
         # matmuls over C and their accumulation; a chunk at a time.
         return _by_chunks(x, o, spec, kernel, stride, padding, ax, step)
-    xpad, o = _padded(x, padding), _lay_out(o, spec.inputs[1], p[:-2])
+    xpad, o = padded(x, padding), _lay_out(o, spec.inputs[1], p[:-2])
     kl = p[-2:]
     sub = _drop(spec, kl)
     kept = any(a in out_term for a in kl)
@@ -162,14 +161,14 @@ def _by_chunks(x, o, spec, kernel, stride, padding, ax, step):
     image axis ``ax`` at a time (all at once where ``ax`` is None)."""
     p, ot, out_term = spec.inputs[0], spec.inputs[1], spec.output
     if ax is None:
-        arrs = [_patches_impl(x, kernel, stride, padding, contiguous=True), o]
+        arrs = [patches_array(x, kernel, stride, padding, contiguous=True), o]
         return plan_for(spec, arrs)(arrs)
     label, out = p[ax], None
     cut = lambda term, sl: (slice(None),) * term.index(label) + (sl,)
-    xpad = _padded(x, padding)  # once: a chunk's own padding is a copy per chunk
+    xpad = padded(x, padding)  # once: a chunk's own padding is a copy per chunk
     for s in range(0, x.shape[ax], step):
         sl = slice(s, s + step)
-        arrs = [_patches_impl(xpad[cut(p, sl)], kernel, stride, (0, 0), contiguous=True),
+        arrs = [patches_array(xpad[cut(p, sl)], kernel, stride, (0, 0), contiguous=True),
                 o[cut(ot, sl)] if label in ot else o]
         r = plan_for(spec, arrs)(arrs)
         if label not in out_term:  # the cut axis is summed: add the chunks up
@@ -194,7 +193,7 @@ def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding):
         return unpatch_on_grid(a, b, spec, size, kernel, padding, groups)
     if _small(tuple(sizes.get(n, 0) for n in p[:-2]) + kernel, a.shape, b.shape):
         r = plan_for(spec, [a, b])([a, b])
-        return _unpatch_impl(r, size, kernel, stride, padding)
+        return unpatch_array(r, size, kernel, stride, padding)
     b, kl = _lay_out(b, spec.inputs[1], spec.inputs[0]), p[-2:]
     sub = _drop(spec, kl)
     z, run = None, None
@@ -308,11 +307,11 @@ def patch_einsum(subscripts: str, x, o, kernel_size, stride=1, padding=0) -> Ten
         kernel_size, stride, padding: as for :func:`~einsumgrad.nn.patches`.
     """
     x, o = as_tensor(x), as_tensor(o)
-    kernel = _pair(kernel_size)
-    if x.shape[-2] + 2 * _pair(padding)[0] < kernel[0] or \
-            x.shape[-1] + 2 * _pair(padding)[1] < kernel[1]:
+    kernel = as_pair(kernel_size)
+    if x.shape[-2] + 2 * as_pair(padding)[0] < kernel[0] or \
+            x.shape[-1] + 2 * as_pair(padding)[1] < kernel[1]:
         raise ValueError(f"patch_einsum: a {kernel} window does not fit a {x.shape[-2:]} image")
-    spec, stride, padding = _parse(subscripts, 0), _pair(stride), _pair(padding)
+    spec, stride, padding = _parse(subscripts, 0), as_pair(stride), as_pair(padding)
     oh, ow = (out_size(n, k, s, q) for n, k, s, q in zip(x.shape[-2:], kernel, stride, padding))
     sizes = dict(zip(spec.inputs[0], x.shape[:-2] + (oh, ow) + kernel))
     for a, n in zip(spec.inputs[1], o.shape):
@@ -326,4 +325,4 @@ def unpatch_einsum(subscripts: str, a, b, size, kernel_size, stride=1, padding=0
     """``unpatch(einsum(subscripts, a, b), size, ...)``, without materializing the
     patch-shaped product; the output term is ``(..., OH, OW, kh, kw)``."""
     return _unpatch(_parse(subscripts, 2), as_tensor(a), as_tensor(b), size,
-                    _pair(kernel_size), _pair(stride), _pair(padding))
+                    as_pair(kernel_size), as_pair(stride), as_pair(padding))

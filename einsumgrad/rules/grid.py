@@ -1,6 +1,6 @@
 """A stride-1 convolution's input gradient as one matrix product per window offset.
 
-The kernel :mod:`.patch_einsum` takes for ``unpatch_einsum`` at stride 1 with
+The kernel :mod:`.convolution` takes for ``unpatch_einsum`` at stride 1 with
 enough channels: a convolution's input gradient, the cotangent of every window
 added back onto the image. Laid out flat with its zero border, ``(rows..., Hp,
 Wp, channels...)``, the image meets window offset ``(k, l)`` at a shift of
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import backend_of
+from ..backends import backend_of
 
 
 # Stride-1 windows with at least this many entries in each offset's product (a

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 
-from ..backend import backend_of, in_order_of
+from ..backends import backend_of, in_order_of
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
 
 
@@ -22,7 +22,7 @@ def out_size(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
 
-def _padded(x, padding):
+def padded(x, padding):
     """``x`` zero-padded, keeping its memory order (channels-last stays so)."""
     (ph, pw), (h, w) = padding, x.shape[-2:]
     if not (ph or pw):
@@ -32,10 +32,10 @@ def _padded(x, padding):
     return z
 
 
-def _patches_impl(x, kernel, stride, padding, contiguous):
+def patches_array(x, kernel, stride, padding, contiguous):
     xp = backend_of(x)
     (kh, kw), (sh, sw) = kernel, stride
-    x = _padded(x, padding)
+    x = padded(x, padding)
     oh, ow = (x.shape[-2] - kh) // sh + 1, (x.shape[-1] - kw) // sw + 1
     *lead, s_h, s_w = x.strides
     view = xp.as_strided(x, shape=x.shape[:-2] + (oh, ow, kh, kw),
@@ -74,7 +74,7 @@ def _im2col(x, view, kernel, out_hw, step):
     return xp.transpose(out, tuple(range(3, 3 + n)) + (0, 3 + n, 4 + n, 1, 2))
 
 
-def _unpatch_impl(g, size, kernel, stride, padding):
+def unpatch_array(g, size, kernel, stride, padding):
     xp = backend_of(g)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     (h, w), (oh, ow) = size, g.shape[-4:-2]
@@ -92,8 +92,8 @@ def _unpatch_impl(g, size, kernel, stride, padding):
     return z[..., ph:ph + h, pw:pw + w] if (ph or pw) else z
 
 
-patches_p = Primitive("patches", _patches_impl, linear=True)
-unpatch_p = Primitive("unpatch", _unpatch_impl, linear=True)
+patches_p = Primitive("patches", patches_array)
+unpatch_p = Primitive("unpatch", unpatch_array)
 
 
 @patches_p.defvjp
@@ -101,9 +101,7 @@ def _patches_vjp(k, g, out, x, kernel, stride, padding, contiguous):
     return unpatch(g, x.shape[-2:], kernel, stride, padding)
 
 
-@patches_p.defjvp
-def _patches_jvp(k, t, out, x, kernel, stride, padding, contiguous):
-    return patches(t, kernel, stride, padding, contiguous)
+patches_p.deflinear()
 
 
 @unpatch_p.defvjp
@@ -111,9 +109,7 @@ def _unpatch_vjp(k, g, out, x, size, kernel, stride, padding):
     return patches(g, kernel, stride, padding)
 
 
-@unpatch_p.defjvp
-def _unpatch_jvp(k, t, out, x, size, kernel, stride, padding):
-    return unpatch(t, size, kernel, stride, padding)
+unpatch_p.deflinear()
 
 
 def _lead_batch(n_core_in: int, n_core_out: int):
@@ -130,7 +126,7 @@ patches_p.defbatch(_lead_batch(2, 4))
 unpatch_p.defbatch(_lead_batch(4, 2))
 
 
-def _pair(v) -> tuple:
+def as_pair(v) -> tuple:
     try:
         n = operator.index(v)  # an int, NumPy's included
     except TypeError:
@@ -149,7 +145,7 @@ def patches(x: Tensor, kernel_size, stride=1, padding=0, contiguous: bool = Fals
         contiguous: copy the windows once (im2col), in a memory order a
             convolution's matmul reads as a matrix, instead of returning a view.
     """
-    kernel, stride, padding = _pair(kernel_size), _pair(stride), _pair(padding)
+    kernel, stride, padding = as_pair(kernel_size), as_pair(stride), as_pair(padding)
     h, w = x.shape[-2:]
     if h + 2 * padding[0] < kernel[0] or w + 2 * padding[1] < kernel[1]:
         raise ValueError(f"patches: a {kernel} window does not fit a {(h, w)} image "
@@ -160,5 +156,5 @@ def patches(x: Tensor, kernel_size, stride=1, padding=0, contiguous: bool = Fals
 
 def unpatch(g: Tensor, size, kernel_size, stride=1, padding=0) -> Tensor:
     """The adjoint of :func:`patches`: add each window back onto a ``size`` image."""
-    return bind(unpatch_p, g, size=tuple(int(n) for n in size), kernel=_pair(kernel_size),
-                stride=_pair(stride), padding=_pair(padding))
+    return bind(unpatch_p, g, size=tuple(int(n) for n in size), kernel=as_pair(kernel_size),
+                stride=as_pair(stride), padding=as_pair(padding))

@@ -1,21 +1,22 @@
-"""Backends: the array namespace is chosen from the array's own type.
+"""The backend machinery: an array's namespace is chosen from its own type.
 
 There is no global device flag. :func:`backend_of` looks at ``type(array)``
-and returns a :class:`Backend`, a thin namespace over NumPy, CuPy (imported
-lazily, the first time a CuPy array shows up) or any namespace registered
-with :func:`register_backend` (the tests register a strict stand-in). Rules
-and layers create and touch data only through it, never through ``numpy.``.
+and returns the registered :class:`Backend`, a thin namespace over an array
+module plus the few extras and capabilities rules ask for. The backends
+themselves (NumPy, CuPy, the tests' strict stand-in) are files beside this
+one; each registers itself, so this file knows none of them.
 """
 from __future__ import annotations
 
-import math
 import sys
 from types import ModuleType
 from typing import Any, Callable
 
 import numpy
 
-from . import mkl
+# The fused row kernels a backend may offer (see einsumgrad.backends.kernels).
+KERNELS = ("layer_norm", "layer_norm_vjp", "softmax_vjp", "divide_by_row_sums", "window_max",
+           "window_max_vjp")
 
 
 class Backend:
@@ -30,13 +31,21 @@ class Backend:
     :meth:`matmul_add` accumulates a product in place;
     ``ufuncs`` replace module functions of the same name and signature (MKL's
     multi-threaded element-wise kernels, for NumPy).
+
+    Capabilities rules ask for, each None (or False) where a backend lacks it:
+    ``kernels`` named in :data:`KERNELS` (fused row kernels: numba's for
+    NumPy, see :mod:`.kernels`), each returning None to decline an input;
+    ``matmul_adds_in_place`` (``matmul_add`` is a GEMM with beta 1);
+    ``threads_large_gemm`` (its matmul runs one large product on several
+    threads better than many cache-sized ones, as MKL's does).
     """
 
     def __init__(self, name: str, module: ModuleType | Any, *, erf: Callable,
                  add_at: Callable, as_strided: Callable, to_numpy: Callable,
                  asarray: Callable | None = None, device: str = "cpu",
                  normal_cdf: Callable | None = None, matmul: Callable | None = None,
-                 matmul_add: Callable | None = None, ufuncs: dict | None = None):
+                 matmul_add: Callable | None = None, ufuncs: dict | None = None,
+                 kernels: dict | None = None, threads_large_gemm: bool = False):
         self.name, self.module, self.device = name, module, device
         if matmul is not None:
             self.matmul = matmul
@@ -49,6 +58,12 @@ class Backend:
         self.erf, self.add_at, self.as_strided, self.to_numpy = erf, add_at, as_strided, to_numpy
         self.asarray = asarray or module.asarray
         self.normal_cdf = normal_cdf
+        self.threads_large_gemm = threads_large_gemm
+        unknown = set(kernels or ()) - set(KERNELS)
+        if unknown:
+            raise ValueError(f"unknown kernels {sorted(unknown)}: a backend offers {KERNELS}")
+        for k in KERNELS:
+            setattr(self, k, (kernels or {}).get(k))
 
     def matmul_add(self, a, b, c) -> None:
         """``c += a @ b`` for matrices, in place: by the backend's kernel (GEMM
@@ -63,88 +78,6 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<einsumgrad backend {self.name}>"
-
-
-# erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4] (Eigen's and XLA's float32 erf); beyond
-# that erf is +-1 in float32. Highest-degree coefficient first (Horner).
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-          -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-          -7.37332916720468e-03, -1.42647390514189e-02)
-
-
-_ERF_P32 = tuple(numpy.float32(a) for a in _ERF_P)
-_ERF_Q32 = tuple(numpy.float32(b) for b in _ERF_Q)
-_SQRT_HALF32 = numpy.float32(math.sqrt(0.5))
-_ERF_CHUNK = 1 << 16  # four float32 temporaries of this many entries stay in L2
-
-
-def _erf_float32(x, cdf: bool = False):
-    """erf for float32 (and narrower) arrays, within 8 float32 ulps of the exact value;
-    with ``cdf``, the normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2 in the same passes.
-
-    SciPy's erf costs ~30 exps per element and works in float64; this rational
-    approximation is two dozen in-place float32 passes, chunk by chunk so the
-    temporaries never leave the cache (4x faster than SciPy; evaluated in
-    float64 it is within 2 ulps but twice as slow, which GELU felt).
-    """
-    flat = numpy.ascontiguousarray(x).reshape(-1)
-    out = numpy.empty(flat.shape, x.dtype)
-    f32, P, Q = numpy.float32, _ERF_P32, _ERF_Q32
-    c, x2, p, q = numpy.empty((4, min(_ERF_CHUNK, flat.size)), f32)
-    for s in range(0, flat.size, _ERF_CHUNK):
-        e = min(s + _ERF_CHUNK, flat.size)
-        cc, xx, pp, qq = c[:e - s], x2[:e - s], p[:e - s], q[:e - s]
-        if cdf:
-            numpy.multiply(flat[s:e], _SQRT_HALF32, out=cc)
-            numpy.clip(cc, f32(-4.0), f32(4.0), out=cc)
-        else:
-            numpy.clip(flat[s:e], f32(-4.0), f32(4.0), out=cc)
-        numpy.multiply(cc, cc, out=xx)
-        numpy.multiply(xx, P[0], out=pp)
-        pp += P[1]
-        for a in P[2:]:
-            pp *= xx
-            pp += a
-        pp *= cc
-        numpy.multiply(xx, Q[0], out=qq)
-        qq += Q[1]
-        for b in Q[2:]:
-            qq *= xx
-            qq += b
-        if cdf:
-            pp /= qq
-            pp += f32(1.0)
-            numpy.multiply(pp, f32(0.5), out=out[s:e], casting="same_kind")
-        else:
-            numpy.divide(pp, qq, out=out[s:e], casting="same_kind")
-    return out.reshape(x.shape)[()]  # a 0-d input gives a scalar, as a ufunc does
-
-
-def _numpy_erf() -> Callable:
-    try:
-        from scipy.special import erf  # exact and vectorized when SciPy is present
-    except ImportError:
-        verf = numpy.vectorize(math.erf, otypes=[float])
-        erf = lambda x: verf(x).astype(x.dtype, copy=False)
-
-    def dispatch(x):
-        x = numpy.asarray(x)
-        r = mkl.erf(x) if mkl.erf is not None else None
-        if r is not None:
-            return r
-        if x.dtype.kind == "f" and x.dtype.itemsize <= 4:
-            return _erf_float32(x)
-        return erf(x)
-    return dispatch
-
-
-def _numpy_normal_cdf(x):
-    r = mkl.normal_cdf(x) if mkl.normal_cdf is not None else None
-    if r is None and x.dtype.kind == "f" and x.dtype.itemsize <= 4:
-        r = _erf_float32(x, cdf=True)
-    return r  # None for float64 without MKL: composed from SciPy's exact erf
 
 
 def memory_order(a) -> list:
@@ -162,17 +95,8 @@ def in_order_of(like, shape, fill: str = "zeros", lead: tuple = (), dtype=None):
     return xp.transpose(z, tuple(range(n)) + tuple(n + order.index(i) for i in range(like.ndim)))
 
 
-def _numpy_add_at(target, index, values):
-    numpy.add.at(target, index, values)
-
-
-NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
-                as_strided=numpy.lib.stride_tricks.as_strided,
-                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf, matmul=mkl.matmul,
-                matmul_add=mkl.matmul_add, ufuncs=mkl.ufuncs)
-
-_registry: dict = {numpy.ndarray: NUMPY}
-_CUPY: Backend | None = None
+_registry: dict = {}  # array type -> Backend; numpy.ndarray's is the host's
+_lazy: list = []      # (module prefix, device prefixes, factory): made on first use
 
 
 def register_backend(array_type: type, backend: Backend) -> None:
@@ -180,28 +104,21 @@ def register_backend(array_type: type, backend: Backend) -> None:
     _registry[array_type] = backend
 
 
-def _cupy_backend() -> Backend:
-    global _CUPY
-    if _CUPY is None:
-        try:
-            import cupy
-            import cupyx
-            from cupyx.scipy.special import erf
-        except ImportError as e:
-            raise ImportError("device 'cuda' needs CuPy: pip install -e '.[gpu]'") from e
-        _CUPY = Backend("cupy", cupy, erf=erf, add_at=cupyx.scatter_add,
-                        as_strided=cupy.lib.stride_tricks.as_strided,
-                        to_numpy=cupy.asnumpy, device="cuda")
-    return _CUPY
+def register_lazy(module_prefix: str, devices: tuple, factory: Callable[[], Backend]) -> None:
+    """A backend made by ``factory`` the first time an array whose type comes from
+    ``module_prefix`` shows up, or a device starting with one of ``devices`` is asked for
+    (CuPy: imported only then)."""
+    _lazy.append((module_prefix, tuple(devices), factory))
 
 
 def _lookup(tp: type) -> Backend | None:
     for base in tp.__mro__:
         if base in _registry:
             return _registry[base]
-    if tp.__module__.startswith("cupy") and "cupy" in sys.modules:
-        _registry[tp] = _cupy_backend()
-        return _registry[tp]
+    for prefix, _, make in _lazy:
+        # Only once the array library is loaded: an array of it exists then.
+        if tp.__module__.startswith(prefix) and prefix in sys.modules:
+            return make()
     return None
 
 
@@ -214,7 +131,7 @@ def backend_of(array: Any) -> Backend:
     if b is not None:
         _registry[type(array)] = b
         return b
-    return NUMPY
+    return _registry[numpy.ndarray]
 
 
 def common_backend(arrays) -> Backend:
@@ -232,7 +149,7 @@ def common_backend(arrays) -> Backend:
             found = b
         else:
             raise DeviceMismatchError(found, b)
-    return found or NUMPY
+    return found or _registry[numpy.ndarray]
 
 
 class DeviceMismatchError(ValueError):
@@ -268,9 +185,10 @@ def device_backend(device: str) -> Backend:
     """The backend for a device string: 'cpu', 'cuda' (also 'cuda:0', 'gpu'),
     or the device of a registered backend (the tests' 'strict')."""
     if device == "cpu":
-        return NUMPY
-    if device.startswith("cuda") or device == "gpu":
-        return _cupy_backend()
+        return _registry[numpy.ndarray]
+    for _, devices, make in _lazy:
+        if device.startswith(devices):
+            return make()
     for b in _registry.values():
         if b.device == device:
             return b

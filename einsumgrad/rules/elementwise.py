@@ -2,20 +2,24 @@
 
 Each primitive sits beside its rules. A unary op's VJP and JVP both multiply
 by its derivative, written with engine ops (``_unary``), so it differentiates
-again. The walks in tensor.py handle broadcasting for every element-wise
-primitive: a cotangent is summed back to its input's shape, a tangent is
-lined up with the output's axes.
+again. Broadcasting between inputs is the rules' own business, as HIPS
+autograd's ``unbroadcast_f``: :func:`broadcasting` wraps a binary op's rules
+so a cotangent is summed back to its input's shape and a tangent lined up
+with the output's axes.
 """
 from __future__ import annotations
 
 import math
 
-from .backend import backend_of, common_backend
-from .tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, pair
+from ..backends import backend_of, common_backend
+from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, pair
+from .einsum import broadcast_to, sum_to
+from .shape import reshape
 
-# -- element-wise primitives -----------------------------------------------------------
+# -- broadcasting: inside the rules ------------------------------------------------------
 
-def _elementwise_batch(bdims, shapes, out_shape, **_):
+def elementwise_batch(bdims, shapes, out_shape, **_):
+    """Batch rule of an element-wise op: inputs line up from the right, as NumPy's."""
     axes = {len(out_shape) - len(s) + b for b, s in zip(bdims, shapes) if b is not None}
     if len(axes) > 1:
         raise BatchMixingError("an element-wise op lines up the batch axis of one input "
@@ -23,24 +27,52 @@ def _elementwise_batch(bdims, shapes, out_shape, **_):
     return axes.pop()
 
 
-def _binary(name, impl, vjp, jvp, linear=False):
-    p = Primitive(name, impl, elementwise=True, linear=linear)
-    p.defvjp(vjp)
-    p.defjvp(jvp)
-    p.defbatch(_elementwise_batch)
+def broadcasting(p: Primitive) -> Primitive:
+    """Give ``p``'s VJP and JVP NumPy broadcasting between its inputs: each
+    cotangent summed back to its input's shape, each tangent lined up with the
+    output's axes (and broadcast to its shape). Call it after defining both."""
+    vjp, jvp = p.vjp, p.jvp
+
+    def vjp_broadcast(k, g, out, *xs, **params):
+        nb = g.ndim - out.ndim
+        gk = vjp(k, g, out, *xs, **params)
+        # Compare past the nb batch axes: a trailing match alone misses the
+        # leading axes a broadcast input (a bias) gained.
+        return gk if gk.shape[nb:] == xs[k].shape else sum_to(gk, xs[k].shape, nb)
+
+    def jvp_broadcast(k, t, out, *xs, **params):
+        x = xs[k]
+        nb = t.ndim - x.ndim
+        if x.ndim < out.ndim:
+            t = reshape(t, t.shape[:nb] + (1,) * (out.ndim - x.ndim) + t.shape[nb:])
+        c = jvp(k, t, out, *xs, **params)
+        return c if c.shape[nb:] == out.shape else broadcast_to(c, c.shape[:nb] + out.shape)
+
+    p.vjp, p.jvp = vjp_broadcast, jvp_broadcast
     return p
 
 
+def _binary(name, impl, vjp, jvp=None):
+    """A broadcasting binary primitive; ``jvp=None``: linear in each input (mul)."""
+    p = Primitive(name, impl)
+    p.defvjp(vjp)
+    if jvp is None:
+        p.deflinear()
+    else:
+        p.defjvp(jvp)
+    p.defbatch(elementwise_batch)
+    return broadcasting(p)
+
+
 # Through the backend's functions, not operators: the NumPy backend runs the
-# large same-layout cases on MKL's threads (einsumgrad.mkl.ufuncs).
+# large same-layout cases on MKL's threads (einsumgrad.backends.mkl).
 add_p = _binary("add", lambda x, y: common_backend((x, y)).add(x, y),
-                lambda k, g, out, x, y: g, lambda k, t, out, x, y: t, linear=True)
+                lambda k, g, out, x, y: g, lambda k, t, out, x, y: t)
 sub_p = _binary("sub", lambda x, y: common_backend((x, y)).subtract(x, y),
                 lambda k, g, out, x, y: g if k == 0 else -g,
-                lambda k, t, out, x, y: t if k == 0 else -t, linear=True)
+                lambda k, t, out, x, y: t if k == 0 else -t)
 mul_p = _binary("mul", lambda x, y: common_backend((x, y)).multiply(x, y),
-                lambda k, g, out, x, y: g * (y if k == 0 else x),
-                lambda k, t, out, x, y: t * (y if k == 0 else x))
+                lambda k, g, out, x, y: g * (y if k == 0 else x))
 div_p = _binary("div", lambda x, y: x / y,
                 lambda k, g, out, x, y: g / y if k == 0 else -g * out / y,
                 lambda k, t, out, x, y: t / y if k == 0 else -t * out / y)
@@ -58,13 +90,13 @@ pow_p = _binary("pow", lambda x, y: x ** y,
                 lambda k, t, out, x, y: t * _pow_d(k, out, x, y))
 
 # where(cond, x, y) with a constant boolean cond.
-where_p = Primitive("where", lambda x, y, cond: backend_of(x).where(cond, x, y),
-                    elementwise=True, linear=True)
+where_p = Primitive("where", lambda x, y, cond: backend_of(x).where(cond, x, y))
 where_p.defvjp(lambda k, g, out, x, y, cond:
                where(cond, g, 0.0) if k == 0 else where(cond, 0.0, g))
 where_p.defjvp(lambda k, t, out, x, y, cond:
                where(cond, t, 0.0) if k == 0 else where(cond, 0.0, t))
-where_p.defbatch(_elementwise_batch)
+where_p.defbatch(elementwise_batch)
+broadcasting(where_p)
 
 
 def where(cond, x, y) -> Tensor:
@@ -74,12 +106,12 @@ def where(cond, x, y) -> Tensor:
     return bind(where_p, x, y, cond=cond)
 
 
-def _unary(name, impl, deriv, linear=False):
+def _unary(name, impl, deriv):
     """An element-wise primitive whose VJP and JVP both multiply by ``deriv(x, out)``."""
-    p = Primitive(name, impl, elementwise=True, linear=linear)
+    p = Primitive(name, impl)
     p.defvjp(lambda k, g, out, x: g * deriv(x, out))
     p.defjvp(lambda k, t, out, x: t * deriv(x, out))
-    p.defbatch(_elementwise_batch)
+    p.defbatch(elementwise_batch)
     return lambda x: bind(p, as_tensor(x)), p
 
 
@@ -87,9 +119,9 @@ def _const(x: Tensor, array) -> Tensor:
     return Tensor(array.astype(x.dtype, copy=False))
 
 
-neg, neg_p = _unary("neg", lambda x: -x, lambda x, out: -1.0, linear=True)
+neg, neg_p = _unary("neg", lambda x: -x, lambda x, out: -1.0)
 neg_p.defvjp(lambda k, g, out, x: -g)
-neg_p.defjvp(lambda k, t, out, x: -t)
+neg_p.deflinear()
 exp, exp_p = _unary("exp", lambda x: backend_of(x).exp(x), lambda x, out: out)
 log, log_p = _unary("log", lambda x: backend_of(x).log(x), lambda x, out: 1.0 / x)
 sin, sin_p = _unary("sin", lambda x: backend_of(x).sin(x), lambda x, out: cos(x))
@@ -160,19 +192,19 @@ def _gelu_d_impl(x, cdf):
     return r
 
 
-gelu_d_p = Primitive("gelu_d", _gelu_d_impl, elementwise=True)
+gelu_d_p = Primitive("gelu_d", _gelu_d_impl)
 # GELU''(x) = phi(x) (2 - x^2), in engine ops: every order stays differentiable.
 _gelu_dd = lambda x: normal_pdf(x) * (2.0 - x * x)
 gelu_d_p.defvjp(lambda k, g, out, x, cdf: g * _gelu_dd(x))
 gelu_d_p.defjvp(lambda k, t, out, x, cdf: t * _gelu_dd(x))
-gelu_d_p.defbatch(_elementwise_batch)
+gelu_d_p.defbatch(elementwise_batch)
 
 # GELU(x) = x Phi(x). Phi(x) is computed once, forward, and kept on the node
 # as a constant: the derivative Phi + x phi reads it instead of another erf.
-gelu_p = Primitive("gelu", lambda x, cdf: backend_of(x).multiply(x, cdf), elementwise=True)
+gelu_p = Primitive("gelu", lambda x, cdf: backend_of(x).multiply(x, cdf))
 gelu_p.defvjp(lambda k, g, out, x, cdf: g * bind(gelu_d_p, x, cdf=cdf))
 gelu_p.defjvp(lambda k, t, out, x, cdf: t * bind(gelu_d_p, x, cdf=cdf))
-gelu_p.defbatch(_elementwise_batch)
+gelu_p.defbatch(elementwise_batch)
 
 
 def gelu(x, approximate: str = "none") -> Tensor:
@@ -194,3 +226,26 @@ def _binop(p):
 
 
 add, sub, mul, div, power = (_binop(p) for p in (add_p, sub_p, mul_p, div_p, pow_p))
+
+
+def add_bias_array(y, b):
+    # y is a product a layer has just made, read by nothing else (an einsum's
+    # rules need its inputs, never its output): add b in place while y is
+    # still in cache, as a GEMM with a bias term would. A view that cannot
+    # take the sum (stride 0, read-only, another dtype or shape) gets a new array.
+    # With MKL the backend's add runs it as one rank-1 update on MKL's threads.
+    xp = backend_of(y)
+    fits = b.ndim <= y.ndim and all(n in (1, m) for n, m in zip(b.shape[::-1], y.shape[::-1]))
+    if (fits and 0 not in y.strides and getattr(y.flags, "writeable", True)
+            and xp.result_type(y, b) == y.dtype):
+        return xp.add(y, b, out=y)
+    return y + b
+
+
+add_bias_p = _binary("add_bias", add_bias_array, lambda k, g, out, y, b: g,
+                     lambda k, t, out, y, b: t)
+
+
+def add_bias(y: Tensor, b) -> Tensor:
+    """``y + b`` for a ``y`` a layer just computed and hands on to nobody else."""
+    return bind(add_bias_p, y, as_tensor(b, like=y))

@@ -1,6 +1,6 @@
-"""Reductions that are not einsums: max (pooling) and the softmax family.
+"""Reductions that are not einsums alone: mean, max (pooling) and the softmax family.
 
-``sum`` and ``mean`` are einsums (linear.py). ``max`` is a primitive whose
+``sum`` is an einsum (:mod:`.einsum`), ``mean`` a scaled one. ``max`` is a primitive whose
 rules build the argmax mask once, from the input and the saved output;
 ``softmax`` is one primitive whose rules are in engine ops on its output;
 ``logsumexp`` and ``log_softmax`` are composites with a constant shift.
@@ -10,11 +10,19 @@ from __future__ import annotations
 import builtins
 import math
 
-from . import jit
-from .backend import backend_of, memory_order
+from ..backends import backend_of, memory_order
+from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
+from .einsum import sum
 from .elementwise import exp, log
-from .linear import _axes, reshape, sum
-from .tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
+from .shape import normalize_axes, reshape
+
+
+def mean(x, axis=None, keepdims: bool = False) -> Tensor:
+    """Mean over ``axis``: :func:`sum`'s einsum, scaled by ``1 / n``."""
+    x = as_tensor(x)
+    n = math.prod(x.shape[a] for a in normalize_axes(axis, x.ndim))
+    return sum(x, axis, keepdims) * (1.0 / n)
+
 
 # Reductions over a few small axes (pooling windows) run as element-wise ops over
 # slices: NumPy's reduce over short strided axes is many times slower.
@@ -62,11 +70,11 @@ def _aligned(xp, small, big, axes: tuple):
 
 
 def _max_impl(x, axes):
-    if axes == (3, 5):  # a pooling view (B, C, Ho, kh, Wo, kw): one pass where numba can
-        out = jit.window_max(x)
+    xp = backend_of(x)
+    if axes == (3, 5) and xp.window_max:  # a pooling view (B, C, Ho, kh, Wo, kw): one pass
+        out = xp.window_max(x)
         if out is not None:
             return out
-    xp = backend_of(x)
     n = math.prod(x.shape[a] for a in axes)
     if n > _FOLD or n < 2 or x.ndim == len(axes):
         return xp.max(x, axis=axes)
@@ -120,7 +128,7 @@ def _spread_impl(g, mask, axes):
 # max's VJP. g lined up with the mask in its memory order keeps NumPy's inner
 # loops long, where the broadcast multiply runs them over the window's 2 or 3
 # entries (or over a few channels).
-spread_p = Primitive("spread", _spread_impl, linear=True)
+spread_p = Primitive("spread", _spread_impl)
 spread_p.defvjp(lambda k, g, out, x, mask, axes:
                 sum(g * Tensor(mask), tuple(g.ndim - mask.ndim + a for a in axes)))
 spread_p.defjvp(lambda k, t, out, x, mask, axes: _spread(t, Tensor(mask), axes))
@@ -159,7 +167,8 @@ def _max_jvp(k, t, out, x, axes):
 @max_p.deffused
 def _max_fused(g, out, x, axes):
     # The mask, the tie split and the spread in one pass over a pooling view.
-    dx = jit.window_max_vjp(x, out, g) if axes == (3, 5) else None
+    kernel = backend_of(x).window_max_vjp
+    dx = kernel(x, out, g) if axes == (3, 5) and kernel else None
     return None if dx is None else (dx,)
 
 
@@ -174,7 +183,7 @@ def _max_batch(bdims, shapes, out_shape, axes):
 def max(x, axis=None, keepdims: bool = False) -> Tensor:
     """Maximum over ``axis``; its gradient is split evenly between ties."""
     x = as_tensor(x)
-    axes = _axes(axis, x.ndim)
+    axes = normalize_axes(axis, x.ndim)
     r = bind(max_p, x, axes=axes)
     return _keep(r, axes, x.ndim) if keepdims else r
 
@@ -184,11 +193,11 @@ def logsumexp(x, axis=-1, keepdims: bool = False) -> Tensor:
     x = as_tensor(x)
     xp = backend_of(x.data)
     # The shift is a constant: it cancels in the value and in every derivative.
-    m = xp.max(x.data, axis=_axes(axis, x.ndim), keepdims=True)
+    m = xp.max(x.data, axis=normalize_axes(axis, x.ndim), keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0)
     r = log(sum(exp(x - Tensor(m)), axis, keepdims=True)) + Tensor(m)
     return r if keepdims else reshape(r, tuple(n for i, n in enumerate(r.shape)
-                                               if i not in _axes(axis, x.ndim)))
+                                               if i not in normalize_axes(axis, x.ndim)))
 
 
 def _shift(xp, x, m):
@@ -217,7 +226,7 @@ def _softmax_impl(x, axis):
             e = _shift(xp, x, m)
             xp.exp(e, out=e)
         floor = math.sqrt(info.tiny)
-        ok = jit.divide_by_row_sums(e, floor)  # one pass where numba compiles it
+        ok = xp.divide_by_row_sums(e, floor) if xp.divide_by_row_sums else None  # one pass
         if ok is None:
             # Row sums as one matrix-vector product over all rows (e is a new array).
             s = xp.reshape(xp.matmul(xp.reshape(e, (-1, x.shape[-1])),
@@ -243,8 +252,9 @@ softmax_p.defjvp(lambda k, t, out, x, axis: out * (t - sum(t * out, axis, keepdi
 
 @softmax_p.deffused
 def _softmax_fused(g, out, x, axis):
-    # The VJP as one pass over the rows, where numba compiles it (einsumgrad.jit).
-    dx = jit.softmax_vjp(g, out) if axis == -1 else None
+    # The VJP as one pass over the rows, where the backend has the kernel.
+    kernel = backend_of(g).softmax_vjp
+    dx = kernel(g, out) if axis == -1 and kernel else None
     return None if dx is None else (dx,)
 
 
@@ -259,7 +269,7 @@ def softmax(x, axis=-1) -> Tensor:
     """``exp(x) / sum(exp(x))`` along ``axis``, stable for large inputs."""
     x = as_tensor(x)
     # A negative axis names the same axis of a cotangent with leading batch axes.
-    return bind(softmax_p, x, axis=_axes(axis, x.ndim)[0] - x.ndim)
+    return bind(softmax_p, x, axis=normalize_axes(axis, x.ndim)[0] - x.ndim)
 
 
 def _log_softmax_impl(x, axis):
@@ -282,4 +292,4 @@ log_softmax_p.defbatch(_softmax_batch)
 def log_softmax(x, axis=-1) -> Tensor:
     """``x - logsumexp(x)`` along ``axis``, stable for large inputs."""
     x = as_tensor(x)
-    return bind(log_softmax_p, x, axis=_axes(axis, x.ndim)[0] - x.ndim)
+    return bind(log_softmax_p, x, axis=normalize_axes(axis, x.ndim)[0] - x.ndim)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy
 
-from einsumgrad.backend import Backend, register_backend
+from .base import Backend, register_backend
 
 
 class MixedArrayError(TypeError):

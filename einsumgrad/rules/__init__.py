@@ -1,31 +1,37 @@
-"""The table of rules: every primitive of the engine, each beside its rules.
+"""The rules: every primitive of the engine, each beside its VJP, JVP and batch
+rule (and any fused or in-place VJP), in one folder grouped by what the
+primitives are:
 
-It lives in three files, along what the primitives are:
-
-* :mod:`einsumgrad.linear`: ``einsum`` (the one linear-algebra primitive:
-  sums, means, transposes, traces and matmul are einsums) and the shape ops;
-* :mod:`einsumgrad.elementwise`: arithmetic with NumPy broadcasting and the
-  activations;
-* :mod:`einsumgrad.reductions`: ``max`` and the softmax family.
+* :mod:`.einsum`: ``einsum``, the one linear-algebra primitive, and the
+  execution of its derived patterns; sums, transposes, matmul, broadcasting;
+* :mod:`.shape`: identity, reshape, indexing and its adjoint scatter-add;
+* :mod:`.elementwise`: arithmetic with NumPy broadcasting, the activations;
+* :mod:`.reductions`: mean, max (pooling) and the softmax family;
+* :mod:`.norm`: the layer-norm family;
+* :mod:`.patches`, :mod:`.convolution`, :mod:`.grid`: image patches, the op
+  that turns convolution into an einsum, and einsums against them.
 
 A primitive's VJP is ``vjp(k, g, out, *xs, **params)``, its JVP
 ``jvp(k, t, out, *xs, **params)``, its batch rule ``batch(bdims, shapes,
-out_shape, **params)``. This module gathers the public ops and gives
-``Tensor`` its operators and methods.
+out_shape, **params)`` (see :class:`einsumgrad.tensor.Primitive`). This face
+gathers the public ops and gives ``Tensor`` its operators and methods; a
+person adding a primitive imports :mod:`einsumgrad.extend`.
 """
 from __future__ import annotations
 
 import numbers
 
-from .elementwise import *  # noqa: F401,F403
-from .elementwise import (abs, add, cos, div, exp, log, mul, neg, power, relu, sigmoid, sin,
-                          sqrt, sub, tanh)
-from .linear import *  # noqa: F401,F403
-from .linear import getitem, matmul, mean, reshape, sum, transpose
-from .reductions import *  # noqa: F401,F403
-from .reductions import max
-from .tensor import Tensor, pair
-
+from ..tensor import Tensor, pair
+from .einsum import (broadcast_to, constant_like, einsum, einsum_p, einsum_spec, matmul, sum,
+                     sum_to, transpose)
+from .elementwise import (abs, add, add_bias, cos, div, erf, exp, gelu, log, mul, neg,
+                          normal_pdf, power, relu, sigmoid, sin, softplus, sqrt, square, sub,
+                          tanh, where)
+from .norm import layer_norm
+from .convolution import patch_einsum, unpatch_einsum
+from .patches import as_pair, patches, unpatch
+from .reductions import log_softmax, logsumexp, max, mean, softmax
+from .shape import getitem, identity_p, normalize_axes, reshape, scatter_add
 
 def _compare(fn):
     """An element-wise comparison giving a bool Tensor (not recorded: it has no gradient).

@@ -1,0 +1,307 @@
+"""Einsum, the one linear-algebra primitive, and the execution of its derived patterns.
+
+The derivation layer (:mod:`einsumgrad.derive`) writes an einsum's VJP, JVP
+and Jacobian as patterns on index labels; here they run on Tensors
+(:func:`run_vjp`, :func:`run_jvp`, :func:`materialize` and the Jacobian
+products), as einsums over the engine's own ops, so every rule can itself be
+differentiated. ``g`` and ``t`` may carry leading batch axes (a whole
+Jacobian's basis): the patterns gain fresh leading indices for them. Sums,
+transposes, traces, matmul, broadcasting and its adjoint (``sum_to``) are
+einsums too, and live here.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy
+
+from ..backends import backend_of, common_backend, memory_order
+from ..derive import JVP, VJP, Jacobian, batched, derive, install_runner, vjp_pattern
+from ..plan import contract, jacobian_of, plan_for
+from ..spec import EinsumError, Spec, letters
+from ..tensor import (BatchMixingError, Primitive, Tensor, as_tensor, backprop, bind,
+                      enable_grad, pair)
+from .shape import normalize_axes, reshape
+
+# -- einsum: the one linear-algebra primitive ----------------------------------
+
+def _einsum_impl(*arrays, spec, run=None, order=None):
+    return run(arrays) if run is not None else contract(spec, arrays, order)
+
+
+einsum_p = Primitive("einsum", _einsum_impl)
+
+
+@einsum_p.defvjp
+def _einsum_vjp(k, g, out, *xs, spec, run=None, order=None):
+    others = xs[:k] + xs[k + 1:]
+    nb = g.ndim - out.ndim
+    # The cotangent laid out like its primal: the ops that meet it next (the
+    # primal's other rules, its producer's VJP) then read it without a copy.
+    like = tuple(memory_order(xs[k].data)) if nb == 0 and xs[k].ndim > 2 else None
+    return run_vjp(vjp_pattern(spec, k, (), spec.inputs[k]), g, *others, shape=xs[k].shape,
+                   nb=nb, order=like)
+
+
+@einsum_p.defjvp
+def _einsum_jvp(k, t, out, *xs, spec, run=None, order=None):
+    return run_jvp(JVP(spec, k), t, *(xs[:k] + xs[k + 1:]), nb=t.ndim - xs[k].ndim)
+
+
+@einsum_p.defbatch
+def _einsum_batch(bdims, shapes, out_shape, spec, run=None, order=None):
+    labels = {spec.inputs[k][b] for k, b in enumerate(bdims) if b is not None}
+    if len(labels) > 1:
+        raise BatchMixingError(f"einsum '{spec}' pairs the batch rows of one operand with another "
+                               f"index of another operand: rows mix")
+    label = labels.pop()
+    if label not in spec.output:
+        raise BatchMixingError(f"einsum '{spec}' sums over the batch index: rows mix")
+    return spec.output.index(label)
+
+
+def einsum(subscripts: str, *operands: Any) -> Tensor:
+    """NumPy's einsum on Tensors, differentiable to any order in both modes.
+
+    The full grammar: explicit and implicit output, ``...``, repeated indices
+    (diagonals, traces), indices summed away, size-1 broadcasting, any number
+    of operands. NumPy's second form, operands each followed by a sublist of
+    ints in ``[0, 52)`` (and ``...``), then an optional output sublist, works
+    too: ``einsum(a, [0, 1], b, [1, 2], [0, 2])`` is ``einsum('ab,bc->ac', a, b)``.
+    The contraction order is planned once by opt_einsum and cached per
+    (spec, shapes, dtypes, backend).
+
+    Raises:
+        EinsumError: a bad spec, sublist or operands; the message names the culprit.
+    """
+    if type(subscripts) is not str:
+        subscripts, operands = _from_sublists((subscripts,) + operands)
+    ts = [o if type(o) is Tensor else _operand(o, k) for k, o in enumerate(operands)]
+    key = (subscripts,) + tuple((t.data.shape, t.data.dtype, type(t.data)) for t in ts)
+    hit = _prepared.get(key)
+    if hit is None:
+        hit = _prepared[key] = _prepare(subscripts, ts)
+    clean, squeezed, run = hit
+    if squeezed:
+        ts = [reshape(t, s) if s is not None else t for t, s in zip(ts, squeezed)]
+    return bind(einsum_p, *ts, spec=clean, run=run)
+
+
+_prepared: dict = {}
+
+# Sublist ints 0-25 are 'A'-'Z', 26-51 'a'-'z' (NumPy's map): an implicit
+# output sorted by letter is then sorted by int, as NumPy sorts it.
+_SUBLIST_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _from_sublists(args: tuple) -> tuple:
+    """``(op0, sub0, op1, sub1, ..., [out])`` as ``(spec string, operands)``."""
+    if len(args) < 2:
+        raise EinsumError(f"einsum: the spec must be a string, got {type(args[0]).__name__}")
+    out = args[-1] if len(args) % 2 else None
+    pairs = args[:len(args) - len(args) % 2]
+    terms = [_sublist_term(sub, f"operand {k}'s sublist") for k, sub in enumerate(pairs[1::2])]
+    spec = ",".join(terms)
+    if out is not None:
+        spec += "->" + _sublist_term(out, "the output sublist")
+    return spec, pairs[0::2]
+
+
+def _sublist_term(sub: Any, what: str) -> str:
+    if isinstance(sub, numpy.ndarray) and sub.ndim == 1 and sub.dtype.kind in "iu":
+        sub = sub.tolist()
+    if not isinstance(sub, (list, tuple)):
+        raise EinsumError(f"einsum: the spec must be a string, or each operand followed by its "
+                          f"sublist of ints and ... (NumPy's second form): {what} is a "
+                          f"{type(sub).__name__}")
+    term = []
+    for e in sub:
+        if e is Ellipsis:
+            term.append("...")
+        elif isinstance(e, (int, numpy.integer)) and not isinstance(e, bool):
+            if not 0 <= e < len(_SUBLIST_LETTERS):
+                raise EinsumError(f"einsum: {what} has index {e}, outside [0, 52)")
+            term.append(_SUBLIST_LETTERS[e])
+        else:
+            raise EinsumError(f"einsum: {what} has {e!r}: each entry must be an int or ...")
+    return "".join(term)
+
+
+def _prepare(subscripts: str, ts: list) -> tuple:
+    """Parse, check and plan once per (spec, shapes, dtypes, array types)."""
+    if not ts:
+        raise EinsumError(f"einsum {subscripts!r} was given no operands")
+    d = derive(subscripts, *[t.shape for t in ts])
+    # A shape squeezed to () is falsy: test for None, not truth.
+    squeezed = d.squeezed_shapes if any(s is not None for s in d.squeezed_shapes) else None
+    arrays = [t.data if s is None else t.data.reshape(s)
+              for t, s in zip(ts, squeezed or [None] * len(ts))]
+    return d.clean, squeezed, plan_for(d.clean, arrays)
+
+
+def _operand(o: Any, k: int) -> Tensor:
+    t = as_tensor(o)
+    if not hasattr(t.data, "dtype") or t.data.dtype == object:
+        raise EinsumError(f"operand {k} is not a numeric array: {type(o).__name__}")
+    return t
+
+
+def einsum_spec(spec: Spec, *operands: Tensor, order: tuple | None = None) -> Tensor:
+    """Einsum of a clean :class:`Spec` (labels already bound): the rules' entry.
+    ``order``: the output's axes, outermost in memory first, where the planner
+    can write that layout (see :func:`einsumgrad.plan.contract`)."""
+    if order is None:
+        return bind(einsum_p, *operands, spec=spec)
+    return bind(einsum_p, *operands, spec=spec, order=order)
+
+
+def constant_like(g: Tensor, kind: str, n: int) -> Tensor:
+    """An ``eye(n)`` or ``ones(n)`` on ``g``'s backend and dtype (never recorded)."""
+    xp = backend_of(g.data)
+    return Tensor(xp.eye(n, dtype=g.dtype) if kind == "eye" else xp.ones(n, dtype=g.dtype))
+
+
+# -- derived patterns, run on Tensors ------------------------------------------------
+
+def run_vjp(p: VJP, g: Tensor, *others: Tensor, shape: tuple, nb: int = 0,
+            order: tuple | None = None) -> Tensor:
+    """Run a VJP pattern: operand k (of ``shape``, squeezed) from the cotangent ``g``.
+
+    ``g`` may carry ``nb`` leading batch axes; the result carries them too.
+    The pattern's extra steps run fused into its one einsum as constant
+    operands: an identity matrix ties a repeated index to its copy (the
+    diagonal embedding), a ones vector broadcasts an index summed away.
+    ``order``: the layout asked of the result (its axes, outermost in memory
+    first), honoured where the pattern gives operand k's axes as they are.
+    """
+    spec = p.fused if nb == 0 else batched(p.fused, (0,), nb)
+    ops = [g, *others]
+    sizes = dict(zip(p.spec.inputs[p.k], shape))
+    for kind, labels in p.extra:
+        ops.append(constant_like(g, "eye" if kind == "eye" else "ones", sizes[labels[0]]))
+    if order is not None and (nb or p.broadcast_axes or len(spec.output) != len(order)):
+        order = None
+    r = einsum_spec(spec, *ops, order=order)
+    if p.broadcast_axes:
+        it = iter(r.shape[nb:])
+        r = reshape(r, r.shape[:nb] + tuple(1 if ax in p.broadcast_axes else next(it)
+                                            for ax in range(len(p.raw_term))))
+    return r
+
+
+def run_jvp(p: JVP, t: Tensor, *operands: Tensor, nb: int = 0) -> Tensor:
+    """Run a JVP pattern: the einsum with tangent ``t`` (``nb`` leading batch axes) in slot k."""
+    ops = list(operands)
+    ops.insert(p.k, t)
+    return einsum_spec(p.spec if nb == 0 else batched(p.spec, (p.k,), nb), *ops)
+
+
+def materialize(jac: Jacobian, *operands):
+    """Build ``J`` with shape ``out.shape + operand_k.shape`` (a Tensor when given
+    Tensors, else a backend array): zeros, the other operands' contraction
+    written onto its generalized diagonal (:func:`einsumgrad.plan.jacobian_of`)."""
+    wrap = any(isinstance(o, Tensor) for o in operands)
+    arrays = [o.data if isinstance(o, Tensor) else o for o in operands]
+    xp = common_backend(arrays)
+    arrays = [xp.asarray(a) for a in arrays]
+    d = derive(jac.d.subscripts, *[a.shape for a in arrays])
+    k = jac.k
+    clean = [a.reshape(s) if s is not None and j != k else a
+             for j, (a, s) in enumerate(zip(arrays, d.squeezed_shapes))]
+    J = jacobian_of(d.clean, k, clean, d.broadcast[k])
+    return Tensor(J) if wrap else J
+
+
+def jacobian_jvp(jac: Jacobian, v, *operands) -> Tensor:
+    """``J @ v`` (v shaped like operand k) without building ``J``: the einsum on ``v``."""
+    ops = list(operands)
+    ops[jac.k] = v
+    return einsum(jac.d.subscripts, *ops)
+
+
+def jacobian_vjp(jac: Jacobian, u, *operands) -> Tensor:
+    """``u @ J`` (u shaped like the output) without building ``J``: one reverse pass."""
+    k = jac.k
+    x = as_tensor(operands[k])
+    x = Tensor(x.data, requires_grad=True) if not x.requires_grad else x
+    with enable_grad():
+        out = einsum(jac.d.subscripts, *operands[:k], x, *operands[k + 1:])
+    got = backprop([out], [as_tensor(u, like=out)], [x])
+    if not got:
+        return Tensor(backend_of(x.data).zeros(x.shape, dtype=out.dtype))
+    g = got[0][1]
+    return g if g.requires_grad else g.detach()
+
+
+# derive.py derives and never runs: the Jacobian's methods run through these.
+install_runner(materialize=materialize, jvp=jacobian_jvp, vjp=jacobian_vjp)
+
+
+# -- broadcasting and its adjoint, a sum ------------------------------------------------
+
+broadcast_p = Primitive("broadcast_to", lambda x, shape: backend_of(x).broadcast_to(x, shape))
+broadcast_p.defvjp(lambda k, g, out, x, shape: sum_to(g, x.shape, g.ndim - out.ndim))
+
+
+@broadcast_p.defjvp
+def _broadcast_jvp(k, t, out, x, shape):
+    nb = t.ndim - x.ndim
+    t = reshape(t, t.shape[:nb] + (1,) * (len(shape) - x.ndim) + t.shape[nb:])
+    return broadcast_to(t, t.shape[:nb] + shape)
+
+
+@broadcast_p.defbatch
+def _broadcast_batch(bdims, shapes, out_shape, shape):
+    return bdims[0] + len(shape) - len(shapes[0])
+
+
+def broadcast_to(x: Tensor, shape: tuple) -> Tensor:
+    shape = tuple(shape)
+    return x if x.shape == shape else bind(broadcast_p, x, shape=shape)
+
+
+def sum_to(g: Tensor, shape: tuple, nb: int = 0) -> Tensor:
+    """Sum ``g`` (``nb`` leading batch axes, then a broadcast of ``shape``) back to ``shape``."""
+    shape = tuple(shape)
+    lead = g.ndim - nb - len(shape)
+    labels = letters(g.ndim)
+    keep = labels[:nb] + tuple(l for i, l in enumerate(labels[nb + lead:])
+                               if not (shape[i] == 1 and g.shape[nb + lead + i] != 1))
+    if len(keep) < g.ndim:
+        g = einsum_spec(Spec((labels,), keep), g)
+    return reshape(g, g.shape[:nb] + shape)
+
+
+# -- sums, means, transposes, matmul: einsums ------------------------------------------
+
+def sum(x, axis=None, keepdims: bool = False) -> Tensor:
+    """Sum over ``axis`` (an einsum that drops those indices)."""
+    x = as_tensor(x)
+    axes = normalize_axes(axis, x.ndim)
+    labels = letters(x.ndim)
+    r = einsum_spec(Spec((labels,), tuple(l for i, l in enumerate(labels) if i not in axes)), x)
+    if keepdims:
+        r = reshape(r, tuple(1 if i in axes else n for i, n in enumerate(x.shape)))
+    return r
+
+
+def transpose(x, axes: Sequence[int] | None = None) -> Tensor:
+    """Permute axes (reverse them by default): an einsum that reorders indices."""
+    x = as_tensor(x)
+    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+    labels = letters(x.ndim)
+    return einsum_spec(Spec((labels,), tuple(labels[a] for a in axes)), x)
+
+
+def matmul(a, b) -> Tensor:
+    """``a @ b`` with NumPy's matmul rules, as an einsum."""
+    a, b = pair(a, b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError("matmul: scalar operands are not allowed, use *")
+    if a.ndim == 1 and b.ndim == 1:
+        return einsum("i,i->", a, b)
+    if a.ndim == 1:
+        return einsum("j,...jk->...k", a, b)
+    if b.ndim == 1:
+        return einsum("...ij,j->...i", a, b)
+    return einsum("...ij,...jk->...ik", a, b)

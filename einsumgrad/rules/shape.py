@@ -1,0 +1,250 @@
+"""Shape primitives: identity, reshape, and indexing with its adjoint, scatter-add.
+
+Rules receive the cotangent ``g`` (or tangent ``t``), the output and the inputs
+as Tensors and use only engine ops, so each differentiates again. ``g`` and
+``t`` may carry leading batch axes (a whole Jacobian's basis): reshape keeps
+them in front, indexing passes ``nb`` leading axes over whole. Broadcasting
+and its adjoint (a sum) are einsums: :mod:`.einsum`.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+
+import numpy
+
+from ..backends import backend_of
+from ..tensor import BatchMixingError, Primitive, Tensor, bind
+
+
+def normalize_axes(axis, ndim: int) -> tuple:
+    """``axis`` (None for all, an int or a sequence, negatives counted from the end)
+    as a tuple of non-negative axes of a rank-``ndim`` tensor.
+
+    Raises:
+        ValueError: an axis out of bounds.
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"axis {a} is out of bounds for a tensor of rank {ndim}")
+        out.append(a % ndim if ndim else 0)
+    return tuple(out)
+
+
+identity_p = Primitive("identity", lambda x: x)
+identity_p.defvjp(lambda k, g, out, x: g)
+identity_p.defjvp(lambda k, t, out, x: t)
+identity_p.defbatch(lambda bdims, shapes, out_shape: bdims[0])
+
+reshape_p = Primitive("reshape", lambda x, shape: x.reshape(shape))
+reshape_p.defvjp(lambda k, g, out, x, shape: reshape(g, g.shape[:g.ndim - out.ndim] + x.shape))
+reshape_p.defjvp(lambda k, t, out, x, shape: reshape(t, t.shape[:t.ndim - x.ndim] + out.shape))
+
+
+@reshape_p.defbatch
+def _reshape_batch(bdims, shapes, out_shape, shape):
+    b, in_shape = bdims[0], shapes[0]
+    before = math.prod(in_shape[:b])
+    for p in range(len(out_shape)):
+        if math.prod(out_shape[:p]) == before and out_shape[p] == in_shape[b]:
+            return p
+    raise BatchMixingError(f"reshape {in_shape} -> {out_shape} merges or splits the batch axis")
+
+
+def reshape(x: Tensor, *shape) -> Tensor:
+    """``x`` with a new shape (NumPy rules, one ``-1`` allowed)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    shape = tuple(int(n) for n in shape)
+    if -1 in shape:
+        known = math.prod(n for n in shape if n != -1)
+        shape = tuple(x.size // known if n == -1 else n for n in shape)
+    if shape == x.shape:
+        return x
+    if math.prod(shape) != x.size:
+        raise ValueError(f"cannot reshape a tensor of shape {x.shape} into {shape}")
+    return bind(reshape_p, x, shape=shape)
+
+
+def _norm_index(index, xp):
+    """Index arrays (Tensors, lists, host arrays) as arrays of the indexed tensor's backend."""
+    if isinstance(index, tuple):
+        return tuple(_norm_index(i, xp) for i in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, (list, numpy.ndarray)):
+        return xp.asarray(index)  # on a GPU: the index goes to the device too
+    return index
+
+
+def _as_tuple(index) -> tuple:
+    return index if isinstance(index, tuple) else (index,)
+
+
+def _entry(e) -> tuple:
+    """One index entry as (axes it consumes, broadcast dims it adds if advanced, is an array).
+
+    An int is (1, 0, False): advanced only beside an array. A bool (scalar or 0-d)
+    consumes no axis and adds one; a k-d bool mask consumes k axes and adds one.
+    """
+    if isinstance(e, (bool, numpy.bool_)):
+        return 0, 1, True
+    if isinstance(e, (int, numpy.integer)):
+        return 1, 0, False
+    if hasattr(e, "dtype") and hasattr(e, "ndim"):
+        return (e.ndim, 1, True) if e.dtype == bool else (1, e.ndim, True)
+    raise BatchMixingError(f"index entry {e!r} is not followed by the batch check")
+
+
+def _advanced(index) -> tuple:
+    """NumPy's rule for where advanced (array) indices put their broadcast dims.
+
+    Returns ``(positions, n_adv, front)``: the tuple positions of the advanced
+    entries (ints among them when any array is present), how many dims their
+    broadcast adds, and whether those dims go first (entries not adjacent:
+    any slice, None or Ellipsis between them) or replace the entries in place.
+    """
+    idx = _as_tuple(index)
+    info = [None if e is None or e is Ellipsis or isinstance(e, slice) else _entry(e)
+            for e in idx]
+    if not any(i is not None and i[2] for i in info):
+        return (), 0, False
+    pos = tuple(k for k, i in enumerate(info) if i is not None)
+    return pos, builtins.max(info[k][1] for k in pos), pos[-1] - pos[0] + 1 != len(pos)
+
+
+def _index_map(ndim: int, index, nb: int = 0) -> list:
+    """Each input axis's output axis under ``[(:,)*nb, index]`` (None: it is dropped or
+    replaced by advanced-index dims), with the index entry that took it.
+
+    The ``nb`` leading axes stay first whatever ``index`` is (as the rules pass
+    batch axes); the rest follow NumPy's indexing, advanced indices included.
+    """
+    idx = _as_tuple(index)
+    pos, n_adv, front = _advanced(idx)
+    adv = set(pos)
+    used = 0
+    for e in idx:
+        if not (e is None or e is Ellipsis):
+            used += 1 if isinstance(e, slice) else _entry(e)[0]
+    fill = ndim - nb - used
+    mapping = [(a, slice(None)) for a in range(nb)]
+    out_ax = nb + (n_adv if front else 0)
+    placed = front
+    for k, e in enumerate(idx):
+        if e is Ellipsis:
+            for _ in range(fill):
+                mapping.append((out_ax, slice(None)))
+                out_ax += 1
+            fill = 0
+        elif e is None:
+            out_ax += 1
+        elif isinstance(e, slice):
+            mapping.append((out_ax, e))
+            out_ax += 1
+        else:
+            if k in adv and not placed:
+                out_ax += n_adv  # adjacent advanced entries: their dims go here
+                placed = True
+            mapping.extend([(None, e)] * _entry(e)[0])
+    return mapping + [(out_ax + i, slice(None)) for i in range(fill)]
+
+
+def _numpy_lead(index, nb: int) -> int:
+    """How many dims NumPy puts before the ``nb`` leading axes of ``x[(:,)*nb, index]``.
+
+    The rules keep those axes first; NumPy does too, except that separated
+    advanced entries put their broadcast dims before everything.
+    """
+    if not nb:
+        return 0
+    _, n_adv, front = _advanced(index)
+    return n_adv if front else 0
+
+
+def _to_front(a, k: int, n: int):
+    """``a`` with its axes ``k .. k+n-1`` moved before axes ``0 .. k-1``."""
+    return a.transpose(tuple(range(k, k + n)) + tuple(range(k)) + tuple(range(k + n, a.ndim)))
+
+
+def _full(index, nb: int) -> tuple:
+    return (slice(None),) * nb + _as_tuple(index)
+
+
+def _getitem_impl(x, index, nb):
+    if not nb:
+        return x[index]
+    lead = _numpy_lead(index, nb)
+    y = x[_full(index, nb)]
+    return _to_front(y, lead, nb) if lead else y
+
+
+def _scatter_into(z, g, index, nb, fresh: bool = False):
+    """``z[(:,)*nb, index] += g`` in place, ``g`` with its ``nb`` axes first
+    (``fresh``: ``z`` is zeros, so basic indexing just copies ``g`` in)."""
+    lead = _numpy_lead(index, nb)
+    if lead:  # g has its nb axes first; the index puts NumPy's lead dims there
+        g = _to_front(g, nb, lead)
+    if _advanced(index)[0]:
+        backend_of(z).add_at(z, _full(index, nb), g)  # array indices may repeat a position
+    elif fresh:
+        z[_full(index, nb)] = g  # basic indexing reaches each position once
+    else:
+        z[_full(index, nb)] += g
+    return z
+
+
+def _scatter_impl(g, shape, index, nb):
+    return _scatter_into(backend_of(g).zeros(shape, dtype=g.dtype), g, index, nb, fresh=True)
+
+
+getitem_p = Primitive("getitem", _getitem_impl)
+getitem_p.defvjp(lambda k, g, out, x, index, nb:
+                 scatter_add(g, g.shape[:g.ndim - out.ndim] + x.shape, index,
+                             g.ndim - out.ndim + nb))
+getitem_p.defjvp(lambda k, t, out, x, index, nb: getitem(t, index, t.ndim - x.ndim + nb))
+getitem_p.defaccum(lambda buf, g, out, x, index, nb:
+                   _scatter_into(buf, g.data, index, g.ndim - out.ndim + nb))
+
+scatter_p = Primitive("scatter_add", _scatter_impl)
+scatter_p.defvjp(lambda k, g, out, x, shape, index, nb: getitem(g, index, g.ndim - len(shape) + nb))
+scatter_p.defjvp(lambda k, t, out, x, shape, index, nb:
+                 scatter_add(t, t.shape[:t.ndim - x.ndim] + shape, index, t.ndim - x.ndim + nb))
+
+
+def _whole(e) -> bool:
+    return isinstance(e, slice) and e == slice(None)
+
+
+@getitem_p.defbatch
+def _getitem_batch(bdims, shapes, out_shape, index, nb):
+    out_ax, e = _index_map(len(shapes[0]), index, nb)[bdims[0]]
+    if not _whole(e):
+        raise BatchMixingError(f"getitem: indexing with {index!r} selects along the batch "
+                               f"axis: rows mix")
+    return out_ax
+
+
+@scatter_p.defbatch
+def _scatter_batch(bdims, shapes, out_shape, shape, index, nb):
+    for in_ax, (out_ax, e) in enumerate(_index_map(len(shape), index, nb)):
+        if out_ax == bdims[0]:
+            if not _whole(e):
+                break
+            return in_ax
+    raise BatchMixingError(f"scatter_add with {index!r} writes along the batch axis: rows mix")
+
+
+def getitem(x: Tensor, index, nb: int = 0) -> Tensor:
+    """``x[index]`` (NumPy indexing); ``nb`` leading axes are passed over whole and stay first."""
+    return bind(getitem_p, x, index=_norm_index(index, backend_of(x.data)), nb=nb)
+
+
+def scatter_add(g: Tensor, shape: tuple, index, nb: int = 0) -> Tensor:
+    """Zeros of ``shape`` with ``g`` added at ``[(:,)*nb, index]`` (the adjoint of getitem);
+    ``g``'s ``nb`` leading axes come first, as getitem leaves them."""
+    return bind(scatter_p, g, shape=tuple(shape), index=index, nb=nb)
