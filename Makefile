@@ -26,7 +26,8 @@ demo: $(VENV)/.demo
 # (einsumgrad/backends/strict.py): any rule or layer that makes data with numpy. fails.
 STRICT_SUITES = $(wildcard tests/test_spec.py tests/test_derive.py tests/test_einsum_grads.py \
 	tests/test_tensor.py tests/test_ops.py tests/test_transforms*.py tests/test_seeds.py \
-	tests/test_nn.py tests/test_optim.py tests/test_strict_backend.py tests/test_kernels.py)
+	tests/test_nn.py tests/test_optim.py tests/test_strict_backend.py tests/test_kernels.py \
+	tests/test_extend.py)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q

@@ -75,7 +75,7 @@ class Tape:
         c = 0
         for t in self.tensors:
             if id(t) not in names:
-                if t._node is None:
+                if t.node is None:
                     names[id(t)] = f"c{c}"
                     c += 1
                 else:
@@ -86,7 +86,7 @@ class Tape:
         names = self._names()
         lines = []
         for t in self.tensors:
-            node = t._node
+            node = t.node
             if node is None or id(t) in {id(x) for x in self.inputs}:
                 continue
             args = ", ".join(f"{names[id(x)]}{tuple(x.shape)}" for x in node.inputs)
@@ -110,7 +110,7 @@ class Tape:
         for t in self.tensors:
             label = f"{names[id(t)]} {tuple(t.shape)}"
             out.append(f'  "{names[id(t)]}" [label="{label}", shape=box];')
-            node = t._node
+            node = t.node
             if node is not None and id(t) not in {id(x) for x in self.inputs}:
                 op = f"op_{names[id(t)]}"
                 out.append(f'  "{op}" [label="{node.prim.name}", shape=ellipse];')

@@ -112,9 +112,13 @@ class Tensor:
         data: the backend array.
         requires_grad: whether ``backward`` accumulates into ``grad``.
         grad: the accumulated gradient (a Tensor) or ``None``.
+        node: the recorded :class:`Node` that made it, or ``None`` (a leaf, or
+            nothing needed the graph).
+        bdim: which axis is the batch axis while a batch transform traces
+            (``None``: none, or no such transform in flight).
     """
 
-    __slots__ = ("data", "requires_grad", "grad", "_node", "_bdim", "__weakref__")
+    __slots__ = ("data", "requires_grad", "grad", "node", "bdim", "__weakref__")
     __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected op
 
     def __init__(self, data: Any, requires_grad: bool = False):
@@ -125,8 +129,8 @@ class Tensor:
         self.data = data
         self.requires_grad = requires_grad
         self.grad = None
-        self._node = None
-        self._bdim = None
+        self.node = None
+        self.bdim = None
 
     # -- array-like surface -------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -190,7 +194,7 @@ class Tensor:
 
     @property
     def is_leaf(self) -> bool:
-        return self._node is None
+        return self.node is None
 
     def backward(self, grad: Any = None, retain_graph: bool | None = None,
                  create_graph: bool = False) -> None:
@@ -264,14 +268,14 @@ def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
                 break
         if rg or state.tracing:
             out.requires_grad = rg
-            out._node = Node(prim, inputs, params)
+            out.node = Node(prim, inputs, params)
     if state.batch:
-        bdims = [t._bdim for t in inputs]
+        bdims = [t.bdim for t in inputs]
         if any(b is not None for b in bdims):
             if prim.batch is None:
                 raise BatchMixingError(f"op {prim.name!r} has no batch rule: cannot show it "
                                        f"keeps batch rows apart")
-            out._bdim = prim.batch(bdims, [t.shape for t in inputs], out.shape, **params)
+            out.bdim = prim.batch(bdims, [t.shape for t in inputs], out.shape, **params)
     return out
 
 
@@ -322,7 +326,7 @@ def toposort(roots: Sequence[Tensor], keep: Callable[[Tensor], bool],
             continue
         seen.add(id(t))
         stack.append((t, True))
-        node = t._node
+        node = t.node
         if node is None or (stop is not None and id(t) in stop):
             continue
         if node.inputs is None:
@@ -340,7 +344,7 @@ def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> Callable:
     stop = set(memo)
     for t in toposort(roots, lambda t: True, stop):
         if id(t) not in memo:
-            node = t._node
+            node = t.node
             memo[id(t)] = node is not None and any(memo.get(id(x), False) for x in node.inputs)
     return lambda t: memo.get(id(t), False)
 
@@ -374,7 +378,7 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
         if g is None:
             continue
         owned.discard(id(t))
-        node = t._node
+        node = t.node
         if node is None or (stop is not None and id(t) in stop):
             result.append((t, g))
             continue
@@ -409,8 +413,8 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
                 cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
     if release:
         for t in order:
-            if t._node is not None:
-                t._node.inputs = None
+            if t.node is not None:
+                t.node.inputs = None
     return result
 
 
@@ -427,10 +431,10 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
     # Each tangent is dropped after its last use, so a long chain holds few at once.
     uses: dict = {}
     for t in order:
-        for x in t._node.inputs:
+        for x in t.node.inputs:
             uses[id(x)] = uses.get(id(x), 0) + 1
     for t in order:
-        node = t._node
+        node = t.node
         prim, xs = node.prim, node.inputs
         total = None
         for k, x in enumerate(xs):

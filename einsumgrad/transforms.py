@@ -42,7 +42,7 @@ def _start(p: Any) -> Tensor:
         x = bind(identity_p, p)
     else:
         x = Tensor(p.data)
-    x._bdim = p._bdim
+    x.bdim = p.bdim
     return x
 
 
@@ -98,7 +98,7 @@ def trace_call(f: Callable, args: Sequence, nums: tuple, batch: bool = False):
         for i in nums:
             args[i] = _start(args[i])
             if batch:
-                args[i]._bdim = 0
+                args[i].bdim = 0
             xs.append(args[i])
         out = f(*args)
         out = tuple(map(as_tensor, out)) if isinstance(out, (tuple, list)) else as_tensor(out)
@@ -189,11 +189,11 @@ def elementwise_grad(f: Callable, argnums=0) -> Callable:
 
 def _single_einsum(out: Tensor, x: Tensor):
     """If ``out`` is one einsum with ``x`` as one operand and nothing else traced, its slot."""
-    node = out._node
+    node = out.node
     if state.tracing or node is None or node.prim is not einsum_p:
         return None
     slots = [k for k, t in enumerate(node.inputs) if t is x]
-    if len(slots) != 1 or any(t._node is not None for t in node.inputs):
+    if len(slots) != 1 or any(t.node is not None for t in node.inputs):
         return None
     return slots[0]
 
@@ -203,7 +203,7 @@ def _materialized(out: Tensor, x: Tensor) -> Tensor | None:
     k = _single_einsum(out, x)
     if k is None:
         return None
-    node = out._node
+    node = out.node
     return Tensor(jacobian_of(node.params["spec"], k, [t.data for t in node.inputs]))
 
 
@@ -377,8 +377,8 @@ def _batch_jacobian(f: Callable, x: Tensor) -> Tensor:
     if out.ndim == 0 or out.shape[0] != B:
         raise BatchMixingError(f"batch_jacobian: f's output {out.shape} does not keep the "
                                f"batch axis of size {B} first")
-    if out._bdim not in (0, None):
-        raise BatchMixingError(f"batch_jacobian: f moved the batch axis to {out._bdim}")
+    if out.bdim not in (0, None):
+        raise BatchMixingError(f"batch_jacobian: f moved the batch axis to {out.bdim}")
     fin, fout = x.shape[1:], out.shape[1:]
     if math.prod(fin) <= math.prod(fout):
         t = _push(out, [x], [_basis(x, fin, (B,))])           # (E, B, *fout)

@@ -114,8 +114,8 @@ def test_no_import_cycle() -> None:
 
 
 def test_the_tape_imports_only_the_backend_layer() -> None:
-    def allowed(m: str) -> bool:  # einsumgrad.backend: either layout during the move
-        return m in (f"{PKG}.backends", f"{PKG}.backend") or m.startswith(f"{PKG}.backends.")
+    def allowed(m: str) -> bool:
+        return m == f"{PKG}.backends" or m.startswith(f"{PKG}.backends.")
     bad = [f"{m} (einsumgrad/tensor.py:{line})" for m, line in package_imports("tensor")
            if (m == PKG or m.startswith(f"{PKG}.")) and not allowed(m)]
     assert not bad, "tensor.py knows no rule, yet imports:\n  " + "\n  ".join(bad)
@@ -140,7 +140,7 @@ for k, want in ((1, 'ik,ij->jk'), (0, 'ik,jk->ij')):
     if got != want:
         sys.exit(f'vjp({{k}}) of ij,jk->ik is {{got!r}}, want {{want!r}}')
 heavy = ['numpy', 'einsumgrad.tensor', 'einsumgrad.backends', 'einsumgrad.plan',
-         'einsumgrad.backend']  # the old layout's name for backends
+         'einsumgrad.rules']
 if loaded := [m for m in heavy if m in sys.modules]:
     sys.exit(f'einsumgrad.derive pulled in {{loaded}}')
 """

@@ -317,7 +317,7 @@ def test_spread_primitive_rules():
     mask = xb((randn(2, 3, 2, 4, 2) > 0).astype(float))
     g = xb(randn(2, 3, 4))
     r = _spread(eg.tensor(g, requires_grad=True), eg.tensor(mask), (2, 4))
-    assert r._node.prim is spread_p
+    assert r.node.prim is spread_p
     np.testing.assert_allclose(npy(r), npy(g)[:, :, None, :, None] * npy(mask))
     check_grads(lambda t: _spread(t, eg.tensor(mask), (2, 4)), g, order=2)
     assert [_spread_batch([b], [g.shape], mask.shape, mask, (2, 4)) for b in range(3)] == [0, 1, 3]

@@ -27,7 +27,7 @@ class Backend:
     keys), ``erf``, ``add_at``, ``as_strided``, ``to_numpy``, ``asarray``, and
     ``normal_cdf``: a fused kernel for the normal CDF ``Phi(x)`` (GELU's), or None
     to compose it from ``erf``; ``matmul`` replaces the module's (the NumPy
-    backend takes MKL's GEMM when it is installed, see :mod:`einsumgrad.mkl`);
+    backend takes MKL's GEMM when it is installed, see :mod:`einsumgrad.backends.mkl`);
     :meth:`matmul_add` accumulates a product in place;
     ``ufuncs`` replace module functions of the same name and signature (MKL's
     multi-threaded element-wise kernels, for NumPy).

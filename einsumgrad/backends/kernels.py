@@ -12,7 +12,7 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
 * ``layer_norm``: ``xhat = (x - mean) * s`` over the trailing entries of each
   row, ``s = 1 / sqrt(var + eps)``, two-pass (mean first, then the squared
   deviations) as the NumPy path, and ``xhat * weight + bias`` in the same pass;
-* ``layer_norm_vjp``: the rules of :data:`einsumgrad.nn.functional.layer_norm_p`
+* ``layer_norm_vjp``: the rules of :data:`einsumgrad.rules.norm.layer_norm_p`
   (and ``normalize_p``) on the forward's ``xhat`` and ``s``: the input's
   cotangent, and the weight's and bias's summed over the rows;
 * ``softmax_vjp``: ``out * (g - sum(g * out))`` along each row (NumPy: a
@@ -293,7 +293,7 @@ def divide_by_row_sums(e, floor: float):
 
     Returns:
         whether every row's sum was at least ``floor`` (False for a NaN sum):
-        a softmax redoes the rows otherwise (see ``reductions._softmax_impl``).
+        a softmax redoes the rows otherwise (see ``einsumgrad.rules.reductions``).
     """
     rows = _rows(e, e.shape[-1]) if getattr(e, "ndim", 0) else None
     if rows is None or not e.flags.writeable or _kernels() is None:

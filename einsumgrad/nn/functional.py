@@ -3,7 +3,7 @@
 Every function takes and returns :class:`~einsumgrad.Tensor` (NumPy or backend
 arrays are accepted too) and is differentiable to any order, because it is
 built from the engine's primitives only: einsum, element-wise ops, indexing
-and the patch op of :mod:`einsumgrad.nn.patches`.
+and the patch op of :mod:`einsumgrad.rules.patches`.
 """
 from __future__ import annotations
 

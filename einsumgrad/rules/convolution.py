@@ -304,7 +304,7 @@ def patch_einsum(subscripts: str, x, o, kernel_size, stride=1, padding=0) -> Ten
             tensor's, ``(..., OH, OW, kh, kw)``.
         x: the image, ``(..., H, W)``.
         o: the other operand.
-        kernel_size, stride, padding: as for :func:`~einsumgrad.nn.patches`.
+        kernel_size, stride, padding: as for :func:`~einsumgrad.rules.patches.patches`.
     """
     x, o = as_tensor(x), as_tensor(o)
     kernel = as_pair(kernel_size)

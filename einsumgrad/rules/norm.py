@@ -158,7 +158,7 @@ def _layer_norm_jvp(k, t, out, x, w, b, axes, eps, stats=None):
 
 # ``xhat * weight + bias`` with xhat normalized, as one primitive (torch's
 # native_layer_norm): forward and backward are one pass each over the rows
-# where numba compiles them (einsumgrad.jit), the rules engine ops as ever.
+# where the backend has the kernels (numba's, for NumPy), the rules engine ops as ever.
 layer_norm_p = Primitive("layer_norm", _layer_norm_impl)
 layer_norm_p.defvjp(_layer_norm_vjp)
 layer_norm_p.defjvp(_layer_norm_jvp)
