@@ -1,4 +1,4 @@
-"""numba's fused row kernels (einsumgrad/jit.py) against the NumPy path and the
+"""numba's fused row kernels (einsumgrad/backends/kernels.py) against the NumPy path and the
 engine-op rules they stand in for, on values that make each pass matter."""
 import importlib.util
 import os

@@ -1,4 +1,4 @@
-"""MKL kernels behind the NumPy backend (einsumgrad/mkl.py): matmul must be
+"""MKL kernels behind the NumPy backend (einsumgrad/backends/mkl.py): matmul must be
 ``numpy.matmul`` on every layout, shape and dtype, taking or declining each;
 erf and the normal CDF must be SciPy's to about an ulp."""
 import importlib.metadata
