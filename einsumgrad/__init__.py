@@ -20,8 +20,8 @@ from .backends import backend_of as _backend_of
 from .derive import derive
 from .explain import Tape, explain, trace
 from .rules import (abs, cos, einsum, erf, exp, gelu, log, log_softmax, logsumexp, matmul, max,
-                    mean, relu, reshape, sigmoid, sin, softmax, softplus, sqrt, square, sum, tanh,
-                    transpose, where)
+                    mean, moveaxis, relu, reshape, sigmoid, sin, softmax, softplus, sqrt, square,
+                    sum, swapaxes, tanh, transpose, where)
 from .spec import EinsumError
 from .tensor import BatchMixingError, Tensor, enable_grad, no_grad
 from .transforms import (batch_hessian, batch_jacobian, directional, elementwise_grad, grad,

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numbers
 
 from ..tensor import Tensor, pair
-from .einsum import (broadcast_to, constant_like, einsum, einsum_p, einsum_spec, matmul, sum,
-                     sum_to, transpose)
+from .einsum import (broadcast_to, constant_like, einsum, einsum_p, einsum_spec, matmul,
+                     moveaxis, sum, sum_to, swapaxes, transpose)
 from .elementwise import (abs, add, add_bias, cos, div, erf, exp, gelu, log, mul, neg,
                           normal_pdf, power, relu, sigmoid, sin, softplus, sqrt, square, sub,
                           tanh, where)
@@ -59,6 +59,18 @@ def _reduction(fn):
     return method
 
 
+def _axes_arg(axes: tuple):
+    """``t.transpose(*axes)``'s arguments as ``ndarray.transpose`` reads them:
+    none (or None) to reverse, one sequence, or the axes one by one."""
+    if not axes or axes == (None,):
+        return None
+    return axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+
+
+def _no_mT(x):
+    raise ValueError(f"mT swaps the last two axes: a tensor of rank {x.ndim} has fewer")
+
+
 def _install_methods():
     T = Tensor
     T.__add__ = T.__radd__ = lambda x, y: add(x, y)
@@ -81,8 +93,10 @@ def _install_methods():
     T.T = property(lambda x: transpose(x))
     T.sum, T.mean, T.max = _reduction(sum), _reduction(mean), _reduction(max)
     T.reshape = lambda x, *shape: reshape(x, *shape)
-    T.transpose = lambda x, *axes: transpose(x, axes[0] if len(axes) == 1 and isinstance(
-        axes[0], (tuple, list)) else (axes or None))
+    T.transpose = lambda x, *axes: transpose(x, _axes_arg(axes))
+    T.permute = lambda x, *dims: transpose(x, _axes_arg(dims))
+    T.swapaxes = swapaxes
+    T.mT = property(lambda x: swapaxes(x, -2, -1) if x.ndim >= 2 else _no_mT(x))
     T.exp, T.log, T.tanh, T.sqrt = exp, log, tanh, sqrt
     T.sigmoid, T.relu, T.sin, T.cos = sigmoid, relu, sin, cos
 

@@ -21,7 +21,7 @@ from ..plan import contract, jacobian_of, plan_for
 from ..spec import EinsumError, Spec, letters
 from ..tensor import (BatchMixingError, Primitive, Tensor, as_tensor, backprop, bind,
                       enable_grad, pair)
-from .shape import normalize_axes, reshape
+from .shape import int_axis, normalize_axes, permutation, reshape
 
 # -- einsum: the one linear-algebra primitive ----------------------------------
 
@@ -286,11 +286,39 @@ def sum(x, axis=None, keepdims: bool = False) -> Tensor:
 
 
 def transpose(x, axes: Sequence[int] | None = None) -> Tensor:
-    """Permute axes (reverse them by default): an einsum that reorders indices."""
+    """Permute axes as ``numpy.transpose``: ``axes`` a full permutation, or None
+    to reverse them; an einsum that reorders indices.
+
+    Raises:
+        ValueError: ``axes`` is not a permutation of the axes (see :func:`swapaxes`).
+    """
     x = as_tensor(x)
-    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+    axes = permutation(axes, x.ndim)
+    if axes == tuple(range(x.ndim)):
+        return x
     labels = letters(x.ndim)
     return einsum_spec(Spec((labels,), tuple(labels[a] for a in axes)), x)
+
+
+def swapaxes(x, axis1: int, axis2: int) -> Tensor:
+    """``x`` with two axes swapped, as ``numpy.swapaxes`` (torch's ``transpose(a, b)``)."""
+    x = as_tensor(x)
+    a, b = (normalize_axes(int_axis(v), x.ndim)[0] for v in (axis1, axis2))
+    perm = list(range(x.ndim))
+    perm[a], perm[b] = b, a
+    return transpose(x, perm)
+
+
+def moveaxis(x, source, destination) -> Tensor:
+    """``x`` with axes moved to new positions, the rest in order, as ``numpy.moveaxis``."""
+    x = as_tensor(x)
+    src, dst = normalize_axes(source, x.ndim), normalize_axes(destination, x.ndim)
+    if len(src) != len(dst):
+        raise ValueError(f"moveaxis: {len(src)} source axes but {len(dst)} destinations")
+    rest = [a for a in range(x.ndim) if a not in src]
+    for d, s in sorted(zip(dst, src)):
+        rest.insert(d, s)
+    return transpose(x, rest)
 
 
 def matmul(a, b) -> Tensor:

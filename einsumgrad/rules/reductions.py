@@ -14,7 +14,7 @@ from ..backends import backend_of, memory_order
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
 from .einsum import sum
 from .elementwise import exp, log
-from .shape import normalize_axes, reshape
+from .shape import int_axis, normalize_axes, reshape
 
 
 def mean(x, axis=None, keepdims: bool = False) -> Tensor:
@@ -269,7 +269,7 @@ def softmax(x, axis=-1) -> Tensor:
     """``exp(x) / sum(exp(x))`` along ``axis``, stable for large inputs."""
     x = as_tensor(x)
     # A negative axis names the same axis of a cotangent with leading batch axes.
-    return bind(softmax_p, x, axis=normalize_axes(axis, x.ndim)[0] - x.ndim)
+    return bind(softmax_p, x, axis=normalize_axes(int_axis(axis), x.ndim)[0] - x.ndim)
 
 
 def _log_softmax_impl(x, axis):
@@ -292,4 +292,4 @@ log_softmax_p.defbatch(_softmax_batch)
 def log_softmax(x, axis=-1) -> Tensor:
     """``x - logsumexp(x)`` along ``axis``, stable for large inputs."""
     x = as_tensor(x)
-    return bind(log_softmax_p, x, axis=normalize_axes(axis, x.ndim)[0] - x.ndim)
+    return bind(log_softmax_p, x, axis=normalize_axes(int_axis(axis), x.ndim)[0] - x.ndim)

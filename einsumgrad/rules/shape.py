@@ -17,22 +17,53 @@ from ..backends import backend_of
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
 
 
+def int_axis(a):
+    """One axis argument: an integer, else a TypeError naming it."""
+    if isinstance(a, bool) or not isinstance(a, (int, numpy.integer)):
+        raise TypeError(f"axis {a!r} is not an integer")
+    return int(a)
+
+
 def normalize_axes(axis, ndim: int) -> tuple:
     """``axis`` (None for all, an int or a sequence, negatives counted from the end)
-    as a tuple of non-negative axes of a rank-``ndim`` tensor.
+    as a tuple of non-negative axes of a rank-``ndim`` tensor. A 0-d tensor has
+    no axis 0: NumPy's ``sum`` takes one there but its ``mean`` and
+    ``moveaxis`` refuse it, so every op here refuses it.
 
     Raises:
-        ValueError: an axis out of bounds.
+        ValueError: an axis out of bounds, or named twice.
+        TypeError: an axis that is not an integer.
     """
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = tuple(axis) if isinstance(axis, (tuple, list, range)) else (axis,)
     out = []
-    for a in axes:
-        if not -ndim <= a < builtins.max(ndim, 1):
+    for a in map(int_axis, axes):
+        if not -ndim <= a < ndim:
             raise ValueError(f"axis {a} is out of bounds for a tensor of rank {ndim}")
-        out.append(a % ndim if ndim else 0)
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis {axis!r} names an axis twice (rank {ndim})")
     return tuple(out)
+
+
+def permutation(axes, ndim: int) -> tuple:
+    """``axes`` as a permutation of a rank-``ndim`` tensor's axes, as
+    ``ndarray.transpose`` takes it: every axis once (negatives counted from
+    the end); ``None`` reverses them.
+
+    Raises:
+        ValueError: ``axes`` is not a full permutation (an axis missing,
+            repeated or out of bounds); torch's ``t.transpose(-2, -1)`` on a
+            4-D tensor is one, and ``swapaxes`` is what it means.
+    """
+    if axes is None:
+        return tuple(reversed(range(ndim)))
+    axes = tuple(axes)
+    if len(axes) != ndim:
+        raise ValueError(f"axes {tuple(axes)} are not a permutation of the {ndim} axes of the "
+                         f"tensor (as ndarray.transpose); to swap two axes use swapaxes(a, b)")
+    return normalize_axes(axes, ndim)
 
 
 identity_p = Primitive("identity", lambda x: x)
