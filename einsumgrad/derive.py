@@ -81,7 +81,9 @@ class Derivation:
         return f"derive({self.subscripts!r})"
 
 
-@lru_cache(maxsize=4096)
+# Keyed by shapes too: as small as the plan caches (einsumgrad.plan.CACHE_SIZE),
+# so batch sizes that change every step do not grow it.
+@lru_cache(maxsize=512)
 def derive(subscripts: str, *shapes) -> Derivation:
     """Derive the VJP, JVP and Jacobian patterns of one einsum, symbolically.
 

@@ -116,3 +116,26 @@ def test_second_call_with_same_spec_and_shapes_does_not_plan_again():
     assert einsumgrad.plan.stats["planned"] == before
     eg.einsum("ab,bc,cd->ad", ones(4, 5), b, c)  # new shapes: a new plan
     assert einsumgrad.plan.stats["planned"] > before
+
+
+def test_plan_caches_stay_bounded_over_changing_batch_sizes():
+    # Variable-length batches make a new shape every step: the caches keep the
+    # most recent plans only, so memory stays flat however many shapes pass.
+    import gc
+    import tracemalloc
+    from einsumgrad.plan import CACHE_SIZE
+    w = eg.tensor(xb(np.ones((3, 2))))
+    run = lambda lo, hi: [eg.einsum("bi,ij->bj", xb(np.ones((b, 3))), w) for b in range(lo, hi)]
+    tracemalloc.start()  # before the caches fill: what they drop later is traced too
+    run(1, 2 * CACHE_SIZE)
+    gc.collect()  # a dropped plan is a cycle of closures: freed by the collector
+    before = tracemalloc.get_traced_memory()[0]
+    run(2 * CACHE_SIZE, 6 * CACHE_SIZE)
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(einsumgrad.plan._plans) <= CACHE_SIZE
+    assert grown < 1 << 20, f"{grown / 2**20:.1f} MB more after {4 * CACHE_SIZE} new shapes"
+    before = einsumgrad.plan.stats["planned"]
+    eg.einsum("bi,ij->bj", xb(np.ones((6 * CACHE_SIZE - 1, 3))), w)  # recent: still planned
+    assert einsumgrad.plan.stats["planned"] == before
