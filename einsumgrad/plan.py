@@ -10,7 +10,6 @@ term repeats an index (diagonals).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Sequence
 
 import opt_einsum
@@ -18,28 +17,24 @@ import opt_einsum
 from .backends import Backend, common_backend, memory_order
 from .spec import Spec, fresh
 
-class LRU(OrderedDict):
-    """A cache of at most ``size`` entries, the least recently used dropped first:
-    shapes that change every step (variable-length batches) must not grow it forever."""
+class Bounded(dict):
+    """A cache of at most ``size`` entries, the oldest made dropped first: shapes
+    that change every step (variable-length batches) must not grow it forever.
+    Lookups stay plain dict lookups (every einsum call makes one); an entry
+    still in use when dropped is planned again once."""
 
     def __init__(self, size: int):
         super().__init__()
         self.size = size
 
-    def get(self, key, default=None):
-        value = super().get(key, default)
-        if value is not default:
-            self.move_to_end(key)
-        return value
-
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
         if len(self) > self.size:
-            self.popitem(last=False)
+            del self[next(iter(self))]
 
 
 CACHE_SIZE = 512  # plans per cache: far more than one model's distinct shapes
-_plans = LRU(CACHE_SIZE)
+_plans = Bounded(CACHE_SIZE)
 stats = {"planned": 0}  # how many plans were made; a test reads it
 
 

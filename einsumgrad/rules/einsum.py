@@ -17,7 +17,7 @@ import numpy
 
 from ..backends import backend_of, common_backend, memory_order
 from ..derive import JVP, VJP, Jacobian, batched, derive, install_runner, vjp_pattern
-from ..plan import CACHE_SIZE, LRU, contract, jacobian_of, plan_for
+from ..plan import CACHE_SIZE, Bounded, contract, jacobian_of, plan_for
 from ..spec import EinsumError, Spec, letters
 from ..tensor import (BatchMixingError, Primitive, Tensor, as_tensor, backprop, bind,
                       enable_grad, pair)
@@ -87,7 +87,7 @@ def einsum(subscripts: str, *operands: Any) -> Tensor:
     return bind(einsum_p, *ts, spec=clean, run=run)
 
 
-_prepared = LRU(CACHE_SIZE)  # (spec, shapes, dtypes, array types) -> parsed, planned
+_prepared = Bounded(CACHE_SIZE)  # (spec, shapes, dtypes, array types) -> parsed, planned
 
 # Sublist ints 0-25 are 'A'-'Z', 26-51 'a'-'z' (NumPy's map): an implicit
 # output sorted by letter is then sorted by int, as NumPy sorts it.
