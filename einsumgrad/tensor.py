@@ -313,7 +313,7 @@ def _recording(on: bool):
 # -- graph walks ----------------------------------------------------------------
 
 def toposort(roots: Sequence[Tensor], keep: Callable[[Tensor], bool],
-          stop: set | None = None) -> list:
+             stop: set | None = None) -> list:
     """Tensors reachable from ``roots`` through ``keep``-ing inputs, inputs first."""
     order, seen = [], set()
     stack = [(r, False) for r in roots if keep(r)]

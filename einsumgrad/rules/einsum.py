@@ -226,10 +226,7 @@ def jacobian_vjp(jac: Jacobian, u, *operands) -> Tensor:
     x = Tensor(x.data, requires_grad=True) if not x.requires_grad else x
     with enable_grad():
         out = einsum(jac.d.subscripts, *operands[:k], x, *operands[k + 1:])
-    got = backprop([out], [as_tensor(u, like=out)], [x])
-    if not got:
-        return Tensor(backend_of(x.data).zeros(x.shape, dtype=out.dtype))
-    g = got[0][1]
+    ((_, g),) = backprop([out], [as_tensor(u, like=out)], [x])  # the einsum reaches x
     return g if g.requires_grad else g.detach()
 
 
@@ -243,11 +240,8 @@ broadcast_p = Primitive("broadcast_to", lambda x, shape: backend_of(x).broadcast
 broadcast_p.defvjp(lambda k, g, out, x, shape: sum_to(g, x.shape, g.ndim - out.ndim))
 
 
-@broadcast_p.defjvp
-def _broadcast_jvp(k, t, out, x, shape):
-    nb = t.ndim - x.ndim
-    t = reshape(t, t.shape[:nb] + (1,) * (len(shape) - x.ndim) + t.shape[nb:])
-    return broadcast_to(t, t.shape[:nb] + shape)
+broadcast_p.defjvp(lambda k, t, out, x, shape: broadcast_to(lift(t, x.ndim, len(shape)),
+                                                            t.shape[:t.ndim - x.ndim] + shape))
 
 
 @broadcast_p.defbatch
@@ -258,6 +252,14 @@ def _broadcast_batch(bdims, shapes, out_shape, shape):
 def broadcast_to(x: Tensor, shape: tuple) -> Tensor:
     shape = tuple(shape)
     return x if x.shape == shape else bind(broadcast_p, x, shape=shape)
+
+
+def lift(t: Tensor, ndim: int, to: int) -> Tensor:
+    """A tangent ``t`` (leading batch axes, then an input of rank ``ndim``) with
+    size-1 axes after its batch axes up to rank ``to``: lined up, as NumPy
+    broadcasting lines the input up, with an output of rank ``to``."""
+    nb = t.ndim - ndim
+    return t if ndim >= to else reshape(t, t.shape[:nb] + (1,) * (to - ndim) + t.shape[nb:])
 
 
 def sum_to(g: Tensor, shape: tuple, nb: int = 0) -> Tensor:

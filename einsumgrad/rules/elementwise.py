@@ -13,8 +13,7 @@ import math
 
 from ..backends import backend_of, common_backend
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, pair
-from .einsum import broadcast_to, sum_to
-from .shape import reshape
+from .einsum import broadcast_to, lift, sum_to
 
 # -- broadcasting: inside the rules ------------------------------------------------------
 
@@ -41,11 +40,8 @@ def broadcasting(p: Primitive) -> Primitive:
         return gk if gk.shape[nb:] == xs[k].shape else sum_to(gk, xs[k].shape, nb)
 
     def jvp_broadcast(k, t, out, *xs, **params):
-        x = xs[k]
-        nb = t.ndim - x.ndim
-        if x.ndim < out.ndim:
-            t = reshape(t, t.shape[:nb] + (1,) * (out.ndim - x.ndim) + t.shape[nb:])
-        c = jvp(k, t, out, *xs, **params)
+        nb = t.ndim - xs[k].ndim
+        c = jvp(k, lift(t, xs[k].ndim, out.ndim), out, *xs, **params)
         return c if c.shape[nb:] == out.shape else broadcast_to(c, c.shape[:nb] + out.shape)
 
     p.vjp, p.jvp = vjp_broadcast, jvp_broadcast
@@ -66,8 +62,8 @@ def _binary(name, impl, vjp, jvp=None):
 
 # Through the backend's functions, not operators: the NumPy backend runs the
 # large same-layout cases on MKL's threads (einsumgrad.backends.mkl).
-add_p = _binary("add", lambda x, y: common_backend((x, y)).add(x, y),
-                lambda k, g, out, x, y: g, lambda k, t, out, x, y: t)
+_through = lambda k, g, out, x, y: g  # d(x + y): the cotangent (or tangent) as it is
+add_p = _binary("add", lambda x, y: common_backend((x, y)).add(x, y), _through, _through)
 sub_p = _binary("sub", lambda x, y: common_backend((x, y)).subtract(x, y),
                 lambda k, g, out, x, y: g if k == 0 else -g,
                 lambda k, t, out, x, y: t if k == 0 else -t)
@@ -119,9 +115,11 @@ def _const(x: Tensor, array) -> Tensor:
     return Tensor(array.astype(x.dtype, copy=False))
 
 
-neg, neg_p = _unary("neg", lambda x: -x, lambda x, out: -1.0)
+neg_p = Primitive("neg", lambda x: -x)
 neg_p.defvjp(lambda k, g, out, x: -g)
 neg_p.deflinear()
+neg_p.defbatch(elementwise_batch)
+neg = lambda x: bind(neg_p, as_tensor(x))  # noqa: E731
 exp, exp_p = _unary("exp", lambda x: backend_of(x).exp(x), lambda x, out: out)
 log, log_p = _unary("log", lambda x: backend_of(x).log(x), lambda x, out: 1.0 / x)
 sin, sin_p = _unary("sin", lambda x: backend_of(x).sin(x), lambda x, out: cos(x))
@@ -242,8 +240,7 @@ def add_bias_array(y, b):
     return y + b
 
 
-add_bias_p = _binary("add_bias", add_bias_array, lambda k, g, out, y, b: g,
-                     lambda k, t, out, y, b: t)
+add_bias_p = _binary("add_bias", add_bias_array, _through, _through)
 
 
 def add_bias(y: Tensor, b) -> Tensor:

@@ -15,10 +15,9 @@ from typing import Any
 
 from ..backends import backend_of
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
-from .einsum import broadcast_to, sum, sum_to
+from .einsum import broadcast_to, lift, sum, sum_to
 from .elementwise import add_bias_array
 from .reductions import mean
-from .shape import reshape
 
 def _width(x, axes) -> int:
     """How many entries one normalized row has: the trailing ``axes`` of ``x``."""
@@ -150,10 +149,9 @@ def _layer_norm_jvp(k, t, out, x, w, b, axes, eps, stats=None):
     xhat, inner = _normalized_node(x, axes, eps, stats)
     if k == 0:
         return _normalize_rule(0, t, xhat, x, axes, eps, inner) * w
-    nb = t.ndim - w.ndim if k == 1 else t.ndim - b.ndim
-    lead = t.shape[:nb]
-    t = reshape(t, lead + (1,) * (out.ndim - t.ndim + nb) + t.shape[nb:])
-    return xhat * t if k == 1 else broadcast_to(t, lead + out.shape)
+    p = w if k == 1 else b
+    t = lift(t, p.ndim, out.ndim)
+    return xhat * t if k == 1 else broadcast_to(t, t.shape[:t.ndim - out.ndim] + out.shape)
 
 
 # ``xhat * weight + bias`` with xhat normalized, as one primitive (torch's
