@@ -116,9 +116,13 @@ class Tensor:
             nothing needed the graph).
         bdim: which axis is the batch axis while a batch transform traces
             (``None``: none, or no such transform in flight).
+        version: how many times it was changed in place (in-place operators,
+            ``t[idx] = v``, optimizer steps, ``load_state_dict``): a recorded
+            op notes its inputs' versions, and differentiating through it
+            after one changed raises, as torch's version counter.
     """
 
-    __slots__ = ("data", "requires_grad", "grad", "node", "bdim", "__weakref__")
+    __slots__ = ("data", "requires_grad", "grad", "node", "bdim", "version", "__weakref__")
     __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected op
 
     def __init__(self, data: Any, requires_grad: bool = False):
@@ -131,6 +135,7 @@ class Tensor:
         self.grad = None
         self.node = None
         self.bdim = None
+        self.version = 0
 
     # -- array-like surface -------------------------------------------------
     shape = property(lambda self: self.data.shape)
