@@ -27,6 +27,10 @@ array type):
   from the last GEMM, so at 2 threads a pass over a few MB takes half the
   time. Small arrays, broadcasts, other layouts and dtypes go to NumPy's ufunc.
 
+An ``out`` (or ``matmul_add``'s ``c``) that overlaps an input goes to NumPy,
+which copies the input first: BLAS and VML would read values they had already
+overwritten. VML's in-place form (``out`` the input's very elements) stays.
+
 ``EINSUMGRAD_MKL=0`` turns it all off. Thread counts follow ``MKL_NUM_THREADS``
 and ``threadpoolctl``, as for any MKL; MKL runs on the OpenMP runtime already
 in the process, so with torch imported ``torch.set_num_threads`` moves it too.
@@ -80,6 +84,12 @@ def _as_blas(a: numpy.ndarray, rows: int, cols: int):
     return None
 
 
+def _overlaps(out, *inputs) -> bool:
+    """Whether ``out`` may share memory with an array among ``inputs``."""
+    return any(isinstance(v, numpy.ndarray) and numpy.may_share_memory(out, v)
+               for v in inputs)
+
+
 def _kernel(lib: ctypes.CDLL) -> Callable:
     gemm = {numpy.dtype(numpy.float64): (lib.cblas_dgemm, ctypes.c_double),
             numpy.dtype(numpy.float32): (lib.cblas_sgemm, ctypes.c_float)}
@@ -100,7 +110,7 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
         if a.dtype != b.dtype or a.dtype not in gemm or 0 in (a.ndim, b.ndim):
             return plain()
         if out is not None and (a.ndim < 2 or b.ndim < 2 or out.dtype != a.dtype
-                                or type(out) is not numpy.ndarray):
+                                or type(out) is not numpy.ndarray or _overlaps(out, a, b)):
             return plain()
         if b.ndim == 1 and a.ndim > 2 and a.flags.c_contiguous:
             # A stack of matrices times a vector is one tall matrix times it,
@@ -176,7 +186,7 @@ def _accumulating(lib: ctypes.CDLL) -> Callable:
         ta, tb, tc = _as_blas(a, m, k), _as_blas(b, k, n), _as_blas(c, m, n)
         if (k != k2 or c.shape != (m, n) or None in (ta, tb) or tc is None or tc[0] != _NOTRANS
                 or not c.flags.writeable or 0 in (m, n, k)
-                or max(m, n, k, ta[1], tb[1], tc[1]) >= _INT_LIMIT):
+                or max(m, n, k, ta[1], tb[1], tc[1]) >= _INT_LIMIT or _overlaps(c, a, b)):
             return False
         fn, scalar = gemm[c.dtype]
         fn(_ROW, ta[0], tb[0], m, n, k, scalar(1.0), _PTR(a.ctypes.data), ta[1],
@@ -314,13 +324,20 @@ def _flat(a, like=None) -> bool:
     return True
 
 
-def _out(a, out):
-    """``out`` when VML may write ``a``'s result into it, a new array of ``a``'s
-    layout when ``out`` is None, else None (NumPy then handles the call)."""
+def _out(a, out, *inputs):
+    """``out`` when VML may write the result of ``inputs`` (``a`` and arrays of
+    its layout, or numbers) into it, a new array of ``a``'s layout when ``out``
+    is None, else None (NumPy then handles the call)."""
     if out is None:
         out = numpy.empty_like(a)  # order "K": a dense array's own strides
         return out if out.strides == a.strides else None
-    return out if _flat(out, a) else None
+    if not _flat(out, a):
+        return None
+    # VML works in place (out the very elements of an input, of one layout
+    # with it), never on memory shifted against an input's.
+    shifted = [v for v in inputs if isinstance(v, numpy.ndarray)
+               and v.ctypes.data != out.ctypes.data]
+    return None if _overlaps(out, *shifted) else out
 
 
 def _chunks(n: int):
@@ -351,7 +368,8 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
         (``cblas_?ger``, on MKL's threads; 3-8x NumPy's broadcast). With alpha
         +-1 and ones every product is exact: bit for bit NumPy's sum (a ``b``
         with zeros goes to NumPy: BLAS skips them, signed zeros would differ)."""
-        if type(b) is not numpy.ndarray or b.dtype != a.dtype or not 0 < b.ndim <= a.ndim:
+        if (type(b) is not numpy.ndarray or b.dtype != a.dtype or not 0 < b.ndim <= a.ndim
+                or numpy.may_share_memory(a, b)):  # a row of a itself: read as it changes
             return False
         bb = b.reshape((1,) * (a.ndim - b.ndim) + b.shape)
         if any(n not in (1, m) for n, m in zip(bb.shape, a.shape)):
@@ -388,17 +406,17 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
                 if out is a and alpha is not None and rank1(a, b, alpha):
                     return a
                 if _flat(b, a):
-                    o = _out(a, out)
+                    o = _out(a, out, a, b)
                     if o is not None:
                         for s, e in _chunks(a.size):
                             fns[a.dtype](_INT(e - s), ptr(a, s), ptr(b, s), ptr(o, s))
                         return o
                 elif type(b) in (int, float):
-                    o = _out(a, out)
+                    o = _out(a, out, a)
                     if o is not None:
                         return affine(a, *with_number(b), o)
             elif type(a) in (int, float) and _flat(b) and ufunc is not numpy.subtract:
-                o = _out(b, out)
+                o = _out(b, out, b)
                 if o is not None:
                     return affine(b, *with_number(a), o)
             return ufunc(a, b) if out is None else ufunc(a, b, out=out)
@@ -408,7 +426,7 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
         fns = {f32: getattr(lib, single), f64: getattr(lib, double)}
 
         def op(a, out=None):
-            o = _out(a, out) if _flat(a) else None
+            o = _out(a, out, a) if _flat(a) else None
             if o is None:
                 return ufunc(a) if out is None else ufunc(a, out=out)
             for s, e in _chunks(a.size):
