@@ -15,6 +15,42 @@ def Parameter(data: Any) -> Tensor:
     return Tensor(data, requires_grad=True)
 
 
+class StateDictError(KeyError, ValueError, TypeError, RuntimeError):
+    """``load_state_dict`` refused the state: every bad key, each with why.
+
+    One error for all the kinds: a caller catches it as ``KeyError`` (names
+    missing or unexpected, as before), ``ValueError`` (shapes), ``TypeError``
+    (values that are not numeric arrays) or, as torch's, ``RuntimeError``.
+    """
+
+    def __str__(self) -> str:
+        return self.args[0]  # the message as written, not KeyError's repr of it
+
+
+def _array(v: Any) -> Any:
+    """The array a state-dict value holds: a backend array, an einsumgrad
+    Tensor's, or a torch tensor's as NumPy (torch imported only by its caller).
+
+    Raises:
+        TypeError: ``v`` is none of those (torch's ``load_state_dict`` takes
+            tensors only: a list, a number or None is refused, not guessed at).
+    """
+    if isinstance(v, Tensor):
+        return v.data
+    if isinstance(v, numpy.ndarray) or backend_of(v).name != "numpy":
+        return v
+    if all(callable(getattr(v, f, None)) for f in ("detach", "cpu", "numpy")):  # torch's
+        t = v.detach().cpu()
+        try:
+            return t.numpy()
+        except TypeError as e:  # a dtype NumPy lacks
+            if t.is_floating_point():
+                return t.float().numpy()  # bfloat16, float8: exact in float32
+            raise TypeError(f"a torch tensor NumPy cannot take ({e})") from None
+    raise TypeError(f"a {type(v).__name__}, not an array (give a NumPy array, an einsumgrad "
+                    f"Tensor or a torch tensor)")
+
+
 class Module:
     """Base class of layers and models, with ``torch.nn.Module``'s surface.
 
@@ -58,12 +94,17 @@ class Module:
     def children(self) -> Iterator["Module"]:
         return iter(self._modules.values())
 
-    def named_parameters(self) -> Iterator[tuple]:
-        """``(name, parameter)`` pairs in registration order, submodules' included."""
+    def named_parameters(self, remove_duplicate: bool = True) -> Iterator[tuple]:
+        """``(name, parameter)`` pairs in registration order, submodules' included.
+
+        Args:
+            remove_duplicate: a parameter registered under several names (tied
+                weights) comes once, under its first name; False: under each.
+        """
         seen = set()
         for prefix, m in self.named_modules():
             for name, p in m._parameters.items():
-                if id(p) not in seen:
+                if id(p) not in seen or not remove_duplicate:
                     seen.add(id(p))
                     yield (f"{prefix}.{name}" if prefix else name), p
 
@@ -84,40 +125,75 @@ class Module:
 
     # -- state --------------------------------------------------------------------
     def state_dict(self) -> "OrderedDict[str, numpy.ndarray]":
-        """Every parameter as a NumPy array (a copy), under torch's names.
+        """Every parameter as a NumPy array (a copy), under torch's names: a
+        tied parameter under each of its names, as torch's.
 
         ``numpy.savez(path, **model.state_dict())`` saves it; loading the file's
         arrays with :meth:`load_state_dict` restores the model bit for bit.
         """
         return OrderedDict((n, numpy.array(backend_of(p.data).to_numpy(p.data)))
-                           for n, p in self.named_parameters())
+                           for n, p in self.named_parameters(remove_duplicate=False))
 
     def load_state_dict(self, state: Any, strict: bool = True) -> None:
-        """Copy arrays (NumPy, backend or Tensors) into the parameters of the same names.
+        """Copy arrays into the parameters of the same names, all or nothing.
 
-        Each value lands on its parameter's backend and dtype (as torch copies
-        into existing parameters).
+        Values may be NumPy or backend arrays, einsumgrad Tensors or torch
+        tensors. Each lands on its parameter's backend and dtype, cast as
+        torch's ``copy_`` casts (float32 into float64, integers into floats).
+        Every key is checked before any parameter changes; a changed
+        parameter's version counter moves on, so a backward through values
+        recorded before the load raises.
+
+        A tied parameter (one registered under several names) loads from any
+        of its names; names of it given together must hold equal values.
 
         Raises:
-            KeyError: with ``strict``, a name missing on either side.
-            ValueError: a shape that does not match.
+            StateDictError: one error naming every bad key and why, the model
+                untouched: with ``strict``, a parameter none of whose names is
+                given, or a name of no parameter; anywhere, a value that is not
+                an array, a dtype that is not a real number (bool, complex,
+                object, text), a shape that differs from the parameter's, or
+                tied names with different values.
         """
-        own = dict(self.named_parameters())
-        names = set(state.keys()) if hasattr(state, "keys") else set(state.files)
-        if strict and names != set(own):
-            raise KeyError(f"load_state_dict: missing {sorted(set(own) - names)}, "
-                           f"unexpected {sorted(names - set(own))}")
-        for name, p in own.items():
-            if name not in names:
+        names = list(state.keys()) if hasattr(state, "keys") else list(state.files)
+        own = dict(self.named_parameters(remove_duplicate=False))
+        bad = []
+        if strict:
+            given = {id(own[n]) for n in names if n in own}
+            missing = [n for n, p in self.named_parameters() if id(p) not in given]
+            bad += [f"{n!r}: missing" for n in missing]
+            bad += [f"{n!r}: unexpected, no parameter has this name"
+                    for n in names if n not in own]
+        new, source = {}, {}  # id(parameter) -> its new array, and the name it came from
+        for name in names:
+            p = own.get(name)
+            if p is None:
                 continue
-            v = state[name]
-            v = v.data if isinstance(v, Tensor) else v
-            if tuple(v.shape) != p.shape:
-                raise ValueError(f"load_state_dict: {name} has shape {tuple(v.shape)}, "
-                                 f"the parameter {p.shape}")
-            xp = backend_of(p.data)
-            p.data = to_backend(v, xp).astype(p.dtype, copy=True)
-            p.grad = None
+            try:
+                v = _array(state[name])
+            except TypeError as e:
+                bad.append(f"{name!r}: {e}")
+                continue
+            if v.dtype.kind not in "fiu":
+                bad.append(f"{name!r}: dtype {v.dtype}, not real numbers for a {p.dtype} "
+                           f"parameter")
+            elif tuple(v.shape) != p.shape:
+                bad.append(f"{name!r}: shape {tuple(v.shape)}, the parameter's {p.shape}")
+            else:
+                xp = backend_of(p.data)
+                v = to_backend(v, xp).astype(p.dtype, copy=True)
+                first = source.setdefault(id(p), name)
+                if first != name and not bool(xp.array_equal(new[id(p)], v, equal_nan=True)):
+                    bad.append(f"{name!r}: tied to {first!r} (one parameter) but the values differ")
+                new[id(p)] = v
+        if bad:
+            raise StateDictError(f"load_state_dict: {len(bad)} bad key(s), nothing loaded:\n  "
+                                 + "\n  ".join(bad))
+        for p in self.parameters():
+            if id(p) in new:
+                p.data = new[id(p)]
+                p.version += 1  # recorded ops that saved the old values now refuse backward
+                p.grad = None
 
     def to(self, device: Any = None, dtype: Any = None) -> "Module":
         """Move every parameter to ``device`` ('cpu', 'cuda' or a Backend) and/or ``dtype``, in place."""
