@@ -124,12 +124,43 @@ def mse_loss(a: Any, b: Any) -> Tensor:
 
 
 def embedding(ids: Any, weight: Tensor) -> Tensor:
-    """Rows of ``weight`` picked by integer ``ids``; the gradient scatters back into them."""
-    return weight[_labels_array(ids, weight)]
+    """Rows of ``weight`` picked by integer ``ids``; the gradient scatters back into them.
+
+    Raises:
+        TypeError: ``ids`` are not integers (booleans would select rows as a mask).
+        IndexError: an id outside ``[0, num_embeddings)``: a negative one is not
+            counted from the end, as torch's.
+    """
+    xp = backend_of(weight.data)
+    ids = xp.asarray(_labels_array(ids, weight))  # a list of ids too
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
+    n = weight.shape[0]
+    bad = (ids < 0) | (ids >= n)
+    if bool(xp.any(bad)):
+        raise IndexError(f"embedding: index {int(ids[bad].reshape(-1)[0])} is out of range "
+                         f"for a table of {n} rows (ids must lie in [0, {n}))")
+    return weight[ids]
+
+
+def dropout_probability(p: float) -> float:
+    """``p`` if it is a probability, as dropout takes it.
+
+    Raises:
+        ValueError: ``p`` outside ``[0, 1]`` (NaN included), as torch's.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return p
 
 
 def dropout(x: Any, p: float = 0.5, training: bool = True, rng=None) -> Tensor:
-    """Zero each entry with probability ``p`` and scale the rest by ``1 / (1 - p)``."""
+    """Zero each entry with probability ``p`` and scale the rest by ``1 / (1 - p)``.
+
+    Raises:
+        ValueError: ``p`` outside ``[0, 1]``.
+    """
+    dropout_probability(p)
     x = as_tensor(x)
     if not training or p == 0.0:
         return x

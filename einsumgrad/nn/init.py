@@ -28,10 +28,19 @@ def uniform(shape: tuple, bound: float, dtype, rng=None) -> numpy.ndarray:
     return (rng or _rng).uniform(-bound, bound, size=shape).astype(dtype)
 
 
+def fan_in_bound(fan_in: int) -> float:
+    """``1/sqrt(fan_in)``, the bound of a layer's default bias; 0 for no inputs
+    (torch's bias of a layer with none: zeros)."""
+    return 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+
 def kaiming_uniform(shape: tuple, fan_in: int, dtype, rng=None) -> numpy.ndarray:
-    """``torch.nn.init.kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    """``torch.nn.init.kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+
+    With ``fan_in`` 0 the weight has no entries (torch leaves it as it is).
+    """
     gain = math.sqrt(2.0 / (1.0 + 5.0))
-    return uniform(shape, gain * math.sqrt(3.0 / fan_in), dtype, rng)
+    return uniform(shape, gain * math.sqrt(3.0 / fan_in) if fan_in > 0 else 0.0, dtype, rng)
 
 
 def xavier_uniform(shape: tuple, dtype, rng=None) -> numpy.ndarray:

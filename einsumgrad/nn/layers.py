@@ -5,7 +5,6 @@ Parameters start as NumPy arrays (float64 unless ``dtype`` says otherwise);
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy
@@ -26,8 +25,8 @@ class Linear(Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(init.kaiming_uniform((out_features, in_features), in_features,
                                                      dtype, rng))
-        self.bias = Parameter(init.uniform((out_features,), 1 / math.sqrt(in_features), dtype,
-                                           rng)) if bias else None
+        self.bias = Parameter(init.uniform((out_features,), init.fan_in_bound(in_features),
+                                           dtype, rng)) if bias else None
 
     def forward(self, x: Any) -> Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -49,8 +48,8 @@ class Conv2d(Module):
         fan_in = in_channels * kh * kw
         self.weight = Parameter(init.kaiming_uniform((out_channels, in_channels, kh, kw), fan_in,
                                                      dtype, rng))
-        self.bias = Parameter(init.uniform((out_channels,), 1 / math.sqrt(fan_in), dtype, rng)) \
-            if bias else None
+        self.bias = Parameter(init.uniform((out_channels,), init.fan_in_bound(fan_in), dtype,
+                                           rng)) if bias else None
 
     def forward(self, x: Any) -> Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
@@ -119,7 +118,7 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        self.p = p
+        self.p = F.dropout_probability(p)  # refused now, as torch, not at the first forward
 
     def forward(self, x: Any) -> Tensor:
         return F.dropout(x, self.p, self.training)

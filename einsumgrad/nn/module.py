@@ -11,7 +11,21 @@ from ..tensor import Tensor
 
 
 def Parameter(data: Any) -> Tensor:
-    """A leaf Tensor that requires grad: what a Module registers as a parameter."""
+    """A leaf Tensor that requires grad: what a Module registers as a parameter.
+
+    A Tensor's array is taken as it is (as torch's ``Parameter`` shares the
+    tensor's storage); a CuPy array stays on its GPU, anything else becomes a
+    NumPy array.
+
+    Raises:
+        TypeError: ``data`` is not floating-point, as ``eg.tensor(data,
+            requires_grad=True)``.
+    """
+    data = data.data if isinstance(data, Tensor) else data
+    if backend_of(data).name == "numpy" and not isinstance(data, numpy.ndarray):
+        data = numpy.asarray(data)  # lists and Python numbers, as eg.tensor
+    if data.dtype.kind != "f":  # checked here too: a layer's weights are real floats
+        raise TypeError(f"only floating-point tensors can require grad, got dtype {data.dtype}")
     return Tensor(data, requires_grad=True)
 
 
