@@ -11,6 +11,7 @@ backends, the rules on the tape, and the transforms on top of those:
 * :mod:`einsumgrad.tensor`: Tensor, Primitive and the tape, which knows no rule;
 * :mod:`einsumgrad.rules`: every primitive beside its VJP, JVP and batch rule;
 * :mod:`einsumgrad.transforms`: grad, vjp, jvp, jacrev, jacfwd, hessian, ...;
+* :mod:`einsumgrad.numpy_api`: NumPy's functions on Tensors, run as einsumgrad ops;
 * :mod:`einsumgrad.extend`: what a person adding a primitive imports.
 """
 import numpy as _numpy
@@ -23,7 +24,8 @@ from .rules import (abs, cos, einsum, erf, exp, gelu, log, log_softmax, logsumex
                     mean, moveaxis, relu, reshape, sigmoid, sin, softmax, softplus, sqrt, square,
                     sum, swapaxes, tanh, transpose, where)
 from .spec import EinsumError
-from .tensor import BatchMixingError, Tensor, enable_grad, no_grad
+from .tensor import BatchMixingError, Tensor, TracerConversionError, enable_grad, no_grad
+from . import numpy_api as _numpy_api  # noqa: F401 (gives Tensor NumPy's protocols)
 from .transforms import (batch_hessian, batch_jacobian, directional, elementwise_grad, grad,
                          hessian, hvp, jacfwd, jacrev, jvp, value_and_grad, vjp)
 
@@ -36,7 +38,8 @@ def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
     A CuPy array stays on its GPU; anything else becomes a NumPy array.
 
     Raises:
-        TypeError: ``requires_grad`` on a non-floating dtype.
+        TypeError: ``requires_grad`` on a non-floating dtype (complex included:
+            einsumgrad does not differentiate complex values).
     """
     if isinstance(data, Tensor):
         data = data.data
@@ -44,6 +47,4 @@ def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
         arr = data if dtype is None else data.astype(dtype)
     else:
         arr = _numpy.array(data, dtype=dtype)
-    if requires_grad and arr.dtype.kind not in "fc":
-        raise TypeError(f"only floating-point tensors can require grad, got dtype {arr.dtype}")
     return Tensor(arr, requires_grad=requires_grad)

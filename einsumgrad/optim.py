@@ -40,6 +40,7 @@ class Optimizer:
             if self.weight_decay:
                 d = d + self.weight_decay * p.data
             self.update(p, d)
+            p.version += 1  # an op recorded before the step no longer sees p's values
 
     def update(self, p: Tensor, d) -> None:
         """Rewrite ``p.data`` in place from the decayed gradient ``d``."""

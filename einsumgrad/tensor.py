@@ -38,11 +38,18 @@ class BatchMixingError(ValueError):
     """A function given to batch_jacobian / batch_hessian mixes batch rows."""
 
 
+class TracerConversionError(TypeError):
+    """A traced Tensor turned into an ndarray or a Python number inside a
+    transform: the value would leave the tape and its gradient be lost
+    (JAX's ``TracerArrayConversionError``)."""
+
+
 class _State(threading.local):
     def __init__(self):
         self.grad = True        # record at all (no_grad turns it off)
         self.tracing = 0        # transforms in flight: record every op
         self.batch = 0          # batch_jacobian in flight: track batch axes
+        self.inputs = {}        # id -> Tensor: the inputs transforms in flight trace
 
 
 state = _State()
@@ -94,12 +101,39 @@ class Primitive:
 
 
 class Node:
-    """One recorded application: the primitive, its inputs and its parameters."""
+    """One recorded application: the primitive, its inputs and its parameters,
+    with the versions of the inputs (and of the output, 0 at birth) as they
+    were, so a derivative through values changed since raises."""
 
-    __slots__ = ("prim", "inputs", "params")
+    __slots__ = ("prim", "inputs", "params", "versions", "out_version")
 
     def __init__(self, prim: Primitive, inputs: tuple, params: dict):
         self.prim, self.inputs, self.params = prim, inputs, params
+        self.versions = tuple([t.version for t in inputs])
+        self.out_version = 0
+
+    def check(self, out: "Tensor") -> None:
+        """Before differentiating through this op: raise if its output is complex
+        (see :func:`differentiable`), or if ``out`` or an input changed in place
+        since it was recorded."""
+        if out.data.dtype.kind == "c":
+            differentiable(out.dtype)
+        if out.version != self.out_version:
+            changed = f"its output {_desc(out)} is at version {out.version}, expected {self.out_version}"
+        else:
+            for k, (x, v) in enumerate(zip(self.inputs, self.versions)):
+                if x.version != v:
+                    changed = f"its input {k} {_desc(x)} is at version {x.version}, expected {v}"
+                    break
+            else:
+                return
+        raise RuntimeError(f"op {self.prim.name!r}: a tensor its derivative needs was changed in "
+                           f"place after the op was recorded ({changed}); redo the forward "
+                           f"after the change, or change a clone")
+
+
+def _desc(t: "Tensor") -> str:
+    return f"(shape {t.shape}, dtype {t.dtype})"
 
 
 _SCALAR = numpy.generic  # a module global: checked on every Tensor, a lookup saved
@@ -123,13 +157,15 @@ class Tensor:
     """
 
     __slots__ = ("data", "requires_grad", "grad", "node", "bdim", "version", "__weakref__")
-    __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected op
+    __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor; numpy_api gives the protocols
 
     def __init__(self, data: Any, requires_grad: bool = False):
         if isinstance(data, _SCALAR):
             # NumPy reductions and 0-d arithmetic give scalars; data stays an
             # array so np.asarray(t) works and in-place updates (optimizers) stick.
             data = backend_of(data).asarray(data)
+        if requires_grad:
+            differentiable(data.dtype)
         self.data = data
         self.requires_grad = requires_grad
         self.grad = None
@@ -151,35 +187,49 @@ class Tensor:
         return backend_of(self.data).device
 
     def numpy(self) -> numpy.ndarray:
-        """The values as a NumPy array (copied from the GPU if need be)."""
+        """The values as a NumPy array (copied from the GPU if need be).
+
+        Raises:
+            TracerConversionError: inside a transform, on a Tensor that
+                depends on the transform's input (its gradient would be lost).
+        """
+        concrete(self, "numpy()")
+        return self._values()
+
+    def _values(self) -> numpy.ndarray:
         return numpy.asarray(backend_of(self.data).to_numpy(self.data))
 
     def __array__(self, dtype=None, copy=None):
-        a = self.numpy()
+        concrete(self, "numpy.asarray")
+        a = self._values()
         if dtype is not None and a.dtype != dtype:
             return a.astype(dtype)  # already a fresh copy
         return a.copy() if copy else a
 
     def item(self) -> float:
+        concrete(self, "item()")
         return self.data.item()
 
     def tolist(self):
-        return self.numpy().tolist()
+        concrete(self, "tolist()")
+        return self._values().tolist()
 
     def __float__(self) -> float:
-        return float(self.item())
+        concrete(self, "float()")
+        return float(self.data.item())
 
     def __int__(self) -> int:
-        return int(self.item())
+        concrete(self, "int()")
+        return int(self.data.item())
 
     def __bool__(self) -> bool:
         if self.size != 1:  # as torch and NumPy; without __bool__ Python would use len()
             raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous: "
                              f"only a one-element tensor has one")
-        return bool(self.item())
+        return bool(self.data.item())  # branching on a traced value loses no gradient
 
     def __repr__(self) -> str:
-        body = numpy.array2string(self.numpy(), separator=", ", prefix="tensor(")
+        body = numpy.array2string(self._values(), separator=", ", prefix="tensor(")
         extra = ", requires_grad=True" if self.requires_grad else ""
         if self.dtype != numpy.float64:
             extra = f", dtype={self.dtype}" + extra
@@ -194,6 +244,8 @@ class Tensor:
         return Tensor(self.data)
 
     def requires_grad_(self, flag: bool = True) -> "Tensor":
+        if flag:
+            differentiable(self.dtype)
         self.requires_grad = flag
         return self
 
@@ -220,6 +272,8 @@ class Tensor:
         grad = as_tensor(grad, like=self)
         if grad.shape != self.shape:
             raise ValueError(f"backward: grad has shape {grad.shape}, the tensor {self.shape}")
+        if grad.dtype != self.dtype:  # as torch: the cotangent takes the tensor's dtype
+            grad = Tensor(grad.data.astype(self.dtype))
         if not self.requires_grad:
             raise RuntimeError("backward of a tensor that does not require grad: "
                                "no input on its path has requires_grad=True")
@@ -230,6 +284,41 @@ class Tensor:
             g = g if create_graph else g.detach()
             t.grad = g if t.grad is None else (t.grad + g if create_graph else
                                                Tensor(t.grad.data + g.data))
+
+
+# -- what may be differentiated, what may leave the tape ------------------------
+
+def differentiable(dtype) -> None:
+    """Refuse to differentiate with respect to anything but real floating values.
+
+    Complex tensors are refused rather than given gradients without the
+    conjugations torch's convention needs (a wrong answer, silently).
+    """
+    if dtype.kind == "c":
+        raise TypeError(f"einsumgrad does not differentiate complex tensors (dtype {dtype}): "
+                        f"split them into real and imaginary parts, or use torch")
+    if dtype.kind != "f":
+        raise TypeError(f"only floating-point tensors can require grad, got dtype {dtype}")
+
+
+def traced(t: "Tensor") -> bool:
+    """Whether ``t`` depends on an input a transform in flight is tracing."""
+    inputs = state.inputs
+    if not inputs:
+        return False
+    if id(t) in inputs:
+        return True
+    return any(id(x) in inputs for x in toposort([t], lambda x: True, set(inputs)))
+
+
+def concrete(t: "Tensor", what: str) -> None:
+    """Refuse ``what`` (a conversion to NumPy or Python values) on a traced ``t``."""
+    if traced(t):
+        raise TracerConversionError(
+            f"{what} on a Tensor traced by a transform: the values would leave the tape and "
+            f"the derivative through them be lost. Keep to einsumgrad ops inside the "
+            f"function (eg.einsum, eg.exp, t.sum(), ...), or .detach() first if no "
+            f"derivative should flow there")
 
 
 # -- binding and recording ----------------------------------------------------
@@ -272,6 +361,9 @@ def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
                 rg = True
                 break
         if rg or state.tracing:
+            if rg and out.data.dtype.kind == "c":
+                raise TypeError(f"op {prim.name!r} gives a complex result from a tensor that "
+                                f"requires grad: einsumgrad does not differentiate complex values")
             out.requires_grad = rg
             out.node = Node(prim, inputs, params)
     if state.batch:
@@ -313,6 +405,57 @@ def _recording(on: bool):
         yield
     finally:
         state.grad = prev
+
+
+# -- in-place changes -------------------------------------------------------------
+
+def update(t: Tensor, compute: Callable[[Tensor], Tensor], *others: Tensor) -> Tensor:
+    """Change ``t`` in place to ``compute(t)`` (which may read ``others``), as torch.
+
+    Where nothing records (under ``no_grad``, or nothing requires grad and no
+    transform traces) the values are written into ``t.data``, so whoever
+    holds that buffer sees them. Where it records, a leaf that requires grad
+    refuses (torch's rule), and so does an input a transform traces; any
+    other tensor takes the recorded result (a new buffer, so no value another
+    op saved changes) and its history goes on from there. Either way its
+    version goes up, so an op recorded earlier that saved ``t`` refuses to
+    be differentiated through.
+
+    Raises:
+        RuntimeError: a leaf that requires grad outside ``no_grad``, or a
+            traced input.
+        ValueError, TypeError: ``compute`` gave another shape or dtype.
+    """
+    recording = state.grad and (state.tracing or t.requires_grad or
+                                any(o.requires_grad for o in others))
+    if recording:
+        if id(t) in state.inputs:
+            raise RuntimeError("an input a transform differentiates cannot be changed in "
+                               "place: compute a new tensor (x = x + ..., eg.where(...))")
+        if t.requires_grad and t.node is None:
+            raise RuntimeError("a leaf tensor that requires grad cannot be changed in place "
+                               "outside eg.no_grad() (as torch): wrap the update in "
+                               "`with eg.no_grad():`, or change a clone")
+        before = Tensor(t.data, t.requires_grad)
+        before.node, before.bdim, before.version = t.node, t.bdim, t.version
+        new = compute(before)
+    else:
+        with no_grad():
+            new = compute(t)
+    if new.shape != t.shape:
+        raise ValueError(f"in-place result of shape {new.shape} does not fit a tensor of "
+                         f"shape {t.shape}")
+    if new.dtype != t.dtype:
+        raise TypeError(f"in-place result of dtype {new.dtype} for a tensor of dtype {t.dtype}")
+    t.version += 1
+    if recording:
+        t.data = new.data
+        t.node, t.requires_grad, t.bdim = new.node, new.requires_grad, new.bdim
+        if t.node is not None:
+            t.node.out_version = t.version
+    else:
+        t.data[...] = new.data
+    return t
 
 
 # -- graph walks ----------------------------------------------------------------
@@ -387,6 +530,7 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
         if node is None or (stop is not None and id(t) in stop):
             result.append((t, g))
             continue
+        node.check(t)
         prim, xs = node.prim, node.inputs
         fused = None
         if prim.fused is not None and not state.grad:
@@ -440,6 +584,7 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
             uses[id(x)] = uses.get(id(x), 0) + 1
     for t in order:
         node = t.node
+        node.check(t)
         prim, xs = node.prim, node.inputs
         total = None
         for k, x in enumerate(xs):

@@ -17,7 +17,8 @@ from .backends import backend_of
 from .plan import jacobian_of
 from .rules import einsum_p, identity_p, reshape
 from .spec import Spec, letters
-from .tensor import (BatchMixingError, Tensor, as_tensor, backprop, bind, push, state)
+from .tensor import (BatchMixingError, Tensor, as_tensor, backprop, bind, differentiable, push,
+                     state)
 
 
 @contextlib.contextmanager
@@ -48,9 +49,7 @@ def _start(p: Any) -> Tensor:
 
 def _float_tensor(p: Any) -> Tensor:
     t = as_tensor(p)
-    if t.dtype.kind not in "fc":
-        raise TypeError(f"cannot differentiate with respect to an input of dtype {t.dtype}: "
-                        f"pass floating-point values")
+    differentiable(t.dtype)
     return t
 
 
@@ -90,17 +89,31 @@ def _argnums(argnums, n: int) -> tuple:
     return tuple(a % n for a in nums)
 
 
-def trace_call(f: Callable, args: Sequence, nums: tuple, batch: bool = False):
-    """Run ``f`` recording every op, with fresh tensors at ``nums``; returns (xs, out)."""
+def trace_call(f: Callable, args: Sequence, nums: tuple, batch: bool = False,
+               bdims: Sequence | None = None):
+    """Run ``f`` recording every op, with fresh tensors at ``nums``; returns (xs, out).
+
+    With ``batch`` each op's batch rule tracks a batch axis: axis 0 of each
+    traced argument, or ``bdims[j]`` of argument ``nums[j]`` (None: not tracked).
+
+    While ``f`` runs those tensors are the inputs being traced
+    (``state.inputs``): turning anything that depends on them into NumPy
+    values raises, and so does changing them in place.
+    """
     with _tracing(batch):
         args = list(args)
         xs = []
-        for i in nums:
+        for j, i in enumerate(nums):
             args[i] = _start(args[i])
             if batch:
-                args[i].bdim = 0
+                args[i].bdim = 0 if bdims is None else bdims[j]
             xs.append(args[i])
-        out = f(*args)
+        inputs = state.inputs
+        state.inputs = {**inputs, **{id(x): x for x in xs}}
+        try:
+            out = f(*args)
+        finally:
+            state.inputs = inputs
         out = tuple(map(as_tensor, out)) if isinstance(out, (tuple, list)) else as_tensor(out)
     return xs, out
 
@@ -175,14 +188,46 @@ def elementwise_grad(f: Callable, argnums=0) -> Callable:
 
     It is the gradient of ``sum(f)``, which equals the diagonal exactly when each
     output element depends on the matching input element only (broadcast inputs
-    get the sum over the broadcast axes, as a meshgrid's partials are).
+    get the sum over the broadcast axes, as a meshgrid's partials are). That is
+    proved while ``f`` runs: each axis of the arguments (lined up from the
+    right, as broadcasting lines them up) is tracked as a batch axis in turn,
+    and every op's batch rule checks that it keeps those slices apart. Axis 0
+    is tracked while tracing for the gradient; each further axis costs one
+    more forward pass of ``f``.
+
+    Raises:
+        BatchMixingError: ``f`` mixes elements (names the op).
     """
     def wrapped(*args):
         nums = _argnums(argnums, len(args))
-        xs, out = trace_call(f, args, nums)
+        ranks = [as_tensor(args[i]).ndim for i in nums]
+        rank = max(ranks)
+        for axis in range(1, rank):
+            _, out = trace_call(f, args, nums, batch=True,
+                                bdims=[_lined_up(axis, r, rank) for r in ranks])
+            _check_elementwise(out, axis, rank)
+        xs, out = trace_call(f, args, nums, batch=rank > 0,
+                             bdims=[_lined_up(0, r, rank) for r in ranks])
+        if rank:
+            _check_elementwise(out, 0, rank)
         gs = [_finish(g) for g in _pull(out, Tensor(backend_of(out.data).ones_like(out.data)), xs)]
         return gs[0] if isinstance(argnums, int) else tuple(gs)
     return wrapped
+
+
+def _lined_up(axis: int, ndim: int, rank: int):
+    """Axis ``axis`` of the broadcast shape (rank ``rank``) in an argument of rank ``ndim``."""
+    a = axis - (rank - ndim)
+    return a if a >= 0 else None
+
+
+def _check_elementwise(out, axis: int, rank: int) -> None:
+    if isinstance(out, tuple):
+        raise TypeError("elementwise_grad: f must return one Tensor")
+    want = out.ndim - rank + axis
+    if out.bdim is not None and out.bdim != want:
+        raise BatchMixingError(f"elementwise_grad: f moves the arguments' axis {axis} to "
+                               f"axis {out.bdim} of its output: not element-wise")
 
 
 # -- Jacobians and Hessians ----------------------------------------------------------

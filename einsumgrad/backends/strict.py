@@ -31,6 +31,8 @@ class StrictArray(numpy.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         out = kwargs.get("out", ())
+        if any(_foreign(type(x)) for x in inputs + out):
+            return NotImplemented  # NEP 13: a Tensor (or another protocol type) decides
         _refuse_plain((inputs, out), f"numpy.{ufunc.__name__}.{method}")
         if method == "at":  # in place on the target (add.at): index arrays too
             _refuse_plain(inputs[1], f"numpy.{ufunc.__name__}.at index")
@@ -42,6 +44,8 @@ class StrictArray(numpy.ndarray):
         return _strict(result)
 
     def __array_function__(self, func, types, args, kwargs):
+        if any(_foreign(t) for t in types):
+            return NotImplemented  # NEP 18, as CuPy: a Tensor's protocol decides
         _refuse_plain((args, kwargs), f"numpy.{func.__name__}")
         return _strict(func(*_plain(args), **_plain(kwargs)))
 
@@ -52,6 +56,11 @@ class StrictArray(numpy.ndarray):
     def __setitem__(self, index, value):
         _refuse_plain((index, value), "assignment of")
         super().__setitem__(index, _plain(value))
+
+
+def _foreign(tp: type) -> bool:
+    """A type with NumPy's protocols of its own (an einsumgrad Tensor)."""
+    return not issubclass(tp, numpy.ndarray) and getattr(tp, "__array_ufunc__", None) is not None
 
 
 def _is_plain(x: Any) -> bool:

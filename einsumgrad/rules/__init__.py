@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import numbers
 
-from ..tensor import Tensor, pair
+import numpy
+
+from ..tensor import Tensor, as_tensor, pair, update
 from .einsum import (broadcast_to, constant_like, einsum, einsum_p, einsum_spec, matmul,
                      moveaxis, sum, sum_to, swapaxes, transpose)
 from .elementwise import (abs, add, add_bias, cos, div, erf, exp, gelu, log, mul, neg,
@@ -31,7 +33,9 @@ from .norm import layer_norm
 from .convolution import patch_einsum, unpatch_einsum
 from .patches import as_pair, patches, unpatch
 from .reductions import log_softmax, logsumexp, max, mean, softmax
-from .shape import getitem, identity_p, normalize_axes, reshape, scatter_add
+from .shape import (assign, astype, concatenate, expand_dims, getitem, identity_p,
+                    normalize_axes, region, reshape, scatter_add, squeeze, stack)
+from .einsum import lift
 
 def _compare(fn):
     """An element-wise comparison giving a bool Tensor (not recorded: it has no gradient).
@@ -71,6 +75,50 @@ def _no_mT(x):
     raise ValueError(f"mT swaps the last two axes: a tensor of rank {x.ndim} has fewer")
 
 
+def _in_place(op):
+    """``x op= y`` as torch: ``x`` itself changes (see :func:`einsumgrad.tensor.update`)."""
+    def method(x, y):
+        y = as_tensor(y, like=x)
+
+        def compute(x):
+            r = op(x, y)
+            if r.dtype != x.dtype and not numpy.can_cast(r.dtype, x.dtype, "same_kind"):
+                raise TypeError(f"in-place {op.__name__}: the result's dtype {r.dtype} cannot "
+                                f"be cast to the tensor's {x.dtype} (as NumPy and torch)")
+            return astype(r, x.dtype)
+        return update(x, compute, y)
+    return method
+
+
+def _setitem(x, index, v):
+    """``x[index] = v`` as NumPy and torch: ``v`` broadcast to the region and cast."""
+    v = as_tensor(v, like=x)
+    if v.dtype != x.dtype and not numpy.can_cast(v.dtype, x.dtype, "same_kind"):
+        raise TypeError(f"t[...] = v: v's dtype {v.dtype} cannot be cast to the tensor's "
+                        f"{x.dtype}")
+
+    def compute(x):
+        shape = region(x, index)
+        w = astype(v, x.dtype)
+        if w.shape != shape:
+            if w.ndim > len(shape):  # NumPy drops leading size-1 axes of v
+                w = reshape(w, w.shape[w.ndim - len(shape):])
+            w = broadcast_to(lift(w, w.ndim, len(shape)), shape)
+        return assign(x, index, w)
+    update(x, compute, v)
+
+
+def _flatten(x, start_dim: int = 0, end_dim: int = -1):
+    """``t.flatten()`` as NumPy's; torch's ``start_dim`` / ``end_dim`` merge those axes only."""
+    if x.ndim == 0:
+        return reshape(x, (1,))
+    a, b = normalize_axes((start_dim, end_dim), x.ndim) if start_dim % x.ndim != end_dim % x.ndim \
+        else (start_dim % x.ndim,) * 2
+    if a > b:
+        raise ValueError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim}")
+    return reshape(x, x.shape[:a] + (-1,) + x.shape[b + 1:])
+
+
 def _install_methods():
     T = Tensor
     T.__add__ = T.__radd__ = lambda x, y: add(x, y)
@@ -83,6 +131,9 @@ def _install_methods():
     T.__pos__ = lambda x: x
     T.__abs__ = lambda x: abs(x)
     T.__getitem__ = lambda x, i: getitem(x, i)
+    T.__setitem__ = _setitem
+    T.__iadd__, T.__isub__ = _in_place(add), _in_place(sub)
+    T.__imul__, T.__itruediv__ = _in_place(mul), _in_place(div)
     T.__lt__ = _compare(lambda a, b: a < b)
     T.__le__ = _compare(lambda a, b: a <= b)
     T.__gt__ = _compare(lambda a, b: a > b)
@@ -93,6 +144,11 @@ def _install_methods():
     T.T = property(lambda x: transpose(x))
     T.sum, T.mean, T.max = _reduction(sum), _reduction(mean), _reduction(max)
     T.reshape = lambda x, *shape: reshape(x, *shape)
+    T.squeeze = lambda x, axis=None, dim=None: squeeze(x, axis if dim is None else dim)
+    T.unsqueeze = lambda x, dim: expand_dims(x, dim)
+    T.flatten = _flatten
+    T.ravel = lambda x: reshape(x, (x.size,))
+    T.astype = astype
     T.transpose = lambda x, *axes: transpose(x, _axes_arg(axes))
     T.permute = lambda x, *dims: transpose(x, _axes_arg(dims))
     T.swapaxes = swapaxes

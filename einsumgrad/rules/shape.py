@@ -13,7 +13,7 @@ import math
 
 import numpy
 
-from ..backends import backend_of
+from ..backends import backend_of, common_backend
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
 
 
@@ -91,6 +91,9 @@ def reshape(x: Tensor, *shape) -> Tensor:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
     shape = tuple(int(n) for n in shape)
+    if shape.count(-1) > 1 or builtins.min(shape, default=0) < -1:
+        raise ValueError(f"reshape to {shape}: only one -1 (an unknown size) is allowed, and "
+                         f"no other negative size")
     if -1 in shape:
         known = math.prod(n for n in shape if n != -1)
         shape = tuple(x.size // known if n == -1 else n for n in shape)
@@ -279,3 +282,199 @@ def scatter_add(g: Tensor, shape: tuple, index, nb: int = 0) -> Tensor:
     """Zeros of ``shape`` with ``g`` added at ``[(:,)*nb, index]`` (the adjoint of getitem);
     ``g``'s ``nb`` leading axes come first, as getitem leaves them."""
     return bind(scatter_p, g, shape=tuple(shape), index=index, nb=nb)
+
+
+# -- assignment: out-of-place ``x[index] = v``, what ``t[index] = v`` records ------
+
+def _assign_impl(x, v, index, nb):
+    """A copy of ``x`` with ``v`` (the region's full shape, its ``nb`` axes
+    first, or a 0-d fill) written at ``[(:,)*nb, index]``."""
+    out = x.copy()
+    lead = _numpy_lead(index, nb)
+    out[_full(index, nb)] = _to_front(v, nb, lead) if lead and v.ndim else v
+    return out
+
+
+assign_p = Primitive("assign", _assign_impl)
+
+
+@assign_p.defvjp
+def _assign_vjp(k, g, out, x, v, index, nb):
+    nb = g.ndim - out.ndim + nb
+    if k == 0:  # the region was overwritten: nothing flows back into x there
+        return bind(assign_p, g, Tensor(backend_of(g.data).zeros((), g.dtype)), index=index, nb=nb)
+    return getitem(g, index, nb)
+
+
+@assign_p.defjvp
+def _assign_jvp(k, t, out, x, v, index, nb):
+    lead = t.shape[:t.ndim - (x.ndim if k == 0 else v.ndim)]
+    if k == 0:
+        return bind(assign_p, t, Tensor(backend_of(t.data).zeros((), t.dtype)), index=index,
+                    nb=len(lead) + nb)
+    zeros = Tensor(backend_of(t.data).zeros(lead + x.shape, t.dtype))
+    return bind(assign_p, zeros, t, index=index, nb=len(lead) + nb)
+
+
+@assign_p.defbatch
+def _assign_batch(bdims, shapes, out_shape, index, nb):
+    mapping = _index_map(len(shapes[0]), index, nb)
+    axes = set()
+    if bdims[0] is not None:
+        if not _whole(mapping[bdims[0]][1]):
+            raise BatchMixingError(f"t[{index!r}] = v writes along the batch axis: rows mix")
+        axes.add(bdims[0])
+    if bdims[1] is not None:
+        x_axes = [a for a, (o, e) in enumerate(mapping) if o == bdims[1] and _whole(e)]
+        if not x_axes:
+            raise BatchMixingError(f"t[{index!r}] = v puts v's batch axis where t has none: "
+                                   f"rows mix")
+        axes.add(x_axes[0])
+    if len(axes) > 1:
+        raise BatchMixingError(f"t[{index!r}] = v lines v's batch axis up with another axis "
+                               f"of t: rows mix")
+    return axes.pop()
+
+
+def region(x: Tensor, index) -> tuple:
+    """The shape of ``x[index]``."""
+    return x.data[_norm_index(index, backend_of(x.data))].shape
+
+
+def assign(x: Tensor, index, v: Tensor) -> Tensor:
+    """``x`` with ``v`` written at ``index`` (NumPy's ``x[index] = v``, out of place);
+    ``v`` has the region's shape (:func:`region`) and ``x``'s dtype.
+
+    Where array indices name one position twice NumPy keeps the last write;
+    which write a derivative should follow is then undefined, so that raises.
+
+    Raises:
+        ValueError: repeated positions while the assignment is recorded.
+    """
+    xp = backend_of(x.data)
+    index = _norm_index(index, xp)
+    if _advanced(index)[0] and (x.node is not None or x.requires_grad or v.node is not None
+                                or v.requires_grad):
+        count = xp.zeros(x.shape, dtype=numpy.int64)
+        xp.add_at(count, index, 1)
+        if count.max() > 1:
+            raise ValueError(f"t[{index!r}] = v names a position more than once: which write "
+                             f"the derivative follows is undefined")
+    return bind(assign_p, x, v, index=index, nb=0)
+
+
+astype_p = Primitive("astype", lambda x, dtype: x.astype(dtype))
+astype_p.defvjp(lambda k, g, out, x, dtype: astype(g, x.dtype))
+astype_p.defjvp(lambda k, t, out, x, dtype: astype(t, dtype))
+astype_p.defbatch(lambda bdims, shapes, out_shape, dtype: bdims[0])
+
+
+def astype(x: Tensor, dtype) -> Tensor:
+    """``x`` cast to ``dtype``, on the tape (the cotangent is cast back); to a
+    non-floating dtype it leaves the tape, as torch's ``to``."""
+    dtype = numpy.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    if dtype.kind != "f":
+        return Tensor(x.data.astype(dtype))
+    return bind(astype_p, x, dtype=dtype)
+
+
+# -- squeeze, expand_dims, concatenate, stack --------------------------------------
+
+def squeeze(x: Tensor, axis=None) -> Tensor:
+    """``x`` without size-1 axes: all of them, or those in ``axis`` (as NumPy).
+
+    Raises:
+        ValueError: an axis named whose size is not 1 (NumPy refuses it;
+            torch's ``squeeze(dim)`` would leave it silently).
+    """
+    if axis is None:
+        axes = tuple(a for a, n in enumerate(x.shape) if n == 1)
+    else:
+        axes = normalize_axes(axis, x.ndim)
+        for a in axes:
+            if x.shape[a] != 1:
+                raise ValueError(f"squeeze: axis {a} has size {x.shape[a]}, not 1")
+    return reshape(x, tuple(n for a, n in enumerate(x.shape) if a not in axes))
+
+
+def expand_dims(x: Tensor, axis) -> Tensor:
+    """``x`` with size-1 axes inserted at ``axis`` (an int or a tuple), as NumPy's:
+    each axis counts in the result's rank."""
+    n = len(axis) if isinstance(axis, (tuple, list)) else 1
+    axes = normalize_axes(axis, x.ndim + n)
+    dims = iter(x.shape)
+    return reshape(x, tuple(1 if a in axes else next(dims) for a in range(x.ndim + n)))
+
+
+def _concat_impl(*xs, axis):
+    return common_backend(xs).concatenate(xs, axis=axis)
+
+
+concat_p = Primitive("concatenate", _concat_impl)  # axis counts from the end: batch axes go first
+
+
+@concat_p.defvjp
+def _concat_vjp(k, g, out, *xs, axis):
+    start = builtins.sum(x.shape[axis] for x in xs[:k])
+    piece = getitem(g, (Ellipsis, slice(start, start + xs[k].shape[axis]))
+                    + (slice(None),) * (-axis - 1))
+    return astype(piece, xs[k].dtype)
+
+
+@concat_p.defjvp
+def _concat_jvp(k, t, out, *xs, axis):
+    lead = t.shape[:t.ndim - xs[k].ndim]
+    xp = backend_of(t.data)
+    parts = [t if j == k else Tensor(xp.zeros(lead + x.shape, t.dtype)) for j, x in enumerate(xs)]
+    return bind(concat_p, *parts, axis=axis)
+
+
+@concat_p.defbatch
+def _concat_batch(bdims, shapes, out_shape, axis):
+    axes = {b for b in bdims if b is not None}
+    if len(axes) > 1 or len(out_shape) + axis in axes:
+        raise BatchMixingError("concatenate joins along the batch axis, or lines batch axes "
+                               "of two inputs up with different axes: rows mix")
+    return axes.pop()
+
+
+def concatenate(ts, axis=0) -> Tensor:
+    """Join tensors along an existing axis (NumPy's ``concatenate``; ``axis=None``
+    joins them flattened).
+
+    Raises:
+        ValueError: no tensors, 0-d tensors, ranks or shapes (off ``axis``) that differ.
+    """
+    ts = [t if isinstance(t, Tensor) else Tensor(numpy.asarray(t)) for t in ts]
+    if not ts:
+        raise ValueError("concatenate needs at least one tensor")
+    if axis is None:
+        ts, axis = [reshape(t, (t.size,)) for t in ts], 0
+    ndim = ts[0].ndim
+    if ndim == 0:
+        raise ValueError("zero-dimensional tensors cannot be concatenated")
+    (a,) = normalize_axes(axis, ndim)
+    for i, t in enumerate(ts):
+        if t.ndim != ndim or t.shape[:a] + t.shape[a + 1:] != ts[0].shape[:a] + ts[0].shape[a + 1:]:
+            raise ValueError(f"concatenate along axis {a}: tensor {i} has shape {t.shape}, "
+                             f"tensor 0 {ts[0].shape}: only axis {a} may differ")
+    return bind(concat_p, *ts, axis=a - ndim)
+
+
+def stack(ts, axis=0) -> Tensor:
+    """Join same-shaped tensors along a new axis (NumPy's ``stack``).
+
+    Raises:
+        ValueError: no tensors, or shapes that differ.
+    """
+    ts = [t if isinstance(t, Tensor) else Tensor(numpy.asarray(t)) for t in ts]
+    if not ts:
+        raise ValueError("stack needs at least one tensor")
+    for i, t in enumerate(ts):
+        if t.shape != ts[0].shape:
+            raise ValueError(f"stack: tensor {i} has shape {t.shape}, tensor 0 {ts[0].shape}")
+    (a,) = normalize_axes(axis, ts[0].ndim + 1)
+    parts = [expand_dims(t, a) for t in ts]
+    return bind(concat_p, *parts, axis=a - ts[0].ndim - 1)
