@@ -81,6 +81,50 @@ def test_moveaxis_as_numpy(shape, src, dst):
            lambda t: torch.movedim(t, src, dst), x)
 
 
+@settings(max_examples=150, deadline=None)
+@given(shapes, st.one_of(st.none(), st.integers(-5, 5), some_axes), st.booleans())
+def test_squeeze_and_expand_dims_as_numpy(shape, axis, method):
+    x = _x(shape)
+    try:
+        want = np.squeeze(x, axis).shape
+    except ValueError:
+        want = None
+    squeeze = (lambda t: t.squeeze(axis)) if method else (lambda t: eg.squeeze(t, axis))
+    # A 0-d tensor has no axis 0 (NumPy's squeeze takes one there, its mean refuses it).
+    _check(squeeze, lambda v: np.squeeze(v, axis), lambda t: t.reshape(want), x,
+           refuse=shape == () and axis not in (None, ()))
+    if axis is None:
+        return
+    try:
+        want = np.expand_dims(x, axis).shape
+    except ValueError:
+        want = None
+    _check(lambda t: eg.expand_dims(t, axis), lambda v: np.expand_dims(v, axis),
+           lambda t: t.reshape(want), x)
+    if isinstance(axis, int):  # torch's unsqueeze takes one axis
+        _check(lambda t: t.unsqueeze(axis), lambda v: np.expand_dims(v, axis),
+               lambda t: t.reshape(want), x)
+
+
+@settings(max_examples=150, deadline=None)
+@given(shapes, st.one_of(st.none(), st.integers(-5, 5)), st.booleans())
+def test_concatenate_and_stack_take_axes_as_numpy(shape, axis, stack):
+    x = _x(shape)
+    if stack:
+        if axis is None:
+            return
+        a = axis % (len(shape) + 1) if -len(shape) - 1 <= axis <= len(shape) else axis
+        _check(lambda t: eg.stack([t, t * t], axis), lambda v: np.stack([v, v * v], axis),
+               lambda t: torch.stack([t, t * t], a), x)
+        return
+    a = axis % len(shape) if shape and axis is not None and -len(shape) <= axis < len(shape) \
+        else axis
+    tref = (lambda t: torch.cat([t.reshape(-1), (t * t).reshape(-1)])) if axis is None else \
+        (lambda t: torch.cat([t, t * t], a))
+    _check(lambda t: eg.concatenate([t, t * t], axis), lambda v: np.concatenate([v, v * v], axis),
+           tref, x)
+
+
 REDUCTIONS = {
     "sum": (eg.sum, np.sum, lambda t, a: torch.sum(t, dim=a) if a != () else t),
     "mean": (eg.mean, np.mean, lambda t, a: torch.mean(t, dim=a) if a != () else t),
