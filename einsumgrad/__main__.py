@@ -7,6 +7,28 @@ import sys
 from . import EinsumError, explain
 
 
+def parse_shape(text: str, k: int) -> tuple:
+    """``'2x3'`` as ``(2, 3)`` ('' is a scalar's shape).
+
+    Raises:
+        EinsumError: a size that is not a whole number or is negative, naming
+            operand ``k`` and the axis.
+    """
+    if not text.strip():
+        return ()
+    shape = []
+    for ax, n in enumerate(text.split("x")):
+        try:
+            shape.append(int(n))
+        except ValueError:
+            raise EinsumError(f"operand {k}, axis {ax}: size {n!r} in shape {text!r} is not an "
+                              f"integer (write shapes as 2x3)") from None
+        if shape[-1] < 0:
+            raise EinsumError(f"operand {k}, axis {ax}: size {shape[-1]} in shape {text!r} "
+                              f"is negative")
+    return tuple(shape)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m einsumgrad",
                                  description="Read the derivatives einsumgrad derives.")
@@ -17,9 +39,9 @@ def main(argv=None) -> int:
                     help="operand shapes, e.g. 2x3 3x4 (a scalar is '')")
     args = ap.parse_args(argv)
     try:
-        shapes = [tuple(int(n) for n in s.split("x")) if s else () for s in args.shapes]
+        shapes = [parse_shape(s, k) for k, s in enumerate(args.shapes)]
         print(explain(args.spec, *shapes))
-    except (EinsumError, ValueError) as e:
+    except (EinsumError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `... | head` closed the pipe: not an error

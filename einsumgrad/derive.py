@@ -23,10 +23,12 @@ the Jacobian products with :func:`install_runner`.
 """
 from __future__ import annotations
 
+import operator
 from functools import lru_cache
 from typing import Sequence
 
-from .spec import Spec, bind_sizes, fresh, parse, render, render_terms
+from .spec import (OperandIndexError, Spec, bind_sizes, check_shapes, fresh, parse, render,
+                   render_terms, spec_type_error)
 
 COT = "g"  # how the cotangent / tangent is named in printed patterns
 
@@ -35,7 +37,9 @@ class Derivation:
     """The derivatives of one einsum: ``eg.derive(spec, *shapes)``."""
 
     def __init__(self, subscripts: str, shapes: Sequence[tuple] | None = None):
-        shapes = None if shapes is None or len(shapes) == 0 else tuple(tuple(s) for s in shapes)
+        if not isinstance(subscripts, str):
+            raise spec_type_error("derive", subscripts)
+        shapes = None if shapes is None or len(shapes) == 0 else check_shapes(shapes, subscripts)
         self.subscripts = subscripts
         self.shapes = shapes
         self.spec = parse(subscripts, None if shapes is None else tuple(len(s) for s in shapes))
@@ -60,9 +64,27 @@ class Derivation:
         return None if self.sizes is None else tuple(self.sizes[l] for l in self.spec.output)
 
     def _k(self, k: int) -> int:
-        if not -self.n <= k < self.n:
-            raise IndexError(f"operand {k} out of range: {self.subscripts!r} has {self.n}")
-        return k % self.n
+        """Operand number ``k`` (negative counts from the end) as an index in range.
+
+        Raises:
+            OperandIndexError (an EinsumError and an IndexError): ``k`` out of
+                range or not an integer; the message names the operand count.
+        """
+        n = self.n
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            i = operator.index(k)
+        except TypeError:
+            raise OperandIndexError(f"operand number {k!r} ({type(k).__name__}) is not an "
+                                    f"integer: {self.subscripts!r} has {n} operand"
+                                    f"{'s' if n != 1 else ''}, numbered 0 to {n - 1} "
+                                    f"(or -{n} to -1)") from None
+        if not -n <= i < n:
+            raise OperandIndexError(f"operand {k!r} out of range: {self.subscripts!r} has {n} "
+                                    f"operand{'s' if n != 1 else ''}, numbered 0 to {n - 1} "
+                                    f"(or -{n} to -1)")
+        return i % n
 
     def vjp(self, k: int) -> "VJP":
         """The reverse-mode pattern for operand ``k``."""
@@ -81,9 +103,6 @@ class Derivation:
         return f"derive({self.subscripts!r})"
 
 
-# Keyed by shapes too: as small as the plan caches (einsumgrad.plan.CACHE_SIZE),
-# so batch sizes that change every step do not grow it.
-@lru_cache(maxsize=512)
 def derive(subscripts: str, *shapes) -> Derivation:
     """Derive the VJP, JVP and Jacobian patterns of one einsum, symbolically.
 
@@ -92,11 +111,25 @@ def derive(subscripts: str, *shapes) -> Derivation:
         *shapes: the operands' shapes; needed only to expand ``...`` and to see
             size-1 broadcasting.
 
+    Raises:
+        EinsumError: a bad spec, or a shape with a size that is negative or not
+            an integer (the operand and the axis named); a ``TypeError`` too
+            where the spec is not a string.
+
     Example:
         >>> str(derive('ij,jk->ik').vjp(1))
         'ik,ij->jk'
     """
-    return Derivation(subscripts, tuple(tuple(s) for s in shapes) if shapes else None)
+    if not isinstance(subscripts, str):
+        raise spec_type_error("derive", subscripts)
+    return _derive(subscripts, check_shapes(shapes, subscripts) if shapes else None)
+
+
+# Keyed by shapes too: as small as the plan caches (einsumgrad.plan.CACHE_SIZE),
+# so batch sizes that change every step do not grow it.
+@lru_cache(maxsize=512)
+def _derive(subscripts: str, shapes: tuple | None) -> Derivation:
+    return Derivation(subscripts, shapes)
 
 
 class VJP:

@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 from .derive import derive, vjp_pattern
 from .plan import path_info
-from .spec import name, render
+from .spec import ELLIPSIS, ELLIPSIS_GROUP, FRESH, name, render, spec_type_error
 from .tensor import toposort
 from .transforms import trace_call
 
@@ -16,7 +16,13 @@ def explain(spec: str, *shapes) -> str:
 
     Example:
         >>> print(explain('ij,jk->ik', (2, 3), (3, 4)))  # doctest: +SKIP
+
+    Raises:
+        EinsumError: a bad spec, or a shape whose size is negative or not an
+            integer (the operand and the axis named).
     """
+    if not isinstance(spec, str):
+        raise spec_type_error("explain", spec)
     d = derive(spec, *shapes)
     s = d.spec
     n = len(s.inputs)
@@ -30,6 +36,8 @@ def explain(spec: str, *shapes) -> str:
     summed = [l for l in s.labels if l not in s.output]
     if summed:
         lines.append("  summed over: " + ", ".join(name(l) for l in summed))
+    if any(l == ELLIPSIS_GROUP or ELLIPSIS <= l < FRESH for l in summed):
+        lines.append("  the output leaves out '...': its axes are summed")
     for k, t in enumerate(s.inputs):
         rep = sorted({name(l) for l in t if t.count(l) > 1})
         if rep:

@@ -10,6 +10,8 @@ letters happens only at the edge (:func:`render`).
 """
 from __future__ import annotations
 
+import operator
+import re
 from functools import lru_cache
 from typing import NamedTuple, Sequence
 
@@ -22,6 +24,53 @@ Labels = tuple  # tuple[int, ...]
 
 class EinsumError(ValueError):
     """A bad einsum spec or operands; the message names the index or operand at fault."""
+
+
+class EinsumTypeError(EinsumError, TypeError):
+    """A spec (or argument) of the wrong type, e.g. ``None`` or ``bytes`` for the
+    spec: a ``TypeError``, as NumPy and torch raise, and an :class:`EinsumError`."""
+
+
+class OperandIndexError(EinsumError, IndexError):
+    """An operand number out of range or not an integer (``derive(...).vjp(k)``):
+    an ``IndexError`` for indexing and an :class:`EinsumError`."""
+
+
+def spec_type_error(what: str, got) -> EinsumTypeError:
+    """The error for a spec that is not a ``str``, naming the type received."""
+    hint = ""
+    if isinstance(got, (bytes, bytearray)):
+        hint = f"; decode it first: {bytes(got)!r}.decode()"
+    return EinsumTypeError(f"{what}: the spec must be a string, got {type(got).__name__}{hint}")
+
+
+def check_shapes(shapes: Sequence, subscripts=None) -> tuple:
+    """The operands' shapes as tuples of Python ints (NumPy integers accepted).
+
+    Raises:
+        EinsumError: a shape that is not a sequence, or a size that is not an
+            integer or is negative; the message names the operand and the axis.
+    """
+    where = f" of {subscripts!r}" if isinstance(subscripts, str) else ""
+    out = []
+    for k, shape in enumerate(shapes):
+        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+            raise EinsumError(f"operand {k}{where}: a shape is a tuple of ints, "
+                              f"got {type(shape).__name__} {shape!r}")
+        sizes = []
+        for ax, n in enumerate(shape):
+            try:
+                if isinstance(n, bool):
+                    raise TypeError
+                n = operator.index(n)
+            except TypeError:
+                raise EinsumError(f"operand {k}{where}, axis {ax}: size {n!r} "
+                                  f"({type(n).__name__}) is not an integer") from None
+            if n < 0:
+                raise EinsumError(f"operand {k}{where}, axis {ax}: size {n} is negative")
+            sizes.append(n)
+        out.append(tuple(sizes))
+    return tuple(out)
 
 
 class Spec(NamedTuple):
@@ -69,10 +118,15 @@ def render_terms(inputs: Sequence[tuple], output: tuple, names: dict | None = No
         if l not in letters and _label_char(l):
             letters[l] = chr(l)
     ell = sorted({l for t in terms for l in t if l >= ELLIPSIS and l < FRESH})
-    # '...' prints only where NumPy would read it back: the output holds the
-    # whole group, and each input that has some of it holds a right-aligned run.
-    ell_ok = bool(ell) and _ellipsis_run(output, ell) == (output.index(ell[0]), len(ell)) \
-        if ell and ell[0] in output else False
+    # '...' prints only where it reads back: the output holds the whole group
+    # or none of it (then it is summed), and each input that has some of it
+    # holds a right-aligned run.
+    if not ell:
+        ell_ok = False
+    elif ell[0] in output:
+        ell_ok = _ellipsis_run(output, ell) == (output.index(ell[0]), len(ell))
+    else:
+        ell_ok = not any(l in ell for l in output)
     ell_ok = ell_ok and all(_ellipsis_run(t, ell) is not None for t in inputs
                             if any(l in ell for l in t))
     used = set(letters.values())
@@ -125,15 +179,28 @@ def parse(subscripts: str, ndims: tuple | None = None) -> Spec:
 
     Args:
         subscripts: NumPy's einsum grammar, e.g. ``'ij,jk->ik'``, ``'...ii'``.
+            Spaces are ignored, except inside ``...`` or ``->``. An explicit
+            output that leaves out the inputs' ``...`` sums its axes (as torch
+            and NumPy's optimized path do): ``'...i->i'``.
         ndims: the operands' ranks, which expand ``...``; ``None`` keeps each
             ``...`` as one opaque label (enough to derive patterns symbolically).
 
     Raises:
-        EinsumError: a bad character, a malformed arrow, a wrong operand count,
-            a rank that does not match the subscripts, or a bad output index.
+        EinsumError: a bad character, a malformed arrow, a space inside ``...``
+            or ``->``, a wrong operand count, a rank that does not match the
+            subscripts, or a bad output index; :class:`EinsumTypeError` (also a
+            ``TypeError``) for a spec that is not a string.
     """
     if not isinstance(subscripts, str):
-        raise EinsumError(f"einsum spec must be a string, got {type(subscripts).__name__}")
+        raise spec_type_error("einsum", subscripts)
+    # Spaces are ignored, as NumPy ignores them, except inside '...' and '->'
+    # (NumPy and torch refuse those: '. ..' and '- >' are no tokens).
+    if " " in subscripts:
+        if _SPACED_ELLIPSIS.search(subscripts):
+            raise EinsumError(f"a space inside '...' in {subscripts!r}: an ellipsis is three "
+                              f"dots together")
+        if _SPACED_ARROW.search(subscripts):
+            raise EinsumError(f"malformed arrow in {subscripts!r}: a space inside '->'")
     s = subscripts.replace(" ", "")
     if s.count("->") > 1:
         raise EinsumError(f"malformed arrow in {subscripts!r}: '->' may appear once")
@@ -182,9 +249,8 @@ def parse(subscripts: str, ndims: tuple | None = None) -> Spec:
         for l in flat:
             if flat.count(l) > 1:
                 raise EinsumError(f"output index {chr(l)!r} is repeated in {subscripts!r}")
-        if not has_ell and group_label and group_label != (ELLIPSIS_GROUP,):
-            raise EinsumError(f"{subscripts!r}: the inputs' '...' covers {len(group_label)} axes "
-                              f"but the output has no '...' to hold them")
+        # '...' in the inputs but not in the explicit output: its axes are
+        # summed, as torch and NumPy's optimize path do ('...i->i').
         output = letters[0] + (group_label if has_ell else ()) + letters[1]
     else:
         counts: dict = {}
@@ -208,8 +274,15 @@ def _split_term(term: str, who: str, subscripts: str) -> tuple:
     return (tuple(map(ord, before)), tuple(map(ord, after))), bool(ell)
 
 
+_SPACED_ELLIPSIS = re.compile(r"\. +\.")
+_SPACED_ARROW = re.compile(r"- +>")
+
+
 def name(label: int) -> str:
-    """A label as a person reads it: its letter, or '...[i]' for an ellipsis axis."""
+    """A label as a person reads it: its letter, '...[i]' for an ellipsis axis,
+    '...' for the whole ellipsis (no shapes given)."""
+    if label == ELLIPSIS_GROUP:
+        return "..."
     if 0 <= label < 128:
         return chr(label)
     if ELLIPSIS <= label < FRESH:

@@ -66,8 +66,21 @@ def test_patterns_are_cached_per_spec():
 
 
 def test_operand_out_of_range_raises():
-    with pytest.raises(IndexError, match="operand 2"):
-        eg.derive("ij,jk->ik").vjp(2)
+    # An EinsumError naming the operand count, and an IndexError as before.
+    for method in ("vjp", "jvp", "jacobian"):
+        for k in (2, -3, 0.0):
+            with pytest.raises(eg.EinsumError, match=f"operand.*{k}.*has 2 operands") as e:
+                getattr(eg.derive("ij,jk->ik"), method)(k)
+            assert isinstance(e.value, IndexError)
+
+
+def test_ellipsis_left_out_of_the_output_is_summed_in_every_pattern():
+    d = eg.derive("...ij,jk->ik", (5, 2, 3), (3, 4))
+    assert str(d.vjp(0)) == "ik,jk->ij | broadcast ij->...ij"
+    assert str(d.vjp(1)) == "ik,...ij->jk"
+    assert str(d.jvp(1)) == "...ij,jk->ik"
+    assert str(d.jacobian(1)) == "...ij->ik|jk"
+    assert d.out_shape == (2, 4)
 
 
 @pytest.mark.parametrize("spec,shapes", [
@@ -79,6 +92,7 @@ def test_operand_out_of_range_raises():
     ("ij,j->ij", [(2, 3), (1,)]),        # size-1 broadcast in the operand itself
     ("ii,i->i", [(1, 1), (3,)]),         # a repeated index broadcast from 1
     ("...i,...i->...", [(2, 1, 3), (4, 3)]),
+    ("...i,...i->i", [(2, 1, 3), (4, 3)]),  # '...' left out of the output: summed
 ])
 def test_jacobian_materialize_matches_torch(spec, shapes):
     rng = np.random.default_rng(0)

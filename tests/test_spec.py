@@ -49,6 +49,17 @@ def test_ellipsis_expands_right_aligned_from_the_ranks():
 
 def test_spaces_are_ignored():
     assert parse(" ij , jk -> ik ") == parse("ij,jk->ik")
+    assert parse("... i , i -> ... ", (2, 1)) == parse("...i,i->...", (2, 1))
+
+
+def test_ellipsis_left_out_of_an_explicit_output_is_summed():
+    # As torch and NumPy's optimize path: the axes under '...' are summed.
+    spec = parse("...ij,...j->i", (3, 1))
+    a = ELLIPSIS
+    assert spec.inputs == ((a, ord("i"), ord("j")), (ord("j"),))
+    assert spec.output == (ord("i"),)
+    assert str(spec) == "...ij,j->i"
+    assert parse("...i->i").output == (ord("i"),)  # no ranks: the opaque group summed
 
 
 # -- errors name the culprit ----------------------------------------------------------
@@ -75,7 +86,8 @@ def test_one_index_two_sizes_names_index_and_both_sizes():
     ("ij->i->j", [(2, 3)], "malformed arrow"),
     ("ii->i", [(2, 3)], "'i' is repeated in operand 0"),
     ("i...j...->", [(2, 3, 4)], "'...' more than once"),
-    ("...i->i", [(2, 3)], "no '...'"),
+    (". ..i->i", [(2, 3)], "space inside '...'"),
+    ("i- >i", [(3,)], "space inside '->'"),
 ])
 def test_bad_spec_raises_einsum_error_naming_the_culprit(spec, shapes, culprit):
     with pytest.raises(eg.EinsumError) as e:
@@ -89,6 +101,11 @@ def test_no_operands_and_non_string_spec():
         eg.einsum("ij->j")
     with pytest.raises(eg.EinsumError, match="must be a string"):
         eg.einsum(3, ones(2))
+    # derive: a TypeError, as NumPy and torch raise, and still an EinsumError.
+    for spec in (3, None, b"i"):
+        with pytest.raises(eg.EinsumError, match="must be a string") as e:
+            eg.derive(spec)
+        assert isinstance(e.value, TypeError) and type(spec).__name__ in str(e.value)
 
 
 def test_derive_validates_too():
@@ -96,6 +113,8 @@ def test_derive_validates_too():
         eg.derive("ij,jk->ik", (2, 3), (4, 5))
     with pytest.raises(eg.EinsumError, match="'k'"):
         eg.derive("ij->k")
+    with pytest.raises(eg.EinsumError, match="operand 1.*axis 0.*negative"):
+        eg.derive("ij,jk->ik", (2, 3), (-3, 4))
 
 
 def test_size_one_broadcasts_as_in_numpy():
