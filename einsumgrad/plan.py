@@ -1,21 +1,30 @@
 """The planner: a contraction order from opt_einsum, planned once and cached.
 
-A :class:`Plan` is made once per (spec, shapes, dtypes, backend) and then only
-runs. opt_einsum picks the pairwise order (for three or more operands); each
-pairwise step is lowered to the cheapest backend call: a (batched) ``matmul``
-when an index is contracted, a broadcast multiply when none is, a ``sum`` and
-a transpose for one operand, and the backend's own ``einsum`` only where a
-term repeats an index (diagonals).
+A :class:`Plan` is made once per (spec, shapes, dtypes, backend, optimize) and
+then only runs. opt_einsum picks the pairwise order (for three or more
+operands; ``optimize`` as opt_einsum's, or an explicit path as NumPy's
+``einsum_path`` gives); each pairwise step is lowered to the cheapest backend
+call: a (batched) ``matmul`` when an index is contracted, a broadcast multiply
+when none is, a ``sum`` and a transpose for one operand, and the backend's own
+``einsum`` only where a term repeats an index (diagonals) or a step takes more
+than two operands (``optimize=False``).
+
+Dtypes follow NumPy's einsum: operands of different dtypes are cast to
+``result_type`` of them all first, sums stay in that dtype (an ``int32``
+einsum gives ``int32``, not the platform integer ``numpy.sum`` gives), and a
+bool sum is an OR.
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import opt_einsum
+import opt_einsum.paths
 
 from .backends import Backend, common_backend, memory_order
-from .spec import Spec, fresh
+from .spec import EinsumError, EinsumTypeError, Spec, fresh
 
 class Bounded(dict):
     """A cache of at most ``size`` entries, the oldest made dropped first: shapes
@@ -45,14 +54,76 @@ def contract(spec: Spec, arrays: Sequence, order: tuple | None = None) -> object
     return plan_for(spec, arrays)(arrays, order)
 
 
-def plan_for(spec: Spec, arrays: Sequence):
+AUTO = "auto"  # the default path choice: opt_einsum's
+
+
+def path_option(optimize) -> object:
+    """``optimize`` as a hashable key of the plan caches, checked.
+
+    ``True`` and ``None`` are ``"auto"``; ``False`` contracts every operand in
+    one step (the backend's einsum); a string names an opt_einsum path
+    optimizer (``"greedy"``, ``"optimal"``, ``"auto"``, ``"dp"``, ...); a list
+    of tuples is an explicit path, with or without the ``"einsum_path"`` head
+    NumPy's ``einsum_path`` puts first; an opt_einsum ``PathOptimizer`` is used
+    as is. An explicit path is checked against the operands when planned.
+
+    Raises:
+        EinsumError: an unknown optimizer name or a malformed path entry.
+        EinsumTypeError (also a TypeError): ``optimize`` of another type.
+    """
+    if optimize is True or optimize is None:
+        return AUTO
+    if optimize is False:
+        return False
+    if isinstance(optimize, str):
+        try:
+            opt_einsum.paths.get_path_fn(optimize)
+        except KeyError:
+            raise EinsumError(f"einsum: unknown optimize={optimize!r}; use True, False, an "
+                              f"explicit path, or one of opt_einsum's path optimizers: "
+                              f"{', '.join(sorted(opt_einsum.paths._PATH_OPTIONS))}") from None
+        return optimize
+    if isinstance(optimize, opt_einsum.paths.PathOptimizer):
+        return optimize
+    if isinstance(optimize, (list, tuple)):
+        steps = list(optimize)
+        if steps and isinstance(steps[0], str) and steps[0] == "einsum_path":
+            steps = steps[1:]
+        path = []
+        for step in steps:
+            if isinstance(step, (str, bytes)) or not hasattr(step, "__iter__"):
+                raise EinsumError(f"einsum: optimize path entry {step!r} is not a tuple of "
+                                  f"operand positions")
+            pos = []
+            for p in step:
+                try:
+                    if isinstance(p, bool):
+                        raise TypeError
+                    pos.append(operator.index(p))
+                except TypeError:
+                    raise EinsumError(f"einsum: optimize path entry {tuple(step)!r} holds "
+                                      f"{p!r}, not an operand position") from None
+            path.append(tuple(pos))
+        return tuple(path)
+    raise EinsumTypeError(f"einsum: optimize must be a bool, a path optimizer's name or an "
+                          f"explicit path (a list of tuples), got {type(optimize).__name__}")
+
+
+def plan_for(spec: Spec, arrays: Sequence, optimize=AUTO):
     """The cached plan for ``spec`` at these arrays' shapes, dtypes and backend,
-    as a function of the arrays (and an optional output ``order``)."""
+    and the path choice ``optimize`` (see :func:`path_option`), as a function of
+    the arrays (and an optional output ``order``); ``.plan`` is the :class:`Plan`."""
     xp = common_backend(arrays)
-    key = (spec, tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays), xp.name)
+    if optimize is not AUTO:
+        optimize = path_option(optimize)
+    key = (spec, tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays), xp.name,
+           optimize)
     run = _plans.get(key)
     if run is None:
-        plan = Plan(spec, key[1])
+        # NumPy's einsum computes in the operands' result type: mixed operands
+        # are cast to it first.
+        cast = xp.result_type(*key[2]) if len(set(key[2])) > 1 else None
+        plan = Plan(spec, key[1], optimize, cast)
         run = _plans[key] = plan.bind(xp)
     return run
 
@@ -64,23 +135,45 @@ def letters_of(spec: Spec) -> str:
         "".join(sym[l] for l in spec.output)
 
 
-def path_info(spec: Spec, shapes: Sequence[tuple]):
+def path_info(spec: Spec, shapes: Sequence[tuple], optimize=AUTO):
     """opt_einsum's contraction path and its cost report for ``spec``."""
-    return opt_einsum.contract_path(letters_of(spec), *shapes, shapes=True, optimize="auto")
+    return opt_einsum.contract_path(letters_of(spec), *shapes, shapes=True, optimize=optimize)
+
+
+def _check_path(path: Sequence[tuple], n: int) -> list:
+    """An explicit contraction path, checked against ``n`` operands."""
+    left = n
+    for i, pos in enumerate(path):
+        if len(set(pos)) != len(pos):
+            raise EinsumError(f"einsum: optimize path step {i} {pos} names an operand twice")
+        bad = [p for p in pos if not 0 <= p < left]
+        if bad or not pos:
+            raise EinsumError(f"einsum: optimize path step {i} {pos} is out of range: "
+                              f"{left} operand(s) are left at that step, positions 0 to "
+                              f"{left - 1}")
+        left -= len(pos) - 1
+    if left != 1:
+        raise EinsumError(f"einsum: optimize path {list(path)} leaves {left} operands "
+                          f"uncontracted: a path contracts all {n} into one")
+    return [tuple(p) for p in path]
 
 
 class Plan:
-    """The steps that evaluate one spec at one set of shapes."""
+    """The steps that evaluate one spec at one set of shapes (and dtypes)."""
 
-    def __init__(self, spec: Spec, shapes: Sequence[tuple]):
+    def __init__(self, spec: Spec, shapes: Sequence[tuple], optimize=AUTO, cast=None):
         stats["planned"] += 1
         self.spec = spec
         sizes = {l: n for t, s in zip(spec.inputs, shapes) for l, n in zip(t, s)}
         terms = list(spec.inputs)
-        if len(terms) <= 2:
+        if isinstance(optimize, tuple):
+            path = _check_path(optimize, len(terms))
+        elif len(terms) <= 2 or optimize is False:
             path = [tuple(range(len(terms)))]
         else:
-            path = path_info(spec, shapes)[0]
+            path = [tuple(p) for p in path_info(spec, shapes, optimize)[0]]
+        self.path = path
+        self.cast = cast  # the dtype mixed operands are cast to first, or None
         self.steps = []
         for pos in path:
             pos = tuple(sorted(pos, reverse=True))
@@ -95,14 +188,22 @@ class Plan:
 
     def bind(self, xp: Backend):
         """This plan as a function of the arrays (and an output order), on backend ``xp``."""
-        if len(self.steps) == 1:
+        if self.cast is not None:
+            dt = self.cast
+            run = lambda arrays, order=None: self(xp, [a if a.dtype == dt else a.astype(dt)
+                                                       for a in arrays], order)
+        elif len(self.steps) == 1:
             step = self.steps[0][1]
             ordered = getattr(step, "ordered", None)
             if ordered is None:
-                return lambda arrays, order=None: step(xp, arrays)
-            return lambda arrays, order=None: (step(xp, arrays) if order is None
-                                               else ordered(xp, arrays, order))
-        return lambda arrays, order=None: self(xp, arrays, order)
+                run = lambda arrays, order=None: step(xp, arrays)
+            else:
+                run = lambda arrays, order=None: (step(xp, arrays) if order is None
+                                                  else ordered(xp, arrays, order))
+        else:
+            run = lambda arrays, order=None: self(xp, arrays, order)
+        run.plan = self
+        return run
 
     def __call__(self, xp: Backend, arrays: Sequence, order: tuple | None = None) -> object:
         arrays = list(arrays)
@@ -156,9 +257,14 @@ def _lower_one(term: tuple, result: tuple):
     keep = tuple(i for i, l in enumerate(term) if l in result)
 
     def reduce(xp, a):
-        if keep and a.size >= 4096 and a.dtype.kind in "fc":
-            return _sum_by_matvec(xp, a, summed, keep)
-        return xp.sum(a, axis=summed)
+        kind = a.dtype.kind
+        if kind in "fc":
+            if keep and a.size >= 4096:
+                return _sum_by_matvec(xp, a, summed, keep)
+            return xp.sum(a, axis=summed)
+        if kind == "b":  # NumPy's einsum sums bools as bools: an OR
+            return xp.any(a, axis=summed)
+        return xp.sum(a, axis=summed, dtype=a.dtype)  # an int32 sum stays int32
     if perm == tuple(range(len(perm))):
         return lambda xp, arrs: reduce(xp, arrs[0])
     return lambda xp, arrs: xp.transpose(reduce(xp, arrs[0]), perm)

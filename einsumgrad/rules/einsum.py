@@ -17,8 +17,8 @@ import numpy
 
 from ..backends import backend_of, common_backend, memory_order
 from ..derive import JVP, VJP, Jacobian, batched, derive, install_runner, vjp_pattern
-from ..plan import CACHE_SIZE, Bounded, contract, jacobian_of, plan_for
-from ..spec import EinsumError, Spec, letters
+from ..plan import CACHE_SIZE, Bounded, contract, jacobian_of, path_option, plan_for
+from ..spec import EinsumError, EinsumTypeError, Spec, letters, spec_type_error
 from ..tensor import (BatchMixingError, Primitive, Tensor, as_tensor, backprop, bind,
                       enable_grad, pair)
 from .shape import int_axis, normalize_axes, permutation, reshape
@@ -60,31 +60,78 @@ def _einsum_batch(bdims, shapes, out_shape, spec, run=None, order=None):
     return spec.output.index(label)
 
 
-def einsum(subscripts: str, *operands: Any) -> Tensor:
+def einsum(subscripts: str, *operands: Any, optimize="auto") -> Tensor:
     """NumPy's einsum on Tensors, differentiable to any order in both modes.
 
-    The full grammar: explicit and implicit output, ``...``, repeated indices
-    (diagonals, traces), indices summed away, size-1 broadcasting, any number
-    of operands. NumPy's second form, operands each followed by a sublist of
-    ints in ``[0, 52)`` (and ``...``), then an optional output sublist, works
-    too: ``einsum(a, [0, 1], b, [1, 2], [0, 2])`` is ``einsum('ab,bc->ac', a, b)``.
-    The contraction order is planned once by opt_einsum and cached per
-    (spec, shapes, dtypes, backend).
+    The full grammar: explicit and implicit output, ``...`` (summed where an
+    explicit output leaves it out, as torch and NumPy's optimized path do),
+    repeated indices (diagonals, traces), indices summed away, size-1
+    broadcasting, any number of operands. NumPy's second form, operands each
+    followed by a sublist of ints in ``[0, 52)`` (and ``...``), then an
+    optional output sublist, works too: ``einsum(a, [0, 1], b, [1, 2], [0, 2])``
+    is ``einsum('ab,bc->ac', a, b)``; so does torch's list form,
+    ``einsum('ij,jk->ik', [a, b])`` (one list or tuple of operands where the
+    spec names several, or a list of Tensors; a list NumPy would read as one
+    array-like operand, ``einsum('ij', [[1, 2], [3, 4]])``, is read as NumPy
+    reads it). Integer and bool einsums keep NumPy's result dtype.
+
+    ``optimize`` picks the contraction order for three or more operands, as
+    opt_einsum's: ``"auto"`` (the default; also ``True``), ``"greedy"``,
+    ``"optimal"``, ``"dp"``, ..., ``False`` (one step: the backend's einsum), or
+    an explicit path (``numpy.einsum_path``'s first result, or its list of
+    tuples). The plan is made once and cached per (spec, shapes, dtypes,
+    backend, optimize).
 
     Raises:
-        EinsumError: a bad spec, sublist or operands; the message names the culprit.
+        EinsumError: a bad spec, sublist, path or operands; the message names
+            the culprit. A spec that is not a string (``None``, ``bytes``) raises
+            one that is also a ``TypeError``, naming the type received.
     """
     if type(subscripts) is not str:
-        subscripts, operands = _from_sublists((subscripts,) + operands)
+        subscripts, operands = _spec_and_operands(subscripts, operands)
+    elif len(operands) == 1 and type(operands[0]) in (list, tuple):
+        operands = _list_form(subscripts, operands[0])
     ts = [o if type(o) is Tensor else _operand(o, k) for k, o in enumerate(operands)]
-    key = (subscripts,) + tuple((t.data.shape, t.data.dtype, type(t.data)) for t in ts)
+    if type(optimize) is not str or optimize != "auto":
+        optimize = path_option(optimize)
+    key = (subscripts, optimize) + tuple((t.data.shape, t.data.dtype, type(t.data)) for t in ts)
     hit = _prepared.get(key)
     if hit is None:
-        hit = _prepared[key] = _prepare(subscripts, ts)
+        hit = _prepared[key] = _prepare(subscripts, ts, optimize)
     clean, squeezed, run = hit
     if squeezed:
         ts = [reshape(t, s) if s is not None else t for t, s in zip(ts, squeezed)]
     return bind(einsum_p, *ts, spec=clean, run=run)
+
+
+def _spec_and_operands(first: Any, operands: tuple) -> tuple:
+    """A spec that is no plain ``str``: a ``str`` subclass (``numpy.str_``), or
+    NumPy's sublist form (the second argument a sublist); anything else is a
+    type error naming the type received (``None``, ``bytes``, a number...)."""
+    if isinstance(first, str):
+        return str(first), operands
+    if first is None or isinstance(first, (bytes, bytearray)) or not operands:
+        raise spec_type_error("einsum", first)
+    if _is_sublist(operands[0]):
+        return _from_sublists((first,) + operands)
+    raise EinsumTypeError(f"einsum: the spec must be a string, got {type(first).__name__}; "
+                          f"or, NumPy's second form, each operand followed by its sublist of "
+                          f"ints and ...: operand 0's sublist is a {type(operands[0]).__name__}")
+
+
+def _is_sublist(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) or (isinstance(x, numpy.ndarray) and x.ndim == 1
+                                            and x.dtype.kind in "iu")
+
+
+def _list_form(subscripts: str, ops: Any) -> tuple:
+    """torch's ``einsum(spec, [A, B])``: the list's items as the operands where
+    the spec names more than one operand (NumPy would refuse the call) or the
+    list holds Tensors only; otherwise the list is one array-like, as NumPy reads it."""
+    several = "," in subscripts.partition("->")[0]
+    if several or (ops and all(isinstance(o, Tensor) for o in ops)):
+        return tuple(ops)
+    return (ops,)
 
 
 _prepared = Bounded(CACHE_SIZE)  # (spec, shapes, dtypes, array types) -> parsed, planned
@@ -127,8 +174,8 @@ def _sublist_term(sub: Any, what: str) -> str:
     return "".join(term)
 
 
-def _prepare(subscripts: str, ts: list) -> tuple:
-    """Parse, check and plan once per (spec, shapes, dtypes, array types)."""
+def _prepare(subscripts: str, ts: list, optimize="auto") -> tuple:
+    """Parse, check and plan once per (spec, shapes, dtypes, array types, optimize)."""
     if not ts:
         raise EinsumError(f"einsum {subscripts!r} was given no operands")
     d = derive(subscripts, *[t.shape for t in ts])
@@ -136,7 +183,7 @@ def _prepare(subscripts: str, ts: list) -> tuple:
     squeezed = d.squeezed_shapes if any(s is not None for s in d.squeezed_shapes) else None
     arrays = [t.data if s is None else t.data.reshape(s)
               for t, s in zip(ts, squeezed or [None] * len(ts))]
-    return d.clean, squeezed, plan_for(d.clean, arrays)
+    return d.clean, squeezed, plan_for(d.clean, arrays, optimize)
 
 
 def _operand(o: Any, k: int) -> Tensor:
