@@ -20,17 +20,19 @@ from .backends import Backend, register_backend
 from .backends import backend_of as _backend_of
 from .derive import derive
 from .explain import Tape, explain, trace
-from .rules import (abs, astype, concatenate, cos, einsum, erf, exp, expand_dims, gelu, log,
-                    log_softmax, logsumexp, matmul, max, mean, moveaxis, relu, reshape, sigmoid,
-                    sin, softmax, softplus, sqrt, square, squeeze, stack, sum, swapaxes, tanh,
-                    transpose, where)
+from .creation import (arange, eye, from_dlpack, full, linspace, ones, ones_like, zeros,
+                       zeros_like)
+from .rules import (abs, astype, concatenate, copy, cos, einsum, erf, exp, expand_dims, flip,
+                    gelu, log, log_softmax, logsumexp, matmul, max, mean, moveaxis, pad, relu,
+                    reshape, sigmoid, sin, softmax, softplus, split, sqrt, square, squeeze, stack,
+                    sum, swapaxes, tanh, transpose, where)
 from .spec import EinsumError
 from .tensor import BatchMixingError, Tensor, TracerConversionError, enable_grad, no_grad
 from . import numpy_api as _numpy_api  # noqa: F401 (gives Tensor NumPy's protocols)
 from .transforms import (batch_hessian, batch_jacobian, directional, elementwise_grad, grad,
                          hessian, hvp, jacfwd, jacrev, jvp, value_and_grad, vjp)
 
-cat, unsqueeze = concatenate, expand_dims  # torch's spellings
+cat, unsqueeze, clone = concatenate, expand_dims, copy  # torch's spellings
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 
 import numpy
 
-from .backends import backend_of, device_backend, device_mismatch, in_order_of, to_backend
+from .backends import (Backend, backend_of, device_backend, device_mismatch, in_order_of,
+                       is_backend_array, to_backend)
 
 
 class BatchMixingError(ValueError):
@@ -235,9 +236,17 @@ class Tensor:
             extra = f", dtype={self.dtype}" + extra
         return f"tensor({body}{extra})"
 
-    def to(self, device: str) -> "Tensor":
-        """A copy on ``device`` ('cpu' or 'cuda'); differentiable is not kept."""
-        return Tensor(to_backend(self.data, device_backend(device)), self.requires_grad)
+    def to_device(self, device: Any) -> "Tensor":
+        """A copy on ``device`` ('cpu', 'cuda' or a Backend), cut from the graph (a leaf)."""
+        b = device if isinstance(device, Backend) else device_backend(device)
+        return Tensor(to_backend(self.data, b), self.requires_grad)
+
+    def __dlpack__(self, *args, **kwargs):
+        """The array's DLPack capsule: ``torch.from_dlpack(t)`` shares its memory."""
+        return self.data.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.data.__dlpack_device__()
 
     def detach(self) -> "Tensor":
         """The same data, cut from the graph."""
@@ -327,6 +336,11 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     """``x`` as a Tensor; a Python scalar takes the dtype NumPy would give it next to ``like``."""
     if isinstance(x, Tensor):
         return x
+    if hasattr(x, "shape") and not isinstance(x, (numpy.ndarray, numpy.generic)) \
+            and not is_backend_array(x):
+        raise TypeError(f"a {type(x).__module__}.{type(x).__name__} is not an array einsumgrad "
+                        f"runs on: wrap it with eg.tensor(x) (a copy) or eg.from_dlpack(x) "
+                        f"(the same memory)")
     if like is not None and isinstance(x, (int, float, bool)):
         xp = backend_of(like.data)
         return Tensor(xp.asarray(x, dtype=xp.result_type(like.data.dtype, x)))

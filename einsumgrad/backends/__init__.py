@@ -13,11 +13,11 @@ name (``xp.layer_norm``, ``xp.normal_cdf``, ``xp.threads_large_gemm``), never
 by importing a kernel module.
 """
 from .base import (KERNELS, Backend, DeviceMismatchError, backend_of, common_backend,
-                   device_backend, device_mismatch, in_order_of, memory_order, register_backend,
-                   register_lazy, to_backend)
+                   device_backend, device_mismatch, in_order_of, is_backend_array, memory_order,
+                   register_backend, register_lazy, to_backend)
 from .cupy_backend import cupy_backend
 from .numpy_backend import NUMPY
 
 __all__ = ["KERNELS", "NUMPY", "Backend", "DeviceMismatchError", "backend_of", "common_backend",
-           "cupy_backend", "device_backend", "device_mismatch", "in_order_of", "memory_order",
+           "cupy_backend", "device_backend", "device_mismatch", "in_order_of", "is_backend_array", "memory_order",
            "register_backend", "register_lazy", "to_backend"]

@@ -134,6 +134,11 @@ def backend_of(array: Any) -> Backend:
     return _registry[numpy.ndarray]
 
 
+def is_backend_array(array: Any) -> bool:
+    """Whether ``array``'s type belongs to a backend (NumPy, CuPy, ...), not another library."""
+    return type(array) in _registry or _lookup(type(array)) is not None
+
+
 def common_backend(arrays) -> Backend:
     """The one backend of several arrays; NumPy scalars adapt.
 

@@ -23,6 +23,7 @@ import numbers
 
 import numpy
 
+from ..backends import Backend
 from ..tensor import Tensor, as_tensor, pair, update
 from .einsum import (broadcast_to, constant_like, einsum, einsum_p, einsum_spec, matmul,
                      moveaxis, sum, sum_to, swapaxes, transpose)
@@ -33,8 +34,8 @@ from .norm import layer_norm
 from .convolution import patch_einsum, unpatch_einsum
 from .patches import as_pair, patches, unpatch
 from .reductions import log_softmax, logsumexp, max, mean, softmax
-from .shape import (assign, astype, concatenate, expand_dims, getitem, identity_p,
-                    normalize_axes, region, reshape, scatter_add, squeeze, stack)
+from .shape import (assign, astype, concatenate, copy, expand_dims, flip, getitem, identity_p,
+                    normalize_axes, pad, region, reshape, scatter_add, split, squeeze, stack)
 from .einsum import lift
 
 def _compare(fn):
@@ -119,6 +120,21 @@ def _flatten(x, start_dim: int = 0, end_dim: int = -1):
     return reshape(x, x.shape[:a] + (-1,) + x.shape[b + 1:])
 
 
+def _to(x, *args, dtype=None, device=None):
+    """``t.to(dtype)``, ``t.to(device)`` or both, as torch: a cast stays on the tape, a
+    move to another device gives a leaf there."""
+    for a in args:
+        if isinstance(a, Backend):
+            device = a
+            continue
+        try:
+            dtype = numpy.dtype(a)
+        except TypeError:  # 'cpu', 'cuda': not a dtype
+            device = a
+    y = x if dtype is None else astype(x, dtype)
+    return y if device is None else y.to_device(device)
+
+
 def _install_methods():
     T = Tensor
     T.__add__ = T.__radd__ = lambda x, y: add(x, y)
@@ -149,6 +165,10 @@ def _install_methods():
     T.flatten = _flatten
     T.ravel = lambda x: reshape(x, (x.size,))
     T.astype = astype
+    T.float = lambda x: astype(x, numpy.float32)  # torch's: float32
+    T.double = lambda x: astype(x, numpy.float64)
+    T.clone = T.copy = copy
+    T.to = _to
     T.transpose = lambda x, *axes: transpose(x, _axes_arg(axes))
     T.permute = lambda x, *dims: transpose(x, _axes_arg(dims))
     T.swapaxes = swapaxes

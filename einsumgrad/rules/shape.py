@@ -478,3 +478,88 @@ def stack(ts, axis=0) -> Tensor:
     (a,) = normalize_axes(axis, ts[0].ndim + 1)
     parts = [expand_dims(t, a) for t in ts]
     return bind(concat_p, *parts, axis=a - ts[0].ndim - 1)
+
+
+# -- copy, flip, split, pad -------------------------------------------------------------
+
+copy_p = Primitive("copy", lambda x: x.copy())  # a new buffer: changing it leaves x alone
+copy_p.defvjp(lambda k, g, out, x: g)
+copy_p.defjvp(lambda k, t, out, x: t)
+copy_p.defbatch(lambda bdims, shapes, out_shape: bdims[0])
+
+
+def copy(x: Tensor) -> Tensor:
+    """A copy of ``x`` on the tape (torch's ``clone``, NumPy's ``copy``)."""
+    return bind(copy_p, x)
+
+
+def flip(x: Tensor, axis=None) -> Tensor:
+    """``x`` reversed along ``axis`` (all axes if None), as NumPy's ``flip``: a view."""
+    axes = normalize_axes(axis, x.ndim)
+    return getitem(x, tuple(slice(None, None, -1) if a in axes else slice(None)
+                            for a in range(x.ndim)))
+
+
+def split(x: Tensor, indices_or_sections, axis=0) -> list:
+    """``x`` cut along ``axis`` as NumPy's ``split``: into that many equal parts
+    (an int), or at those indices (a sequence); each part a view.
+
+    Raises:
+        ValueError: a number of sections that does not divide the axis.
+    """
+    (a,) = normalize_axes(axis, x.ndim)
+    n = x.shape[a]
+    if isinstance(indices_or_sections, (int, numpy.integer)):
+        k = int(indices_or_sections)
+        if k <= 0 or n % k:
+            raise ValueError(f"split: {k} sections do not divide axis {a} of size {n} equally")
+        cuts = [n // k * i for i in range(1, k)]
+    else:
+        cuts = [int(i) for i in indices_or_sections]
+    bounds = [0] + cuts + [n]
+    lead = (slice(None),) * a
+    return [getitem(x, lead + (slice(lo, builtins.max(lo, hi)),))
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _pad_impl(x, width):
+    xp = backend_of(x)
+    full = ((0, 0),) * (x.ndim - len(width)) + width  # leading batch axes: not padded
+    return xp.pad(x, full)
+
+
+pad_p = Primitive("pad", _pad_impl)  # width covers the trailing axes: batch axes go first
+pad_p.defvjp(lambda k, g, out, x, width: getitem(
+    g, (Ellipsis,) + tuple(slice(b, b + n) for (b, _), n in zip(width, x.shape))))
+pad_p.defjvp(lambda k, t, out, x, width: bind(pad_p, t, width=width))
+
+
+@pad_p.defbatch
+def _pad_batch(bdims, shapes, out_shape, width):
+    b = bdims[0]
+    if width[b] != (0, 0):
+        raise BatchMixingError("pad adds rows along the batch axis: rows mix")
+    return b
+
+
+def pad(x: Tensor, pad_width) -> Tensor:
+    """``x`` with zeros around it, as NumPy's ``pad(x, pad_width)`` (constant mode):
+    ``pad_width`` an int, a ``(before, after)`` pair, or one pair per axis.
+
+    Raises:
+        ValueError: a negative width, or widths that do not fit the rank.
+    """
+    w = numpy.asarray(pad_width)
+    if w.dtype.kind not in "iu" or w.ndim > 2 or (w.ndim == 2 and w.shape[1] != 2):
+        raise ValueError(f"pad: pad_width {pad_width!r} is not an int, a (before, after) pair "
+                         f"or one pair per axis")
+    try:
+        w = numpy.broadcast_to(w.reshape((-1, 2) if w.ndim == 2 else (1, -1)
+                                         if w.ndim == 1 else (1, 1)), (x.ndim, 2))
+    except ValueError:
+        raise ValueError(f"pad: pad_width {pad_width!r} does not fit a tensor of rank "
+                         f"{x.ndim}") from None
+    if (w < 0).any():
+        raise ValueError(f"pad: negative width in {pad_width!r}")
+    width = tuple((int(b), int(a)) for b, a in w)
+    return bind(pad_p, x, width=width)

@@ -1,0 +1,171 @@
+"""The array surface a NumPy or PyTorch user types by habit: shape ops against
+NumPy (values) and torch (gradients), to second order against finite
+differences, forward mode, and their batch rules (``batch_jacobian`` through
+them matches ``jacrev``; along the batch axis they raise); constructors,
+casts, copies and DLPack."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import einsumgrad as eg
+from backends import NAME, npy, xb
+from einsumgrad.testing import check_grads
+
+shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
+
+
+def _x(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def _agree(ours, numpy_op, torch_op, x):
+    """Values as NumPy's (or both refuse), gradients as torch's."""
+    try:
+        want = numpy_op(x)
+    except (ValueError, TypeError, IndexError) as e:
+        with pytest.raises(type(e) if isinstance(e, TypeError) else ValueError):
+            ours(eg.tensor(xb(x)))
+        return
+    got = ours(eg.tensor(xb(x)))
+    np.testing.assert_array_equal(npy(got), want)
+    w = _x(np.shape(want), 1)
+    g = eg.grad(lambda t: (ours(t) * xb(w)).sum())(xb(x))
+    tx = torch.tensor(x, requires_grad=True)
+    (torch_op(tx) * torch.tensor(w)).sum().backward()
+    np.testing.assert_allclose(npy(g), tx.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(shapes, st.one_of(st.none(), st.integers(-3, 3), st.lists(st.integers(-3, 3), max_size=2)))
+def test_flip_as_numpy(shape, axis):
+    x = _x(shape)
+    try:
+        dims = tuple(range(len(shape))) if axis is None else tuple(np.atleast_1d(axis) % len(shape))
+    except ZeroDivisionError:
+        dims = ()
+    _agree(lambda t: eg.flip(t, axis), lambda v: np.flip(v, axis), lambda t: torch.flip(t, dims), x)
+
+
+@settings(max_examples=80, deadline=None)
+@given(shapes, st.one_of(st.integers(1, 4), st.lists(st.integers(0, 5), max_size=3)),
+       st.integers(-3, 3))
+def test_split_as_numpy(shape, sections, axis):
+    x = _x(shape)
+
+    def ours(t):
+        return eg.concatenate([p * (i + 1) for i, p in enumerate(eg.split(t, sections, axis))],
+                              axis)
+
+    def ref(v):
+        return np.concatenate([p * (i + 1) for i, p in enumerate(np.split(v, sections, axis))],
+                              axis)
+
+    def tref(t):
+        parts = np.split(np.arange(t.shape[axis]), sections)
+        return torch.cat([t.index_select(axis % t.ndim, torch.tensor(p, dtype=torch.long)) * (i + 1)
+                          for i, p in enumerate(parts)], axis % t.ndim)
+    _agree(ours, ref, tref, x)
+
+
+widths = st.one_of(st.integers(0, 2), st.tuples(st.integers(0, 2), st.integers(0, 2)),
+                   st.lists(st.tuples(st.integers(-1, 2), st.integers(0, 2)), min_size=1,
+                            max_size=3))
+
+
+@settings(max_examples=80, deadline=None)
+@given(shapes, widths)
+def test_pad_as_numpy(shape, width):
+    x = _x(shape)
+    w = np.broadcast_to(np.asarray(width).reshape(-1, 2) if np.ndim(width) else width,
+                        (len(shape), 2)) if np.asarray(width).size in (1, 2, 2 * len(shape)) \
+        else None
+
+    def tref(t):
+        flat = [int(n) for pair in reversed(w.tolist()) for n in pair]
+        return torch.nn.functional.pad(t, flat)
+    _agree(lambda t: eg.pad(t, width), lambda v: np.pad(v, width), tref, x)
+
+
+OPS = {
+    "flip": lambda x: eg.flip(x * x, -1),
+    "split": lambda x: eg.concatenate(eg.split(eg.tanh(x), [1], -1)[::-1], -1),
+    "pad": lambda x: eg.pad(eg.sin(x), ((0, 0), (1, 2))),
+    "stack": lambda x: eg.stack([x, x * x], -1),
+    "squeeze": lambda x: eg.squeeze(eg.expand_dims(x * x, (1, 3)), 1),
+    "astype": lambda x: eg.astype(eg.astype(x, np.float32), np.float64) + x * x,
+    "clone": lambda x: (x * x).clone() * x,
+}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_shape_ops_to_second_order_and_through_batch_rules(name):
+    f = OPS[name]
+    x = xb(_x((3, 4)))
+    if name != "astype":  # a float32 round trip is not float64-exact
+        check_grads(f, x, order=2)
+    J = npy(eg.jacrev(f)(x))  # (3, ..., 3, 4): batch_jacobian is its diagonal
+    B = npy(eg.batch_jacobian(f)(x))
+    np.testing.assert_allclose(B, np.stack([J[b][..., b, :] for b in range(3)]), atol=1e-6)
+    np.testing.assert_allclose(npy(eg.jacfwd(f)(x)), J, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("f", [lambda x: eg.flip(x, 0), lambda x: eg.pad(x, 1),
+                               lambda x: eg.concatenate(eg.split(x, 3, 0)[::-1], 0),
+                               lambda x: eg.concatenate([x, x], 0)],
+                         ids=["flip", "pad", "split", "concatenate"])
+def test_shape_ops_along_the_batch_axis_raise(f):
+    with pytest.raises(eg.BatchMixingError):
+        eg.batch_jacobian(f)(xb(_x((3, 2))))
+
+
+def test_constructors_as_numpy():
+    cpu = None if NAME == "numpy" else ("cuda" if NAME == "cupy" else "strict")
+    cases = [(eg.zeros(2, 3, device=cpu), np.zeros((2, 3))), (eg.zeros((2,), device=cpu), np.zeros(2)),
+             (eg.ones((2, 1), dtype=np.float32, device=cpu), np.ones((2, 1), np.float32)),
+             (eg.full((2,), 7, device=cpu), np.full((2,), 7)),
+             (eg.arange(5, device=cpu), np.arange(5)), (eg.arange(1.0, 2.0, 0.25, device=cpu),
+                                                        np.arange(1.0, 2.0, 0.25)),
+             (eg.eye(3, 2, device=cpu), np.eye(3, 2)), (eg.linspace(0, 1, 5, device=cpu),
+                                                        np.linspace(0, 1, 5))]
+    for got, want in cases:
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(npy(got), want)
+    t = eg.tensor(xb(_x((2, 3)).astype(np.float32)))
+    z = eg.zeros_like(t)
+    assert z.dtype == np.float32 and z.device == t.device and eg.ones_like(t, dtype=np.float64).dtype == np.float64
+    w = eg.zeros(3, requires_grad=True, device=cpu)
+    assert w.requires_grad and w.is_leaf
+    with pytest.raises(TypeError, match="floating-point"):
+        eg.arange(3, requires_grad=True)
+
+
+def test_casts_and_copies_stay_on_the_tape():
+    x = eg.tensor(xb(_x(3)), requires_grad=True)
+    y = x.float()
+    assert y.dtype == np.float32 and x.to(np.float32).dtype == np.float32
+    assert x.to("float32").dtype == np.float32 and y.double().dtype == np.float64
+    (y.double() * 2 + x.clone() + x.copy() + x.astype(np.float64)).sum().backward()
+    np.testing.assert_array_equal(npy(x.grad), [5.0, 5.0, 5.0])
+    c = x.clone()
+    with eg.no_grad():
+        c += 1.0  # its own buffer: x is untouched
+    np.testing.assert_array_equal(npy(c), npy(x) + 1.0)
+    assert x.astype(np.int64).requires_grad is False  # no gradient through integers, as torch
+
+
+@pytest.mark.skipif(NAME != "numpy", reason="host memory shared with torch")
+def test_dlpack_shares_memory_with_torch_and_raw_torch_tensors_are_refused():
+    t = eg.tensor(np.arange(3.0))
+    u = torch.from_dlpack(t)
+    u[0] = 42.0
+    assert npy(t)[0] == 42.0
+    v = torch.arange(4.0)
+    w = eg.from_dlpack(v)
+    v[1] = -1.0
+    assert npy(w)[1] == -1.0
+    with pytest.raises(TypeError, match=r"eg.tensor\(x\)"):
+        eg.exp(torch.ones(2))
+    with pytest.raises(TypeError, match="from_dlpack"):
+        eg.tensor([1.0]) + torch.ones(1)
