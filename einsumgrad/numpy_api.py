@@ -182,6 +182,13 @@ def _join(name: str, fn: Callable) -> Callable:
     return handler
 
 
+def _pad(array, pad_width, mode="constant", **kwargs):
+    zeros = numpy.all(numpy.asarray(kwargs.pop("constant_values", 0)) == 0)
+    if mode != "constant" or not zeros or kwargs:
+        raise _refuse(f"pad (mode {mode!r}, or a fill other than 0)", "eg.pad pads with zeros")
+    return ops.pad(_tensor(array), pad_width)
+
+
 def _where(condition, *xy):
     if not xy:  # numpy.where(cond): the indices, no derivative
         return numpy.where(_values(condition))
@@ -208,6 +215,11 @@ FUNCTIONS = {
     numpy.dot: _dot,
     numpy.outer: _outer,
     numpy.trace: _trace,
+    numpy.flip: lambda m, axis=None: ops.flip(_tensor(m), axis),
+    numpy.split: lambda ary, indices_or_sections, axis=0: ops.split(_tensor(ary),
+                                                                    indices_or_sections, axis),
+    numpy.pad: _pad,
+    numpy.copy: lambda a, order="K", subok=False: ops.copy(_tensor(a)),
 }
 
 # Results that carry no derivative: on any Tensor, computed on the values.
@@ -216,13 +228,13 @@ VALUE_FREE = {numpy.shape, numpy.ndim, numpy.size, numpy.result_type, numpy.isco
               numpy.array_equiv, numpy.argmax, numpy.argmin, numpy.argsort, numpy.argwhere,
               numpy.nonzero, numpy.flatnonzero, numpy.count_nonzero, numpy.any, numpy.all,
               numpy.searchsorted, numpy.may_share_memory, numpy.shares_memory,
-              numpy.min_scalar_type, numpy.isscalar}
+              numpy.min_scalar_type, numpy.isscalar, numpy.zeros_like, numpy.ones_like,
+              numpy.empty_like, numpy.full_like}
 
 _HINTS = {
     numpy.linalg.norm: "For the 2-norm: eg.sqrt((x * x).sum())",
     numpy.vdot: "Use eg.einsum('i,i->', x.ravel(), y.ravel())",
     numpy.tensordot: "Use eg.einsum with the contracted indices named",
-    numpy.copy: "Use x * 1.0 (a recorded copy)",
 }
 
 

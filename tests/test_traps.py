@@ -52,6 +52,10 @@ ON_THE_TAPE = {
                           lambda x: (x.reshape(3, 2).T * torch.tensor(A.T)).sum()),
     "trace outer": (lambda x: np.trace(np.outer(x[0], x[1])),
                     lambda x: torch.trace(torch.outer(x[0], x[1]))),
+    "flip pad": (lambda x: (np.pad(np.flip(x, 1), 1) ** 2).sum(),
+                 lambda x: (torch.nn.functional.pad(torch.flip(x, [1]), (1, 1, 1, 1)) ** 2).sum()),
+    "split copy": (lambda x: (np.copy(x) * np.split(x, 3, axis=1)[2]).sum(),
+                   lambda x: (x.clone() * x[:, 2:]).sum()),
     "squeeze expand_dims": (lambda x: np.sum(np.squeeze(np.expand_dims(x, 0)) ** 3),
                             lambda x: (x ** 3).sum()),
 }
