@@ -169,3 +169,20 @@ def test_dlpack_shares_memory_with_torch_and_raw_torch_tensors_are_refused():
         eg.exp(torch.ones(2))
     with pytest.raises(TypeError, match="from_dlpack"):
         eg.tensor([1.0]) + torch.ones(1)
+
+
+@pytest.mark.parametrize("name", ["sum", "mean", "max", "logsumexp", "softmax", "log_softmax"])
+def test_torch_spellings_dim_and_keepdim(name):
+    x = eg.tensor(xb(_x((2, 3, 4))))
+    fn = getattr(eg, name)
+    keep = {} if "softmax" in name else {"keepdim": True}
+    keeps = {} if "softmax" in name else {"keepdims": True}
+    np.testing.assert_array_equal(npy(fn(x, dim=1, **keep)), npy(fn(x, axis=1, **keeps)))
+    want = getattr(torch, name)(torch.tensor(npy(x)), dim=1, **keep)
+    want = want.values if name == "max" else want
+    np.testing.assert_allclose(npy(fn(x, dim=1, **keep)), want.numpy(), rtol=1e-12)
+    if hasattr(x, name):
+        np.testing.assert_array_equal(npy(getattr(x, name)(dim=1, **keep)),
+                                      npy(fn(x, axis=1, **keeps)))
+    with pytest.raises(TypeError, match="same argument"):
+        fn(x, axis=1, dim=1)

@@ -19,6 +19,7 @@ person adding a primitive imports :mod:`einsumgrad.extend`.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import numpy
@@ -38,6 +39,29 @@ from .shape import (assign, astype, concatenate, copy, expand_dims, flip, getite
                     normalize_axes, pad, region, reshape, scatter_add, split, squeeze, stack)
 from .einsum import lift
 
+def torch_spellings(fn):
+    """``fn`` taking torch's ``dim=`` / ``keepdim=`` for NumPy's ``axis=`` / ``keepdims=``.
+
+    Raises:
+        TypeError: both spellings of one argument given.
+    """
+    @functools.wraps(fn)
+    def wrapped(x, *args, dim=_UNSET, keepdim=_UNSET, **kwargs):
+        for torch_name, name, value in (("dim", "axis", dim), ("keepdim", "keepdims", keepdim)):
+            if value is not _UNSET:
+                if name in kwargs or (name == "axis" and args):
+                    raise TypeError(f"{fn.__name__}: {name}= and {torch_name}= name the same "
+                                    f"argument: give one")
+                kwargs[name] = value
+        return fn(x, *args, **kwargs)
+    return wrapped
+
+
+_UNSET = object()
+sum, mean, max, logsumexp, softmax, log_softmax = map(
+    torch_spellings, (sum, mean, max, logsumexp, softmax, log_softmax))
+
+
 def _compare(fn):
     """An element-wise comparison giving a bool Tensor (not recorded: it has no gradient).
 
@@ -52,14 +76,18 @@ def _compare(fn):
 
 
 def _reduction(fn):
-    def method(x, axis=None, keepdims=False, **numpy_kwargs):
-        # numpy.sum(t), numpy.mean(t), numpy.max(t) call these with their own
-        # keywords (out=None, dtype=None): fine while unset, refused by name if set.
+    def method(x, axis=None, keepdims=False, *, dim=_UNSET, keepdim=_UNSET, **numpy_kwargs):
+        # NumPy's out= and dtype= (as ndarray's methods take them) are refused
+        # by name when set; torch's dim= / keepdim= are axis= / keepdims=.
         given = sorted(k for k, v in numpy_kwargs.items() if v is not None)
         if given:
             raise TypeError(f"Tensor.{fn.__name__}: {', '.join(given)} not supported "
                             f"(einsumgrad reductions return a new Tensor)")
-        return fn(x, axis, keepdims)
+        if dim is not _UNSET:
+            if axis is not None:
+                raise TypeError(f"Tensor.{fn.__name__}: axis and dim name the same argument")
+            axis = dim
+        return fn(x, axis, keepdims if keepdim is _UNSET else keepdim)
     method.__name__, method.__doc__ = fn.__name__, fn.__doc__
     return method
 
