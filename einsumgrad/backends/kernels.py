@@ -149,14 +149,16 @@ def _build(numba, cache: bool) -> dict:
                 for i in range(x.shape[1]):
                     for j in range(x.shape[3]):
                         for c in range(x.shape[4]):
-                            if x[b, i, w, j, c] == out[b, w, c]:
+                            v, m = x[b, i, w, j, c], out[b, w, c]
+                            if v == m or (v != v and m != m):  # a NaN max: at its NaNs
                                 share[c] += one
                 for c in range(x.shape[4]):  # ties split g evenly, as max's rule
                     share[c] = g[b, w, c] * (one / share[c])
                 for i in range(x.shape[1]):
                     for j in range(x.shape[3]):
                         for c in range(x.shape[4]):
-                            hit = x[b, i, w, j, c] == out[b, w, c]
+                            v, m = x[b, i, w, j, c], out[b, w, c]
+                            hit = v == m or (v != v and m != m)
                             dx[b, i, w, j, c] = share[c] if hit else 0
 
     return {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp,
@@ -331,8 +333,7 @@ def window_max(x):
 def window_max_vjp(x, out, g):
     """``g / (ties)`` where ``x`` attains the max ``out`` of its window, else 0:
     max's VJP over a pooling view, laid out as ``x``, or None. A window whose
-    max is NaN attains it nowhere and gets 0 (the rule: 0, or NaN when some
-    other window ties; torch sends it to the NaN).
+    max is NaN attains it at its NaNs, as max's rule (and torch.max).
 
     Args:
         x: the pooling view ``(B, C, Ho, kh, Wo, kw)``.

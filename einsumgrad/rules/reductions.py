@@ -91,16 +91,19 @@ def _max_mask(x: Tensor, out: Tensor, axes: tuple) -> tuple:
     shaped like ``out``, or None where no window ties.
 
     Ties (windows of zeros after a ReLU) split the derivative evenly; the
-    split is applied on the small output side, not on the mask.
+    split is applied on the small output side, not on the mask. A window
+    whose max is NaN attains it at its NaNs (split between them), as torch.max.
     """
     xp = backend_of(x.data)
     n = math.prod(x.shape[a] for a in axes)
+    nan = bool(xp.isnan(out.data).any())  # a pass over the small side only
+    attains = lambda a, m: (a == m) | (xp.isnan(a) & xp.isnan(m)) if nan else a == m
     if n > _FOLD or n < 2 or x.ndim == len(axes):
-        mask = (x.data == xp.expand_dims(out.data, axes)).astype(x.dtype)
+        mask = attains(x.data, xp.expand_dims(out.data, axes)).astype(x.dtype)
         count = xp.sum(mask, axis=axes)
     else:  # in x's memory order, out lined up with it: long inner loops
         xm, axes_m, to_m, back, full_back = _in_memory_order(xp, x.data, axes)
-        hit = xm == _aligned(xp, to_m(out.data), xm, axes_m)
+        hit = attains(xm, _aligned(xp, to_m(out.data), xm, axes_m))
         # Counted in bytes (a window has at most _FOLD entries): 2x faster than
         # in floats. The mask stays bool: a product with it is as fast as with
         # floats, and the cast would be one more pass over the input's size.
