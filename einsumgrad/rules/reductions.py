@@ -21,7 +21,8 @@ def mean(x, axis=None, keepdims: bool = False) -> Tensor:
     """Mean over ``axis``: :func:`sum`'s einsum, scaled by ``1 / n``."""
     x = as_tensor(x)
     n = math.prod(x.shape[a] for a in normalize_axes(axis, x.ndim))
-    return sum(x, axis, keepdims) * (1.0 / n)
+    # Over no entries: 0 / 0, NaN, as NumPy and torch (the sum is 0).
+    return sum(x, axis, keepdims) * (1.0 / n if n else math.nan)
 
 
 # Reductions over a few small axes (pooling windows) run as element-wise ops over
