@@ -75,10 +75,17 @@ div_p = _binary("div", lambda x, y: x / y,
 
 
 def _pow_d(k, out, x, y):
-    if k == 0:
-        return y * x ** (y - 1)
-    safe = where(x.data > 0, x, 1.0)  # d/dy x**y = x**y log x, taken as 0 where x <= 0
-    return where(x.data > 0, out * log(safe), 0.0)
+    # As torch: x**0 is 1 for every x (0, inf, NaN too), so its derivative is 0;
+    # 0**y is 0 for y > 0, so d/dy is 0 there. Each case takes the base 1 there,
+    # whose terms are finite (not a where over 0 * inf = NaN), so every order
+    # stays finite; where no entry is such a case the base is x itself.
+    xp = backend_of(x.data)
+    if k == 0:  # d/dx x**y = y x**(y-1)
+        one = y.data == 0
+        return y * (where(one, 1.0, x) if xp.any(one) else x) ** (y - 1)
+    # d/dy x**y = x**y log x: NaN for a negative base (x**y is not differentiable in y)
+    one = (x.data == 0) & (y.data >= 0)
+    return out * log(where(one, 1.0, x) if xp.any(one) else x)
 
 
 pow_p = _binary("pow", lambda x, y: x ** y,
