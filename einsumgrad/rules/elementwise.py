@@ -109,6 +109,20 @@ def where(cond, x, y) -> Tensor:
     return bind(where_p, x, y, cond=cond)
 
 
+# exp(-x^2) and exp(-x^2 / 2) are 0 beyond |x| = 40 in every float dtype (exp(-800) is
+# below float64's smallest subnormal), and so is any power of x times them. Rules
+# evaluate such products at x clipped to +-40: 0 there, where at +-inf (or once x^2
+# overflows) they would be inf * 0 = NaN. The clip is a where with a constant mask, so
+# its derivative is 0 beyond, as the product's is; a NaN stays NaN.
+_TAIL = 40.0
+
+
+def _tame(x: Tensor) -> Tensor:
+    """``x`` clipped to ``[-40, 40]``, as an engine op (see ``_TAIL``)."""
+    xp = backend_of(x.data)
+    return where(xp.abs(x.data) > _TAIL, xp.copysign(_TAIL, x.data), x)
+
+
 def _unary(name, impl, deriv):
     """An element-wise primitive whose VJP and JVP both multiply by ``deriv(x, out)``."""
     p = Primitive(name, impl)
@@ -136,8 +150,13 @@ tanh, tanh_p = _unary("tanh", lambda x: backend_of(x).tanh(x), lambda x, out: 1.
 # limit from inside the domain), where 0.5 / out would give -inf.
 sqrt, sqrt_p = _unary("sqrt", lambda x: backend_of(x).sqrt(x), lambda x, out: 0.5 / (out + 0.0))
 
-erf, erf_p = _unary("erf", lambda x: backend_of(x).erf(x),
-                    lambda x, out: (2.0 / math.sqrt(math.pi)) * exp(-(x * x)))
+
+def _erf_d(x, out):
+    t = _tame(x)  # 2/sqrt(pi) exp(-x^2), 0 beyond |x| = 40 at every order (see _TAIL)
+    return (2.0 / math.sqrt(math.pi)) * exp(-(t * t))
+
+
+erf, erf_p = _unary("erf", lambda x: backend_of(x).erf(x), _erf_d)
 
 
 def _sigmoid(x):
@@ -195,28 +214,45 @@ def _normal_pdf_impl(x):
 
 
 # phi(x), the normal density, with its derivative -x phi(x).
-normal_pdf, normal_pdf_p = _unary("normal_pdf", _normal_pdf_impl, lambda x, out: -(x * out))
+normal_pdf, normal_pdf_p = _unary("normal_pdf", _normal_pdf_impl,
+                                  lambda x, out: -(_tame(x) * out))
 
 
 def _gelu_d_impl(x, cdf):
-    # GELU'(x) = Phi(x) + x phi(x): one new array, the rest in place.
+    # GELU'(x) = Phi(x) + x phi(x), x phi(x) at x clipped to +-40 (see _TAIL): 1 at
+    # +inf and 0 at -inf, not NaN. Two new arrays, the rest in place.
     xp = backend_of(x)
-    r = _normal_pdf_impl(x)
-    xp.multiply(r, x, out=r)
+    xc = xp.clip(x, -_TAIL, _TAIL)
+    r = _normal_pdf_impl(xc)
+    xp.multiply(r, xc, out=r)
     xp.add(r, cdf, out=r)
     return r
 
 
+def _gelu_dd(x):
+    # GELU''(x) = phi(x) (2 - x^2), in engine ops: every order stays differentiable;
+    # at x clipped to +-40, so 0 beyond (see _TAIL), not 0 * -inf.
+    t = _tame(x)
+    return normal_pdf(t) * (2.0 - t * t)
+
+
 gelu_d_p = Primitive("gelu_d", _gelu_d_impl)
-# GELU''(x) = phi(x) (2 - x^2), in engine ops: every order stays differentiable.
-_gelu_dd = lambda x: normal_pdf(x) * (2.0 - x * x)
 gelu_d_p.defvjp(lambda k, g, out, x, cdf: g * _gelu_dd(x))
 gelu_d_p.defjvp(lambda k, t, out, x, cdf: t * _gelu_dd(x))
 gelu_d_p.defbatch(elementwise_batch)
 
+
+def _gelu_impl(x, cdf):
+    # x Phi(x) with x floored at -40, where Phi(x) is 0: GELU(-inf) is 0, its limit,
+    # not -inf * 0 (a NaN stays NaN).
+    xp = backend_of(x)
+    r = xp.asarray(xp.maximum(x, -_TAIL))
+    return xp.multiply(r, cdf, out=r)
+
+
 # GELU(x) = x Phi(x). Phi(x) is computed once, forward, and kept on the node
 # as a constant: the derivative Phi + x phi reads it instead of another erf.
-gelu_p = Primitive("gelu", lambda x, cdf: backend_of(x).multiply(x, cdf))
+gelu_p = Primitive("gelu", _gelu_impl)
 gelu_p.defvjp(lambda k, g, out, x, cdf: g * bind(gelu_d_p, x, cdf=cdf))
 gelu_p.defjvp(lambda k, t, out, x, cdf: t * bind(gelu_d_p, x, cdf=cdf))
 gelu_p.defbatch(elementwise_batch)
@@ -226,8 +262,12 @@ def gelu(x, approximate: str = "none") -> Tensor:
     """GELU as ``torch.nn.functional.gelu``: exact erf form, or ``approximate='tanh'``."""
     x = as_tensor(x)
     if approximate == "tanh":
-        c = math.sqrt(2.0 / math.pi)
-        return 0.5 * x * (1.0 + tanh(c * (x + 0.044715 * x * x * x)))
+        # tanh(c (x + 0.044715 x^3)) is +-1 exactly beyond |x| = 40: there GELU is
+        # relu(x); inside it is taken at x clipped to +-40, so no derivative of any
+        # order, forward or reverse, meets inf * 0 (see _TAIL).
+        c, t = math.sqrt(2.0 / math.pi), _tame(x)
+        inner = 0.5 * t * (1.0 + tanh(c * (t + 0.044715 * t * t * t)))
+        return where(backend_of(x.data).abs(x.data) > _TAIL, relu(x), inner)
     if approximate != "none":
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
     return bind(gelu_p, x, cdf=_normal_cdf_impl(x.data))
