@@ -48,15 +48,32 @@ def _centered(x, axes, eps):
     return xp.reshape(d, x.shape), xp.reshape(1.0 / xp.sqrt(var + eps), keep)
 
 
+def _unoverflowed(x, axes, eps, xhat, s) -> tuple:
+    """``(xhat, s)`` with the rows whose variance overflowed (``s == 0`` though ``x``
+    is finite: 1e300 next to 0, whose normalized values are about +-1, or a sum past
+    the dtype's max) normalized again at ``x / m``, ``m = max |x|`` of the row, where
+    nothing overflows: ``xhat = d' r``, ``s = r / m`` with ``d' = x / m - mean`` and
+    ``r = 1 / sqrt(var' + eps / m^2)``. Other rows, and other arrays, as they were."""
+    xp = backend_of(x)
+    over = s == 0  # one entry per row
+    if not bool(xp.any(over)):
+        return xhat, s
+    m = xp.where(over, xp.max(xp.abs(x), axis=axes, keepdims=True), 1)
+    xs = x / m
+    d = xs - xp.mean(xs, axis=axes, keepdims=True)
+    r = 1.0 / xp.sqrt(xp.mean(d * d, axis=axes, keepdims=True) + eps / m / m)
+    return xp.where(over, d * r, xhat), xp.where(over, r / m, s)
+
+
 def _normalized(x, axes, eps) -> tuple:
     """``((x - mean) * s, s)`` with ``s = 1 / sqrt(var + eps)`` (axes kept as size 1)."""
     kernel = backend_of(x).layer_norm  # one pass over the rows where the backend has it
     fused = kernel(x, _width(x, axes), eps) if kernel else None
     if fused is not None:
-        return fused[0], fused[1].reshape(_kept(x, axes))
+        return _unoverflowed(x, axes, eps, fused[0], fused[1].reshape(_kept(x, axes)))
     d, s = _centered(x, axes, eps)
     d *= s
-    return d, s
+    return _unoverflowed(x, axes, eps, d, s)
 
 
 def _normalize_impl(x, axes, eps, stats=None):
@@ -94,15 +111,18 @@ def _normalize_fused(g, out, x, axes, eps, stats=None):
 
 def _inv_std_d(x, out, axes):
     # ds/dx = -s^3 (x - mean) / n, in engine ops: normalize's rule differentiates again.
+    # Taken as -s^2 (s (x - mean)) / n with the mean a sum of x / n: nothing overflows
+    # for a row near the dtype's max, where s is tiny and s^3 underflows.
     n = _width(x, axes)
-    return (out * out * out) * (-1.0 / n) * (x - mean(x, axes, keepdims=True))
+    centered = x - sum(x * (1.0 / n), axes, keepdims=True)
+    return (out * out) * (-1.0 / n) * (out * centered)
 
 
 # 1 / sqrt(var + eps) over trailing axes (kept as size 1): normalize's rule
 # needs it, as one primitive rather than six ops on the full activation
 # (``value``: the forward's, where it has it).
 inv_std_p = Primitive("inv_std", lambda x, axes, eps, value=None:
-                      _centered(x, axes, eps)[1] if value is None else value)
+                      _normalized(x, axes, eps)[1] if value is None else value)
 inv_std_p.defvjp(lambda k, g, out, x, axes, eps, value=None: g * _inv_std_d(x, out, axes))
 inv_std_p.defjvp(lambda k, t, out, x, axes, eps, value=None:
                  sum(t * _inv_std_d(x, out, axes), axes, keepdims=True))
@@ -182,7 +202,7 @@ def _layer_norm_stats(x, axes, eps, w, b) -> tuple:
     """``(xhat * w + b, xhat, s)``: the output and what the rules keep."""
     kernel = backend_of(x).layer_norm
     fused = kernel(x, _width(x, axes), eps, w, b) if kernel else None
-    if fused is not None:
+    if fused is not None and not bool(backend_of(x).any(fused[2] == 0)):  # else overflowed
         y, xhat, s = fused
         return y, xhat, s.reshape(_kept(x, axes))
     xhat, s = _normalized(x, axes, eps)
