@@ -22,10 +22,11 @@ from .derive import derive
 from .explain import Tape, explain, trace
 from .creation import (arange, eye, from_dlpack, full, linspace, ones, ones_like, zeros,
                        zeros_like)
-from .rules import (abs, astype, concatenate, copy, cos, einsum, erf, exp, expand_dims, flip,
-                    gelu, log, log_softmax, logsumexp, matmul, max, mean, moveaxis, pad, relu,
-                    reshape, sigmoid, sin, softmax, softplus, split, sqrt, square, squeeze, stack,
-                    sum, swapaxes, tanh, transpose, where)
+from .rules import (abs, argmax, argmin, astype, clamp, clip, concatenate, copy, cos, cumsum,
+                    einsum, erf, exp, expand_dims, flip, floor_divide, gelu, log, log_softmax,
+                    logsumexp, matmul, max, maximum, mean, min, minimum, moveaxis, pad, prod, relu,
+                    remainder, reshape, sigmoid, sin, softmax, softplus, split, sqrt, square,
+                    squeeze, stack, std, sum, swapaxes, tanh, transpose, var, where)
 from .spec import EinsumError
 from .tensor import BatchMixingError, Tensor, TracerConversionError, enable_grad, no_grad
 from . import numpy_api as _numpy_api  # noqa: F401 (gives Tensor NumPy's protocols)

@@ -79,6 +79,8 @@ UFUNCS = {
     numpy.negative: ops.neg, numpy.positive: lambda x: x, numpy.absolute: ops.abs,
     numpy.exp: ops.exp, numpy.log: ops.log, numpy.sqrt: ops.sqrt, numpy.square: ops.square,
     numpy.sin: ops.sin, numpy.cos: ops.cos, numpy.tanh: ops.tanh,
+    numpy.maximum: ops.maximum, numpy.minimum: ops.minimum,
+    numpy.floor_divide: ops.floor_divide, numpy.remainder: ops.remainder,
     numpy.less: _compare("__lt__"), numpy.less_equal: _compare("__le__"),
     numpy.greater: _compare("__gt__"), numpy.greater_equal: _compare("__ge__"),
     numpy.equal: _compare("__eq__"), numpy.not_equal: _compare("__ne__"),
@@ -131,6 +133,18 @@ def _reduction(name: str, fn: Callable) -> Callable:
         _unset(name, {"dtype": dtype, "out": out, **rest})
         return fn(_tensor(a), axis, keepdims)
     return handler
+
+
+def _moment(name: str, fn: Callable) -> Callable:
+    def handler(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, **rest):
+        _unset(name, {"dtype": dtype, "out": out, **rest})
+        return fn(_tensor(a), axis, ddof, keepdims)
+    return handler
+
+
+def _clip(a, a_min=None, a_max=None, out=None, *, min=None, max=None, **kwargs):
+    _unset("clip", {"out": out, **kwargs})
+    return ops.clip(_tensor(a), a_min if min is None else min, a_max if max is None else max)
 
 
 def _tensor(a) -> Tensor:
@@ -201,6 +215,14 @@ FUNCTIONS = {
     numpy.mean: _reduction("mean", ops.mean),
     numpy.max: _reduction("max", ops.max),
     numpy.amax: _reduction("amax", ops.max),
+    numpy.min: _reduction("min", ops.min),
+    numpy.amin: _reduction("amin", ops.min),
+    numpy.prod: _reduction("prod", ops.prod),
+    numpy.var: _moment("var", ops.var),
+    numpy.std: _moment("std", ops.std),
+    numpy.cumsum: lambda a, axis=None, dtype=None, out=None: (
+        _unset("cumsum", {"dtype": dtype, "out": out}) or ops.cumsum(_tensor(a), axis)),
+    numpy.clip: _clip,
     numpy.reshape: _reshape,
     numpy.ravel: lambda a, order="C": _reshape(a, (-1,), order),
     numpy.transpose: lambda a, axes=None: ops.transpose(_tensor(a), axes),

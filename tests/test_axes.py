@@ -131,7 +131,18 @@ REDUCTIONS = {
     "max": (eg.max, np.max, lambda t, a: torch.amax(t, dim=a) if a != () else t),
     "logsumexp": (eg.logsumexp, lambda v, axis: np.log(np.sum(np.asarray(np.exp(v)), axis=axis)),
                   lambda t, a: torch.logsumexp(t, dim=a) if a != () else t),
+    "min": (eg.min, np.min, lambda t, a: torch.amin(t, dim=a) if a != () else t),
+    "prod": (eg.prod, np.prod, lambda t, a: _torch_prod(t, a)),
+    "var": (eg.var, np.var, lambda t, a: torch.var(t, dim=a, correction=0) if a != () else t * 0),
+    "std": (lambda t, axis: eg.std(t * t + 1.0, axis), lambda v, axis: np.std(v * v + 1.0, axis=axis),
+            lambda t, a: torch.std(t * t + 1.0, dim=a, correction=0) if a != () else t * 0),
 }
+
+
+def _torch_prod(t, dims):
+    for d in sorted((dims,) if isinstance(dims, int) else dims, reverse=True):
+        t = torch.prod(t, d)
+    return t
 
 
 @settings(max_examples=200, deadline=None)
@@ -139,12 +150,36 @@ REDUCTIONS = {
 def test_reductions_take_axes_as_numpy(shape, axis, name):
     ours, ref, tref = REDUCTIONS[name]
     x = _x(shape)
-    if name == "max" and (x.size == 0 or axis == ()):
+    if name in ("max", "min") and (x.size == 0 or axis == ()):
         return  # NumPy's max over no axis is the identity; ours too, checked by sum
     # A 0-d tensor has no axis 0: NumPy's sum takes one, its mean refuses it.
     _check(lambda t: ours(t, axis), lambda v: ref(v, axis=axis),
            lambda t: tref(t, _dims(axis, len(shape))), x,
            refuse=shape == () and axis not in (None, ()))
+
+
+@settings(max_examples=100, deadline=None)
+@given(shapes, st.one_of(st.none(), st.integers(-5, 5), some_axes), st.booleans())
+def test_cumsum_and_argmax_take_one_axis_as_numpy(shape, axis, arg):
+    x = _x(shape)
+    if arg:
+        for name in ("argmax", "argmin"):
+            try:
+                if shape == () and isinstance(axis, int):
+                    raise ValueError("a 0-d tensor has no axis 0")  # NumPy's argmax takes one
+                want = getattr(np, name)(x, axis=axis)
+            except (ValueError, TypeError) as e:
+                with pytest.raises(type(e) if isinstance(e, TypeError) else ValueError):
+                    getattr(eg.tensor(xb(x)), name)(axis)
+                continue
+            np.testing.assert_array_equal(npy(getattr(eg.tensor(xb(x)), name)(axis)), want)
+        return
+    dim = axis % len(shape) if isinstance(axis, int) and shape and -len(shape) <= axis < len(shape) \
+        else axis
+    tref = (lambda t: torch.cumsum(t.reshape(-1), 0)) if axis is None else \
+        (lambda t: torch.cumsum(t, dim))
+    _check(lambda t: eg.cumsum(t, axis), lambda v: np.cumsum(v, axis=axis), tref, x,
+           refuse=shape == () and isinstance(axis, int))
 
 
 @settings(max_examples=100, deadline=None)

@@ -96,6 +96,12 @@ OPS = {
     "squeeze": lambda x: eg.squeeze(eg.expand_dims(x * x, (1, 3)), 1),
     "astype": lambda x: eg.astype(eg.astype(x, np.float32), np.float64) + x * x,
     "clone": lambda x: (x * x).clone() * x,
+    "maximum": lambda x: eg.maximum(x * x, eg.sin(x)) + eg.minimum(x, 0.3),
+    "clip": lambda x: eg.clip(x * x, 0.1, 1.0) * x,
+    "remainder": lambda x: (x * 3.0) % 1.7 + x * (x // 0.5),
+    "min prod": lambda x: eg.min(x * x, 1, keepdims=True) * eg.prod(x + 2.0, 1, keepdims=True),
+    "var std": lambda x: eg.var(x, 1, keepdims=True) * x + eg.std(x, -1, ddof=1, keepdims=True),
+    "cumsum": lambda x: eg.cumsum(eg.tanh(x), 1) * x,
 }
 
 
@@ -113,8 +119,11 @@ def test_shape_ops_to_second_order_and_through_batch_rules(name):
 
 @pytest.mark.parametrize("f", [lambda x: eg.flip(x, 0), lambda x: eg.pad(x, 1),
                                lambda x: eg.concatenate(eg.split(x, 3, 0)[::-1], 0),
-                               lambda x: eg.concatenate([x, x], 0)],
-                         ids=["flip", "pad", "split", "concatenate"])
+                               lambda x: eg.concatenate([x, x], 0),
+                               lambda x: x * eg.prod(x, 0), lambda x: eg.cumsum(x, 0),
+                               lambda x: x - eg.var(x, 0), lambda x: eg.maximum(x, x[::-1])],
+                         ids=["flip", "pad", "split", "concatenate", "prod", "cumsum", "var",
+                              "maximum"])
 def test_shape_ops_along_the_batch_axis_raise(f):
     with pytest.raises(eg.BatchMixingError):
         eg.batch_jacobian(f)(xb(_x((3, 2))))
@@ -186,3 +195,45 @@ def test_torch_spellings_dim_and_keepdim(name):
                                       npy(fn(x, axis=1, **keeps)))
     with pytest.raises(TypeError, match="same argument"):
         fn(x, axis=1, dim=1)
+
+
+binary_shapes = st.sampled_from([((3,), (3,)), ((2, 3), (3,)), ((2, 1), (1, 3)), ((), (2,))])
+
+
+@settings(max_examples=60, deadline=None)
+@given(binary_shapes, st.sampled_from(["maximum", "minimum", "remainder"]), st.booleans())
+def test_binary_ops_as_numpy_values_and_torch_gradients(shapes, name, ties):
+    a, b = (np.round(_x(s, i), 0 if ties else 6) + (3.0 if name == "remainder" and i else 0.0)
+            for i, s in enumerate(shapes))
+    got = getattr(eg, name)(eg.tensor(xb(a)), eg.tensor(xb(b)))
+    np.testing.assert_array_equal(npy(got), getattr(np, name)(a, b))
+    ga, gb = eg.grad(lambda x, y: getattr(eg, name)(x, y).sum(), (0, 1))(xb(a), xb(b))
+    ta, tb = (torch.tensor(v, requires_grad=True) for v in (a, b))
+    getattr(torch, name)(ta, tb).sum().backward()
+    np.testing.assert_allclose(npy(ga), ta.grad.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(npy(gb), tb.grad.numpy(), rtol=1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(npy(eg.tensor(xb(a)) // xb(b)), a // b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.one_of(st.none(), st.floats(-1, 0)), st.one_of(st.none(), st.floats(0, 1)))
+def test_clip_as_numpy_values_and_torch_clamp_gradients(shape, lo, hi):
+    x = np.round(_x(shape), 1)
+    if lo is None and hi is None:
+        with pytest.raises(ValueError):
+            eg.clip(eg.tensor(xb(x)), lo, hi)
+        return
+    _agree(lambda t: eg.clip(t, lo, hi), lambda v: np.clip(v, lo, hi),
+           lambda t: torch.clamp(t, lo, hi), x)
+
+
+def test_prod_gradient_with_zeros_is_torchs():
+    x = np.array([[1.0, 2.0, 3.0], [0.0, 2.0, 4.0], [0.0, 0.0, 5.0]])
+    t = torch.tensor(x, requires_grad=True)
+    torch.prod(t, 1).sum().backward()
+    np.testing.assert_array_equal(npy(eg.grad(lambda a: eg.prod(a, 1).sum())(xb(x))), t.grad.numpy())
+    # Second order exact where a row has at most one zero.
+    H = npy(eg.hessian(lambda a: eg.prod(a, 1).sum())(xb(x[:2])))
+    Ht = torch.func.hessian(lambda a: torch.prod(a, 1).sum())(torch.tensor(x[:2])).numpy()
+    np.testing.assert_allclose(H, Ht, atol=1e-12)

@@ -28,13 +28,14 @@ from ..backends import Backend
 from ..tensor import Tensor, as_tensor, pair, update
 from .einsum import (broadcast_to, constant_like, einsum, einsum_p, einsum_spec, matmul,
                      moveaxis, sum, sum_to, swapaxes, transpose)
-from .elementwise import (abs, add, add_bias, cos, div, erf, exp, gelu, log, mul, neg,
-                          normal_pdf, power, relu, sigmoid, sin, softplus, sqrt, square, sub,
-                          tanh, where)
+from .elementwise import (abs, add, add_bias, clip, cos, div, erf, exp, floor_divide, gelu, log,
+                          maximum, minimum, mul, neg, normal_pdf, power, relu, remainder, sigmoid,
+                          sin, softplus, sqrt, square, sub, tanh, where)
 from .norm import layer_norm
 from .convolution import patch_einsum, unpatch_einsum
 from .patches import as_pair, patches, unpatch
-from .reductions import log_softmax, logsumexp, max, mean, softmax
+from .reductions import (argmax, argmin, cumsum, log_softmax, logsumexp, max, mean, min, prod,
+                         softmax, std, var)
 from .shape import (assign, astype, concatenate, copy, expand_dims, flip, getitem, identity_p,
                     normalize_axes, pad, region, reshape, scatter_add, split, squeeze, stack)
 from .einsum import lift
@@ -49,17 +50,22 @@ def torch_spellings(fn):
     def wrapped(x, *args, dim=_UNSET, keepdim=_UNSET, **kwargs):
         for torch_name, name, value in (("dim", "axis", dim), ("keepdim", "keepdims", keepdim)):
             if value is not _UNSET:
-                if name in kwargs or (name == "axis" and args):
+                given = args[0] if name == "axis" and args else kwargs.get(name)
+                if given not in (None, False):
                     raise TypeError(f"{fn.__name__}: {name}= and {torch_name}= name the same "
                                     f"argument: give one")
+                if name == "axis" and args:
+                    args = args[1:]
                 kwargs[name] = value
         return fn(x, *args, **kwargs)
     return wrapped
 
 
 _UNSET = object()
-sum, mean, max, logsumexp, softmax, log_softmax = map(
-    torch_spellings, (sum, mean, max, logsumexp, softmax, log_softmax))
+(sum, mean, max, min, prod, var, std, argmax, argmin, cumsum, logsumexp, softmax,
+ log_softmax) = map(torch_spellings, (sum, mean, max, min, prod, var, std, argmax, argmin, cumsum,
+                                      logsumexp, softmax, log_softmax))
+clamp = clip
 
 
 def _compare(fn):
@@ -186,7 +192,11 @@ def _install_methods():
     T.__ne__ = _compare(lambda a, b: a != b)
     T.__hash__ = object.__hash__  # by identity: the engine keys by id(), never by ==
     T.T = property(lambda x: transpose(x))
-    T.sum, T.mean, T.max = _reduction(sum), _reduction(mean), _reduction(max)
+    T.sum, T.mean, T.max, T.min, T.prod = map(_reduction, (sum, mean, max, min, prod))
+    T.var, T.std, T.argmax, T.argmin, T.cumsum = var, std, argmax, argmin, cumsum
+    T.clip = T.clamp = clip
+    T.__floordiv__, T.__rfloordiv__ = (lambda x, y: floor_divide(x, y)), (lambda x, y: floor_divide(y, x))
+    T.__mod__, T.__rmod__ = (lambda x, y: remainder(x, y)), (lambda x, y: remainder(y, x))
     T.reshape = lambda x, *shape: reshape(x, *shape)
     T.squeeze = lambda x, axis=None, dim=None: squeeze(x, axis if dim is None else dim)
     T.unsqueeze = lambda x, dim: expand_dims(x, dim)

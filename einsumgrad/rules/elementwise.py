@@ -303,3 +303,63 @@ add_bias_p = _binary("add_bias", add_bias_array, _through, _through)
 def add_bias(y: Tensor, b) -> Tensor:
     """``y + b`` for a ``y`` a layer just computed and hands on to nobody else."""
     return bind(add_bias_p, y, as_tensor(b, like=y))
+
+
+# -- maximum, minimum, clip, //, % ------------------------------------------------------
+
+def _extremum_rule(pick):
+    """maximum's (``pick`` 1) or minimum's (-1) VJP/JVP weight for input ``k``, as
+    torch: 1 where that input is picked, 1/2 each on a tie, 0 where the other is
+    (both 1 where a NaN makes neither comparison hold)."""
+    def rule(k, g, out, x, y):
+        xp = backend_of(x.data)
+        a, b = (x.data, y.data) if k == 0 else (y.data, x.data)
+        lost = (a < b) if pick > 0 else (a > b)
+        w = xp.where(a == b, 0.5, xp.where(lost, 0.0, 1.0))
+        return g * _const(out, w)
+    return rule
+
+
+maximum_p = _binary("maximum", lambda x, y: common_backend((x, y)).maximum(x, y),
+                    _extremum_rule(1), _extremum_rule(1))
+minimum_p = _binary("minimum", lambda x, y: common_backend((x, y)).minimum(x, y),
+                    _extremum_rule(-1), _extremum_rule(-1))
+
+
+def _floor_quotient(x: Tensor, y: Tensor) -> Tensor:
+    return Tensor(common_backend((x.data, y.data)).floor_divide(x.data, y.data))
+
+
+# x % y = x - floor(x / y) y: d/dx 1, d/dy -floor(x / y) (a constant), as torch.
+remainder_p = _binary("remainder", lambda x, y: common_backend((x, y)).remainder(x, y),
+                      lambda k, g, out, x, y: g if k == 0 else -(g * _floor_quotient(x, y)),
+                      lambda k, t, out, x, y: t if k == 0 else -(t * _floor_quotient(x, y)))
+
+maximum, minimum, remainder = (_binop(p) for p in (maximum_p, minimum_p, remainder_p))
+
+
+def floor_divide(x, y) -> Tensor:
+    """``x // y``: piecewise constant, so it leaves the tape (no gradient), as torch."""
+    return _floor_quotient(*pair(x, y))
+
+
+def clip(x, a_min=None, a_max=None) -> Tensor:
+    """``x`` limited to ``[a_min, a_max]`` (either may be None), as NumPy's ``clip``.
+
+    The gradient goes to ``x`` inside the bounds (both included) and to a bound
+    (a Tensor may require grad) where it is taken, as torch's ``clamp``; a NaN
+    stays NaN with no gradient.
+    """
+    x = as_tensor(x)
+    if a_min is None and a_max is None:
+        raise ValueError("clip: give a_min, a_max or both")
+    xp = backend_of(x.data)
+    nan = xp.isnan(x.data)
+    r = where(nan, _const(x, xp.asarray(math.nan)), x) if nan.any() else x
+    if a_max is not None:
+        hi = as_tensor(a_max, like=x)
+        r = where(x.data > hi.data, hi, r)
+    if a_min is not None:
+        lo = as_tensor(a_min, like=x)
+        r = where(x.data < lo.data, lo, r)
+    return r

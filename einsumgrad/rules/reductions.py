@@ -13,8 +13,8 @@ import math
 from ..backends import backend_of, memory_order
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
 from .einsum import sum
-from .elementwise import exp, log
-from .shape import int_axis, normalize_axes, reshape
+from .elementwise import exp, log, where
+from .shape import getitem, int_axis, normalize_axes, reshape
 
 
 def mean(x, axis=None, keepdims: bool = False) -> Tensor:
@@ -297,3 +297,125 @@ def log_softmax(x, axis=-1) -> Tensor:
     """``x - logsumexp(x)`` along ``axis``, stable for large inputs."""
     x = as_tensor(x)
     return bind(log_softmax_p, x, axis=normalize_axes(int_axis(axis), x.ndim)[0] - x.ndim)
+
+
+# -- min, argmax, var, std, prod, cumsum ----------------------------------------------------
+
+def min(x, axis=None, keepdims: bool = False) -> Tensor:
+    """Minimum over ``axis``: ``-max(-x)``, so ties and NaNs behave as in :func:`max`."""
+    return -max(-as_tensor(x), axis, keepdims)
+
+
+def _arg(name: str):
+    def arg(x, axis=None, keepdims: bool = False) -> Tensor:
+        x = as_tensor(x)
+        if axis is not None:
+            (axis,) = normalize_axes(int_axis(axis), x.ndim)
+        xp = backend_of(x.data)
+        r = getattr(xp, name)(x.data, axis=axis)
+        if keepdims:
+            r = r.reshape(tuple(1 if axis in (None, a) else n for a, n in enumerate(x.shape)))
+        return Tensor(xp.asarray(r))  # integer indices: no gradient
+    arg.__name__ = name
+    arg.__doc__ = f"NumPy's ``{name}`` (one axis, or the flattened tensor): an integer Tensor."
+    return arg
+
+
+argmax, argmin = _arg("argmax"), _arg("argmin")
+
+
+def var(x, axis=None, ddof: int = 0, keepdims: bool = False) -> Tensor:
+    """Variance over ``axis`` as NumPy's (``ddof=0``: divided by ``n - ddof``)."""
+    x = as_tensor(x)
+    n = math.prod(x.shape[a] for a in normalize_axes(axis, x.ndim))
+    d = x - mean(x, axis, keepdims=True)
+    return sum(d * d, axis, keepdims) * (1.0 / (n - ddof) if n > ddof else math.nan)
+
+
+def std(x, axis=None, ddof: int = 0, keepdims: bool = False) -> Tensor:
+    """Standard deviation over ``axis``: ``sqrt(var)``, with derivative 0 where the
+    variance is 0, as torch (not ``0 * inf``)."""
+    v = var(x, axis, ddof, keepdims)
+    flat = v.data == 0
+    if not backend_of(v.data).any(flat):
+        return v ** 0.5
+    # Both wheres: the sqrt never sees the 0, so no inf meets the 0 cotangent.
+    return where(flat, 0.0, where(flat, 1.0, v) ** 0.5)
+
+
+def _prod_impl(x, axes):
+    return backend_of(x).prod(x, axis=axes)  # axes count from the end: batch axes go first
+
+
+prod_p = Primitive("prod", _prod_impl)
+
+
+def _prod_d(out: Tensor, x: Tensor, axes: tuple) -> Tensor:
+    """d prod / d x, shaped as ``x``, never 0 / 0. With ``P`` the product of a slice's
+    nonzero entries: ``P / x`` where the slice has no zero; where it has one, at
+    ``z``, ``P`` there and ``x_z P / x`` elsewhere (0, but its derivative by
+    ``x_z`` is right, so second derivatives are too); 0 where it has several."""
+    pos = tuple(a % x.ndim for a in axes)
+    zero = x.data == 0
+    if not backend_of(x.data).any(zero):
+        return _keep(out, pos, x.ndim) / x
+    xp = backend_of(x.data)
+    zeros = xp.sum(zero, axis=axes, keepdims=True)
+    none, one = xp.broadcast_to(zeros == 0, x.shape), xp.broadcast_to(zeros == 1, x.shape)
+    safe = where(zero, 1.0, x)
+    P = _keep(bind(prod_p, safe, axes=axes), pos, x.ndim)
+    xz = sum(where(zero, x, 0.0), pos, keepdims=True)  # the one zero, as a value on the tape
+    return where(none, P / safe, where(one, where(zero, P, P * xz / safe), 0.0))
+
+
+prod_p.defvjp(lambda k, g, out, x, axes:
+              _keep(g, tuple(a % x.ndim for a in axes), x.ndim) * _prod_d(out, x, axes))
+prod_p.defjvp(lambda k, t, out, x, axes:
+              sum(t * _prod_d(out, x, axes), tuple(t.ndim + a for a in axes)))
+
+
+@prod_p.defbatch
+def _prod_batch(bdims, shapes, out_shape, axes):
+    b, ndim = bdims[0], len(shapes[0])
+    pos = [a % ndim for a in axes]
+    if b in pos:
+        raise BatchMixingError("prod over the batch axis: rows mix")
+    return b - builtins.sum(1 for a in pos if a < b)
+
+
+def prod(x, axis=None, keepdims: bool = False) -> Tensor:
+    """Product over ``axis`` as NumPy's; its gradient is exact with zeros (no 0 / 0).
+
+    Its second derivative is exact too, except where a slice holds two or more
+    zeros (there it is taken as 0).
+    """
+    x = as_tensor(x)
+    axes = normalize_axes(axis, x.ndim)
+    r = bind(prod_p, x, axes=tuple(a - x.ndim for a in axes))
+    return _keep(r, axes, x.ndim) if keepdims else r
+
+
+def _reverse(t: Tensor, axis: int) -> Tensor:
+    return getitem(t, (Ellipsis, slice(None, None, -1)) + (slice(None),) * (-axis - 1))
+
+
+cumsum_p = Primitive("cumsum", lambda x, axis: backend_of(x).cumsum(x, axis=axis))
+cumsum_p.defvjp(lambda k, g, out, x, axis: _reverse(bind(cumsum_p, _reverse(g, axis), axis=axis),
+                                                    axis))
+cumsum_p.deflinear()
+
+
+@cumsum_p.defbatch
+def _cumsum_batch(bdims, shapes, out_shape, axis):
+    if bdims[0] == len(shapes[0]) + axis:
+        raise BatchMixingError("cumsum along the batch axis: rows mix")
+    return bdims[0]
+
+
+def cumsum(x, axis=None) -> Tensor:
+    """Running sum along ``axis`` as NumPy's (``None``: over the flattened tensor)."""
+    x = as_tensor(x)
+    if axis is None:
+        x, axis = reshape(x, (x.size,)), 0
+    (a,) = normalize_axes(int_axis(axis), x.ndim)
+    return bind(cumsum_p, x, axis=a - x.ndim)
