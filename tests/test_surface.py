@@ -237,3 +237,19 @@ def test_prod_gradient_with_zeros_is_torchs():
     H = npy(eg.hessian(lambda a: eg.prod(a, 1).sum())(xb(x[:2])))
     Ht = torch.func.hessian(lambda a: torch.prod(a, 1).sum())(torch.tensor(x[:2])).numpy()
     np.testing.assert_allclose(H, Ht, atol=1e-12)
+
+
+def test_torch_spellings_on_shape_ops():
+    x = eg.tensor(xb(_x((2, 1, 3))))
+    t = torch.tensor(npy(x))
+    pairs = [(eg.cat([x, x], dim=2), torch.cat([t, t], dim=2)),
+             (eg.stack([x, x], dim=1), torch.stack([t, t], dim=1)),
+             (x.squeeze(dim=1), t.squeeze(dim=1)), (x.unsqueeze(dim=-1), t.unsqueeze(dim=-1)),
+             (eg.flip(x, dim=2), torch.flip(t, dims=(2,))),
+             (eg.split(x, [1], dim=2)[1], torch.split(t, [1, 2], dim=2)[1]),
+             (eg.cumsum(x, dim=2), torch.cumsum(t, dim=2)),
+             (x.argmax(dim=2), t.argmax(dim=2))]
+    for ours, theirs in pairs:
+        np.testing.assert_array_equal(npy(ours), theirs.numpy())
+    with pytest.raises(TypeError, match="same argument"):
+        eg.split(x, 3, 2, dim=2)

@@ -40,8 +40,9 @@ from .shape import (assign, astype, concatenate, copy, expand_dims, flip, getite
                     normalize_axes, pad, region, reshape, scatter_add, split, squeeze, stack)
 from .einsum import lift
 
-def torch_spellings(fn):
-    """``fn`` taking torch's ``dim=`` / ``keepdim=`` for NumPy's ``axis=`` / ``keepdims=``.
+def torch_spellings(fn, axis_at: int = 0):
+    """``fn`` taking torch's ``dim=`` / ``keepdim=`` for NumPy's ``axis=`` / ``keepdims=``
+    (``axis_at``: how many positional arguments come between the tensor and ``axis``).
 
     Raises:
         TypeError: both spellings of one argument given.
@@ -50,21 +51,24 @@ def torch_spellings(fn):
     def wrapped(x, *args, dim=_UNSET, keepdim=_UNSET, **kwargs):
         for torch_name, name, value in (("dim", "axis", dim), ("keepdim", "keepdims", keepdim)):
             if value is not _UNSET:
-                given = args[0] if name == "axis" and args else kwargs.get(name)
+                positional = name == "axis" and len(args) > axis_at
+                given = args[axis_at] if positional else kwargs.get(name)
                 if given not in (None, False):
                     raise TypeError(f"{fn.__name__}: {name}= and {torch_name}= name the same "
                                     f"argument: give one")
-                if name == "axis" and args:
-                    args = args[1:]
+                if positional:
+                    args = args[:axis_at] + args[axis_at + 1:]
                 kwargs[name] = value
         return fn(x, *args, **kwargs)
     return wrapped
 
 
 _UNSET = object()
-(sum, mean, max, min, prod, var, std, argmax, argmin, cumsum, logsumexp, softmax,
- log_softmax) = map(torch_spellings, (sum, mean, max, min, prod, var, std, argmax, argmin, cumsum,
-                                      logsumexp, softmax, log_softmax))
+(sum, mean, max, min, prod, var, std, argmax, argmin, cumsum, logsumexp, softmax, log_softmax,
+ concatenate, stack, squeeze, expand_dims, flip) = map(torch_spellings, (
+    sum, mean, max, min, prod, var, std, argmax, argmin, cumsum, logsumexp, softmax, log_softmax,
+    concatenate, stack, squeeze, expand_dims, flip))
+split = torch_spellings(split, axis_at=1)
 clamp = clip
 
 
@@ -198,8 +202,8 @@ def _install_methods():
     T.__floordiv__, T.__rfloordiv__ = (lambda x, y: floor_divide(x, y)), (lambda x, y: floor_divide(y, x))
     T.__mod__, T.__rmod__ = (lambda x, y: remainder(x, y)), (lambda x, y: remainder(y, x))
     T.reshape = lambda x, *shape: reshape(x, *shape)
-    T.squeeze = lambda x, axis=None, dim=None: squeeze(x, axis if dim is None else dim)
-    T.unsqueeze = lambda x, dim: expand_dims(x, dim)
+    T.squeeze = squeeze
+    T.unsqueeze = expand_dims
     T.flatten = _flatten
     T.ravel = lambda x: reshape(x, (x.size,))
     T.astype = astype
