@@ -8,6 +8,7 @@ and the patch op of :mod:`einsumgrad.rules.patches`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from .. import rules as ops
@@ -17,7 +18,7 @@ from ..rules import unpatch_einsum  # noqa: F401  (re-exported)
 from ..spec import parse
 from ..tensor import Tensor, as_tensor
 
-__all__ = ["linear", "conv2d", "max_pool2d", "avg_pool2d", "layer_norm", "cross_entropy",
+__all__ = ["linear", "conv1d", "conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "layer_norm", "cross_entropy",
            "mse_loss", "scaled_dot_product_attention", "embedding", "dropout", "patches",
            "unpatch", "patch_einsum", "unpatch_einsum", "relu", "gelu", "softmax", "log_softmax"]
 
@@ -30,8 +31,62 @@ def linear(x: Any, w: Tensor, b: Tensor | None = None) -> Tensor:
     return y if b is None else add_bias(y, b)
 
 
-def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> Tensor:
-    """2-D cross-correlation as torch's: ``x (B, C, H, W)``, ``w (F, C, kh, kw)``.
+def _promoted(*ts: Tensor) -> list:
+    """Tensors cast (on the tape) to the dtype NumPy's promotion gives them together:
+    a float32 input to a float64 layer computes in float64, as NumPy would."""
+    dt = backend_of(ts[0].data).result_type(*(t.dtype for t in ts))
+    return [ops.astype(t, dt) for t in ts]
+
+
+def _conv_padding(padding, kernel: tuple, dilation: tuple, stride: tuple) -> tuple:
+    """Each axis's padding before, and how much more it takes after (0 or 1).
+
+    ``padding`` is an int, one int per axis, ``"valid"`` (none) or ``"same"``:
+    the output as long as the input, torch's split of an odd total (the extra
+    entry after the image, where torch pads it too).
+
+    Raises:
+        ValueError: ``"same"`` with a stride other than 1 (as torch), another
+            string, a negative padding, or a tuple of the wrong length.
+    """
+    n = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * n, (0,) * n
+        if padding != "same":
+            raise ValueError(f"padding {padding!r}: give an int, a tuple, 'same' or 'valid'")
+        if any(s != 1 for s in stride):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return tuple(t // 2 for t in total), tuple(t - 2 * (t // 2) for t in total)
+    pads = (int(padding),) * n if isinstance(padding, numbers.Integral) else tuple(padding)
+    if len(pads) != n or any(p < 0 for p in pads):
+        raise ValueError(f"padding {padding!r}: want {n} non-negative ints")
+    return pads, (0,) * n
+
+
+def _groups_spec(c: int, f: int, groups: int) -> tuple:
+    """The einsum of a grouped convolution over the patches and the shapes to view
+    the image and the weight in: ``(spec, image shape (after B), weight shape)``.
+
+    Input channels split into ``groups`` of ``c/g``, filters into ``groups`` of
+    ``f/g``; group ``g`` of the filters sees group ``g`` of the channels only. A
+    label of size 1 is left out (a depthwise convolution: one channel a group).
+    """
+    g, cg, fg = groups, c // groups, f // groups
+    if g == 1:
+        return "bchwkl,fckl->bfhw", (c,), (f, c)
+    if cg == 1 and fg == 1:
+        return "bghwkl,gkl->bghw", (g,), (g,)
+    if cg == 1:
+        return "bghwkl,gfkl->bgfhw", (g,), (g, fg)
+    return "bgchwkl,gfckl->bgfhw", (g, cg), (g, fg, cg)
+
+
+def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """2-D cross-correlation as torch's: ``x (B, C, H, W)`` (or ``(C, H, W)``),
+    ``w (F, C / groups, kh, kw)``.
 
     The layer is one einsum over the patches of ``x``, ``'bchwkl,fckl->bfhw'``;
     its VJPs are the weight gradient ``'bfhw,bchwkl->fckl'`` and the patch
@@ -40,10 +95,165 @@ def conv2d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -> T
     and the weight gradient as matmuls over the patches copied a bounded chunk
     at a time (a copy made whole is kept for the weight gradient), the input
     gradient at stride 1 with enough channels as one matmul per kernel offset
-    on the padded image.
+    on the padded image. With ``groups`` the channels split into groups:
+    ``'bgchwkl,gfckl->bgfhw'`` (depthwise, one channel a group:
+    ``'bghwkl,gkl->bghw'``).
+
+    Args:
+        stride, dilation: an int or a pair.
+        padding: an int, a pair, ``"valid"`` (0) or ``"same"`` (stride 1 only;
+            an odd total padding puts the extra row or column after, as torch).
+        groups: how many groups the channels split into (``C`` and ``F`` are
+            multiples of it).
+
+    A float32 input to a float64 weight (or the other way round) computes in
+    the dtype NumPy's promotion gives them (float64).
+
+    Raises:
+        ValueError: shapes that do not fit (channels, groups, rank), a window
+            larger than the padded image, or a padding it cannot take.
     """
-    y = patch_einsum("bchwkl,fckl->bfhw", x, w, w.shape[-2:], stride, padding)
+    x, w = as_tensor(x), as_tensor(w)
+    if x.ndim == 3:  # unbatched, as torch
+        return conv2d(ops.expand_dims(x, 0), w, b, stride, padding, dilation, groups)[0]
+    return _conv(x, w, b, as_pair(stride), padding, as_pair(dilation), groups, "conv2d")
+
+
+def conv1d(x: Any, w: Tensor, b: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """1-D cross-correlation as torch's: ``x (B, C, L)`` (or ``(C, L)``), ``w (F, C / groups, k)``.
+
+    A 2-D convolution of images one row high (views, no copy): the einsum
+    ``'bchwkl,fckl->bfhw'`` with ``h`` and ``k`` of size 1. Arguments as
+    :func:`conv2d`'s, each an int (or a 1-tuple).
+    """
+    x, w = as_tensor(x), as_tensor(w)
+    if x.ndim == 2:
+        return conv1d(ops.expand_dims(x, 0), w, b, stride, padding, dilation, groups)[0]
+    if x.ndim != 3 or w.ndim != 3:
+        raise ValueError(f"conv1d: want x (B, C, L) and w (F, C/groups, k), got {x.shape} "
+                         f"and {w.shape}")
+    one = lambda v: (1, _single(v))  # noqa: E731
+    pad = padding if isinstance(padding, str) else (0, _single(padding))
+    y = _conv(ops.expand_dims(x, 2), ops.expand_dims(w, 2), b, one(stride), pad, one(dilation),
+              groups, "conv1d")
+    return ops.squeeze(y, 2)
+
+
+def _single(v) -> int:
+    """An int, or the one int of a 1-tuple (torch's spelling for 1-D layers)."""
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    (n,) = tuple(v)
+    return int(n)
+
+
+def _conv(x: Tensor, w: Tensor, b, stride: tuple, padding, dilation: tuple, groups: int,
+          name: str) -> Tensor:
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"{name}: want x (B, C, H, W) and w (F, C/groups, kh, kw), got "
+                         f"{x.shape} and {w.shape}")
+    (bsz, c), (f, cg), kernel = x.shape[:2], w.shape[:2], w.shape[-2:]
+    if groups < 1 or c % groups or f % groups or cg != c // groups:
+        raise ValueError(f"{name}: {c} input channels in {groups} group(s) do not fit a weight "
+                         f"{w.shape} (want C and F multiples of groups, w.shape[1] = C/groups)")
+    before, after = _conv_padding(padding, kernel, dilation, stride)
+    if any(after):  # 'same' with an odd total: the extra zeros after the image first
+        x = ops.pad(x, ((0, 0), (0, 0), (0, after[0]), (0, after[1])))
+    ts = [x, w] + ([] if b is None else [as_tensor(b, like=w)])
+    if len({t.dtype for t in ts}) > 1:
+        ts = _promoted(*ts)
+    x, w, b = ts if b is not None else ts + [None]
+    spec, image, weight = _groups_spec(c, f, groups)
+    xg = x if len(image) == 1 else ops.reshape(x, (bsz,) + image + x.shape[-2:])
+    wg = w if weight == (f, cg) else ops.reshape(w, weight + kernel)
+    y = patch_einsum(spec, xg, wg, kernel, stride, before, dilation)
+    if y.ndim == 5:  # (B, g, F/g, OH, OW): the filters' groups side by side, a view
+        y = ops.reshape(y, (bsz, f) + y.shape[-2:])
     return y if b is None else add_bias(y, ops.reshape(b, (-1, 1, 1)))
+
+
+def _channel_shape(x: Tensor) -> tuple:
+    """The shape a per-channel vector broadcasts against ``x`` ``(N, C, ...)`` in."""
+    return (x.shape[1],) + (1,) * (x.ndim - 2)
+
+
+def batch_norm(x: Any, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Normalize each channel (axis 1) of ``x`` ``(N, C, ...)``, as torch's ``batch_norm``.
+
+    Training: the statistics are the batch's, the mean and the biased variance
+    over every axis but the channels; ``running_mean`` / ``running_var`` (if
+    given) move towards them in place, ``r = (1 - momentum) r + momentum s``,
+    with the unbiased variance, as torch. The output of one sample then
+    depends on the whole batch: ``batch_jacobian`` through it raises
+    ``BatchMixingError``. Otherwise the running statistics are the constants:
+    ``(x - running_mean) / sqrt(running_var + eps) * weight + bias``, applied
+    as ``x * a + (bias - running_mean * a)`` with ``a = weight / sqrt(...)``
+    (torch's CPU form; every row apart, so ``batch_jacobian`` passes).
+
+    Raises:
+        ValueError: ``x`` has no channel axis, the statistics' length is not
+            the channels', or a training batch has one value per channel.
+    """
+    x = as_tensor(x)
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm: want (N, C, ...), got shape {x.shape}")
+    c, shape = x.shape[1], _channel_shape(x)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"batch_norm: {name} of shape {tuple(t.shape)} for {c} channels")
+    if training:
+        return _batch_norm_train(x, running_mean, running_var, weight, bias, momentum, eps)
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_norm: running_mean and running_var are needed when not training")
+    inv = 1.0 / ops.sqrt(as_tensor(running_var, like=x) + eps)
+    a = inv if weight is None else inv * weight
+    shift = -(as_tensor(running_mean, like=x) * a)
+    if bias is not None:
+        shift = shift + bias
+    return add_bias(x * ops.reshape(a, shape), ops.reshape(shift, shape))
+
+
+def _batch_norm_train(x, running_mean, running_var, weight, bias, momentum, eps) -> Tensor:
+    c, shape = x.shape[1], _channel_shape(x)
+    n = x.size // c if c else 0
+    if n <= 1:
+        raise ValueError(f"batch_norm: expected more than 1 value per channel when training, "
+                         f"got input of shape {x.shape}")
+    axes = (0,) + tuple(range(2, x.ndim))
+    # Two passes for the variance (over x - mean), never E[x^2] - mean^2, which
+    # cancels to noise for a large mean in float32.
+    mu = ops.mean(x, axes, keepdims=True)
+    d = x - mu
+    var = ops.mean(d * d, axes, keepdims=True)
+    a = 1.0 / ops.sqrt(var + eps)
+    if weight is not None:
+        a = a * ops.reshape(weight, shape)
+    y = d * a
+    if bias is not None:
+        y = add_bias(y, ops.reshape(bias, shape))
+    if running_mean is not None or running_var is not None:
+        _update_running(mu.data, var.data, running_mean, running_var, momentum, n)
+    return y
+
+
+def _update_running(mean, var, running_mean, running_var, momentum: float, n: int) -> None:
+    """``r = (1 - m) r + m s`` in place on each running statistic, outside the tape."""
+    m = float(momentum)
+    if running_mean is not None:
+        _lerp_into(running_mean, mean.reshape(-1), m)
+    if running_var is not None:
+        _lerp_into(running_var, var.reshape(-1) * (n / (n - 1)), m)  # unbiased, as torch
+
+
+def _lerp_into(r: Tensor, s, m: float) -> None:
+    data = r.data
+    data *= 1.0 - m
+    data += (m * s).astype(data.dtype, copy=False)
+    r.version += 1  # changed in place, as torch's buffers
 
 
 def max_pool2d(x: Any, kernel_size, stride=None) -> Tensor:

@@ -1,15 +1,21 @@
 """Layers with ``torch.nn``'s constructors, parameter names and layouts.
 
-Parameters start as NumPy arrays (float64 unless ``dtype`` says otherwise);
-``module.to('cuda')`` or ``module.to(backend)`` moves them.
+Parameters start as NumPy arrays in ``dtype``, or the default dtype
+(:func:`einsumgrad.defaults.get_default_dtype`, float64 unless set);
+``module.to('cuda')`` or ``module.to(backend)`` moves them. An input of
+another floating dtype than the layer's computes in the dtype NumPy's
+promotion gives the two: a float32 input to a float64 layer gives float64
+(torch would refuse the mix), a float64 input to a float32 layer float64 too.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy
 
 from .. import rules as ops
+from ..defaults import resolve
 from ..tensor import Tensor, as_tensor
 from . import functional as F
 from . import init
@@ -19,9 +25,10 @@ from .module import Module, Parameter
 class Linear(Module):
     """``y = x W^T + b``, the einsum ``'...i,oi->...o'``; ``weight`` is ``(out, in)``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 dtype=numpy.float64, rng=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=None,
+                 rng=None):
         super().__init__()
+        dtype = resolve(dtype)
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(init.kaiming_uniform((out_features, in_features), in_features,
                                                      dtype, rng))
@@ -36,27 +43,81 @@ class Linear(Module):
                f"bias={self.bias is not None}"
 
 
-class Conv2d(Module):
-    """2-D convolution, ``'bchwkl,fckl->bfhw'`` over image patches; ``weight`` is ``(F, C, kh, kw)``."""
+class _ConvNd(Module):
+    """What Conv1d and Conv2d share: torch's arguments, checked, and the weight
+    ``(F, C / groups, *kernel)`` with torch's initialization."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True, dtype=numpy.float64, rng=None):
+    def __init__(self, n: int, in_channels: int, out_channels: int, kernel_size, stride,
+                 padding, dilation, groups: int, bias: bool, padding_mode: str, dtype, rng):
         super().__init__()
-        kh, kw = ops.as_pair(kernel_size)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (kh, kw), ops.as_pair(stride), ops.as_pair(padding)
-        fan_in = in_channels * kh * kw
-        self.weight = Parameter(init.kaiming_uniform((out_channels, in_channels, kh, kw), fan_in,
-                                                     dtype, rng))
+        tup = (lambda v: (v,) * n if isinstance(v, int) else tuple(v))  # noqa: E731
+        kernel = tup(kernel_size)
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must "
+                             f"be multiples of groups {groups}")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode {padding_mode!r}: only 'zeros' is implemented")
+        if isinstance(padding, str):
+            F._conv_padding(padding, (1,) * n, (1,) * n, tup(stride))  # refused now, as torch
+        else:
+            padding = tup(padding)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = kernel, tup(stride), tup(dilation)
+        self.padding, self.padding_mode = padding, padding_mode
+        dtype = resolve(dtype)
+        fan_in = in_channels // groups * int(numpy.prod(kernel))
+        self.weight = Parameter(init.kaiming_uniform(
+            (out_channels, in_channels // groups) + kernel, fan_in, dtype, rng))
         self.bias = Parameter(init.uniform((out_channels,), init.fan_in_bound(fan_in), dtype,
                                            rng)) if bias else None
 
-    def forward(self, x: Any) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
-
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, " \
-               f"stride={self.stride}, padding={self.padding}"
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, " \
+            f"stride={self.stride}"
+        if self.padding != (0,) * len(self.kernel_size):
+            s += f", padding={self.padding}"
+        if self.dilation != (1,) * len(self.kernel_size):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + ("" if self.bias is not None else ", bias=False")
+
+
+class Conv2d(_ConvNd):
+    """2-D convolution, ``'bchwkl,fckl->bfhw'`` over image patches; ``weight`` is
+    ``(F, C / groups, kh, kw)``.
+
+    Args as ``torch.nn.Conv2d``: ``padding`` an int, a pair, ``"same"`` or
+    ``"valid"``; ``dilation`` the step between window entries; ``groups``
+    splits the channels (``groups == in_channels``: depthwise).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 dtype=None, rng=None):
+        super().__init__(2, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, dtype, rng)
+
+    def forward(self, x: Any) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class Conv1d(_ConvNd):
+    """1-D convolution over ``(B, C, L)``; ``weight`` is ``(F, C / groups, k)``.
+
+    Arguments as :class:`Conv2d`'s (ints, or 1-tuples), as ``torch.nn.Conv1d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 dtype=None, rng=None):
+        super().__init__(1, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, dtype, rng)
+
+    def forward(self, x: Any) -> Tensor:
+        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
 
 class MaxPool2d(Module):
@@ -84,12 +145,13 @@ class LayerNorm(Module):
     """Normalize the trailing ``normalized_shape`` axes, then scale by ``weight``, shift by ``bias``."""
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
-                 dtype=numpy.float64):
+                 bias: bool = True, dtype=None):
         super().__init__()
+        dtype = resolve(dtype)
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.normalized_shape, self.eps = shape, eps
         self.weight = Parameter(numpy.ones(shape, dtype)) if elementwise_affine else None
-        self.bias = Parameter(numpy.zeros(shape, dtype)) if elementwise_affine else None
+        self.bias = Parameter(numpy.zeros(shape, dtype)) if elementwise_affine and bias else None
 
     def forward(self, x: Any) -> Tensor:
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -101,8 +163,9 @@ class LayerNorm(Module):
 class Embedding(Module):
     """A lookup table: integer ids pick rows of ``weight`` ``(num_embeddings, embedding_dim)``."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=numpy.float64, rng=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=None, rng=None):
         super().__init__()
+        dtype = resolve(dtype)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = Parameter(init.normal((num_embeddings, embedding_dim), dtype, rng))
 
@@ -127,14 +190,38 @@ class Dropout(Module):
         return f"p={self.p}"
 
 
+class Identity(Module):
+    """Its input, unchanged (arguments are accepted and ignored, as torch's)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+
 class ReLU(Module):
+    """``max(x, 0)``. ``inplace`` is accepted for torch's signature; the result is new."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+
     def forward(self, x: Any) -> Tensor:
         return ops.relu(x)
 
 
 class GELU(Module):
+    """GELU, ``approximate="none"`` (erf) or ``"tanh"``, as torch's."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
     def forward(self, x: Any) -> Tensor:
-        return ops.gelu(x)
+        return ops.gelu(x, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
 
 
 class Tanh(Module):
@@ -142,12 +229,56 @@ class Tanh(Module):
         return ops.tanh(x)
 
 
-class Flatten(Module):
-    """Merge all axes after the first (as ``torch.nn.Flatten()``)."""
+class Sigmoid(Module):
+    def forward(self, x: Any) -> Tensor:
+        return ops.sigmoid(x)
+
+
+def _legacy_softmax_dim(name: str, ndim: int) -> int:
+    """torch's axis for a softmax built without ``dim`` (with its warning)."""
+    warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the call "
+                  f"to include dim=X as an argument.", UserWarning, stacklevel=3)
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+class Softmax(Module):
+    """``softmax`` along ``dim``; without it, torch's legacy choice (and warning)."""
+
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        self.dim = dim
 
     def forward(self, x: Any) -> Tensor:
         x = as_tensor(x)
-        return ops.reshape(x, (x.shape[0], -1))
+        dim = _legacy_softmax_dim("softmax", x.ndim) if self.dim is None else self.dim
+        return ops.softmax(x, dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class LogSoftmax(Softmax):
+    """``log_softmax`` along ``dim`` (as :class:`Softmax` picks it)."""
+
+    def forward(self, x: Any) -> Tensor:
+        x = as_tensor(x)
+        dim = _legacy_softmax_dim("log_softmax", x.ndim) if self.dim is None else self.dim
+        return ops.log_softmax(x, dim)
+
+
+class Flatten(Module):
+    """Merge axes ``start_dim`` to ``end_dim`` (all after the first by default), as torch's."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, x: Any) -> Tensor:
+        x = as_tensor(x)
+        return x.flatten(self.start_dim, self.end_dim)
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
 
 class Sequential(Module):
@@ -164,11 +295,19 @@ class Sequential(Module):
         for i, m in enumerate(modules):
             setattr(self, str(i), m)
 
-    def __getitem__(self, i: int) -> Module:
-        return list(self._modules.values())[i]
+    def __getitem__(self, i):
+        mods = list(self._modules.values())
+        return Sequential(*mods[i]) if isinstance(i, slice) else mods[i]
 
     def __len__(self) -> int:
         return len(self._modules)
+
+    def __iter__(self):
+        return iter(list(self._modules.values()))
+
+    def append(self, module: Module) -> "Sequential":
+        setattr(self, str(len(self)), module)
+        return self
 
     def forward(self, x: Any) -> Any:
         mods = list(self._modules.values())
@@ -191,15 +330,16 @@ class MultiHeadAttention(Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, causal: bool = False,
-                 dtype=numpy.float64, rng=None):
+                 dtype=None, rng=None):
         super().__init__()
+        dtype = resolve(dtype)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.embed_dim, self.num_heads, self.causal = embed_dim, num_heads, causal
         e = embed_dim
         self.in_proj_weight = Parameter(init.xavier_uniform((3 * e, e), dtype, rng))
         self.in_proj_bias = Parameter(numpy.zeros(3 * e, dtype)) if bias else None
-        self.out_proj = Linear(e, e, bias, dtype, rng)
+        self.out_proj = Linear(e, e, bias, dtype=dtype, rng=rng)
         if bias:
             self.out_proj.bias = Parameter(numpy.zeros(e, dtype))
 

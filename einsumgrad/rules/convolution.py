@@ -30,13 +30,13 @@ from ..plan import plan_for
 from ..spec import Spec
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, state
 from .grid import grid_groups, grid_pays, unpatch_on_grid
-from .patches import as_pair, out_size, padded, patches_array, unpatch_array
+from .patches import as_pair, check_fit, out_size, padded, patches_array, unpatch_array
 
 
-def _shifted(xpad, k, l, oh, ow, stride):
+def _shifted(xpad, k, l, oh, ow, stride, dilation=(1, 1)):
     """The ``(k, l)`` offset of every window: a strided view ``(..., OH, OW)``."""
-    sh, sw = stride
-    return xpad[..., k:k + sh * (oh - 1) + 1:sh, l:l + sw * (ow - 1) + 1:sw]
+    (sh, sw), (i, j) = stride, (k * dilation[0], l * dilation[1])
+    return xpad[..., i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
 
 
 def _drop(spec: Spec, gone: tuple) -> Spec:
@@ -106,34 +106,35 @@ def _chunks(x, p: tuple, out_term: tuple, sizes: dict) -> tuple:
     return ax, step, total // x.shape[ax] * step
 
 
-def _sizes(x, o, spec: Spec, kernel, stride, padding) -> dict:
-    oh, ow = (out_size(n, k, s, q) for n, k, s, q in zip(x.shape[-2:], kernel, stride, padding))
+def _sizes(x, o, spec: Spec, kernel, stride, padding, dilation) -> dict:
+    oh, ow = (out_size(n, k, s, q, d) for n, k, s, q, d in
+              zip(x.shape[-2:], kernel, stride, padding, dilation))
     return dict(zip(spec.inputs[0], x.shape[:-2] + (oh, ow) + kernel)) | dict(zip(spec.inputs[1],
                                                                                   o.shape))
 
 
-def _copied_whole(x, o, spec: Spec, kernel, stride, padding):
+def _copied_whole(x, o, spec: Spec, kernel, stride, padding, dilation):
     """The patches of ``x``, copied, where ``patch_einsum`` copies them in one
     piece (not cut into chunks, not offset by offset); else None."""
     p, out_term = spec.inputs[0], spec.output
-    ax, _, nbytes = _chunks(x, p, out_term, _sizes(x, o, spec, kernel, stride, padding))
+    ax, _, nbytes = _chunks(x, p, out_term, _sizes(x, o, spec, kernel, stride, padding, dilation))
     if ax is not None or nbytes > _PATCH_BYTES:
         return None
-    return patches_array(x, kernel, stride, padding, contiguous=True)
+    return patches_array(x, kernel, stride, padding, contiguous=True, dilation=dilation)
 
 
-def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None):
+def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None, dilation=(1, 1)):
     if patches is not None:  # the forward's copy, kept for the weight gradient
         return plan_for(spec, [patches, o])([patches, o])
     xp = backend_of(x)
     (kh, kw), p, out_term = kernel, spec.inputs[0], spec.output
-    sizes = _sizes(x, o, spec, kernel, stride, padding)
+    sizes = _sizes(x, o, spec, kernel, stride, padding, dilation)
     oh, ow = sizes[p[-4]], sizes[p[-3]]
     ax, step, nbytes = _chunks(x, p, out_term, sizes)
     if nbytes <= _PATCH_BYTES:
         # One copy of the windows and one matmul over kh*kw*C beat kh*kw thin
         # matmuls over C and their accumulation; a chunk at a time.
-        return _by_chunks(x, o, spec, kernel, stride, padding, ax, step)
+        return _by_chunks(x, o, spec, kernel, stride, padding, ax, step, dilation)
     xpad, o = padded(x, padding), _lay_out(o, spec.inputs[1], p[:-2])
     kl = p[-2:]
     sub = _drop(spec, kl)
@@ -141,7 +142,8 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None):
     out, run = None, None
     for k in range(kh):
         for l in range(kw):
-            arrs = [_shifted(xpad, k, l, oh, ow, stride), o[_at(spec.inputs[1], kl, k, l)]]
+            arrs = [_shifted(xpad, k, l, oh, ow, stride, dilation),
+                    o[_at(spec.inputs[1], kl, k, l)]]
             run = run or plan_for(sub, arrs)
             r = run(arrs)
             if kept:  # a window label in the output: each offset fills its own slice
@@ -156,19 +158,20 @@ def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None):
     return out
 
 
-def _by_chunks(x, o, spec, kernel, stride, padding, ax, step):
+def _by_chunks(x, o, spec, kernel, stride, padding, ax, step, dilation):
     """``einsum(spec, patches(x), o)``, the patches materialized ``step`` entries of
     image axis ``ax`` at a time (all at once where ``ax`` is None)."""
     p, ot, out_term = spec.inputs[0], spec.inputs[1], spec.output
     if ax is None:
-        arrs = [patches_array(x, kernel, stride, padding, contiguous=True), o]
+        arrs = [patches_array(x, kernel, stride, padding, contiguous=True, dilation=dilation), o]
         return plan_for(spec, arrs)(arrs)
     label, out = p[ax], None
     cut = lambda term, sl: (slice(None),) * term.index(label) + (sl,)
     xpad = padded(x, padding)  # once: a chunk's own padding is a copy per chunk
     for s in range(0, x.shape[ax], step):
         sl = slice(s, s + step)
-        arrs = [patches_array(xpad[cut(p, sl)], kernel, stride, (0, 0), contiguous=True),
+        arrs = [patches_array(xpad[cut(p, sl)], kernel, stride, (0, 0), contiguous=True,
+                              dilation=dilation),
                 o[cut(ot, sl)] if label in ot else o]
         r = plan_for(spec, arrs)(arrs)
         if label not in out_term:  # the cut axis is summed: add the chunks up
@@ -182,7 +185,7 @@ def _by_chunks(x, o, spec, kernel, stride, padding, ax, step):
     return out
 
 
-def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding):
+def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding, dilation=(1, 1)):
     xp = backend_of(a)
     (kh, kw), (ph, pw), p = kernel, padding, spec.output
     sizes = {n: s for t, arr in zip(spec.inputs, (a, b)) for n, s in zip(t, arr.shape)}
@@ -190,10 +193,10 @@ def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding):
     groups = grid_groups(p, spec.inputs[1], spec.inputs[0])
     grid_hw = (size[0] + 2 * ph, size[1] + 2 * pw)
     if groups and grid_pays(xp, groups[2], sizes, stride, grid_hw, (oh, ow), (a.dtype, b.dtype)):
-        return unpatch_on_grid(a, b, spec, size, kernel, padding, groups)
+        return unpatch_on_grid(a, b, spec, size, kernel, padding, groups, dilation)
     if _small(tuple(sizes.get(n, 0) for n in p[:-2]) + kernel, a.shape, b.shape):
         r = plan_for(spec, [a, b])([a, b])
-        return unpatch_array(r, size, kernel, stride, padding)
+        return unpatch_array(r, size, kernel, stride, padding, dilation)
     b, kl = _lay_out(b, spec.inputs[1], spec.inputs[0]), p[-2:]
     sub = _drop(spec, kl)
     z, run = None, None
@@ -204,7 +207,7 @@ def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding):
             r = run(arrs)
             if z is None:  # the padded image, in r's memory order so each add is local
                 z = in_order_of(r, r.shape[:-2] + (size[0] + 2 * ph, size[1] + 2 * pw))
-            _shifted(z, k, l, oh, ow, stride)[...] += r
+            _shifted(z, k, l, oh, ow, stride, dilation)[...] += r
     return z[..., ph:ph + size[0], pw:pw + size[1]] if (ph or pw) else z
 
 
@@ -219,35 +222,40 @@ def _lead(spec: Spec, n: int) -> tuple:
 
 
 @patch_einsum_p.defvjp
-def _patch_einsum_vjp(k, g, out, x, o, spec, kernel, stride, padding, patches=None):
+def _patch_einsum_vjp(k, g, out, x, o, spec, kernel, stride, padding, patches=None,
+                      dilation=(1, 1)):
     (p, ot), r, n = spec.inputs, spec.output, _lead(spec, g.ndim - out.ndim)
     if k == 0:
-        return _unpatch(Spec((n + r, ot), n + p), g, o, x.shape[-2:], kernel, stride, padding)
-    return _patch(Spec((p, n + r), n + ot), x, g, kernel, stride, padding, patches)
+        return _unpatch(Spec((n + r, ot), n + p), g, o, x.shape[-2:], kernel, stride, padding,
+                        dilation)
+    return _patch(Spec((p, n + r), n + ot), x, g, kernel, stride, padding, patches, dilation)
 
 
 @patch_einsum_p.defjvp
-def _patch_einsum_jvp(k, t, out, x, o, spec, kernel, stride, padding, patches=None):
+def _patch_einsum_jvp(k, t, out, x, o, spec, kernel, stride, padding, patches=None,
+                      dilation=(1, 1)):
     (p, ot), r = spec.inputs, spec.output
     n = _lead(spec, t.ndim - (x, o)[k].ndim)
     if k == 0:
-        return _patch(Spec((n + p, ot), n + r), t, o, kernel, stride, padding)
-    return _patch(Spec((p, n + ot), n + r), x, t, kernel, stride, padding, patches)
+        return _patch(Spec((n + p, ot), n + r), t, o, kernel, stride, padding, None, dilation)
+    return _patch(Spec((p, n + ot), n + r), x, t, kernel, stride, padding, patches, dilation)
 
 
 @unpatch_einsum_p.defvjp
-def _unpatch_einsum_vjp(k, g, out, a, b, spec, size, kernel, stride, padding):
+def _unpatch_einsum_vjp(k, g, out, a, b, spec, size, kernel, stride, padding, dilation=(1, 1)):
     (at, bt), p, n = spec.inputs, spec.output, _lead(spec, g.ndim - out.ndim)
     other, term = (b, bt) if k == 0 else (a, at)
-    return _patch(Spec((n + p, term), n + spec.inputs[k]), g, other, kernel, stride, padding)
+    return _patch(Spec((n + p, term), n + spec.inputs[k]), g, other, kernel, stride, padding,
+                  None, dilation)
 
 
 @unpatch_einsum_p.defjvp
-def _unpatch_einsum_jvp(k, t, out, a, b, spec, size, kernel, stride, padding):
+def _unpatch_einsum_jvp(k, t, out, a, b, spec, size, kernel, stride, padding, dilation=(1, 1)):
     (at, bt), p = spec.inputs, spec.output
     n = _lead(spec, t.ndim - (a, b)[k].ndim)
     s = Spec((n + at, bt), n + p) if k == 0 else Spec((at, n + bt), n + p)
-    return _unpatch(s, t if k == 0 else a, b if k == 0 else t, size, kernel, stride, padding)
+    return _unpatch(s, t if k == 0 else a, b if k == 0 else t, size, kernel, stride, padding,
+                    dilation)
 
 
 def _batch_rule(patch_term):
@@ -265,20 +273,20 @@ patch_einsum_p.defbatch(_batch_rule(lambda spec: spec.inputs[0]))
 unpatch_einsum_p.defbatch(_batch_rule(lambda spec: spec.output))
 
 
-def _patch(spec, x, o, kernel, stride, padding, patches=None) -> Tensor:
+def _patch(spec, x, o, kernel, stride, padding, patches=None, dilation=(1, 1)) -> Tensor:
     if patches is None and state.grad and (o.requires_grad or state.tracing):
         # Copied here rather than in the impl, so that the node keeps them: the
         # VJP or JVP for o (a conv's weight gradient) reads the same patches
         # instead of copying them again (bench CNN step about 1 ms faster at 2
         # threads). A transform tracing may differentiate any o: kept too.
-        patches = _copied_whole(x.data, o.data, spec, kernel, stride, padding)
+        patches = _copied_whole(x.data, o.data, spec, kernel, stride, padding, dilation)
     return bind(patch_einsum_p, x, o, spec=spec, kernel=kernel, stride=stride, padding=padding,
-                patches=patches)
+                patches=patches, dilation=dilation)
 
 
-def _unpatch(spec, a, b, size, kernel, stride, padding) -> Tensor:
+def _unpatch(spec, a, b, size, kernel, stride, padding, dilation=(1, 1)) -> Tensor:
     return bind(unpatch_einsum_p, a, b, spec=spec, size=tuple(int(s) for s in size),
-                kernel=kernel, stride=stride, padding=padding)
+                kernel=kernel, stride=stride, padding=padding, dilation=dilation)
 
 
 def _parse(subscripts: str, patch_at: int) -> Spec:
@@ -295,34 +303,36 @@ def _parse(subscripts: str, patch_at: int) -> Spec:
     return spec
 
 
-def patch_einsum(subscripts: str, x, o, kernel_size, stride=1, padding=0) -> Tensor:
-    """``einsum(subscripts, patches(x, kernel_size, stride, padding), o)``, without
-    materializing the patches.
+def patch_einsum(subscripts: str, x, o, kernel_size, stride=1, padding=0,
+                 dilation=1) -> Tensor:
+    """``einsum(subscripts, patches(x, kernel_size, stride, padding, dilation=dilation), o)``,
+    without materializing the patches.
 
     Args:
         subscripts: an explicit two-operand einsum; the first term is the patch
             tensor's, ``(..., OH, OW, kh, kw)``.
         x: the image, ``(..., H, W)``.
         o: the other operand.
-        kernel_size, stride, padding: as for :func:`~einsumgrad.rules.patches.patches`.
+        kernel_size, stride, padding, dilation: as for
+            :func:`~einsumgrad.rules.patches.patches`.
     """
     x, o = as_tensor(x), as_tensor(o)
-    kernel = as_pair(kernel_size)
-    if x.shape[-2] + 2 * as_pair(padding)[0] < kernel[0] or \
-            x.shape[-1] + 2 * as_pair(padding)[1] < kernel[1]:
-        raise ValueError(f"patch_einsum: a {kernel} window does not fit a {x.shape[-2:]} image")
+    kernel, dilation = as_pair(kernel_size), as_pair(dilation)
     spec, stride, padding = _parse(subscripts, 0), as_pair(stride), as_pair(padding)
-    oh, ow = (out_size(n, k, s, q) for n, k, s, q in zip(x.shape[-2:], kernel, stride, padding))
+    check_fit("patch_einsum", x.shape[-2:], kernel, padding, dilation)
+    oh, ow = (out_size(n, k, s, q, d) for n, k, s, q, d in
+              zip(x.shape[-2:], kernel, stride, padding, dilation))
     sizes = dict(zip(spec.inputs[0], x.shape[:-2] + (oh, ow) + kernel))
     for a, n in zip(spec.inputs[1], o.shape):
         if sizes.setdefault(a, n) != n:
             raise ValueError(f"patch_einsum {subscripts!r}: index {chr(a)!r} is {sizes[a]} in "
                              f"the patches {x.shape[:-2] + (oh, ow) + kernel} but {n} in {o.shape}")
-    return _patch(spec, x, o, kernel, stride, padding)
+    return _patch(spec, x, o, kernel, stride, padding, None, dilation)
 
 
-def unpatch_einsum(subscripts: str, a, b, size, kernel_size, stride=1, padding=0) -> Tensor:
+def unpatch_einsum(subscripts: str, a, b, size, kernel_size, stride=1, padding=0,
+                   dilation=1) -> Tensor:
     """``unpatch(einsum(subscripts, a, b), size, ...)``, without materializing the
     patch-shaped product; the output term is ``(..., OH, OW, kh, kw)``."""
     return _unpatch(_parse(subscripts, 2), as_tensor(a), as_tensor(b), size,
-                    as_pair(kernel_size), as_pair(stride), as_pair(padding))
+                    as_pair(kernel_size), as_pair(stride), as_pair(padding), as_pair(dilation))

@@ -60,13 +60,13 @@ def _on_grid(a, term: tuple, groups: tuple, hw: tuple, grid_hw: tuple, xp):
     return grid
 
 
-def _scatter_on_grid(src, w, kernel, grid_hw, xp):
+def _scatter_on_grid(src, w, kernel, grid_hw, xp, dilation=(1, 1)):
     """``out[window + shift] += src[window] @ w[k, l]`` for every offset ``(k, l)``:
     ``kh*kw`` products accumulated in place over the flattened padded grid.
 
     Window ``(i, j)`` (its top-left corner on the grid) meets offset ``(k, l)``
-    at grid entry ``(i + k, j + l)``: ``k*Wp + l`` rows further on once the grid
-    is flat, one shift for every window. ``src`` is ``(rows..., Hp, Wp, inner...)``
+    at grid entry ``(i + k dh, j + l dw)``: ``k dh Wp + l dw`` rows further on once
+    the grid is flat, one shift for every window (``d`` the dilation). ``src`` is ``(rows..., Hp, Wp, inner...)``
     with the windows' entries at their corners and zeros elsewhere: a shift from
     a row of no window (which may cross into the next image's rows) adds nothing.
     """
@@ -76,7 +76,7 @@ def _scatter_on_grid(src, w, kernel, grid_hw, xp):
     n = a.shape[0]
     for k in range(kh):
         for l in range(kw):
-            s = k * wp + l
+            s = k * dilation[0] * wp + l * dilation[1]
             xp.matmul_add(a[:n - s], w[k, l], out[s:])
     return out
 
@@ -101,7 +101,7 @@ def grid_pays(xp, contracted: tuple, sizes: dict, stride, grid_hw, out_hw, dtype
             and math.prod(grid_hw) <= 2 * math.prod(out_hw))
 
 
-def unpatch_on_grid(a, b, spec, size, kernel, padding, groups):
+def unpatch_on_grid(a, b, spec, size, kernel, padding, groups, dilation=(1, 1)):
     """``unpatch_einsum`` of stride 1 as products per window offset on the padded grid."""
     xp = backend_of(a)
     (at, bt), p = spec.inputs, spec.output
@@ -110,7 +110,7 @@ def unpatch_on_grid(a, b, spec, size, kernel, padding, groups):
     grid_hw = tuple(n + 2 * q for n, q in zip(size, padding))
     src = _on_grid(a, at, (rows, cols), hw, grid_hw, xp)
     w = _weights_by_offset(b, bt, p[-2:], cols, inner, xp)
-    z = _scatter_on_grid(src, w, kernel, grid_hw, xp)
+    z = _scatter_on_grid(src, w, kernel, grid_hw, xp, dilation)
     sizes = dict(zip(at, a.shape)) | dict(zip(bt, b.shape))
     z = xp.reshape(z, tuple(sizes[n] for n in rows) + grid_hw + tuple(sizes[n] for n in inner))
     (ph, pw), (h, w_) = padding, size

@@ -1,7 +1,8 @@
 """Image patches as an engine primitive: the op that turns convolution into an einsum.
 
 ``patches(x)`` maps ``(..., H, W)`` to ``(..., OH, OW, kh, kw)``: entry
-``[..., i, j, k, l]`` is ``xpad[..., i*sh + k, j*sw + l]``. Forward it is a
+``[..., i, j, k, l]`` is ``xpad[..., i*sh + k*dh, j*sw + l*dw]`` (``d`` the
+dilation, 1 for adjacent window entries). Forward it is a
 strided view of the padded input (``as_strided``), copied once into the
 memory order a convolution's matmul reads. Its adjoint, :func:`unpatch`,
 adds every patch back where it came from (overlap-add) and crops the padding.
@@ -17,9 +18,15 @@ from ..backends import backend_of, in_order_of
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
 
 
-def out_size(n: int, k: int, s: int, p: int) -> int:
-    """Output length of a window of ``k`` with stride ``s`` over ``n`` padded by ``p`` each side."""
-    return (n + 2 * p - k) // s + 1
+def out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
+    """Output length of a window of ``k`` entries ``d`` apart, with stride ``s``,
+    over ``n`` padded by ``p`` each side."""
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def span(k: int, d: int) -> int:
+    """How far a window of ``k`` entries ``d`` apart reaches: ``d*(k-1) + 1``."""
+    return d * (k - 1) + 1
 
 
 def padded(x, padding):
@@ -32,20 +39,20 @@ def padded(x, padding):
     return z
 
 
-def patches_array(x, kernel, stride, padding, contiguous):
+def patches_array(x, kernel, stride, padding, contiguous, dilation=(1, 1)):
     xp = backend_of(x)
-    (kh, kw), (sh, sw) = kernel, stride
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     x = padded(x, padding)
-    oh, ow = (x.shape[-2] - kh) // sh + 1, (x.shape[-1] - kw) // sw + 1
+    oh, ow = (out_size(n, k, s, 0, d) for n, k, s, d in zip(x.shape[-2:], kernel, stride, dilation))
     *lead, s_h, s_w = x.strides
     view = xp.as_strided(x, shape=x.shape[:-2] + (oh, ow, kh, kw),
-                         strides=tuple(lead) + (s_h * sh, s_w * sw, s_h, s_w))
+                         strides=tuple(lead) + (s_h * sh, s_w * sw, s_h * dh, s_w * dw))
     if not contiguous or x.ndim < 3:
         return view
-    return _im2col(x, view, kernel, (oh, ow), (s_h * sh, s_w * sw))
+    return _im2col(x, view, kernel, (oh, ow), (s_h * sh, s_w * sw), dilation)
 
 
-def _im2col(x, view, kernel, out_hw, step):
+def _im2col(x, view, kernel, out_hw, step, dilation=(1, 1)):
     """The windows copied once (im2col), in a memory order that follows ``x``'s.
 
     A convolution's matmul then reads them as a matrix without another copy
@@ -55,15 +62,17 @@ def _im2col(x, view, kernel, out_hw, step):
     one per kernel row, each writing every third run, took 2.5x as long:
     1.6 against 0.66 ms for the bench CNN's second conv); otherwise each of the
     ``kh*kw`` offsets copies whole output rows into ``(C, kh, kw, ..., OH, OW)``.
-    Either way the result is indexed ``(..., C, OH, OW, kh, kw)``.
+    Either way the result is indexed ``(..., C, OH, OW, kh, kw)``. (A window
+    row is one run only where its entries are adjacent: dilation 1 across.)
     """
     xp = backend_of(x)
     (kh, kw), (oh, ow), c, item = kernel, out_hw, x.shape[-3], x.itemsize
     lead = x.shape[:-3]
-    if c > 1 and x.strides[-3] == item and x.strides[-1] == c * item:
+    if c > 1 and x.strides[-3] == item and x.strides[-1] == c * item and dilation[1] == 1:
         out = xp.empty(lead + (oh, ow, kh, kw * c), dtype=x.dtype)
         out[...] = xp.as_strided(x, shape=out.shape,
-                                 strides=x.strides[:-3] + step + (x.strides[-2], item))
+                                 strides=x.strides[:-3] + step + (x.strides[-2] * dilation[0],
+                                                                  item))
         out = xp.reshape(out, lead + (oh, ow, kh, kw, c))
         return xp.moveaxis(out, -1, -5)
     out = xp.empty((c, kh, kw) + lead + (oh, ow), dtype=x.dtype)
@@ -74,9 +83,9 @@ def _im2col(x, view, kernel, out_hw, step):
     return xp.transpose(out, tuple(range(3, 3 + n)) + (0, 3 + n, 4 + n, 1, 2))
 
 
-def unpatch_array(g, size, kernel, stride, padding):
+def unpatch_array(g, size, kernel, stride, padding, dilation=(1, 1)):
     xp = backend_of(g)
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     (h, w), (oh, ow) = size, g.shape[-4:-2]
     shape = g.shape[:-4] + (h + 2 * ph, w + 2 * pw)
     if g.ndim >= 5 and g.strides[-5] < g.strides[-4]:
@@ -88,7 +97,8 @@ def unpatch_array(g, size, kernel, stride, padding):
     # One strided add per kernel offset: kh*kw vectorized adds, not one per patch.
     for k in range(kh):
         for l in range(kw):
-            z[..., k:k + sh * (oh - 1) + 1:sh, l:l + sw * (ow - 1) + 1:sw] += g[..., k, l]
+            i, j = k * dh, l * dw
+            z[..., i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += g[..., k, l]
     return z[..., ph:ph + h, pw:pw + w] if (ph or pw) else z
 
 
@@ -97,16 +107,16 @@ unpatch_p = Primitive("unpatch", unpatch_array)
 
 
 @patches_p.defvjp
-def _patches_vjp(k, g, out, x, kernel, stride, padding, contiguous):
-    return unpatch(g, x.shape[-2:], kernel, stride, padding)
+def _patches_vjp(k, g, out, x, kernel, stride, padding, contiguous, dilation=(1, 1)):
+    return unpatch(g, x.shape[-2:], kernel, stride, padding, dilation)
 
 
 patches_p.deflinear()
 
 
 @unpatch_p.defvjp
-def _unpatch_vjp(k, g, out, x, size, kernel, stride, padding):
-    return patches(g, kernel, stride, padding)
+def _unpatch_vjp(k, g, out, x, size, kernel, stride, padding, dilation=(1, 1)):
+    return patches(g, kernel, stride, padding, dilation=dilation)
 
 
 unpatch_p.deflinear()
@@ -134,7 +144,8 @@ def as_pair(v) -> tuple:
     return (n, n)
 
 
-def patches(x: Tensor, kernel_size, stride=1, padding=0, contiguous: bool = False) -> Tensor:
+def patches(x: Tensor, kernel_size, stride=1, padding=0, contiguous: bool = False,
+            dilation=1) -> Tensor:
     """Sliding windows of the last two axes: ``(..., H, W) -> (..., OH, OW, kh, kw)``.
 
     Args:
@@ -144,17 +155,23 @@ def patches(x: Tensor, kernel_size, stride=1, padding=0, contiguous: bool = Fals
         padding: zeros added on each side of both axes, an int or a pair.
         contiguous: copy the windows once (im2col), in a memory order a
             convolution's matmul reads as a matrix, instead of returning a view.
+        dilation: the step between a window's entries, an int or a pair.
     """
     kernel, stride, padding = as_pair(kernel_size), as_pair(stride), as_pair(padding)
-    h, w = x.shape[-2:]
-    if h + 2 * padding[0] < kernel[0] or w + 2 * padding[1] < kernel[1]:
-        raise ValueError(f"patches: a {kernel} window does not fit a {(h, w)} image "
-                         f"padded by {padding}")
+    dilation = as_pair(dilation)
+    check_fit("patches", x.shape[-2:], kernel, padding, dilation)
     return bind(patches_p, x, kernel=kernel, stride=stride, padding=padding,
-                contiguous=contiguous)
+                contiguous=contiguous, dilation=dilation)
 
 
-def unpatch(g: Tensor, size, kernel_size, stride=1, padding=0) -> Tensor:
+def check_fit(what: str, hw, kernel, padding, dilation) -> None:
+    """Raise ValueError where a window (dilated) does not fit the padded image."""
+    if any(n + 2 * p < span(k, d) for n, k, p, d in zip(hw, kernel, padding, dilation)):
+        raise ValueError(f"{what}: a {kernel} window (dilation {dilation}) does not fit a "
+                         f"{tuple(hw)} image padded by {padding}")
+
+
+def unpatch(g: Tensor, size, kernel_size, stride=1, padding=0, dilation=1) -> Tensor:
     """The adjoint of :func:`patches`: add each window back onto a ``size`` image."""
     return bind(unpatch_p, g, size=tuple(int(n) for n in size), kernel=as_pair(kernel_size),
-                stride=as_pair(stride), padding=as_pair(padding))
+                stride=as_pair(stride), padding=as_pair(padding), dilation=as_pair(dilation))

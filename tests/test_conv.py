@@ -1,0 +1,158 @@
+"""conv1d / conv2d against torch in float64: strides, paddings ('same' included),
+dilations and groups (depthwise too); values, input, weight and bias gradients."""
+import numpy as np
+import pytest
+import torch
+
+import einsumgrad as eg
+from einsumgrad import nn
+from einsumgrad.nn import functional as F
+from einsumgrad.rules import convolution, grid
+from einsumgrad.rules.patches import patches, unpatch
+from einsumgrad.testing import check_grads
+
+from backends import npy, xb
+
+TF = torch.nn.functional
+
+
+def close(got, want, what=""):
+    """Within 1e-9 of torch, relative to the largest entry (sums of a few dozen terms)."""
+    want = np.asarray(want)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(npy(got), want, rtol=1e-9, atol=1e-9 * scale, err_msg=what)
+
+
+def conv_both(ours, theirs, x, w, b, **kw):
+    """Both convolutions on the same float64 arrays; values and every gradient."""
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    want = theirs(tx, tw, tb, **kw)
+    g = np.random.default_rng(3).standard_normal(tuple(want.shape))
+    want.backward(torch.tensor(g))
+    ex, ew, eb = (eg.tensor(xb(a), requires_grad=True) for a in (x, w, b))
+    y = ours(ex, ew, eb, **kw)
+    close(y, want.detach().numpy(), "value")
+    y.backward(xb(g))
+    for name, got, ref in (("x", ex, tx), ("w", ew, tw), ("b", eb, tb)):
+        close(got.grad, ref.grad.numpy(), f"gradient of {name}")
+
+
+GROUPS = [(4, 6, 1), (4, 6, 2), (4, 4, 4), (4, 8, 4), (6, 4, 2)]  # (C, F, groups)
+
+
+@pytest.mark.parametrize("c,f,groups", GROUPS)
+@pytest.mark.parametrize("stride,padding,dilation", [
+    (1, 0, 1), (2, 1, 1), ((2, 1), (1, 2), 1), (1, "same", 1), (1, "same", 2),
+    (1, "same", (1, 2)), (1, "valid", 2), (2, 2, (2, 1)), (3, (0, 1), 2)])
+@pytest.mark.parametrize("kernel", [3, (2, 3), 1])
+def test_conv2d_matches_torch(rng, c, f, groups, stride, padding, dilation, kernel):
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = rng.standard_normal((2, c, 9, 8))
+    w, b = rng.standard_normal((f, c // groups, kh, kw)), rng.standard_normal(f)
+    conv_both(F.conv2d, TF.conv2d, x, w, b, stride=stride, padding=padding, dilation=dilation,
+              groups=groups)
+
+
+@pytest.mark.parametrize("c,f,groups", [(4, 6, 1), (4, 4, 4), (4, 8, 2), (3, 6, 3)])
+@pytest.mark.parametrize("stride,padding,dilation,kernel", [
+    (1, 0, 1, 3), (2, 2, 1, 3), (1, "same", 1, 2), (1, "same", 3, 3), (1, "valid", 2, 2),
+    (2, (1,), (2,), 3), (3, 1, 2, 1)])
+def test_conv1d_matches_torch(rng, c, f, groups, stride, padding, dilation, kernel):
+    x = rng.standard_normal((2, c, 11))
+    w, b = rng.standard_normal((f, c // groups, kernel)), rng.standard_normal(f)
+    conv_both(F.conv1d, TF.conv1d, x, w, b, stride=stride, padding=padding, dilation=dilation,
+              groups=groups)
+
+
+def test_unbatched_inputs_as_torch(rng):
+    x, w, b = rng.standard_normal((4, 7, 6)), rng.standard_normal((6, 2, 3, 3)), rng.standard_normal(6)
+    conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1, groups=2)
+    x, w = rng.standard_normal((4, 9)), rng.standard_normal((2, 4, 3))
+    conv_both(F.conv1d, TF.conv1d, x, w, rng.standard_normal(2), padding="same")
+
+
+@pytest.mark.parametrize("groups,dilation", [(1, 2), (4, 1), (2, (2, 1))])
+def test_conv_on_the_grid_with_groups_and_dilation(rng, monkeypatch, groups, dilation):
+    # The stride-1 input gradient on the padded grid (any backend: the in-place
+    # GEMM it waits for is switched on) with a dilated window: each offset is a
+    # shift of d*k rows. Grouped convs keep to the patches (no grid for them).
+    from einsumgrad.backends import backend_of
+    monkeypatch.setattr(backend_of(xb(np.zeros(1))), "matmul_adds_in_place", True)
+    monkeypatch.setattr(grid, "MIN_INNER", 1)
+    calls = []
+    f = convolution.unpatch_on_grid
+    monkeypatch.setattr(convolution, "unpatch_on_grid",
+                        lambda *a, **k: calls.append(1) or f(*a, **k))
+    x, w, b = (rng.standard_normal(s) for s in ((2, 8, 12, 11), (8, 8 // groups, 3, 2), (8,)))
+    conv_both(F.conv2d, TF.conv2d, x, w, b, padding="same", dilation=dilation, groups=groups)
+    assert bool(calls) == (groups == 1)
+
+
+def test_conv_second_order_with_groups_and_dilation(rng):
+    x, w = xb(rng.standard_normal((2, 4, 6, 5))), xb(rng.standard_normal((4, 2, 3, 2)))
+    check_grads(lambda x, w: F.conv2d(x, w, None, 1, "same", (2, 1), 2), x, w, order=2)
+    x, w = xb(rng.standard_normal((2, 4, 9))), xb(rng.standard_normal((8, 1, 2)))
+    check_grads(lambda x, w: F.conv1d(x, w, None, 2, 1, 2, 4), x, w, order=2)
+
+
+def test_dilated_patches_and_their_adjoint(rng):
+    x = rng.standard_normal((2, 3, 9, 8))
+    p = patches(eg.tensor(xb(x)), (3, 2), (2, 1), (1, 2), dilation=(2, 3))
+    xpad = np.pad(x, [(0, 0), (0, 0), (1, 1), (2, 2)])
+    assert p.shape == (2, 3, 4, 9, 3, 2)
+    np.testing.assert_array_equal(npy(p)[1, 2, 2, 4], xpad[1, 2, 4:9:2, 4:8:3])
+    g = rng.standard_normal(p.shape)
+    lhs = np.vdot(npy(p), g)
+    rhs = np.vdot(x, npy(unpatch(eg.tensor(xb(g)), (9, 8), (3, 2), (2, 1), (1, 2), (2, 3))))
+    assert abs(lhs - rhs) <= 1e-12 * np.abs(g).sum() * np.abs(x).max()
+    check_grads(lambda x: patches(x, 2, 1, 1, dilation=2), xb(x[:1, :1]), order=2)
+
+
+def test_batch_jacobian_through_grouped_dilated_conv(rng):
+    w = xb(rng.standard_normal((4, 1, 3, 3)))
+    x = xb(rng.standard_normal((3, 2, 5, 5)))
+    f = lambda x: F.conv2d(x, w, padding="same", dilation=2, groups=2)
+    jb, full = npy(eg.batch_jacobian(f)(x)), npy(eg.jacrev(f)(x))
+    for i in range(3):
+        np.testing.assert_allclose(jb[i], full[i, :, :, :, i], rtol=1e-12, atol=1e-12)
+
+
+def test_float32_input_to_a_float64_layer_computes_in_float64(rng):
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    here = eg.backends.backend_of(xb(np.zeros(1)))
+    conv = nn.Conv2d(3, 4, 3).to(here)
+    y = conv(xb(x))
+    assert y.dtype == np.float64  # NumPy's promotion, not a cast to the layer's dtype
+    want = F.conv2d(xb(x.astype(np.float64)), conv.weight, conv.bias)
+    np.testing.assert_array_equal(npy(y), npy(want))
+    assert nn.Conv1d(3, 4, 3, dtype=np.float32).to(here)(xb(x[:, :, 0])).dtype == np.float32
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(padding="same", stride=2), "strided"),
+    (dict(padding="full"), "'same' or 'valid'"),
+    (dict(padding=-1), "non-negative"),
+    (dict(padding=(1, 1, 1)), "2 non-negative"),
+    (dict(groups=3), "group"),
+    (dict(dilation=4), "does not fit"),
+])
+def test_conv2d_refuses_what_torch_refuses(rng, bad, match):
+    x, w = xb(rng.standard_normal((1, 6, 7, 7))), xb(rng.standard_normal((4, 3, 3, 3)))
+    kw = dict(groups=2) | bad
+    with pytest.raises(ValueError, match=match):
+        F.conv2d(x, w, **kw)
+    tkw = {k: v for k, v in kw.items()}
+    with pytest.raises((ValueError, RuntimeError)):
+        TF.conv2d(torch.tensor(npy(x)), torch.tensor(npy(w)), **tkw)
+
+
+@pytest.mark.parametrize("cls,dims", [("Conv1d", 1), ("Conv2d", 2)])
+def test_conv_modules_load_torch_weights(rng, cls, dims):
+    kw = dict(stride=1, padding="same", dilation=2, groups=2, bias=True)
+    ours, theirs = getattr(nn, cls)(4, 6, 3, **kw), getattr(torch.nn, cls)(4, 6, 3, **kw).double()
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    ours.to(eg.backends.backend_of(xb(np.zeros(1))))
+    x = rng.standard_normal((2, 4) + (7,) * dims)
+    close(ours(xb(x)), theirs(torch.tensor(x)).detach().numpy())
+    assert ours.weight.shape == tuple(theirs.weight.shape)
+    assert repr(ours).startswith(cls) and "groups=2" in repr(ours)
