@@ -6,6 +6,19 @@ The final walk records only what an enclosing transform or a user's
 ``requires_grad`` needs, so transforms nest: ``hessian`` is ``jacfwd`` of
 ``jacrev``. A whole Jacobian is one walk: the basis rides as one extra
 leading index through every pattern.
+
+Arguments and results may be pytrees (:mod:`einsumgrad.pytree`: nested
+``dict`` / ``list`` / ``tuple`` of arrays or Tensors, as JAX reads them): each
+leaf is one traced input, and results keep the structure, so ``grad`` of a
+list of arrays is a list of gradients, never one stacked array. Keyword
+arguments of ``f`` pass through undifferentiated. With ``has_aux=True``, ``f``
+returns ``(out, aux)`` and ``aux`` comes back beside the result, as JAX lays
+it out.
+
+A Jacobian's basis goes through ``f`` in passes of ``chunk_size`` rows; with
+``chunk_size=None``, of as many rows as keep the basis and the derivatives it
+carries within :data:`JACOBIAN_MEMORY_BUDGET` bytes, so a Jacobian that fits
+in memory is computed, in passes if it must.
 """
 from __future__ import annotations
 
@@ -15,10 +28,18 @@ from typing import Any, Callable, Sequence
 
 from .backends import backend_of
 from .plan import jacobian_of
-from .rules import einsum_p, identity_p, reshape
+from .pytree import LEAF, TreeDef, flatten, tree_map, unflatten
+from .rules import concatenate, einsum_p, identity_p, reshape
 from .spec import Spec, letters
 from .tensor import (BatchMixingError, Tensor, as_tensor, backprop, bind, differentiable, push,
-                     state)
+                     state, toposort)
+
+JACOBIAN_MEMORY_BUDGET: int = 256 * 2 ** 20
+"""Bytes that one pass of a Jacobian's basis may take, with the cotangents
+(or tangents) it carries through ``f``'s ops, when ``chunk_size=None``
+(``jacrev``, ``jacfwd``, ``hessian``, ``batch_jacobian``, ``batch_hessian``).
+The result itself comes on top. Set ``einsumgrad.transforms.JACOBIAN_MEMORY_BUDGET``
+to change it; it is read at each call."""
 
 
 @contextlib.contextmanager
@@ -58,22 +79,38 @@ def _finish(t: Tensor) -> Tensor:
     return t if state.tracing or t.requires_grad else t.detach()
 
 
-def _basis(like: Tensor, shape: tuple, nb_shape: tuple = ()) -> Tensor:
-    """Identity basis: shape ``(n,) + nb_shape + shape`` with ``n = prod(shape)``."""
+def _finish_out(out: Any) -> Any:
+    """:func:`_finish` on each leaf of a traced output."""
+    return _finish(out) if isinstance(out, Tensor) else tree_map(_finish, out)
+
+
+def _finish_aux(aux: Any) -> Any:
+    """``aux`` as JAX returns it: its Tensors cut from the trace (unless an enclosing
+    transform or ``requires_grad`` needs their graph), anything else as it is."""
+    return tree_map(lambda a: _finish(a) if isinstance(a, Tensor) else a, aux)
+
+
+def _basis(like: Tensor, shape: tuple, nb_shape: tuple = (), start: int = 0,
+           rows: int | None = None) -> Tensor:
+    """Rows ``start:start + rows`` (default: all) of the identity over ``shape``'s
+    elements, shaped ``(rows,) + nb_shape + shape``, broadcast over ``nb_shape``."""
     xp = backend_of(like.data)
     n = math.prod(shape)
-    e = xp.eye(n, dtype=like.dtype).reshape((n,) + (1,) * len(nb_shape) + shape)
-    return Tensor(xp.broadcast_to(e, (n,) + nb_shape + shape))
+    rows = n if rows is None else rows
+    e = xp.eye(rows, n, start, dtype=like.dtype).reshape((rows,) + (1,) * len(nb_shape) + shape)
+    return Tensor(xp.broadcast_to(e, (rows,) + nb_shape + shape) if nb_shape else e)
 
 
 def _zeros(like: Tensor, shape: tuple) -> Tensor:
     return Tensor(backend_of(like.data).zeros(shape, dtype=like.dtype))
 
 
-def _move_first_last(t: Tensor) -> Tensor:
-    """Move axis 0 after the others: an einsum."""
-    labels = letters(t.ndim)
-    return _einsum1(Spec((labels,), labels[1:] + labels[:1]), t)
+def _move_axis0(t: Tensor, to: int) -> Tensor:
+    """Move axis 0 to position ``to``: an einsum (nothing to do for ``to=0``)."""
+    if to == 0:
+        return t
+    ls = letters(t.ndim)
+    return _einsum1(Spec((ls,), ls[1:to + 1] + ls[:1] + ls[to + 1:]), t)
 
 
 def _einsum1(spec: Spec, t: Tensor) -> Tensor:
@@ -89,98 +126,202 @@ def _argnums(argnums, n: int) -> tuple:
     return tuple(a % n for a in nums)
 
 
-def trace_call(f: Callable, args: Sequence, nums: tuple, batch: bool = False,
-               bdims: Sequence | None = None):
-    """Run ``f`` recording every op, with fresh tensors at ``nums``; returns (xs, out).
+def _per_arg(trees: Sequence[TreeDef], flat: Sequence, argnums) -> Any:
+    """Results for the leaves of each differentiated argument, in each one's structure:
+    that argument's tree for an int ``argnums``, a tuple of them for a tuple."""
+    if trees[0] is LEAF and isinstance(argnums, int):
+        return flat[0]
+    res, k = [], 0
+    for t in trees:
+        res.append(unflatten(t, flat[k:k + t.num_leaves]))
+        k += t.num_leaves
+    return res[0] if isinstance(argnums, int) else tuple(res)
+
+
+def _trace(f: Callable, args: Sequence, nums: tuple, kwargs: dict, has_aux: bool = False,
+           batch: bool = False, bdims: Sequence | None = None) -> tuple:
+    """Run ``f`` recording every op, with a fresh tensor for each leaf of ``args[i]``, ``i`` in ``nums``.
 
     With ``batch`` each op's batch rule tracks a batch axis: axis 0 of each
-    traced argument, or ``bdims[j]`` of argument ``nums[j]`` (None: not tracked).
+    traced leaf, or ``bdims[j]`` of those of argument ``nums[j]`` (None: not tracked).
 
     While ``f`` runs those tensors are the inputs being traced
     (``state.inputs``): turning anything that depends on them into NumPy
     values raises, and so does changing them in place.
+
+    Returns:
+        ``(xs, trees, out, aux)``: the fresh tensors (argument by argument, each
+        one's leaves in order), each argument's structure, ``f``'s output with
+        every leaf a Tensor, and ``aux`` (None without ``has_aux``).
     """
     with _tracing(batch):
         args = list(args)
-        xs = []
+        xs, trees = [], []
         for j, i in enumerate(nums):
-            args[i] = _start(args[i])
+            if isinstance(args[i], Tensor):  # the common case: no structure to walk
+                fresh, tree = [_start(args[i])], LEAF
+                args[i] = fresh[0]
+            else:
+                leaves, tree = flatten(args[i])
+                fresh = [_start(p) for p in leaves]
+                args[i] = unflatten(tree, fresh)
             if batch:
-                args[i].bdim = 0 if bdims is None else bdims[j]
-            xs.append(args[i])
+                for x in fresh:
+                    x.bdim = 0 if bdims is None else bdims[j]
+            xs += fresh
+            trees.append(tree)
         inputs = state.inputs
         state.inputs = {**inputs, **{id(x): x for x in xs}}
         try:
-            out = f(*args)
+            out = f(*args, **kwargs)
         finally:
             state.inputs = inputs
-        out = tuple(map(as_tensor, out)) if isinstance(out, (tuple, list)) else as_tensor(out)
+    aux = None
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"has_aux=True: f must return a pair (out, aux), got "
+                            f"{type(out).__name__}")
+        out, aux = out
+        aux = _finish_aux(aux)
+    out = out if isinstance(out, Tensor) else tree_map(as_tensor, out)
+    return xs, trees, out, aux
+
+
+def trace_call(f: Callable, args: Sequence, nums: tuple, batch: bool = False,
+               bdims: Sequence | None = None):
+    """Run ``f`` recording every op, with fresh tensors at ``nums``; returns ``(xs, out)``.
+
+    ``xs`` holds every leaf of the traced arguments, flat; ``out`` is ``f``'s
+    output with Tensor leaves. See :func:`_trace` for ``batch`` and ``bdims``.
+    """
+    xs, _, out, _ = _trace(f, args, nums, {}, batch=batch, bdims=bdims)
     return xs, out
+
+
+def _cotangents(given: Any, likes: Sequence[Tensor], tree: TreeDef, what: str,
+                lead_ok: bool) -> list:
+    """``given`` (a cotangent or tangent with the structure ``tree``) as Tensors shaped like ``likes``.
+
+    Where ``tree`` is a single leaf, ``given`` is that leaf as it is (an
+    array-like: a list of numbers is read as an array there). With
+    ``lead_ok`` every leaf may carry the same extra leading axes.
+    """
+    if tree is LEAF:
+        leaves = [given]
+    else:
+        leaves, t = flatten(given)
+        if t != tree:
+            raise ValueError(f"{what} has structure {t}, expected {tree}")
+    gs = [as_tensor(g, like=x) for g, x in zip(leaves, likes)]
+    lead = gs[0].shape[:gs[0].ndim - likes[0].ndim] if gs else ()
+    for g, x in zip(gs, likes):
+        nb = g.ndim - x.ndim
+        if nb < 0 or g.shape[nb:] != x.shape or g.shape[:nb] != lead or (nb and not lead_ok):
+            raise ValueError(f"{what} shape {g.shape} does not match {x.shape}")
+    return gs
 
 
 # -- the two foundations ----------------------------------------------------------
 
-def vjp(f: Callable, *primals) -> tuple:
+def vjp(f: Callable, *primals, has_aux: bool = False, **kwargs) -> tuple:
     """Reverse mode: ``(out, vjp_fn)``, with ``vjp_fn(cotangent)`` a tuple, one per primal.
 
     ``vjp_fn(g)[k][j...] = sum_i g[i...] d out[i...] / d primal_k[j...]``.
+    Primals and the output may be pytrees: the cotangent has the output's
+    structure, each entry of the result its primal's. A cotangent may carry
+    extra leading axes (then so does each result): many VJPs in one pass.
+
+    Args:
+        f: takes the primals (and ``kwargs``, passed through undifferentiated).
+        has_aux: ``f`` returns ``(out, aux)``; the result is then ``(out, vjp_fn, aux)``.
     """
-    xs, out = trace_call(f, primals, tuple(range(len(primals))))
+    xs, trees, out, aux = _trace(f, primals, tuple(range(len(primals))), kwargs, has_aux)
+    outs, out_tree = flatten(out)
 
     def vjp_fn(cotangent) -> tuple:
-        g = as_tensor(cotangent, like=out)
-        if g.shape[g.ndim - out.ndim:] != out.shape:
-            raise ValueError(f"vjp: cotangent shape {g.shape} does not match the output "
-                             f"{out.shape}")
-        return tuple(_finish(r) for r in _pull(out, g, xs))
-    return _finish(out), vjp_fn
+        gs = _cotangents(cotangent, outs, out_tree, "vjp: cotangent", lead_ok=True)
+        return _per_arg(trees, [_finish(r) for r in _pull(outs, gs, xs)], ())
+    res = (_finish_out(out), vjp_fn)
+    return res + (aux,) if has_aux else res
 
 
-def _pull(out: Tensor, g: Tensor, xs: Sequence[Tensor]) -> list:
-    """Cotangents of ``xs`` (zeros where out does not depend on them)."""
-    nb = g.ndim - out.ndim
-    got = {id(t): c for t, c in backprop([out], [g], xs)}
-    return [got[id(x)] if id(x) in got else _zeros(g, g.shape[:nb] + x.shape) for x in xs]
+def _pull(outs: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor]) -> list:
+    """Cotangents of ``xs`` (zeros where no output depends on them)."""
+    lead = gs[0].shape[:gs[0].ndim - outs[0].ndim] if gs else ()
+    got = {id(t): c for t, c in backprop(outs, gs, xs)}
+    return [got[id(x)] if id(x) in got else _zeros(gs[0] if gs else x, lead + x.shape)
+            for x in xs]
 
 
-def jvp(f: Callable, primals: Sequence, tangents: Sequence) -> tuple:
-    """Forward mode: ``(out, tangent_out)``, tangents pushed through each JVP rule."""
+def jvp(f: Callable, primals: Sequence, tangents: Sequence, has_aux: bool = False,
+        **kwargs) -> tuple:
+    """Forward mode: ``(out, tangent_out)``, tangents pushed through each JVP rule.
+
+    ``primals`` and ``tangents`` are tuples of pytrees of one structure; the
+    output tangent has the output's structure.
+
+    Args:
+        f: takes the primals (and ``kwargs``, passed through undifferentiated).
+        has_aux: ``f`` returns ``(out, aux)``; the result is then ``(out, tangent_out, aux)``.
+    """
     primals, tangents = tuple(primals), tuple(tangents)
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
-    xs, out = trace_call(f, primals, tuple(range(len(primals))))
-    ts = [as_tensor(t, like=x) for t, x in zip(tangents, xs)]
-    for t, x in zip(ts, xs):
-        if t.shape != x.shape:
-            raise ValueError(f"jvp: tangent shape {t.shape} does not match its primal {x.shape}")
-    return _finish(out), _finish(_push(out, xs, ts))
+    xs, trees, out, aux = _trace(f, primals, tuple(range(len(primals))), kwargs, has_aux)
+    ts, k = [], 0
+    for tree, t in zip(trees, tangents):
+        ts += _cotangents(t, xs[k:k + tree.num_leaves], tree, "jvp: tangent", lead_ok=False)
+        k += tree.num_leaves
+    outs, out_tree = flatten(out)
+    # push walks from one root: an output of several leaves is one walk each
+    res = (_finish_out(out), unflatten(out_tree, [_finish(_push(o, xs, ts)) for o in outs]))
+    return res + (aux,) if has_aux else res
 
 
 def _push(out: Tensor, xs: Sequence[Tensor], ts: Sequence[Tensor]) -> Tensor:
-    nb = ts[0].ndim - xs[0].ndim
-    r = push(out, xs, ts)
-    return r if r is not None else _zeros(ts[0], ts[0].shape[:nb] + out.shape)
+    nb = ts[0].ndim - xs[0].ndim if ts else 0
+    r = push(out, xs, ts) if ts else None
+    return r if r is not None else _zeros(ts[0] if ts else out, (ts[0].shape[:nb] if ts else ())
+                                          + out.shape)
 
 
 # -- gradients -------------------------------------------------------------------------
 
-def value_and_grad(f: Callable, argnums=0) -> Callable:
-    """``(f(*args), gradient)`` of a scalar ``f``; a tuple of gradients for tuple ``argnums``."""
-    def wrapped(*args):
+def value_and_grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
+    """``(f(*args), gradient)`` of a scalar ``f``; a tuple of gradients for tuple ``argnums``.
+
+    Each gradient has its argument's structure (a pytree of arrays gives the
+    same pytree of gradients). Keyword arguments pass through to ``f``
+    undifferentiated. With ``has_aux``, ``f`` returns ``(value, aux)`` and the
+    result is ``((value, aux), gradient)``.
+    """
+    def wrapped(*args, **kwargs):
         nums = _argnums(argnums, len(args))
-        xs, out = trace_call(f, args, nums)
+        xs, trees, out, aux = _trace(f, args, nums, kwargs, has_aux)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"grad needs f to return one scalar, got {flatten(out)[1]}; "
+                            f"with has_aux=True f returns (scalar, aux)")
         if out.size != 1:
             raise ValueError(f"grad needs a scalar output, got shape {out.shape}; "
                              f"use jacrev, or vjp with a cotangent")
-        gs = [_finish(g) for g in _pull(out, Tensor(backend_of(out.data).ones_like(out.data)), xs)]
-        return _finish(out), (gs[0] if isinstance(argnums, int) else tuple(gs))
+        gs = _pull([out], [Tensor(backend_of(out.data).ones_like(out.data))], xs)
+        g = _per_arg(trees, [_finish(g) for g in gs], argnums)
+        return ((_finish(out), aux) if has_aux else _finish(out)), g
     return wrapped
 
 
-def grad(f: Callable, argnums=0) -> Callable:
-    """The gradient of a scalar ``f`` with respect to ``args[argnums]``."""
-    vg = value_and_grad(f, argnums)
-    return lambda *args: vg(*args)[1]
+def grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
+    """The gradient of a scalar ``f`` with respect to ``args[argnums]`` (its structure kept).
+
+    With ``has_aux``, ``f`` returns ``(value, aux)`` and the result is ``(gradient, aux)``.
+    """
+    vg = value_and_grad(f, argnums, has_aux)
+    if has_aux:
+        def with_aux(*args, **kwargs):
+            (_, aux), g = vg(*args, **kwargs)
+            return g, aux
+        return with_aux
+    return lambda *args, **kwargs: vg(*args, **kwargs)[1]
 
 
 def elementwise_grad(f: Callable, argnums=0) -> Callable:
@@ -193,24 +334,30 @@ def elementwise_grad(f: Callable, argnums=0) -> Callable:
     right, as broadcasting lines them up) is tracked as a batch axis in turn,
     and every op's batch rule checks that it keeps those slices apart. Axis 0
     is tracked while tracing for the gradient; each further axis costs one
-    more forward pass of ``f``.
+    more forward pass of ``f``. The differentiated arguments are arrays (a
+    list of numbers is read as one, as NumPy reads it); keyword arguments
+    pass through to ``f``.
 
     Raises:
         BatchMixingError: ``f`` mixes elements (names the op).
     """
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         nums = _argnums(argnums, len(args))
-        ranks = [as_tensor(args[i]).ndim for i in nums]
+        args = list(args)
+        for i in nums:
+            args[i] = as_tensor(args[i])
+        ranks = [args[i].ndim for i in nums]
         rank = max(ranks)
         for axis in range(1, rank):
-            _, out = trace_call(f, args, nums, batch=True,
-                                bdims=[_lined_up(axis, r, rank) for r in ranks])
+            _, _, out, _ = _trace(f, args, nums, kwargs, batch=True,
+                                  bdims=[_lined_up(axis, r, rank) for r in ranks])
             _check_elementwise(out, axis, rank)
-        xs, out = trace_call(f, args, nums, batch=rank > 0,
-                             bdims=[_lined_up(0, r, rank) for r in ranks])
+        xs, _, out, _ = _trace(f, args, nums, kwargs, batch=rank > 0,
+                               bdims=[_lined_up(0, r, rank) for r in ranks])
         if rank:
             _check_elementwise(out, 0, rank)
-        gs = [_finish(g) for g in _pull(out, Tensor(backend_of(out.data).ones_like(out.data)), xs)]
+        gs = [_finish(g) for g in _pull([out], [Tensor(backend_of(out.data).ones_like(out.data))],
+                                        xs)]
         return gs[0] if isinstance(argnums, int) else tuple(gs)
     return wrapped
 
@@ -222,7 +369,7 @@ def _lined_up(axis: int, ndim: int, rank: int):
 
 
 def _check_elementwise(out, axis: int, rank: int) -> None:
-    if isinstance(out, tuple):
+    if not isinstance(out, Tensor):
         raise TypeError("elementwise_grad: f must return one Tensor")
     want = out.ndim - rank + axis
     if out.bdim is not None and out.bdim != want:
@@ -252,43 +399,156 @@ def _materialized(out: Tensor, x: Tensor) -> Tensor | None:
     return Tensor(jacobian_of(node.params["spec"], k, [t.data for t in node.inputs]))
 
 
-def _jacobian(f: Callable, argnums, one: Callable) -> Callable:
-    """Trace ``f``; ``one(out, xs)`` gives the Jacobians of one output w.r.t. ``xs``.
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    A tuple ``argnums`` gives a tuple per output; a tuple of outputs gives a
-    tuple of those (as ``torch.func``, so ``hessian`` with tuple ``argnums``
-    gives the blocks ``H[i][j]``).
+
+def _path_elements(outs: Sequence[Tensor], xs: Sequence[Tensor]) -> int:
+    """Elements of every tensor from ``xs`` to ``outs`` (both included): each carries
+    one cotangent (or tangent) row per basis row through a pass."""
+    on = {id(x) for x in xs}
+    total = sum(x.size for x in xs)
+    for t in toposort(outs, _always, set(on)):  # inputs first: a tensor's inputs are settled
+        node = t.node
+        if node is not None and id(t) not in on:
+            for i in node.inputs:
+                if id(i) in on:
+                    on.add(id(t))
+                    total += t.size
+                    break
+    return total
+
+
+def _always(t: Tensor) -> bool:
+    return True
+
+
+class _Block:
+    """One Jacobian block ``nb + fo + fi`` (output leaf by input leaf), gathered pass by pass.
+
+    Reverse mode hands it rows ``(k, *nb, *fi)`` (output features ``a:b``),
+    forward mode columns ``(k, *nb, *fo)`` (input features ``a:b``). Where
+    the result must stay differentiable, or comes in one pass, the parts are
+    joined with the engine's ops; otherwise each is written into the result
+    as it comes, so no more than one pass's part is held beside it.
     """
-    def wrapped(*args):
+
+    def __init__(self, o: Tensor, x: Tensor, nb: tuple, forward: bool, passes: int, keep: bool):
+        self.fo, self.fi = o.shape[len(nb):], x.shape[len(nb):]
+        self.nb, self.forward = nb, forward
+        self.parts = [] if keep or passes == 1 else None
+        self.buf = None
+
+    def add(self, part: Tensor, a: int, b: int) -> None:
+        if self.parts is not None:
+            self.parts.append(part)
+            return
+        nb, n_o, n_x = self.nb, math.prod(self.fo), math.prod(self.fi)
+        if self.buf is None:
+            self.buf = backend_of(part.data).empty(nb + self.fo + self.fi, dtype=part.dtype)
+        view = self.buf.reshape(nb + (n_o, n_x))  # a view: the buffer is contiguous
+        m = len(nb)
+        if self.forward:  # (k, *nb, n_o) -> (*nb, n_o, k)
+            p = part.data.reshape((b - a,) + nb + (n_o,)).transpose(tuple(range(1, m + 2)) + (0,))
+            view[..., a:b] = p
+        else:             # (k, *nb, n_x) -> (*nb, k, n_x)
+            p = part.data.reshape((b - a,) + nb + (n_x,))
+            view[..., a:b, :] = p.transpose(tuple(range(1, m + 1)) + (0, m + 1))
+
+    def result(self) -> Tensor:
+        if self.parts is None:
+            return Tensor(self.buf)
+        t = self.parts[0] if len(self.parts) == 1 else concatenate(self.parts, axis=0)
+        t = _move_axis0(t, t.ndim - 1 if self.forward else len(self.nb))
+        return _finish(reshape(t, self.nb + self.fo + self.fi))
+
+
+def _blocks(outs: Sequence[Tensor], xs: Sequence[Tensor], forward: bool, nb: tuple = (),
+            chunk_size: int | None = None) -> list:
+    """The Jacobian of each output leaf by each input leaf: ``J[i][j]``.
+
+    Each block has shape ``nb + fo_i + fi_j``, ``fo`` and ``fi`` the leaves'
+    shapes past the ``nb`` leading (per-sample) axes, which the basis is
+    broadcast over. Reverse mode pulls the identity over each output leaf's
+    features back to every input leaf at once; forward mode pushes the
+    identity over each input leaf's features (``push`` walks from one root:
+    an output of several leaves is one walk each). Either goes
+    ``chunk_size`` basis rows at a time; with None, as many as keep a pass
+    within :data:`JACOBIAN_MEMORY_BUDGET`, or all where the result must stay
+    differentiable (an enclosing transform's recorded graph keeps every
+    pass anyway).
+    """
+    if not nb and len(outs) == 1:
+        fast = [_materialized(outs[0], x) for x in xs]
+        if all(J is not None for J in fast):
+            return [fast]
+    keep = bool(state.tracing) or any(t.requires_grad for t in (*outs, *xs))
+    path = None
+
+    def rows(n: int) -> int:
+        nonlocal path
+        if chunk_size is not None:
+            return min(chunk_size, n) or 1
+        if keep or n <= 1:
+            return n or 1
+        if path is None:
+            path = _path_elements(outs, xs)
+        itemsize = max(t.dtype.itemsize for t in (*outs, *xs))
+        # the basis row, and each tensor's cotangent (or tangent) with room for one
+        # rule's temporaries beside it
+        return max(1, min(n, JACOBIAN_MEMORY_BUDGET // (itemsize * (n + 2 * path))))
+
+    J = [[None] * len(xs) for _ in outs]
+    if forward:
+        for j, x in enumerate(xs):
+            fi = x.shape[len(nb):]
+            n = math.prod(fi)
+            k = rows(n)
+            parts = [_Block(o, x, nb, True, -(-n // k), keep) for o in outs]
+            for a in range(0, n, k):
+                e = _basis(x, fi, nb, a, min(k, n - a))
+                for i, o in enumerate(outs):
+                    parts[i].add(_push(o, [x], [e]), a, a + e.shape[0])
+            for i in range(len(outs)):
+                J[i][j] = parts[i].result()
+    else:
+        for i, o in enumerate(outs):
+            fo = o.shape[len(nb):]
+            n = math.prod(fo)
+            k = rows(n)
+            parts = [_Block(o, x, nb, False, -(-n // k), keep) for x in xs]
+            for a in range(0, n, k):
+                e = _basis(o, fo, nb, a, min(k, n - a))
+                for j, g in enumerate(_pull([o], [e], xs)):
+                    parts[j].add(g, a, a + e.shape[0])
+            J[i] = [p.result() for p in parts]
+    return J
+
+
+def _jacobian(f: Callable, argnums, has_aux: bool, chunk_size, forward: bool) -> Callable:
+    """Trace ``f``; the Jacobian of each output leaf by each differentiated argument.
+
+    The result has the output's structure, each leaf replaced by the
+    arguments' (one argument's structure for an int ``argnums``, a tuple of
+    them for a tuple), as JAX lays it out; so ``hessian`` with tuple
+    ``argnums`` gives the blocks ``H[i][j]``, as ``torch.func`` does.
+    """
+    _check_chunk_size(chunk_size)
+
+    def wrapped(*args, **kwargs):
         nums = _argnums(argnums, len(args))
-        xs, out = trace_call(f, args, nums)
-        pick = (lambda r: r[0]) if isinstance(argnums, int) else tuple
-        if isinstance(out, tuple):
-            return tuple(pick(one(o, xs)) for o in out)
-        return pick(one(out, xs))
+        xs, trees, out, aux = _trace(f, args, nums, kwargs, has_aux)
+        outs, out_tree = flatten(out)
+        J = _blocks(outs, xs, forward, chunk_size=chunk_size)
+        res = unflatten(out_tree, [_per_arg(trees, row, argnums) for row in J])
+        return (res, aux) if has_aux else res
     return wrapped
 
 
-def _jacrev_one(out: Tensor, xs: Sequence[Tensor]) -> list:
-    res = [_materialized(out, x) for x in xs]
-    if any(r is None for r in res):
-        gs = _pull(out, _basis(out, out.shape), xs)  # one pass: (n_out, *x.shape) each
-        res = [_finish(reshape(g, out.shape + x.shape)) for g, x in zip(gs, xs)]
-    return res
-
-
-def _jacfwd_one(out: Tensor, xs: Sequence[Tensor]) -> list:
-    res = []
-    for x in xs:
-        J = _materialized(out, x)
-        if J is None:
-            t = _push(out, [x], [_basis(x, x.shape)])  # one pass: (n_in, *out.shape)
-            J = _finish(reshape(_move_first_last(t), out.shape + x.shape))
-        res.append(J)
-    return res
-
-
-def jacrev(f: Callable, argnums=0) -> Callable:
+def jacrev(f: Callable, argnums=0, has_aux: bool = False, *,
+           chunk_size: int | None = None) -> Callable:
     """Full Jacobian ``out.shape + arg.shape`` by reverse mode, in one batched pass.
 
     The cotangent is the identity basis over the output, carried as one extra
@@ -297,38 +557,56 @@ def jacrev(f: Callable, argnums=0) -> Callable:
     is built directly by the derivation layer (``jacobian_of``) instead.
 
     Args:
-        f: takes Tensors, returns a Tensor (or a tuple of them).
+        f: takes Tensors (pytrees of them), returns a Tensor or a pytree of
+            them; keyword arguments pass through undifferentiated.
         argnums: which argument(s): an int, or a tuple (then a tuple of Jacobians).
+        has_aux: ``f`` returns ``(out, aux)``; the result is then ``(J, aux)``.
+        chunk_size: at most this many basis rows (output elements) per
+            backward walk, the same result in ``ceil(out.size / chunk_size)``
+            walks. None: as many as keep one walk within
+            :data:`JACOBIAN_MEMORY_BUDGET` (all, where the result must stay
+            differentiable: inside another transform, or an input requires grad).
+
+    Returns:
+        For each output leaf, the arguments' structure with Jacobian leaves
+        ``out_leaf.shape + arg_leaf.shape``.
     """
-    return _jacobian(f, argnums, _jacrev_one)
+    return _jacobian(f, argnums, has_aux, chunk_size, forward=False)
 
 
-def jacfwd(f: Callable, argnums=0) -> Callable:
+def jacfwd(f: Callable, argnums=0, has_aux: bool = False, *,
+           chunk_size: int | None = None) -> Callable:
     """Full Jacobian ``out.shape + arg.shape`` by forward mode, in one batched pass.
 
     The tangent is the identity basis over the argument, one extra leading
     index pushed through every JVP rule: cheaper than :func:`jacrev` when the
-    argument is smaller than the output. Arguments as for :func:`jacrev`.
+    argument is smaller than the output. Arguments as for :func:`jacrev`;
+    ``chunk_size`` counts the argument's elements per forward walk.
     """
-    return _jacobian(f, argnums, _jacfwd_one)
+    return _jacobian(f, argnums, has_aux, chunk_size, forward=True)
 
 
-def hessian(f: Callable, argnums=0) -> Callable:
+def hessian(f: Callable, argnums=0, has_aux: bool = False, *,
+            chunk_size: int | None = None) -> Callable:
     """Hessian ``out.shape + arg.shape + arg.shape``: forward over reverse.
 
     With tuple ``argnums`` the result is the blocks ``H[i][j]`` (derivative by
-    argument ``j`` of the gradient by argument ``i``), as ``torch.func.hessian``.
+    argument ``j`` of the gradient by argument ``i``), as ``torch.func.hessian``;
+    pytree arguments nest as JAX's (output, argument, argument). ``has_aux``
+    and ``chunk_size`` as for :func:`jacrev` (the basis of both passes).
     """
-    return jacfwd(jacrev(f, argnums), argnums)
+    inner = jacrev(f, argnums, has_aux, chunk_size=chunk_size)
+    return jacfwd(inner, argnums, has_aux, chunk_size=chunk_size)
 
 
 def hvp(f: Callable) -> Callable:
     """Hessian-vector product ``H(x) v`` of a scalar ``f``, without building ``H``.
 
     Forward over reverse: the JVP of ``grad(f)`` at ``x`` along ``v``, about
-    the cost of two gradients.
+    the cost of two gradients. ``x`` and ``v`` may be pytrees of one
+    structure; keyword arguments pass through to ``f``.
     """
-    return lambda x, v: jvp(grad(f), (x,), (v,))[1]
+    return lambda x, v, **kwargs: jvp(grad(f), (x,), (v,), **kwargs)[1]
 
 
 def directional(f: Callable, order: int = 1) -> Callable:
@@ -341,14 +619,14 @@ def directional(f: Callable, order: int = 1) -> Callable:
     shape ``(B, out, in, in)``: seed 000's contraction, H never built.
 
     Args:
-        f: takes one Tensor, returns a Tensor.
+        f: takes one Tensor (keyword arguments pass through), returns a Tensor.
         order: the derivative's order, at least 1.
     """
     if order < 1:
         raise ValueError("directional: order must be at least 1")
 
-    def wrapped(x, v):
-        g = f
+    def wrapped(x, v, **kwargs):
+        g = lambda y: f(y, **kwargs)
         for _ in range(order):
             g = (lambda h: lambda y: jvp(h, (y,), (v,))[1])(g)
         return g(x)
@@ -357,8 +635,14 @@ def directional(f: Callable, order: int = 1) -> Callable:
 
 # -- per-sample derivatives ----------------------------------------------------------
 
-def batch_jacobian(f: Callable, *, batch_ndim: int = 1,
-                   chunk_size: int | None = 16384) -> Callable:
+FIRST_PASS_ROWS = 16384
+"""With ``chunk_size=None``, ``batch_jacobian`` traces at most this many batch rows
+in its first pass, and measures there what a row costs against
+:data:`JACOBIAN_MEMORY_BUDGET`; later passes take as many rows as fit."""
+
+
+def batch_jacobian(f: Callable, argnums=0, batch_ndim: int = 1, *,
+                   chunk_size: int | None = None) -> Callable:
     """Per-sample Jacobian ``(B,) + out.shape[1:] + x.shape[1:]`` of a row-wise ``f``.
 
     The batch axis stays one free index through every pattern: the basis covers
@@ -372,73 +656,147 @@ def batch_jacobian(f: Callable, *, batch_ndim: int = 1,
     Args:
         f: maps ``x`` of shape ``(B, *fin)`` to ``(B, *fout)``, row ``b`` of the
             output depending on row ``b`` of ``x`` alone. Parameters without a
-            batch axis (closed over, or broadcast) are fine.
+            batch axis (closed over, broadcast, or passed as arguments not in
+            ``argnums``: those are constants, their axis 0 no batch axis) are
+            fine; keyword arguments pass through.
+        argnums: which argument(s) carry the batch: an int, or a tuple (then a
+            tuple of Jacobians). An argument may be a pytree: each leaf has the
+            batch axes first, and the result keeps the structure; an output
+            pytree gives, for each output leaf, the arguments' structure.
         batch_ndim: how many leading axes of ``x`` are batch axes. With
             ``batch_ndim=2`` and ``x`` of shape ``(B, N, 3)`` (seed 002's
             point clouds) ``f`` is called on the points flattened to
             ``(B * N, 3)`` and the result is ``(B, N) + fout + fin``; every
             point is checked to stay apart from every other, across ``B``
             and ``N`` alike.
-        chunk_size: at most this many rows go through ``f`` at once, so the
-            memory for the trace and the tangents stays bounded however large
-            ``B`` is (rows are independent, so this changes no number).
-            ``None`` passes all rows at once. Inside another transform, or
-            when ``x`` requires grad, all rows go at once, so the result stays
-            differentiable.
+        chunk_size: unlike :func:`jacrev`'s, counts batch rows (samples, after
+            flattening ``batch_ndim`` axes): at most this many go through
+            ``f`` at once, each with the whole per-sample basis (rows are
+            independent, so this changes no number). ``None`` (the default)
+            traces at most :data:`FIRST_PASS_ROWS` rows first, measures what
+            a row costs, and then takes as many rows per pass as fit
+            :data:`JACOBIAN_MEMORY_BUDGET`; where one sample alone does not
+            fit, its basis goes in chunks as jacrev's. Inside another
+            transform, or when an input requires grad, all rows go at once, so
+            the result stays differentiable.
 
     Raises:
         BatchMixingError: ``f`` mixes batch rows (names the op).
     """
-    def wrapped(x):
-        x = _float_tensor(x)
-        lead = x.shape[:batch_ndim]
-        if batch_ndim != 1:
-            if len(lead) != batch_ndim:
+    _check_chunk_size(chunk_size)
+
+    def wrapped(*args, **kwargs):
+        nums = _argnums(argnums, len(args))
+        trees, leaves = [], []
+        for i in nums:
+            ls, tree = flatten(args[i])
+            trees.append(tree)
+            leaves += [_float_tensor(p) for p in ls]
+        lead = leaves[0].shape[:batch_ndim] if leaves else ()
+        for x in leaves:
+            if x.ndim < batch_ndim:
                 raise ValueError(f"batch_jacobian: x of shape {x.shape} has fewer than "
                                  f"batch_ndim={batch_ndim} axes")
-            x = reshape(x, (math.prod(lead),) + x.shape[batch_ndim:])
-        B = x.shape[0]
-        if chunk_size is None or B <= chunk_size or state.tracing or x.requires_grad:
-            J = _batch_jacobian(f, x)
-        else:
-            xp = backend_of(x.data)
-            J = None
-            for i in range(0, B, chunk_size):
-                part = _batch_jacobian(f, Tensor(x.data[i:i + chunk_size])).data
-                if J is None:
-                    J = xp.empty((B,) + part.shape[1:], dtype=part.dtype)
-                J[i:i + len(part)] = part
-            J = Tensor(J)
+            if x.shape[:batch_ndim] != lead:
+                raise ValueError(f"batch_jacobian: the batch axes of the arguments differ: "
+                                 f"{lead} and {x.shape[:batch_ndim]}")
+        B = math.prod(lead)
         if batch_ndim != 1:
-            J = reshape(J, lead + J.shape[1:])
-        return _finish(J)
+            leaves = [reshape(x, (B,) + x.shape[batch_ndim:]) for x in leaves]
+
+        def run(rows: list) -> tuple:
+            """Trace ``f`` on these rows of the batched leaves; checks its outputs."""
+            call, k = list(args), 0
+            for i, tree in zip(nums, trees):
+                call[i] = unflatten(tree, rows[k:k + tree.num_leaves])
+                k += tree.num_leaves
+            xs, _, out, _ = _trace(f, call, nums, kwargs, batch=True)
+            outs, out_tree = flatten(out)
+            size = rows[0].shape[0] if rows else 0
+            for o in outs:
+                if o.ndim == 0 or o.shape[0] != size:
+                    raise BatchMixingError(f"batch_jacobian: f's output {o.shape} does not keep "
+                                           f"the batch axis of size {size} first")
+                if o.bdim not in (0, None):
+                    raise BatchMixingError(f"batch_jacobian: f moved the batch axis to {o.bdim}")
+            return xs, outs, out_tree
+
+        if state.tracing or any(x.requires_grad for x in leaves):
+            xs, outs, out_tree = run(leaves)   # all rows at once: the result stays differentiable
+            J = _per_sample(outs, xs)
+        else:
+            J, out_tree = _in_row_chunks(run, leaves, B, chunk_size)
+        if batch_ndim != 1:
+            J = [[reshape(b, lead + b.shape[1:]) for b in row] for row in J]
+        J = [[_finish(b) for b in row] for row in J]
+        return unflatten(out_tree, [_per_arg(trees, row, argnums) for row in J])
     return wrapped
 
 
-def _batch_jacobian(f: Callable, x: Tensor) -> Tensor:
-    xs, out = trace_call(f, (x,), (0,), batch=True)
-    x = xs[0]
-    B = x.shape[0]
-    if out.ndim == 0 or out.shape[0] != B:
-        raise BatchMixingError(f"batch_jacobian: f's output {out.shape} does not keep the "
-                               f"batch axis of size {B} first")
-    if out.bdim not in (0, None):
-        raise BatchMixingError(f"batch_jacobian: f moved the batch axis to {out.bdim}")
-    fin, fout = x.shape[1:], out.shape[1:]
-    if math.prod(fin) <= math.prod(fout):
-        t = _push(out, [x], [_basis(x, fin, (B,))])           # (E, B, *fout)
-        return reshape(_move_first_last(t), out.shape + fin)
-    g = _pull(out, _basis(out, fout, (B,)), [x])[0]        # (C, B, *fin)
-    ls = letters(g.ndim)
-    return reshape(_einsum1(Spec((ls,), (ls[1], ls[0]) + ls[2:]), g), out.shape + fin)
+def _per_sample(outs: Sequence[Tensor], xs: Sequence[Tensor]) -> list:
+    """Per-sample Jacobian blocks ``J[i][j]``, forward mode when a sample has no more
+    input features than output features."""
+    fin = sum(math.prod(x.shape[1:]) for x in xs)
+    fout = sum(math.prod(o.shape[1:]) for o in outs)
+    B = xs[0].shape[0] if xs else 0
+    return _blocks(outs, xs, fin <= fout, (B,))
 
 
-def batch_hessian(f: Callable, *, batch_ndim: int = 1,
-                  chunk_size: int | None = 16384) -> Callable:
+def _rows_that_fit(outs: Sequence[Tensor], xs: Sequence[Tensor], size: int) -> int:
+    """How many batch rows one pass may take within the budget, from a trace of ``size`` rows."""
+    n = max([math.prod(t.shape[1:]) for t in (*xs, *outs)], default=1)  # the basis per sample
+    per_row = _path_elements(outs, xs) / max(size, 1)                   # a row's tensors
+    itemsize = max(t.dtype.itemsize for t in (*outs, *xs))
+    room = JACOBIAN_MEMORY_BUDGET / itemsize - n * n                      # less the basis
+    return max(1, int(room // ((2 * n + 1) * per_row or 1)))
+
+
+def _in_row_chunks(run: Callable, leaves: list, B: int, chunk_size: int | None) -> tuple:
+    """The per-sample blocks over all ``B`` rows, ``run`` on a chunk of rows at a time.
+
+    Each chunk's blocks are written into the result as they come; where they
+    carry a graph (closed-over parameters that require grad) they are joined
+    with the engine's ``concatenate`` instead, so the result stays differentiable.
+    """
+    step = chunk_size or min(B, FIRST_PASS_ROWS)
+    r, bufs, parts, measured = 0, None, None, chunk_size is not None
+    while True:
+        size = min(step, B - r)
+        rows = leaves if size == B else [Tensor(x.data[r:r + size]) for x in leaves]
+        xs, outs, out_tree = run(rows)
+        if not measured:  # rows are alike: what the first pass measures holds for all
+            measured, step = True, _rows_that_fit(outs, xs, size)
+            if step < size:  # more rows traced than one pass may take: trace fewer
+                continue
+        J = _per_sample(outs, xs)
+        if bufs is None and parts is None:  # the first pass decides how passes are joined
+            if size == B or any(b.requires_grad for row in J for b in row):
+                parts = [[[] for _ in row] for row in J]
+            else:
+                bufs = [[backend_of(b.data).empty((B,) + b.shape[1:], dtype=b.dtype)
+                         for b in row] for row in J]
+        for i, row in enumerate(J):
+            for j, b in enumerate(row):
+                if parts is not None:
+                    parts[i][j].append(b)
+                else:
+                    bufs[i][j][r:r + size] = b.data
+        r += size
+        if r >= B:
+            break
+    if parts is not None:
+        return [[p[0] if len(p) == 1 else concatenate(p, axis=0) for p in row]
+                for row in parts], out_tree
+    return [[Tensor(buf) for buf in row] for row in bufs], out_tree
+
+
+def batch_hessian(f: Callable, argnums=0, batch_ndim: int = 1, *,
+                  chunk_size: int | None = None) -> Callable:
     """Per-sample Hessian ``(B,) + out.shape[1:] + x.shape[1:] * 2``: forward over reverse.
 
-    ``batch_jacobian`` of ``batch_jacobian``; the arguments, the rule on ``f``
-    and the error are as there.
+    ``batch_jacobian`` of ``batch_jacobian``; the arguments (``chunk_size``
+    counting batch rows), the rule on ``f`` and the error are as there. With
+    tuple ``argnums`` the result is the blocks ``H[i][j]``, as :func:`hessian`'s.
     """
-    inner = batch_jacobian(f, chunk_size=None)
-    return batch_jacobian(inner, batch_ndim=batch_ndim, chunk_size=chunk_size)
+    inner = batch_jacobian(f, argnums, chunk_size=None)
+    return batch_jacobian(inner, argnums, batch_ndim, chunk_size=chunk_size)
