@@ -17,12 +17,17 @@ from ..rules import add_bias, as_pair, einsum_spec, layer_norm, patch_einsum, pa
 from ..rules import unpatch_einsum  # noqa: F401  (re-exported)
 from ..spec import parse
 from ..tensor import Tensor, as_tensor
+from .losses import (binary_cross_entropy_with_logits, cross_entropy, l1_loss, labels_array,
+                     mse_loss, nll_loss)
 
-__all__ = ["linear", "conv1d", "conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "layer_norm", "cross_entropy",
-           "mse_loss", "scaled_dot_product_attention", "embedding", "dropout", "patches",
-           "unpatch", "patch_einsum", "unpatch_einsum", "relu", "gelu", "softmax", "log_softmax"]
+__all__ = ["linear", "conv1d", "conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "layer_norm",
+           "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "mse_loss",
+           "l1_loss", "scaled_dot_product_attention", "embedding", "dropout", "patches",
+           "unpatch", "patch_einsum", "unpatch_einsum", "relu", "gelu", "sigmoid", "tanh",
+           "softmax", "log_softmax"]
 
 relu, gelu, softmax, log_softmax = ops.relu, ops.gelu, ops.softmax, ops.log_softmax
+sigmoid, tanh = ops.sigmoid, ops.tanh
 
 
 def linear(x: Any, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -276,63 +281,6 @@ def avg_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
     return ops.einsum("...hwkl->...hw", p) * (1.0 / (kh * kw))
 
 
-def _labels_array(labels: Any, like: Tensor):
-    xp = backend_of(like.data)
-    data = labels.data if isinstance(labels, Tensor) else labels
-    if backend_of(data) is not xp:
-        data = xp.asarray(backend_of(data).to_numpy(data))
-    return data
-
-
-def cross_entropy(logits: Any, labels: Any, ignore_index: int = -100) -> Tensor:
-    """Mean negative log-likelihood of integer ``labels`` under ``softmax(logits)``, as torch's.
-
-    The class axis is axis 1: ``logits`` ``(N, C)`` with ``labels`` ``(N,)``, or
-    ``(N, C, d1, ...)`` with ``(N, d1, ...)``, or ``(C,)`` with a 0-d label; the
-    mean is over the targets not equal to ``ignore_index`` (NaN if there are
-    none, as torch). The label pick is an einsum with a constant one-hot mask,
-    so its adjoint is a multiply, not a scatter.
-
-    Raises:
-        ValueError: the labels' shape does not fit the logits', they are not
-            integers, or one lies outside ``[0, C)`` (and is not ``ignore_index``).
-    """
-    logits = as_tensor(logits)
-    xp = backend_of(logits.data)
-    y = _labels_array(labels, logits)
-    if logits.ndim == 0:
-        raise ValueError("cross_entropy: logits need a class axis, got a 0-d tensor")
-    axis = 0 if logits.ndim == 1 else 1
-    want = logits.shape[:axis] + logits.shape[axis + 1:]
-    if tuple(y.shape) != want:
-        raise ValueError(f"cross_entropy: labels of shape {tuple(y.shape)} do not fit logits of "
-                         f"shape {logits.shape} (classes on axis {axis}, as torch): "
-                         f"labels must have shape {want}")
-    if y.dtype.kind not in "iu":
-        raise ValueError(f"cross_entropy: labels must be integer class indices, got {y.dtype}")
-    c = logits.shape[axis]
-    kept = y != ignore_index
-    bad = kept & ((y < 0) | (y >= c))
-    if bool(xp.any(bad)):
-        raise ValueError(f"cross_entropy: label {int(y[bad].reshape(-1)[0])} is out of range "
-                         f"for {c} classes (logits {logits.shape}, class axis {axis})")
-    classes = xp.arange(c).reshape((c,) + (1,) * (logits.ndim - axis - 1))
-    as_column = lambda a: a.reshape(want[:axis] + (1,) + want[axis:])
-    # An ignored target's row of the mask is zero (its label may be a class).
-    onehot = ((as_column(y) == classes) & as_column(kept)).astype(logits.dtype)
-    logp = ops.log_softmax(logits, axis)
-    s = "abcdefghijklmnopqrstuvwxyz"[:logits.ndim]
-    n = int(xp.sum(kept))
-    scale = -1.0 / n if n else math.nan  # no target left: nan, as torch
-    return ops.einsum(f"{s},{s}->", logp, Tensor(onehot)) * scale
-
-
-def mse_loss(a: Any, b: Any) -> Tensor:
-    """Mean of the squared differences."""
-    d = as_tensor(a) - b
-    return ops.mean(d * d)
-
-
 def embedding(ids: Any, weight: Tensor) -> Tensor:
     """Rows of ``weight`` picked by integer ``ids``; the gradient scatters back into them.
 
@@ -342,7 +290,7 @@ def embedding(ids: Any, weight: Tensor) -> Tensor:
             counted from the end, as torch's.
     """
     xp = backend_of(weight.data)
-    ids = xp.asarray(_labels_array(ids, weight))  # a list of ids too
+    ids = xp.asarray(labels_array(ids, weight))  # a list of ids too
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
     n = weight.shape[0]
