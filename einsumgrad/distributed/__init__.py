@@ -30,7 +30,7 @@ __all__ = ["batch_hessian", "batch_jacobian", "directional", "elementwise_grad",
 
 def batch_jacobian(f: Callable, argnums=0, batch_ndim: int = 1, *,
                    chunk_size: int | None = None) -> Callable:
-    """:func:`einsumgrad.batch_jacobian` on dask arrays chunked along the ``batch_ndim`` leading axes.
+    """:func:`einsumgrad.batch_jacobian` on dask arrays chunked along the leading batch axes.
 
     Returns a lazy dask array ``(*batch, *fout, *fin)`` (the same structure as
     the NumPy call for tuple ``argnums`` or pytree outputs), chunked like

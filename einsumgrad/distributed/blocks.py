@@ -113,7 +113,7 @@ def _run(block: Block, *arrays) -> tuple:
 
 def on_blocks(local: Callable, batched=0, batch_ndim: int | None = 1,
               check: Callable | None = None) -> Callable:
-    """``local``, a NumPy transform ready to call, lifted to dask arrays chunked along the batch axes.
+    """``local``, a NumPy transform, lifted to dask arrays chunked along the batch axes.
 
     The lifted function traces ``local`` once on a sample of two rows per
     batch axis (which raises ``BatchMixingError`` for a mixing ``f`` before
