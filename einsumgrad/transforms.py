@@ -432,14 +432,16 @@ class _Block:
     forward mode columns ``(k, *nb, *fo)`` (input features ``a:b``). Where
     the result must stay differentiable, or comes in one pass, the parts are
     joined with the engine's ops; otherwise each is written into the result
-    as it comes, so no more than one pass's part is held beside it.
+    (``into``, a contiguous backend array, where the caller has one) as it
+    comes, so no more than one pass's part is held beside it.
     """
 
-    def __init__(self, o: Tensor, x: Tensor, nb: tuple, forward: bool, passes: int, keep: bool):
+    def __init__(self, o: Tensor, x: Tensor, nb: tuple, forward: bool, passes: int, keep: bool,
+                 into=None):
         self.fo, self.fi = o.shape[len(nb):], x.shape[len(nb):]
         self.nb, self.forward = nb, forward
-        self.parts = [] if keep or passes == 1 else None
-        self.buf = None
+        self.parts = [] if keep or (passes == 1 and into is None) else None
+        self.buf = into
 
     def add(self, part: Tensor, a: int, b: int) -> None:
         if self.parts is not None:
@@ -466,7 +468,7 @@ class _Block:
 
 
 def _blocks(outs: Sequence[Tensor], xs: Sequence[Tensor], forward: bool, nb: tuple = (),
-            chunk_size: int | None = None) -> list:
+            chunk_size: int | None = None, into: list | None = None) -> list:
     """The Jacobian of each output leaf by each input leaf: ``J[i][j]``.
 
     Each block has shape ``nb + fo_i + fi_j``, ``fo`` and ``fi`` the leaves'
@@ -478,7 +480,7 @@ def _blocks(outs: Sequence[Tensor], xs: Sequence[Tensor], forward: bool, nb: tup
     ``chunk_size`` basis rows at a time; with None, as many as keep a pass
     within :data:`JACOBIAN_MEMORY_BUDGET`, or all where the result must stay
     differentiable (an enclosing transform's recorded graph keeps every
-    pass anyway).
+    pass anyway). ``into[i][j]``: where to write block ``(i, j)``, if not kept.
     """
     if not nb and len(outs) == 1:
         fast = [_materialized(outs[0], x) for x in xs]
@@ -506,8 +508,9 @@ def _blocks(outs: Sequence[Tensor], xs: Sequence[Tensor], forward: bool, nb: tup
             fi = x.shape[len(nb):]
             n = math.prod(fi)
             k = rows(n)
-            parts = [_Block(o, x, nb, True, -(-n // k), keep) for o in outs]
-            for a in range(0, n, k):
+            parts = [_Block(o, x, nb, True, -(-n // k), keep, into and into[i][j])
+                     for i, o in enumerate(outs)]
+            for a in range(0, n, k) if n else [0]:  # an empty basis still gives the shapes
                 e = _basis(x, fi, nb, a, min(k, n - a))
                 for i, o in enumerate(outs):
                     parts[i].add(_push(o, [x], [e]), a, a + e.shape[0])
@@ -518,8 +521,9 @@ def _blocks(outs: Sequence[Tensor], xs: Sequence[Tensor], forward: bool, nb: tup
             fo = o.shape[len(nb):]
             n = math.prod(fo)
             k = rows(n)
-            parts = [_Block(o, x, nb, False, -(-n // k), keep) for x in xs]
-            for a in range(0, n, k):
+            parts = [_Block(o, x, nb, False, -(-n // k), keep, into and into[i][j])
+                     for j, x in enumerate(xs)]
+            for a in range(0, n, k) if n else [0]:
                 e = _basis(o, fo, nb, a, min(k, n - a))
                 for j, g in enumerate(_pull([o], [e], xs)):
                     parts[j].add(g, a, a + e.shape[0])
@@ -733,13 +737,13 @@ def batch_jacobian(f: Callable, argnums=0, batch_ndim: int = 1, *,
     return wrapped
 
 
-def _per_sample(outs: Sequence[Tensor], xs: Sequence[Tensor]) -> list:
+def _per_sample(outs: Sequence[Tensor], xs: Sequence[Tensor], into: list | None = None) -> list:
     """Per-sample Jacobian blocks ``J[i][j]``, forward mode when a sample has no more
     input features than output features."""
     fin = sum(math.prod(x.shape[1:]) for x in xs)
     fout = sum(math.prod(o.shape[1:]) for o in outs)
     B = xs[0].shape[0] if xs else 0
-    return _blocks(outs, xs, fin <= fout, (B,))
+    return _blocks(outs, xs, fin <= fout, (B,), into=into)
 
 
 def _rows_that_fit(outs: Sequence[Tensor], xs: Sequence[Tensor], size: int) -> int:
@@ -759,7 +763,7 @@ def _in_row_chunks(run: Callable, leaves: list, B: int, chunk_size: int | None) 
     with the engine's ``concatenate`` instead, so the result stays differentiable.
     """
     step = chunk_size or min(B, FIRST_PASS_ROWS)
-    r, bufs, parts, measured = 0, None, None, chunk_size is not None
+    r, measured, bufs, parts = 0, chunk_size is not None, None, None
     while True:
         size = min(step, B - r)
         rows = leaves if size == B else [Tensor(x.data[r:r + size]) for x in leaves]
@@ -768,19 +772,20 @@ def _in_row_chunks(run: Callable, leaves: list, B: int, chunk_size: int | None) 
             measured, step = True, _rows_that_fit(outs, xs, size)
             if step < size:  # more rows traced than one pass may take: trace fewer
                 continue
-        J = _per_sample(outs, xs)
-        if bufs is None and parts is None:  # the first pass decides how passes are joined
-            if size == B or any(b.requires_grad for row in J for b in row):
-                parts = [[[] for _ in row] for row in J]
+        if parts is None and bufs is None:  # the first chunk decides how chunks are joined
+            if size == B or any(o.requires_grad for o in outs):
+                parts = [[[] for _ in xs] for _ in outs]
             else:
-                bufs = [[backend_of(b.data).empty((B,) + b.shape[1:], dtype=b.dtype)
-                         for b in row] for row in J]
-        for i, row in enumerate(J):
-            for j, b in enumerate(row):
-                if parts is not None:
-                    parts[i][j].append(b)
-                else:
-                    bufs[i][j][r:r + size] = b.data
+                xp = backend_of(outs[0].data) if outs else None
+                bufs = [[xp.empty((B,) + o.shape[1:] + x.shape[1:],
+                                  dtype=xp.result_type(o.dtype, x.dtype)) for x in xs]
+                        for o in outs]
+        if parts is not None:
+            for prow, row in zip(parts, _per_sample(outs, xs)):
+                for p, b in zip(prow, row):
+                    p.append(b)
+        else:
+            _per_sample(outs, xs, [[buf[r:r + size] for buf in row] for row in bufs])
         r += size
         if r >= B:
             break
