@@ -29,3 +29,13 @@ def test_cli_explain():
     bad = subprocess.run([sys.executable, "-m", "einsumgrad", "explain", "ij,jk->ik",
                           "--shapes", "2x3", "4x5"], capture_output=True, text=True)
     assert bad.returncode == 2 and "'j'" in bad.stderr
+
+
+def test_coming_from_table_code_runs_as_written():
+    text = README.read_text()
+    block = re.search(r"### Coming from PyTorch, JAX or NumPy.*?```python\n(.*?)```", text,
+                      re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README coming from", "exec"), {})
+    assert out.getvalue().strip() == "['b', 'w'] (3, 2) (4, 3)"
