@@ -110,12 +110,7 @@ def _move_axis0(t: Tensor, to: int) -> Tensor:
     if to == 0:
         return t
     ls = letters(t.ndim)
-    return _einsum1(Spec((ls,), ls[1:to + 1] + ls[:1] + ls[to + 1:]), t)
-
-
-def _einsum1(spec: Spec, t: Tensor) -> Tensor:
-    """A one-operand einsum (a transpose) on a clean spec."""
-    return bind(einsum_p, t, spec=spec)
+    return bind(einsum_p, t, spec=Spec((ls,), ls[1:to + 1] + ls[:1] + ls[to + 1:]))
 
 
 def _argnums(argnums, n: int) -> tuple:
@@ -129,7 +124,7 @@ def _argnums(argnums, n: int) -> tuple:
 def _per_arg(trees: Sequence[TreeDef], flat: Sequence, argnums) -> Any:
     """Results for the leaves of each differentiated argument, in each one's structure:
     that argument's tree for an int ``argnums``, a tuple of them for a tuple."""
-    if trees[0] is LEAF and isinstance(argnums, int):
+    if isinstance(argnums, int) and trees[0] is LEAF:  # one Tensor: the common case
         return flat[0]
     res, k = [], 0
     for t in trees:
@@ -279,10 +274,12 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence, has_aux: bool = Fals
 
 
 def _push(out: Tensor, xs: Sequence[Tensor], ts: Sequence[Tensor]) -> Tensor:
-    nb = ts[0].ndim - xs[0].ndim if ts else 0
+    """The tangent of ``out`` (zeros where it does not depend on ``xs``)."""
     r = push(out, xs, ts) if ts else None
-    return r if r is not None else _zeros(ts[0] if ts else out, (ts[0].shape[:nb] if ts else ())
-                                          + out.shape)
+    if r is not None:
+        return r
+    lead = ts[0].shape[:ts[0].ndim - xs[0].ndim] if ts else ()
+    return _zeros(ts[0] if ts else out, lead + out.shape)
 
 
 # -- gradients -------------------------------------------------------------------------
