@@ -124,8 +124,8 @@ def _argnums(argnums, n: int) -> tuple:
 def _per_arg(trees: Sequence[TreeDef], flat: Sequence, argnums) -> Any:
     """Results for the leaves of each differentiated argument, in each one's structure:
     that argument's tree for an int ``argnums``, a tuple of them for a tuple."""
-    if isinstance(argnums, int) and trees[0] is LEAF:  # one Tensor: the common case
-        return flat[0]
+    if all(t is LEAF for t in trees):  # Tensors, no structure: the common case
+        return flat[0] if isinstance(argnums, int) else tuple(flat)
     res, k = [], 0
     for t in trees:
         res.append(unflatten(t, flat[k:k + t.num_leaves]))
@@ -636,6 +636,8 @@ def directional(f: Callable, order: int = 1) -> Callable:
 
 # -- per-sample derivatives ----------------------------------------------------------
 
+_ALL_ROWS = 1 << 62  # a chunk_size for _blocks: the whole basis in one pass
+
 FIRST_PASS_ROWS = 16384
 """With ``chunk_size=None``, ``batch_jacobian`` traces at most this many batch rows
 in its first pass, and measures there what a row costs against
@@ -734,22 +736,31 @@ def batch_jacobian(f: Callable, argnums=0, batch_ndim: int = 1, *,
     return wrapped
 
 
-def _per_sample(outs: Sequence[Tensor], xs: Sequence[Tensor], into: list | None = None) -> list:
-    """Per-sample Jacobian blocks ``J[i][j]``, forward mode when a sample has no more
-    input features than output features."""
-    fin = sum(math.prod(x.shape[1:]) for x in xs)
-    fout = sum(math.prod(o.shape[1:]) for o in outs)
+def _forward(outs: Sequence[Tensor], xs: Sequence[Tensor]) -> tuple:
+    """``(forward, n)``: forward mode when a sample has no more input features than
+    output features, and the most basis rows a pass takes then (one leaf's features)."""
+    fin = [math.prod(x.shape[1:]) for x in xs]
+    fout = [math.prod(o.shape[1:]) for o in outs]
+    forward = sum(fin) <= sum(fout)
+    return forward, max(fin if forward else fout, default=1)
+
+
+def _per_sample(outs: Sequence[Tensor], xs: Sequence[Tensor], into: list | None = None,
+                chunk_size: int | None = None) -> list:
+    """Per-sample Jacobian blocks ``J[i][j]``, the basis as :func:`_blocks` takes it."""
     B = xs[0].shape[0] if xs else 0
-    return _blocks(outs, xs, fin <= fout, (B,), into=into)
+    return _blocks(outs, xs, _forward(outs, xs)[0], (B,), chunk_size, into)
 
 
 def _rows_that_fit(outs: Sequence[Tensor], xs: Sequence[Tensor], size: int) -> int:
-    """How many batch rows one pass may take within the budget, from a trace of ``size`` rows."""
-    n = max([math.prod(t.shape[1:]) for t in (*xs, *outs)], default=1)  # the basis per sample
-    per_row = _path_elements(outs, xs) / max(size, 1)                   # a row's tensors
+    """How many batch rows one pass of the whole per-sample basis may take within the
+    budget, from a trace of ``size`` rows (0: not even one)."""
+    n = _forward(outs, xs)[1]                            # basis rows per sample
+    per_row = _path_elements(outs, xs) / max(size, 1)   # a row's tensors
     itemsize = max(t.dtype.itemsize for t in (*outs, *xs))
-    room = JACOBIAN_MEMORY_BUDGET / itemsize - n * n                      # less the basis
-    return max(1, int(room // ((2 * n + 1) * per_row or 1)))
+    room = JACOBIAN_MEMORY_BUDGET / itemsize - n * n     # less the basis
+    # each tensor's cotangent (or tangent) per basis row, twice as in _blocks, and its value
+    return max(0, int(room // ((2 * n + 1) * per_row or 1)))
 
 
 def _in_row_chunks(run: Callable, leaves: list, B: int, chunk_size: int | None) -> tuple:
@@ -760,13 +771,15 @@ def _in_row_chunks(run: Callable, leaves: list, B: int, chunk_size: int | None) 
     with the engine's ``concatenate`` instead, so the result stays differentiable.
     """
     step = chunk_size or min(B, FIRST_PASS_ROWS)
+    basis = None  # basis rows per pass within a chunk; None: _blocks picks by the budget
     r, measured, bufs, parts = 0, chunk_size is not None, None, None
     while True:
         size = min(step, B - r)
         rows = leaves if size == B else [Tensor(x.data[r:r + size]) for x in leaves]
         xs, outs, out_tree = run(rows)
         if not measured:  # rows are alike: what the first pass measures holds for all
-            measured, step = True, _rows_that_fit(outs, xs, size)
+            measured, fit = True, _rows_that_fit(outs, xs, size)
+            step, basis = max(fit, 1), (_ALL_ROWS if fit else None)
             if step < size:  # more rows traced than one pass may take: trace fewer
                 continue
         if parts is None and bufs is None:  # the first chunk decides how chunks are joined
@@ -778,11 +791,11 @@ def _in_row_chunks(run: Callable, leaves: list, B: int, chunk_size: int | None) 
                                   dtype=xp.result_type(o.dtype, x.dtype)) for x in xs]
                         for o in outs]
         if parts is not None:
-            for prow, row in zip(parts, _per_sample(outs, xs)):
+            for prow, row in zip(parts, _per_sample(outs, xs, None, basis)):
                 for p, b in zip(prow, row):
                     p.append(b)
         else:
-            _per_sample(outs, xs, [[buf[r:r + size] for buf in row] for row in bufs])
+            _per_sample(outs, xs, [[buf[r:r + size] for buf in row] for row in bufs], basis)
         r += size
         if r >= B:
             break

@@ -196,6 +196,23 @@ def test_batch_jacobian_within_the_budget(budget):
     np.testing.assert_allclose(npy(J), diag[:, :, None] * np.eye(1500), **TOL)
 
 
+def test_batch_jacobian_that_fits_traces_f_once(budget):
+    # seed 001's shape: 784 inputs, 10 outputs a row; reverse mode's basis is the 10
+    calls = []
+    w1, w2 = xb(rng.standard_normal((784, 64)) / 28), xb(rng.standard_normal((64, 10)) / 8)
+
+    def f(x):
+        calls.append(x.shape[0])
+        return eg.tanh(x @ w1) @ w2
+    x = xb(rng.standard_normal((64, 784)))
+    J = eg.batch_jacobian(f)(x)
+    assert J.shape == (64, 10, 784) and calls == [64]
+    budget(2 ** 20)  # now a pass holds fewer rows: 64 traced first, then chunks that fit
+    calls.clear()
+    same(eg.batch_jacobian(f)(x), J)
+    assert calls[0] == 64 and len(calls) > 2 and sum(calls[1:]) == 64 and max(calls[1:]) < 64
+
+
 def test_a_tiny_budget_changes_no_number(budget):
     x = rng.standard_normal((2, 3))
     f = lambda x: mlp(eg, x)
