@@ -51,6 +51,7 @@ class _State(threading.local):
         self.tracing = 0        # transforms in flight: record every op
         self.batch = 0          # batch_jacobian in flight: track batch axes
         self.inputs = {}        # id -> Tensor: the inputs transforms in flight trace
+        self.program = None     # the recorder of a program trace in flight (einsumgrad.program)
 
 
 state = _State()
@@ -322,6 +323,8 @@ def traced(t: "Tensor") -> bool:
 
 def concrete(t: "Tensor", what: str) -> None:
     """Refuse ``what`` (a conversion to NumPy or Python values) on a traced ``t``."""
+    if state.program is not None:  # a program trace: its own error, naming the line
+        state.program.concrete(t, what)
     if traced(t):
         raise TracerConversionError(
             f"{what} on a Tensor traced by a transform: the values would leave the tape and "
@@ -362,7 +365,9 @@ def pair(x: Any, y: Any) -> tuple:
 def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
     """Apply ``prim`` to Tensors, recording it when something needs the graph."""
     try:
-        out = Tensor(prim.impl(*[t.data for t in inputs], **params))
+        rec = state.program  # a program trace records every primitive applied
+        out = Tensor(prim.impl(*[t.data for t in inputs], **params) if rec is None
+                     else rec.bind(prim, inputs, params))
     except Exception:
         err = device_mismatch([t.data for t in inputs])
         if err is None:

@@ -1,0 +1,141 @@
+"""A program as one generated Python function over arrays.
+
+Each equation becomes one line calling what the trace called (a rule's
+impl, a ufunc, a backend function), its static parameters bound once as
+names of the function's globals; slots are local variables, deleted after
+their last use so each buffer is freed as early as the trace allows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy
+
+from ..backends import device_backend
+from ..plan import AUTO, Plan
+from .trace import CONVERT, GuardFailed, Ref
+
+
+def last_uses(p) -> dict:
+    """Equation index -> the slots read (or made) there for the last time (outputs kept)."""
+    keep = {o.slot for o in p.outputs if type(o) is Ref}
+    last: dict = {}
+    for i, eq in enumerate(p.eqs):
+        for s in (*eq.refs(), *eq.outs):
+            last[s] = i
+    gone: dict = {}
+    for s, i in last.items():
+        if s not in keep and s not in p.consts:
+            gone.setdefault(i, []).append(s)
+    return gone
+
+
+def same(a, b) -> bool:
+    """Guard comparison: equal, NaN equal to NaN."""
+    return a == b or (a != a and b != b)
+
+
+class Names:
+    """Names for the objects generated code refers to (its globals)."""
+
+    def __init__(self, p, ns: dict):
+        self.ns, self.ids = ns, {}
+        self.var = {s: f"a{s}" for s in range(max(p.avals, default=-1) + 1)}
+        for s, c in p.consts.items():
+            self.var[s] = f"c{s}"
+            ns[f"c{s}"] = c
+
+    def obj(self, x: Any) -> str:
+        name = self.ids.get(id(x))
+        if name is None:
+            name = self.ids[id(x)] = f"_k{len(self.ids)}"
+            self.ns[name] = x
+        return name
+
+    def lit(self, t: Any) -> str:
+        """Python source for an argument template (Refs as variables)."""
+        tp = type(t)
+        if tp is Ref:
+            return self.var[t.slot]
+        if tp is tuple:
+            return "(" + "".join(self.lit(x) + ", " for x in t) + ")"
+        if tp is list:
+            return "[" + ", ".join(self.lit(x) for x in t) + "]"
+        if tp is dict:
+            return "{" + ", ".join(f"{k!r}: {self.lit(v)}" for k, v in t.items()) + "}"
+        if t is None or t is Ellipsis or tp in (bool, int, str) or (
+                tp is float and math.isfinite(t)):
+            return repr(t)
+        return self.obj(t)
+
+    def call(self, args: tuple, kwargs: dict) -> str:
+        parts = [self.lit(a) for a in args] + [f"{k}={self.lit(v)}" for k, v in kwargs.items()]
+        return ", ".join(parts)
+
+
+def compile_program(p) -> Callable:
+    """The program as ``run(*input_arrays) -> [output leaves]``."""
+    ns: dict = {"_GuardFailed": GuardFailed, "_same": same, "_asarray": numpy.asarray}
+    n = Names(p, ns)
+    lines = [f"def run({', '.join(n.var[s] for s in p.inputs)}):"]
+    gone = last_uses(p)
+    for i, eq in enumerate(p.eqs):
+        lines += ["    " + line for line in replay_lines(eq, i, n, p)]
+        if i in gone:
+            lines.append("    del " + ", ".join(n.var[s] for s in gone[i]))
+    outs = [n.var[o.slot] if type(o) is Ref else n.obj(o) for o in p.outputs]
+    lines.append(f"    return [{', '.join(outs)}]")
+    text = "\n".join(lines)
+    exec(compile(text, f"<program {p.name}>", "exec"), ns)
+    ns["run"].source = text
+    return ns["run"]
+
+
+def replay_lines(eq, i: int, n: Names, p) -> list:
+    op, kind = eq.op, eq.op[0]
+    if kind == "guard":
+        conv = n.obj(CONVERT[op[1]])
+        extra = "".join(", " + n.lit(a) for a in eq.kwargs["args"])
+        return [f"if not _same({conv}({n.lit(eq.args[0])}{extra}), "
+                f"{n.obj(eq.kwargs['expected'])}):",
+                f"    raise _GuardFailed({i})"]
+    if kind == "setitem":
+        x, index, v = eq.args
+        return [f"{n.lit(x)}[{n.lit(index)}] = {n.lit(v)}"]
+    if kind == "getitem":
+        expr = f"{n.lit(eq.args[0])}[{n.lit(eq.args[1])}]"
+    elif kind == "method":
+        expr = f"{n.lit(eq.args[0])}.{op[1]}({n.call(eq.args[1:], eq.kwargs)})"
+    elif kind == "attr":
+        expr = f"{n.lit(eq.args[0])}.{op[1]}"
+    elif op == ("prim", "einsum"):
+        expr = _einsum(eq, n, p)
+    else:
+        expr = f"{n.obj(eq.fn)}({n.call(eq.args, eq.kwargs)})"
+    if eq.scalar:
+        expr = f"_asarray({expr})"
+    if not eq.outs:
+        return [expr]
+    if eq.seq:
+        return [", ".join(n.var[s] for s in eq.outs) + ", = " + expr]
+    return [f"{n.var[eq.outs[0]]} = {expr}"]
+
+
+def _einsum(eq, n: Names, p) -> str:
+    """An einsum calls its plan directly: the one the engine made (``run``), else
+    the one ``contract`` would look up, made here once."""
+    arrays = "(" + "".join(n.lit(a) + ", " for a in eq.args) + ")"
+    run = eq.kwargs.get("run")
+    if run is not None:
+        return f"{n.obj(run)}({arrays})"
+    order = eq.kwargs.get("order")
+    plan = auto_plan(eq.kwargs["spec"], eq.args, p)
+    return f"{n.obj(plan)}({arrays}" + (f", {n.lit(order)})" if order is not None else ")")
+
+
+def auto_plan(spec, args: tuple, p):
+    shapes = [p.avals[a.slot][0] for a in args]
+    dtypes = [p.avals[a.slot][1] for a in args]
+    cast = numpy.result_type(*dtypes) if len(set(dtypes)) > 1 else None
+    return Plan(spec, shapes, AUTO, cast).bind(device_backend(p.device))

@@ -1,0 +1,161 @@
+"""``make_program`` (trace once, get a Program) and ``jit`` (trace per signature, replay)."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy
+
+from ..backends import backend_of
+from ..plan import Bounded
+from ..pytree import flatten, unflatten
+from ..tensor import Tensor, state
+from .core import Program, is_array, remember, signature
+from .passes import optimize as run_passes
+from .trace import GuardFailed, Recorder, Ref, Traced, TraceError, tracing
+
+JIT_CACHE_SIZE = 64
+"""Programs ``jit`` keeps per function (one per signature), the oldest dropped first."""
+
+
+def _static_nums(static_argnums) -> tuple:
+    nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in nums):
+        raise TypeError(f"static_argnums must be ints, got {static_argnums!r}")
+    return nums
+
+
+def _normalized(nums: tuple, n: int) -> tuple:
+    return tuple(sorted({i % n for i in nums if -n <= i < n})) if nums else ()
+
+
+def trace_program(f: Callable, args: tuple, kwargs: dict, static_argnums: tuple,
+                  optimize: bool = True) -> tuple:
+    """Run ``f`` once on Traced stand-ins; returns ``(program, output leaves of this run)``."""
+    static_argnums = _normalized(static_argnums, len(args))
+    key, values = signature(args, kwargs, static_argnums)
+    rec = Recorder()
+    with tracing(rec):
+        ins = [rec.input(v) for v in values]
+        call_args, call_kwargs = _rebuild(args, kwargs, static_argnums, ins)
+        out = f(*call_args, **call_kwargs)
+    leaves, out_tree = flatten(out)
+    outputs, out_tensor, now = [], [], []
+    for leaf in leaves:
+        is_tensor = isinstance(leaf, Tensor)
+        d = leaf.data if is_tensor else leaf
+        if isinstance(d, Traced):
+            if d.rec is not rec:
+                raise TraceError("f returned a value traced by another program")
+            outputs.append(Ref(d.slot))
+            now.append(d.value)
+        elif hasattr(d, "shape") and hasattr(d, "dtype"):
+            slot, c = rec.const(d)
+            outputs.append(Ref(slot))
+            now.append(c)
+        else:
+            outputs.append(d)
+            now.append(d)
+        out_tensor.append(is_tensor)
+    for eq in rec.eqs:
+        if eq.prim is not None:
+            remember(eq.prim)
+    device = backend_of(values[0]).device if values else "cpu"
+    p = Program(getattr(f, "__name__", "program"), rec.eqs, rec.inputs, rec.consts, rec.avals,
+                outputs, out_tree, out_tensor, key, static_argnums,
+                {**rec.devices, backend_of(values[0]).name: device} if values else rec.devices,
+                device)
+    if optimize:
+        run_passes(p)
+    return p, now
+
+
+def _rebuild(args: tuple, kwargs: dict, static_argnums: tuple, ins: list) -> tuple:
+    """The arguments with each array leaf replaced by a Tensor of its Traced stand-in."""
+    dyn = tuple(None if i in static_argnums else a for i, a in enumerate(args))
+    leaves, tree = flatten((dyn, kwargs))
+    it = iter(ins)
+    new = [Tensor(next(it)) if _is_input(leaf) else leaf for leaf in leaves]
+    dyn, kwargs = unflatten(tree, new)
+    return tuple(args[i] if i in static_argnums else a for i, a in enumerate(dyn)), kwargs
+
+
+def _is_input(leaf) -> bool:
+    return isinstance(leaf, (Tensor, numpy.generic)) or is_array(leaf)
+
+
+def make_program(f: Callable, static_argnums=()) -> Callable:
+    """``make_program(f)(*args)``: trace ``f`` once on these arguments into a :class:`Program`.
+
+    ``f`` may be any composition of einsumgrad's transforms and ops; its
+    arguments and result pytrees of arrays or Tensors (other leaves, and the
+    ``static_argnums`` arguments, are static: part of the signature).
+
+    Raises:
+        TraceError: ``f`` branches on a value computed from its inputs (names the line).
+    """
+    nums = _static_nums(static_argnums)
+
+    @functools.wraps(f)
+    def build(*args, **kwargs) -> Program:
+        return trace_program(f, args, kwargs, nums)[0]
+    return build
+
+
+class Jit:
+    """``f`` traced once per signature and replayed: see :func:`jit`."""
+
+    def __init__(self, f: Callable, static_argnums=()):
+        functools.update_wrapper(self, f)
+        self.f, self.static_argnums = f, _static_nums(static_argnums)
+        self.programs = Bounded(JIT_CACHE_SIZE)
+        self.traces = 0  # how many times f was traced (a test reads it)
+
+    def __call__(self, *args, **kwargs):
+        if state.program is not None or state.tracing:
+            return self.f(*args, **kwargs)  # inside a trace or a transform: f itself, on the tape
+        nums = _normalized(self.static_argnums, len(args))
+        key, values = signature(args, kwargs, nums)
+        if any(getattr(v, "requires_grad", False) for v in _tensors(args, kwargs)):
+            return self.f(*args, **kwargs)  # a graph is wanted: the tape records f
+        p = self.programs.get(key)
+        if p is not None:
+            try:
+                return p.outputs_of(p.run(values))
+            except GuardFailed:
+                pass  # a rule's branch goes the other way here: trace again
+        self.traces += 1
+        p, now = trace_program(self.f, args, kwargs, nums)
+        self.programs[key] = p
+        return p.outputs_of(now)
+
+    def program(self, *args, **kwargs) -> Program:
+        """The program these arguments run (traced if need be)."""
+        nums = _normalized(self.static_argnums, len(args))
+        key, _ = signature(args, kwargs, nums)
+        p = self.programs.get(key)
+        if p is None:
+            p = self.programs[key] = trace_program(self.f, args, kwargs, nums)[0]
+        return p
+
+
+def _tensors(args: tuple, kwargs: dict) -> list:
+    leaves, _ = flatten((args, kwargs))
+    return [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+
+
+def jit(f: Callable, static_argnums=()) -> Jit:
+    """``f`` traced on its first call per signature, then replayed as a :class:`Program`.
+
+    The signature is the arguments' pytree structure, each array's type
+    (backend), shape and dtype, and the static values (``static_argnums``
+    arguments and non-array leaves, which must be hashable); programs are kept
+    per signature (the last :data:`JIT_CACHE_SIZE`). A replay runs no Tensor
+    and no tape. Inside a transform, inside another trace, or with an input
+    that requires grad, ``f`` itself runs (its ops must be on the tape).
+
+    Raises:
+        TraceError: at trace time, ``f`` branches on a value computed from its
+            inputs (names the line).
+    """
+    return Jit(f, static_argnums)

@@ -1,0 +1,266 @@
+"""Programs (issue 19): trace once, read, run fast.
+
+``make_program`` / ``jit`` against the functions themselves for every
+transform and every seed script, on values other than the traced ones; the
+branch check (TraceError naming the line), constants, pytrees, static
+arguments, signatures, pickling, ``str`` and ``source()``.
+"""
+import pathlib
+import pickle
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import einsumgrad as eg
+import einsumgrad.nn.functional as F
+from einsumgrad.program import Program, TraceError, jit, make_program
+from einsumgrad.pytree import flatten
+
+from backends import NAME, npy, xb
+
+SEEDS = pathlib.Path(__file__).resolve().parent.parent / "examples" / "seeds"
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def leaves(out) -> list:
+    return [npy(leaf) for leaf in flatten(out)[0]]
+
+
+def assert_same(got, want, tol=TOL) -> None:
+    a, b = leaves(got), leaves(want)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_allclose(x, y, **tol)
+
+
+def jitted_equals(g, *args, more=2, seed=1):
+    """jit(g) equals g on the traced arguments and on ``more`` others of the same
+    shapes (one trace for all), and its program equals g after pickling."""
+    rng = np.random.default_rng(seed)
+    j = jit(g)
+    assert_same(j(*args), g(*args))
+    for _ in range(more):
+        new = tuple(xb(npy(a) + 0.5 * rng.standard_normal(np.shape(npy(a)))) for a in args)
+        assert_same(j(*new), g(*new))
+    assert j.traces == 1
+    p = pickle.loads(pickle.dumps(j.program(*args)))
+    assert_same(p(*new), g(*new))
+    return j
+
+
+rng0 = np.random.default_rng(0)
+X = rng0.standard_normal((5, 3))
+W = rng0.standard_normal((3, 4))
+V = rng0.standard_normal((5, 3))
+
+
+def mixed(x, w):
+    """Rules with array-level work beside the primitives: masks, clips, ties, CDFs."""
+    h = eg.einsum("ij,jk->ik", x, w)
+    return (eg.tanh(h) ** 2 + eg.gelu(h) + eg.softmax(h, axis=-1) + eg.clip(h, -0.5, 0.5)
+            + eg.relu(h) * eg.sigmoid(h) + eg.abs(h) + eg.maximum(h, 0.1))
+
+
+def scalar(x, w):
+    h = eg.einsum("ij,jk->ik", x, w)
+    return ((eg.log_softmax(h) * eg.softplus(h)).sum() + F.layer_norm(x, 3).sum()
+            + eg.max(x * x, axis=1).sum() + eg.logsumexp(h).sum() + (x ** 3).mean())
+
+
+TRANSFORMS = {
+    "grad": (lambda x, w: eg.grad(scalar, argnums=(0, 1))(x, w), (X, W)),
+    "value_and_grad": (lambda x, w: eg.value_and_grad(scalar)(x, w), (X, W)),
+    "jacrev": (lambda x, w: eg.jacrev(mixed)(x, w), (X, W)),
+    "jacfwd": (lambda x, w: eg.jacfwd(mixed, argnums=1)(x, w), (X, W)),
+    "hessian": (lambda x, w: eg.hessian(scalar)(x, w), (X, W)),
+    "hvp": (lambda x, v, w: eg.hvp(lambda a: scalar(a, w))(x, v), (X, V, W)),
+    "vjp": (lambda x, w, g: eg.vjp(lambda a: mixed(a, w), x)[1](g),
+            (X, W, rng0.standard_normal((5, 4)))),
+    "jvp": (lambda x, w, t: eg.jvp(lambda a: mixed(a, w), (x,), (t,)), (X, W, V)),
+    "batch_jacobian": (lambda x, w: eg.batch_jacobian(lambda a: mixed(a, w))(x), (X, W)),
+    "batch_hessian": (lambda x, w: eg.batch_hessian(lambda a: eg.tanh(a @ w))(x), (X, W)),
+    "directional": (lambda x, v, w: eg.directional(lambda a: mixed(a, w), 3)(x, v), (X, V, W)),
+    "elementwise_grad": (lambda x: eg.elementwise_grad(lambda a: eg.sin(a) * eg.exp(a))(x),
+                         (X,)),
+    "plain": (mixed, (X, W)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_jit_equals_every_transform(name):
+    g, args = TRANSFORMS[name]
+    jitted_equals(g, *(xb(a) for a in args))
+
+
+# -- the seed scripts ------------------------------------------------------------------------
+
+# The seed scripts close over NumPy arrays: they run on the NumPy backend only.
+on_numpy = pytest.mark.skipif(NAME != "numpy", reason="the seed scripts hold NumPy arrays")
+
+
+def seed(prefix: str) -> dict:
+    """A seed script's globals (its functions and data), main() not run."""
+    sys.path.insert(0, str(SEEDS))
+    try:
+        (path,) = SEEDS.glob(f"{prefix}_*.py")
+        return runpy.run_path(str(path))
+    finally:
+        sys.path.remove(str(SEEDS))
+        sys.modules.pop("_timing", None)
+
+
+@on_numpy
+def test_seed000_directional_and_per_sample_derivatives():
+    s = seed("seed000")
+    f, x = s["calculation"], xb(s["x"])
+    jitted_equals(lambda x: eg.directional(f, 2)(x, x), x)
+    jitted_equals(lambda x: (eg.batch_jacobian(f)(x), eg.batch_hessian(f)(x)), x)
+
+
+@on_numpy
+def test_seed001_batched_jacobian():
+    s = seed("seed001")
+    x = xb(s["x"][:8])  # the model's closed-over weights are the program's constants
+    jitted_equals(eg.batch_jacobian(s["model"]), x, more=1)
+    jitted_equals(lambda x, u: eg.vjp(s["model"], x)[1](u), x,
+                  xb(rng0.standard_normal((8, 10))), more=1)
+
+
+@on_numpy
+def test_seed002_pointwise_jacobians_and_the_mixing_error():
+    s = seed("seed002")
+    x = xb(s["x"][:2, :16])
+    jitted_equals(eg.batch_jacobian(s["mlp"], batch_ndim=2), x, more=1)
+    with pytest.raises(eg.BatchMixingError):
+        jit(eg.batch_jacobian(lambda p: s["mlp"](p - p.mean(axis=0)), batch_ndim=2))(x)
+
+
+@on_numpy
+def test_seed003_einsum_jacobian_materialized():
+    s = seed("seed003")
+    for ptrn, xs, ws in s["CASES"][:2]:
+        jac = eg.derive(ptrn).jacobian(0)
+        jitted_equals(lambda a, b: jac.materialize(a, b), xb(rng0.standard_normal(xs)),
+                      xb(rng0.standard_normal(ws)), more=1)
+
+
+@on_numpy
+def test_seed004_elementwise_partials():
+    s = seed("seed004")
+    jitted_equals(eg.elementwise_grad(s["f"], argnums=(0, 1)), xb(s["T"]), xb(s["K"]))
+
+
+# -- branches, constants, signatures ---------------------------------------------------------
+
+@pytest.mark.parametrize("body", [
+    "if x.sum() > 0:\n        return x",
+    "if bool(x[0, 0] < 1):\n        return x",
+    "return x * float(x.sum())",
+    "return x * x.max().item()",
+    "return x[:int(x[0, 0] > 0) + 1]",
+    "return eg.grad(lambda a: a.sum() * float(a.sum()))(x)",
+])
+def test_a_branch_on_a_traced_value_raises_naming_the_line(body):
+    ns = {"eg": eg}
+    exec(compile(f"def f(x):\n    {body}\n    return -x\n", "user_code.py", "exec"), ns)
+    with pytest.raises(TraceError, match=r"user_code\.py:2") as e:
+        make_program(ns["f"])(xb(X))
+    assert isinstance(e.value, RuntimeError)
+    assert eg.TraceError is TraceError if hasattr(eg, "TraceError") else True
+
+
+def test_branches_on_static_values_and_shapes_are_fine():
+    def f(x, n):
+        y = x if x.shape[0] > 2 else -x
+        for _ in range(n):
+            y = eg.tanh(y)
+        return y
+    j = jit(f, static_argnums=1)
+    for n in (1, 2):
+        assert_same(j(xb(X), n), f(xb(X), n))
+    assert j.traces == 2
+    assert_same(j(xb(V), 1), f(xb(V), 1))
+    assert j.traces == 2
+
+
+def test_a_rule_branching_on_values_is_guarded_and_traced_again():
+    # max's rule checks for ties and NaNs, prod's for zeros: guards, not errors
+    g = lambda x: eg.grad(lambda a: eg.max(a, axis=1).sum() + eg.prod(a, axis=1).sum())(x)
+    j = jit(g)
+    x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert_same(j(xb(x)), g(xb(x)))
+    tied = np.array([[2.0, 2.0, 0.0], [4.0, 5.0, 6.0]])  # a tie and a zero: other branches
+    assert_same(j(xb(tied)), g(xb(tied)))
+    assert j.traces == 2
+    p = make_program(g)(xb(x))
+    with pytest.raises(TraceError, match="trace it again"):
+        p(xb(tied))
+
+
+def test_constants_made_inside_and_closed_over():
+    w = W.copy()
+    c = xb(np.arange(4.0))
+
+    def f(x):
+        k = eg.tensor(xb(np.ones((5, 4))))  # made inside f: a constant of the program
+        return eg.einsum("ij,jk->ik", x, xb(w)) * c + k
+    p = make_program(f)(xb(X))
+    assert len(p.consts) >= 2 and len(p.inputs) == 1
+    want = f(xb(X))
+    w[:] = 0.0  # a change after the trace does not reach the program
+    assert_same(p(xb(X)), want)
+
+
+def test_pytrees_in_and_out_static_leaves_and_kwargs():
+    def f(params, x, scale=1.0):
+        h = eg.tanh(x @ params["w"]) * scale
+        return {"h": h, "sum": h.sum(), "shape": h.shape}, [params["b"] + 1]
+    params = {"w": xb(W), "b": xb(np.ones(4))}
+    j = jit(f)
+    got = j(params, xb(X), scale=2.0)
+    want = f(params, xb(X), scale=2.0)
+    assert got[0]["shape"] == want[0]["shape"] == (5, 4)
+    assert_same(got[0]["h"], want[0]["h"])
+    assert_same(got[1], want[1])
+    assert isinstance(got[0]["h"], eg.Tensor)
+    j(params, xb(X), scale=3.0)
+    assert j.traces == 2  # a Python number is static: part of the signature
+    p = j.program(params, xb(X), scale=2.0)
+    assert len(p.inputs) == 3
+
+
+def test_a_new_shape_or_dtype_traces_again_and_a_program_refuses_it():
+    f = lambda x: eg.grad(lambda a: (eg.sin(a) ** 2).sum())(x)
+    j = jit(f)
+    j(xb(X))
+    j(xb(V))
+    assert j.traces == 1
+    assert_same(j(xb(X[:2])), f(xb(X[:2])))
+    assert_same(j(xb(X, np.float32)), f(xb(X, np.float32)), dict(rtol=1e-6))
+    assert j.traces == 3
+    p = make_program(f)(xb(X))
+    with pytest.raises(TypeError, match="traced for"):
+        p(xb(X[:2]))
+
+
+def test_inside_a_transform_or_with_a_graph_jit_runs_f_itself():
+    j = jit(lambda x: eg.sin(x) * x)
+    g = eg.grad(lambda x: j(x).sum())(xb(X))
+    assert_same(g, eg.cos(xb(X)) * xb(X) + eg.sin(xb(X)))
+    x = eg.tensor(xb(X), requires_grad=True)
+    j(x).sum().backward()
+    assert_same(x.grad, g)
+    assert j.traces == 0
+
+
+def test_in_place_updates_and_setitem_inside():
+    def f(x):
+        y = x * 2.0
+        y[0] = 0.0
+        y += 1.0
+        return y
+    jitted_equals(f, xb(X))
