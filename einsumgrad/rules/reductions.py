@@ -1,20 +1,23 @@
-"""Reductions that are not einsums alone: mean, max (pooling) and the softmax family.
+"""Reductions that are not einsums alone: mean, max (pooling), the softmax family,
+min, var, std, prod and cumsum.
 
 ``sum`` is an einsum (:mod:`.einsum`), ``mean`` a scaled one. ``max`` is a primitive whose
 rules build the argmax mask once, from the input and the saved output;
 ``softmax`` is one primitive whose rules are in engine ops on its output;
-``logsumexp`` and ``log_softmax`` are composites with a constant shift.
+``logsumexp`` and ``log_softmax`` are composites with a constant shift. ``prod``'s
+derivative, the product of the other entries, is built from a linear scan where
+dividing the product would fail.
 """
 from __future__ import annotations
 
 import builtins
 import math
 
-from ..backends import backend_of, memory_order
+from ..backends import backend_of, common_backend, memory_order
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
-from .einsum import sum
-from .elementwise import exp, log, where
-from .shape import getitem, int_axis, normalize_axes, reshape
+from .einsum import sum, transpose
+from .elementwise import broadcasting, elementwise_batch, exp, log, where
+from .shape import astype, getitem, int_axis, normalize_axes, pad_p, reshape
 
 
 def mean(x, axis=None, keepdims: bool = False) -> Tensor:
@@ -324,6 +327,14 @@ def _arg(name: str):
 argmax, argmin = _arg("argmax"), _arg("argmin")
 
 
+def _over_axes_batch(bdims, shapes, out_shape, axes, **_):
+    b, ndim = bdims[0], len(shapes[0])
+    pos = [a % ndim for a in axes]
+    if b in pos:
+        raise BatchMixingError("a reduction over the batch axis: rows mix")
+    return b - builtins.sum(1 for a in pos if a < b)
+
+
 def var(x, axis=None, ddof: int = 0, keepdims: bool = False) -> Tensor:
     """Variance over ``axis`` as NumPy's (``ddof=0``: divided by ``n - ddof``)."""
     x = as_tensor(x)
@@ -350,53 +361,111 @@ def _prod_impl(x, axes):
 prod_p = Primitive("prod", _prod_impl)
 
 
-def _prod_d(out: Tensor, x: Tensor, axes: tuple) -> Tensor:
-    """d prod / d x, shaped as ``x``, never 0 / 0. With ``P`` the product of a slice's
-    nonzero entries: ``P / x`` where the slice has no zero; where it has one, at
-    ``z``, ``P`` there and ``x_z P / x`` elsewhere (0, but its derivative by
-    ``x_z`` is right, so second derivatives are too); 0 where it has several."""
-    pos = tuple(a % x.ndim for a in axes)
-    zero = x.data == 0
-    if not backend_of(x.data).any(zero):
-        return _keep(out, pos, x.ndim) / x
+def _reverse(t: Tensor, axis: int) -> Tensor:
+    return getitem(t, (Ellipsis, slice(None, None, -1)) + (slice(None),) * (-axis - 1))
+
+
+# h_k = a_k h_{k-1} + b_k along the last axis (h_{-1} = 0): a first-order linear
+# recurrence. Its derivatives are scans again, so products built from it (prod's
+# derivative) are exact at every order, with no division. It runs in order, one
+# step per entry (a cumprod where b is zero past its first entry, as for prod's
+# first derivative): a parallel scan multiplies partial sums of 0 by inf, NaN.
+def _scan_impl(a, b):
+    xp = common_backend((a, b))
+    dtype = xp.result_type(a, b)
+    a, b = xp.broadcast_arrays(a, b)
+    if b.shape[-1] and not xp.any(b[..., 1:]):  # b_0 times a running product of a
+        h = a.astype(dtype)  # a new array
+        h[..., 0] = 1
+        return xp.multiply(xp.cumprod(h, axis=-1, out=h), b[..., :1], out=h)
+    h = xp.moveaxis(b, -1, 0).astype(dtype, order="C")  # a new array, each step contiguous
+    a = xp.moveaxis(a, -1, 0)
+    for k in range(1, h.shape[0]):
+        h[k] += a[k] * h[k - 1]
+    return xp.moveaxis(h, 0, -1)
+
+
+def _step(t: Tensor, by: int) -> Tensor:
+    """``t`` moved one place along the last axis, a 0 coming in: ``t_{k-1}`` at ``k``
+    (``by`` 1) or ``t_{k+1}`` (``by`` -1)."""
+    kept = getitem(t, (Ellipsis, slice(None, -1) if by > 0 else slice(1, None)))
+    return bind(pad_p, kept, width=((0, 0),) * (t.ndim - 1) + ((1, 0) if by > 0 else (0, 1),))
+
+
+def _scan(a: Tensor, b: Tensor) -> Tensor:
+    return bind(scan_p, a, b)
+
+
+def _scan_vjp(k, g, out, a, b):
+    # b's cotangent is the scan run backwards, each a_{k+1} carrying to k; a_k's
+    # is that times h_{k-1}.
+    gb = _reverse(_scan(_reverse(_step(a, -1), -1), _reverse(g, -1)), -1)
+    return gb if k == 1 else gb * _step(out, 1)
+
+
+def _scan_batch(bdims, shapes, out_shape):
+    b = elementwise_batch(bdims, shapes, out_shape)
+    if b == len(out_shape) - 1:
+        raise BatchMixingError("a scan along the batch axis: rows mix")
+    return b
+
+
+scan_p = Primitive("scan", _scan_impl)
+scan_p.defvjp(_scan_vjp)
+scan_p.defjvp(lambda k, t, out, a, b: _scan(a, t * _step(out, 1) if k == 0 else t))
+scan_p.defbatch(_scan_batch)
+broadcasting(scan_p)
+
+
+def _others(x: Tensor) -> Tensor:
+    """The product of the other entries at each entry along the last axis, as the
+    products before it times those after it (scans): exact with zeros and
+    infinities, where ``prod / x`` is 0 / 0 or inf / inf, and finite where only the
+    whole product overflows. Narrower floats than float64 run in float64 (as torch's
+    CPU kernels accumulate): a product of two entries near float32's max, or a
+    second derivative's sum of such products, stays finite until the end."""
     xp = backend_of(x.data)
-    zeros = xp.sum(zero, axis=axes, keepdims=True)
-    none, one = xp.broadcast_to(zeros == 0, x.shape), xp.broadcast_to(zeros == 1, x.shape)
-    safe = where(zero, 1.0, x)
-    P = _keep(bind(prod_p, safe, axes=axes), pos, x.ndim)
-    xz = sum(where(zero, x, 0.0), pos, keepdims=True)  # the one zero, as a value on the tape
-    return where(none, P / safe, where(one, where(zero, P, P * xz / safe), 0.0))
+    wide = xp.result_type(x.dtype, xp.float64)
+    w = astype(x, wide)
+    first = Tensor(xp.eye(1, x.shape[-1], dtype=wide)[0])  # 1, 0, 0, ...
+    before = _scan(_step(w, 1), first)
+    after = _reverse(_scan(_step(_reverse(w, -1), 1), first), -1)
+    return astype(before * after, x.dtype)
+
+
+def _prod_d(out: Tensor, x: Tensor, axes: tuple) -> Tensor:
+    """d prod / d x, shaped as ``x``: ``prod / x`` where every product is a normal
+    number (no zero, infinity or NaN among its entries, nothing over- or
+    underflowed: a check on the small side), else the product of the others."""
+    pos = tuple(a % x.ndim for a in axes)
+    xp = backend_of(out.data)
+    size, info = xp.abs(out.data), xp.finfo(out.dtype)
+    if xp.all((size >= info.tiny) & (size <= info.max)):
+        return _keep(out, pos, x.ndim) / x
+    # The reduced axes last, as one: their others, put back.
+    order = [a for a in range(x.ndim) if a not in pos] + list(pos)
+    moved = transpose(x, order)
+    lead = moved.shape[:x.ndim - len(pos)]
+    d = reshape(_others(reshape(moved, lead + (math.prod(moved.shape[len(lead):]),))),
+                moved.shape)
+    return transpose(d, [order.index(a) for a in range(x.ndim)])
 
 
 prod_p.defvjp(lambda k, g, out, x, axes:
               _keep(g, tuple(a % x.ndim for a in axes), x.ndim) * _prod_d(out, x, axes))
 prod_p.defjvp(lambda k, t, out, x, axes:
               sum(t * _prod_d(out, x, axes), tuple(t.ndim + a for a in axes)))
-
-
-@prod_p.defbatch
-def _prod_batch(bdims, shapes, out_shape, axes):
-    b, ndim = bdims[0], len(shapes[0])
-    pos = [a % ndim for a in axes]
-    if b in pos:
-        raise BatchMixingError("prod over the batch axis: rows mix")
-    return b - builtins.sum(1 for a in pos if a < b)
+prod_p.defbatch(_over_axes_batch)
 
 
 def prod(x, axis=None, keepdims: bool = False) -> Tensor:
-    """Product over ``axis`` as NumPy's; its gradient is exact with zeros (no 0 / 0).
-
-    Its second derivative is exact too, except where a slice holds two or more
-    zeros (there it is taken as 0).
-    """
+    """Product over ``axis`` as NumPy's. Its derivative is the product of the other
+    entries: exact with zeros and infinities (no 0 / 0), and where the whole product
+    over- or underflows; so are its derivatives of every order."""
     x = as_tensor(x)
     axes = normalize_axes(axis, x.ndim)
     r = bind(prod_p, x, axes=tuple(a - x.ndim for a in axes))
     return _keep(r, axes, x.ndim) if keepdims else r
-
-
-def _reverse(t: Tensor, axis: int) -> Tensor:
-    return getitem(t, (Ellipsis, slice(None, None, -1)) + (slice(None),) * (-axis - 1))
 
 
 cumsum_p = Primitive("cumsum", lambda x, axis: backend_of(x).cumsum(x, axis=axis))
