@@ -4,9 +4,9 @@ min, var, std, prod and cumsum.
 ``sum`` is an einsum (:mod:`.einsum`), ``mean`` a scaled one. ``max`` is a primitive whose
 rules build the argmax mask once, from the input and the saved output;
 ``softmax`` is one primitive whose rules are in engine ops on its output;
-``logsumexp`` and ``log_softmax`` are composites with a constant shift. ``prod``'s
-derivative, the product of the other entries, is built from a linear scan where
-dividing the product would fail.
+``logsumexp`` and ``log_softmax`` are composites with a constant shift. ``var`` is
+NumPy's value with torch's derivative; ``prod``'s derivative, the product of the
+other entries, is built from a linear scan where dividing the product would fail.
 """
 from __future__ import annotations
 
@@ -335,12 +335,42 @@ def _over_axes_batch(bdims, shapes, out_shape, axes, **_):
     return b - builtins.sum(1 for a in pos if a < b)
 
 
+def _centered(x: Tensor, axes: tuple) -> Tensor:
+    """``x`` minus its mean over ``axes``; where that mean overflows (entries near
+    the dtype's max: a check on the small side) the mean of ``x / n`` instead."""
+    m = mean(x, axes, keepdims=True)
+    xp = backend_of(m.data)
+    if not xp.all(xp.isfinite(m.data)):
+        n = math.prod(x.shape[a] for a in axes)
+        m = sum(x * (1.0 / n), axes, keepdims=True)
+    return x - m
+
+
+def _var_scale(x, axes: tuple, ddof: int) -> float:
+    n = math.prod(x.shape[a] for a in axes)
+    return 2.0 / (n - ddof) if n > ddof else math.nan
+
+
+# NumPy's var, value for value; its derivative is 2 (x - mean) / (n - ddof), as torch's,
+# in engine ops (so its Hessian, 2 (I - 1/n) / (n - ddof), follows). Written as the
+# composite mean((x - mean)^2) it would carry sum(x - mean) = 0 along, and at an
+# infinite entry inf - inf = NaN would reach every entry's derivative.
+var_p = Primitive("var", lambda x, axes, ddof: backend_of(x).var(x, axis=axes, ddof=ddof))
+var_p.defvjp(lambda k, g, out, x, axes, ddof:
+             _keep(g, tuple(a % x.ndim for a in axes), x.ndim)
+             * (_centered(x, axes) * _var_scale(x, axes, ddof)))
+var_p.defjvp(lambda k, t, out, x, axes, ddof:
+             sum(t * _centered(x, axes), tuple(t.ndim + a for a in axes))
+             * _var_scale(x, axes, ddof))
+var_p.defbatch(_over_axes_batch)
+
+
 def var(x, axis=None, ddof: int = 0, keepdims: bool = False) -> Tensor:
     """Variance over ``axis`` as NumPy's (``ddof=0``: divided by ``n - ddof``)."""
     x = as_tensor(x)
-    n = math.prod(x.shape[a] for a in normalize_axes(axis, x.ndim))
-    d = x - mean(x, axis, keepdims=True)
-    return sum(d * d, axis, keepdims) * (1.0 / (n - ddof) if n > ddof else math.nan)
+    axes = normalize_axes(axis, x.ndim)
+    r = bind(var_p, x, axes=tuple(a - x.ndim for a in axes), ddof=ddof)
+    return _keep(r, axes, x.ndim) if keepdims else r
 
 
 def std(x, axis=None, ddof: int = 0, keepdims: bool = False) -> Tensor:
