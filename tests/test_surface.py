@@ -253,3 +253,28 @@ def test_torch_spellings_on_shape_ops():
         np.testing.assert_array_equal(npy(ours), theirs.numpy())
     with pytest.raises(TypeError, match="same argument"):
         eg.split(x, 3, 2, dim=2)
+
+
+@pytest.mark.skipif(NAME != "numpy", reason="host memory shared with JAX")
+def test_dlpack_with_jax():
+    jnp = pytest.importorskip("jax.numpy")
+    t = eg.from_dlpack(jnp.arange(4.0))
+    np.testing.assert_array_equal(npy(t), [0.0, 1.0, 2.0, 3.0])
+    j = jnp.from_dlpack(eg.tensor(np.arange(3.0)))
+    np.testing.assert_array_equal(np.asarray(j), [0.0, 1.0, 2.0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.integers(-3, 2), st.integers(-3, 2))
+def test_flatten_and_ravel_as_torch_and_numpy(shape, start, end):
+    x = _x(shape)
+    _agree(lambda t: t.ravel(), np.ravel, lambda t: t.reshape(-1), x)
+    _agree(lambda t: t.flatten(), lambda v: v.flatten(), lambda t: t.flatten(), x)
+    try:
+        want = torch.tensor(x).flatten(start, end).shape
+    except (IndexError, RuntimeError):
+        with pytest.raises(ValueError):
+            eg.tensor(xb(x)).flatten(start, end)
+        return
+    _agree(lambda t: t.flatten(start, end), lambda v: v.reshape(want),
+           lambda t: t.flatten(start, end), x)

@@ -151,8 +151,7 @@ def _flatten(x, start_dim: int = 0, end_dim: int = -1):
     """``t.flatten()`` as NumPy's; torch's ``start_dim`` / ``end_dim`` merge those axes only."""
     if x.ndim == 0:
         return reshape(x, (1,))
-    a, b = normalize_axes((start_dim, end_dim), x.ndim) if start_dim % x.ndim != end_dim % x.ndim \
-        else (start_dim % x.ndim,) * 2
+    (a,), (b,) = normalize_axes(start_dim, x.ndim), normalize_axes(end_dim, x.ndim)
     if a > b:
         raise ValueError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim}")
     return reshape(x, x.shape[:a] + (-1,) + x.shape[b + 1:])
