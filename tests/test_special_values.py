@@ -15,6 +15,7 @@ test case.
 """
 import functools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -192,6 +193,7 @@ UNARY = {
     "sigmoid": (eg.sigmoid, torch.sigmoid), "relu": (eg.relu, torch.relu),
     "softplus": (eg.softplus, TF.softplus), "gelu": (eg.gelu, TF.gelu),
     "gelu tanh": both(_gelu_tanh),
+    "clip": (lambda t: eg.clip(t, -1.0, 2.0), lambda t: torch.clamp(t, -1.0, 2.0)),
     # Tensor operators with a Python scalar on one side.
     "x + 2": both(lambda t: t + 2.0), "2 - x": both(lambda t: 2.0 - t),
     "x * 3": both(lambda t: t * 3.0), "x / 3": both(lambda t: t / 3.0),
@@ -229,7 +231,9 @@ def test_other_names_are_the_same_functions():
 # -- element-wise: two inputs, every pair of points ---------------------------------------
 
 BINARY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-          "/": lambda a, b: a / b, "**": lambda a, b: a ** b}
+          "/": lambda a, b: a / b, "**": lambda a, b: a ** b, "%": lambda a, b: a % b,
+          "maximum": lambda a, b: (eg.maximum if isinstance(a, eg.Tensor) else torch.maximum)(a, b),
+          "minimum": lambda a, b: (eg.minimum if isinstance(a, eg.Tensor) else torch.minimum)(a, b)}
 
 
 @functools.cache
@@ -293,6 +297,11 @@ ROWWISE = {
     "Tensor.max": (lambda t: t.max(axis=-1), _torch_max_rows, COT[:, 0]),
     "sum rows": (lambda t: eg.sum(t, -1), lambda t: torch.sum(t, -1), COT[:, 0]),
     "mean rows": (lambda t: eg.mean(t, -1), lambda t: torch.mean(t, -1), COT[:, 0]),
+    "min rows": (lambda t: eg.min(t, -1), lambda t: -_torch_max_rows(-t), COT[:, 0]),
+    "prod rows": (lambda t: eg.prod(t, -1), lambda t: torch.prod(t, -1), COT[:, 0]),
+    "var rows": (lambda t: eg.var(t, -1), lambda t: torch.var(t, -1, correction=0), COT[:, 0]),
+    "std rows": (lambda t: eg.std(t, -1), lambda t: torch.std(t, -1, correction=0), COT[:, 0]),
+    "cumsum": (lambda t: eg.cumsum(t, -1), lambda t: torch.cumsum(t, -1), COT),
     "layer_norm": (lambda t: F.layer_norm(t, 4), lambda t: TF.layer_norm(t, (4,)), COT),
     "layer_norm affine": (
         lambda t: F.layer_norm(t, 4, _like(_W, t), _like(_B, t)),
@@ -383,6 +392,31 @@ def _torch_scaled(op, dtype, point, c):
     return torch_results(ROWWISE[op][1], [x], dtype, ROWWISE[op][2], TAN, second=True)
 
 
+def _scaled_twice(op, dtype, point, kind, got):
+    """var(x) = c^2 var(x / c): its first derivatives at a huge ``x`` are ``c`` times
+    torch's at ``x / c`` (``c`` as in :func:`_scale_free`), where no mean overflows."""
+    c = abs(float(points(dtype)[POINTS.index(point)])) / 2.0 ** 24
+    return got, (_torch_scaled(op, dtype, point, c)[kind] * c).astype(DTYPES[dtype][0])
+
+
+def _exact_prod(op, dtype, point, kind, got):
+    """prod's second derivatives (``grad2``, ``fwd2``) at finite rows, in rationals:
+    sums of products of all entries but two, rounded once to the dtype."""
+    t = DTYPES[dtype][0]
+    top = Fraction(float(np.finfo(t).max))
+    rnd = lambda q: (INF if q > 0 else -INF) if abs(q) > top else float(q)  # noqa: E731
+    want = []
+    for x, c, v in zip(rows(points(dtype)[POINTS.index(point)]).astype(t), COT[:, 0], TAN):
+        x, v = [Fraction(float(a)) for a in x], [Fraction(float(a)) for a in v]
+        n = range(len(x))
+        h = lambda i, k: math.prod(x[j] for j in n if j not in (i, k))  # noqa: E731
+        if kind == "grad2":
+            want.append([rnd(Fraction(c) * sum(v[i] * h(i, k) for i in n if i != k)) for k in n])
+        else:
+            want.append(rnd(sum(v[i] * v[k] * h(i, k) for i in n for k in n if i != k)))
+    return got, np.array(want, dtype=t)
+
+
 def _shift_free(op, dtype, point, kind, got):
     """logsumexp(x - c) = logsumexp(x) - c: its derivatives at ``x`` are torch's at
     ``x - max(x)``, where nothing rounds away beside the max."""
@@ -401,6 +435,13 @@ def _tangent_at_nans(op, dtype, point, kind, got):
     if op == "max_pool2d":  # (2, 4) as two 2x2 windows
         at = at.reshape(2, 2, 2).transpose(1, 0, 2).reshape(2, 4)
     return got, (np.nanmean(at) if op == "max" else np.nanmean(at, axis=-1))
+
+
+def _numpy_remainder(op, dtype, point, kind, got):
+    """``x % y`` for ``x`` at ``point`` and ``y`` at every point, by NumPy."""
+    x = points(dtype)[POINTS.index(point)]
+    with np.errstate(all="ignore"):
+        return got, np.remainder(x, points(dtype))
 
 
 def _identity(op, dtype, point, kind, got):
@@ -428,10 +469,12 @@ _NONFINITE = ["inf", "-inf", "big", "-big", "max", "-max"]
 _2ND = ["grad2", "fwd2"]
 _1ST = ["grad", "jvp"]
 _LN = ["layer_norm", "layer_norm affine"]
+_MAX64 = float(np.finfo(np.float64).max)
 _MSE2 = 2 * float((TAN ** 2).sum()) / TAN.size  # mse_loss's d^2/dt^2 along TAN, at any x
 # (table, ops, dtypes (None: both), points, kinds, einsumgrad's answer, why). The answer
-# is a number, or a function giving (einsumgrad's result to compare, the reference)
-# from (op, dtype, point, kind, einsumgrad's result), as _scale_free.
+# is a number, an array shaped as the case's result, or a function giving
+# (einsumgrad's result to compare, the reference) from (op, dtype, point, kind,
+# einsumgrad's result), as _scale_free.
 _DIFFERENCES = [
     # NaN in, NaN out
     ("unary", ["abs", "abs()"], None, ["nan"], _1ST, NAN,
@@ -485,15 +528,64 @@ _DIFFERENCES = [
      "two entries tied near the dtype's max: softmax is 1/2 on each; torch's "
      "exp(x - logsumexp(x)) loses the log 2 beside 1e300, and gives 1"),
     # max over a NaN: forward mode as reverse
-    ("rows", ["max rows", "Tensor.max", "max_pool2d"], None, ["nan"], ["jvp"], _tangent_at_nans,
+    ("rows", ["max rows", "Tensor.max", "min rows", "max_pool2d"], None, ["nan"], ["jvp"],
+     _tangent_at_nans,
      "max's JVP is J t with the Jacobian of its VJP (torch.max's backward too): the "
      "tangent at the NaN, split between NaNs; torch's forward-mode max gives NaN"),
     ("whole", ["max"], None, ["nan"], ["jvp"], _tangent_at_nans,
      "max's JVP is J t with the Jacobian of its VJP (torch.max's backward too): the "
      "tangent at the NaN, split between NaNs; torch's forward-mode max gives NaN"),
+    # x % y exactly, as C's fmod
+    *(("binary", ["%"], [dtype], ["1", "-1", "big", "-big", "max", *more], ["value"],
+       _numpy_remainder, "x % y is exact (C's fmod): 0 with y's sign where y is a subnormal "
+       "that divides x, as np.remainder; torch's vectorized x - floor(x / y) y meets x / y = "
+       "inf: NaN") for dtype, more in (("float64", ["-max"]), ("float32", []))),
     ("whole", ["mse_loss"], None, ["inf", "-inf", "nan"], ["fwd2"], _MSE2,
      "mean((x - t)^2)'s second derivative is 2 |v|^2 / n for every x (torch's double "
      "backward agrees); torch's nested jvp multiplies x - t = inf by a zero tangent"),
+    # prod: sums of products of all entries but one or two, exact (no division)
+    ("rows", ["prod rows"], None, ["sub", "-sub"], _2ND, _exact_prod,
+     "prod's second derivatives sum products of all entries but two (-0.75 beside two "
+     "subnormals), though the whole product underflows to 0; torch's divide by it"),
+    ("rows", ["prod rows"], None, ["big", "-big"], ["grad2"], _exact_prod,
+     "sums of products of all entries but two, as they are (-4.5e299 at [0, 0]); torch's "
+     "double backward gives NaN where an intermediate overflows"),
+    ("rows", ["prod rows"], ["float32"], ["max", "-max"], ["grad2"], _exact_prod,
+     "sums of products of all entries but two, run in float64 for float32, as they are; "
+     "torch's double backward gives NaN where an intermediate overflows"),
+    ("rows", ["prod rows"], ["float64"], ["max"], ["grad2"],
+     np.array([[-INF, INF, INF, -0.4453125 * _MAX64], [INF, INF, NAN, NAN]]),
+     "terms past float64's max (1.8e308 * 1.5): exact at [0, 3], but -inf at [0, 0] (is "
+     "-0.45 max) and NaN at [1, 2:] (are inf); torch's double backward: NaN at 6 of 8"),
+    ("rows", ["prod rows"], ["float64"], ["-max"], ["grad2"],
+     np.array([[INF, NAN, INF, 0.4453125 * _MAX64], [-INF, -INF, INF, INF]]),
+     "terms past float64's max (1.8e308 * 1.5): exact at [0, 3], but inf at [0, 0] (is "
+     "0.45 max) and NaN at [0, 1] (is inf); torch's double backward: NaN at 6 of 8"),
+    ("rows", ["prod rows"], None, ["inf"], ["grad2"],
+     np.array([[NAN, INF, INF, NAN], [INF, INF, NAN, NAN]]),
+     "by the limit (the infinities one s -> inf) every entry is +-inf: einsumgrad's where "
+     "s^2 decides a sum, NaN where inf - inf meet; torch's are all NaN"),
+    ("rows", ["prod rows"], None, ["-inf"], ["grad2"],
+     np.array([[NAN, NAN, NAN, NAN], [-INF, -INF, NAN, NAN]]),
+     "by the limit (the infinities one s -> -inf) every entry is +-inf: einsumgrad's "
+     "at [1, :2], NaN where inf - inf meet; torch's are all NaN"),
+    # var and std: NumPy's values; the mean of x / n where sum(x) overflows
+    ("rows", ["var rows"], ["float32"], ["big", "-big", "max", "-max"], _1ST, _scaled_twice,
+     "var's derivative 2 (x - mean) / n is finite (the mean taken as sum(x / n) where "
+     "sum(x) overflows); torch's mean overflows: -inf"),
+    ("rows", ["var rows"], ["float64"], ["max", "-max"], _1ST, _scaled_twice,
+     "var's derivative 2 (x - mean) / n is finite (the mean taken as sum(x / n) where "
+     "sum(x) overflows); torch's mean overflows: -inf"),
+    ("rows", ["std rows"], ["float32"], ["big", "-big", "max", "-max"], ["value"], INF,
+     "NumPy's std is sqrt(var), and var (9e76) overflows float32: inf, np.std's value; "
+     "torch's float32 kernel gives the true std, 1.5e38"),
+    ("rows", ["std rows"], ["float32"], ["big", "-big", "max", "-max"], _1ST + _2ND, 0.0,
+     "std = sqrt(var) is inf (NumPy's value) where var overflows: its derivatives "
+     "0.5 var' / sqrt(var) and on are 0; torch's are inf or NaN (its std is finite)"),
+    ("rows", ["std rows"], ["float64"], ["max", "-max"], _1ST + _2ND, 0.0,
+     "std = sqrt(var) is inf (NumPy's and torch's value) where var overflows: its "
+     "derivatives 0.5 var' / sqrt(var) and on are 0, as torch's at 1e300; torch's mean "
+     "overflows here: NaN"),
     # layer norm
     ("rows", _LN, None, ["0", "-0", "1", "-1", "sub", "-sub"], ["fwd2"], _hessian_along,
      "torch's nested jvp of layer_norm is wrong (its own reverse-mode Hessian, and finite "
