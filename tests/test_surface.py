@@ -233,10 +233,48 @@ def test_prod_gradient_with_zeros_is_torchs():
     t = torch.tensor(x, requires_grad=True)
     torch.prod(t, 1).sum().backward()
     np.testing.assert_array_equal(npy(eg.grad(lambda a: eg.prod(a, 1).sum())(xb(x))), t.grad.numpy())
-    # Second order exact where a row has at most one zero.
-    H = npy(eg.hessian(lambda a: eg.prod(a, 1).sum())(xb(x[:2])))
-    Ht = torch.func.hessian(lambda a: torch.prod(a, 1).sum())(torch.tensor(x[:2])).numpy()
+    H = npy(eg.hessian(lambda a: eg.prod(a, 1).sum())(xb(x)))
+    Ht = torch.func.hessian(lambda a: torch.prod(a, 1).sum())(torch.tensor(x)).numpy()
     np.testing.assert_allclose(H, Ht, atol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [1, 0, (0, 2), None])
+def test_prod_derivatives_of_every_order_with_zeros(axis):
+    """d^k/dt^k prod(x + t v) is k! times the t^k coefficient of the product of
+    (x_j + t v_j): exact with one, two and three zeros in a slice, both modes."""
+    x = np.array([[[0.0, 2.0], [0.0, 3.0], [0.0, -1.5]],
+                  [[0.0, 0.5], [1.25, 0.0], [2.0, 4.0]]])  # (2, 3, 2)
+    v = _x(x.shape, 3)
+    f = lambda a: eg.prod(a, axis)  # noqa: E731
+    axes = tuple(range(3)) if axis is None else np.atleast_1d(axis)
+    xs, vs = (np.moveaxis(a, axes, range(3 - len(axes), 3)) for a in (x, v))
+    lead = xs.shape[:3 - len(axes)]
+    xs, vs = xs.reshape(lead + (-1,)), vs.reshape(lead + (-1,))
+    for k in range(1, 5):
+        want = np.zeros(lead)
+        for i in np.ndindex(lead):
+            poly = np.poly1d([1.0])
+            for a, b in zip(xs[i], vs[i]):
+                poly = poly * np.poly1d([b, a])
+            want[i] = poly.deriv(k)(0.0)
+        got = npy(eg.directional(f, k)(xb(x), xb(v)))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    H = lambda outer: npy(outer(eg.jacrev(f))(xb(x)))  # noqa: E731
+    np.testing.assert_allclose(H(eg.jacfwd), H(eg.jacrev), atol=1e-12)
+
+
+def test_prod_beside_inf_and_overflow():
+    """prod's gradient is the product of the others, not prod / x: inf beside an inf
+    (not NaN), finite where only the whole product over- or underflows (reverse mode
+    and batch_jacobian's forward mode)."""
+    x = np.array([[np.inf, 0.5, -1.5, 2.0], [1e300, 1e300, 1.0, 2.0], [1e-300, 1e-300, 3.0, 1e10]])
+    with np.errstate(all="ignore"):
+        want = np.array([[np.prod(np.delete(r, j)) for j in range(4)] for r in x])
+        got = npy(eg.grad(lambda a: eg.prod(a, 1).sum())(xb(x)))
+        batch = npy(eg.batch_jacobian(lambda a: eg.prod(a, 1, keepdims=True))(xb(x)))[:, 0]
+    assert np.isinf(want[0, 1:]).all() and np.isfinite(want[1:, :2]).all() and want[2, 0] > 0
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+    np.testing.assert_allclose(batch, want, rtol=1e-14)
 
 
 def test_torch_spellings_on_shape_ops():
