@@ -264,3 +264,115 @@ def test_in_place_updates_and_setitem_inside():
         y += 1.0
         return y
     jitted_equals(f, xb(X))
+
+
+# -- reading: str and source() ----------------------------------------------------------------
+
+def test_str_is_one_line_per_equation_with_specs_shapes_and_dtypes():
+    f = lambda x, w: eg.grad(lambda a: eg.tanh(eg.einsum("ij,jk->ik", a, w)).sum())(x)
+    p = make_program(f)(xb(X), xb(W))
+    text = str(p).splitlines()
+    assert text[0] == "program <lambda>(x0: float64[5, 3], x1: float64[3, 4])"
+    assert text[-1].startswith("  return ")
+    assert len(text) == 2 + len(p.consts) + len(p.eqs)
+    assert any("= einsum 'ij,jk->ik' (x0, x1)" in line for line in text)
+    assert any("float64[5, 4] = tanh (" in line for line in text)
+    assert any(": float64[5, 3] = einsum 'ik,jk->ij'" in line for line in text)
+
+
+def conv_net(x, w, b, v):
+    h = F.conv2d(x, w, b, stride=1, padding=1)
+    h = F.max_pool2d(eg.relu(h), 2)
+    h = F.layer_norm(h, h.shape[-2:])
+    return (h.reshape(h.shape[0], -1) @ v).sum()
+
+
+def more(x):
+    from einsumgrad.rules import patches, unpatch
+    y = eg.copy(x) * 1.0
+    y[0, 1] = eg.cos(x[1, 0])  # assign
+    z = eg.erf(y) + eg.minimum(y, 0.2) + (y % 0.7) + y.astype(np.float32).astype(np.float64)
+    z = F.layer_norm(z, 3, eg.tensor(np.arange(3.0)), eg.tensor(np.ones(3)))
+    img = eg.reshape(eg.concatenate([z, z], axis=1), (1, 2, 6))
+    q = unpatch(patches(img, 2), (2, 6), 2)
+    x0 = eg.where(np.array([[True, False, True], [False, True, True]]), x, 0.0)
+    return (q.sum() * eg.prod(x0, axis=1)).sum() + eg.sin(z).sum()
+
+
+CONV = (rng0.standard_normal((2, 3, 6, 6)), rng0.standard_normal((4, 3, 3, 3)),
+        rng0.standard_normal(4), rng0.standard_normal((36, 2)))
+SOURCES = {
+    "grad": TRANSFORMS["grad"],
+    "jacrev": TRANSFORMS["jacrev"],
+    "hessian": TRANSFORMS["hessian"],
+    "batch_jacobian": TRANSFORMS["batch_jacobian"],
+    "directional": TRANSFORMS["directional"],
+    "conv_grad": (eg.grad(conv_net, argnums=(0, 1, 2, 3)), CONV),
+    "indexing": (lambda x: eg.jacrev(lambda a: eg.cumsum(a[1:, ::-1], axis=0)[[0, 2], 1:]
+                                     * eg.concatenate([a, a], axis=0)[:2, :2])(x), (X,)),
+    "reductions": (eg.grad(lambda x, w, b: (eg.prod(x, axis=1) * eg.var(x, axis=0).sum()).sum()
+                           + F.batch_norm(x, None, None, w, b, training=True).sum() ** 2,
+                           argnums=(0, 1, 2)), (X, W[:, 0] + 2.0, W[:, 1])),
+    "more": (eg.jacfwd(more), (X[:2],)),
+    "shapes": (lambda x, w: eg.jvp(lambda a: (eg.pad(eg.stack([a, 2 * a]), 1) ** 2).sum(0),
+                                   (x,), (w,)), (X, V)),
+}
+
+
+@pytest.mark.skipif(NAME != "numpy", reason="source() runs on NumPy arrays")
+def test_source_runs_without_einsumgrad_and_gives_the_same_numbers(tmp_path):
+    run, want = [], {}
+    for name, (g, args) in SOURCES.items():
+        src = make_program(g)(*args).source()
+        assert "einsumgrad" not in "".join(line for line in src.splitlines()
+                                           if "import" in line)
+        (tmp_path / f"{name}.py").write_text(src)
+        np.savez(tmp_path / f"{name}_in.npz", *args)
+        want[name] = leaves(g(*args))
+        run.append(name)
+    script = f"""
+import sys, importlib.util, pathlib
+import numpy as np
+sys.modules['einsumgrad'] = None  # not importable: the source must not need it
+for name in {run!r}:
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path({str(tmp_path)!r}) / (name + '.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    public = [k for k, v in vars(mod).items() if callable(v) and not k.startswith('_')
+              and getattr(v, '__module__', None) == name]
+    assert len(public) == 1, public
+    ins = np.load(pathlib.Path({str(tmp_path)!r}) / (name + '_in.npz'))
+    out = getattr(mod, public[0])(*[ins[f'arr_{{i}}'] for i in range(len(ins.files))])
+    flat = []
+    def walk(o):
+        if isinstance(o, dict):
+            [walk(o[k]) for k in sorted(o)]
+        elif isinstance(o, (list, tuple)):
+            [walk(v) for v in o]
+        else:
+            flat.append(np.asarray(o))
+    walk(out)
+    np.savez(pathlib.Path({str(tmp_path)!r}) / (name + '_out.npz'), *flat)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in run:
+        got = np.load(tmp_path / f"{name}_out.npz")
+        assert len(got.files) == len(want[name])
+        for i, w in enumerate(want[name]):
+            np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-10, atol=1e-12,
+                                       err_msg=name)
+
+
+def test_every_primitive_has_an_emitter_and_a_new_one_is_named():
+    from einsumgrad.program.core import _collect, _primitives
+    from einsumgrad.program.emit import EMITTERS
+    from einsumgrad.tensor import Primitive, bind
+    _collect()
+    assert set(_primitives) <= set(EMITTERS), set(_primitives) - set(EMITTERS)
+    cube = Primitive("cube_for_test", lambda x: x * x * x)
+    p = make_program(lambda x: bind(cube, x))(xb(X))
+    assert_same(p(xb(V)), eg.tensor(xb(V)) ** 3)
+    with pytest.raises(NotImplementedError, match="'cube_for_test'"):
+        p.source()
