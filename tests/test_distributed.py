@@ -24,6 +24,7 @@ import cloudpickle  # noqa: E402 (dask's dependency)
 import einsumgrad as eg  # noqa: E402
 from einsumgrad import distributed as egd  # noqa: E402
 from einsumgrad import transforms  # noqa: E402
+from einsumgrad.pytree import flatten  # noqa: E402
 
 # The worker processes cannot import this file: its functions go to them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -101,7 +102,7 @@ def cases():
 def test_batch_transforms_on_dask_equal_numpy(client, name, targs, tkwargs, arrays, dasks):
     want = getattr(eg, name)(*targs, **tkwargs)(*arrays)
     got = getattr(egd, name)(*targs, **tkwargs)(*dasks)
-    want_leaves, got_leaves = list(egd.blocks.leaves(want)), list(egd.blocks.leaves(got))
+    (want_leaves, _), (got_leaves, _) = flatten(want), flatten(got)
     assert len(got_leaves) == len(want_leaves)
     assert type(got) is type(want) if isinstance(want, tuple) else isinstance(got, da.Array)
     assert all(isinstance(g, da.Array) for g in got_leaves)         # lazy
@@ -225,6 +226,19 @@ def test_parameters_are_scattered_once_per_step(client, monkeypatch):
 
 # -- 5. a worker killed mid-computation -------------------------------------------------
 
+def two_live_workers(client) -> None:
+    """Wait until a killed worker is gone from the scheduler and its restart has joined."""
+    for _ in range(300):
+        if len(client.scheduler_info()["workers"]) == 2:
+            try:
+                if len(client.run(os.getpid, on_error="raise")) == 2:
+                    return
+            except (OSError, distributed.comm.CommClosedError):
+                pass
+        time.sleep(0.1)
+    raise AssertionError("the cluster did not get two live workers back")
+
+
 def kill_one_worker_when_started(client, fut_done):
     """Once some tasks are done (and before all are), SIGKILL one worker process."""
     def finished(dask_scheduler):
@@ -239,6 +253,7 @@ def kill_one_worker_when_started(client, fut_done):
 
 
 def test_a_killed_worker_loses_no_block(client, tmp_path):
+    two_live_workers(client)
     x = rng.standard_normal((48, 3))
     J = egd.batch_jacobian(slow_mlp)(dask_of(x, 4))                  # 12 blocks
     store = str(tmp_path / "J.zarr")
@@ -246,7 +261,6 @@ def test_a_killed_worker_loses_no_block(client, tmp_path):
     kill_one_worker_when_started(client, fut.done)
     fut.result(timeout=60)
     close(zarr.open_array(store, mode="r")[...], eg.batch_jacobian(mlp)(x))
-    client.wait_for_workers(2, timeout=30)
 
 
 def test_a_killed_worker_counts_no_block_twice(client):
@@ -256,16 +270,25 @@ def test_a_killed_worker_counts_no_block_twice(client):
     params = {"w": rng.standard_normal((5, 4)), "b": rng.standard_normal(4)}
     x, onehot = rng.standard_normal((48, 5)), np.eye(4)[rng.integers(0, 4, 48)]
     want = eg.value_and_grad(lambda p, x, y: loss(p, x, y).mean())(params, x, onehot)
+    two_live_workers(client)  # so both hold the step's parameters: one of them is killed
     got = []
-    step = threading.Thread(target=lambda: got.append(
-        egd.value_and_grad(slow_loss)(params, dask_of(x, 4), dask_of(onehot, 4))))
+
+    def run():
+        try:
+            got.append(egd.value_and_grad(slow_loss)(params, dask_of(x, 4), dask_of(onehot, 4)))
+        except BaseException as e:  # noqa: B036 (raised again below, in the test's thread)
+            got.append(e)
+    step = threading.Thread(target=run)
     step.start()
     kill_one_worker_when_started(client, lambda: not step.is_alive())
     step.join(60)
-    (got_l, got_g), = got
+    (result,) = got
+    if isinstance(result, BaseException):
+        raise result
+    got_l, got_g = result
     close(got_l, want[0])
     close(got_g["w"], want[1]["w"])
-    client.wait_for_workers(2, timeout=30)
+    two_live_workers(client)
 
 
 # -- 6. without dask ----------------------------------------------------------------------

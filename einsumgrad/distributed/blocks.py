@@ -8,9 +8,9 @@ batch axes. Dask arrays never enter the tape.
 
 This module knows no transform: ``transforms.py`` hands itself over
 (``on_blocks(wrapped, argnums, batch_ndim)`` inside ``batch_jacobian``),
-which keeps the import graph acyclic. Importing it imports neither the transforms nor dask:
-``is_dask`` looks dask up in ``sys.modules`` and dask is imported only when
-a dask array is actually lifted.
+which keeps the import graph acyclic. Importing it imports neither the
+transforms nor dask: ``is_dask`` looks dask up in ``sys.modules``, and dask
+is imported only when a dask array is actually lifted.
 """
 from __future__ import annotations
 
@@ -18,42 +18,16 @@ import copyreg
 import operator
 import sys
 import uuid
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..pytree import TreeDef, flatten, unflatten
 from ..tensor import Tensor, state
 
 # The tracer's state is per process (per thread): a transform's closure pickled by
 # value for a worker must use the worker's own, so it pickles as a reference by name.
 copyreg.pickle(type(state), lambda s: "state")
-
-
-# -- nested tuples / lists / dicts, as the transforms' arguments and results --------
-
-def leaves(tree: Any) -> Iterator[Any]:
-    """The leaves of nested tuples, lists and dicts (dict keys sorted), in order."""
-    if isinstance(tree, dict):
-        for k in sorted(tree):
-            yield from leaves(tree[k])
-    elif isinstance(tree, (tuple, list)):
-        for t in tree:
-            yield from leaves(t)
-    else:
-        yield tree
-
-
-def rebuild(tree: Any, new: Iterator[Any]) -> Any:
-    """``tree``'s structure with its leaves taken, in order, from ``new``."""
-    if isinstance(tree, dict):
-        return {k: rebuild(tree[k], new) for k in sorted(tree)}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(rebuild(t, new) for t in tree)
-    return next(new)
-
-
-def tree_map(fn: Callable, tree: Any) -> Any:
-    return rebuild(tree, iter([fn(x) for x in leaves(tree)]))
 
 
 def to_array(x: Any) -> Any:
@@ -64,14 +38,14 @@ def to_array(x: Any) -> Any:
 # -- the test the transforms run on every call ----------------------------------------
 
 def is_dask(x: Any) -> bool:
-    """Whether ``x``, or a leaf of nested tuples / lists / dicts in it, is a dask array.
+    """Whether ``x``, or a leaf of the pytree ``x``, is a dask array.
 
     Never imports dask: where ``dask.array`` is not in ``sys.modules`` no
     argument can be a dask array, and this is one dictionary lookup.
     """
     mod = sys.modules.get("dask.array")
     array = getattr(mod, "Array", None)
-    return array is not None and any(isinstance(leaf, array) for leaf in leaves(x))
+    return array is not None and any(isinstance(leaf, array) for leaf in flatten(x)[0])
 
 
 # -- lifting -------------------------------------------------------------------------
@@ -84,11 +58,12 @@ def _positions(nums, n: int) -> tuple:
     return tuple(a % n for a in nums)
 
 
-def _place(args: Sequence, nums: tuple, trees: Sequence, blocks: Sequence) -> list:
+def _place(args: Sequence, nums: tuple, trees: Sequence[TreeDef], blocks: Sequence) -> list:
     """``args`` with argument ``nums[j]`` rebuilt as ``trees[j]`` from ``blocks``, in order."""
-    call, it = list(args), iter(blocks)
+    call, k = list(args), 0
     for i, tree in zip(nums, trees):
-        call[i] = rebuild(tree, it)
+        call[i] = unflatten(tree, blocks[k:k + tree.num_leaves])
+        k += tree.num_leaves
     return call
 
 
@@ -98,12 +73,13 @@ class Block:
     where the blocks go. One instance is one key of the graph, fetched once by each
     worker; dask pickles it with cloudpickle, so ``f`` may be a closure or a lambda."""
 
-    def __init__(self, local: Callable, args: list, nums: tuple, trees: list, kwargs: dict):
+    def __init__(self, local: Callable, args: list, nums: tuple, trees: list[TreeDef],
+                 kwargs: dict):
         self.local, self.args, self.nums, self.trees, self.kwargs = local, args, nums, trees, kwargs
 
     def __call__(self, *blocks) -> tuple:
         out = self.local(*_place(self.args, self.nums, self.trees, blocks), **self.kwargs)
-        return tuple(to_array(x) for x in leaves(out))
+        return tuple(to_array(x) for x in flatten(out)[0])
 
 
 def _run(block: Block, *arrays) -> tuple:
@@ -128,7 +104,7 @@ def on_blocks(local: Callable, batched=0, batch_ndim: int | None = 1,
             returning each result with the batch axes first. It goes to the workers
             pickled by cloudpickle (a closure by value, ``f`` with it).
         batched: the positions of the arguments that carry the batch (an int or a
-            tuple; each argument may be nested tuples / lists / dicts of arrays).
+            tuple; each argument may be a pytree of arrays).
             NumPy arrays there are chunked like the dask ones. The other arguments
             are constants, given whole to every block: they may not be dask arrays.
         batch_ndim: how many leading axes are batch axes; ``None``: every axis
@@ -152,8 +128,11 @@ def on_blocks(local: Callable, batched=0, batch_ndim: int | None = 1,
                                 f"whole to every block, as NumPy arrays")
         if is_dask(kwargs):
             raise TypeError("keyword arguments go whole to every block: no dask arrays there")
-        trees = [args[i] for i in nums]
-        xs = [x if isinstance(x, da.Array) else da.asarray(x) for t in trees for x in leaves(t)]
+        xs, trees = [], []
+        for i in nums:
+            ls, tree = flatten(args[i])
+            xs += [x if isinstance(x, da.Array) else da.asarray(x) for x in ls]
+            trees.append(tree)
         if not xs:
             raise ValueError("no batched argument")
         bn = xs[0].ndim if batch_ndim is None else batch_ndim
@@ -172,7 +151,8 @@ def on_blocks(local: Callable, batched=0, batch_ndim: int | None = 1,
             if check is not None:
                 check(*call, **kwargs)
             out = local(*call, **kwargs)
-        outs = [to_array(o) for o in leaves(out)]
+        outs, out_tree = flatten(out)
+        outs = [to_array(o) for o in outs]
         for o in outs:
             if o.shape[:bn] != (2,) * bn:
                 raise ValueError(f"a result of shape {o.shape} for a sample of batch shape "
@@ -187,10 +167,9 @@ def on_blocks(local: Callable, batched=0, batch_ndim: int | None = 1,
             pairs += [x, b_ind + tuple(next(fresh) for _ in range(bn, x.ndim))]
         label = getattr(local, "__qualname__", "transform").split(".")[0]
         token = uuid.uuid4().hex
-        # the constants and the batched arguments' structure, without their arrays
+        # the constants, and the batched arguments' structure without their arrays
         plain = [None if i in nums else a for i, a in enumerate(args)]
-        skeletons = [tree_map(lambda x: None, t) for t in trees]
-        block = delayed(Block(local, plain, nums, skeletons, kwargs),
+        block = delayed(Block(local, plain, nums, trees, kwargs),
                         name=f"einsumgrad-{label}-fn-{token}")
         # Every block's results, as a tuple per block; one array per result leaf from it
         # (a result with one leaf is fused with it into one task per block).
@@ -204,5 +183,5 @@ def on_blocks(local: Callable, batched=0, batch_ndim: int | None = 1,
                                     new_axes=dict(zip(rest, o.shape[bn:])),
                                     name=f"einsumgrad-{label}-{k}-{token}",
                                     meta=meta_from_array(xs[0]._meta, o.ndim, dtype=o.dtype)))
-        return rebuild(out, iter(res))
+        return unflatten(out_tree, res)
     return lifted

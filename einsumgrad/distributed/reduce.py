@@ -12,8 +12,9 @@ from typing import Callable
 import numpy as np
 
 from .. import transforms  # a module object, read at call time: see __init__.py
+from ..pytree import flatten, tree_map, unflatten
 from ..tensor import Tensor
-from .blocks import _positions, leaves, rebuild, to_array, tree_map
+from .blocks import _positions, to_array
 
 
 class Step:
@@ -46,8 +47,8 @@ def _block(step: Step, *blocks) -> tuple:
 
 def _add(*parts: tuple) -> tuple:
     """The sum of several ``(loss, gradients)`` pytrees of one structure."""
-    sums = [sum(xs[1:], xs[0]) for xs in zip(*(list(leaves(p)) for p in parts))]
-    return rebuild(parts[0], iter(sums))
+    flat = [flatten(p)[0] for p in parts]
+    return unflatten(flatten(parts[0])[1], [sum(xs[1:], xs[0]) for xs in zip(*flat)])
 
 
 def _client():
@@ -82,8 +83,8 @@ def value_and_grad(f: Callable, argnums=0, reduction: str = "mean", *,
     """``eg.value_and_grad`` of the mean (or sum) of per-sample losses, over dask arrays.
 
     ``f(*args)`` returns per-sample losses ``(B,)``. The arguments in
-    ``argnums`` are the parameters (arrays or nested tuples / lists / dicts of
-    them), the others the data: dask arrays chunked along axis 0 (NumPy arrays
+    ``argnums`` are the parameters (arrays, or pytrees of arrays), the others
+    the data: dask arrays chunked along axis 0 (NumPy arrays
     are taken as one block), all with ``B`` rows. Each call is one step:
 
     * the parameters and ``f`` go to every worker once, by
@@ -127,7 +128,7 @@ def value_and_grad(f: Callable, argnums=0, reduction: str = "mean", *,
         if not data:
             raise ValueError("value_and_grad: no data argument (every argument is in argnums)")
         for i in nums:
-            if any(isinstance(x, da.Array) for x in leaves(args[i])):
+            if any(isinstance(x, da.Array) for x in flatten(args[i])[0]):
                 raise TypeError(f"argument {i} is a parameter (in argnums): a NumPy array, "
                                 f"not a dask array")
         args = list(args)
