@@ -99,8 +99,10 @@ def value_and_grad(f: Callable, argnums=0, reduction: str = "mean", *,
     axis; the tree of partial sums says that directly, and a delayed call can
     take the scattered parameters (a future) as its argument.
 
-    Without a ``dask.distributed`` client the same graph runs on dask's local
-    scheduler. Before anything is scheduled, ``f`` is traced on two rows to
+    A worker that dies mid-step has its blocks recomputed on the others (no
+    block lost or counted twice); the step fails only if every worker holding
+    its parameters dies before it ends (call it again). Without a
+    ``dask.distributed`` client the same graph runs on dask's local scheduler. Before anything is scheduled, ``f`` is traced on two rows to
     check that samples stay apart (``eg.BatchMixingError`` otherwise; integer
     data, such as labels, is not tracked).
 
