@@ -529,8 +529,8 @@ def _pad_impl(x, width):
 
 
 pad_p = Primitive("pad", _pad_impl)  # width covers the trailing axes: batch axes go first
-pad_p.defvjp(lambda k, g, out, x, width: getitem(
-    g, (Ellipsis,) + tuple(slice(b, b + n) for (b, _), n in zip(width, x.shape[x.ndim - len(width):]))))
+pad_p.defvjp(lambda k, g, out, x, width: getitem(g, (Ellipsis,) + tuple(
+    slice(b, b + n) for (b, _), n in zip(width, x.shape[x.ndim - len(width):]))))
 pad_p.defjvp(lambda k, t, out, x, width: bind(pad_p, t, width=width))
 
 
