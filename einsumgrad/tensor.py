@@ -121,7 +121,8 @@ class Node:
         if out.data.dtype.kind == "c":
             differentiable(out.dtype)
         if out.version != self.out_version:
-            changed = f"its output {_desc(out)} is at version {out.version}, expected {self.out_version}"
+            changed = (f"its output {_desc(out)} is at version {out.version}, "
+                       f"expected {self.out_version}")
         else:
             for k, (x, v) in enumerate(zip(self.inputs, self.versions)):
                 if x.version != v:

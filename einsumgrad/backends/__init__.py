@@ -19,5 +19,5 @@ from .cupy_backend import cupy_backend
 from .numpy_backend import NUMPY
 
 __all__ = ["KERNELS", "NUMPY", "Backend", "DeviceMismatchError", "backend_of", "common_backend",
-           "cupy_backend", "device_backend", "device_mismatch", "in_order_of", "is_backend_array", "memory_order",
-           "register_backend", "register_lazy", "to_backend"]
+           "cupy_backend", "device_backend", "device_mismatch", "in_order_of", "is_backend_array",
+           "memory_order", "register_backend", "register_lazy", "to_backend"]
