@@ -85,9 +85,9 @@ class ModuleDict(Module):
             raise KeyError(f"ModuleDict keys are non-empty strings without '.', not {key!r}")
         if not isinstance(module, Module):
             raise TypeError(f"ModuleDict holds Modules, not {type(module).__name__}")
-        # Held in _modules only, not as an attribute: a key such as 'keys' or
-        # 'update' must not hide the method (attribute reads find it below).
-        self._modules[key] = module
+        if hasattr(self, key) and key not in self._modules:  # 'keys', 'training': as torch
+            raise KeyError(f"attribute '{key}' already exists")
+        self._modules[key] = module  # read back as an attribute by __getattr__
 
     def __getattr__(self, name: str) -> Module:
         mods = self.__dict__.get("_modules", {})

@@ -15,6 +15,7 @@ from .. import rules as ops
 from ..backends import backend_of
 from ..rules import add_bias, as_pair, einsum_spec, layer_norm, patch_einsum, patches, unpatch
 from ..rules import unpatch_einsum  # noqa: F401  (re-exported)
+from ..rules.batch_norm import batch_norm_train
 from ..spec import parse
 from ..tensor import Tensor, as_tensor
 from .losses import (binary_cross_entropy_with_logits, cross_entropy, l1_loss, labels_array,
@@ -206,6 +207,9 @@ def batch_norm(x: Any, running_mean: Tensor | None, running_var: Tensor | None,
     if x.ndim < 2:
         raise ValueError(f"batch_norm: want (N, C, ...), got shape {x.shape}")
     c, shape = x.shape[1], _channel_shape(x)
+    # Arrays become Tensors over the same memory: running statistics update in place.
+    running_mean, running_var, weight, bias = (None if t is None else as_tensor(t, like=x) for t in
+                                               (running_mean, running_var, weight, bias))
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (c,):
@@ -214,9 +218,9 @@ def batch_norm(x: Any, running_mean: Tensor | None, running_var: Tensor | None,
         return _batch_norm_train(x, running_mean, running_var, weight, bias, momentum, eps)
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: running_mean and running_var are needed when not training")
-    inv = 1.0 / ops.sqrt(as_tensor(running_var, like=x) + eps)
+    inv = 1.0 / ops.sqrt(running_var + eps)
     a = inv if weight is None else inv * weight
-    shift = -(as_tensor(running_mean, like=x) * a)
+    shift = -(running_mean * a)
     if bias is not None:
         shift = shift + bias
     return add_bias(x * ops.reshape(a, shape), ops.reshape(shift, shape))
@@ -228,20 +232,17 @@ def _batch_norm_train(x, running_mean, running_var, weight, bias, momentum, eps)
     if n <= 1:
         raise ValueError(f"batch_norm: expected more than 1 value per channel when training, "
                          f"got input of shape {x.shape}")
-    axes = (0,) + tuple(range(2, x.ndim))
-    # Two passes for the variance (over x - mean), never E[x^2] - mean^2, which
-    # cancels to noise for a large mean in float32.
-    mu = ops.mean(x, axes, keepdims=True)
-    d = x - mu
-    var = ops.mean(d * d, axes, keepdims=True)
-    a = 1.0 / ops.sqrt(var + eps)
-    if weight is not None:
-        a = a * ops.reshape(weight, shape)
-    y = d * a
-    if bias is not None:
-        y = add_bias(y, ops.reshape(bias, shape))
+    xp = backend_of(x.data)
+    # One primitive (rules/batch_norm.py): a few passes forward, a fused backward.
+    w = Tensor(xp.ones(c, dtype=x.dtype)) if weight is None else weight
+    b = Tensor(xp.zeros(c, dtype=x.dtype)) if bias is None else bias
+    ts = [x, w, b]
+    if len({t.dtype for t in ts}) > 1:
+        ts = _promoted(*ts)
+    x, w, b = ts
+    y, mean, var = batch_norm_train(x, ops.reshape(w, shape), ops.reshape(b, shape), eps)
     if running_mean is not None or running_var is not None:
-        _update_running(mu.data, var.data, running_mean, running_var, momentum, n)
+        _update_running(mean, var, running_mean, running_var, momentum, n)
     return y
 
 
