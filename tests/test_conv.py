@@ -65,7 +65,7 @@ def test_conv1d_matches_torch(rng, c, f, groups, stride, padding, dilation, kern
 
 
 def test_unbatched_inputs_as_torch(rng):
-    x, w, b = rng.standard_normal((4, 7, 6)), rng.standard_normal((6, 2, 3, 3)), rng.standard_normal(6)
+    x, w, b = (rng.standard_normal(s) for s in ((4, 7, 6), (6, 2, 3, 3), (6,)))
     conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1, groups=2)
     x, w = rng.standard_normal((4, 9)), rng.standard_normal((2, 4, 3))
     conv_both(F.conv1d, TF.conv1d, x, w, rng.standard_normal(2), padding="same")

@@ -115,8 +115,8 @@ def resnet_like(mod, **kw):
     class Net(mod.Module):
         def __init__(self):
             super().__init__()
-            self.stem = mod.Sequential(mod.Conv2d(2, 8, 3, padding=1, **kw), mod.BatchNorm2d(8, **kw),
-                                       mod.ReLU())
+            self.stem = mod.Sequential(mod.Conv2d(2, 8, 3, padding=1, **kw),
+                                       mod.BatchNorm2d(8, **kw), mod.ReLU())
             self.blocks = mod.ModuleList([Block(8, 2), Block(8, 8), Block(8, 4)])
             self.down = mod.Conv2d(8, 12, 2, stride=2, dilation=2, groups=4, **kw)
             self.seq = mod.Conv1d(12, 6, 3, padding=1, groups=3, **kw)
@@ -158,9 +158,10 @@ def test_torch_model_with_batch_norm_and_grouped_convs_loads_and_gives_the_same_
 
 def test_dtype_on_every_layer_and_the_default_dtype():
     assert get_default_dtype() == np.float64
-    layers = lambda **kw: [nn.Linear(2, 3, **kw), nn.Conv1d(2, 2, 3, **kw), nn.Conv2d(2, 2, 3, **kw),
-                           nn.BatchNorm1d(2, **kw), nn.BatchNorm2d(2, **kw), nn.LayerNorm(2, **kw),
-                           nn.Embedding(4, 2, **kw), nn.MultiHeadAttention(4, 2, **kw)]
+    layers = lambda **kw: [  # noqa: E731
+        nn.Linear(2, 3, **kw), nn.Conv1d(2, 2, 3, **kw), nn.Conv2d(2, 2, 3, **kw),
+        nn.BatchNorm1d(2, **kw), nn.BatchNorm2d(2, **kw), nn.LayerNorm(2, **kw),
+        nn.Embedding(4, 2, **kw), nn.MultiHeadAttention(4, 2, **kw)]
     for m in layers(dtype=np.float32):
         assert {p.dtype for p in m.parameters()} == {np.dtype(np.float32)}, m
     set_default_dtype(np.float32)

@@ -44,15 +44,17 @@ class _BatchNorm(Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
-            for t, v in ((self.running_mean, 0), (self.running_var, 1), (self.num_batches_tracked, 0)):
+            stats = (self.running_mean, 0), (self.running_var, 1), (self.num_batches_tracked, 0)
+            for t, v in stats:
                 t.data[...] = v
                 t.version += 1
 
     def forward(self, x: Any) -> Tensor:
         x = as_tensor(x)
         if x.ndim not in self._ranks:
-            raise ValueError(f"{type(self).__name__}: expected a {' or '.join(map(str, self._ranks))}"
-                             f"-D input, got shape {x.shape}")
+            ranks = " or ".join(map(str, self._ranks))
+            raise ValueError(f"{type(self).__name__}: expected a {ranks}-D input, got shape "
+                             f"{x.shape}")
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             count = self.num_batches_tracked

@@ -88,7 +88,8 @@ def _picked(logp: Tensor, labels: Any, weight: Any, ignore_index: int, reduction
         onehot = onehot * w.reshape((c,) + trailing)
     mask = onehot * (1.0 - smoothing) if smoothing else onehot
     if smoothing:
-        spread = xp.full((c,), smoothing / c, dtype=logp.dtype) if w is None else w * (smoothing / c)
+        spread = (xp.full((c,), smoothing / c, dtype=logp.dtype) if w is None
+                  else w * (smoothing / c))
         mask = mask + spread.reshape((c,) + trailing)
     mask = mask * as_column(kept).astype(logp.dtype)
     s = "abcdefghijklmnopqrstuvwxyz"[:logp.ndim]

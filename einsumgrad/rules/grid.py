@@ -65,10 +65,11 @@ def _scatter_on_grid(src, w, kernel, grid_hw, xp, dilation=(1, 1)):
     ``kh*kw`` products accumulated in place over the flattened padded grid.
 
     Window ``(i, j)`` (its top-left corner on the grid) meets offset ``(k, l)``
-    at grid entry ``(i + k dh, j + l dw)``: ``k dh Wp + l dw`` rows further on once
-    the grid is flat, one shift for every window (``d`` the dilation). ``src`` is ``(rows..., Hp, Wp, inner...)``
-    with the windows' entries at their corners and zeros elsewhere: a shift from
-    a row of no window (which may cross into the next image's rows) adds nothing.
+    at grid entry ``(i + k dh, j + l dw)`` (``d`` the dilation): ``k dh Wp + l dw``
+    rows further on once the grid is flat, one shift for every window. ``src`` is
+    ``(rows..., Hp, Wp, inner...)`` with the windows' entries at their corners and
+    zeros elsewhere: a shift from a row of no window (which may cross into the
+    next image's rows) adds nothing.
     """
     (kh, kw), wp = kernel, grid_hw[1]
     a = xp.reshape(src, (-1, w.shape[-2]))
