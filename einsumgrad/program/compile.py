@@ -17,6 +17,15 @@ from ..plan import AUTO, Plan
 from .trace import CONVERT, GuardFailed, Ref
 
 
+# Element-wise primitives whose impl is one backend function: (its name, extra arguments).
+DIRECT = {"add": ("add", ""), "sub": ("subtract", ""), "mul": ("multiply", ""),
+          "div": ("true_divide", ""), "pow": ("power", ""), "maximum": ("maximum", ""),
+          "minimum": ("minimum", ""), "remainder": ("remainder", ""), "neg": ("negative", ""),
+          "exp": ("exp", ""), "log": ("log", ""), "sin": ("sin", ""), "cos": ("cos", ""),
+          "tanh": ("tanh", ""), "sqrt": ("sqrt", ""), "abs": ("abs", ""),
+          "relu": ("maximum", ", 0")}
+
+
 def last_uses(p) -> dict:
     """Equation index -> the slots read (or made) there for the last time (outputs kept)."""
     keep = {o.slot for o in p.outputs if type(o) is Ref}
@@ -111,6 +120,11 @@ def replay_lines(eq, i: int, n: Names, p) -> list:
         expr = f"{n.lit(eq.args[0])}.{op[1]}"
     elif op == ("prim", "einsum"):
         expr = _einsum(eq, n, p)
+    elif kind == "prim" and op[1] in DIRECT and not eq.kwargs:
+        # The impl looks its backend up on every call; here it is known: bound once.
+        name, extra = DIRECT[op[1]]
+        fn = getattr(device_backend(p.device), name)
+        expr = f"{n.obj(fn)}({n.call(eq.args, {})}{extra})"
     else:
         expr = f"{n.obj(eq.fn)}({n.call(eq.args, eq.kwargs)})"
     if eq.scalar:

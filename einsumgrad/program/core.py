@@ -36,6 +36,17 @@ def signature(args: tuple, kwargs: dict, static_argnums: tuple) -> tuple:
     Leaves that are arrays or Tensors are inputs; any other leaf (a Python
     number, a string) is static, as the ``static_argnums`` arguments are.
     """
+    if not kwargs and not static_argnums:  # the common call: arrays or Tensors, no nesting
+        values, parts = [], []
+        for a in args:
+            tp = type(a)
+            d = a.data if tp is Tensor else a
+            if not (tp is Tensor or tp is numpy.ndarray):
+                break
+            values.append(d)
+            parts.append((tp is Tensor, type(d), d.shape, d.dtype))
+        else:
+            return (_flat_tree(len(args)), (), tuple(parts)), values
     dyn = tuple(None if i in static_argnums else a for i, a in enumerate(args))
     statics = tuple(args[i] for i in static_argnums if i < len(args))
     leaves, tree = flatten((dyn, kwargs))
@@ -54,6 +65,17 @@ def signature(args: tuple, kwargs: dict, static_argnums: tuple) -> tuple:
         else:
             parts.append(("static", type(leaf), leaf))
     return (tree, statics, tuple(parts)), values
+
+
+_trees: dict = {}
+
+
+def _flat_tree(n: int) -> TreeDef:
+    """The structure of ``((a_1, ..., a_n), {})``, as :func:`signature` flattens it."""
+    t = _trees.get(n)
+    if t is None:
+        t = _trees[n] = flatten(((0,) * n, {}))[1]
+    return t
 
 
 def describe(key: tuple) -> str:
@@ -165,7 +187,8 @@ def _eq_state(eq: Eq) -> tuple:
             kwargs["_path"] = tuple(run.plan.path)
     elif eq.op[0] == "prim":
         _check_picklable(eq)
-    return (eq.op, eq.args, kwargs, eq.outs, eq.seq, eq.scalar, eq.writes)
+    inner = None if eq.inner is None else [_eq_state(e) for e in eq.inner]
+    return (eq.op, eq.args, kwargs, eq.outs, eq.seq, eq.scalar, eq.writes, inner)
 
 
 def _check_picklable(eq: Eq) -> None:
@@ -177,10 +200,15 @@ def _check_picklable(eq: Eq) -> None:
 
 
 def _eq_from(s: tuple, program: Program) -> Eq:
-    op, args, kwargs, outs, seq, scalar, writes = s
+    op, args, kwargs, outs, seq, scalar, writes, inner = s
     prim = None
     kind = op[0]
-    if kind == "prim":
+    if inner is not None:
+        inner = [_eq_from(e, program) for e in inner]
+    if kind == "fused":
+        from .fuse import compile_kernel
+        fn = compile_kernel(op[1])
+    elif kind == "prim":
         prim = primitive(op[1])
         fn = prim.impl
         if "_path" in kwargs:
@@ -205,7 +233,7 @@ def _eq_from(s: tuple, program: Program) -> Eq:
         fn = getattr(device_backend(program.devices[op[1]]), op[2])
     else:
         fn = None
-    return Eq(op, fn, args, kwargs, outs, seq, scalar, writes, prim)
+    return Eq(op, fn, args, kwargs, outs, seq, scalar, writes, prim, inner)
 
 
 def _replan(spec, args: tuple, path: tuple, program: Program):

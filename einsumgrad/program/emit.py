@@ -477,6 +477,8 @@ BACKEND_EXPR = {"add_at": "np.add.at", "as_strided": "np.lib.stride_tricks.as_st
 
 def _step(e: Emitter, eq, i: int) -> list:
     op, kind = eq.op, eq.op[0]
+    if kind == "fused":  # the steps the kernel runs, one NumPy line each
+        return [line for inner in eq.inner for line in _step(e, inner, i)]
     if kind == "prim":
         fn = EMITTERS.get(op[1])
         if fn is None:

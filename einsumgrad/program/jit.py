@@ -66,7 +66,7 @@ def trace_program(f: Callable, args: tuple, kwargs: dict, static_argnums: tuple,
                 {**rec.devices, backend_of(values[0]).name: device} if values else rec.devices,
                 device)
     if optimize:
-        run_passes(p)
+        run_passes(p, rec.values)
     return p, now
 
 
@@ -116,7 +116,8 @@ class Jit:
             return self.f(*args, **kwargs)  # inside a trace or a transform: f itself, on the tape
         nums = _normalized(self.static_argnums, len(args))
         key, values = signature(args, kwargs, nums)
-        if any(getattr(v, "requires_grad", False) for v in _tensors(args, kwargs)):
+        if any(part[0] is True for part in key[2]) and any(
+                t.requires_grad for t in _tensors(args, kwargs)):
             return self.f(*args, **kwargs)  # a graph is wanted: the tape records f
         p = self.programs.get(key)
         if p is not None:

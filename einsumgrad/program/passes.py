@@ -1,6 +1,338 @@
-"""Exact rewrites of a program (filled in below)."""
+"""Exact rewrites of a traced program, run once after the trace.
+
+* :func:`fold_constants`: a step whose inputs are all constants (a ``ones``
+  buffer nothing writes into, a basis, a guard on a constant) becomes a
+  constant: the value the trace computed. Then a product with a constant
+  ones operand (an einsum's ``ones`` broadcast, ``x * 1``) is the other
+  operand (:func:`drop_ones`).
+* :func:`common_subexpressions`: two equal pure steps on the same slots are one.
+* :func:`merge_einsums`: an einsum whose result only feeds another einsum is
+  merged into it, one multi-operand einsum, where opt_einsum's cost for the
+  merged contraction is lower than the two apart.
+* :func:`fuse_elementwise` (:mod:`.fuse`): chains of element-wise steps as one
+  numba kernel, where numba is installed.
+* :func:`dead_code`: steps whose results nothing reads are dropped.
+
+Buffers are freed after their last use by the generated code itself
+(:func:`einsumgrad.program.compile.last_uses`).
+
+In-place writes (``x[i] = v``, ``out=``, a bias added into a fresh product)
+make the rewrites careful: slots that may share memory are grouped
+(:func:`alias_groups`), and nothing in a group that is ever written into is
+folded, merged or shared.
+"""
 from __future__ import annotations
 
+import numpy
 
-def optimize(p) -> None:
-    """Rewrite ``p`` in place."""
+from ..plan import path_info
+from ..spec import Spec, fresh
+from .trace import Eq, Ref
+
+# Primitives whose result may be (a view of) an input or a parameter.
+_VIEW_PRIMS = frozenset(("identity", "reshape", "broadcast_to", "getitem", "einsum", "normalize",
+                         "inv_std", "layer_norm", "batch_norm", "patches", "add_bias"))
+# Element-wise primitives: their result is a new array.
+ELEMENTWISE = frozenset(("add", "sub", "mul", "div", "pow", "maximum", "minimum", "remainder",
+                         "neg", "exp", "log", "sin", "cos", "tanh", "sqrt", "abs", "relu",
+                         "sigmoid", "softplus", "erf", "normal_pdf", "where"))
+
+
+def optimize(p, values: dict | None = None) -> None:
+    """All the passes, in place on ``p`` (``values``: what the trace computed per slot)."""
+    if values is not None:
+        fold_constants(p, values)
+    drop_ones(p)
+    common_subexpressions(p)
+    merge_einsums(p)
+    dead_code(p)
+    from .fuse import fuse_elementwise
+    fuse_elementwise(p)
+    dead_code(p)
+
+
+# -- bookkeeping ---------------------------------------------------------------------
+
+def alias_groups(p) -> dict:
+    """slot -> a representative: slots that may share memory share one."""
+    parent: dict = {}
+
+    def find(s):
+        while parent.get(s, s) != s:
+            parent[s] = parent.get(parent[s], parent[s])
+            s = parent[s]
+        return s
+
+    def union(a, b):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[ra] = rb
+    for eq in p.eqs:
+        if _fresh(eq):
+            continue
+        for o in eq.outs:
+            for r in eq.refs():
+                union(o, r)
+        for w in eq.writes:
+            for o in eq.outs:
+                union(o, w)
+    return {s: find(s) for s in set(parent) | {s for s in p.avals}}
+
+
+def _fresh(eq: Eq) -> bool:
+    """Whether the step's result is a new array, sharing no memory with its inputs."""
+    kind = eq.op[0]
+    if kind == "fused":
+        return True
+    if kind == "prim":
+        return eq.op[1] not in _VIEW_PRIMS and not eq.writes
+    if kind == "ufunc":
+        return eq.op[2] == "__call__" and "out" not in eq.kwargs
+    return kind == "guard"
+
+
+def written(p) -> set:
+    """The alias groups that some step writes into."""
+    groups = alias_groups(p)
+    return {groups[w] for eq in p.eqs for w in eq.writes}, groups
+
+
+def replace(t, mapping: dict):
+    """A template with Refs renamed by ``mapping`` (slot -> slot)."""
+    tp = type(t)
+    if tp is Ref:
+        return Ref(mapping[t.slot]) if t.slot in mapping else t
+    if tp is tuple or tp is list:
+        return tp(replace(x, mapping) for x in t)
+    if tp is dict:
+        return {k: replace(v, mapping) for k, v in t.items()}
+    return t
+
+
+def rename(p, mapping: dict) -> None:
+    """Every read of a slot in ``mapping`` reads its replacement instead."""
+    if not mapping:
+        return
+    for s in list(mapping):  # follow chains a -> b -> c
+        t = mapping[s]
+        while t in mapping:
+            t = mapping[t]
+        mapping[s] = t
+    for eq in p.eqs:
+        eq.args = replace(eq.args, mapping)
+        eq.kwargs = replace(eq.kwargs, mapping)
+    p.outputs = [replace(o, mapping) for o in p.outputs]
+
+
+def uses(p) -> dict:
+    """slot -> how many times steps (and the outputs) read it."""
+    n: dict = {}
+    for eq in p.eqs:
+        for s in eq.refs():
+            n[s] = n.get(s, 0) + 1
+    for o in p.outputs:
+        if type(o) is Ref:
+            n[o.slot] = n.get(o.slot, 0) + 1
+    return n
+
+
+def _read_only(v):
+    if isinstance(v, numpy.ndarray) and v.flags.writeable:
+        v = v.view()
+        v.flags.writeable = False
+    return v
+
+
+# -- constants -----------------------------------------------------------------------------
+
+def fold_constants(p, values: dict) -> None:
+    """Steps whose inputs are all constants become constants (their traced values)."""
+    bad, groups = written(p)
+    kept = []
+    for eq in p.eqs:
+        refs = eq.refs()
+        if _shape_only(eq):  # ones_like(x): x's shape and dtype, not its values
+            refs = [s for s in refs if not (type(eq.args[0]) is Ref and s == eq.args[0].slot)]
+        if (not eq.writes and all(s in p.consts for s in refs)
+                and not any(groups[o] in bad for o in eq.outs)
+                and all(o in values for o in eq.outs) and eq.op[0] != "setitem"):
+            for o in eq.outs:
+                p.consts[o] = _read_only(values[o])
+            continue  # a guard on a constant held at trace time: it always holds
+        kept.append(eq)
+    p.eqs = kept
+
+
+_SHAPE_ONLY = frozenset(("ones_like", "zeros_like", "full_like", "empty_like"))
+
+
+def _shape_only(eq: Eq) -> bool:
+    """A step whose result depends on its first argument's shape and dtype only."""
+    op = eq.op
+    name = op[2] if op[0] == "backend" else op[1].__name__ if op[0] == "function" else None
+    return name in _SHAPE_ONLY and name != "empty_like"
+
+
+def _const_ones(p, s: int) -> bool:
+    c = p.consts.get(s)
+    if c is None or getattr(c, "dtype", None) is None or c.dtype.kind not in "fiu":
+        return False
+    try:
+        return bool((numpy.asarray(c.view(numpy.ndarray) if isinstance(c, numpy.ndarray)
+                                   else c) == 1).all())
+    except Exception:
+        return False
+
+
+def drop_ones(p) -> None:
+    """``x * 1`` is ``x``; an einsum's constant ones operand whose indices all
+    appear in another operand multiplies each term by 1: dropped (``x * 1`` is
+    exact; the einsum's sums may come out in another order)."""
+    bad, groups = written(p)
+    mapping = {}
+    for eq in p.eqs:
+        if eq.op == ("prim", "mul") and not eq.writes:
+            out_aval = p.avals[eq.outs[0]]
+            for k in (0, 1):
+                x, c = eq.args[k], eq.args[1 - k]
+                if (type(x) is Ref and type(c) is Ref and _const_ones(p, c.slot)
+                        and p.avals[x.slot] == out_aval and groups[eq.outs[0]] not in bad):
+                    mapping[eq.outs[0]] = x.slot
+                    break
+        elif eq.op == ("prim", "einsum") and len(eq.args) > 1:
+            spec = eq.kwargs["spec"]
+            keep = list(range(len(eq.args)))
+            for k, (a, term) in enumerate(zip(eq.args, spec.inputs)):
+                others = {l for j in keep if j != k for l in spec.inputs[j]}
+                if (len(keep) > 1 and _const_ones(p, a.slot) and set(term) <= others
+                        and len(set(term)) == len(term)):
+                    keep.remove(k)
+            if len(keep) < len(eq.args) and \
+                    {p.avals[eq.args[j].slot][1] for j in keep} == {p.avals[eq.outs[0]][1]}:
+                eq.args = tuple(eq.args[j] for j in keep)
+                eq.kwargs = {"spec": Spec(tuple(spec.inputs[j] for j in keep), spec.output)}
+    rename(p, mapping)
+
+
+# -- common subexpressions -----------------------------------------------------------------
+
+def _key(t):
+    """A hashable form of a template (None where it has none)."""
+    tp = type(t)
+    if tp is Ref:
+        return ("ref", t.slot)
+    if tp is tuple or tp is list:
+        return (tp.__name__,) + tuple(_key(x) for x in t)
+    if tp is dict:
+        return ("dict",) + tuple((k, _key(v)) for k, v in sorted(t.items()))
+    if tp is slice:
+        return ("slice", t.start, t.stop, t.step)
+    try:
+        hash(t)
+    except TypeError:
+        return ("id", id(t))
+    return (tp.__name__, t) if tp in (bool, int, float) else t
+
+
+def common_subexpressions(p) -> None:
+    """One step for equal pure steps on the same slots (the second reads the first's)."""
+    bad, groups = written(p)
+    seen, mapping, kept = {}, {}, []
+    for eq in p.eqs:
+        pure = (eq.op[0] not in ("guard", "setitem") and not eq.writes and eq.outs
+                and not any(groups[o] in bad for o in eq.outs)
+                and not any(groups.get(s) in bad for s in eq.refs()))
+        if eq.op[0] == "backend" and eq.op[2] in ("empty", "empty_like"):
+            pure = False
+        if pure:
+            args = replace(eq.args, mapping)
+            kwargs = replace(eq.kwargs, mapping)
+            key = (_key(eq.op), _key(args), _key(kwargs), eq.scalar, eq.seq)
+            first = seen.get(key)
+            if first is not None and len(first.outs) == len(eq.outs):
+                mapping.update(zip(eq.outs, first.outs))
+                continue
+            seen[key] = eq
+        kept.append(eq)
+    p.eqs = kept
+    rename(p, mapping)
+
+
+# -- einsum chains ----------------------------------------------------------------------------
+
+def _cost(spec: Spec, shapes: list) -> float:
+    return float(path_info(spec, shapes)[1].opt_cost)
+
+
+def merged_spec(outer: Spec, k: int, inner: Spec) -> Spec:
+    """``outer`` with its operand ``k`` replaced by ``inner``'s operands: ``inner``'s
+    output indices renamed to that operand's, its summed indices made fresh."""
+    names = dict(zip(inner.output, outer.inputs[k]))
+    summed = [l for l in inner.labels if l not in names]
+    names.update(zip(summed, fresh(set(outer.labels) | set(inner.labels), len(summed))))
+    terms = tuple(tuple(names[l] for l in t) for t in inner.inputs)
+    return Spec(outer.inputs[:k] + terms + outer.inputs[k + 1:], outer.output)
+
+
+def merge_einsums(p) -> None:
+    """Fold an einsum read once, by another einsum, into it, where that costs less."""
+    bad, groups = written(p)
+    changed = True
+    while changed:
+        changed = False
+        n = uses(p)
+        made = {eq.outs[0]: eq for eq in p.eqs if eq.op == ("prim", "einsum") and eq.outs}
+        for eq in p.eqs:
+            if eq.op != ("prim", "einsum") or groups[eq.outs[0]] in bad:
+                continue
+            for k, a in enumerate(eq.args):
+                inner = made.get(a.slot)
+                if (inner is None or inner is eq or n.get(a.slot) != 1 or inner.scalar
+                        or groups[a.slot] in bad or "order" in inner.kwargs
+                        and inner.kwargs["order"] is not None):
+                    continue
+                dtypes = {p.avals[x.slot][1] for x in (*eq.args, *inner.args)}
+                if len(dtypes) != 1:
+                    continue
+                outer_spec, inner_spec = eq.kwargs["spec"], inner.kwargs["spec"]
+                spec = merged_spec(outer_spec, k, inner_spec)
+                args = eq.args[:k] + inner.args + eq.args[k + 1:]
+                shapes = [p.avals[x.slot][0] for x in args]
+                before = _cost(outer_spec, [p.avals[x.slot][0] for x in eq.args]) + \
+                    _cost(inner_spec, [p.avals[x.slot][0] for x in inner.args])
+                if _cost(spec, shapes) >= before:
+                    continue
+                eq.args, eq.kwargs = args, {"spec": spec}
+                p.eqs.remove(inner)
+                changed = True
+                break
+            if changed:
+                break
+
+
+# -- dead code -----------------------------------------------------------------------------------
+
+def dead_code(p) -> None:
+    """Drop steps whose results nothing reads (guards stay; so do writes into a
+    buffer something reads)."""
+    groups = alias_groups(p)
+    live = {o.slot for o in p.outputs if type(o) is Ref}
+    keep = [False] * len(p.eqs)
+    changed = True
+    while changed:
+        changed = False
+        live_groups = {groups[s] for s in live}
+        for i in range(len(p.eqs) - 1, -1, -1):
+            if keep[i]:
+                continue
+            eq = p.eqs[i]
+            if (eq.op[0] == "guard" or any(o in live for o in eq.outs)
+                    or any(groups[w] in live_groups for w in eq.writes)):
+                keep[i] = True
+                live.update(eq.refs())
+                live_groups = {groups[s] for s in live}
+                changed = True
+    p.eqs = [eq for eq, k in zip(p.eqs, keep) if k]
+    used = {s for eq in p.eqs for s in eq.refs()} | live
+    for s in [s for s in p.consts if s not in used]:
+        del p.consts[s]

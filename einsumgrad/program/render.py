@@ -74,6 +74,8 @@ def eq_text(eq, name, p) -> str:
                  and _has_ref(eq.kwargs[k])]
         if extra:
             text += " using " + ", ".join(f"{k}={show(eq.kwargs[k])}" for k in extra)
+    elif op[0] == "fused":
+        text = f"fused[{', '.join(op[2])}] ({', '.join(show(a) for a in eq.args)})"
     elif op[0] == "guard":
         text = (f"guard {op[1]}({show(eq.args[0])}) == {eq.kwargs['expected']!r}"
                 f"  # {eq.kwargs['where']}")

@@ -74,7 +74,8 @@ class Eq:
         op: what runs: ``("prim", name)``, ``("ufunc", ufunc, method)``,
             ``("function", func)``, ``("method", name)``, ``("attr", name)``,
             ``("getitem",)``, ``("setitem",)``, ``("backend", backend, attr)``,
-            or ``("guard", kind)`` (a value the trace specialized on).
+            ``("guard", kind)`` (a value the trace specialized on), or
+            ``("fused", source, names)`` (element-wise steps as one kernel).
         fn: the callable (a primitive's impl; rebuilt from ``op`` on unpickling).
         args, kwargs: the arguments, :class:`Ref` where a slot goes.
         outs: the slots of the result (several where it is a tuple).
@@ -83,12 +84,15 @@ class Eq:
         writes: slots the step writes into in place.
     """
 
-    __slots__ = ("op", "fn", "args", "kwargs", "outs", "seq", "scalar", "writes", "prim")
+    __slots__ = ("op", "fn", "args", "kwargs", "outs", "seq", "scalar", "writes", "prim",
+                 "inner")
 
     def __init__(self, op: tuple, fn: Callable, args: tuple, kwargs: dict, outs: tuple,
-                 seq: bool = False, scalar: bool = False, writes: tuple = (), prim=None):
+                 seq: bool = False, scalar: bool = False, writes: tuple = (), prim=None,
+                 inner: list | None = None):
         self.op, self.fn, self.args, self.kwargs, self.outs = op, fn, args, kwargs, outs
         self.seq, self.scalar, self.writes, self.prim = seq, scalar, writes, prim
+        self.inner = inner  # a fused step: the steps it runs as one kernel
 
     def refs(self) -> list:
         """The slots this step reads, in order (``writes`` among them)."""

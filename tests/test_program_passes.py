@@ -1,0 +1,198 @@
+"""The program passes (einsumgrad/program/passes.py, fuse.py): each exact.
+
+Hypothesis draws einsum chains and element-wise chains; the optimized program,
+the program left as traced and the function itself agree. Each pass is also
+seen doing its work on a case made for it.
+"""
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import einsumgrad as eg
+from einsumgrad.program import fuse, make_program
+from einsumgrad.program.jit import trace_program
+
+from backends import NAME, npy, xb
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def programs(f, *args):
+    """(optimized, as traced) programs of f at args."""
+    return (trace_program(f, args, {}, ())[0], trace_program(f, args, {}, (), optimize=False)[0])
+
+
+def check(f, *args, tol=TOL):
+    opt, raw = programs(f, *args)
+    want = npy(f(*args))
+    np.testing.assert_allclose(npy(opt(*args)), want, **tol)
+    np.testing.assert_allclose(npy(raw(*args)), want, **tol)
+    return opt, raw
+
+
+def ops(p) -> list:
+    return [eq.op[1] if eq.op[0] == "prim" else eq.op[2] if eq.op[0] == "backend" else eq.op[0]
+            for eq in p.eqs]
+
+
+# -- einsum chains ---------------------------------------------------------------------------
+
+LETTERS = "abcde"
+
+
+@st.composite
+def einsum_chains(draw):
+    """Sizes, a first term, and steps (term of the new operand, output, a tanh between?)."""
+    sizes = {l: draw(st.integers(1, 4)) for l in LETTERS}
+    terms = lambda: st.lists(st.sampled_from(LETTERS), min_size=0, max_size=3, unique=True)
+    first = tuple(draw(terms()))
+    steps, cur = [], first
+    for _ in range(draw(st.integers(1, 4))):
+        other = tuple(draw(terms()))
+        seen = sorted(set(cur) | set(other))
+        out = tuple(draw(st.permutations(seen)))[:draw(st.integers(0, min(3, len(seen))))]
+        steps.append((other, out, draw(st.booleans()) and draw(st.booleans())))
+        cur = out
+    return sizes, first, steps
+
+
+@settings(max_examples=40, deadline=None)
+@given(einsum_chains(), st.integers(0, 2 ** 31 - 1))
+def test_einsum_chains_merge_exactly(chain, seed):
+    sizes, first, steps = chain
+    rng = np.random.default_rng(seed)
+    shape = lambda t: tuple(sizes[l] for l in t)
+    x = xb(rng.standard_normal(shape(first)))
+    ws = [xb(rng.standard_normal(shape(other))) for other, _, _ in steps]
+
+    def f(x, *ws):
+        y, cur = x, first
+        for w, (other, out, bend) in zip(ws, steps):
+            y = eg.einsum(f"{''.join(cur)},{''.join(other)}->{''.join(out)}", y, w)
+            y = eg.tanh(y) if bend else y
+            cur = out
+        return y
+    opt, raw = check(f, x, *ws)
+    assert ops(opt).count("einsum") <= ops(raw).count("einsum")
+
+
+def test_a_chain_is_merged_where_it_costs_less():
+    rng = np.random.default_rng(0)
+    a, b, c = (xb(rng.standard_normal(s)) for s in ((64, 2), (2, 64), (64, 2)))
+    f = lambda a, b, c: eg.einsum("ij,jk->ik", eg.einsum("ij,jk->ik", a, b), c)
+    opt, raw = check(f, a, b, c)
+    assert ops(raw).count("einsum") == 2 and ops(opt).count("einsum") == 1
+    (eq,) = opt.eqs
+    assert len(eq.args) == 3
+    # where merging costs more (a bend between, or a larger merged product) it stays
+    g = lambda a, b, c: eg.einsum("ij,jk->ik", eg.tanh(eg.einsum("ij,jk->ik", a, b)), c)
+    assert ops(check(g, a, b, c)[0]).count("einsum") == 2
+
+
+# -- element-wise chains ----------------------------------------------------------------------
+
+UNARY = {"exp": lambda x: eg.exp(-x * x), "tanh": eg.tanh, "sin": eg.sin, "cos": eg.cos,
+         "abs": eg.abs, "relu": eg.relu, "sigmoid": eg.sigmoid, "neg": lambda x: -x,
+         "sqrt": lambda x: eg.sqrt(eg.abs(x) + 1.0), "log": lambda x: eg.log(x * x + 1.0)}
+BINARY = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
+          "div": lambda x, y: x / (y * y + 1.0), "max": eg.maximum, "min": eg.minimum,
+          "pow": lambda x, y: eg.abs(x) ** 1.5}
+
+
+@st.composite
+def elementwise_chains(draw):
+    n = draw(st.integers(2, 8))
+    steps = []
+    for k in range(n):
+        if draw(st.booleans()):
+            steps.append((draw(st.sampled_from(sorted(UNARY))), draw(st.integers(0, k + 2))))
+        else:
+            steps.append((draw(st.sampled_from(sorted(BINARY))), draw(st.integers(0, k + 2)),
+                          draw(st.integers(0, k + 2))))
+    return steps
+
+
+@settings(max_examples=25, deadline=None)
+@given(elementwise_chains(), st.sampled_from([np.float64, np.float32]),
+       st.integers(0, 2 ** 31 - 1))
+def test_elementwise_chains_fuse_exactly(steps, dtype, seed):
+    rng = np.random.default_rng(seed)
+    # three inputs broadcasting against each other, large enough to be fused
+    ins = [xb(rng.standard_normal(s).astype(dtype)) for s in ((32, 40), (40,), (32, 1))]
+
+    def f(a, b, c):
+        vals = [a, b, c]
+        for step in steps:
+            fn = UNARY.get(step[0]) or BINARY[step[0]]
+            vals.append(fn(*[vals[i] for i in step[1:]]))
+        return vals[-1] + 0.0 * a  # the output's shape: the whole broadcast
+    tol = TOL if dtype == np.float64 else dict(rtol=2e-5, atol=1e-6)
+    check(f, *ins, tol=tol)
+
+
+@pytest.mark.skipif(NAME != "numpy" or not fuse.available(), reason="numba fuses on NumPy")
+def test_a_chain_is_one_kernel_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))
+    x = np.random.default_rng(0).standard_normal((64, 64))
+    f = lambda x: eg.grad(lambda a: (eg.tanh(a) * eg.sin(a)).sum())(x)
+    p, raw = check(f, x)
+    assert "fused" in ops(p) and len(p.eqs) < len(raw.eqs)
+    assert list((tmp_path / "fused").glob("einsumgrad_fused_*.py"))
+    assert "fused[" in str(p)
+    monkeypatch.setattr(fuse, "available", lambda: False)  # without numba: the steps stay
+    q = trace_program(f, (x,), {}, ())[0]
+    assert "fused" not in ops(q)
+    np.testing.assert_allclose(npy(q(x)), npy(p(x)), **TOL)
+
+
+# -- dead code, common subexpressions, constants, buffers ----------------------------------------
+
+def test_dead_code_and_common_subexpressions_go():
+    x = xb(np.random.default_rng(0).standard_normal((3, 4)))
+
+    def f(x):
+        unused = eg.exp(x).sum()  # noqa: F841 (nothing reads it)
+        return eg.sin(x) * eg.sin(x) + eg.sin(x)
+    opt, raw = check(f, x)
+    assert "exp" in ops(raw) and "exp" not in ops(opt)
+    assert ops(raw).count("sin") == 3 and ops(opt).count("sin") == 1
+
+
+def test_constants_fold_and_ones_drop():
+    x = xb(np.random.default_rng(0).standard_normal((3, 4)))
+    w = xb(np.random.default_rng(1).standard_normal((4, 2)))
+    f = lambda x: eg.grad(lambda a: eg.tanh(eg.einsum("ij,jk->ik", a, w)).sum())(x)
+    opt, raw = check(f, x)
+    made = {"ones", "ones_like", "zeros", "eye"}
+    assert made & set(ops(raw)) and not made & set(ops(opt))
+    # the cotangent of sum() is ones: gone from the products it multiplied
+    assert ops(opt).count("einsum") == 2 and len(opt.eqs) <= 5
+    # a Jacobian's basis is a constant of the program, not made on each run
+    J = lambda x: eg.jacrev(lambda a: eg.sin(a) * 2.0)(x)
+    opt, _ = check(J, x)
+    assert "eye" not in ops(opt)
+
+
+def test_writes_into_a_buffer_keep_it_fresh():
+    x = xb(np.random.default_rng(0).standard_normal((3, 4)))
+
+    def f(x):
+        y = x * 1.0
+        y[1] = 5.0  # the step writes into y: y is not folded, shared or dropped
+        return y + eg.sin(x)
+    check(f, x)
+
+
+def test_each_buffer_is_freed_after_its_last_use():
+    x = xb(np.random.default_rng(0).standard_normal((3, 4)))
+    f = lambda x: eg.grad(lambda a: (eg.tanh(a) ** 2 * eg.exp(a)).sum())(x)
+    p = make_program(f)(x)
+    p(x)
+    code = p._run.source.splitlines()
+    for k, line in enumerate(code):
+        m = re.match(r"\s+(a\d+)(, a\d+)*,? = ", line)
+        if m and m.group(1) not in code[-1]:  # made here, not returned: deleted later
+            assert any(re.match(rf"\s+del .*\b{m.group(1)}\b", rest) for rest in code[k:])
