@@ -25,6 +25,7 @@ import tempfile
 
 import numpy
 
+from .graph import uses, written
 from .trace import Eq, Ref
 
 # primitive -> the scalar expression (its inputs {0}, {1}, ...; T the dtype)
@@ -51,7 +52,6 @@ def fuse_elementwise(p) -> None:
     """Fuse element-wise chains of ``p`` in place (see the module docstring)."""
     if p.device != "cpu" or not available() or "numpy" not in p.devices:
         return
-    from .passes import uses, written
     bad, groups = written(p)
     n = uses(p)
     made = {eq.outs[0]: i for i, eq in enumerate(p.eqs) if eq.outs}
