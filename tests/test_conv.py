@@ -156,3 +156,15 @@ def test_conv_modules_load_torch_weights(rng, cls, dims):
     close(ours(xb(x)), theirs(torch.tensor(x)).detach().numpy())
     assert ours.weight.shape == tuple(theirs.weight.shape)
     assert repr(ours).startswith(cls) and "groups=2" in repr(ours)
+
+
+def test_conv_modules_take_torchs_argument_order_and_check_it():
+    conv = nn.Conv2d(4, 6, 3, 2, 1, 2, 2, False)  # torch's positions: ..., dilation, groups, bias
+    assert (conv.stride, conv.padding, conv.dilation, conv.groups) == ((2, 2), (1, 1), (2, 2), 2)
+    assert conv.bias is None and conv.weight.shape == (6, 2, 3, 3)
+    with pytest.raises(ValueError, match="dilation"):
+        nn.Conv2d(4, 6, 3, 1, 0, False)  # a bias flag where torch has dilation: refused
+    with pytest.raises(ValueError, match="groups"):
+        nn.Conv1d(4, 6, 3, groups=4)
+    with pytest.raises(ValueError, match="strided"):
+        nn.Conv2d(4, 6, 3, stride=2, padding="same")

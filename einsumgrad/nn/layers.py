@@ -61,6 +61,10 @@ class _ConvNd(Module):
             F._conv_padding(padding, (1,) * n, (1,) * n, tup(stride))  # refused now, as torch
         else:
             padding = tup(padding)
+        for name, v in (("kernel_size", kernel), ("stride", tup(stride)),
+                        ("dilation", tup(dilation))):
+            if any(type(n) is bool or n < 1 for n in v):  # a bias flag in dilation's place too
+                raise ValueError(f"{name} must be positive integers, got {v}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = kernel, tup(stride), tup(dilation)
         self.padding, self.padding_mode = padding, padding_mode

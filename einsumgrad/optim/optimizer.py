@@ -234,12 +234,14 @@ class SGD(Optimizer):
 
     ``d = g + wd * p``; with momentum, ``buf = d`` on the first step, then
     ``buf = momentum * buf + (1 - dampening) * d``, and ``d = buf`` (Nesterov:
-    ``d + momentum * buf``); ``p -= lr * d``.
+    ``d + momentum * buf``); ``p -= lr * d``. The positional order is einsumgrad's
+    contract, ``(params, lr, momentum, weight_decay)``; torch's ``dampening`` and
+    ``nesterov`` (positional there) are keywords here.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 *, maximize: bool = False):
+                 weight_decay: float = 0.0, *, dampening: float = 0.0, nesterov: bool = False,
+                 maximize: bool = False):
         _check("learning rate", lr)
         _check("momentum", momentum)
         _check("weight_decay", weight_decay)
