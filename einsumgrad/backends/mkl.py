@@ -8,7 +8,12 @@ gives the normal CDF of GELU in 0.3 ms where NumPy float32 passes take 1.7
 backend calls, through ctypes on the arrays NumPy holds (no copy, no other
 array type):
 
-* ``matmul``: ``cblas_?gemm`` / ``cblas_?gemm_batch``. Products BLAS cannot
+* ``matmul``: ``cblas_?gemm`` / ``cblas_?gemm_batch``. The backend calls it through
+  ``chosen_matmul``, which takes NumPy's own matmul or this one per dtype and size
+  class (matrix, matrix-vector, batch; m*n*k by powers of 4), whichever a short
+  measurement on first use found faster (by 5%: a tie keeps NumPy's), the
+  result kept in ``~/.cache/einsumgrad/blas.json`` (``EINSUMGRAD_CACHE``) for
+  this machine; ``EINSUMGRAD_BLAS=mkl`` or ``=numpy`` fixes it (:func:`blas_choices`). Products BLAS cannot
   take as laid out are copied first, as NumPy does; other dtypes and small
   products (where a ctypes call costs more than it saves, and OpenBLAS runs on
   one thread, so the two thread pools never contend) go to ``numpy.matmul``.
@@ -445,8 +450,173 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
     }
 
 
+# -- NumPy's matmul or MKL's: chosen by measurement ------------------------------------------
+
+_CHOICE_MIN = _MIN_WORK  # below this many multiply-adds: NumPy, unmeasured (see matmul)
+_BUCKETS = range(16, 26, 2)  # size classes: log2 of m*n*k, every other power of two
+_VEC_TOP = 22  # a matrix-vector class above this is measured as this one (no 512 MB matrix)
+_KINDS = ("mat", "vec", "batch")
+
+
+def _kind_and_work(a, b) -> tuple:
+    """The size class of ``a @ b``: ``(kind, m*n*k in all)``; kind is ``vec`` for a
+    matrix-vector product, ``batch`` for a stack of products, else ``mat``."""
+    m = a.shape[-2] if a.ndim > 1 else 1
+    n = b.shape[-1] if b.ndim > 1 else 1
+    k = a.shape[-1]
+    count = 1
+    for s in (a.shape[:-2] if a.ndim > 2 else ()) or (b.shape[:-2] if b.ndim > 2 else ()):
+        count *= s
+    kind = "batch" if count > 1 else "vec" if 1 in (m, n) else "mat"
+    return kind, m * n * k * count
+
+
+def _bucket(work: int) -> int:
+    b = max(_BUCKETS[0], min(work.bit_length() - 1, _BUCKETS[-1]))
+    return b - (b - _BUCKETS[0]) % 2
+
+
+def _case(kind: str, bucket: int, dtype, rng) -> tuple:
+    """Operands of one size class: square matrices, a matrix and a vector, or 8 matrices."""
+    work = 1 << (min(bucket, _VEC_TOP) if kind == "vec" else bucket)
+    if kind == "vec":
+        n = max(2, round(work ** 0.5))
+        shapes = ((n, n), (n,))
+    elif kind == "batch":
+        n = max(2, round((work / 8) ** (1 / 3)))
+        shapes = ((8, n, n), (8, n, n))
+    else:
+        n = max(2, round(work ** (1 / 3)))
+        shapes = ((n, n), (n, n))
+    return tuple(rng.standard_normal(s).astype(dtype) for s in shapes)
+
+
+def _race(a, b, budget: float = 0.004) -> tuple:
+    """Best times of MKL's and NumPy's ``a @ b``, run in turns (so a burst of other
+    work on the machine slows both) for about ``budget`` seconds each."""
+    import time
+    fns = (matmul, numpy.matmul)
+    for fn in fns:
+        fn(a, b)
+    best, spent, runs = [float("inf")] * 2, 0.0, 0
+    while runs < 5 or (spent < 2 * budget and runs < 60):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn(a, b)
+            t = time.perf_counter() - t
+            best[i], spent = min(best[i], t), spent + t
+        runs += 1
+    return tuple(best)
+
+
+def measure(dtype) -> dict:
+    """``{kind: {bucket: "mkl" | "numpy"}}`` for ``dtype``: each size class's
+    products timed both ways (best of a few runs, a few ms each; about a second in
+    all), the faster kept."""
+    rng = numpy.random.default_rng(0)
+    out: dict = {}
+    for kind in _KINDS:
+        for bucket in _BUCKETS:
+            a, b = _case(kind, bucket, dtype, rng)
+            ours, theirs = _race(a, b)
+            # MKL only where clearly faster: a tie keeps NumPy's (no second thread pool)
+            out.setdefault(kind, {})[bucket] = "mkl" if ours < 0.95 * theirs else "numpy"
+    return out
+
+
+def _machine() -> str:
+    """What a measurement holds for: this CPU, thread counts, NumPy and MKL."""
+    import platform
+    threads = _LIB.MKL_Get_Max_Threads() if _LIB is not None else 0
+    return (f"{platform.machine()}|{platform.processor()}|cpus={os.cpu_count()}|"
+            f"mkl_threads={threads}|numpy={numpy.__version__}|{getattr(_LIB, '_name', '')}")
+
+
+def _cache_file() -> str:
+    base = os.environ.get("EINSUMGRAD_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "einsumgrad")
+    return os.path.join(base, "blas.json")
+
+
+_choices: dict = {}  # dtype -> {kind: {bucket: "mkl" | "numpy"}}
+
+
+def blas_choices(dtype=None) -> dict:
+    """Which matmul the NumPy backend takes per dtype and size class (measured on
+    first use, then read from ``$EINSUMGRAD_CACHE/blas.json``, by default
+    ``~/.cache/einsumgrad/blas.json``, for this machine). ``EINSUMGRAD_BLAS=mkl`` or
+    ``numpy`` fixes the choice instead of measuring. Without MKL: NumPy's everywhere."""
+    if dtype is None:
+        return {numpy.dtype(d).name: blas_choices(d) for d in (numpy.float32, numpy.float64)}
+    dtype = numpy.dtype(dtype)
+    got = _choices.get(dtype)
+    if got is None:
+        got = _choices[dtype] = _load_or_measure(dtype)
+    return got
+
+
+def _load_or_measure(dtype) -> dict:
+    import json
+    rule = os.environ.get("EINSUMGRAD_BLAS", "measure")
+    if matmul is None or rule in ("mkl", "numpy"):
+        use = "mkl" if matmul is not None and rule == "mkl" else "numpy"
+        return {kind: {b: use for b in _BUCKETS} for kind in _KINDS}
+    path, key = _cache_file(), f"{_machine()}|{dtype.name}"
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = {}
+    if key in saved:
+        return {kind: {int(b): c for b, c in v.items()} for kind, v in saved[key].items()}
+    got = measure(dtype)
+    saved[key] = got
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(saved, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # measured again in the next process
+    return got
+
+
+_table: dict = {}  # (dtype, kind, bucket) -> the matmul chosen_matmul calls
+
+
+def forget_choices() -> None:
+    """Drop the choices made in this process (the next product loads or measures again)."""
+    _choices.clear()
+    _table.clear()
+
+
+def _chooser() -> Callable:
+    def pick(a, b):
+        kind, work = _kind_and_work(a, b)
+        key = (a.dtype, kind, _bucket(work))
+        fn = _table.get(key)
+        if fn is None:
+            use = blas_choices(a.dtype)[kind][key[2]]
+            fn = _table[key] = matmul if use == "mkl" else numpy.matmul
+        return fn
+
+    def chosen_matmul(a, b, out=None):
+        """``numpy.matmul(a, b, out=out)`` by NumPy's BLAS or MKL's, whichever was
+        measured faster for this dtype and size class (see :func:`blas_choices`)."""
+        if (type(a) is not numpy.ndarray or type(b) is not numpy.ndarray or a.dtype != b.dtype
+                or a.dtype not in _FLOATS or a.ndim == 0 or b.ndim == 0
+                or a.size * (b.shape[-1] if b.ndim > 1 else 1) < _CHOICE_MIN):
+            return numpy.matmul(a, b) if out is None else numpy.matmul(a, b, out=out)
+        fn = pick(a, b)
+        return fn(a, b) if out is None else fn(a, b, out=out)
+    return chosen_matmul
+
+
+_FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 _LIB = _load()
 matmul: Callable | None = _kernel(_LIB) if _LIB is not None else None
+chosen_matmul: Callable | None = _chooser() if _LIB is not None else None
 matmul_add: Callable | None = _accumulating(_LIB) if _LIB is not None else None
 ufuncs: dict = _ufuncs(_LIB) if _LIB is not None else {}
 erf: Callable | None = _vector(_LIB, "vsErf", "vdErf") if _LIB is not None else None

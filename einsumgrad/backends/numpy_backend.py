@@ -98,7 +98,8 @@ def _numpy_add_at(target, index, values):
 
 NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
                 as_strided=numpy.lib.stride_tricks.as_strided,
-                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf, matmul=mkl.matmul,
+                to_numpy=lambda a: a, normal_cdf=_numpy_normal_cdf,
+                matmul=mkl.chosen_matmul,  # NumPy's or MKL's, measured per size class
                 matmul_add=mkl.matmul_add, ufuncs=mkl.ufuncs,
                 kernels={k: getattr(kernels, k) for k in KERNELS},  # each declines without numba
                 threads_large_gemm=mkl.matmul is not None)

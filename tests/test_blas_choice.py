@@ -1,0 +1,84 @@
+"""The NumPy backend's matmul: NumPy's or MKL's per dtype and size class, by measurement
+(einsumgrad/backends/mkl.py: blas_choices, chosen_matmul), never MKL just for being there."""
+import json
+
+import numpy as np
+import pytest
+
+from einsumgrad.backends import NUMPY, mkl
+
+needs_mkl = pytest.mark.skipif(mkl.matmul is None, reason="the mkl wheel is not installed")
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """A cache folder of the test's own and no choice made yet in this process."""
+    monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))
+    monkeypatch.delenv("EINSUMGRAD_BLAS", raising=False)
+    mkl.forget_choices()
+    yield tmp_path
+    mkl.forget_choices()
+
+
+def shapes(kind: str, n: int):
+    rng = np.random.default_rng(0)
+    a = {"mat": (n, n), "vec": (n, n), "batch": (3, n, n)}[kind]
+    b = {"mat": (n, n), "vec": (n,), "batch": (3, n, n)}[kind]
+    return rng.standard_normal(a), rng.standard_normal(b)
+
+
+@needs_mkl
+def test_measured_once_then_read_from_disk(fresh, monkeypatch):
+    # MKL measured faster from 2^20 multiply-adds on: chosen there only
+    monkeypatch.setattr(mkl, "_race", lambda a, b: (1.0, 2.0) if a.size * b.shape[-1]
+                        * (a.shape[0] if a.ndim == 3 else 1) >= 1 << 20 else (2.0, 1.0))
+    got = mkl.blas_choices(np.float64)
+    assert got["mat"] == {16: "numpy", 18: "numpy", 20: "mkl", 22: "mkl", 24: "mkl"}
+    saved = json.loads((fresh / "blas.json").read_text())
+    assert any(k.endswith("|float64") for k in saved)
+    mkl.forget_choices()
+    monkeypatch.setattr(mkl, "measure", lambda dtype: pytest.fail("measured again"))
+    assert mkl.blas_choices(np.float64) == got
+    # the backend's matmul follows the choice, with NumPy's values
+    calls = []
+    real = mkl.matmul
+    monkeypatch.setattr(mkl, "matmul", lambda a, b, out=None: calls.append(a.shape) or real(a, b))
+    for n, want in ((48, 0), (128, 1)):  # 2^16.8 and 2^21 multiply-adds
+        a, b = shapes("mat", n)
+        np.testing.assert_allclose(NUMPY.matmul(a, b), a @ b, rtol=1e-12)
+        assert len(calls) == want
+
+
+@needs_mkl
+@pytest.mark.parametrize("rule", ["mkl", "numpy"])
+def test_a_fixed_rule_measures_nothing(fresh, monkeypatch, rule):
+    monkeypatch.setenv("EINSUMGRAD_BLAS", rule)
+    monkeypatch.setattr(mkl, "measure", lambda dtype: pytest.fail("measured"))
+    got = mkl.blas_choices()
+    assert {c for d in got.values() for k in d.values() for c in k.values()} == {rule}
+
+
+@needs_mkl
+def test_every_class_gives_numpys_product(fresh, monkeypatch):
+    monkeypatch.setenv("EINSUMGRAD_BLAS", "mkl")
+    for kind in ("mat", "vec", "batch"):
+        for dtype in (np.float32, np.float64):
+            a, b = (x.astype(dtype) for x in shapes(kind, 96))
+            want = np.matmul(a, b)
+            got = NUMPY.matmul(a, b)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-12)
+    out = np.empty((96, 96))
+    a, b = shapes("mat", 96)
+    assert NUMPY.matmul(a, b, out=out) is out
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+
+
+def test_small_mixed_and_other_dtypes_take_numpys(fresh, monkeypatch):
+    if mkl.matmul is None:
+        assert NUMPY.matmul is np.matmul
+        return
+    monkeypatch.setattr(mkl, "measure", lambda dtype: pytest.fail("measured"))
+    for a, b in ((np.ones((4, 4)), np.ones((4, 4))), (np.ones((64, 64), int), np.ones((64, 64), int)),
+                 (np.ones((64, 64), np.float32), np.ones((64, 64)))):
+        np.testing.assert_array_equal(NUMPY.matmul(a, b), np.matmul(a, b))
