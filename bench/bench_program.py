@@ -1,0 +1,262 @@
+"""Programs (issue 19): ``eg.jit`` against JAX's jit, PyTorch and eager einsumgrad.
+
+Run with ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/run.py program``.
+Each case times, in this one run: einsumgrad ``jit`` (the replayed program),
+eager einsumgrad (the same function, traced on the tape every call), JAX's
+``jit`` (where JAX is installed; float64 enabled), and PyTorch eager or
+``torch.func``. The first call of each jit (trace + compile) is printed apart.
+
+* seed 000: ``directional(f, 2)(x, x)``, MLP 16-64-8 tanh, B = 16, 256, 4096;
+* seed 001: the ``[512, 10, 784]`` Jacobian of a 784-256-10 ReLU classifier;
+* seed 002: per-point Jacobians of an MLP 3-64-64-3 tanh, 10^3 and 10^5 points;
+* an MLP training step's loss and gradients, 512-1024-1024-10, batch 256, float32;
+* the gradient of ``tanh(x @ w).sum()`` at 8x8 (per-call overhead).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+import einsumgrad as eg
+from common import median_time, report
+from einsumgrad.program import jit as eg_jit
+
+try:
+    import torch
+    from torch.func import jacrev as t_jacrev, jvp as t_jvp, vmap as t_vmap
+except ImportError:
+    torch = None
+try:
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+except ImportError:
+    jax = None
+
+FIRST: list = []  # (case, contender, seconds of the first call: trace + compile)
+
+
+def first_call(case: str, name: str, fn):
+    t = time.perf_counter()
+    out = fn()
+    if jax is not None and name.startswith("JAX"):
+        jax.block_until_ready(out)
+    FIRST.append((case, name, time.perf_counter() - t))
+    return out
+
+
+CHECKS: list = []  # this case's agreement lines, printed under its table
+
+
+def close(name: str, a, b, tol=1e-9) -> None:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
+    CHECKS.append(f"  check {name}: max relative difference {err:.1e}"
+                  + ("" if err <= tol else "  (LARGER THAN EXPECTED)"))
+
+
+def _mlp(sizes, rng, dtype=np.float64):
+    return [((rng.standard_normal((o, i)) / np.sqrt(i)).astype(dtype),
+             (0.1 * rng.standard_normal(o)).astype(dtype)) for i, o in zip(sizes[:-1], sizes[1:])]
+
+
+def eg_mlp(params, act):
+    def f(x):
+        for n, (w, b) in enumerate(params):
+            x = eg.einsum("...i,oi->...o", x, w) + b
+            x = act(x) if n < len(params) - 1 else x
+        return x
+    return f
+
+
+def jax_mlp(params, act):
+    ps = [(jnp.asarray(w), jnp.asarray(b)) for w, b in params]
+
+    def f(x):
+        for n, (w, b) in enumerate(ps):
+            x = x @ w.T + b
+            x = act(x) if n < len(ps) - 1 else x
+        return x
+    return f
+
+
+def torch_mlp(params, act):
+    ps = [(torch.tensor(w), torch.tensor(b)) for w, b in params]
+
+    def f(x):
+        for n, (w, b) in enumerate(ps):
+            x = x @ w.T + b
+            x = act(x) if n < len(ps) - 1 else x
+        return x
+    return f
+
+
+def run_case(case: str, x_args: tuple, ours, peers: dict, min_time: float = 0.3,
+             tol: float = 1e-9) -> None:
+    """Time eg.jit(ours) (first call apart), ours eager, and each peer (name -> (fn, args))."""
+    j = eg_jit(ours)
+    want = ours(*x_args)
+    got = first_call(case, "einsumgrad jit", lambda: j(*x_args))
+    close("jit vs eager einsumgrad", _flat(got), _flat(want), tol)
+    times = {"einsumgrad jit": median_time(lambda: j(*x_args), min_time=min_time),
+             "einsumgrad eager": median_time(lambda: ours(*x_args), min_time=min_time)}
+    for name, (fn, args) in peers.items():
+        if name.startswith("JAX"):
+            out = first_call(case, name, lambda: fn(*args))
+            close(f"{name} vs einsumgrad", _flat(out), _flat(want), tol)
+            times[name] = median_time(lambda: jax.block_until_ready(fn(*args)), min_time=min_time)
+        else:
+            out = fn(*args)
+            close(f"{name} vs einsumgrad", _flat(out), _flat(want), tol)
+            times[name] = median_time(lambda: fn(*args), min_time=min_time)
+    report(case, times, ours="einsumgrad jit")
+    for line in CHECKS:
+        print(line)
+    CHECKS.clear()
+    p = j.program(*x_args)
+    print(f"  program: {len(p.eqs)} steps ({sum(e.op[0] == 'fused' for e in p.eqs)} fused "
+          f"kernels), {len(p.consts)} constants")
+
+
+def _flat(out):
+    if hasattr(out, "numpy"):
+        return out.numpy()
+    if isinstance(out, (list, tuple)):
+        return np.concatenate([np.ravel(_flat(o)) for o in out])
+    return np.asarray(out)
+
+
+def seed000(rng) -> None:
+    params = _mlp([16, 64, 8], rng)
+    f = eg_mlp(params, eg.tanh)
+    ours = lambda x: eg.directional(f, 2)(x, x)
+    for batch in (16, 256, 4096):
+        x = rng.standard_normal((batch, 16))
+        peers = {}
+        if jax is not None:
+            fj = jax_mlp(params, jnp.tanh)
+            d2 = jax.jit(lambda x: jax.jvp(lambda y: jax.jvp(fj, (y,), (x,))[1], (x,), (x,))[1])
+            peers["JAX jit(nested jvp)"] = (d2, (jnp.asarray(x),))
+        if torch is not None:
+            ft = torch_mlp(params, torch.tanh)
+            nested = lambda x: t_jvp(lambda y: t_jvp(ft, (y,), (x,))[1], (x,), (x,))[1]
+            peers["torch.func nested jvp"] = (nested, (torch.tensor(x),))
+        run_case(f"seed 000: directional(f, 2)(x, x), MLP 16-64-8 tanh, B = {batch}", (x,),
+                 ours, peers)
+
+
+def seed001(rng, batch=512) -> None:
+    params = _mlp([784, 256, 10], rng)
+    f = eg_mlp(params, eg.relu)
+    x = rng.standard_normal((batch, 784))
+    peers = {}
+    if jax is not None:
+        fj = jax_mlp(params, jax.nn.relu)
+        peers["JAX jit(vmap(jacrev))"] = (jax.jit(jax.vmap(jax.jacrev(fj))), (jnp.asarray(x),))
+    if torch is not None:
+        ft = torch_mlp(params, torch.relu)
+        peers["torch.func vmap(jacrev)"] = (t_vmap(t_jacrev(ft)), (torch.tensor(x),))
+    run_case(f"seed 001: Jacobian [{batch}, 10, 784] of a 784-256-10 ReLU classifier", (x,),
+             eg.batch_jacobian(f), peers)
+
+
+def seed002(rng) -> None:
+    params = _mlp([3, 64, 64, 3], rng)
+    f = eg_mlp(params, eg.tanh)
+    for n in (1_000, 100_000):
+        x = rng.standard_normal((n, 3))
+        peers = {}
+        if jax is not None:
+            fj = jax_mlp(params, jnp.tanh)
+            peers["JAX jit(vmap(jacrev))"] = (jax.jit(jax.vmap(jax.jacrev(fj))), (jnp.asarray(x),))
+        if torch is not None:
+            ft = torch_mlp(params, torch.tanh)
+            peers["torch.func vmap(jacrev)"] = (t_vmap(t_jacrev(ft)), (torch.tensor(x),))
+        run_case(f"seed 002: per-point Jacobians, MLP 3-64-64-3 tanh, {n:,} points", (x,),
+                 eg.batch_jacobian(f), peers, min_time=1.0)
+
+
+def mlp_step(rng) -> None:
+    B, sizes, f32 = 256, [512, 1024, 1024, 10], np.float32
+    x = rng.standard_normal((B, sizes[0])).astype(f32)
+    y = rng.integers(0, sizes[-1], B)
+    onehot = np.eye(sizes[-1], dtype=f32)[y]
+    params = [p for wb in _mlp(sizes, rng, f32) for p in wb]
+
+    def loss(params, x, onehot):
+        h = x
+        for i in range(3):
+            h = eg.einsum("bi,oi->bo", h, params[2 * i]) + params[2 * i + 1]
+            h = eg.tanh(h) if i < 2 else h
+        return -(eg.log_softmax(h) * onehot).sum() * (1.0 / B)
+    peers = {}
+    if jax is not None:
+        def jloss(params, x, onehot):
+            h = x
+            for i in range(3):
+                h = h @ params[2 * i].T + params[2 * i + 1]
+                h = jnp.tanh(h) if i < 2 else h
+            return -(jax.nn.log_softmax(h) * onehot).sum() / B
+        peers["JAX jit(value_and_grad)"] = (jax.jit(jax.value_and_grad(jloss)),
+                                            ([jnp.asarray(p) for p in params], jnp.asarray(x),
+                                             jnp.asarray(onehot)))
+    if torch is not None:
+        tparams = [torch.tensor(p, requires_grad=True) for p in params]
+        px, py = torch.from_numpy(x), torch.from_numpy(y)
+
+        def torch_step(px, py):
+            for p in tparams:
+                p.grad = None
+            h = px
+            for i in range(3):
+                h = torch.nn.functional.linear(h, tparams[2 * i], tparams[2 * i + 1])
+                h = torch.tanh(h) if i < 2 else h
+            out = torch.nn.functional.cross_entropy(h, py)
+            out.backward()
+            return [out.detach()] + [p.grad for p in tparams]
+        peers["PyTorch eager (backward)"] = (torch_step, (px, py))
+    run_case("MLP step 512-1024-1024-10, batch 256, float32: loss and gradients",
+             (params, x, onehot), eg.value_and_grad(loss), peers, min_time=2.0, tol=1e-4)
+
+
+def small_grad(rng) -> None:
+    x, w = rng.standard_normal((8, 8)), rng.standard_normal((8, 8))
+    ours = eg.grad(lambda x, w: eg.tanh(eg.einsum("ij,jk->ik", x, w)).sum(), argnums=(0, 1))
+    peers = {}
+    if jax is not None:
+        g = jax.jit(jax.grad(lambda x, w: jnp.tanh(x @ w).sum(), argnums=(0, 1)))
+        peers["JAX jit(grad)"] = (g, (jnp.asarray(x), jnp.asarray(w)))
+    if torch is not None:
+        tx, tw = torch.tensor(x), torch.tensor(w)
+
+        def torch_grad(tx, tw):
+            a, b = tx.clone().requires_grad_(True), tw.clone().requires_grad_(True)
+            torch.tanh(a @ b).sum().backward()
+            return a.grad, b.grad
+        peers["PyTorch eager (backward)"] = (torch_grad, (tx, tw))
+        peers["torch.func grad"] = (torch.func.grad(lambda a, b: torch.tanh(a @ b).sum(),
+                                                    argnums=(0, 1)), (tx, tw))
+    run_case("grad of tanh(x @ w).sum(), 8x8", (x, w), ours, peers)
+
+
+def main() -> None:
+    from einsumgrad.backends import mkl
+    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    print(f"\n# programs: einsumgrad jit; JAX {jax.__version__ if jax else 'not installed'}; "
+          f"OpenBLAS settings from the environment: {env or 'none'}")
+    if mkl.matmul is not None:
+        for dtype, kinds in mkl.blas_choices().items():
+            text = "; ".join(f"{kind} " + " ".join(f"2^{b}:{'MKL' if c == 'mkl' else 'NumPy'}"
+                                                    for b, c in sorted(v.items()))
+                             for kind, v in sorted(kinds.items()))
+            print(f"  matmul chosen for {dtype} (by m*n*k): {text}")
+    else:
+        print("  matmul: NumPy's own (no MKL)")
+    rng = np.random.default_rng(0)
+    for case in (small_grad, seed000, seed001, seed002, mlp_step):
+        case(rng)
+    print("\n== first calls (trace + compile for the jits, one plain call otherwise)")
+    for case, name, t in FIRST:
+        print(f"  {case[:48]:<48} {name:<26} {t * 1e3:9.1f} ms")
