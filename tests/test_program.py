@@ -376,3 +376,14 @@ def test_every_primitive_has_an_emitter_and_a_new_one_is_named():
     assert_same(p(xb(V)), eg.tensor(xb(V)) ** 3)
     with pytest.raises(NotImplementedError, match="'cube_for_test'"):
         p.source()
+
+
+def test_a_broadcast_constant_pickles_and_prints_at_its_data_size():
+    x = xb(rng0.standard_normal((400, 3)))
+    f = eg.batch_jacobian(lambda a: eg.tanh(eg.einsum("bi,io->bo", a, xb(W))))
+    p = make_program(f)(x)
+    assert any(0 in c.strides for c in p.consts.values())  # the basis, broadcast
+    assert len(pickle.dumps(p)) < 20_000
+    assert_same(pickle.loads(pickle.dumps(p))(x), f(x))
+    if NAME == "numpy":
+        assert len(p.source()) < 20_000

@@ -22,8 +22,8 @@ from ..tensor import Tensor
 from .compile import compile_program
 from .emit import program_source
 from .render import program_text
-from .trace import (Eq, GuardFailed, Ref, TraceError, attr_getter, is_array,
-                    method_caller)
+from .trace import (Eq, GuardFailed, Ref, TraceError, attr_getter, compact, expand,
+                    is_array, method_caller)
 
 
 # -- the signature: what must match for a program to run on these arguments --------------
@@ -171,10 +171,12 @@ class Program:
         state = dict(self.__dict__)
         state["_run"] = None
         state["eqs"] = [_eq_state(eq) for eq in self.eqs]
+        state["consts"] = {s: compact(c) for s, c in self.consts.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.consts = {s: expand(c) for s, c in state["consts"].items()}
         self.eqs = [_eq_from(s, self) for s in state["eqs"]]
 
 

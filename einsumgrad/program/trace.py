@@ -622,3 +622,21 @@ class tracing:
         state.program = None
         state.grad, state.tracing = self.saved
         self.follow.__exit__(*exc)
+
+
+def compact(c):
+    """A constant broadcast along some axes (stride 0: a Jacobian's basis) as
+    ``("broadcast", one slice, shape)``, so it pickles at the size of its data."""
+    strides = getattr(c, "strides", None)
+    if strides is None or 0 not in strides or c.size <= 1:
+        return c
+    one = c[tuple(slice(0, 1) if st == 0 else slice(None) for st in strides)]
+    return ("broadcast", one.copy(), c.shape)
+
+
+def expand(c):
+    """The constant :func:`compact` packed: a read-only broadcast view."""
+    if type(c) is tuple:
+        _, one, shape = c
+        return backend_of(one).broadcast_to(one, shape)
+    return c
