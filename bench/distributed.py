@@ -16,7 +16,9 @@ time, the throughput and each process's peak resident memory:
 
 Peaks are the processes' own ``ru_maxrss``, imports included. The cluster's
 time counts from the first task to the last block stored, without the
-cluster's start (printed apart).
+cluster's start (printed apart). CPU seconds (user + system, all processes'
+threads, the workers' added up) say what the work cost whatever else runs on
+the machine: on a shared machine the wall times move with its load.
 """
 from __future__ import annotations
 
@@ -39,6 +41,13 @@ CLOUD = 10 ** 6
 BLOCK = 500_000
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, every thread."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def one_process(points: int) -> dict:
     """In this (child) process: the whole batch with eg.batch_jacobian, result in memory."""
     import resource
@@ -48,12 +57,12 @@ def one_process(points: int) -> dict:
     import einsumgrad as eg
     from distributed_pointcloud import mlp
     x = np.random.default_rng(0).standard_normal((points // CLOUD, CLOUD, 3))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     J = eg.batch_jacobian(mlp, batch_ndim=2)(x)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     assert J.shape == x.shape + (3,)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"seconds": seconds, "peak_mb": peak_mb}
+    return {"seconds": seconds, "cpu": cpu, "peak_mb": peak_mb}
 
 
 def run_child(points: int, threads: int | None) -> dict:
@@ -86,14 +95,17 @@ def on_cluster(points: int, workers: int) -> dict:
         x = da.random.default_rng(0).standard_normal((points // CLOUD, CLOUD, 3),
                                                      chunks=(1, BLOCK, 3))
         J = egd.batch_jacobian(mlp, batch_ndim=2)(x)
-        t0 = time.perf_counter()
-        client.compute(da.to_zarr(J, store, overwrite=True, compute=False)).result()
-        seconds = time.perf_counter() - t0
+
+        def timed(work) -> tuple:
+            c0, t0 = client.run(cpu_seconds), time.perf_counter()
+            client.compute(work).result()
+            seconds, c1 = time.perf_counter() - t0, client.run(cpu_seconds)
+            return seconds, sum(c1[w] - c0[w] for w in c1)
+        seconds, cpu = timed(da.to_zarr(J, store, overwrite=True, compute=False))
         peaks = client.run(peak_rss_mb)
-        t0 = time.perf_counter()
-        client.compute(J.sum()).result()
-        return {"seconds": seconds, "start": start, "peaks_mb": peaks,
-                "compute_only": time.perf_counter() - t0}
+        summed, summed_cpu = timed(J.sum())
+        return {"seconds": seconds, "cpu": cpu, "start": start, "peaks_mb": peaks,
+                "summed": summed, "summed_cpu": summed_cpu}
     finally:
         client.close()
         cluster.close()
@@ -121,15 +133,15 @@ def main() -> None:
                            ("one process, 1 thread", 1)):
         r = run_child(n, threads)
         rows.append(r["seconds"])
-        print(f"{label:<40} {r['seconds']:7.1f} s  {n / r['seconds'] / 1e6:5.2f} M points/s  "
-              f"peak {r['peak_mb']:,.0f} MB (J in memory)")
+        print(f"{label:<36} {r['seconds']:6.1f} s  {n / r['seconds'] / 1e6:5.2f} M points/s  "
+              f"CPU {r['cpu']:5.1f} s  peak {r['peak_mb']:,.0f} MB (J in memory)")
     r = on_cluster(n, args.workers)
     peaks = ", ".join(f"{mb:,.0f} MB" for _, mb in sorted(r["peaks_mb"].items()))
-    print(f"{f'LocalCluster, {args.workers} workers x 1 thread':<40} {r['seconds']:7.1f} s  "
-          f"{n / r['seconds'] / 1e6:5.2f} M points/s  peak per worker {peaks} (J to zarr); "
-          f"cluster start {r['start']:.1f} s")
-    print(f"{'the same, blocks summed, not stored':<40} {r['compute_only']:7.1f} s  "
-          f"{n / r['compute_only'] / 1e6:5.2f} M points/s")
+    print(f"{f'LocalCluster, {args.workers} workers x 1 thread':<36} {r['seconds']:6.1f} s  "
+          f"{n / r['seconds'] / 1e6:5.2f} M points/s  CPU {r['cpu']:5.1f} s  "
+          f"peak per worker {peaks} (J to zarr); cluster start {r['start']:.1f} s")
+    print(f"{'the same, blocks summed, not stored':<36} {r['summed']:6.1f} s  "
+          f"{n / r['summed'] / 1e6:5.2f} M points/s  CPU {r['summed_cpu']:5.1f} s")
     print(f"cluster / one process: {r['seconds'] / rows[0]:.2f}x the time (default threads), "
           f"{r['seconds'] / rows[1]:.2f}x (1 thread); load average {os.getloadavg()[0]:.1f} "
           f"at the end")
