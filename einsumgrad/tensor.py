@@ -60,11 +60,11 @@ state = _State()
 class Primitive:
     """An op on backend arrays with its derivative rules beside it."""
 
-    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "accum", "fused")
+    __slots__ = ("name", "impl", "vjp", "jvp", "batch", "accum", "fused", "vmap")
 
     def __init__(self, name: str, impl: Callable):
         self.name, self.impl = name, impl
-        self.vjp = self.jvp = self.batch = self.accum = self.fused = None
+        self.vjp = self.jvp = self.batch = self.accum = self.fused = self.vmap = None
 
     def defvjp(self, fn: Callable) -> Callable:
         self.vjp = fn
@@ -83,6 +83,14 @@ class Primitive:
 
     def defbatch(self, fn: Callable) -> Callable:
         self.batch = fn
+        return fn
+
+    def defvmap(self, fn: Callable) -> Callable:
+        """``fn(bdims, *xs, **params)``: the batching rule :func:`einsumgrad.vmap` runs.
+        ``bdims[k]`` is 0 where input ``k`` carries one more leading axis (the mapped
+        one) and None where it does not; ``fn`` returns the output with that axis
+        first. Written with the engine's ops, as the other rules."""
+        self.vmap = fn
         return fn
 
     def defaccum(self, fn: Callable) -> Callable:
