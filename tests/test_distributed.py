@@ -5,6 +5,8 @@ Every result is checked against the NumPy call on the whole array (float64,
 One cluster serves the whole module.
 """
 import os
+import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -289,6 +291,20 @@ def test_a_killed_worker_counts_no_block_twice(client):
     close(got_l, want[0])
     close(got_g["w"], want[1]["w"])
     two_live_workers(client)
+
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs_as_written(tmp_path):
+    found = re.search(r"## Past one machine.*?```python\n(.*?)```", README.read_text(), re.S)
+    if found is None or not hasattr(transforms, "on_blocks"):
+        pytest.skip("the README's section and the hooks in transforms.py are not in yet")
+    done = subprocess.run([sys.executable, "-c", found.group(1)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    J = zarr.open_array(str(tmp_path / "J.zarr"), mode="r")
+    assert J.shape == (4, 10 ** 5, 3, 3) and np.isfinite(J[0, :10]).all()
 
 
 # -- 6. without dask ----------------------------------------------------------------------
