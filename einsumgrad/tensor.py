@@ -55,6 +55,7 @@ class _State(threading.local):
 
 
 state = _State()
+PROGRAMS = 0  # program traces in flight in any thread (einsumgrad.program): a cheap first test
 
 
 class Primitive:
@@ -374,9 +375,10 @@ def pair(x: Any, y: Any) -> tuple:
 def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
     """Apply ``prim`` to Tensors, recording it when something needs the graph."""
     try:
-        rec = state.program  # a program trace records every primitive applied
-        out = Tensor(prim.impl(*[t.data for t in inputs], **params) if rec is None
-                     else rec.bind(prim, inputs, params))
+        if PROGRAMS and state.program is not None:  # a program trace records every primitive
+            out = Tensor(state.program.bind(prim, inputs, params))
+        else:
+            out = Tensor(prim.impl(*[t.data for t in inputs], **params))
     except Exception:
         err = device_mismatch([t.data for t in inputs])
         if err is None:

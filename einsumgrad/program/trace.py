@@ -37,6 +37,8 @@ from ..backends import Backend, backend_of, is_backend_array, register_backend
 from ..backends import base as _backend_base
 from ..tensor import Tensor, state
 
+_tape = sys.modules[Tensor.__module__]  # the module (einsumgrad.tensor is also a function)
+
 
 class TraceError(RuntimeError):
     """A program trace met something it cannot record: a branch on a traced
@@ -615,12 +617,16 @@ class tracing:
                              "(jit inlines there)")
         self.saved = (state.grad, state.tracing)
         self.follow.__enter__()
+        with _swap_lock:
+            _tape.PROGRAMS += 1
         state.program, state.grad, state.tracing = self.rec, True, state.tracing + 1
         return self.rec
 
     def __exit__(self, *exc):
         state.program = None
         state.grad, state.tracing = self.saved
+        with _swap_lock:
+            _tape.PROGRAMS -= 1
         self.follow.__exit__(*exc)
 
 
