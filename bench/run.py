@@ -37,6 +37,14 @@ def main(argv: list) -> None:
              else "NumPy's own BLAS")
           + ("; numba row kernels (einsumgrad[jit]; EINSUMGRAD_JIT=0 turns them off)"
              if kernels.available() else "; no numba row kernels"))
+    if mkl.matmul is not None:  # which GEMM the NumPy backend takes (measured per size class)
+        chosen = {d: {k: sorted(b for b, c in v.items() if c == "mkl") for k, v in kinds.items()}
+                  for d, kinds in mkl.blas_choices().items()}
+        print("matmul: MKL's where measured faster (einsumgrad.backends.mkl.blas_choices), "
+              "else NumPy's; MKL at m*n*k ~ "
+              + "; ".join(f"{d} " + ", ".join(f"{k} " + ("/".join(f"2^{b}" for b in v) or "-")
+                                              for k, v in sorted(kinds.items()))
+                          for d, kinds in chosen.items()))
     for n in names:
         importlib.import_module(n).main()
 

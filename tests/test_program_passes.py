@@ -4,6 +4,7 @@ Hypothesis draws einsum chains and element-wise chains; the optimized program,
 the program left as traced and the function itself agree. Each pass is also
 seen doing its work on a case made for it.
 """
+import pickle
 import re
 
 import numpy as np
@@ -142,6 +143,8 @@ def test_a_chain_is_one_kernel_cached_on_disk(tmp_path, monkeypatch):
     assert "fused" in ops(p) and len(p.eqs) < len(raw.eqs)
     assert list((tmp_path / "fused").glob("einsumgrad_fused_*.py"))
     assert "fused[" in str(p)
+    q = pickle.loads(pickle.dumps(p))  # the kernel made again from its source (on disk)
+    np.testing.assert_allclose(npy(q(x)), npy(p(x)), **TOL)
     monkeypatch.setattr(fuse, "available", lambda: False)  # without numba: the steps stay
     q = trace_program(f, (x,), {}, ())[0]
     assert "fused" not in ops(q)
