@@ -18,6 +18,7 @@ import numpy as _numpy
 
 from .backends import Backend, register_backend
 from .backends import backend_of as _backend_of
+from .defaults import get_default_dtype, set_default_dtype
 from .derive import derive
 from .explain import Tape, explain, trace
 from .creation import (arange, eye, from_dlpack, full, linspace, ones, ones_like, zeros,

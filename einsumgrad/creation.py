@@ -1,6 +1,7 @@
 """Constructors returning Tensors, as NumPy's (torch's keywords accepted).
 
-Each takes ``dtype`` (NumPy's default when None), ``requires_grad`` and
+Each takes ``dtype`` (when None: :func:`~einsumgrad.get_default_dtype` for floating
+results, NumPy's rule for ``full`` and integer ``arange``), ``requires_grad`` and
 ``device`` ('cpu', 'cuda' or a Backend; ``*_like`` keep their argument's).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 import numpy
 
 from .backends import Backend, backend_of, device_backend
+from .defaults import get_default_dtype
 from .tensor import Tensor
 
 
@@ -27,12 +29,14 @@ def _shape(shape) -> tuple:
 
 def zeros(*shape, dtype=None, requires_grad: bool = False, device=None) -> Tensor:
     """A Tensor of zeros of ``shape`` (a tuple, or the sizes one by one)."""
-    return Tensor(_xp(device).zeros(_shape(shape), dtype=dtype or numpy.float64), requires_grad)
+    return Tensor(_xp(device).zeros(_shape(shape), dtype=dtype or get_default_dtype()),
+                  requires_grad)
 
 
 def ones(*shape, dtype=None, requires_grad: bool = False, device=None) -> Tensor:
     """A Tensor of ones of ``shape``."""
-    return Tensor(_xp(device).ones(_shape(shape), dtype=dtype or numpy.float64), requires_grad)
+    return Tensor(_xp(device).ones(_shape(shape), dtype=dtype or get_default_dtype()),
+                  requires_grad)
 
 
 def full(shape, fill_value, dtype=None, requires_grad: bool = False, device=None) -> Tensor:
@@ -62,14 +66,15 @@ def arange(*args, dtype=None, requires_grad: bool = False, device=None) -> Tenso
 def eye(n: int, m: int | None = None, dtype=None, requires_grad: bool = False,
         device=None) -> Tensor:
     """The ``n x m`` identity (``m = n`` when None)."""
-    return Tensor(_xp(device).eye(n, m, dtype=dtype or numpy.float64), requires_grad)
+    return Tensor(_xp(device).eye(n, m, dtype=dtype or get_default_dtype()), requires_grad)
 
 
 def linspace(start, stop, num: int = 50, endpoint: bool = True, dtype=None,
              requires_grad: bool = False, device=None) -> Tensor:
     """``num`` evenly spaced values from ``start`` to ``stop``, as NumPy's ``linspace``
     (torch's third argument is ``steps``: the same)."""
-    return Tensor(_xp(device).linspace(start, stop, num, endpoint=endpoint, dtype=dtype),
+    return Tensor(_xp(device).linspace(start, stop, num, endpoint=endpoint,
+                                       dtype=dtype or get_default_dtype()),
                   requires_grad)
 
 

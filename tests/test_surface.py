@@ -316,3 +316,14 @@ def test_flatten_and_ravel_as_torch_and_numpy(shape, start, end):
         return
     _agree(lambda t: t.flatten(start, end), lambda v: v.reshape(want),
            lambda t: t.flatten(start, end), x)
+
+
+def test_constructors_take_the_default_dtype():
+    eg.set_default_dtype(np.float32)
+    try:
+        assert eg.get_default_dtype() == np.float32
+        for t in (eg.zeros(2), eg.ones((2,)), eg.eye(2), eg.linspace(0, 1, 3)):
+            assert t.dtype == np.float32
+        assert eg.arange(3).dtype.kind == "i" and eg.full((2,), 1.5).dtype == np.float64
+    finally:
+        eg.set_default_dtype(np.float64)
