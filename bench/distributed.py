@@ -8,7 +8,8 @@ time, the throughput and each process's peak resident memory:
 * one process, ``eg.batch_jacobian`` on a NumPy array, the result in memory
   (run in a child process, so its peak is its own), with the BLAS / MKL
   threads it gets by default and again limited to one;
-* a LocalCluster of two single-threaded worker processes, the points made on
+* a LocalCluster of two single-threaded worker processes (glibc's malloc
+  left as it is: ``local_cluster`` in the example), the points made on
   the workers and the result written to a zarr store block by block (in a
   temporary folder), as ``examples/distributed_pointcloud.py`` does; and the
   same with each block summed on its worker instead of stored (the compute
@@ -78,16 +79,15 @@ def run_child(points: int, threads: int | None) -> dict:
 def on_cluster(points: int, workers: int) -> dict:
     import cloudpickle
     import dask.array as da
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     import distributed_pointcloud
     import einsumgrad.distributed as egd
-    from distributed_pointcloud import mlp, peak_rss_mb
+    from distributed_pointcloud import local_cluster, mlp, peak_rss_mb
     cloudpickle.register_pickle_by_value(distributed_pointcloud)  # workers need not import it
 
     t0 = time.perf_counter()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
+    cluster = local_cluster(workers)  # without dask's MALLOC_TRIM_THRESHOLD_: see there
     client = Client(cluster)
     start = time.perf_counter() - t0
     store = tempfile.mkdtemp(prefix="bench-jacobians-", suffix=".zarr")
