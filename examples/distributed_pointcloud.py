@@ -77,6 +77,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--scheduler", help="address of an existing cluster, e.g. tcp://host:8786")
     ap.add_argument("--workers", type=int, default=2, help="LocalCluster workers (one thread each)")
     ap.add_argument("--store", help="zarr store for J (default: a temporary folder, removed)")
+    ap.add_argument("--chunk-size", type=int, help="points per pass inside a block "
+                    "(batch_jacobian's chunk_size; default: its memory budget decides)")
     args = ap.parse_args(argv)
     points = 10 ** 8 if args.full else args.points
     clouds, per = (points // CLOUD, CLOUD) if points >= CLOUD else (1, points)
@@ -98,7 +100,7 @@ def main(argv=None) -> dict:
         # the points are made on the workers, block by block, from one seed
         x = da.random.default_rng(0).standard_normal((clouds, per, 3),
                                                      chunks=(1, min(BLOCK, per), 3))
-        J = egd.batch_jacobian(mlp, batch_ndim=2)(x)          # lazy: (clouds, per, 3, 3)
+        J = egd.batch_jacobian(mlp, batch_ndim=2, chunk_size=args.chunk_size)(x)  # lazy
         print(f"J: {J.shape} float64, {J.nbytes / 1e9:.1f} GB, {J.npartitions} blocks -> {store}")
         t0 = time.perf_counter()
         done = client.compute(da.to_zarr(J, store, overwrite=True, compute=False))
