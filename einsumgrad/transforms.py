@@ -15,6 +15,12 @@ arguments of ``f`` pass through undifferentiated. With ``has_aux=True``, ``f``
 returns ``(out, aux)`` and ``aux`` comes back beside the result, as JAX lays
 it out.
 
+Inside :func:`einsumgrad.vmap` a transform works on the physical tensors: its
+inputs get every vmap level's examples' axis in front (broadcast where they
+have none), ``f`` sees them as one example's (Batched), and the walks carry
+those axes as per-sample axes (as ``batch_jacobian`` carries its batch), so
+``vmap(grad(f))`` is per-example gradients in one pass.
+
 A Jacobian's basis goes through ``f`` in passes of ``chunk_size`` rows; with
 ``chunk_size=None``, of as many rows as keep the basis and the derivatives it
 carries within :data:`JACOBIAN_MEMORY_BUDGET` bytes, so a Jacobian that fits
@@ -29,7 +35,8 @@ from typing import Any, Callable, Sequence
 from .backends import backend_of
 from .plan import jacobian_of
 from .pytree import LEAF, TreeDef, flatten, tree_map, unflatten
-from .rules import concatenate, einsum_p, identity_p, reshape
+from .rules import concatenate, einsum_p, identity_p, reshape, transpose
+from .rules.shape import active_levels, bottom, lift, wrap
 from .spec import Spec, letters
 from .tensor import (BatchMixingError, Tensor, as_tensor, backprop, bind, differentiable, push,
                      state, toposort)
@@ -149,20 +156,22 @@ def _trace(f: Callable, args: Sequence, nums: tuple, kwargs: dict, has_aux: bool
         one's leaves in order), each argument's structure, ``f``'s output with
         every leaf a Tensor, and ``aux`` (None without ``has_aux``).
     """
+    lv = active_levels()  # inside vmap: xs and out are physical, the levels' axes first
     with _tracing(batch):
         args = list(args)
         xs, trees = [], []
         for j, i in enumerate(nums):
-            if isinstance(args[i], Tensor):  # the common case: no structure to walk
+            if isinstance(args[i], Tensor) and not lv:  # the common case: no structure to walk
                 fresh, tree = [_start(args[i])], LEAF
                 args[i] = fresh[0]
             else:
                 leaves, tree = flatten(args[i])
-                fresh = [_start(p) for p in leaves]
-                args[i] = unflatten(tree, fresh)
+                fresh = [_start(_physical(p, lv)) for p in leaves]
+                args[i] = unflatten(tree, [wrap(x, lv) for x in fresh])
             if batch:
                 for x in fresh:
-                    x.bdim = 0 if bdims is None else bdims[j]
+                    b = 0 if bdims is None else bdims[j]
+                    x.bdim = None if b is None else b + len(lv)
             xs += fresh
             trees.append(tree)
         inputs = state.inputs
@@ -171,15 +180,59 @@ def _trace(f: Callable, args: Sequence, nums: tuple, kwargs: dict, has_aux: bool
             out = f(*args, **kwargs)
         finally:
             state.inputs = inputs
-    aux = None
+        aux = None
+        if has_aux:
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise TypeError(f"has_aux=True: f must return a pair (out, aux), got "
+                                f"{type(out).__name__}")
+            out, aux = out
+        out = out if isinstance(out, Tensor) else tree_map(as_tensor, out)
+        if lv:  # recorded here, so an output broadcast along a level still reaches xs
+            out = tree_map(lambda o: _physical(o, lv), out)
     if has_aux:
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise TypeError(f"has_aux=True: f must return a pair (out, aux), got "
-                            f"{type(out).__name__}")
-        out, aux = out
         aux = _finish_aux(aux)
-    out = out if isinstance(out, Tensor) else tree_map(as_tensor, out)
     return xs, trees, out, aux
+
+
+def _physical(p: Any, lv: tuple) -> Tensor:
+    """``p`` with an axis in front for each vmap level in ``lv`` (a plain Tensor)."""
+    return bottom(lift(as_tensor(p), lv)) if lv else p
+
+
+def _examples(lv: tuple) -> tuple:
+    """The shape of the examples' axes of the vmap levels ``lv``."""
+    return tuple(size for _, size in lv)
+
+
+def _wrap_out(out: Any, lv: tuple) -> Any:
+    """Physical outputs seen as one example's again (Batched at each level)."""
+    if not lv:
+        return out
+    return wrap(out, lv) if isinstance(out, Tensor) else tree_map(lambda o: wrap(o, lv), out)
+
+
+def _mapped_cotangents(given: Any, likes: Sequence[Tensor], tree: TreeDef, lv: tuple,
+                       what: str, lead_ok: bool) -> tuple:
+    """Inside vmap: cotangents (or tangents) given for one example, with the structure
+    ``tree``, as physical Tensors for the physical ``likes``: any extra leading axes
+    (many VJPs at once) first, then the levels' axes. Returns ``(tensors, extra)``."""
+    leaves = [given]
+    if tree is not LEAF:
+        leaves, t = flatten(given)
+        if t != tree:
+            raise ValueError(f"{what} has structure {t}, expected {tree}")
+    k, gs, lead = len(lv), [], None
+    for g, x in zip(leaves, likes):
+        p = bottom(lift(as_tensor(g, like=x), lv))
+        m = p.ndim - x.ndim
+        if m < 0 or p.shape[:k] + p.shape[k + m:] != x.shape or (m and not lead_ok) or \
+                lead not in (None, p.shape[k:k + m]):
+            raise ValueError(f"{what} shape {p.shape[k:]} does not match {x.shape[k:]}")
+        lead = p.shape[k:k + m]
+        if m:
+            p = transpose(p, tuple(range(k, k + m)) + tuple(range(k)) + tuple(range(k + m, p.ndim)))
+        gs.append(p)
+    return gs, len(lead or ())
 
 
 def trace_call(f: Callable, args: Sequence, nums: tuple, batch: bool = False,
@@ -231,12 +284,19 @@ def vjp(f: Callable, *primals, has_aux: bool = False, **kwargs) -> tuple:
         has_aux: ``f`` returns ``(out, aux)``; the result is then ``(out, vjp_fn, aux)``.
     """
     xs, trees, out, aux = _trace(f, primals, tuple(range(len(primals))), kwargs, has_aux)
+    lv = active_levels()
     outs, out_tree = flatten(out)
 
     def vjp_fn(cotangent) -> tuple:
-        gs = _cotangents(cotangent, outs, out_tree, "vjp: cotangent", lead_ok=True)
-        return _per_arg(trees, [_finish(r) for r in _pull(outs, gs, xs)], ())
-    res = (_finish_out(out), vjp_fn)
+        if not lv:
+            gs = _cotangents(cotangent, outs, out_tree, "vjp: cotangent", lead_ok=True)
+            return _per_arg(trees, [_finish(r) for r in _pull(outs, gs, xs)], ())
+        gs, m = _mapped_cotangents(cotangent, outs, out_tree, lv, "vjp: cotangent", True)
+        k = len(lv)  # each result: the extra axes first, then the levels' axes: swap them
+        rs = [transpose(r, tuple(range(m, m + k)) + tuple(range(m)) + tuple(range(m + k, r.ndim)))
+              for r in _pull(outs, gs, xs)]
+        return _per_arg(trees, [_finish(wrap(r, lv)) for r in rs], ())
+    res = (_finish_out(_wrap_out(out, lv)), vjp_fn)
     return res + (aux,) if has_aux else res
 
 
@@ -263,13 +323,17 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence, has_aux: bool = Fals
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
     xs, trees, out, aux = _trace(f, primals, tuple(range(len(primals))), kwargs, has_aux)
+    lv = active_levels()
     ts, k = [], 0
     for tree, t in zip(trees, tangents):
-        ts += _cotangents(t, xs[k:k + tree.num_leaves], tree, "jvp: tangent", lead_ok=False)
+        likes = xs[k:k + tree.num_leaves]
+        ts += (_mapped_cotangents(t, likes, tree, lv, "jvp: tangent", False)[0] if lv else
+               _cotangents(t, likes, tree, "jvp: tangent", lead_ok=False))
         k += tree.num_leaves
     outs, out_tree = flatten(out)
     # push walks from one root: an output of several leaves is one walk each
-    res = (_finish_out(out), unflatten(out_tree, [_finish(_push(o, xs, ts)) for o in outs]))
+    res = (_finish_out(_wrap_out(out, lv)),
+           unflatten(out_tree, [_finish(wrap(_push(o, xs, ts), lv)) for o in outs]))
     return res + (aux,) if has_aux else res
 
 
@@ -295,15 +359,17 @@ def value_and_grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
     def wrapped(*args, **kwargs):
         nums = _argnums(argnums, len(args))
         xs, trees, out, aux = _trace(f, args, nums, kwargs, has_aux)
+        lv = active_levels()  # inside vmap: a scalar per example, its gradient per example
         if not isinstance(out, Tensor):
             raise TypeError(f"grad needs f to return one scalar, got {flatten(out)[1]}; "
                             f"with has_aux=True f returns (scalar, aux)")
-        if out.size != 1:
-            raise ValueError(f"grad needs a scalar output, got shape {out.shape}; "
+        if out.size != math.prod(_examples(lv)):
+            raise ValueError(f"grad needs a scalar output, got shape {out.shape[len(lv):]}; "
                              f"use jacrev, or vjp with a cotangent")
         gs = _pull([out], [Tensor(backend_of(out.data).ones_like(out.data))], xs)
-        g = _per_arg(trees, [_finish(g) for g in gs], argnums)
-        return ((_finish(out), aux) if has_aux else _finish(out)), g
+        g = _per_arg(trees, [_finish(wrap(g, lv)) for g in gs], argnums)
+        out = _finish(wrap(out, lv))
+        return ((out, aux) if has_aux else out), g
     return wrapped
 
 
@@ -353,8 +419,9 @@ def elementwise_grad(f: Callable, argnums=0) -> Callable:
                                bdims=[_lined_up(0, r, rank) for r in ranks])
         if rank:
             _check_elementwise(out, 0, rank)
-        gs = [_finish(g) for g in _pull([out], [Tensor(backend_of(out.data).ones_like(out.data))],
-                                        xs)]
+        lv = active_levels()
+        gs = [_finish(wrap(g, lv))
+              for g in _pull([out], [Tensor(backend_of(out.data).ones_like(out.data))], xs)]
         return gs[0] if isinstance(argnums, int) else tuple(gs)
     return wrapped
 
@@ -541,9 +608,11 @@ def _jacobian(f: Callable, argnums, has_aux: bool, chunk_size, forward: bool) ->
     def wrapped(*args, **kwargs):
         nums = _argnums(argnums, len(args))
         xs, trees, out, aux = _trace(f, args, nums, kwargs, has_aux)
+        lv = active_levels()  # inside vmap: one Jacobian per example, the basis broadcast
         outs, out_tree = flatten(out)
-        J = _blocks(outs, xs, forward, chunk_size=chunk_size)
-        res = unflatten(out_tree, [_per_arg(trees, row, argnums) for row in J])
+        J = _blocks(outs, xs, forward, _examples(lv), chunk_size=chunk_size)
+        res = unflatten(out_tree, [_per_arg(trees, [wrap(b, lv) for b in row], argnums)
+                                   for row in J])
         return (res, aux) if has_aux else res
     return wrapped
 
@@ -716,17 +785,21 @@ def batch_jacobian(f: Callable, argnums=0, batch_ndim: int = 1, *,
             xs, _, out, _ = _trace(f, call, nums, kwargs, batch=True)
             outs, out_tree = flatten(out)
             size = rows[0].shape[0] if rows else 0
-            for o in outs:
-                if o.ndim == 0 or o.shape[0] != size:
-                    raise BatchMixingError(f"batch_jacobian: f's output {o.shape} does not keep "
-                                           f"the batch axis of size {size} first")
-                if o.bdim not in (0, None):
-                    raise BatchMixingError(f"batch_jacobian: f moved the batch axis to {o.bdim}")
+            for o in outs:  # inside vmap, past the levels' axes (nlv of them)
+                if o.ndim == nlv or o.shape[nlv] != size:
+                    raise BatchMixingError(f"batch_jacobian: f's output {o.shape[nlv:]} does not "
+                                           f"keep the batch axis of size {size} first")
+                if o.bdim not in (nlv, None):
+                    raise BatchMixingError(f"batch_jacobian: f moved the batch axis to "
+                                           f"{o.bdim - nlv}")
             return xs, outs, out_tree
 
-        if state.tracing or any(x.requires_grad for x in leaves):
+        lv = active_levels()
+        nlv = len(lv)
+        if state.tracing or any(x.requires_grad for x in leaves) or lv:
             xs, outs, out_tree = run(leaves)   # all rows at once: the result stays differentiable
-            J = _per_sample(outs, xs)
+            J = _per_sample(outs, xs, lead=_examples(lv))
+            J = [[wrap(b, lv) for b in row] for row in J]
         else:
             J, out_tree = _in_row_chunks(run, leaves, B, chunk_size)
         if batch_ndim != 1:
@@ -736,20 +809,22 @@ def batch_jacobian(f: Callable, argnums=0, batch_ndim: int = 1, *,
     return wrapped
 
 
-def _forward(outs: Sequence[Tensor], xs: Sequence[Tensor]) -> tuple:
+def _forward(outs: Sequence[Tensor], xs: Sequence[Tensor], nb: int = 1) -> tuple:
     """``(forward, n)``: forward mode when a sample has no more input features than
-    output features, and the most basis rows a pass takes then (one leaf's features)."""
-    fin = [math.prod(x.shape[1:]) for x in xs]
-    fout = [math.prod(o.shape[1:]) for o in outs]
+    output features, and the most basis rows a pass takes then (one leaf's features);
+    a sample's features follow ``nb`` leading axes."""
+    fin = [math.prod(x.shape[nb:]) for x in xs]
+    fout = [math.prod(o.shape[nb:]) for o in outs]
     forward = sum(fin) <= sum(fout)
     return forward, max(fin if forward else fout, default=1)
 
 
 def _per_sample(outs: Sequence[Tensor], xs: Sequence[Tensor], into: list | None = None,
-                chunk_size: int | None = None) -> list:
-    """Per-sample Jacobian blocks ``J[i][j]``, the basis as :func:`_blocks` takes it."""
-    B = xs[0].shape[0] if xs else 0
-    return _blocks(outs, xs, _forward(outs, xs)[0], (B,), chunk_size, into)
+                chunk_size: int | None = None, lead: tuple = ()) -> list:
+    """Per-sample Jacobian blocks ``J[i][j]``, the basis as :func:`_blocks` takes it;
+    ``lead``: axes before the batch axis that are per-sample too (vmap's examples)."""
+    nb = lead + (xs[0].shape[len(lead)] if xs else 0,)
+    return _blocks(outs, xs, _forward(outs, xs, len(nb))[0], nb, chunk_size, into)
 
 
 def _rows_that_fit(outs: Sequence[Tensor], xs: Sequence[Tensor], size: int) -> int:

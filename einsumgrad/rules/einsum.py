@@ -19,9 +19,9 @@ from ..backends import backend_of, common_backend, memory_order
 from ..derive import JVP, VJP, Jacobian, batched, derive, install_runner, vjp_pattern
 from ..plan import CACHE_SIZE, Bounded, contract, jacobian_of, path_option, plan_for
 from ..spec import EinsumError, EinsumTypeError, Spec, letters, spec_type_error
-from ..tensor import (BatchMixingError, Primitive, Tensor, as_tensor, backprop, bind,
-                      enable_grad, pair)
-from .shape import int_axis, normalize_axes, permutation, reshape
+from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, backprop, enable_grad
+from .shape import (Batched, bind, install_einsum_ops, int_axis, normalize_axes, pair,
+                    permutation, rank_up, reshape)
 
 # -- einsum: the one linear-algebra primitive ----------------------------------
 
@@ -60,6 +60,14 @@ def _einsum_batch(bdims, shapes, out_shape, spec, run=None, order=None):
     return spec.output.index(label)
 
 
+@einsum_p.defvmap
+def _einsum_vmap(bdims, *xs, spec, run=None, order=None):
+    # One fresh index, on the mapped operands and first in the output: the
+    # batched spec is what a trace of the vmapped function prints.
+    return einsum_spec(batched(spec, tuple(k for k, b in enumerate(bdims) if b is not None), 1),
+                       *xs)
+
+
 def einsum(subscripts: str, *operands: Any, optimize="auto") -> Tensor:
     """NumPy's einsum on Tensors, differentiable to any order in both modes.
 
@@ -92,6 +100,10 @@ def einsum(subscripts: str, *operands: Any, optimize="auto") -> Tensor:
     elif len(operands) == 1 and type(operands[0]) in (list, tuple):
         operands = _list_form(subscripts, operands[0])
     ts = [o if type(o) is Tensor else _operand(o, k) for k, o in enumerate(operands)]
+    if any(type(t) is Batched for t in ts):  # inside vmap: planned by the batching rule
+        d = derive(subscripts, *[t.shape for t in ts])
+        ts = [reshape(t, s) if s is not None else t for t, s in zip(ts, d.squeezed_shapes)]
+        return bind(einsum_p, *ts, spec=d.clean)
     if type(optimize) is not str or optimize != "auto":
         optimize = path_option(optimize)
     key = (subscripts, optimize) + tuple((t.data.shape, t.data.dtype, type(t.data)) for t in ts)
@@ -188,6 +200,8 @@ def _prepare(subscripts: str, ts: list, optimize="auto") -> tuple:
 
 def _operand(o: Any, k: int) -> Tensor:
     t = as_tensor(o)
+    if type(t) is Batched:
+        return t
     if not hasattr(t.data, "dtype") or t.data.dtype == object:
         raise EinsumError(f"operand {k} is not a numeric array: {type(o).__name__}")
     return t
@@ -296,6 +310,10 @@ def _broadcast_batch(bdims, shapes, out_shape, shape):
     return bdims[0] + len(shape) - len(shapes[0])
 
 
+broadcast_p.defvmap(lambda bdims, x, shape:
+                    broadcast_to(rank_up(x, len(shape)), x.shape[:1] + tuple(shape)))
+
+
 def broadcast_to(x: Tensor, shape: tuple) -> Tensor:
     shape = tuple(shape)
     return x if x.shape == shape else bind(broadcast_p, x, shape=shape)
@@ -382,3 +400,6 @@ def matmul(a, b) -> Tensor:
     if b.ndim == 1:
         return einsum("...ij,j->...i", a, b)
     return einsum("...ij,...jk->...ik", a, b)
+
+
+install_einsum_ops(broadcast_to, transpose)  # shape.py's vmap helpers broadcast and transpose

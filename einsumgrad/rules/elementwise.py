@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 
 from ..backends import backend_of, common_backend
-from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, pair
+from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor
 from .einsum import broadcast_to, lift, sum_to
+from .shape import Batched, bind, bottom, elementwise_apply, pair, rank_up, same_op, stand_in
 
 # -- broadcasting: inside the rules ------------------------------------------------------
 
@@ -57,6 +58,7 @@ def _binary(name, impl, vjp, jvp=None):
     else:
         p.defjvp(jvp)
     p.defbatch(elementwise_batch)
+    p.defvmap(same_op(p, align=True))
     return broadcasting(p)
 
 
@@ -102,8 +104,20 @@ where_p.defbatch(elementwise_batch)
 broadcasting(where_p)
 
 
+@where_p.defvmap
+def _where_vmap(bdims, x, y, cond):
+    # cond is one example's (a constant): it broadcasts from the right, as an
+    # unbatched input does, so the mapped inputs line up with it too.
+    rank = max(x.ndim - (bdims[0] is not None), y.ndim - (bdims[1] is not None),
+               getattr(cond, "ndim", 0))
+    xs = [rank_up(t, rank) if b is not None else t for t, b in zip((x, y), bdims)]
+    return bind(where_p, *xs, cond=cond)
+
+
 def where(cond, x, y) -> Tensor:
     """``x`` where ``cond`` (a constant mask) holds, else ``y``."""
+    if type(cond) is Batched:  # a mask per example (a comparison inside vmap)
+        return elementwise_apply(where, cond, x, y)
     cond = cond.data if isinstance(cond, Tensor) else cond
     x, y = pair(x, y)
     return bind(where_p, x, y, cond=cond)
@@ -129,6 +143,7 @@ def _unary(name, impl, deriv):
     p.defvjp(lambda k, g, out, x: g * deriv(x, out))
     p.defjvp(lambda k, t, out, x: t * deriv(x, out))
     p.defbatch(elementwise_batch)
+    p.defvmap(same_op(p))
     return lambda x: bind(p, as_tensor(x)), p
 
 
@@ -140,6 +155,7 @@ neg_p = Primitive("neg", lambda x: -x)
 neg_p.defvjp(lambda k, g, out, x: -g)
 neg_p.deflinear()
 neg_p.defbatch(elementwise_batch)
+neg_p.defvmap(same_op(neg_p))
 neg = lambda x: bind(neg_p, as_tensor(x))  # noqa: E731
 exp, exp_p = _unary("exp", lambda x: backend_of(x).exp(x), lambda x, out: out)
 log, log_p = _unary("log", lambda x: backend_of(x).log(x), lambda x, out: 1.0 / x)
@@ -240,6 +256,7 @@ gelu_d_p = Primitive("gelu_d", _gelu_d_impl)
 gelu_d_p.defvjp(lambda k, g, out, x, cdf: g * _gelu_dd(x))
 gelu_d_p.defjvp(lambda k, t, out, x, cdf: t * _gelu_dd(x))
 gelu_d_p.defbatch(elementwise_batch)
+gelu_d_p.defvmap(same_op(gelu_d_p))  # cdf, computed on the physical x, passes through
 
 
 def _gelu_impl(x, cdf):
@@ -256,11 +273,16 @@ gelu_p = Primitive("gelu", _gelu_impl)
 gelu_p.defvjp(lambda k, g, out, x, cdf: g * bind(gelu_d_p, x, cdf=cdf))
 gelu_p.defjvp(lambda k, t, out, x, cdf: t * bind(gelu_d_p, x, cdf=cdf))
 gelu_p.defbatch(elementwise_batch)
+gelu_p.defvmap(same_op(gelu_p))  # cdf, computed on the physical x, passes through
 
 
 def gelu(x, approximate: str = "none") -> Tensor:
     """GELU as ``torch.nn.functional.gelu``: exact erf form, or ``approximate='tanh'``."""
     x = as_tensor(x)
+    if type(x) is Batched:  # element-wise: on the examples' physical tensor
+        if approximate == "tanh":
+            return Batched(gelu(x.phys, approximate), x.level)
+        return bind(gelu_p, x, cdf=_normal_cdf_impl(bottom(x).data))
     if approximate == "tanh":
         # tanh(c (x + 0.044715 x^3)) is +-1 exactly beyond |x| = 40: there GELU is
         # relu(x); inside it is taken at x clipped to +-40, so no derivative of any
@@ -302,7 +324,7 @@ add_bias_p = _binary("add_bias", add_bias_array, _through, _through)
 
 def add_bias(y: Tensor, b) -> Tensor:
     """``y + b`` for a ``y`` a layer just computed and hands on to nobody else."""
-    return bind(add_bias_p, y, as_tensor(b, like=y))
+    return bind(add_bias_p, y, as_tensor(b, like=stand_in(y)))
 
 
 # -- maximum, minimum, clip, //, % ------------------------------------------------------
@@ -340,7 +362,8 @@ maximum, minimum, remainder = (_binop(p) for p in (maximum_p, minimum_p, remaind
 
 def floor_divide(x, y) -> Tensor:
     """``x // y``: piecewise constant, so it leaves the tape (no gradient), as torch."""
-    return _floor_quotient(*pair(x, y))
+    x, y = pair(x, y)
+    return elementwise_apply(_floor_quotient, x, y)
 
 
 def clip(x, a_min=None, a_max=None) -> Tensor:
@@ -353,6 +376,8 @@ def clip(x, a_min=None, a_max=None) -> Tensor:
     x = as_tensor(x)
     if a_min is None and a_max is None:
         raise ValueError("clip: give a_min, a_max or both")
+    if any(type(t) is Batched for t in (x, a_min, a_max)):  # masks on the physical tensors
+        return elementwise_apply(clip, x, a_min, a_max)
     xp = backend_of(x.data)
     nan = xp.isnan(x.data)
     r = where(nan, _const(x, xp.asarray(math.nan)), x) if nan.any() else x

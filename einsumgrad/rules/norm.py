@@ -14,10 +14,11 @@ import math
 from typing import Any
 
 from ..backends import backend_of
-from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
+from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor
 from .einsum import broadcast_to, lift, sum, sum_to
 from .elementwise import add_bias_array
 from .reductions import mean
+from .shape import Batched, bind, rank_up, stand_in
 
 def _width(x, axes) -> int:
     """How many entries one normalized row has: the trailing ``axes`` of ``x``."""
@@ -137,6 +138,19 @@ def _normalize_batch(bdims, shapes, out_shape, axes, eps, **_):
 
 inv_std_p.defbatch(_normalize_batch)
 
+# The trailing axes are counted from the end; the forward's values (stats, value)
+# are computed again on the physical tensor, where it has them, by the front end.
+normalize_p.defvmap(lambda bdims, x, axes, eps, stats=None: _normalize(x, axes, eps))
+inv_std_p.defvmap(lambda bdims, x, axes, eps, value=None:
+                  bind(inv_std_p, x, axes=axes, eps=eps, value=None))
+
+
+def _normalize(x: Tensor, axes: tuple, eps: float) -> Tensor:
+    """``x`` normalized over the trailing ``axes``, keeping the forward's statistics
+    for the rules where ``x`` holds values (outside vmap)."""
+    stats = None if type(x) is Batched else _normalized(x.data, axes, eps)
+    return bind(normalize_p, x, axes=axes, eps=eps, stats=stats)
+
 
 def _layer_norm_impl(x, w, b, axes, eps, stats=None):
     # stats: (the output, x normalized, s) as layer_norm computed them.
@@ -189,6 +203,17 @@ def _layer_norm_batch(bdims, shapes, out_shape, axes, eps, **_):
     return _normalize_batch(bdims[:1], shapes, out_shape, axes, eps)
 
 
+@layer_norm_p.defvmap
+def _layer_norm_vmap(bdims, x, w, b, axes, eps, stats=None):
+    if bdims[1] is None and bdims[2] is None:
+        return layer_norm(x, len(axes), w, b, eps)
+    # A weight or bias per example: x normalized, then the affine step broadcast.
+    rank = max(x.ndim - (bdims[0] is not None), w.ndim - (bdims[1] is not None),
+               b.ndim - (bdims[2] is not None))
+    up = lambda t, bd: rank_up(t, rank) if bd is not None else t  # noqa: E731
+    return up(_normalize(x, axes, eps), bdims[0]) * up(w, bdims[1]) + up(b, bdims[2])
+
+
 @layer_norm_p.deffused
 def _layer_norm_fused(g, out, x, w, b, axes, eps, stats=None):
     if stats is None or w.shape != b.shape:
@@ -218,10 +243,13 @@ def layer_norm(x: Any, normalized_shape, weight: Tensor | None = None,
     # Negative axes name the same axes of a cotangent with leading batch axes.
     axes, eps = tuple(range(-n, 0)), float(eps)
     if weight is not None and bias is not None:
-        weight, bias = as_tensor(weight, like=x), as_tensor(bias, like=x)
+        like = stand_in(x)
+        weight, bias = as_tensor(weight, like=like), as_tensor(bias, like=like)
+        if Batched in (type(x), type(weight), type(bias)):  # the batching rule computes them
+            return bind(layer_norm_p, x, weight, bias, axes=axes, eps=eps, stats=None)
         return bind(layer_norm_p, x, weight, bias, axes=axes, eps=eps,
                     stats=_layer_norm_stats(x.data, axes, eps, weight.data, bias.data))
-    y = bind(normalize_p, x, axes=axes, eps=eps, stats=_normalized(x.data, axes, eps))
+    y = _normalize(x, axes, eps)
     if weight is not None:
         return y * weight
     return y if bias is None else y + bias

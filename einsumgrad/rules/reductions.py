@@ -14,10 +14,11 @@ import builtins
 import math
 
 from ..backends import backend_of, common_backend, memory_order
-from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind
+from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor
 from .einsum import sum, transpose
 from .elementwise import broadcasting, elementwise_batch, exp, log, where
-from .shape import astype, getitem, int_axis, normalize_axes, pad_p, reshape
+from .shape import (Batched, astype, bind, getitem, int_axis, normalize_axes, pad_p, reshape,
+                    same_op, shifted_axes)
 
 
 def mean(x, axis=None, keepdims: bool = False) -> Tensor:
@@ -147,6 +148,10 @@ def _spread_batch(bdims, shapes, out_shape, mask, axes):
     return kept[bdims[0]]
 
 
+# One example's mask, broadcast over the examples: the definition, a broadcast multiply.
+spread_p.defvmap(lambda bdims, g, mask, axes: _keep(g, axes, mask.ndim) * Tensor(mask))
+
+
 def _spread(g: Tensor, mask: Tensor, axes: tuple) -> Tensor:
     """``_keep(g) * mask`` for max's rules, as one primitive where the window is small."""
     n = math.prod(mask.shape[a] for a in axes)
@@ -179,6 +184,9 @@ def _max_fused(g, out, x, axes):
     return None if dx is None else (dx,)
 
 
+max_p.defvmap(lambda bdims, x, axes: bind(max_p, x, axes=tuple(a + 1 for a in axes)))
+
+
 @max_p.defbatch
 def _max_batch(bdims, shapes, out_shape, axes):
     b = bdims[0]
@@ -198,6 +206,8 @@ def max(x, axis=None, keepdims: bool = False) -> Tensor:
 def logsumexp(x, axis=-1, keepdims: bool = False) -> Tensor:
     """``log(sum(exp(x)))`` over ``axis``, stable for large inputs."""
     x = as_tensor(x)
+    if type(x) is Batched:  # the shift is per example: on the physical tensor
+        return Batched(logsumexp(x.phys, shifted_axes(axis, x.ndim), keepdims), x.level)
     xp = backend_of(x.data)
     # The shift is a constant: it cancels in the value and in every derivative.
     m = xp.max(x.data, axis=normalize_axes(axis, x.ndim), keepdims=True)
@@ -265,6 +275,9 @@ def _softmax_fused(g, out, x, axis):
     return None if dx is None else (dx,)
 
 
+softmax_p.defvmap(same_op(softmax_p))  # the axis counts from the end
+
+
 @softmax_p.defbatch
 def _softmax_batch(bdims, shapes, out_shape, axis):
     if bdims[0] == axis % len(out_shape):
@@ -294,6 +307,7 @@ log_softmax_p = Primitive("log_softmax", _log_softmax_impl)
 log_softmax_p.defvjp(lambda k, g, out, x, axis: g - exp(out) * sum(g, axis, keepdims=True))
 log_softmax_p.defjvp(lambda k, t, out, x, axis: t - sum(exp(out) * t, axis, keepdims=True))
 log_softmax_p.defbatch(_softmax_batch)
+log_softmax_p.defvmap(same_op(log_softmax_p))
 
 
 def log_softmax(x, axis=-1) -> Tensor:
@@ -314,6 +328,11 @@ def _arg(name: str):
         x = as_tensor(x)
         if axis is not None:
             (axis,) = normalize_axes(int_axis(axis), x.ndim)
+        if type(x) is Batched:  # per example: over the physical tensor's later axes
+            if axis is None:
+                r = arg(reshape(x.phys, x.phys.shape[:1] + (x.size,)), 1)
+                return Batched(reshape(r, r.shape + (1,) * x.ndim) if keepdims else r, x.level)
+            return Batched(arg(x.phys, axis + 1, keepdims), x.level)
         xp = backend_of(x.data)
         r = getattr(xp, name)(x.data, axis=axis)
         if keepdims:
@@ -363,6 +382,7 @@ var_p.defjvp(lambda k, t, out, x, axes, ddof:
              sum(t * _centered(x, axes), tuple(t.ndim + a for a in axes))
              * _var_scale(x, axes, ddof))
 var_p.defbatch(_over_axes_batch)
+var_p.defvmap(same_op(var_p))  # the axes count from the end
 
 
 def var(x, axis=None, ddof: int = 0, keepdims: bool = False) -> Tensor:
@@ -376,6 +396,8 @@ def var(x, axis=None, ddof: int = 0, keepdims: bool = False) -> Tensor:
 def std(x, axis=None, ddof: int = 0, keepdims: bool = False) -> Tensor:
     """Standard deviation over ``axis``: ``sqrt(var)``, with derivative 0 where the
     variance is 0, as torch (not ``0 * inf``)."""
+    if type(x) is Batched:  # the mask below is per example: on the physical tensor
+        return Batched(std(x.phys, shifted_axes(axis, x.ndim), ddof, keepdims), x.level)
     v = var(x, axis, ddof, keepdims)
     flat = v.data == 0
     if not backend_of(v.data).any(flat):
@@ -444,6 +466,7 @@ scan_p = Primitive("scan", _scan_impl)
 scan_p.defvjp(_scan_vjp)
 scan_p.defjvp(lambda k, t, out, a, b: _scan(a, t * _step(out, 1) if k == 0 else t))
 scan_p.defbatch(_scan_batch)
+scan_p.defvmap(same_op(scan_p, align=True))  # along the last axis, never the examples' one
 broadcasting(scan_p)
 
 
@@ -486,6 +509,7 @@ prod_p.defvjp(lambda k, g, out, x, axes:
 prod_p.defjvp(lambda k, t, out, x, axes:
               sum(t * _prod_d(out, x, axes), tuple(t.ndim + a for a in axes)))
 prod_p.defbatch(_over_axes_batch)
+prod_p.defvmap(same_op(prod_p))  # the axes count from the end
 
 
 def prod(x, axis=None, keepdims: bool = False) -> Tensor:
@@ -502,6 +526,9 @@ cumsum_p = Primitive("cumsum", lambda x, axis: backend_of(x).cumsum(x, axis=axis
 cumsum_p.defvjp(lambda k, g, out, x, axis: _reverse(bind(cumsum_p, _reverse(g, axis), axis=axis),
                                                     axis))
 cumsum_p.deflinear()
+
+
+cumsum_p.defvmap(same_op(cumsum_p))  # the axis counts from the end
 
 
 @cumsum_p.defbatch

@@ -1,20 +1,348 @@
-"""Shape primitives: identity, reshape, and indexing with its adjoint, scatter-add.
+"""Shape primitives: identity, reshape, and indexing with its adjoint, scatter-add;
+and the core of :func:`einsumgrad.vmap`, the batched tensors every rules module binds through.
 
 Rules receive the cotangent ``g`` (or tangent ``t``), the output and the inputs
 as Tensors and use only engine ops, so each differentiates again. ``g`` and
 ``t`` may carry leading batch axes (a whole Jacobian's basis): reshape keeps
 them in front, indexing passes ``nb`` leading axes over whole. Broadcasting
 and its adjoint (a sum) are einsums: :mod:`.einsum`.
+
+Inside ``vmap(f)`` every mapped value is a :class:`Batched` tensor: it shows
+``f`` the shape of one example and holds the whole batch in a physical tensor,
+the mapped axis first. :func:`bind` here is the tape's ``bind`` with one step
+in front: a primitive given a Batched input runs its batching rule
+(``Primitive.vmap``) on the physical tensors, which uses the same convention as
+every VJP and JVP rule (a leading axis passed through: an einsum gains one
+index, indexing one ``nb``). So the tape only ever records physical ops, and
+no rule sees a Batched tensor.
 """
 from __future__ import annotations
 
 import builtins
+import itertools
 import math
+import operator
+import sys
+import threading
 
 import numpy
 
 from ..backends import backend_of, common_backend
-from ..tensor import BatchMixingError, Primitive, Tensor, bind
+from ..tensor import BatchMixingError, Primitive, Tensor, TracerConversionError, as_tensor
+from ..tensor import bind as _tape_bind
+from ..tensor import pair as _tape_pair
+
+# -- vmap's batched tensors ---------------------------------------------------------------
+
+class _Levels(threading.local):
+    def __init__(self):
+        self.active = {}  # level -> batch size, outermost vmap first
+
+
+_levels = _Levels()
+_next_level = itertools.count(1)
+_lock = threading.Lock()
+_depth = 0  # vmaps in flight in any thread: bind's common path reads this one global
+
+
+class Batched(Tensor):
+    """One example's view of a batch, inside :func:`einsumgrad.vmap`.
+
+    ``shape``, ``ndim``, ``size`` and ``len`` are one example's; ``phys`` holds
+    the batch, the mapped axis first (a Tensor, or an outer vmap's Batched).
+    Its values cannot be read (``.data``, ``numpy()``, ``float()``, a branch on
+    it): inside ``vmap`` there is one value per example.
+    """
+
+    __slots__ = ("phys", "level")
+
+    def __init__(self, phys: Tensor, level: int):  # noqa: super().__init__ would set data
+        self.phys, self.level = phys, level
+        self.grad = self.node = self.bdim = None
+        self.version = 0
+
+    shape = property(lambda self: self.phys.shape[1:])
+    ndim = property(lambda self: self.phys.ndim - 1)
+    dtype = property(lambda self: self.phys.dtype)
+    size = property(lambda self: math.prod(self.phys.shape[1:]))
+    device = property(lambda self: self.phys.device)
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.phys.requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, flag: bool) -> None:
+        if flag != self.phys.requires_grad:
+            raise RuntimeError("requires_grad of a batched tensor inside vmap cannot change: "
+                               "set it on the array given to vmap, or use eg.grad inside")
+
+    @property
+    def data(self):
+        f = sys._getframe(1)
+        if f.f_code.co_name == "<listcomp>":  # bind's [t.data for t in inputs] (Python 3.11)
+            f = f.f_back
+        prim = f.f_locals.get("prim") if f.f_code is _tape_bind.__code__ else None
+        if isinstance(prim, Primitive):
+            raise NotImplementedError(
+                f"op {prim.name!r} was bound without einsumgrad's batching step "
+                f"(einsumgrad.rules.shape.bind), so vmap cannot run it")
+        raise TracerConversionError(_NO_VALUE.format(what="its array"))
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.phys.shape[1]
+
+    def _no_value(self, what: str):
+        raise TracerConversionError(_NO_VALUE.format(what=what))
+
+    numpy = lambda self: self._no_value("numpy()")  # noqa: E731
+    item = lambda self: self._no_value("item()")  # noqa: E731
+    tolist = lambda self: self._no_value("tolist()")  # noqa: E731
+    __float__ = lambda self: self._no_value("float()")  # noqa: E731
+    __int__ = lambda self: self._no_value("int()")  # noqa: E731
+    __bool__ = lambda self: self._no_value("its truth value (an if or while on it)")  # noqa: E731
+    __array__ = lambda self, dtype=None, copy=None: self._no_value("numpy.asarray")  # noqa: E731
+    __dlpack__ = lambda self, *a, **k: self._no_value("__dlpack__")  # noqa: E731
+
+    def backward(self, *args, **kwargs):
+        raise RuntimeError("backward() inside vmap: use eg.grad (or eg.vjp) inside the mapped "
+                           "function, or call backward on vmap's result")
+
+    def to_device(self, device):
+        raise RuntimeError("to_device inside vmap: move the arrays before calling vmap")
+
+    def detach(self) -> "Batched":
+        return Batched(self.phys.detach(), self.level)
+
+    def __repr__(self) -> str:
+        return (f"Batched(level {self.level}, {self.phys.shape[0]} examples of shape "
+                f"{self.shape}, dtype {self.dtype})")
+
+    # Comparisons give a mask per example (Tensor's compare the arrays).
+    __hash__ = Tensor.__hash__
+    __lt__ = lambda x, y: _compare(x, y, operator.lt)  # noqa: E731
+    __le__ = lambda x, y: _compare(x, y, operator.le)  # noqa: E731
+    __gt__ = lambda x, y: _compare(x, y, operator.gt)  # noqa: E731
+    __ge__ = lambda x, y: _compare(x, y, operator.ge)  # noqa: E731
+    __eq__ = lambda x, y: _compare(x, y, operator.eq)  # noqa: E731
+    __ne__ = lambda x, y: _compare(x, y, operator.ne)  # noqa: E731
+
+    # In place, as Tensor's: the result replaces this example's view of the batch.
+    __iadd__ = lambda x, y: x._becomes(x + y)  # noqa: E731
+    __isub__ = lambda x, y: x._becomes(x - y)  # noqa: E731
+    __imul__ = lambda x, y: x._becomes(x * y)  # noqa: E731
+    __itruediv__ = lambda x, y: x._becomes(x / y)  # noqa: E731
+
+    def __setitem__(self, index, v) -> None:
+        v = as_tensor(v, like=stand_in(self))
+        shape = region(self, index)
+        w = astype(v, self.dtype)
+        if w.shape != shape:  # NumPy's broadcasting of v to the region
+            if w.ndim > len(shape):
+                w = reshape(w, w.shape[w.ndim - len(shape):])
+            w = _broadcast_to(reshape(w, (1,) * (len(shape) - w.ndim) + w.shape), shape)
+        self._becomes(assign(self, index, w))
+
+    def _becomes(self, r: Tensor) -> "Batched":
+        if type(r) is not Batched or r.level != self.level:
+            raise RuntimeError("an in-place change inside vmap would give this tensor a mapped "
+                               "axis it does not have: compute a new tensor instead")
+        r = astype(r, self.dtype)
+        if r.shape != self.shape:
+            raise ValueError(f"in-place result of shape {r.shape} does not fit a tensor of "
+                             f"shape {self.shape}")
+        self.phys = r.phys
+        self.version += 1
+        return self
+
+
+def _compare(x, y, fn):
+    if not (isinstance(y, (Tensor, int, float, bool, numpy.generic, list, tuple))
+            or hasattr(y, "shape")):
+        return NotImplemented
+    x, y = pair(x, y)
+    return elementwise_apply(lambda a, b: Tensor(fn(a.data, b.data)), x, y)
+
+
+_NO_VALUE = ("{what} of a batched tensor inside vmap: it stands for one value per example. "
+             "Keep to einsumgrad ops inside the mapped function (eg.where instead of if, ...)")
+
+
+def active_levels() -> tuple:
+    """``((level, batch size), ...)`` of the vmaps in flight in this thread, outermost first."""
+    return tuple(_levels.active.items()) if _levels.active else ()
+
+
+def push_level(size: int) -> int:
+    """Open a vmap level of ``size`` examples (inside those open now); returns its id."""
+    global _depth
+    level = next(_next_level)
+    _levels.active[level] = size
+    with _lock:
+        _depth += 1
+    return level
+
+
+def pop_level(level: int) -> None:
+    global _depth
+    del _levels.active[level]
+    with _lock:
+        _depth -= 1
+
+
+def top_level(args) -> int | None:
+    """The innermost vmap level among Batched ``args`` (None: none is batched)."""
+    level = None
+    for a in args:
+        if type(a) is Batched and (level is None or a.level > level):
+            level = a.level
+    return level
+
+
+def _size(level: int) -> int:
+    size = _levels.active.get(level)
+    if size is None:
+        raise RuntimeError("a batched tensor escaped the vmap that made it (kept in a closure, "
+                           "a global or an aux output) and was used after that vmap returned")
+    return size
+
+
+def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
+    """The tape's :func:`~einsumgrad.tensor.bind`, with ``prim``'s batching rule run
+    first where an input is :class:`Batched` (inside ``vmap``)."""
+    if _depth:
+        for t in inputs:
+            if type(t) is Batched:
+                return batch_bind(prim, inputs, params)
+    return _tape_bind(prim, *inputs, **params)
+
+
+def batch_bind(prim: Primitive, inputs: tuple, params: dict) -> Batched:
+    """``prim`` on inputs some of which are Batched: its batching rule on the innermost
+    level's physical tensors (the outer levels' Batched go in as they are, and their
+    own rules run when the rule binds)."""
+    level = top_level(inputs)
+    size = _size(level)
+    if prim.vmap is None:
+        raise NotImplementedError(f"op {prim.name!r} has no batching rule: vmap cannot run it")
+    bdims = tuple(0 if type(t) is Batched and t.level == level else None for t in inputs)
+    xs = [t.phys if b == 0 else t for t, b in zip(inputs, bdims)]
+    out = prim.vmap(bdims, *xs, **params)
+    if out.ndim == 0 or out.shape[0] != size:
+        raise RuntimeError(f"op {prim.name!r}: its batching rule gave shape {out.shape}, not "
+                           f"{size} examples first")
+    return Batched(out, level)
+
+
+def bottom(t: Tensor) -> Tensor:
+    """The plain Tensor under every level of ``t`` (all its batch axes first)."""
+    while type(t) is Batched:
+        t = t.phys
+    return t
+
+
+def xp_of(t: Tensor):
+    """``t``'s backend, Batched or not."""
+    return backend_of(bottom(t).data)
+
+
+def stand_in(t: Tensor) -> Tensor:
+    """A plain Tensor with ``t``'s backend and dtype: what ``as_tensor(v, like=...)``
+    reads (a Python scalar next to a Batched takes its dtype from it)."""
+    return bottom(t) if type(t) is Batched else t
+
+
+def pair(x, y) -> tuple:
+    """:func:`einsumgrad.tensor.pair` that takes Batched operands."""
+    if type(x) is not Batched and type(y) is not Batched:
+        return _tape_pair(x, y)
+    if isinstance(x, Tensor):
+        return x, as_tensor(y, like=stand_in(x))
+    return as_tensor(x, like=stand_in(y)), y
+
+
+def lift(t: Tensor, levels: tuple) -> Tensor:
+    """``t`` batched at every one of ``levels`` (``active_levels()``'s pairs): where it
+    is not, broadcast along that level's examples (a view)."""
+    if not levels:
+        return t
+    level, size = levels[-1]
+    if type(t) is Batched and t.level == level:
+        inner = t.phys
+    else:
+        inner = broadcast(t, size)
+    return Batched(lift(inner, levels[:-1]), level)
+
+
+def wrap(t: Tensor, levels: tuple) -> Tensor:
+    """The plain ``t`` (one leading axis per level, outermost first) as Batched at ``levels``."""
+    for level, _ in levels:
+        t = Batched(t, level)
+    return t
+
+
+_broadcast_to = _transpose = None  # .einsum's, installed by it (it imports this module)
+
+
+def install_einsum_ops(broadcast_to, transpose) -> None:
+    """Give this module the einsum module's ``broadcast_to`` and ``transpose``."""
+    global _broadcast_to, _transpose
+    _broadcast_to, _transpose = broadcast_to, transpose
+
+
+def broadcast(t: Tensor, size: int) -> Tensor:
+    """``t`` with a leading axis of ``size`` copies (a broadcast view, on the tape)."""
+    return _broadcast_to(reshape(t, (1,) + t.shape), (size,) + t.shape)
+
+
+def rank_up(x: Tensor, rank: int) -> Tensor:
+    """A physical ``x`` (its mapped axis first) with size-1 axes after that axis, up to one
+    example's rank ``rank``: lined up with other inputs as broadcasting lines them up."""
+    n = x.ndim - 1
+    return x if n >= rank else reshape(x, x.shape[:1] + (1,) * (rank - n) + x.shape[1:])
+
+
+def elementwise_apply(fn, *args):
+    """``fn(*args)`` for an element-wise ``fn`` (NumPy broadcasting between its
+    arguments), some of them Batched: ``fn`` runs on the physical tensors, each
+    mapped axis first and the ranks lined up. Front ends that compute on values
+    (masks, comparisons) batch this way; arguments that are not Tensors pass as they are."""
+    level = top_level(args)
+    if level is None:
+        return fn(*args)
+    _size(level)
+    rank = builtins.max((a.ndim for a in args if hasattr(a, "ndim")), default=0)
+    phys = [rank_up(a.phys, rank) if type(a) is Batched and a.level == level else a
+            for a in args]
+    return Batched(elementwise_apply(fn, *phys), level)
+
+
+def shifted_axes(axis, ndim: int) -> tuple:
+    """One example's ``axis`` (None, an int or a sequence) as the physical axes, past the
+    mapped axis."""
+    return tuple(a + 1 for a in normalize_axes(axis, ndim))
+
+
+def same_op(p: Primitive, align: bool = False):
+    """The batching rule of a primitive that passes a leading axis through with the same
+    parameters (axes counted from the end, element-wise). ``align``: inputs broadcast
+    against each other, so batched ones get size-1 axes up to the widest example's rank."""
+    if not align:
+        return lambda bdims, *xs, **params: bind(p, *xs, **params)
+
+    def rule(bdims, *xs, **params):
+        rank = builtins.max(x.ndim - (b is not None) for x, b in zip(xs, bdims))
+        xs = [rank_up(x, rank) if b is not None else x for x, b in zip(xs, bdims)]
+        return bind(p, *xs, **params)
+    return rule
+
+
+def batched_all(bdims, xs) -> list:
+    """Every input batched: the unbatched ones broadcast along the examples."""
+    size = next(x.shape[0] for x, b in zip(xs, bdims) if b is not None)
+    return [x if b is not None else broadcast(x, size) for x, b in zip(xs, bdims)]
 
 
 def int_axis(a):
@@ -70,6 +398,7 @@ identity_p = Primitive("identity", lambda x: x)
 identity_p.defvjp(lambda k, g, out, x: g)
 identity_p.defjvp(lambda k, t, out, x: t)
 identity_p.defbatch(lambda bdims, shapes, out_shape: bdims[0])
+identity_p.defvmap(same_op(identity_p))
 
 reshape_p = Primitive("reshape", lambda x, shape: x.reshape(shape))
 reshape_p.defvjp(lambda k, g, out, x, shape: reshape(g, g.shape[:g.ndim - out.ndim] + x.shape))
@@ -84,6 +413,9 @@ def _reshape_batch(bdims, shapes, out_shape, shape):
         if math.prod(out_shape[:p]) == before and out_shape[p] == in_shape[b]:
             return p
     raise BatchMixingError(f"reshape {in_shape} -> {out_shape} merges or splits the batch axis")
+
+
+reshape_p.defvmap(lambda bdims, x, shape: reshape(x, x.shape[:1] + shape))
 
 
 def reshape(x: Tensor, *shape) -> Tensor:
@@ -263,6 +595,11 @@ def _getitem_batch(bdims, shapes, out_shape, index, nb):
     return out_ax
 
 
+getitem_p.defvmap(lambda bdims, x, index, nb: bind(getitem_p, x, index=index, nb=nb + 1))
+scatter_p.defvmap(lambda bdims, g, shape, index, nb:
+                  bind(scatter_p, g, shape=g.shape[:1] + shape, index=index, nb=nb + 1))
+
+
 @scatter_p.defbatch
 def _scatter_batch(bdims, shapes, out_shape, shape, index, nb):
     for in_ax, (out_ax, e) in enumerate(_index_map(len(shape), index, nb)):
@@ -275,7 +612,51 @@ def _scatter_batch(bdims, shapes, out_shape, shape, index, nb):
 
 def getitem(x: Tensor, index, nb: int = 0) -> Tensor:
     """``x[index]`` (NumPy indexing); ``nb`` leading axes are passed over whole and stay first."""
-    return bind(getitem_p, x, index=_norm_index(index, backend_of(x.data)), nb=nb)
+    if _depth and _batched_entries(index):
+        return _batched_gather(x, index)
+    return bind(getitem_p, x, index=_norm_index(index, xp_of(x)), nb=nb)
+
+
+def _batched_entries(index) -> bool:
+    return any(type(e) is Batched for e in _as_tuple(index))
+
+
+def _batched_gather(x: Tensor, index) -> Tensor:
+    """``x[index]`` inside vmap where index arrays are Batched (one example's indices
+    each): on the physical tensors, an ``arange`` over the examples joins the
+    advanced entries, so example ``b`` reads its own row ``b`` of ``x``."""
+    idx = _as_tuple(index)
+    level = top_level((x,) + idx)
+    size = _size(level)
+    pos, n_adv, front = _advanced(idx)
+    if any(hasattr(e, "dtype") and e.dtype == bool for e in idx):
+        raise NotImplementedError("vmap: indexing with a batched boolean mask (its size "
+                                  "differs per example); use eg.where")
+    xp = xp_of(x)
+    phys = [rank_up(e.phys, n_adv) if type(e) is Batched and e.level == level else e
+            for e in idx]
+    ar = Tensor(xp.arange(size).reshape((size,) + (1,) * n_adv))
+    xb = x.phys if type(x) is Batched and x.level == level else broadcast(x, size)
+    r = getitem(xb, (ar, *phys))
+    # The advanced dims (with the examples' axis) come first on the physical side;
+    # one example's result has them after the axes of the slices before them.
+    if not front and pos[0] > 0:
+        before = builtins.sum(1 for e in idx[:pos[0]] if e is None or isinstance(e, slice))
+        if Ellipsis in idx[:pos[0]]:
+            used = builtins.sum(1 if isinstance(e, slice) else _entry(e)[0]
+                                for e in idx if e is not None and e is not Ellipsis)
+            before += x.ndim - used
+        if before:
+            n = r.ndim
+            a = 1 + n_adv
+            r = transpose_axes(r, (0,) + tuple(range(a, a + before)) + tuple(range(1, a))
+                               + tuple(range(a + before, n)))
+    return Batched(r, level)
+
+
+def transpose_axes(x: Tensor, perm: tuple) -> Tensor:
+    """``x`` with its axes permuted: an einsum (installed with broadcast_to by .einsum)."""
+    return _transpose(x, perm)
 
 
 def scatter_add(g: Tensor, shape: tuple, index, nb: int = 0) -> Tensor:
@@ -336,8 +717,27 @@ def _assign_batch(bdims, shapes, out_shape, index, nb):
     return axes.pop()
 
 
+@assign_p.defvmap
+def _assign_vmap(bdims, x, v, index, nb):
+    size = (x if bdims[0] is not None else v).shape[0]
+    x = x if bdims[0] is not None else broadcast(x, size)
+    if bdims[1] is None:
+        v = v if v.ndim == 0 else broadcast(v, size)
+    elif v.ndim == 1:  # one example's fill value (0-d): line it up with the region
+        v = reshape(v, v.shape + (1,) * (len(_region_shape(x, index, nb + 1)) - 1))
+    return bind(assign_p, x, v, index=index, nb=nb + 1)
+
+
+def _region_shape(x: Tensor, index, nb: int = 0) -> tuple:
+    """The shape of ``x[(:,)*nb, index]`` from the shapes alone (a broadcast dummy)."""
+    xp = xp_of(x)
+    return xp.broadcast_to(xp.zeros((), dtype=bool), x.shape)[_full(index, nb)].shape
+
+
 def region(x: Tensor, index) -> tuple:
     """The shape of ``x[index]``."""
+    if type(x) is Batched:
+        return _region_shape(x, _norm_index(index, xp_of(x)))
     return x.data[_norm_index(index, backend_of(x.data))].shape
 
 
@@ -351,7 +751,10 @@ def assign(x: Tensor, index, v: Tensor) -> Tensor:
     Raises:
         ValueError: repeated positions while the assignment is recorded.
     """
-    xp = backend_of(x.data)
+    if _depth and _batched_entries(index):
+        raise NotImplementedError("vmap: t[index] = v with a batched index array is not "
+                                  "supported; build the result with eg.where")
+    xp = xp_of(x)
     index = _norm_index(index, xp)
     if _advanced(index)[0] and (x.node is not None or x.requires_grad or v.node is not None
                                 or v.requires_grad):
@@ -367,6 +770,7 @@ astype_p = Primitive("astype", lambda x, dtype: x.astype(dtype))
 astype_p.defvjp(lambda k, g, out, x, dtype: astype(g, x.dtype))
 astype_p.defjvp(lambda k, t, out, x, dtype: astype(t, dtype))
 astype_p.defbatch(lambda bdims, shapes, out_shape, dtype: bdims[0])
+astype_p.defvmap(same_op(astype_p))
 
 
 def astype(x: Tensor, dtype) -> Tensor:
@@ -376,6 +780,8 @@ def astype(x: Tensor, dtype) -> Tensor:
     if x.dtype == dtype:
         return x
     if dtype.kind != "f":
+        if type(x) is Batched:  # leaves the tape, the examples' axis kept
+            return Batched(astype(x.phys, dtype), x.level)
         return Tensor(x.data.astype(dtype))
     return bind(astype_p, x, dtype=dtype)
 
@@ -440,6 +846,9 @@ def _concat_batch(bdims, shapes, out_shape, axis):
     return axes.pop()
 
 
+concat_p.defvmap(lambda bdims, *xs, axis: bind(concat_p, *batched_all(bdims, xs), axis=axis))
+
+
 def concatenate(ts, axis=0) -> Tensor:
     """Join tensors along an existing axis (NumPy's ``concatenate``; ``axis=None``
     joins them flattened).
@@ -486,6 +895,7 @@ copy_p = Primitive("copy", lambda x: x.copy())  # a new buffer: changing it leav
 copy_p.defvjp(lambda k, g, out, x: g)
 copy_p.defjvp(lambda k, t, out, x: t)
 copy_p.defbatch(lambda bdims, shapes, out_shape: bdims[0])
+copy_p.defvmap(same_op(copy_p))
 
 
 def copy(x: Tensor) -> Tensor:
@@ -532,6 +942,7 @@ pad_p = Primitive("pad", _pad_impl)  # width covers the trailing axes: batch axe
 pad_p.defvjp(lambda k, g, out, x, width: getitem(g, (Ellipsis,) + tuple(
     slice(b, b + n) for (b, _), n in zip(width, x.shape[x.ndim - len(width):]))))
 pad_p.defjvp(lambda k, t, out, x, width: bind(pad_p, t, width=width))
+pad_p.defvmap(same_op(pad_p))  # the widths cover the trailing axes
 
 
 @pad_p.defbatch
