@@ -16,7 +16,7 @@ import pytest
 
 import einsumgrad as eg
 import einsumgrad.nn.functional as F
-from einsumgrad.program import Program, TraceError, jit, make_program
+from einsumgrad.program import TraceError, jit, make_program
 from einsumgrad.pytree import flatten
 
 from backends import NAME, npy, xb

@@ -9,21 +9,19 @@ and each buffer is dropped after its last use.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import numpy
 
-from ..backends import backend_of, device_backend
+from ..backends import device_backend
 from ..plan import Plan
-from ..pytree import LEAF, TreeDef, flatten, unflatten
-from ..spec import render
+from ..pytree import TreeDef, flatten, unflatten
 from ..tensor import Tensor
 from .compile import compile_program
 from .emit import program_source
 from .render import program_text
-from .trace import (Eq, GuardFailed, Ref, TraceError, attr_getter, compact, expand,
-                    is_array, method_caller)
+from .trace import (Eq, GuardFailed, TraceError, attr_getter, compact, expand, is_array,
+                    method_caller)
 
 
 # -- the signature: what must match for a program to run on these arguments --------------

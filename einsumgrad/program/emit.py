@@ -18,8 +18,7 @@ from typing import Callable
 import numpy
 
 from ..plan import letters_of
-from ..pytree import LEAF, TreeDef
-from ..spec import Spec
+from ..pytree import TreeDef
 from .trace import Ref, compact
 
 EMITTERS: dict = {}
