@@ -88,6 +88,11 @@ TRANSFORMS = {
                          (X,)),
     "plain": (mixed, (X, W)),
 }
+try:
+    from einsumgrad.vmap import vmap
+    TRANSFORMS["vmap"] = (lambda x, w: vmap(eg.grad(lambda r: scalar(r[None], w)))(x), (X, W))
+except ImportError:  # vmap came later than programs
+    pass
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
