@@ -407,6 +407,19 @@ def _layer_norm_kernel(x, n, eps, weight=None, bias=None):
     y = (xhat.reshape(-1, n) * weight.reshape(-1) + bias.reshape(-1)).reshape(x.shape)
     return y, xhat, s
 ''',
+    "_batch_norm_kernel": '''
+def _batch_norm_kernel(x, weight, bias, eps, relu=False):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = x.mean(axis=axes, dtype=np.float64)
+    d = x - mean.astype(x.dtype).reshape(shape)
+    var = (d * d).mean(axis=axes, dtype=np.float64).astype(x.dtype)
+    s = (1 / np.sqrt(var + eps)).astype(x.dtype)
+    y = d * (s * weight.reshape(-1)).reshape(shape) + bias.reshape(shape)
+    if relu:
+        y = np.maximum(y, 0)
+    return y.astype(x.dtype), mean.astype(x.dtype), var, s
+''',
     "_scatter_add": '''
 def _scatter_add(g, shape, index, perm, advanced):
     z = np.zeros(shape, dtype=g.dtype)
@@ -467,7 +480,7 @@ HELPER_DEPS = {"_normal_cdf": ("_erf",), "_gelu_d": ("_normal_pdf",),
 
 # A backend's functions that are not NumPy's, in NumPy.
 BACKEND = {"erf": "_erf", "normal_cdf": "_normal_cdf", "matmul_add": "_matmul_add",
-           "layer_norm": "_layer_norm_kernel"}
+           "layer_norm": "_layer_norm_kernel", "batch_norm": "_batch_norm_kernel"}
 BACKEND_EXPR = {"add_at": "np.add.at", "as_strided": "np.lib.stride_tricks.as_strided",
                 "to_numpy": "np.asarray"}
 
