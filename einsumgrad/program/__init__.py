@@ -9,6 +9,12 @@ no Tensor and no tape; a program pickles. ``eg.jit(f)`` traces on the first
 call per signature and replays after that. A branch on a traced value
 raises :class:`TraceError` naming the line.
 
+What a program holds fixed, as JAX's jit does: arrays ``f`` closes over or
+makes without its inputs (weights in a closure, a dropout mask drawn while
+tracing) are constants, their values at the trace; Python numbers and other
+non-array leaves among the arguments are static (a new value traces again).
+Pass what changes between calls (weights being trained) as arguments.
+
 * :mod:`.trace`: the Traced stand-ins and the recorder;
 * :mod:`.core`: :class:`Program`: signature, running, pickling;
 * :mod:`.compile`: a program as one generated Python function;
