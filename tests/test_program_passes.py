@@ -173,6 +173,10 @@ def test_constants_fold_and_ones_drop():
     assert made & set(ops(raw)) and not made & set(ops(opt))
     # the cotangent of sum() is ones: gone from the products it multiplied
     assert ops(opt).count("einsum") == 2 and len(opt.eqs) <= 5
+    # x ** 2's derivative 2 x ** 1: the power of one is x itself
+    sq = lambda x: eg.grad(lambda a: (eg.einsum("ii->i", a) ** 2).sum())(x)
+    opt, raw = check(sq, xb(np.random.default_rng(2).standard_normal((3, 3))))
+    assert "pow" in ops(raw) and "pow" not in ops(opt)
     # a Jacobian's basis is a constant of the program, not made on each run
     J = lambda x: eg.jacrev(lambda a: eg.sin(a) * 2.0)(x)
     opt, _ = check(J, x)

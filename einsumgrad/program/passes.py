@@ -98,7 +98,7 @@ def _const_ones(p, s: int) -> bool:
 
 
 def drop_ones(p) -> None:
-    """``x * 1`` is ``x``; an einsum's constant ones operand whose indices all
+    """``x * 1`` and ``x ** 1`` are ``x``; an einsum's constant ones operand whose indices all
     appear in another operand multiplies each term by 1: dropped (``x * 1`` is
     exact; the einsum's sums may come out in another order)."""
     bad, groups = written(p)
@@ -112,6 +112,11 @@ def drop_ones(p) -> None:
                         and p.avals[x.slot] == out_aval and groups[eq.outs[0]] not in bad):
                     mapping[eq.outs[0]] = x.slot
                     break
+        elif eq.op == ("prim", "pow") and not eq.writes:  # x ** 1 is x, NaN and inf too
+            x, c = eq.args
+            if (type(x) is Ref and type(c) is Ref and _const_ones(p, c.slot)
+                    and p.avals[x.slot] == p.avals[eq.outs[0]] and groups[eq.outs[0]] not in bad):
+                mapping[eq.outs[0]] = x.slot
         elif eq.op == ("prim", "einsum") and len(eq.args) > 1:
             spec = eq.kwargs["spec"]
             keep = list(range(len(eq.args)))
