@@ -28,7 +28,7 @@ import threading
 import numpy
 
 from ..backends import backend_of, common_backend
-from ..tensor import BatchMixingError, Primitive, Tensor, TracerConversionError, as_tensor
+from ..tensor import BatchMixingError, Primitive, Tensor, TracerConversionError, as_tensor, state
 from ..tensor import bind as _tape_bind
 from ..tensor import pair as _tape_pair
 
@@ -614,7 +614,61 @@ def getitem(x: Tensor, index, nb: int = 0) -> Tensor:
     """``x[index]`` (NumPy indexing); ``nb`` leading axes are passed over whole and stay first."""
     if _depth and _batched_entries(index):
         return _batched_gather(x, index)
-    return bind(getitem_p, x, index=_norm_index(index, xp_of(x)), nb=nb)
+    index = _norm_index(index, xp_of(x))
+    out = bind(getitem_p, x, index=index, nb=nb)
+    if state.batch and _index_batch.arrays:
+        _track_index_batch(x, index, nb, out)
+    return out
+
+
+class _IndexBatch(threading.local):
+    def __init__(self):
+        self.arrays = {}  # id -> array: index arrays whose axis 0 is the batch axis
+
+
+_index_batch = _IndexBatch()
+
+
+class batch_index_arrays:
+    """While tracing with the batch axis tracked (``per_sample_grad``), the given arrays
+    (the data's own, an embedding's ids) are known to have the batch on axis 0, so
+    ``w[ids]`` is batched though ``w`` is not: NumPy's advanced indexing drops the
+    Tensor around an index array, so they are known by identity."""
+
+    def __init__(self, arrays):
+        self.arrays = {id(a): a for a in arrays}
+
+    def __enter__(self):
+        self.saved = _index_batch.arrays
+        _index_batch.arrays = {**self.saved, **self.arrays}
+
+    def __exit__(self, *exc):
+        _index_batch.arrays = self.saved
+
+
+def _track_index_batch(x: Tensor, index, nb: int, out: Tensor) -> None:
+    idx = _as_tuple(index)
+    hits = [e for e in idx if id(e) in _index_batch.arrays]
+    if not hits:
+        return
+    if x.bdim is not None or len(hits) > 1:
+        raise BatchMixingError("indexing a batched tensor with the batch's own index arrays "
+                               "(or with two of them) pairs examples: rows mix")
+    _, n_adv, _ = _advanced(idx)
+    out.bdim = _adv_start(x.ndim, idx, nb) + n_adv - hits[0].ndim
+
+
+def _adv_start(ndim: int, idx: tuple, nb: int = 0) -> int:
+    """Where ``x[(:,)*nb, idx]`` puts the dims of its advanced (array) entries."""
+    pos, _, front = _advanced(idx)
+    if front:
+        return nb
+    before = builtins.sum(1 for e in idx[:pos[0]] if e is None or isinstance(e, slice))
+    if Ellipsis in idx[:pos[0]]:
+        used = builtins.sum(1 if isinstance(e, slice) else _entry(e)[0]
+                            for e in idx if e is not None and e is not Ellipsis)
+        before += ndim - nb - used
+    return nb + before
 
 
 def _batched_entries(index) -> bool:
@@ -640,17 +694,11 @@ def _batched_gather(x: Tensor, index) -> Tensor:
     r = getitem(xb, (ar, *phys))
     # The advanced dims (with the examples' axis) come first on the physical side;
     # one example's result has them after the axes of the slices before them.
-    if not front and pos[0] > 0:
-        before = builtins.sum(1 for e in idx[:pos[0]] if e is None or isinstance(e, slice))
-        if Ellipsis in idx[:pos[0]]:
-            used = builtins.sum(1 if isinstance(e, slice) else _entry(e)[0]
-                                for e in idx if e is not None and e is not Ellipsis)
-            before += x.ndim - used
-        if before:
-            n = r.ndim
-            a = 1 + n_adv
-            r = transpose_axes(r, (0,) + tuple(range(a, a + before)) + tuple(range(1, a))
-                               + tuple(range(a + before, n)))
+    before = _adv_start(x.ndim, idx)
+    if before:
+        a = 1 + n_adv
+        r = transpose_axes(r, (0,) + tuple(range(a, a + before)) + tuple(range(1, a))
+                           + tuple(range(a + before, r.ndim)))
     return Batched(r, level)
 
 
