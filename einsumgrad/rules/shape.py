@@ -79,6 +79,7 @@ class Batched(Tensor):
 
     @property
     def data(self):
+        _size(self.level)  # an escaped Batched says so first
         f = sys._getframe(1)
         if f.f_code.co_name == "<listcomp>":  # bind's [t.data for t in inputs] (Python 3.11)
             f = f.f_back
@@ -802,6 +803,9 @@ def assign(x: Tensor, index, v: Tensor) -> Tensor:
     if _depth and _batched_entries(index):
         raise NotImplementedError("vmap: t[index] = v with a batched index array is not "
                                   "supported; build the result with eg.where")
+    if type(v) is Batched and type(x) is not Batched:
+        raise RuntimeError("t[index] = v inside vmap: v is mapped and t is not, so t would "
+                           "need the mapped axis; compute a new tensor (eg.where, concatenate)")
     xp = xp_of(x)
     index = _norm_index(index, xp)
     if _advanced(index)[0] and (x.node is not None or x.requires_grad or v.node is not None

@@ -1,0 +1,616 @@
+"""eg.vmap: JAX's semantics (against jax.vmap in float64), every primitive's batching
+rule (against a loop over the examples, hypothesis over the mapped axes), composition
+with the transforms in either order, and its errors.
+
+Inputs are built with ``xb`` and results read with ``npy``, so the suite runs on
+each backend under test (``EINSUMGRAD_BACKEND=strict`` too).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import einsumgrad as eg
+from backends import npy, xb
+from einsumgrad import rules
+import importlib
+
+from einsumgrad.rules import elementwise, norm, reductions, shape
+from einsumgrad.rules.shape import bind
+from einsumgrad.tensor import Primitive, TracerConversionError
+from einsumgrad.vmap import vmap
+
+# rules/__init__ re-exports functions named as these modules: import them by name
+einsum_mod, patches, convolution, batch_norm = (
+    importlib.import_module(f"einsumgrad.rules.{m}")
+    for m in ("einsum", "patches", "convolution", "batch_norm"))
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def rand(seed: int, shape, positive=False) -> np.ndarray:
+    a = np.random.default_rng(seed).standard_normal(shape)
+    return np.abs(a) + 0.5 if positive else a
+
+
+def loop(f, args, in_axes, out_axes=0):
+    """``vmap``'s meaning: ``f`` on each example, results stacked at ``out_axes``."""
+    axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+    size = next(np.shape(a)[ax] for a, ax in zip(args, axes) if ax is not None)
+    outs = [npy(f(*[T(a) if ax is None else T(np.take(a, b, axis=ax))
+                    for a, ax in zip(args, axes)])) for b in range(size)]
+    return np.stack(outs, axis=out_axes)
+
+
+def T(a) -> eg.Tensor:
+    """A NumPy array as a Tensor on the backend under test."""
+    return eg.tensor(xb(a))
+
+
+def check(f, args, in_axes=0, out_axes=0, tol=TOL):
+    got = vmap(f, in_axes, out_axes)(*[T(a) for a in args])
+    np.testing.assert_allclose(npy(got), loop(f, args, in_axes, out_axes), **tol)
+
+
+# -- every primitive's batching rule --------------------------------------------------------
+
+def _mapped(data, shape, size, may_skip=True, seed=None):
+    """An input of one example's ``shape``: mapped at a drawn axis (the examples'
+    axis inserted there), or not mapped (None)."""
+    seed = data.draw(st.integers(0, 2 ** 16)) if seed is None else seed
+    if may_skip and data.draw(st.booleans()):
+        return rand(seed, shape), None
+    ax = data.draw(st.integers(0, len(shape)))
+    full = list(shape)
+    full.insert(ax, size)
+    return rand(seed, full), ax - (len(shape) + 1) * data.draw(st.booleans())  # negative too
+
+
+def _run(data, f, shapes, positive=(), tol=TOL):
+    """``vmap(f)`` against the loop, each input mapped at a drawn axis or not mapped
+    (one at least mapped), the output's mapped axis at a drawn place."""
+    size = data.draw(st.integers(1, 3))
+    drawn = [_mapped(data, s, size) for s in shapes]
+    if all(ax is None for _, ax in drawn):
+        drawn[0] = _mapped(data, shapes[0], size, may_skip=False)
+    args = [np.abs(a) + 0.5 if k in positive else a for k, (a, _) in enumerate(drawn)]
+    axes = tuple(ax for _, ax in drawn)
+    ref = loop(f, args, axes)
+    out_axis = data.draw(st.integers(-ref.ndim, ref.ndim - 1))
+    got = vmap(f, axes, out_axis)(*[T(a) for a in args])
+    np.testing.assert_allclose(npy(got), np.moveaxis(ref, 0, out_axis), **tol)
+
+
+EINSUMS = ["ij,jk->ik", "i,i->", "bij,bjk->bik", "ii->i", "ij->", "ij,j->i", "i,j->ij",
+           "ij->ji", "iij->ji"]
+
+
+def _einsum_shapes(spec):
+    sizes = {c: 2 + (ord(c) % 3) for c in spec}
+    ins = spec.split("->")[0].split(",")
+    return [tuple(sizes[c] for c in t) for t in ins]
+
+
+def case_einsum(data):
+    spec = data.draw(st.sampled_from(EINSUMS))
+    _run(data, lambda *xs: eg.einsum(spec, *xs), _einsum_shapes(spec))
+
+
+def case_broadcast_to(data):
+    _run(data, lambda x: rules.broadcast_to(x, (2, 3, 4)),
+         [data.draw(st.sampled_from([(4,), (3, 1), ()]))])
+
+
+def case_identity(data):
+    _run(data, lambda x: bind(shape.identity_p, x), [(2, 3)])
+
+
+def case_reshape(data):
+    target = data.draw(st.sampled_from([(6, 2), (12,), (3, 4), (2, 1, 6)]))
+    _run(data, lambda x: x.reshape(target), [(2, 3, 2)])
+
+
+INDEXES = [(slice(1, None),), (0,), (slice(None, None, -1), 1), (Ellipsis, 0),
+           (None, slice(0, 2)), ([0, 2, 2],), (slice(None), [1, 0]), ([0, 1], [2, 0]),
+           ([1, 0], slice(None), 0), (1, Ellipsis, [0, 0, 1])]
+
+
+def _index(idx):
+    return tuple(xb(np.array(e)) if isinstance(e, list) else e for e in idx)
+
+
+def case_getitem(data):
+    idx = data.draw(st.sampled_from(INDEXES))
+    _run(data, lambda x: x[_index(idx)], [(3, 4, 3)])
+
+
+def case_getitem_batched_index(data):
+    # index arrays that are mapped: each example gathers with its own indices
+    size = data.draw(st.integers(1, 3))
+    x, xa = _mapped(data, (4, 5), size)
+    i = np.random.default_rng(data.draw(st.integers(0, 99))).integers(0, 4, (size, 3))
+    pick = data.draw(st.sampled_from(["rows", "cols", "both"]))
+    if pick == "rows":
+        f = lambda x, i: x[i]  # noqa: E731
+    elif pick == "cols":
+        f = lambda x, i: x[:, i % 5]  # noqa: E731
+    else:
+        f = lambda x, i: x[i, i + 1]  # noqa: E731
+    check(f, [x, i], (xa, 0), 0)
+
+
+def case_scatter_add(data):
+    idx = data.draw(st.sampled_from([(slice(1, None),), ([0, 2, 2],), (slice(None), [1, 0])]))
+    region = np.zeros((3, 4))[tuple(np.array(e) if isinstance(e, list) else e for e in idx)].shape
+    _run(data, lambda g: shape.scatter_add(g, (3, 4), _index(idx)), [region])
+
+
+def case_assign(data):
+    idx = data.draw(st.sampled_from([(slice(1, None),), (0,), (slice(None), [1, 3]), (0, 1)]))
+    region = np.zeros((3, 4))[tuple(np.array(e) if isinstance(e, list) else e for e in idx)].shape
+
+    def f(x, v):
+        y = eg.exp(x) + eg.sum(v) * 0.0  # mapped where x or v is (x may be an array)
+        y[_index(idx)] = v
+        return y
+    _run(data, f, [(3, 4), region])
+
+
+def case_astype(data):
+    _run(data, lambda x: x.astype(np.float32).astype(np.float64) * 1.0, [(3, 2)],
+         tol=dict(rtol=1e-6, atol=1e-6))
+
+
+def case_concatenate(data):
+    axis = data.draw(st.integers(-2, 1))
+    _run(data, lambda x, y, z: eg.concatenate([x, y, z], axis=axis), [(2, 3)] * 3)
+
+
+def case_stack(data):
+    axis = data.draw(st.integers(-3, 2))
+    _run(data, lambda x, y: eg.stack([x, y], axis=axis), [(2, 3)] * 2)
+
+
+def case_copy(data):
+    _run(data, lambda x: x.copy(), [(2, 3)])
+
+
+def case_pad(data):
+    width = data.draw(st.sampled_from([1, (1, 2), ((0, 1), (2, 0))]))
+    _run(data, lambda x: eg.pad(x, width), [(2, 3)])
+
+
+BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+          "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "maximum": eg.maximum,
+          "minimum": eg.minimum, "remainder": lambda a, b: a % b,
+          "add_bias": lambda a, b: elementwise.add_bias(eg.exp(a), b)}
+
+
+def case_binary(data, name):
+    ranks = data.draw(st.sampled_from([((2, 3), (3,)), ((3,), (2, 3)), ((2, 3), (2, 3)),
+                                       ((2, 1), (1, 3)), ((), (3,))]))
+    if name == "add_bias":
+        ranks = ((2, 3), (3,))
+    _run(data, BINARY[name], list(ranks), positive=(0, 1) if name in ("pow", "remainder")
+         else (1,) if name == "div" else ())
+
+
+def case_where(data):
+    mask = np.random.default_rng(data.draw(st.integers(0, 99))).random((2, 3)) > 0.5
+    _run(data, lambda a, b: eg.where(xb(mask), a, b), [(2, 3), (3,)])
+
+
+def case_where_mapped_mask(data):
+    # a mask per example (a comparison inside vmap): the front end batches it
+    _run(data, lambda a, b: eg.where(a > 0.2, a, b * 2), [(2, 3), (3,)])
+
+
+UNARY = {"neg": lambda x: -x, "exp": eg.exp, "log": eg.log, "sin": eg.sin, "cos": eg.cos,
+         "tanh": eg.tanh, "sqrt": eg.sqrt, "erf": eg.erf, "sigmoid": eg.sigmoid,
+         "softplus": eg.softplus, "relu": eg.relu, "abs": eg.abs,
+         "normal_pdf": elementwise.normal_pdf, "gelu": eg.gelu,
+         "gelu_tanh": lambda x: eg.gelu(x, approximate="tanh"),
+         "gelu_d": lambda x: bind(elementwise.gelu_d_p, x,
+                                  cdf=elementwise._normal_cdf_impl(shape.bottom(x).data))}
+
+
+def case_unary(data, name):
+    _run(data, UNARY[name], [(2, 3)], positive=(0,) if name in ("log", "sqrt") else ())
+
+
+def _axis(data, ndim, allow_none=True):
+    choices = [None] if allow_none else []
+    choices += list(range(-ndim, ndim)) + [(0, ndim - 1)]
+    return data.draw(st.sampled_from(choices))
+
+
+def case_max(data):
+    axis = _axis(data, 3)
+    _run(data, lambda x: eg.max(x, axis=axis), [(2, 3, 2)])
+
+
+def case_spread(data):
+    mask = np.random.default_rng(data.draw(st.integers(0, 99))).random((2, 3, 2)) > 0.5
+    _run(data, lambda g: bind(reductions.spread_p, g, mask=xb(mask), axes=(1,)), [(2, 2)])
+
+
+def case_softmax(data):
+    axis = data.draw(st.integers(-2, 1))
+    fn = data.draw(st.sampled_from([eg.softmax, eg.log_softmax]))
+    _run(data, lambda x: fn(x, axis=axis), [(2, 3)])
+
+
+def case_var(data):
+    axis, ddof = _axis(data, 2), data.draw(st.integers(0, 1))
+    _run(data, lambda x: eg.var(x, axis=axis, ddof=ddof), [(3, 4)])
+
+
+def case_prod(data):
+    axis = _axis(data, 2)
+    _run(data, lambda x: eg.prod(x, axis=axis), [(3, 4)])
+
+
+def case_scan(data):
+    _run(data, lambda a, b: reductions._scan(a, b), [(2, 4), (4,)])
+
+
+def case_cumsum(data):
+    axis = data.draw(st.sampled_from([None, 0, 1, -1]))
+    _run(data, lambda x: eg.cumsum(x, axis=axis), [(3, 4)])
+
+
+def case_normalize(data):
+    n = data.draw(st.integers(1, 2))
+    _run(data, lambda x: norm.layer_norm(x, (3, 4)[2 - n:]), [(2, 3, 4)])
+
+
+def case_inv_std(data):
+    _run(data, lambda x: bind(norm.inv_std_p, x, axes=(-1,), eps=1e-5), [(2, 3)])
+
+
+def case_layer_norm(data):
+    _run(data, lambda x, w, b: norm.layer_norm(x, 3, w, b), [(2, 3), (3,), (3,)])
+
+
+# Other modules' primitives, bound through the batching bind (their rules live in
+# einsumgrad.vmap until their modules bind through it).
+def case_patches(data):
+    _run(data, lambda x: bind(patches.patches_p, x, kernel=(2, 2), stride=(1, 2),
+                              padding=(1, 0), contiguous=False, dilation=(1, 1)), [(2, 4, 5)])
+
+
+def case_unpatch(data):
+    _run(data, lambda g: bind(patches.unpatch_p, g, size=(4, 5), kernel=(2, 2), stride=(1, 1),
+                              padding=(0, 0), dilation=(1, 1)), [(2, 3, 4, 2, 2)])
+
+
+def _conv_spec():
+    from einsumgrad.rules.convolution import _parse
+    return _parse("chwkl,fckl->fhw", 0), _parse("fhw,fckl->chwkl", 2)
+
+
+def case_patch_einsum(data):
+    spec, _ = _conv_spec()
+    _run(data, lambda x, w: bind(convolution.patch_einsum_p, x, w, spec=spec, kernel=(2, 2),
+                                 stride=(1, 1), padding=(1, 1), patches=None,
+                                 dilation=(1, 1)), [(2, 4, 4), (3, 2, 2, 2)])
+
+
+def case_unpatch_einsum(data):
+    _, spec = _conv_spec()
+    _run(data, lambda g, w: bind(convolution.unpatch_einsum_p, g, w, spec=spec, size=(4, 4),
+                                 kernel=(2, 2), stride=(1, 1), padding=(0, 0),
+                                 dilation=(1, 1)), [(3, 3, 3), (3, 2, 2, 2)])
+
+
+def case_batch_norm(data):
+    w, b = rand(1, (3, 1)), rand(2, (3, 1))
+    _run(data, lambda x: bind(batch_norm.batch_norm_p, x, T(w), T(b), axes=(-3, -1), eps=1e-5),
+         [(4, 3, 2)])
+
+
+CASES = {"einsum": case_einsum, "broadcast_to": case_broadcast_to, "identity": case_identity,
+         "reshape": case_reshape, "getitem": case_getitem, "scatter_add": case_scatter_add,
+         "assign": case_assign, "astype": case_astype, "concatenate": case_concatenate,
+         "copy": case_copy, "pad": case_pad, "where": case_where, "max": case_max,
+         "spread": case_spread, "softmax": case_softmax, "log_softmax": case_softmax,
+         "var": case_var, "prod": case_prod, "scan": case_scan, "cumsum": case_cumsum,
+         "normalize": case_normalize, "inv_std": case_inv_std, "layer_norm": case_layer_norm,
+         "patches": case_patches, "unpatch": case_unpatch, "patch_einsum": case_patch_einsum,
+         "unpatch_einsum": case_unpatch_einsum, "batch_norm": case_batch_norm,
+         **{n: (lambda n: lambda data: case_binary(data, n))(n) for n in BINARY},
+         **{n: (lambda n: lambda data: case_unary(data, n))(n) for n in UNARY
+            if n != "gelu_tanh"}}
+EXTRA = {"getitem (batched index)": case_getitem_batched_index, "stack": case_stack,
+         "where (mapped mask)": case_where_mapped_mask,
+         "gelu (tanh)": lambda data: case_unary(data, "gelu_tanh")}
+
+
+def all_primitives() -> dict:
+    found = {}
+    for m in (einsum_mod, shape, elementwise, reductions, norm, patches, convolution,
+              batch_norm):
+        for v in vars(m).values():
+            if isinstance(v, Primitive):
+                found[v.name] = v
+    return found
+
+
+def test_every_primitive_has_a_batching_rule_and_a_case():
+    prims = all_primitives()
+    assert [n for n, p in prims.items() if p.vmap is None] == []
+    assert sorted(set(prims) - set(CASES)) == []
+
+
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(EXTRA))
+@settings(max_examples=12)
+@given(data=st.data())
+def test_batching_rule_against_a_loop(name, data):
+    (CASES.get(name) or EXTRA[name])(data)
+
+
+def test_a_case_runs_its_primitives_rule():
+    # The table's cases reach the rule of the primitive they are named after.
+    prims = all_primitives()
+    ran = set()
+    saved = {n: p.vmap for n, p in prims.items()}
+    try:
+        for n, p in prims.items():
+            p.vmap = (lambda n, rule: lambda *a, **k: (ran.add(n), rule(*a, **k))[1])(n, saved[n])
+
+        @settings(max_examples=3, database=None)
+        @given(data=st.data())
+        def go(name, data):
+            CASES[name](data)
+        for name in CASES:
+            ran.discard(name)
+            go(name)
+            assert name in ran, name
+    finally:
+        for n, p in prims.items():
+            p.vmap = saved[n]
+
+
+# -- JAX's semantics ----------------------------------------------------------------------------
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+jax.config.update("jax_enable_x64", True)
+
+
+def same(ours, theirs):
+    a, b = jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(npy(x), np.asarray(y), **TOL)
+
+
+W, X, V = rand(0, (3, 4)), rand(1, (5, 4)), rand(2, (5, 3))
+
+
+def f_ours(w, x):
+    return eg.tanh(eg.einsum("oi,i->o", w, x)) * eg.sum(x * x)
+
+
+def f_jax(w, x):
+    return jnp.tanh(jnp.einsum("oi,i->o", w, x)) * jnp.sum(x * x)
+
+
+@pytest.mark.parametrize("in_axes,out_axes,args", [
+    ((None, 0), 0, (W, X)),
+    ((None, 0), 1, (W, X)),
+    ((None, 0), -1, (W, X)),
+    ((None, 1), 0, (W, X.T)),
+    ((None, -1), 0, (W, X.T)),
+    ([None, 0], 0, (W, X)),
+    ((0, 0), 0, (np.stack([W] * 5) * rand(3, (5, 1, 1)), X)),
+    ((2, None), 0, (np.moveaxis(np.stack([W, 2 * W]), 0, 2), X[0])),
+])
+def test_in_axes_and_out_axes_as_jax(in_axes, out_axes, args):
+    ours = vmap(f_ours, in_axes, out_axes)(*[xb(a) for a in args])
+    same(ours, jax.vmap(f_jax, in_axes, out_axes)(*args))
+
+
+def test_pytree_in_axes_out_axes_and_keyword_arguments_as_jax():
+    p = {"w": W, "b": rand(4, (5, 3))}
+
+    def ours(p, x, *, scale):
+        y = eg.einsum("oi,i->o", p["w"], x) + p["b"]
+        return {"y": y * scale, "n": (eg.sum(y), x)}
+
+    def theirs(p, x, *, scale):
+        y = jnp.einsum("oi,i->o", p["w"], x) + p["b"]
+        return {"y": y * scale, "n": (jnp.sum(y), x)}
+    in_axes = ({"w": None, "b": 0}, 0)
+    out_axes = {"y": 1, "n": (0, -1)}
+    pe = {"w": xb(p["w"]), "b": xb(p["b"])}
+    got = vmap(ours, in_axes, out_axes)(pe, xb(X), scale=xb(rand(5, (5,))))
+    same(got, jax.vmap(theirs, in_axes, out_axes)(p, X, scale=rand(5, (5,))))
+
+
+def test_unmapped_outputs_broadcast_or_pass_as_jax():
+    f = lambda w, x: (eg.sum(w), x * 2)  # noqa: E731
+    got = vmap(f, (None, 0), (None, 0))(xb(W), xb(X))
+    same(got, jax.vmap(lambda w, x: (jnp.sum(w), x * 2), (None, 0), (None, 0))(W, X))
+    got = vmap(f, (None, 0))(xb(W), xb(X))  # an unmapped output broadcast along the examples
+    same(got, jax.vmap(lambda w, x: (jnp.sum(w), x * 2), (None, 0))(W, X))
+
+
+def test_nested_vmap_as_jax():
+    A, C = rand(6, (2, 3, 4)), rand(7, (3, 4))
+    ours = vmap(vmap(lambda a, c: a * c + eg.sin(a).sum(), in_axes=(0, None)), in_axes=(0, None))
+    ours2 = vmap(vmap(lambda a, c: eg.einsum("i,i->", a, c), in_axes=(1, 0), out_axes=0),
+                 in_axes=(0, None), out_axes=1)
+    same(ours(xb(A), xb(C[0])), jax.vmap(jax.vmap(lambda a, c: a * c + jnp.sin(a).sum(),
+                                                  (0, None)), (0, None))(A, C[0]))
+    same(ours2(xb(A.transpose(0, 2, 1)), xb(C)),
+         jax.vmap(jax.vmap(lambda a, c: jnp.einsum("i,i->", a, c), (1, 0), 0),
+                  (0, None), 1)(A.transpose(0, 2, 1), C))
+
+
+def loss_ours(w, x):
+    return eg.sum(eg.tanh(eg.einsum("oi,i->o", w, x)) ** 2) + eg.sum(eg.softmax(x) * x)
+
+
+def loss_jax(w, x):
+    return jnp.sum(jnp.tanh(jnp.einsum("oi,i->o", w, x)) ** 2) + jnp.sum(jax.nn.softmax(x) * x)
+
+
+def _torch_vmap_hessian():
+    # torch.func here: jax.hessian's tracing alone takes seconds
+    torch = pytest.importorskip("torch")
+    w = torch.tensor(W)
+
+    def loss(x):
+        return (torch.tanh(w @ x) ** 2).sum() + (torch.softmax(x, 0) * x).sum()
+    return torch.func.vmap(torch.func.hessian(loss))(torch.tensor(X)).numpy()
+
+
+COMPOSED = {
+    "vmap(grad)": (lambda: vmap(eg.grad(loss_ours), (None, 0))(xb(W), xb(X)),
+                   lambda: jax.vmap(jax.grad(loss_jax), (None, 0))(W, X)),
+    "vmap(grad argnums)": (lambda: vmap(eg.grad(loss_ours, (0, 1)), (None, 0))(xb(W), xb(X)),
+                           lambda: jax.vmap(jax.grad(loss_jax, (0, 1)), (None, 0))(W, X)),
+    "grad(vmap)": (lambda: eg.grad(lambda w: vmap(loss_ours, (None, 0))(w, xb(X)).sum())(xb(W)),
+                   lambda: jax.grad(lambda w: jax.vmap(loss_jax, (None, 0))(w, X).sum())(W)),
+    "jacrev(vmap)": (lambda: eg.jacrev(lambda x: vmap(f_ours, (None, 0))(xb(W), x))(xb(X)),
+                     lambda: jax.jacrev(lambda x: jax.vmap(f_jax, (None, 0))(W, x))(X)),
+    "jacfwd(vmap)": (lambda: eg.jacfwd(lambda w: vmap(f_ours, (None, 0))(w, xb(X)))(xb(W)),
+                     lambda: jax.jacfwd(lambda w: jax.vmap(f_jax, (None, 0))(w, X))(W)),
+    "vmap(jacrev)": (lambda: vmap(eg.jacrev(f_ours), (None, 0))(xb(W), xb(X)),
+                     lambda: jax.vmap(jax.jacrev(f_jax), (None, 0))(W, X)),
+    "vmap(jacfwd) out_axes=1": (lambda: vmap(eg.jacfwd(f_ours, 1), (None, 0), 1)(xb(W), xb(X)),
+                                lambda: jax.vmap(jax.jacfwd(f_jax, 1), (None, 0), 1)(W, X)),
+    "vmap(hessian)": (lambda: vmap(eg.hessian(lambda x: loss_ours(xb(W), x)))(xb(X)),
+                      lambda: _torch_vmap_hessian()),
+    "vmap(jvp)": (lambda: vmap(lambda x, t: eg.jvp(lambda x: f_ours(xb(W), x), (x,), (t,)))(
+                      xb(X), xb(2 * X)),
+                  lambda: jax.vmap(lambda x, t: jax.jvp(lambda x: f_jax(W, x), (x,), (t,)))(
+                      X, 2 * X)),
+    "vmap(jvp) tangent unmapped": (
+        lambda: vmap(lambda x, t: eg.jvp(lambda x: f_ours(xb(W), x), (x,), (t,))[1],
+                     (0, None))(xb(X), xb(X[1])),
+        lambda: jax.vmap(lambda x, t: jax.jvp(lambda x: f_jax(W, x), (x,), (t,))[1],
+                         (0, None))(X, X[1])),
+    "vmap(vjp)": (lambda: vmap(lambda x, g: eg.vjp(lambda x: f_ours(xb(W), x), x)[1](g))(
+                      xb(X), xb(V)),
+                  lambda: jax.vmap(lambda x, g: jax.vjp(lambda x: f_jax(W, x), x)[1](g))(X, V)),
+    "vmap(vmap(grad))": (
+        lambda: vmap(vmap(eg.grad(loss_ours), (None, 0)), (0, None))(
+            xb(np.stack([W, 2 * W])), xb(X)),
+        lambda: jax.vmap(jax.vmap(jax.grad(loss_jax), (None, 0)), (0, None))(
+            np.stack([W, 2 * W]), X)),
+    "grad(vmap(grad))": (
+        lambda: eg.grad(lambda w: vmap(eg.grad(loss_ours, 1), (None, 0))(w, xb(X)).sum())(xb(W)),
+        lambda: jax.grad(lambda w: jax.vmap(jax.grad(loss_jax, 1), (None, 0))(w, X).sum())(W)),
+    "vmap(grad(vmap))": (
+        lambda: vmap(eg.grad(lambda w, xs: vmap(loss_ours, (None, 0))(w, xs).sum()),
+                     (0, None))(xb(np.stack([W, -W])), xb(X)),
+        lambda: jax.vmap(jax.grad(lambda w, xs: jax.vmap(loss_jax, (None, 0))(w, xs).sum()),
+                         (0, None))(np.stack([W, -W]), X)),
+    "vmap(batch_jacobian)": (
+        lambda: vmap(eg.batch_jacobian(lambda x: eg.tanh(x) * eg.sum(x, axis=1, keepdims=True)))(
+            xb(np.stack([X, X + 1]))),
+        lambda: jax.vmap(jax.vmap(jax.jacrev(lambda x: jnp.tanh(x) * jnp.sum(x))))(
+            np.stack([X, X + 1]))),
+    "vmap(elementwise_grad)": (
+        lambda: vmap(eg.elementwise_grad(lambda x: eg.sin(x) * 3.0))(xb(X)),
+        lambda: jax.vmap(jax.vmap(jax.grad(lambda x: jnp.sin(x) * 3.0)))(X)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSED))
+def test_composition_with_transforms_as_jax(name):
+    ours, theirs = COMPOSED[name]
+    same(ours(), theirs())
+
+
+def test_against_torch_func_vmap_with_in_dims():
+    torch = pytest.importorskip("torch")
+    f = lambda w, x: eg.softmax(eg.einsum("oi,i->o", w, x)) @ w  # noqa: E731
+    ft = lambda w, x: torch.softmax(w @ x, 0) @ w  # noqa: E731
+    got = vmap(f, in_axes=(None, 1), out_axes=1)(xb(W), xb(X.T))
+    want = torch.func.vmap(ft, in_dims=(None, 1), out_dims=1)(torch.tensor(W), torch.tensor(X.T))
+    np.testing.assert_allclose(npy(got), want.numpy(), **TOL)
+
+
+def test_grad_through_vmap_to_a_leaf_that_requires_grad():
+    x = eg.tensor(xb(X), requires_grad=True)
+    vmap(lambda x: loss_ours(xb(W), x))(x).sum().backward()
+    want = jax.grad(lambda x: jax.vmap(lambda x: loss_jax(W, x))(x).sum())(X)
+    np.testing.assert_allclose(npy(x.grad), np.asarray(want), **TOL)
+
+
+# -- reading, tracing, errors ---------------------------------------------------------------
+
+def test_a_trace_of_a_vmapped_function_prints_the_batched_einsum():
+    text = str(eg.trace(vmap(lambda x, w: eg.einsum("i,oi->o", x, w), in_axes=(0, None)),
+                        xb(X), xb(W)))
+    assert "einsum 'ai,oi->ao'" in text and "vjp 1: ao,ai->oi" in text
+
+
+def test_in_place_and_setitem_inside_vmap():
+    def f(x):
+        y = x * 1.0
+        y += 1.0
+        y[0] = eg.sum(x)
+        y[1:3] = y[1:3] * 2.0
+        return y
+    check(f, [X], 0)
+
+
+def test_writing_a_mapped_value_into_an_unmapped_tensor_raises():
+    # as torch.func.vmap: the tensor would need the mapped axis it does not have
+    def f(x):
+        y = eg.exp(xb(W[0]))
+        y[0] = x[0]
+        return y
+    with pytest.raises(RuntimeError, match="v is mapped and t is not"):
+        vmap(f)(xb(X))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="no argument is mapped"):
+        vmap(lambda x: x, None)(xb(X))
+    with pytest.raises(ValueError, match="different sizes"):
+        vmap(lambda x, y: x + y)(xb(X), xb(W))
+    with pytest.raises(ValueError, match="out_axes is None"):
+        vmap(lambda x: x, 0, None)(xb(X))
+    with pytest.raises(ValueError, match="out of range"):
+        vmap(lambda x: x, 2)(xb(X))
+    with pytest.raises(ValueError, match="in_axes"):
+        vmap(lambda x, y: x, (0,))(xb(X), xb(X))
+    with pytest.raises(ValueError, match="prefix"):
+        vmap(lambda p: p["a"], ({"b": 0},))({"a": xb(X)})
+
+
+@pytest.mark.parametrize("read", [float, lambda t: t.numpy(), lambda t: np.asarray(t), bool,
+                                  lambda t: t.item(), lambda t: t.data])
+def test_a_batched_value_cannot_be_read(read):
+    with pytest.raises(TracerConversionError, match="batched tensor inside vmap"):
+        vmap(lambda x: read(x[0]))(xb(X))
+
+
+def test_an_op_without_a_batching_rule_is_named():
+    p = Primitive("my_cube", lambda x: x ** 3)
+    with pytest.raises(NotImplementedError, match="'my_cube' has no batching rule"):
+        vmap(lambda x: bind(p, x))(xb(X))
+    from einsumgrad.extend import bind as tape_bind  # bound without the batching step
+    with pytest.raises(NotImplementedError, match="'my_cube' was bound without"):
+        vmap(lambda x: tape_bind(p, x))(xb(X))
+
+
+def test_an_escaped_batched_tensor_raises():
+    kept = []
+    vmap(lambda x: kept.append(x) or x)(xb(X))
+    with pytest.raises(RuntimeError, match="escaped"):
+        kept[0] * 2.0
+
+
+def test_a_per_example_mlp_equals_the_mlp_written_for_batches():
+    w1, w2 = rand(8, (6, 4)), rand(9, (2, 6))
+    one = lambda x: eg.einsum("oi,i->o", xb(w2), eg.tanh(eg.einsum("oi,i->o", xb(w1), x)))
+    many = np.tanh(X @ w1.T) @ w2.T
+    np.testing.assert_allclose(npy(vmap(one)(xb(X))), many, **TOL)
