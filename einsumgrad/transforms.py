@@ -33,6 +33,7 @@ import math
 from typing import Any, Callable, Sequence
 
 from .backends import backend_of
+from .distributed.blocks import is_dask, on_blocks
 from .plan import jacobian_of
 from .pytree import LEAF, TreeDef, flatten, tree_map, unflatten
 from .rules import concatenate, einsum_p, identity_p, reshape, transpose
@@ -405,6 +406,8 @@ def elementwise_grad(f: Callable, argnums=0) -> Callable:
         BatchMixingError: ``f`` mixes elements (names the op).
     """
     def wrapped(*args, **kwargs):
+        if is_dask(args):  # dask arrays: this transform on each block (distributed/)
+            return on_blocks(wrapped, argnums, None)(*args, **kwargs)
         nums = _argnums(argnums, len(args))
         args = list(args)
         for i in nums:
@@ -696,6 +699,9 @@ def directional(f: Callable, order: int = 1) -> Callable:
         raise ValueError("directional: order must be at least 1")
 
     def wrapped(x, v, **kwargs):
+        if is_dask((x, v)):  # blocks of rows, once batch_jacobian(f) proves f keeps them apart
+            rows_apart = lambda x, v, **kw: batch_jacobian(f)(x, **kw)  # noqa: E731
+            return on_blocks(wrapped, (0, 1), 1, check=rows_apart)(x, v, **kwargs)
         g = lambda y: f(y, **kwargs)
         for _ in range(order):
             g = (lambda h: lambda y: jvp(h, (y,), (v,))[1])(g)
@@ -758,6 +764,8 @@ def batch_jacobian(f: Callable, argnums=0, batch_ndim: int = 1, *,
     _check_chunk_size(chunk_size)
 
     def wrapped(*args, **kwargs):
+        if is_dask(args):  # dask arrays: this transform on each block of rows (distributed/)
+            return on_blocks(wrapped, argnums, batch_ndim)(*args, **kwargs)
         nums = _argnums(argnums, len(args))
         trees, leaves = [], []
         for i in nums:
