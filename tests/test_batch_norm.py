@@ -190,3 +190,47 @@ def test_float32_statistics_of_a_large_mean(rng):
     want = torch.nn.functional.batch_norm(torch.tensor(x, dtype=torch.float64), None, None,
                                           training=True).numpy()
     np.testing.assert_allclose(y, want, atol=2e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_relu_after_batch_norm_is_one_op_matching_torch(rng, channels_last, dtype):
+    # F.relu of a recorded batch norm's output joins the norm's op: torch's values
+    # and gradients, the fused backward equal to the rules, and the output left alone.
+    x = rng.standard_normal((8, 3, 4, 5)) * 2 + 1
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    g = rng.standard_normal(x.shape)
+    ours, theirs = twins("BatchNorm2d", 3)
+    ours.to(dtype)
+    tol = TOL if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    xt = torch.tensor(x, requires_grad=True)
+    ty = torch.relu(theirs(xt))
+    ty.backward(torch.tensor(g))
+    grads = []
+    for create_graph in (False, True):
+        xe = eg.tensor(xb(x.astype(dtype)), requires_grad=True)
+        y = ours(xe)
+        before = npy(y).copy()
+        r = nn.ReLU()(y)
+        assert r.node.params["relu"] and r.node.prim is y.node.prim
+        np.testing.assert_array_equal(npy(y), before)
+        np.testing.assert_allclose(npy(r), ty.detach().numpy(), **tol)
+        r.backward(xb(g.astype(dtype)), create_graph=create_graph)
+        grads.append([npy(t.grad) for t in (xe, ours.weight, ours.bias)])
+        ours.zero_grad()
+    want = [xt.grad.numpy(), theirs.weight.grad.numpy(), theirs.bias.grad.numpy()]
+    for fused, rule, w in zip(*grads, want):
+        np.testing.assert_allclose(fused, w, **tol)
+        np.testing.assert_allclose(fused, rule, **tol)
+
+
+def test_relu_after_batch_norm_second_order_and_changed_output(rng):
+    x = rng.standard_normal((6, 2, 3, 3))
+    bn = on_backend(nn.BatchNorm2d(2))
+    check_grads(lambda x: F.relu(bn(x)), xb(x), order=2)
+    y = bn(eg.tensor(xb(x), requires_grad=True))
+    with eg.no_grad():
+        y += 1.0  # changed in place since recorded: a plain ReLU of the new values
+    r = F.relu(y)
+    assert r.node.prim.name == "relu"

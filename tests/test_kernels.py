@@ -387,3 +387,45 @@ def test_patches_copied_in_one_pass_equal_the_strided_view(case):
     view = patches_array(x, kernel, stride, padding, contiguous=False)
     np.testing.assert_array_equal(npy(patches_array(x, kernel, stride, padding, contiguous=True)),
                                   npy(view))
+
+
+@pytest.mark.parametrize("shape,layout", [((6, 3, 4, 5), "nchw"), ((6, 3, 4, 5), "last"),
+                                          ((7, 3), "nchw"), ((6, 3, 4, 5), "strided")])
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_kernels_equal_the_formulas(rng, shape, layout, relu):
+    # numba's batch norm (statistics, output, fused VJP) against the formulas of the
+    # NumPy passes it replaces, in either memory order; a layout with no (N, C, M)
+    # view, or an array of another type (the strict stand-in's), declines.
+    from einsumgrad.backends import kernels
+    if not kernels.available():
+        pytest.skip("numba kernels not installed")
+    x = rng.standard_normal(shape) * 2 + 1
+    if layout == "last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    elif layout == "strided":
+        x = np.repeat(x, 2, axis=2)[:, :, ::2]
+    c = shape[1]
+    w, b = rng.uniform(0.5, 1.5, c), rng.standard_normal(c)
+    got = kernels.batch_norm(x, w, b, 1e-5, relu)
+    if layout == "strided":
+        assert got is None
+        return
+    assert kernels.batch_norm(x.view(type("Sub", (np.ndarray,), {})), w, b, 1e-5) is None
+    kept = (c,) + (1,) * (x.ndim - 2)
+    axes = (-x.ndim,) + tuple(range(2 - x.ndim, 0))
+    y, mean, var, s = got
+    assert y.strides == x.strides
+    xhat = (x - mean.reshape(kept)) * s.reshape(kept)
+    ref = xhat * w.reshape(kept) + b.reshape(kept)
+    np.testing.assert_allclose(y, np.maximum(ref, 0) if relu else ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, x.var(axis=tuple(a % x.ndim for a in axes)), rtol=1e-12)
+    g = rng.standard_normal(shape)  # C order, whatever x's layout
+    dx, dw, db = kernels.batch_norm_vjp(g, y, x, mean, s, w, relu)
+    gm = g * (y > 0) if relu else g
+    red = tuple(a % x.ndim for a in axes)
+    n = x.size // c
+    want_dx = (w * s).reshape(kept) * (gm - gm.sum(red, keepdims=True) / n
+                                       - xhat * (gm * xhat).sum(red, keepdims=True) / n)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dw, (gm * xhat).sum(red), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(db, gm.sum(red), rtol=1e-10, atol=1e-12)

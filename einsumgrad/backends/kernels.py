@@ -22,7 +22,11 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
 * ``window_max`` and ``window_max_vjp``: max pooling's tiling windows, the
   max and its VJP (mask, even split between ties, spread) in one pass each,
   on NCHW or channels-last images (NumPy: a fold over strided slices, and
-  four passes back).
+  four passes back);
+* ``batch_norm`` and ``batch_norm_vjp``: training-mode batch norm over the
+  channels (axis 1) of NCHW or channels-last images, the statistics and the
+  output in three passes, the VJP in two (NumPy: about ten each way), with a
+  following ReLU's max and mask fused in on request.
 
 The engine-op rules stay the definition: the VJPs only serve a backward that
 records nothing, and the tests hold every kernel to the NumPy path or the
@@ -161,9 +165,102 @@ def _build(numba, cache: bool) -> dict:
                             hit = v == m or (v != v and m != m)
                             dx[b, i, w, j, c] = share[c] if hit else 0
 
+    # Batch norm, one pass over x each, in two layouts of C order: (N, M, C),
+    # channels-last, with per-channel sums in vectors of C along the rows; and
+    # (N, C, M) (the ``_by_row`` twins), each channel's M entries a row.
+    @numba.njit(inline="always", **opts)
+    def relu_grad(g, y):
+        # relu's rule on its output y: g where y > 0, 0 where y is 0, NaN at NaN
+        return g if y > 0 else g * 0 if y == 0 else g * y
+
+    @numba.njit(**opts)
+    def channel_sums(x, mean, s, out):
+        # out[c] += sum of x[:, :, c] (mean None), else of ((x - mean) * s)^2
+        for i in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                for c in range(x.shape[2]):
+                    if mean is None:
+                        out[c] += x[i, j, c]
+                    else:
+                        d = (x[i, j, c] - mean[c]) * s[c]
+                        out[c] += d * d
+
+    @numba.njit(**opts)
+    def channel_sums_by_row(x, mean, s, out):
+        for i in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                t = out[c] * 0
+                for j in range(x.shape[2]):
+                    if mean is None:
+                        t += x[i, c, j]
+                    else:
+                        d = (x[i, c, j] - mean[c]) * s[c]
+                        t += d * d
+                out[c] += t
+
+    @numba.njit(**opts)
+    def batch_norm(x, mean, a, b, y, relu):
+        # y = (x - mean) * a + b (a = s * w), then relu's max(y, 0) (NaN stays)
+        for i in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                for c in range(x.shape[2]):
+                    v = (x[i, j, c] - mean[c]) * a[c] + b[c]
+                    y[i, j, c] = v if not relu or v != v else max(v, 0)
+
+    @numba.njit(**opts)
+    def batch_norm_by_row(x, mean, a, b, y, relu):
+        for i in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                for j in range(x.shape[2]):
+                    v = (x[i, c, j] - mean[c]) * a[c] + b[c]
+                    y[i, c, j] = v if not relu or v != v else max(v, 0)
+
+    @numba.njit(**opts)
+    def batch_norm_sums(g, y, x, mean, s, sg, sgx, relu):
+        # sg[c] += sum of g, sgx[c] += sum of g * xhat (relu's rule first with relu)
+        for i in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                for c in range(x.shape[2]):
+                    gv = relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
+                    sg[c] += gv
+                    sgx[c] += gv * ((x[i, j, c] - mean[c]) * s[c])
+
+    @numba.njit(**opts)
+    def batch_norm_sums_by_row(g, y, x, mean, s, sg, sgx, relu):
+        for i in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                t, u = sg[c] * 0, sg[c] * 0
+                for j in range(x.shape[2]):
+                    gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
+                    t += gv
+                    u += gv * ((x[i, c, j] - mean[c]) * s[c])
+                sg[c] += t
+                sgx[c] += u
+
+    @numba.njit(**opts)
+    def batch_norm_dx(g, y, x, mean, s, a, mg, mgx, dx, relu):
+        # dx = w s (g - mean(g) - xhat mean(g xhat)), a = w s
+        for i in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                for c in range(x.shape[2]):
+                    gv = relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
+                    dx[i, j, c] = a[c] * (gv - mg[c] - (x[i, j, c] - mean[c]) * s[c] * mgx[c])
+
+    @numba.njit(**opts)
+    def batch_norm_dx_by_row(g, y, x, mean, s, a, mg, mgx, dx, relu):
+        for i in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                for j in range(x.shape[2]):
+                    gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
+                    dx[i, c, j] = a[c] * (gv - mg[c] - (x[i, c, j] - mean[c]) * s[c] * mgx[c])
+
     return {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp,
             "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
-            "window_max": window_max, "window_max_vjp": window_max_vjp}
+            "window_max": window_max, "window_max_vjp": window_max_vjp,
+            "channel_sums": (channel_sums, channel_sums_by_row),
+            "batch_norm": (batch_norm, batch_norm_by_row),
+            "batch_norm_sums": (batch_norm_sums, batch_norm_sums_by_row),
+            "batch_norm_dx": (batch_norm_dx, batch_norm_dx_by_row)}
 
 
 def _kernels() -> dict | None:
@@ -355,3 +452,103 @@ def window_max_vjp(x, out, g):
     if back == (0, 3, 1, 2):
         return dx.reshape(b, ho, kh, wo, kw, c).transpose(0, 5, 1, 2, 3, 4)
     return dx.reshape(x.shape)
+
+
+def _by_channel(x):
+    """``x`` ``(N, C, ...)`` as a C-ordered view, ``(N, C, M)`` (``by_row``) or
+    ``(N, M, C)`` (channels-last), and ``by_row``; None where it is neither."""
+    if (type(x) is not numpy.ndarray or x.dtype not in _KINDS or x.ndim < 2 or x.size == 0
+            or _kernels() is None):
+        return None
+    try:
+        v = x.reshape(x.shape[0], x.shape[1], -1, copy=False)
+    except ValueError:  # no (N, C, M) view of this layout
+        return None
+    if v.flags.c_contiguous and v.shape[2] > 1:
+        return v, True
+    v = v.transpose(0, 2, 1)  # (N, 1, C) for (N, C): rows along the channels
+    return (v, False) if v.flags.c_contiguous else None
+
+
+def _run_layout(name: str, by_row: bool, *args):
+    return _compiled[name][by_row](*args)
+
+
+def batch_norm(x, weight, bias, eps: float, relu: bool = False):
+    """Batch norm of ``x`` ``(N, C, ...)`` over every axis but the channels (1),
+    with the batch's statistics, in three passes over ``x``; or None.
+
+    Two passes for the statistics (the mean, then the squared deviations from
+    it), summed in float64, and one writing ``y``, laid out as ``x``.
+
+    Args:
+        weight, bias: ``C`` entries each, ``x``'s dtype.
+        relu: write ``max(y, 0)`` instead (a ReLU fused after the norm).
+
+    Returns:
+        ``(y, mean, var, s)``: the output, the batch mean and biased variance,
+        and ``s = 1 / sqrt(var + eps)``, the last three ``(C,)``.
+    """
+    view = _by_channel(x)
+    if view is None or not all(_vector(v, x.dtype, x.shape[1]) for v in (weight, bias)):
+        return None
+    (v, by_row), c, t = view, x.shape[1], x.dtype.type
+    n = x.size // c
+    acc = numpy.zeros(c)
+    _run_layout("channel_sums", by_row, v, None, None, acc)
+    mean = (acc / n).astype(x.dtype)
+    acc[:] = 0
+    _run_layout("channel_sums", by_row, v, mean, numpy.ones(c, x.dtype), acc)
+    var = (acc / n).astype(x.dtype)
+    s = t(1) / numpy.sqrt(var + t(eps))
+    y = _laid_out_as(x, v, by_row)
+    _run_layout("batch_norm", by_row, v, mean, s * weight.reshape(-1), bias.reshape(-1),
+                y[1], relu)
+    return y[0], mean, var, s
+
+
+def batch_norm_vjp(g, y, x, mean, s, weight, relu: bool = False):
+    """The VJP of :func:`batch_norm` (the rules of
+    :data:`einsumgrad.rules.batch_norm.batch_norm_p`) in two passes, or None.
+
+    Args:
+        g: the cotangent, shaped and typed as ``x``.
+        y: the forward's output (read for the ReLU's mask with ``relu``).
+        x, mean, s, weight: the forward's input and statistics (``(C,)`` each).
+
+    Returns:
+        ``(dx, dweight, dbias)``: ``dx = w s (g - mean(g) - xhat mean(g xhat))``
+        with ``xhat = (x - mean) s``, ``dweight = sum(g xhat)``, ``dbias = sum(g)``
+        (``g`` masked by the ReLU's rule first with ``relu``).
+    """
+    view = _by_channel(x)
+    if (view is None or type(g) is not numpy.ndarray or g.shape != x.shape
+            or g.dtype != x.dtype or type(y) is not numpy.ndarray or y.shape != x.shape
+            or not all(_vector(a, x.dtype, x.shape[1]) for a in (mean, s, weight))):
+        return None
+    (v, by_row), c = view, x.shape[1]
+    gv = _like(g, x, v, by_row)
+    yv = _like(y, x, v, by_row) if relu else gv
+    mean, s, w = (a.reshape(-1) for a in (mean, s, weight))
+    n = x.size // c
+    sg, sgx = numpy.zeros(c), numpy.zeros(c)
+    _run_layout("batch_norm_sums", by_row, gv, yv, v, mean, s, sg, sgx, relu)
+    dx, dv = _laid_out_as(x, v, by_row)
+    _run_layout("batch_norm_dx", by_row, gv, yv, v, mean, s, w * s, (sg / n).astype(x.dtype),
+                (sgx / n).astype(x.dtype), dv, relu)
+    return dx, sgx.astype(x.dtype), sg.astype(x.dtype)
+
+
+def _laid_out_as(x, v, by_row: bool) -> tuple:
+    """An empty array shaped as ``x`` and the same C-ordered view of it as ``v`` is of ``x``."""
+    e = numpy.empty(v.shape, x.dtype)
+    return (e if by_row else e.transpose(0, 2, 1)).reshape(x.shape), e
+
+
+def _like(a, x, v, by_row: bool):
+    """``a`` (shaped as ``x``) viewed as ``v`` is, copied into that layout if it is not."""
+    if a.strides == x.strides:
+        return a.reshape(x.shape[0], x.shape[1], -1).transpose((0, 1, 2) if by_row else (0, 2, 1))
+    b, e = _laid_out_as(x, v, by_row)
+    b[...] = a
+    return e

@@ -15,7 +15,7 @@ from .. import rules as ops
 from ..backends import backend_of
 from ..rules import add_bias, as_pair, einsum_spec, layer_norm, patch_einsum, patches, unpatch
 from ..rules import unpatch_einsum  # noqa: F401  (re-exported)
-from ..rules.batch_norm import batch_norm_train
+from ..rules.batch_norm import batch_norm_train, relu_of
 from ..spec import parse
 from ..tensor import Tensor, as_tensor
 from .losses import (binary_cross_entropy_with_logits, cross_entropy, l1_loss, labels_array,
@@ -27,7 +27,7 @@ __all__ = ["linear", "conv1d", "conv2d", "batch_norm", "max_pool2d", "avg_pool2d
            "unpatch", "patch_einsum", "unpatch_einsum", "relu", "gelu", "sigmoid", "tanh",
            "softmax", "log_softmax"]
 
-relu, gelu, softmax, log_softmax = ops.relu, ops.gelu, ops.softmax, ops.log_softmax
+gelu, softmax, log_softmax = ops.gelu, ops.softmax, ops.log_softmax
 sigmoid, tanh = ops.sigmoid, ops.tanh
 
 
@@ -35,6 +35,15 @@ def linear(x: Any, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x @ w.T + b``: the einsum ``'...i,oi->...o'`` with ``w`` of shape ``(out, in)``."""
     y = ops.einsum("...i,oi->...o", x, w)
     return y if b is None else add_bias(y, b)
+
+
+def relu(x: Any) -> Tensor:
+    """``max(x, 0)``. On the output of a training-mode batch norm it is recorded
+    as one op with the norm (the same values and derivatives): the backward
+    then masks the cotangent inside the norm's fused pass, not in passes of
+    its own."""
+    fused = relu_of(x) if isinstance(x, Tensor) else None
+    return ops.relu(x) if fused is None else fused
 
 
 def _promoted(*ts: Tensor) -> list:

@@ -211,7 +211,7 @@ class ReLU(Module):
         super().__init__()
 
     def forward(self, x: Any) -> Tensor:
-        return ops.relu(x)
+        return F.relu(x)
 
 
 class GELU(Module):
