@@ -12,6 +12,8 @@ backends, the rules on the tape, and the transforms on top of those:
 * :mod:`einsumgrad.rules`: every primitive beside its VJP, JVP and batch rule;
 * :mod:`einsumgrad.transforms`: grad, vjp, jvp, jacrev, jacfwd, hessian, ...;
 * :mod:`einsumgrad.numpy_api`: NumPy's functions on Tensors, run as einsumgrad ops;
+* :mod:`einsumgrad.program`: trace once into a Program (read it, emit NumPy source, jit it);
+* :mod:`einsumgrad.distributed`: the batch transforms on dask arrays, blocks of rows on workers;
 * :mod:`einsumgrad.extend`: what a person adding a primitive imports.
 """
 import numpy as _numpy
@@ -21,6 +23,7 @@ from .backends import backend_of as _backend_of
 from .defaults import get_default_dtype, set_default_dtype
 from .derive import derive
 from .explain import Tape, explain, trace
+from .program import Program, TraceError, jit, make_program
 from .creation import (arange, eye, from_dlpack, full, linspace, ones, ones_like, zeros,
                        zeros_like)
 from .rules import (abs, argmax, argmin, astype, clamp, clip, concatenate, copy, cos, cumsum,
@@ -48,8 +51,9 @@ def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
         TypeError: ``requires_grad`` on a non-floating dtype (complex included:
             einsumgrad does not differentiate complex values).
     """
-    if isinstance(data, Tensor):
-        data = data.data
+    if isinstance(data, Tensor):  # a copy through the backend (inside a program trace too)
+        xp = _backend_of(data.data)
+        return Tensor(xp.asarray(data.data, dtype=dtype).copy(), requires_grad=requires_grad)
     if _backend_of(data).name != "numpy":  # a device array (CuPy, the tests' strict) stays put
         arr = data if dtype is None else data.astype(dtype)
     else:

@@ -45,12 +45,13 @@ def assert_product_close(got, a, b, c=None):
                                   f"{err[worst]:.3g} > {bound[worst]:.3g} ({k}-term products)")
 
 
-def test_mkl_is_used_when_installed():
+def test_mkl_loads_when_installed_and_the_backend_chooses_by_measurement():
     # make test installs the mkl wheel on Linux x86: the kernels must load there
-    # (unless EINSUMGRAD_MKL=0), so the tests below run rather than skip.
+    # (unless EINSUMGRAD_MKL=0), so the tests below run rather than skip; the
+    # backend's matmul then picks MKL's or NumPy's per size (test_blas_choice.py).
     if _mkl_installed():
         assert None not in (mkl.matmul, mkl.erf, mkl.normal_cdf)
-        assert backend.NUMPY.matmul is mkl.matmul
+        assert backend.NUMPY.matmul is mkl.chosen_matmul
     else:
         assert backend.NUMPY.matmul is np.matmul
 
