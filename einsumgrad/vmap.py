@@ -405,6 +405,20 @@ def _keep_batch_term(k: int, g: Tensor, t: Tensor, ins: Sequence[Tensor], spec: 
     return _Term(Spec(p.fused.inputs, (b,) + p.fused.output), ops, spec, k)
 
 
+def _run_term(term: _Term) -> Tensor:
+    """The per-sample gradient a term stands for. An outer product per example (two
+    operands, nothing summed: a dense layer's ``'bo,bi->boi'``) runs as a batched
+    matmul over a size-1 index: the backend's GEMM (MKL's, threaded) writes the
+    ``(B, o, i)`` result 2-3x faster than a broadcast multiply does."""
+    spec, ops = term.spec, term.ops
+    summed = set(spec.labels) - set(spec.output)
+    if len(ops) == 2 and not summed and all(o.ndim == len(t) for o, t in zip(ops, spec.inputs)):
+        (k,) = fresh(spec.labels, 1)
+        spec = Spec(tuple(t + (k,) for t in spec.inputs), spec.output)
+        ops = [reshape(o, o.shape + (1,)) for o in ops]
+    return einsum_spec(spec, *ops)
+
+
 # Primitives whose VJP rules broadcast an input against the output (NumPy's rules):
 # a parameter given the batch axis as a size-B broadcast gets its VJP per example.
 _LIFTED = {add_p, sub_p, mul_p, div_p, pow_p, where_p, add_bias_p, maximum_p, minimum_p,
@@ -453,8 +467,7 @@ def _per_sample_vjp(prim, k: int, g: Tensor, t: Tensor, ins: Sequence[Tensor],
     """Input ``k``'s VJP per example, ``(B,) + x.shape``, where ``t`` is batched and
     input ``k`` (on the parameters' side) is not."""
     if prim is einsum_p:
-        term = _keep_batch_term(k, g, t, ins, params["spec"])
-        return einsum_spec(term.spec, *term.ops)
+        return _run_term(_keep_batch_term(k, g, t, ins, params["spec"]))
     if prim is getitem_p:
         return _per_sample_scatter(g, t, ins[0], params["index"], params["nb"])
     if prim in PER_SAMPLE:

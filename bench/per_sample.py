@@ -1,0 +1,201 @@
+"""Per-sample gradients, their norms, and vmap (issue 18): ``python bench/per_sample.py``.
+
+Three cases, float32, each timed beside its peer in this one run:
+
+* per-sample gradients of an MLP 784-256-256-10 (tanh, cross-entropy), B = 256:
+  ``eg.per_sample_grad`` against ``torch.func.vmap(torch.func.grad(loss))``
+  (target <= 0.8x);
+* per-sample gradient norms of a sequence model (``'bti,oi->bto'`` layers
+  512-512-512, tanh, squared error), B = 32, T = 16: ``eg.per_sample_grad_norm``
+  against ``vmap(grad)`` and the norms of its result (targets <= 0.3x the time,
+  <= 0.2x the peak memory, each measured in a child process of its own: the peak
+  resident memory above what the process held before the call);
+* ``eg.vmap`` of a per-example MLP (784-256-256-10, tanh) on 256 examples against
+  the same MLP written for batches (target <= 1.2x).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import einsumgrad as eg  # noqa: E402
+from einsumgrad.nn import functional as F  # noqa: E402
+from einsumgrad.vmap import per_sample_grad, per_sample_grad_norm, vmap  # noqa: E402
+
+from common import median_time, report  # noqa: E402
+
+try:
+    import torch
+    from torch.func import grad as t_grad, vmap as t_vmap
+except ImportError:  # the torch columns are skipped
+    torch = None
+
+MLP, B_MLP = (784, 256, 256, 10), 256
+SEQ, B_SEQ, T_SEQ = (512, 512, 512), 32, 16
+
+
+def _layers(sizes, rng):
+    return [((rng.standard_normal((o, i)) / np.sqrt(i)).astype(np.float32),
+             (0.1 * rng.standard_normal(o)).astype(np.float32))
+            for i, o in zip(sizes[:-1], sizes[1:])]
+
+
+def mlp_case(rng):
+    """The MLP's parameters (a dict), inputs and labels; our per-example loss and torch's."""
+    layers = _layers(MLP, rng)
+    params = {f"{k}{n}": v for n, (w, b) in enumerate(layers) for k, v in (("w", w), ("b", b))}
+    x = rng.standard_normal((B_MLP, MLP[0])).astype(np.float32)
+    y = rng.integers(0, MLP[-1], B_MLP)
+
+    def loss(p, x, y):
+        h = x
+        for n in range(len(layers)):
+            h = F.linear(h, p[f"w{n}"], p[f"b{n}"])
+            h = eg.tanh(h) if n < len(layers) - 1 else h
+        return F.cross_entropy(h, y, reduction="none")
+
+    def t_loss(p, x, y):  # one example
+        h = x
+        for n in range(len(layers)):
+            h = h @ p[f"w{n}"].T + p[f"b{n}"]
+            h = torch.tanh(h) if n < len(layers) - 1 else h
+        return torch.nn.functional.cross_entropy(h[None], y[None])
+    return params, x, y, loss, t_loss
+
+
+def seq_case(rng):
+    w = {f"w{n}": w for n, (w, _) in enumerate(_layers(SEQ, rng))}
+    x = rng.standard_normal((B_SEQ, T_SEQ, SEQ[0])).astype(np.float32)
+    y = rng.standard_normal((B_SEQ, T_SEQ, SEQ[-1])).astype(np.float32)
+
+    def loss(p, x, y):
+        h = eg.tanh(eg.einsum("bti,oi->bto", x, p["w0"]))
+        return ((eg.einsum("bti,oi->bto", h, p["w1"]) - y) ** 2).sum(axis=(1, 2))
+
+    def t_loss(p, x, y):  # one example
+        h = torch.tanh(torch.einsum("ti,oi->to", x, p["w0"]))
+        return ((torch.einsum("ti,oi->to", h, p["w1"]) - y) ** 2).sum()
+    return w, x, y, loss, t_loss
+
+
+def _torch(tree):
+    return {k: torch.tensor(v) for k, v in tree.items()}
+
+
+def _torch_norms(t_loss, tp, tx, ty):
+    g = t_vmap(t_grad(t_loss), in_dims=(None, 0, 0))(tp, tx, ty)
+    return torch.sqrt(sum((v.reshape(v.shape[0], -1) ** 2).sum(1) for v in g.values()))
+
+
+def child_peak(which: str) -> dict:
+    """In a child process: the peak resident memory one call of the norms takes above
+    what the process held before it (the kernel's peak counter reset just before)."""
+    import ctypes
+    import gc
+    rng = np.random.default_rng(0)
+    w, x, y, loss, t_loss = seq_case(rng)
+    if which == "ours":
+        call = lambda: np.asarray(per_sample_grad_norm(loss)(w, x, y))  # noqa: E731
+    else:
+        tp, tx, ty = _torch(w), torch.tensor(x), torch.tensor(y)
+        call = lambda: _torch_norms(t_loss, tp, tx, ty).numpy()  # noqa: E731
+    call()  # plans, caches, lazy initialisation
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM, the peak resident set size
+    before = _status("VmRSS")
+    call()
+    return {"peak": _status("VmHWM") - before}
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _peak(which: str) -> int | None:
+    env = {k: v for k, v in os.environ.items() if k != "EINSUMGRAD_BENCH_MALLOC"}
+    env["EINSUMGRAD_BENCH_MALLOC"] = "default"
+    done = subprocess.run([sys.executable, __file__, "--peak", which], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if done.returncode:
+        print(done.stderr[-2000:])
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    params, x, y, loss, t_loss = mlp_case(rng)
+    times = {"eg.per_sample_grad": median_time(lambda: per_sample_grad(loss)(params, x, y))}
+    if torch is not None:
+        tp, tx, ty = _torch(params), torch.tensor(x), torch.tensor(y)
+        f = t_vmap(t_grad(t_loss), in_dims=(None, 0, 0))
+        times["torch.func.vmap(grad)"] = median_time(lambda: f(tp, tx, ty))
+    report(f"per-sample gradients, MLP {'-'.join(map(str, MLP))} tanh + cross-entropy, "
+           f"B={B_MLP}, float32", times, ours="eg.per_sample_grad",
+           targets={"torch.func.vmap(grad)": 0.8})
+
+    w, xs, ys, sloss, st_loss = seq_case(rng)
+    times = {"eg.per_sample_grad_norm": median_time(
+        lambda: per_sample_grad_norm(sloss)(w, xs, ys))}
+    if torch is not None:
+        tp, tx, ty = _torch(w), torch.tensor(xs), torch.tensor(ys)
+        times["torch.func.vmap(grad) + norms"] = median_time(
+            lambda: _torch_norms(st_loss, tp, tx, ty))
+    report(f"per-sample gradient norms, 'bti,oi->bto' {'-'.join(map(str, SEQ))} tanh, "
+           f"B={B_SEQ}, T={T_SEQ}, float32", times, ours="eg.per_sample_grad_norm",
+           targets={"torch.func.vmap(grad) + norms": 0.3})
+    print("  " + per_sample_grad_norm(sloss).explain(w, xs, ys).replace("\n", "\n  "))
+    if torch is not None and os.path.exists("/proc/self/clear_refs"):
+        ours, theirs = _peak("ours"), _peak("torch")
+        if ours is not None and theirs:
+            r = ours / theirs
+            print(f"  peak memory above the inputs: ours {ours / 2 ** 20:.1f} MiB, torch "
+                  f"{theirs / 2 ** 20:.1f} MiB: {r:.3f}x (target <= 0.2x: "
+                  f"{'met' if r <= 0.2 else 'MISSED'})")
+
+    layers = _layers(MLP, rng)
+    xb = rng.standard_normal((B_MLP, MLP[0])).astype(np.float32)
+
+    def one(x):  # written for one example
+        for n, (w_, b_) in enumerate(layers):
+            x = eg.einsum("oi,i->o", w_, x) + b_
+            x = eg.tanh(x) if n < len(layers) - 1 else x
+        return x
+
+    def batch(x):  # the same, written for batches
+        for n, (w_, b_) in enumerate(layers):
+            x = eg.einsum("bi,oi->bo", x, w_) + b_
+            x = eg.tanh(x) if n < len(layers) - 1 else x
+        return x
+    np.testing.assert_allclose(np.asarray(vmap(one)(xb)), np.asarray(batch(xb)), rtol=1e-4,
+                               atol=1e-5)
+    times = {"eg.vmap(per-example MLP)": median_time(lambda: vmap(one)(xb)),
+             "the MLP written for batches": median_time(lambda: batch(xb))}
+    report(f"vmap, MLP {'-'.join(map(str, MLP))} tanh forward, {B_MLP} examples, float32",
+           times, ours="eg.vmap(per-example MLP)", targets={"the MLP written for batches": 1.2})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--peak":
+        print(json.dumps(child_peak(sys.argv[2])))
+    else:
+        from common import keep_freed_memory
+        print(keep_freed_memory())
+        if torch is not None:
+            torch.set_num_threads(os.cpu_count() or 1)
+            print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+        main()
