@@ -26,22 +26,21 @@ import numpy
 
 from .backends import backend_of
 from .derive import batched, vjp_pattern
-from .pytree import LEAF, TreeDef, flatten, unflatten
-from .rules.einsum import einsum_p
-from .rules.shape import getitem_p
 from .plan import path_info
-from .rules.elementwise import (add_bias_p, add_p, div_p, maximum_p, minimum_p, mul_p, pow_p,
-                                remainder_p, sub_p, where_p)
+from .pytree import TreeDef, flatten, unflatten
 from .rules.batch_norm import batch_norm_p
 from .rules.convolution import patch_einsum_p, unpatch_einsum_p
+from .rules.einsum import broadcast_to, constant_like, einsum_p, einsum_spec, moveaxis, transpose
+from .rules.elementwise import (add_bias_p, add_p, div_p, maximum_p, minimum_p, mul_p, pow_p,
+                                remainder_p, sub_p, where_p)
 from .rules.norm import layer_norm_p
 from .rules.patches import patches_p, unpatch_p
-from .rules.einsum import broadcast_to, constant_like, einsum_spec, moveaxis, transpose
 from .rules.shape import (Batched, _adv_start, _advanced, _as_tuple, active_levels,
-                          batch_index_arrays, bind, broadcast, pop_level, push_level, reshape,
-                          same_op, scatter_add)
+                          batch_index_arrays, bind, broadcast, getitem_p, pop_level, push_level,
+                          reshape, same_op, scatter_add)
 from .spec import ELLIPSIS, FRESH, Spec, fresh, render
 from .tensor import BatchMixingError, Tensor, as_tensor, no_grad, state, toposort
+from .transforms import _argnums, _per_arg, _trace
 
 __all__ = ["vmap", "per_sample_grad", "per_sample_grad_norm"]
 
@@ -271,7 +270,6 @@ class _Pass:
     """``f`` traced once with the batch axis tracked, and its per-sample reverse pass."""
 
     def __init__(self, f: Callable, argnums, args: tuple, kwargs: dict):
-        from .transforms import _argnums, _per_arg, _trace
         if active_levels():
             raise NotImplementedError("per_sample_grad inside vmap: call it outside, or use "
                                       "vmap(grad(f)) on a per-example f")

@@ -88,7 +88,8 @@ class Batched(Tensor):
             raise NotImplementedError(
                 f"op {prim.name!r} was bound without einsumgrad's batching step "
                 f"(einsumgrad.rules.shape.bind), so vmap cannot run it")
-        raise TracerConversionError(_NO_VALUE.format(what="its array"))
+        where = f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} ({f.f_code.co_name})"
+        raise TracerConversionError(_NO_VALUE.format(what=f"its array (read at {where})"))
 
     def __len__(self) -> int:
         if self.ndim == 0:
