@@ -20,6 +20,7 @@ from ..derive import JVP, VJP, Jacobian, batched, derive, install_runner, vjp_pa
 from ..plan import CACHE_SIZE, Bounded, contract, jacobian_of, path_option, plan_for
 from ..spec import EinsumError, EinsumTypeError, Spec, letters, spec_type_error
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, backprop, enable_grad
+from . import shape as _shape
 from .shape import (Batched, bind, install_einsum_ops, int_axis, normalize_axes, pair,
                     permutation, rank_up, reshape)
 
@@ -100,7 +101,7 @@ def einsum(subscripts: str, *operands: Any, optimize="auto") -> Tensor:
     elif len(operands) == 1 and type(operands[0]) in (list, tuple):
         operands = _list_form(subscripts, operands[0])
     ts = [o if type(o) is Tensor else _operand(o, k) for k, o in enumerate(operands)]
-    if any(type(t) is Batched for t in ts):  # inside vmap: planned by the batching rule
+    if _shape._depth and any(type(t) is Batched for t in ts):  # inside vmap: the rule plans
         d = derive(subscripts, *[t.shape for t in ts])
         ts = [reshape(t, s) if s is not None else t for t, s in zip(ts, d.squeezed_shapes)]
         return bind(einsum_p, *ts, spec=d.clean)

@@ -616,7 +616,7 @@ def getitem(x: Tensor, index, nb: int = 0) -> Tensor:
     """``x[index]`` (NumPy indexing); ``nb`` leading axes are passed over whole and stay first."""
     if _depth and _batched_entries(index):
         return _batched_gather(x, index)
-    index = _norm_index(index, xp_of(x))
+    index = _norm_index(index, backend_of(x.data) if type(x) is not Batched else xp_of(x))
     out = bind(getitem_p, x, index=index, nb=nb)
     if state.batch and _index_batch.arrays:
         _track_index_batch(x, index, nb, out)
