@@ -72,32 +72,30 @@ def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         NotImplementedError: ``f`` applies an op that has no batching rule.
     """
     def wrapped(*args, **kwargs):
-        if isinstance(in_axes, list):  # JAX reads a top-level list as the tuple
-            axes_spec = tuple(in_axes)
-        else:
-            axes_spec = in_axes
-        if isinstance(axes_spec, tuple) and len(axes_spec) != len(args):
-            raise ValueError(f"vmap: in_axes has {len(axes_spec)} entries for {len(args)} "
+        # One entry per positional argument (JAX reads a top-level list as the tuple);
+        # keyword arguments are mapped over axis 0.
+        spec = tuple(in_axes) if type(in_axes) in (list, tuple) else (in_axes,) * len(args)
+        if len(spec) != len(args):
+            raise ValueError(f"vmap: in_axes has {len(spec)} entries for {len(args)} "
                              f"positional arguments")
         leaves, tree = flatten((args, kwargs))
-        axes = _prefix_axes((axes_spec, {k: 0 for k in kwargs}) if isinstance(axes_spec, tuple)
-                            else (tuple(axes_spec for _ in args), {k: 0 for k in kwargs}),
-                            (args, kwargs), "in_axes")
-        mapped = [(as_tensor(x), a) for x, a in zip(leaves, axes) if a is not None]
-        if not mapped:
-            raise ValueError("vmap: no argument is mapped (every in_axes entry is None)")
+        axes = _prefix_axes((spec, dict.fromkeys(kwargs, 0)), (args, kwargs), "in_axes")
+        leaves = [x if a is None else as_tensor(x) for x, a in zip(leaves, axes)]
         sizes = set()
-        for x, a in mapped:
-            if not -x.ndim <= a < x.ndim:
-                raise ValueError(f"vmap: in_axes {a} is out of range for an argument of "
-                                 f"shape {x.shape}")
-            sizes.add(x.shape[a])
+        for x, a in zip(leaves, axes):
+            if a is not None:
+                if not -x.ndim <= a < x.ndim:
+                    raise ValueError(f"vmap: in_axes {a} is out of range for an argument of "
+                                     f"shape {x.shape}")
+                sizes.add(x.shape[a])
+        if not sizes:
+            raise ValueError("vmap: no argument is mapped (every in_axes entry is None)")
         if len(sizes) != 1:
             raise ValueError(f"vmap: the mapped axes have different sizes {sorted(sizes)}")
         size = sizes.pop()
         level = push_level(size)
         try:
-            call = [x if a is None else Batched(_to_front(as_tensor(x), a), level)
+            call = [x if a is None else Batched(_to_front(x, a), level)
                     for x, a in zip(leaves, axes)]
             cargs, ckwargs = unflatten(tree, call)
             out = f(*cargs, **ckwargs)
