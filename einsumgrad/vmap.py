@@ -279,7 +279,7 @@ class _Pass:
             leaves, tree = flatten(args[i])
             data = []
             for leaf in leaves:
-                if hasattr(leaf, "shape") or isinstance(leaf, (list, Tensor)):
+                if hasattr(leaf, "shape"):  # an array or a Tensor: axis 0 is the batch
                     t = as_tensor(leaf)
                     t = Tensor(t.data)  # the user's tensor keeps its own bdim
                     if t.ndim == 0:
