@@ -345,7 +345,7 @@ def test_every_primitive_has_a_batching_rule_and_a_case():
 
 
 @pytest.mark.parametrize("name", sorted(CASES) + sorted(EXTRA))
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(data=st.data())
 def test_batching_rule_against_a_loop(name, data):
     (CASES.get(name) or EXTRA[name])(data)
