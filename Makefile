@@ -30,7 +30,8 @@ STRICT_SUITES = $(wildcard tests/test_spec.py tests/test_derive.py tests/test_ei
 	tests/test_extend.py tests/test_axes.py tests/test_traps.py tests/test_nn_errors.py \
 	tests/test_state_dict.py tests/test_surface.py tests/test_grammar.py \
 	tests/test_special_values.py tests/test_pytrees.py tests/test_chunks.py tests/test_conv.py \
-	tests/test_losses.py tests/test_optim_more.py tests/test_batch_norm.py tests/test_nn_layers.py)
+	tests/test_losses.py tests/test_optim_more.py tests/test_batch_norm.py tests/test_nn_layers.py \
+	tests/test_vmap.py tests/test_per_sample.py)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q

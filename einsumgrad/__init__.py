@@ -34,6 +34,7 @@ from .rules import (abs, argmax, argmin, astype, clamp, clip, concatenate, copy,
 from .spec import EinsumError
 from .tensor import BatchMixingError, Tensor, TracerConversionError, enable_grad, no_grad
 from . import numpy_api as _numpy_api  # noqa: F401 (gives Tensor NumPy's protocols)
+from .vmap import per_sample_grad, per_sample_grad_norm, vmap
 from .transforms import (batch_hessian, batch_jacobian, directional, elementwise_grad, grad,
                          hessian, hvp, jacfwd, jacrev, jvp, value_and_grad, vjp)
 
