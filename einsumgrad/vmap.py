@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy
 
 from .backends import backend_of
+from .distributed.blocks import is_dask, on_blocks
 from .derive import batched, vjp_pattern
 from .plan import path_info
 from .pytree import TreeDef, flatten, unflatten
@@ -75,6 +76,11 @@ def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         # One entry per positional argument (JAX reads a top-level list as the tuple);
         # keyword arguments are mapped over axis 0.
         spec = tuple(in_axes) if type(in_axes) in (list, tuple) else (in_axes,) * len(args)
+        if is_dask(args):  # dask arrays: blocks of the mapped axis 0, on the workers
+            if out_axes != 0 or any(a not in (0, None) for a in spec):
+                raise NotImplementedError("vmap of dask arrays maps axis 0 in and out only")
+            return on_blocks(wrapped, tuple(i for i, a in enumerate(spec) if a == 0), 1)(
+                *args, **kwargs)
         if len(spec) != len(args):
             raise ValueError(f"vmap: in_axes has {len(spec)} entries for {len(args)} "
                              f"positional arguments")
@@ -185,6 +191,10 @@ def per_sample_grad(f: Callable, argnums=0) -> Callable:
         >>> g = per_sample_grad(lambda w, x: eg.tanh(x @ w).sum(axis=1))(w, x)  # doctest: +SKIP
     """
     def wrapped(*args, **kwargs):
+        if is_dask(args):  # dask data: each block's examples on a worker
+            nums = {argnums} if isinstance(argnums, int) else set(argnums)
+            data = tuple(i for i in range(len(args)) if i not in nums and i - len(args) not in nums)
+            return on_blocks(wrapped, data, 1)(*args, **kwargs)
         p = _Pass(f, argnums, args, kwargs)
         grads = p.walk()
         return p.per_arg([grads[id(x)] for x in p.xs])

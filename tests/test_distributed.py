@@ -128,6 +128,20 @@ def test_the_transforms_themselves_take_dask_arrays(client):
         close(client.compute(got, sync=True), want)
 
 
+def test_vmap_and_per_sample_grad_take_dask_arrays(client):
+    x = rng.standard_normal((9, 3))
+    xd = dask_of(x, ((4, 5), 3))
+    row = lambda v: eg.tanh(v * 2.0).sum()  # noqa: E731  written for one example
+    got = eg.vmap(eg.grad(row))(xd)
+    assert isinstance(got, da.Array)
+    close(client.compute(got, sync=True), eg.vmap(eg.grad(row))(x))
+    w = rng.standard_normal((3, 2))
+    per = lambda w, x: eg.tanh(x @ w).sum(axis=1)  # noqa: E731
+    got = eg.per_sample_grad(per)(w, xd)
+    assert isinstance(got, da.Array)
+    close(client.compute(got, sync=True), eg.per_sample_grad(per)(w, x))
+
+
 def test_results_go_to_zarr_blockwise(client, tmp_path):
     x = rng.standard_normal((4, 50, 3))
     J = egd.batch_jacobian(mlp, batch_ndim=2)(dask_of(x, (1, 25, 3)))
