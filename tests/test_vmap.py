@@ -49,9 +49,13 @@ def T(a) -> eg.Tensor:
     return eg.tensor(xb(a))
 
 
+COMPARED = []  # one entry per vmap result compared with the loop (a case must make one)
+
+
 def check(f, args, in_axes=0, out_axes=0, tol=TOL):
     got = vmap(f, in_axes, out_axes)(*[T(a) for a in args])
     np.testing.assert_allclose(npy(got), loop(f, args, in_axes, out_axes), **tol)
+    COMPARED.append(got.shape)
 
 
 # -- every primitive's batching rule --------------------------------------------------------
@@ -81,6 +85,7 @@ def _run(data, f, shapes, positive=(), tol=TOL):
     out_axis = data.draw(st.integers(-ref.ndim, ref.ndim - 1))
     got = vmap(f, axes, out_axis)(*[T(a) for a in args])
     np.testing.assert_allclose(npy(got), np.moveaxis(ref, 0, out_axis), **tol)
+    COMPARED.append(got.shape)
 
 
 EINSUMS = ["ij,jk->ik", "i,i->", "bij,bjk->bik", "ii->i", "ij->", "ij,j->i", "i,j->ij",
@@ -348,7 +353,9 @@ def test_every_primitive_has_a_batching_rule_and_a_case():
 @settings(max_examples=8)
 @given(data=st.data())
 def test_batching_rule_against_a_loop(name, data):
+    before = len(COMPARED)
     (CASES.get(name) or EXTRA[name])(data)
+    assert len(COMPARED) > before, f"case {name!r} compared no vmap result with the loop"
 
 
 def test_a_case_runs_its_primitives_rule():
