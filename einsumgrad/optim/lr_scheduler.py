@@ -8,6 +8,7 @@ torch's to the last bit, not only its closed forms.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -18,7 +19,7 @@ from .optimizer import Optimizer
 __all__ = ["LRScheduler", "StepLR", "CosineAnnealingLR"]
 
 
-class LRScheduler:
+class LRScheduler(abc.ABC):
     """Base class: ``base_lrs``, ``last_epoch``, ``step()``, ``get_last_lr()``, state dicts.
 
     Args:
@@ -46,9 +47,9 @@ class LRScheduler:
         finally:
             self._is_initial = False
 
+    @abc.abstractmethod
     def get_lr(self) -> list:
-        """Each group's rate at ``last_epoch``, from its current rate."""
-        raise NotImplementedError
+        """Each group's rate at ``last_epoch``, from its current rate (each schedule's own)."""
 
     def step(self) -> None:
         """Advance one epoch and set each group's ``lr``."""
