@@ -193,6 +193,18 @@ def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None
     return _reduce(loss, reduction)
 
 
+def _prediction_and_target(input: Any, target: Any) -> tuple:
+    """Both as Tensors; shapes that differ get torch's warning (they broadcast)."""
+    a = as_tensor(input)
+    b = as_tensor(target, like=a)
+    if a.shape != b.shape:
+        warnings.warn(f"Using a target size ({b.shape}) that is different to the input size "
+                      f"({a.shape}). This will likely lead to incorrect results due to "
+                      f"broadcasting. Please ensure they have the same size.", UserWarning,
+                      stacklevel=3)
+    return a, b
+
+
 def mse_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
     """Mean (or sum, or each) of the squared differences, as torch's.
 
@@ -201,13 +213,7 @@ def mse_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
     difference, rarely what was meant.
     """
     _check_reduction(reduction)
-    a = as_tensor(input)
-    b = as_tensor(target, like=a)
-    if a.shape != b.shape:
-        warnings.warn(f"Using a target size ({b.shape}) that is different to the input size "
-                      f"({a.shape}). This will likely lead to incorrect results due to "
-                      f"broadcasting. Please ensure they have the same size.", UserWarning,
-                      stacklevel=2)
+    a, b = _prediction_and_target(input, target)
     d = a - b
     return _reduce(d * d, reduction)
 
@@ -216,11 +222,5 @@ def l1_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
     """Mean (or sum, or each) of the absolute differences, as torch's (same warning
     as :func:`mse_loss` for shapes that differ)."""
     _check_reduction(reduction)
-    a = as_tensor(input)
-    b = as_tensor(target, like=a)
-    if a.shape != b.shape:
-        warnings.warn(f"Using a target size ({b.shape}) that is different to the input size "
-                      f"({a.shape}). This will likely lead to incorrect results due to "
-                      f"broadcasting. Please ensure they have the same size.", UserWarning,
-                      stacklevel=2)
+    a, b = _prediction_and_target(input, target)
     return _reduce(ops.abs(a - b), reduction)

@@ -14,7 +14,7 @@ import numpy
 
 from ..backends import device_backend
 from ..plan import AUTO, Plan
-from .trace import CONVERT, GuardFailed, Ref
+from .trace import CONVERT, GuardFailed, Ref, assignment
 
 
 # Element-wise primitives whose impl is one backend function: (its name, extra arguments).
@@ -127,13 +127,7 @@ def replay_lines(eq, i: int, n: Names, p) -> list:
         expr = f"{n.obj(fn)}({n.call(eq.args, {})}{extra})"
     else:
         expr = f"{n.obj(eq.fn)}({n.call(eq.args, eq.kwargs)})"
-    if eq.scalar:
-        expr = f"_asarray({expr})"
-    if not eq.outs:
-        return [expr]
-    if eq.seq:
-        return [", ".join(n.var[s] for s in eq.outs) + ", = " + expr]
-    return [f"{n.var[eq.outs[0]]} = {expr}"]
+    return assignment(expr, eq, n.var, "_asarray")
 
 
 def _einsum(eq, n: Names, p) -> str:

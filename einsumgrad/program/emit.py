@@ -19,7 +19,7 @@ import numpy
 
 from ..plan import letters_of
 from ..pytree import TreeDef
-from .trace import Ref, compact
+from .trace import Ref, assignment, compact
 
 EMITTERS: dict = {}
 """Primitive name -> ``fn(e, eq) -> expression`` (see :class:`Emitter`)."""
@@ -517,13 +517,7 @@ def _step(e: Emitter, eq, i: int) -> list:
         expr = f"{e.lit(eq.args[0])}.{op[1]}"
     else:
         expr = f"{_callee(e, op)}({e.call(eq)})"
-    if eq.scalar:
-        expr = f"np.asarray({expr})"
-    if not eq.outs:
-        return [expr]
-    if eq.seq:
-        return [", ".join(e.var[s] for s in eq.outs) + ", = " + expr]
-    return [f"{e.var[eq.outs[0]]} = {expr}"]
+    return assignment(expr, eq, e.var, "np.asarray")
 
 
 def _callee(e: Emitter, op: tuple) -> str:

@@ -646,3 +646,15 @@ def expand(c):
         _, one, shape = c
         return backend_of(one).broadcast_to(one, shape)
     return c
+
+
+def assignment(expr: str, eq, var, asarray: str) -> list:
+    """The source line binding an equation's result ``expr`` to its outputs' names
+    (``var``: value id -> name); a 0-d result made an array by ``asarray``."""
+    if eq.scalar:
+        expr = f"{asarray}({expr})"
+    if not eq.outs:
+        return [expr]
+    if eq.seq:
+        return [", ".join(var[s] for s in eq.outs) + ", = " + expr]
+    return [f"{var[eq.outs[0]]} = {expr}"]
