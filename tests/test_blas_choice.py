@@ -82,3 +82,33 @@ def test_small_mixed_and_other_dtypes_take_numpys(fresh, monkeypatch):
     for a, b in ((np.ones((4, 4)), np.ones((4, 4))), (np.ones((64, 64), int), np.ones((64, 64), int)),
                  (np.ones((64, 64), np.float32), np.ones((64, 64)))):
         np.testing.assert_array_equal(NUMPY.matmul(a, b), np.matmul(a, b))
+
+
+def test_the_key_names_numpys_blas_kernel(monkeypatch):
+    # tests run OpenBLAS pinned to Haswell; the bench runs it native: two measurements
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
+    native = mkl._machine()
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    pinned = mkl._machine()
+    assert native != pinned and "OPENBLAS_CORETYPE=Haswell" in pinned
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "1048576")
+    assert mkl._machine() not in (native, pinned)
+    try:  # NumPy's BLAS by name, where its build config says (NumPy >= 1.25)
+        name = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except TypeError:
+        return
+    assert f"numpy_blas={name}-" in native
+
+
+@needs_mkl
+def test_a_choice_is_measured_again_at_another_kernel(fresh, monkeypatch):
+    measured = []
+    monkeypatch.setattr(mkl, "measure", lambda dtype: measured.append(1) or
+                        {k: {b: "numpy" for b in mkl._BUCKETS} for k in mkl._KINDS})
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    mkl.blas_choices(np.float64)
+    mkl.forget_choices()
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    mkl.blas_choices(np.float64)
+    assert len(measured) == 2 and len(json.loads((fresh / "blas.json").read_text())) == 2

@@ -524,12 +524,29 @@ def measure(dtype) -> dict:
     return out
 
 
+def _numpy_blas() -> str:
+    """NumPy's BLAS and the kernel it runs: the library's name and version from NumPy's build
+    config, and the settings OpenBLAS reads at load (``OPENBLAS_CORETYPE`` pins the kernel,
+    ``OPENBLAS_L2_SIZE`` its blocking), so a choice measured under a pinned kernel (the test
+    machine's Haswell) is not reused at the native one, which can be twice as fast."""
+    blas = "?"
+    try:
+        deps = numpy.show_config(mode="dicts")["Build Dependencies"]  # NumPy >= 1.25
+        blas = "{}-{}".format(deps["blas"].get("name", "?"), deps["blas"].get("version", "?"))
+    except (TypeError, KeyError, AttributeError):
+        pass
+    env = ",".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                   if os.environ.get(k))
+    return f"numpy_blas={blas}|{env or 'native'}"
+
+
 def _machine() -> str:
-    """What a measurement holds for: this CPU, thread counts, NumPy and MKL."""
+    """What a measurement holds for: this CPU, thread counts, NumPy, its BLAS and kernel, MKL."""
     import platform
     threads = _LIB.MKL_Get_Max_Threads() if _LIB is not None else 0
     return (f"{platform.machine()}|{platform.processor()}|cpus={os.cpu_count()}|"
-            f"mkl_threads={threads}|numpy={numpy.__version__}|{getattr(_LIB, '_name', '')}")
+            f"mkl_threads={threads}|numpy={numpy.__version__}|{_numpy_blas()}|"
+            f"{getattr(_LIB, '_name', '')}")
 
 
 def _cache_file() -> str:
