@@ -37,8 +37,14 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q
 	EINSUMGRAD_BACKEND=strict $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(STRICT_SUITES)
 
-bench: $(VENV)/.test
-	$(PY) bench/run.py
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP) -e '.[test,bench]'
+	@touch $@
+
+# As on a user's machine: OpenBLAS at its native kernel (this machine's environment pins it
+# for the tests); bench/run.py prints each side's BLAS and kernel and writes bench/latest.png.
+bench: $(VENV)/.bench
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/run.py
 
 # On a machine with an NVIDIA GPU: the suites again with CuPy arrays.
 $(VENV)/.gpu: $(VENV)/.test
@@ -49,7 +55,7 @@ test-gpu: $(VENV)/.gpu
 	EINSUMGRAD_BACKEND=cupy $(PY) -m pytest -q
 
 bench-gpu: $(VENV)/.gpu
-	EINSUMGRAD_BENCH_GPU=1 $(PY) bench/run.py
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE EINSUMGRAD_BENCH_GPU=1 $(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,6 +15,8 @@ import tracemalloc
 from typing import Callable
 
 RESULTS: list = []  # (case, contender, seconds) of this run, for a summary
+TARGETS: list = []  # (case, peer, ratio ours / peer must not exceed), for the picture
+OURS: dict = {}  # case -> the einsumgrad contender's name
 
 
 def keep_freed_memory() -> str:
@@ -94,6 +96,8 @@ def report(case: str, times: dict, *, ours: str, targets: dict | None = None, no
         targets: peer name -> the ratio ours must not exceed (ours / peer).
     """
     targets = targets or {}
+    OURS[case] = ours
+    TARGETS.extend((case, peer, limit) for peer, limit in targets.items())
     print(f"\n== {case}" + (f"  ({note})" if note else ""))
     for name, t in times.items():
         RESULTS.append((case, name, t))
@@ -104,3 +108,80 @@ def report(case: str, times: dict, *, ours: str, targets: dict | None = None, no
             if name in targets:
                 line += f"  (target <= {targets[name]}x: {'met' if r <= targets[name] else 'MISSED'})"
         print(line)
+
+
+def _mkl_kernel(path: str) -> str:
+    """MKL's code path as MKL names it (``MKL_Get_Version``'s processor field)."""
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("update", ctypes.c_int),
+                    ("status", ctypes.c_char_p), ("build", ctypes.c_char_p),
+                    ("processor", ctypes.c_char_p), ("platform", ctypes.c_char_p)]
+    try:
+        v = Version()
+        ctypes.CDLL(path).MKL_Get_Version(ctypes.byref(v))
+        return (v.processor or b"?").decode(errors="replace").split(" with ")[0]
+    except (OSError, AttributeError):
+        return "?"
+
+
+def blas_header() -> list:
+    """One line per side's BLAS and kernel, as loaded in this process (threadpoolctl).
+
+    NumPy's OpenBLAS with the kernel it runs (``architecture``), the MKL
+    einsumgrad's backend loads (einsumgrad[mkl]), torch's BLAS and CPU
+    capability, and JAX/XLA's device and thread settings, each with its
+    thread count. Imports torch and JAX where installed, so their libraries
+    are loaded when threadpoolctl looks.
+    """
+    import numpy
+    from einsumgrad.backends import mkl
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    try:
+        import jax
+    except ImportError:
+        jax = None
+    try:
+        from threadpoolctl import threadpool_info
+        pools = threadpool_info()
+    except ImportError:
+        pools = None
+    lines = ["OpenBLAS settings in the environment: " + (", ".join(
+        f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+        if k in os.environ) or "none (each BLAS picks its native kernel)")]
+    if pools is None:
+        return lines + ["threadpoolctl not installed: BLAS libraries not listed"]
+
+    def where(path: str) -> str:
+        for part, side in (("numpy.libs", "NumPy"), ("scipy.libs", "SciPy"), ("/torch/", "torch"),
+                           ("jaxlib", "JAX"), ("/sklearn/", "scikit-learn")):
+            if part in path:
+                return side
+        if mkl._LIB is not None and os.path.realpath(path) == os.path.realpath(mkl._LIB._name):
+            return "einsumgrad[mkl]"
+        return os.path.basename(path)
+
+    for p in pools:
+        if p["user_api"] != "blas":
+            continue
+        kernel = p.get("architecture") or (_mkl_kernel(p["filepath"])
+                                           if p["internal_api"] == "mkl" else "?")
+        lines.append(f"{where(p['filepath'])}: {p['internal_api']} {p.get('version')}, "
+                     f"kernel {kernel}, {p['num_threads']} threads ({p.get('threading_layer')})")
+    if torch is not None:
+        blas = "MKL" if torch.backends.mkl.is_available() else "its own"
+        lines.append(f"torch {torch.__version__}: {blas} BLAS (linked in), CPU capability "
+                     f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    for p in pools:
+        if p["user_api"] == "openmp":
+            lines.append(f"OpenMP ({where(p['filepath'])}): {p['internal_api']}, "
+                         f"{p['num_threads']} threads")
+    if jax is not None:
+        import jaxlib
+        flags = os.environ.get("XLA_FLAGS", "")
+        lines.append(f"JAX {jax.__version__} (jaxlib {jaxlib.__version__}): XLA's own kernels, "
+                     f"compiled for this CPU (device {jax.devices()[0].platform}), "
+                     + (f"XLA_FLAGS={flags}" if flags else f"threads: all {os.cpu_count()} cores"))
+    return lines

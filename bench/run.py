@@ -4,6 +4,11 @@ Each ``bench/bench_*.py`` module has ``main()``, which times einsumgrad and
 its peers (NumPy, PyTorch eager, torch.func, hand-written NumPy) in this one
 run and prints medians and ratios. Name modules (``mlp``, ``seeds``, ...) to
 run only those.
+
+A benchmark measures as a user's machine runs: when ``OPENBLAS_CORETYPE`` or
+``OPENBLAS_L2_SIZE`` is set (the test machine pins OpenBLAS's kernel with them),
+the run starts itself again without them, before any BLAS is loaded, and its
+header prints each side's BLAS, kernel and threads.
 """
 from __future__ import annotations
 
@@ -15,10 +20,18 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+PINNING = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def native_blas_env() -> dict | None:
+    """This process's environment without the OpenBLAS kernel settings, or None if none is set."""
+    if not any(k in os.environ for k in PINNING):
+        return None
+    return {k: v for k, v in os.environ.items() if k not in PINNING}
 
 
 def main(argv: list) -> None:
-    from common import keep_freed_memory
+    from common import blas_header, keep_freed_memory
     print(keep_freed_memory())
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
     if argv:
@@ -31,6 +44,7 @@ def main(argv: list) -> None:
         print("torch not installed: its columns are skipped")
     import numpy
     from einsumgrad.backends import kernels, mkl
+    print("\n".join(blas_header()))
     print(f"numpy {numpy.__version__}, cores {os.cpu_count()}; einsumgrad's NumPy backend: "
           + ("MKL GEMM and VML (einsumgrad[mkl]; EINSUMGRAD_MKL=0 turns it off), "
              "NumPy's own BLAS for the hand-written NumPy peers" if mkl.matmul is not None
@@ -50,4 +64,9 @@ def main(argv: list) -> None:
 
 
 if __name__ == "__main__":
+    env = native_blas_env()
+    if env is not None:  # OpenBLAS reads these once, at load: a fresh process is the only way
+        print(f"bench: starting again without {', '.join(k for k in PINNING if k in os.environ)}",
+              flush=True)
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
     main(sys.argv[1:])
