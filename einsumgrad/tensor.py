@@ -56,6 +56,21 @@ class _State(threading.local):
 
 state = _State()
 PROGRAMS = 0  # program traces in flight in any thread (einsumgrad.program): a cheap first test
+BATCHING = 0  # vmaps in flight in any thread (einsumgrad.vmap): bind's cheap first test
+
+# The batching step, installed by einsumgrad.rules.shape (the tape knows no rule):
+# ``_batch_step(prim, inputs, params)`` runs ``prim``'s batching rule where an input
+# is batched (inside vmap) and returns its result, else None; ``_stand_in(t)`` is a
+# plain Tensor with ``t``'s backend and dtype, batched or not.
+_batch_step: Callable | None = None
+_stand_in: Callable = lambda t: t  # noqa: E731
+
+
+def install_batching(step: Callable, stand_in: Callable) -> None:
+    """Give :func:`bind` vmap's batching step (see ``_batch_step``), and
+    :func:`as_tensor` the way to read a batched tensor's backend."""
+    global _batch_step, _stand_in
+    _batch_step, _stand_in = step, stand_in
 
 
 class Primitive:
@@ -354,6 +369,8 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
         raise TypeError(f"a {type(x).__module__}.{type(x).__name__} is not an array einsumgrad "
                         f"runs on: wrap it with eg.tensor(x) (a copy) or eg.from_dlpack(x) "
                         f"(the same memory)")
+    if BATCHING and like is not None:  # a batched ``like`` has no array of its own to read
+        like = _stand_in(like)
     if like is not None and isinstance(x, (int, float, bool)):
         xp = backend_of(like.data)
         return Tensor(xp.asarray(x, dtype=xp.result_type(like.data.dtype, x)))
@@ -373,7 +390,15 @@ def pair(x: Any, y: Any) -> tuple:
 
 
 def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
-    """Apply ``prim`` to Tensors, recording it when something needs the graph."""
+    """Apply ``prim`` to Tensors, recording it when something needs the graph.
+
+    Inside ``vmap`` (:mod:`einsumgrad.vmap`) a batched input makes ``prim`` run its
+    batching rule instead, which binds the ops on the physical tensors.
+    """
+    if BATCHING:
+        out = _batch_step(prim, inputs, params)
+        if out is not None:
+            return out
     try:
         if PROGRAMS and state.program is not None:  # a program trace records every primitive
             out = Tensor(state.program.bind(prim, inputs, params))

@@ -604,9 +604,20 @@ def test_an_op_without_a_batching_rule_is_named():
     p = Primitive("my_cube", lambda x: x ** 3)
     with pytest.raises(NotImplementedError, match="'my_cube' has no batching rule"):
         vmap(lambda x: bind(p, x))(xb(X))
-    from einsumgrad.extend import bind as tape_bind  # bound without the batching step
-    with pytest.raises(NotImplementedError, match="'my_cube' was bound without"):
+    from einsumgrad.extend import bind as tape_bind  # the tape's bind batches too
+    with pytest.raises(NotImplementedError, match="'my_cube' has no batching rule"):
         vmap(lambda x: tape_bind(p, x))(xb(X))
+    p.defvmap(lambda bdims, x: tape_bind(p, x))  # leading axes pass through x ** 3
+    check(lambda x: tape_bind(p, x), [X])
+
+
+def test_every_primitive_is_batched_wherever_it_is_bound():
+    # patches.py, convolution.py and batch_norm.py bind through einsumgrad.tensor.bind
+    tensor = importlib.import_module("einsumgrad.tensor")
+    assert patches.bind is tensor.bind and convolution.bind is tensor.bind and \
+        shape.bind is tensor.bind
+    check(lambda x: patches.patches(x, 2), [rand(3, (4, 2, 5, 5))])
+    assert tensor.BATCHING == 0  # vmap's count goes back down
 
 
 def test_an_escaped_batched_tensor_raises():

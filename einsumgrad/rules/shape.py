@@ -9,12 +9,13 @@ and its adjoint (a sum) are einsums: :mod:`.einsum`.
 
 Inside ``vmap(f)`` every mapped value is a :class:`Batched` tensor: it shows
 ``f`` the shape of one example and holds the whole batch in a physical tensor,
-the mapped axis first. :func:`bind` here is the tape's ``bind`` with one step
-in front: a primitive given a Batched input runs its batching rule
-(``Primitive.vmap``) on the physical tensors, which uses the same convention as
-every VJP and JVP rule (a leading axis passed through: an einsum gains one
-index, indexing one ``nb``). So the tape only ever records physical ops, and
-no rule sees a Batched tensor.
+the mapped axis first. The tape's ``bind`` (re-exported here as :func:`bind`)
+runs the batching step installed from here while a vmap is in flight: a
+primitive given a Batched input runs its batching rule (``Primitive.vmap``) on
+the physical tensors, which uses the same convention as every VJP and JVP rule
+(a leading axis passed through: an einsum gains one index, indexing one
+``nb``). So every primitive, bound from any module, is batched; the tape only
+ever records physical ops, and no rule sees a Batched tensor.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ import threading
 import numpy
 
 from ..backends import backend_of, common_backend
-from ..tensor import BatchMixingError, Primitive, Tensor, TracerConversionError, as_tensor, state
-from ..tensor import bind as _tape_bind
-from ..tensor import pair as _tape_pair
+from .. import tensor as _tape
+from ..tensor import (BatchMixingError, Primitive, Tensor, TracerConversionError, as_tensor, bind,
+                      pair, state)
 
 # -- vmap's batched tensors ---------------------------------------------------------------
 
@@ -42,7 +43,7 @@ class _Levels(threading.local):
 _levels = _Levels()
 _next_level = itertools.count(1)
 _lock = threading.Lock()
-_depth = 0  # vmaps in flight in any thread: bind's common path reads this one global
+_depth = 0  # vmaps in flight in any thread (tensor.BATCHING too): front ends read this global
 
 
 class Batched(Tensor):
@@ -81,13 +82,6 @@ class Batched(Tensor):
     def data(self):
         _size(self.level)  # an escaped Batched says so first
         f = sys._getframe(1)
-        if f.f_code.co_name == "<listcomp>":  # bind's [t.data for t in inputs] (Python 3.11)
-            f = f.f_back
-        prim = f.f_locals.get("prim") if f.f_code is _tape_bind.__code__ else None
-        if isinstance(prim, Primitive):
-            raise NotImplementedError(
-                f"op {prim.name!r} was bound without einsumgrad's batching step "
-                f"(einsumgrad.rules.shape.bind), so vmap cannot run it")
         where = f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} ({f.f_code.co_name})"
         raise TracerConversionError(_NO_VALUE.format(what=f"its array (read at {where})"))
 
@@ -184,6 +178,7 @@ def push_level(size: int) -> int:
     _levels.active[level] = size
     with _lock:
         _depth += 1
+        _tape.BATCHING += 1
     return level
 
 
@@ -192,6 +187,7 @@ def pop_level(level: int) -> None:
     del _levels.active[level]
     with _lock:
         _depth -= 1
+        _tape.BATCHING -= 1
 
 
 def top_level(args) -> int | None:
@@ -211,14 +207,13 @@ def _size(level: int) -> int:
     return size
 
 
-def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
-    """The tape's :func:`~einsumgrad.tensor.bind`, with ``prim``'s batching rule run
-    first where an input is :class:`Batched` (inside ``vmap``)."""
-    if _depth:
-        for t in inputs:
-            if type(t) is Batched:
-                return batch_bind(prim, inputs, params)
-    return _tape_bind(prim, *inputs, **params)
+def _batch_step(prim: Primitive, inputs: tuple, params: dict) -> Batched | None:
+    """The tape's batching step (``tensor.bind`` runs it while a vmap is in flight):
+    ``prim``'s batching rule where an input is :class:`Batched`, else None."""
+    for t in inputs:
+        if type(t) is Batched:
+            return batch_bind(prim, inputs, params)
+    return None
 
 
 def batch_bind(prim: Primitive, inputs: tuple, params: dict) -> Batched:
@@ -256,13 +251,7 @@ def stand_in(t: Tensor) -> Tensor:
     return bottom(t) if type(t) is Batched else t
 
 
-def pair(x, y) -> tuple:
-    """:func:`einsumgrad.tensor.pair` that takes Batched operands."""
-    if type(x) is not Batched and type(y) is not Batched:
-        return _tape_pair(x, y)
-    if isinstance(x, Tensor):
-        return x, as_tensor(y, like=stand_in(x))
-    return as_tensor(x, like=stand_in(y)), y
+_tape.install_batching(_batch_step, stand_in)
 
 
 def lift(t: Tensor, levels: tuple) -> Tensor:
