@@ -34,6 +34,11 @@ try:
     import jax.numpy as jnp
 except ImportError:
     jax = None
+try:  # HIPS autograd (einsumgrad[bench]): the eager path's floor on seed 000
+    import autograd
+    import autograd.numpy as anp
+except ImportError:
+    autograd = None
 
 FIRST: list = []  # (case, contender, seconds of the first call: trace + compile)
 
@@ -82,6 +87,15 @@ def jax_mlp(params, act):
     return f
 
 
+def autograd_mlp(params, act):
+    def f(x):
+        for n, (w, b) in enumerate(params):
+            x = anp.dot(x, w.T) + b
+            x = act(x) if n < len(params) - 1 else x
+        return x
+    return f
+
+
 def torch_mlp(params, act):
     ps = [(torch.tensor(w), torch.tensor(b)) for w, b in params]
 
@@ -94,8 +108,13 @@ def torch_mlp(params, act):
 
 
 def run_case(case: str, x_args: tuple, ours, peers: dict, min_time: float = 0.3,
-             tol: float = 1e-9) -> None:
-    """Time eg.jit(ours) (first call apart), ours eager, and each peer (name -> (fn, args))."""
+             tol: float = 1e-9, targets: dict | None = None,
+             eager_targets: dict | None = None) -> None:
+    """Time eg.jit(ours) (first call apart), ours eager, and each peer (name -> (fn, args)).
+
+    ``targets`` bound the jit's time over a peer's, ``eager_targets`` the eager path's
+    (reported as a case of its own, "..., eager").
+    """
     j = eg_jit(ours)
     want = ours(*x_args)
     got = first_call(case, "einsumgrad jit", lambda: j(*x_args))
@@ -111,7 +130,10 @@ def run_case(case: str, x_args: tuple, ours, peers: dict, min_time: float = 0.3,
             out = fn(*args)
             close(f"{name} vs einsumgrad", _flat(out), _flat(want), tol)
             times[name] = median_time(lambda: fn(*args), min_time=min_time)
-    report(case, times, ours="einsumgrad jit")
+    report(case, times, ours="einsumgrad jit", targets=targets)
+    if eager_targets:
+        report(f"{case}, eager", {k: v for k, v in times.items() if k != "einsumgrad jit"},
+               ours="einsumgrad eager", targets=eager_targets)
     for line in CHECKS:
         print(line)
     CHECKS.clear()
@@ -143,8 +165,16 @@ def seed000(rng) -> None:
             ft = torch_mlp(params, torch.tanh)
             nested = lambda x: t_jvp(lambda y: t_jvp(ft, (y,), (x,))[1], (x,), (x,))[1]
             peers["torch.func nested jvp"] = (nested, (torch.tensor(x),))
+        if autograd is not None:
+            fa = autograd_mlp(params, anp.tanh)
+
+            def a_d2(x, fa=fa):  # forward mode twice along x, as directional(f, 2)
+                d1 = lambda y: autograd.make_jvp(fa)(y)(x)[1]
+                return autograd.make_jvp(d1)(x)(x)[1]
+            peers["HIPS autograd nested jvp"] = (a_d2, (x,))
         run_case(f"seed 000: directional(f, 2)(x, x), MLP 16-64-8 tanh, B = {batch}", (x,),
-                 ours, peers)
+                 ours, peers, targets={"JAX jit(nested jvp)": 1.5 if batch == 16 else 1.0},
+                 eager_targets={"HIPS autograd nested jvp": 1.0} if batch == 256 else None)
 
 
 def seed001(rng, batch=512) -> None:
@@ -159,7 +189,7 @@ def seed001(rng, batch=512) -> None:
         ft = torch_mlp(params, torch.relu)
         peers["torch.func vmap(jacrev)"] = (t_vmap(t_jacrev(ft)), (torch.tensor(x),))
     run_case(f"seed 001: Jacobian [{batch}, 10, 784] of a 784-256-10 ReLU classifier", (x,),
-             eg.batch_jacobian(f), peers)
+             eg.batch_jacobian(f), peers, targets={"JAX jit(vmap(jacrev))": 1.0})
 
 
 def seed002(rng) -> None:
@@ -175,7 +205,8 @@ def seed002(rng) -> None:
             ft = torch_mlp(params, torch.tanh)
             peers["torch.func vmap(jacrev)"] = (t_vmap(t_jacrev(ft)), (torch.tensor(x),))
         run_case(f"seed 002: per-point Jacobians, MLP 3-64-64-3 tanh, {n:,} points", (x,),
-                 eg.batch_jacobian(f), peers, min_time=1.0)
+                 eg.batch_jacobian(f), peers, min_time=1.0,
+                 targets={"JAX jit(vmap(jacrev))": 1.0 if n < 10_000 else 0.8})
 
 
 def mlp_step(rng) -> None:
@@ -218,7 +249,8 @@ def mlp_step(rng) -> None:
             return [out.detach()] + [p.grad for p in tparams]
         peers["PyTorch eager (backward)"] = (torch_step, (px, py))
     run_case("MLP step 512-1024-1024-10, batch 256, float32: loss and gradients",
-             (params, x, onehot), eg.value_and_grad(loss), peers, min_time=2.0, tol=1e-4)
+             (params, x, onehot), eg.value_and_grad(loss), peers, min_time=2.0, tol=1e-4,
+             targets={"JAX jit(value_and_grad)": 1.0, "PyTorch eager (backward)": 0.7})
 
 
 def small_grad(rng) -> None:
@@ -238,7 +270,8 @@ def small_grad(rng) -> None:
         peers["PyTorch eager (backward)"] = (torch_grad, (tx, tw))
         peers["torch.func grad"] = (torch.func.grad(lambda a, b: torch.tanh(a @ b).sum(),
                                                     argnums=(0, 1)), (tx, tw))
-    run_case("grad of tanh(x @ w).sum(), 8x8", (x, w), ours, peers)
+    run_case("grad of tanh(x @ w).sum(), 8x8", (x, w), ours, peers,
+             targets={"JAX jit(grad)": 1.5}, eager_targets={"PyTorch eager (backward)": 1.5})
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 Each ``bench/bench_*.py`` module has ``main()``, which times einsumgrad and
 its peers (NumPy, PyTorch eager, torch.func, hand-written NumPy) in this one
 run and prints medians and ratios. Name modules (``mlp``, ``seeds``, ...) to
-run only those.
+run only those. The ratios are drawn into ``bench/latest.png`` (a run of named
+modules: ``bench/latest-<names>.png``) where matplotlib is installed
+(``einsumgrad[bench]``).
 
 A benchmark measures as a user's machine runs: when ``OPENBLAS_CORETYPE`` or
 ``OPENBLAS_L2_SIZE`` is set (the test machine pins OpenBLAS's kernel with them),
@@ -16,6 +18,7 @@ import importlib
 import os
 import pathlib
 import sys
+import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -32,6 +35,7 @@ def native_blas_env() -> dict | None:
 
 def main(argv: list) -> None:
     from common import blas_header, keep_freed_memory
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(keep_freed_memory())
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
     if argv:
@@ -44,7 +48,8 @@ def main(argv: list) -> None:
         print("torch not installed: its columns are skipped")
     import numpy
     from einsumgrad.backends import kernels, mkl
-    print("\n".join(blas_header()))
+    header = blas_header()
+    print("\n".join(header))
     print(f"numpy {numpy.__version__}, cores {os.cpu_count()}; einsumgrad's NumPy backend: "
           + ("MKL GEMM and VML (einsumgrad[mkl]; EINSUMGRAD_MKL=0 turns it off), "
              "NumPy's own BLAS for the hand-written NumPy peers" if mkl.matmul is not None
@@ -61,6 +66,35 @@ def main(argv: list) -> None:
                           for d, kinds in chosen.items()))
     for n in names:
         importlib.import_module(n).main()
+    picture(argv, started, [line for line in header if line.startswith("NumPy:")])
+
+
+def picture(argv: list, started: str, blas: list) -> None:
+    """Draw this run's ratios (bench/plot.py) and say where the PNG went."""
+    from common import OURS, RESULTS, TARGETS
+    path = HERE / ("latest.png" if not argv else f"latest-{'-'.join(argv)}.png")
+    title = (f"python bench/run.py {' '.join(argv)}".rstrip() + f", {started}; {_cpu()}, "
+             f"{os.cpu_count()} cores" + "".join(f"; {line}" for line in blas))
+    try:
+        import plot
+        missed = plot.write_png(RESULTS, TARGETS, OURS, str(path), title)
+    except ImportError:
+        print("\nmatplotlib not installed (pip install einsumgrad[bench]): no picture")
+        return
+    print(f"\npicture: {path.relative_to(HERE.parent)} ({missed} target"
+          f"{'s' * (missed != 1)} missed)")
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
