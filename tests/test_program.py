@@ -277,12 +277,34 @@ def test_str_is_one_line_per_equation_with_specs_shapes_and_dtypes():
     f = lambda x, w: eg.grad(lambda a: eg.tanh(eg.einsum("ij,jk->ik", a, w)).sum())(x)
     p = make_program(f)(xb(X), xb(W))
     text = str(p).splitlines()
-    assert text[0] == "program <lambda>(x0: float64[5, 3], x1: float64[3, 4])"
+    assert text[0] == "program <lambda>(x: float64[5, 3], w: float64[3, 4])"
     assert text[-1].startswith("  return ")
-    assert len(text) == 2 + len(p.consts) + len(p.eqs)
-    assert any("= einsum 'ij,jk->ik' (x0, x1)" in line for line in text)
+    one_element = sum(c.ndim == 0 for c in p.consts.values())  # written in place
+    assert len(text) == 2 + len(p.consts) - one_element + len(p.eqs)
+    assert any("= einsum 'ij,jk->ik' (x, w)" in line for line in text)
     assert any("float64[5, 4] = tanh (" in line for line in text)
     assert any(": float64[5, 3] = einsum 'ik,jk->ij'" in line for line in text)
+
+
+def test_str_names_inputs_by_parameter_and_values_in_order():
+    def loss(params, batch, scale):
+        h = eg.tanh(eg.einsum("ij,jk->ik", batch["x"], params[0]) + params[1])
+        return (h * scale).sum()
+    p = make_program(eg.grad(loss), static_argnums=2)(
+        [xb(W), np.zeros(4)], {"x": xb(X)}, 2.0)
+    text = str(p)
+    assert text.splitlines()[0] == ("program grad(loss)(params[0]: float64[3, 4], "
+                                    "params[1]: float64[4], batch['x']: float64[5, 3])")
+    assert "einsum 'ij,jk->ik' (batch['x'], params[0])" in text
+    numbered = [line.split(":")[0].strip() for line in text.splitlines()[1:-1]]
+    consts = [n for n in numbered if n.startswith("c")]
+    assert consts == [f"c{i}" for i in range(1, len(consts) + 1)]
+    assert numbered[len(consts):] == [f"v{i}" for i in range(1, len(numbered) - len(consts) + 1)]
+    # a transform of a transform, and arguments that do not line up with f's parameters
+    p2 = make_program(eg.grad(eg.grad(lambda a: eg.sin(a).sum())))(np.float64(0.5))
+    assert str(p2).startswith("program grad(grad(<lambda>))(a: float64[])")
+    p3 = make_program(eg.directional(lambda v: eg.tanh(v), 2))(xb(X), xb(X))
+    assert str(p3).startswith("program directional(<lambda>)(x0: float64[5, 3], x1: ")
 
 
 def conv_net(x, w, b, v):

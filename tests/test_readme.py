@@ -39,3 +39,15 @@ def test_coming_from_table_code_runs_as_written():
     with contextlib.redirect_stdout(out):
         exec(compile(block, "README coming from", "exec"), {})
     assert out.getvalue().strip() == "['b', 'w'] (3, 2) (4, 3)"
+
+
+def test_programs_printout_is_what_print_gives():
+    # the README's program listing is the current output of str(Program), letter for letter
+    text = README.read_text()
+    section = re.search(r"## Programs: trace once.*?\n## ", text, re.S).group(0)
+    code, shown = re.search(r"```python\n(.*?)```\s*```text\n(.*?)```", section, re.S).groups()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README programs", "exec"), {})
+    assert out.getvalue() == shown
+    assert "einsum 'ij,jk->ik' (x, w)" in shown and "einsum 'ik,ij->jk'" in shown

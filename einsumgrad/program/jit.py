@@ -12,6 +12,7 @@ from ..pytree import flatten, unflatten
 from ..tensor import Tensor, state
 from .core import Program, is_array, remember, signature
 from .passes import optimize as run_passes
+from .render import function_label, input_names
 from .trace import GuardFailed, Recorder, Ref, Traced, TraceError, tracing
 
 JIT_CACHE_SIZE = 64
@@ -61,10 +62,12 @@ def trace_program(f: Callable, args: tuple, kwargs: dict, static_argnums: tuple,
         if eq.prim is not None:
             remember(eq.prim)
     device = backend_of(values[0]).device if values else "cpu"
-    p = Program(getattr(f, "__name__", "program"), rec.eqs, rec.inputs, rec.consts, rec.avals,
+    p = Program(function_label(f), rec.eqs, rec.inputs, rec.consts, rec.avals,
                 outputs, out_tree, out_tensor, key, static_argnums,
                 {**rec.devices, backend_of(values[0]).name: device} if values else rec.devices,
                 device)
+    labels = input_names(f, args, kwargs, static_argnums, _is_input)
+    p.input_names = labels if labels is not None and len(labels) == len(rec.inputs) else None
     if optimize:
         run_passes(p, rec.values)
     return p, now

@@ -2,15 +2,23 @@
 
 ::
 
-    program f(x0: float64[4, 3], x1: float64[3, 2])
-      c2: float64[2] = constant
-      v3: float64[4, 2] = einsum 'ij,jk->ik' (x0, x1)
-      v4: float64[4, 2] = tanh (v3)
-      return v4
+    program grad(loss)(w: float64[3, 2], x: float64[4, 3])
+      v1: float64[4, 2] = einsum 'ij,jk->ik' (x, w)
+      v2: float64[4, 2] = tanh (v1)
+      v3: float64[4, 2] = mul (v2, v2)
+      v4: float64[4, 2] = sub (1.0, v3)
+      v5: float64[3, 2] = einsum 'ik,ij->jk' (v4, x)
+      return v5
+
+Inputs take the traced function's parameter names (a pytree's leaves its
+paths: ``params[0]``, ``p['w']``), values are numbered in order, and
+one-element constants are written in place.
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections import OrderedDict
+from typing import Any, Callable
 
 import numpy
 
@@ -22,9 +30,20 @@ _HIDDEN = {"run", "order", "stats", "value", "patches", "cdf"}
 
 
 def names(p) -> dict:
-    """slot -> its printed name: x for inputs, c for constants, v for the rest."""
-    out = {s: f"x{s}" for s in p.inputs}
-    out.update({s: f"c{s}" for s in p.consts})
+    """slot -> its printed name: the parameter names (or x0, x1, ...) for inputs, a
+    one-element constant's value, c1, c2, ... for other constants, v1, v2, ... for the
+    rest in order of definition."""
+    labels = getattr(p, "input_names", None) or [f"x{i}" for i in range(len(p.inputs))]
+    out = dict(zip(p.inputs, labels))
+    shown = [s for s, c in p.consts.items() if _inline(c) is None]
+    out.update({s: _inline(c) for s, c in p.consts.items()})
+    out.update({s: f"c{i}" for i, s in enumerate(shown, 1)})
+    n = 0
+    for eq in p.eqs:
+        for s in eq.outs:
+            if s not in out:
+                n += 1
+                out[s] = f"v{n}"
     return out
 
 
@@ -35,16 +54,113 @@ def aval(p, s: int) -> str:
 
 def program_text(p) -> str:
     nm = names(p)
-    name = lambda s: nm.get(s, f"v{s}")
+    name = lambda s: nm.get(s, f"v?{s}")
     ins = ", ".join(f"{name(s)}: {aval(p, s)}" for s in p.inputs)
     lines = [f"program {p.name}({ins})"]
     for s, c in p.consts.items():
-        lines.append(f"  {name(s)}: {aval(p, s)} = constant" + _peek(c))
+        if _inline(c) is None:
+            lines.append(f"  {name(s)}: {aval(p, s)} = constant" + _peek(c))
     for eq in p.eqs:
         lines.append("  " + eq_text(eq, name, p))
     outs = [name(o.slot) if type(o) is Ref else repr(o) for o in p.outputs]
     lines.append(f"  return {', '.join(outs)}")
     return "\n".join(lines)
+
+
+def _inline(c) -> str | None:
+    """A 0-d constant of a float, int or bool dtype as its value (``1.0``), else None."""
+    if getattr(c, "ndim", None) != 0 or getattr(c, "dtype", None) is None \
+            or c.dtype.kind not in "fiub":
+        return None
+    return repr(c.item())
+
+
+# -- the names a function and its inputs are printed with ------------------------------------
+
+def _closure(f: Callable) -> dict:
+    code = getattr(f, "__code__", None)
+    cells = getattr(f, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {k: c.cell_contents for k, c in zip(code.co_freevars, cells)
+            if _has_contents(c) and callable(c.cell_contents)}
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _is_transform(f: Callable) -> bool:
+    return (getattr(f, "__module__", "") or "").startswith("einsumgrad.") \
+        and ".<locals>." in getattr(f, "__qualname__", "")
+
+
+def _unwrap(f: Callable) -> tuple:
+    """``(transform names, the user's function)``: einsumgrad's transforms are closures
+    over the function they take (a cell named ``f``; another cell, ``grad``'s ``vg``,
+    is the same transform's own machinery)."""
+    names, new = [], True
+    for _ in range(16):
+        if not _is_transform(f):
+            break
+        if new:
+            names.append(f.__qualname__.split(".<locals>")[0].lstrip("_"))
+        cells = _closure(f)
+        if "f" in cells:
+            f, new = cells["f"], True
+        elif len(cells) == 1:
+            f, new = next(iter(cells.values())), False
+        else:
+            break
+    return names, f
+
+
+def function_label(f: Callable) -> str:
+    """``grad(loss)`` for ``eg.grad(loss)``; the function's own name otherwise."""
+    names, inner = _unwrap(f)
+    label = getattr(inner, "__name__", "program")
+    for n in reversed(names):
+        label = f"{n}({label})"
+    return label
+
+
+def input_names(f: Callable, args: tuple, kwargs: dict, static_argnums: tuple,
+                is_input: Callable) -> list | None:
+    """The printed name of each input leaf, from the user's function's parameter names
+    (``params[0]``, ``batch['x']`` for pytree leaves); None where they do not line up."""
+    _, inner = _unwrap(f)
+    try:
+        params = list(inspect.signature(inner).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [q.name for q in params
+                  if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < len(args):
+        return None
+    out: list = []
+    for i, a in enumerate(args):
+        if i not in static_argnums:
+            _paths(a, positional[i], out)
+    _paths(kwargs, "", out)
+    return [label for label, leaf in out if is_input(leaf)]
+
+
+def _paths(x: Any, label: str, out: list) -> None:
+    """(label, leaf) pairs in the order :func:`einsumgrad.pytree.flatten` takes the leaves."""
+    from ..pytree import _dict_keys
+    kind = type(x)
+    if kind is list or kind is tuple or (isinstance(x, tuple) and hasattr(kind, "_fields")):
+        for i, c in enumerate(x):
+            _paths(c, f"{label}[{i}]", out)
+    elif kind is dict or kind is OrderedDict:
+        for k in (_dict_keys(x) if kind is dict else tuple(x)):
+            _paths(x[k], f"{label}[{k!r}]" if label else str(k), out)
+    elif x is not None:
+        out.append((label, x))
 
 
 def _peek(c) -> str:
