@@ -30,7 +30,7 @@ from .derive import batched, vjp_pattern
 from .plan import path_info
 from .pytree import TreeDef, flatten, unflatten
 from .rules.batch_norm import batch_norm_p
-from .rules.convolution import patch_einsum_p, unpatch_einsum_p
+from .rules.convolution import _patch, patch_einsum_p, unpatch_einsum_p
 from .rules.einsum import broadcast_to, constant_like, einsum_p, einsum_spec, moveaxis, transpose
 from .rules.elementwise import (add_bias_p, add_p, div_p, maximum_p, minimum_p, mul_p, pow_p,
                                 remainder_p, sub_p, where_p)
@@ -513,8 +513,8 @@ def _pair_spec(a: _Term, b: _Term) -> Spec:
 
 
 # -- rules for the convolution and batch-norm primitives ------------------------------------
-# Their modules bind through the tape's bind; these rules run where those primitives
-# are bound through einsumgrad.rules.shape.bind, as the other rules modules bind.
+# Kept here for now (they belong beside their primitives' other rules); the tape's
+# bind runs them wherever those primitives are bound.
 
 patches_p.defvmap(same_op(patches_p))  # leading axes pass through the windows
 unpatch_p.defvmap(same_op(unpatch_p))
@@ -522,11 +522,18 @@ unpatch_p.defvmap(same_op(unpatch_p))
 
 def _conv_vmap(p):
     """An einsum against patches gains a fresh leading index, as einsum's rule: the
-    patch term's last four labels stay last. The forward's patch copy is not reused."""
+    patch term's last four labels stay last. A patch einsum on plain physical tensors
+    goes through the convolution's front end, which keeps the patches it copies for
+    the weight gradient (a copy made per example would be read once per example)."""
     def rule(bdims, a, b, spec, patches=None, **params):
         slots = tuple(k for k, d in enumerate(bdims) if d is not None)
-        extra = {} if p is unpatch_einsum_p else {"patches": None}
-        return bind(p, a, b, spec=batched(spec, slots, 1), **extra, **params)
+        spec = batched(spec, slots, 1)
+        if p is unpatch_einsum_p:
+            return bind(p, a, b, spec=spec, **params)
+        if type(a) is not Batched and type(b) is not Batched:  # no outer vmap's level left
+            return _patch(spec, a, b, params["kernel"], params["stride"], params["padding"],
+                          None, params["dilation"])
+        return bind(p, a, b, spec=spec, patches=None, **params)
     return rule
 
 

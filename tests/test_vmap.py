@@ -632,3 +632,268 @@ def test_a_per_example_mlp_equals_the_mlp_written_for_batches():
     one = lambda x: eg.einsum("oi,i->o", xb(w2), eg.tanh(eg.einsum("oi,i->o", xb(w1), x)))
     many = np.tanh(X @ w1.T) @ w2.T
     np.testing.assert_allclose(npy(vmap(one)(xb(X))), many, **TOL)
+
+
+# -- the nn functionals, against torch.func.vmap -------------------------------------------
+
+from einsumgrad import nn  # noqa: E402
+from einsumgrad.backends import backend_of  # noqa: E402
+from einsumgrad.nn import functional as F  # noqa: E402
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def as_torch(tree):
+    torch = _torch()
+    return jax.tree_util.tree_map(lambda a: torch.tensor(a) if isinstance(a, np.ndarray) else a,
+                                  tree)
+
+
+def against_torch(ours, theirs, args, in_axes, tol=TOL):
+    """``vmap(ours)`` against ``torch.func.vmap(theirs)`` on the same NumPy arguments
+    (pytrees of arrays; integer arrays stay integers)."""
+    torch = _torch()
+    got = vmap(ours, in_axes)(*jax.tree_util.tree_map(xb, args))
+    try:
+        want = torch.func.vmap(theirs, in_dims=in_axes)(*as_torch(args))
+    except RuntimeError as e:  # torch.func cannot batch it (a weighted, smoothed CE mean):
+        assert "vmap" in str(e)  # torch on each example, stacked, is what vmap means
+        size = next(np.shape(a)[0] for a, ax in zip(args, in_axes) if ax == 0)
+        want = torch.stack([theirs(*as_torch([a if ax is None else np.asarray(a[b])
+                                              for a, ax in zip(args, in_axes)]))
+                            for b in range(size)])
+    a, b = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert npy(x).shape == tuple(y.shape)
+        np.testing.assert_allclose(npy(x), y.detach().numpy(), **tol)
+
+
+CONV2D = [dict(), dict(stride=2), dict(padding=1), dict(padding="same", dilation=2),
+          dict(padding=(1, 2), stride=(2, 1)), dict(padding=2, dilation=(2, 1)),
+          dict(groups=2, padding=1), dict(groups=4, stride=2), dict(padding="valid")]
+
+
+@pytest.mark.parametrize("in_axes", [(0, None, None), (0, 0, 0), (None, 0, None)])
+@pytest.mark.parametrize("kw", CONV2D, ids=str)
+def test_conv2d_as_torch(kw, in_axes):
+    tf = _torch().nn.functional
+    g = kw.get("groups", 1)
+    x, w, b = rand(20, (3, 4, 7, 7)), rand(21, (3, 8, 4 // g, 3, 3)), rand(22, (3, 8))
+    args = [a if ax == 0 else a[0] for a, ax in zip((x, w, b), in_axes)]
+    against_torch(lambda x, w, b: F.conv2d(x, w, b, **kw),
+                  lambda x, w, b: tf.conv2d(x, w, b, **kw), args, in_axes)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(padding="same",
+                                                                       dilation=2),
+                                dict(groups=2, dilation=2), dict(groups=4, padding=(1,))],
+                         ids=str)
+def test_conv1d_as_torch(kw):
+    tf = _torch().nn.functional
+    g = kw.get("groups", 1)
+    x, w, b = rand(23, (3, 4, 9)), rand(24, (8, 4 // g, 3)), rand(25, (8,))
+    against_torch(lambda x, w, b: F.conv1d(x, w, b, **kw),
+                  lambda x, w, b: tf.conv1d(x, w, b, **kw), [x, w, b], (0, None, None))
+
+
+def _targets(seed, shape, c, ignore=False):
+    y = np.random.default_rng(seed).integers(0, c, shape)
+    if ignore and y.ndim > 1:
+        y[:, 0] = -100  # one ignored target per example
+    return y
+
+
+CE_SHAPES = {"(C,)": ((4, 5), (4,)), "(N, C)": ((4, 3, 5), (4, 3)),
+             "(N, C, d)": ((4, 3, 5, 2), (4, 3, 2))}
+
+
+@pytest.mark.parametrize("mapped_targets", [True, False])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shapes", sorted(CE_SHAPES))
+def test_cross_entropy_as_torch(shapes, reduction, weighted, smoothing, mapped_targets):
+    tf = _torch().nn.functional
+    (ls, ys), c = CE_SHAPES[shapes], 5
+    logits, y = rand(26, ls), _targets(27, ys, c, ignore=True)
+    w = np.abs(rand(28, (c,))) + 0.5 if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    in_axes = (0, 0 if mapped_targets else None)
+    y = y if mapped_targets else np.array(y[1])
+    against_torch(lambda l, y, w: F.cross_entropy(l, y, weight=w, **kw),
+                  lambda l, y, w: tf.cross_entropy(l, y, weight=w, **kw), [logits, y, w],
+                  in_axes + (None,))
+
+
+def test_cross_entropy_with_probability_targets_as_torch():
+    tf = _torch().nn.functional
+    logits, p = rand(29, (4, 3, 5)), np.random.default_rng(30).dirichlet(np.ones(5), (4, 3))
+    for red in ("mean", "sum", "none"):
+        against_torch(lambda l, p: F.cross_entropy(l, p, reduction=red, label_smoothing=0.1),
+                      lambda l, p: tf.cross_entropy(l, p, reduction=red, label_smoothing=0.1),
+                      [logits, p], (0, 0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nll_loss_as_torch(reduction):
+    tf = _torch().nn.functional
+    logp, y = rand(31, (4, 3, 5)), _targets(32, (4, 3), 5, ignore=True)
+    w = np.abs(rand(33, (5,))) + 0.5
+    against_torch(lambda l, y: F.nll_loss(l, y, w, reduction=reduction),
+                  lambda l, y: tf.nll_loss(l, y, _torch().tensor(w), reduction=reduction),
+                  [logp, y], (0, 0))
+
+
+def test_a_label_out_of_range_inside_vmap_is_named():
+    y = np.array([1, 7, 0])
+    with pytest.raises(ValueError, match="label 7 is out of range for 5 classes"):
+        vmap(F.cross_entropy)(xb(rand(34, (3, 5))), xb(y))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_binary_cross_entropy_with_logits_as_torch(reduction):
+    tf = _torch().nn.functional
+    x, t = rand(35, (4, 3, 2)), np.random.default_rng(36).random((4, 3, 2))
+    w, pw = np.abs(rand(37, (3, 2))), np.abs(rand(38, (2,))) + 0.5
+    against_torch(
+        lambda x, t, w, pw: F.binary_cross_entropy_with_logits(x, t, w, reduction, pw),
+        lambda x, t, w, pw: tf.binary_cross_entropy_with_logits(x, t, w, reduction=reduction,
+                                                                pos_weight=pw),
+        [x, t, w, pw], (0, 0, None, None))
+
+
+@pytest.mark.parametrize("in_axes", [(0, 0), (0, None)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mse_loss_as_torch(reduction, in_axes):
+    tf = _torch().nn.functional
+    a, b = rand(39, (4, 3, 2)), rand(40, (4, 3, 2))
+    b = b if in_axes[1] == 0 else b[0]
+    against_torch(lambda a, b: F.mse_loss(a, b, reduction=reduction),
+                  lambda a, b: tf.mse_loss(a, b, reduction=reduction), [a, b], in_axes)
+
+
+@pytest.mark.parametrize("in_axes", [(0, None), (0, 0), (None, 0)])
+def test_embedding_as_torch(in_axes):
+    tf = _torch().nn.functional
+    ids, table = _targets(41, (4, 3, 2), 6), rand(42, (4, 6, 5))
+    args = [a if ax == 0 else a[0] for a, ax in zip((ids, table), in_axes)]
+    against_torch(F.embedding, tf.embedding, args, in_axes)
+
+
+def test_embedding_module_inside_vmap_and_bad_ids_named():
+    emb = nn.Embedding(6, 5).to(backend_of(xb(np.zeros(1))))
+    ids = _targets(43, (4, 3), 6)
+    np.testing.assert_allclose(npy(vmap(emb)(xb(ids))), npy(emb.weight)[ids], **TOL)
+    ids[2, 1] = 6
+    with pytest.raises(IndexError, match="embedding: index 6 is out of range"):
+        vmap(emb)(xb(ids))
+
+
+def test_dropout_draws_one_mask_per_example():
+    # torch.func.vmap's randomness="different": the masks of the batch are the mask
+    # dropout draws for the batch written out, drawn at once from the same generator
+    x = rand(44, (6, 50)) + 3.0
+    got = vmap(lambda x: F.dropout(x, 0.4, rng=np.random.default_rng(5)))(xb(x))
+    want = F.dropout(xb(x), 0.4, rng=np.random.default_rng(5))
+    np.testing.assert_allclose(npy(got), npy(want), **TOL)
+    kept = npy(got) != 0
+    assert len({k.tobytes() for k in kept}) == 6  # a mask per example
+    np.testing.assert_allclose(npy(got)[kept], x[kept] / 0.6, **TOL)
+    # an unmapped x gets a mask per example too, and the gradient is each one's mask
+    g = vmap(eg.grad(lambda w, x: (F.dropout(w, 0.4, rng=np.random.default_rng(6)) * x).sum()),
+             (None, 0))(xb(x[0]), xb(x))
+    m = npy(F.dropout(xb(np.ones((6, 50))), 0.4, rng=np.random.default_rng(6)))
+    np.testing.assert_allclose(npy(g), m * x, **TOL)
+    assert len({r.tobytes() for r in m != 0}) == 6
+    drop = nn.Dropout(0.4)
+    drop.eval()
+    np.testing.assert_allclose(npy(vmap(drop)(xb(x))), x, **TOL)
+
+
+def test_batch_norm_as_torch():
+    torch, tf = _torch(), _torch().nn.functional
+    x = rand(45, (3, 4, 2, 5))  # one example: (N, C, L)
+    mean, var, w, b = rand(46, (2,)), np.abs(rand(47, (2,))) + 0.5, rand(48, (2,)), rand(49, (2,))
+    against_torch(lambda x, m, v, w, b: F.batch_norm(x, m, v, w, b, training=False),
+                  lambda x, m, v, w, b: tf.batch_norm(x, m, v, w, b, training=False),
+                  [x, mean, var, w, b], (0, None, None, None, None))
+    # training without running statistics: each example normalized by its own
+    against_torch(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+                  lambda x, w, b: tf.batch_norm(x, None, None, w, b, training=True),
+                  [x, w, b], (0, None, None))
+    # eval() modules inside vmap: running statistics, as torch
+    bn = nn.BatchNorm2d(2)
+    bn.load_state_dict({"running_mean": mean, "running_var": var}, strict=False)
+    bn = bn.to(backend_of(xb(x)))
+    bn.eval()
+    tbn = torch.nn.BatchNorm2d(2).double().eval()
+    tbn.running_mean[:], tbn.running_var[:] = torch.tensor(mean), torch.tensor(var)
+    x4 = rand(50, (3, 1, 2, 3, 3))
+    np.testing.assert_allclose(npy(vmap(bn)(xb(x4))),
+                               torch.func.vmap(tbn)(torch.tensor(x4)).detach().numpy(), **TOL)
+
+
+def test_batch_norm_in_training_mode_with_running_statistics_raises():
+    bn = nn.BatchNorm1d(2).to(backend_of(xb(np.zeros(1))))  # train(): running statistics
+    with pytest.raises(RuntimeError, match="batch_norm in training mode inside vmap"):
+        vmap(bn)(xb(rand(51, (3, 4, 2))))
+    with pytest.raises(NotImplementedError, match="batch_norm with a weight or bias per"):
+        vmap(lambda x, w: F.batch_norm(x, None, None, w, training=True))(
+            xb(rand(52, (3, 4, 2))), xb(rand(53, (3, 2))))
+
+
+def _cnn(p, s, x, y):
+    """One example ``x (1, 8, 8)``: conv, relu, max pool, conv (stride 2, 2 groups),
+    eval-mode batch norm, flatten, linear, cross-entropy."""
+    h = F.relu(F.conv2d(x, p["c1"], p["b1"], padding=1))
+    h = F.max_pool2d(h, 2)
+    h = F.conv2d(h, p["c2"], None, stride=2, padding=1, groups=2)
+    h = F.batch_norm(h[None], s["rm"], s["rv"], p["g"], p["be"], training=False)[0]
+    return F.cross_entropy(F.linear(h.reshape(-1), p["w"], p["b"]), y)
+
+
+def _cnn_torch(p, s, x, y):
+    tf = _torch().nn.functional
+    h = tf.relu(tf.conv2d(x, p["c1"], p["b1"], padding=1))
+    h = tf.max_pool2d(h, 2)
+    h = tf.conv2d(h, p["c2"], None, stride=2, padding=1, groups=2)
+    h = tf.batch_norm(h[None], s["rm"], s["rv"], p["g"], p["be"], training=False)[0]
+    return tf.cross_entropy(tf.linear(h.reshape(-1), p["w"], p["b"]), y)
+
+
+def test_vmap_grad_of_a_small_cnn_as_torch():
+    torch = _torch()
+    p = {"c1": rand(54, (4, 1, 3, 3)) * 0.5, "b1": rand(55, (4,)), "c2": rand(56, (6, 2, 3, 3)),
+         "g": rand(59, (6,)), "be": rand(60, (6,)), "w": rand(61, (3, 24)) * 0.3,
+         "b": rand(62, (3,))}
+    s = {"rm": rand(57, (6,)), "rv": np.abs(rand(58, (6,))) + 0.5}  # eval(): constants
+    x, y = rand(63, (5, 1, 8, 8)), _targets(64, (5,), 3)
+    grads = vmap(eg.grad(_cnn), (None, None, 0, 0))(jax.tree_util.tree_map(xb, p),
+                                                    jax.tree_util.tree_map(xb, s), xb(x), xb(y))
+    want = torch.func.vmap(torch.func.grad(_cnn_torch), (None, None, 0, 0))(
+        as_torch(p), as_torch(s), torch.tensor(x), torch.tensor(y))
+    assert sorted(grads) == sorted(want)
+    for k in p:
+        np.testing.assert_allclose(npy(grads[k]), want[k].numpy(), **TOL, err_msg=k)
+
+
+def test_vmap_grad_of_an_embedding_model_as_torch():
+    torch, tf = _torch(), _torch().nn.functional
+    p = {"E": rand(65, (7, 4)), "w": rand(66, (3, 4)), "b": rand(67, (3,))}
+    ids, y = _targets(68, (5, 6), 7), _targets(69, (5, 6), 3, ignore=True)
+
+    def ours(p, ids, y):
+        h = eg.tanh(F.embedding(ids, p["E"]))
+        return F.cross_entropy(F.linear(h, p["w"], p["b"]), y, label_smoothing=0.1)
+
+    def theirs(p, ids, y):
+        h = torch.tanh(tf.embedding(ids, p["E"]))
+        return tf.cross_entropy(tf.linear(h, p["w"], p["b"]), y, label_smoothing=0.1)
+    grads = vmap(eg.grad(ours), (None, 0, 0))(jax.tree_util.tree_map(xb, p), xb(ids), xb(y))
+    want = torch.func.vmap(torch.func.grad(theirs), (None, 0, 0))(
+        as_torch(p), torch.tensor(ids), torch.tensor(y))
+    for k in p:
+        np.testing.assert_allclose(npy(grads[k]), want[k].numpy(), **TOL, err_msg=k)

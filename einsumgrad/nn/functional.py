@@ -15,9 +15,12 @@ from .. import rules as ops
 from ..backends import backend_of
 from ..rules import add_bias, as_pair, einsum_spec, layer_norm, patch_einsum, patches, unpatch
 from ..rules import unpatch_einsum  # noqa: F401  (re-exported)
-from ..rules.batch_norm import batch_norm_train, relu_of
+from ..rules.batch_norm import batch_norm_p, batch_norm_train, relu_of
+from ..rules.convolution import _parse as _conv_spec, patch_einsum_p
+from ..rules.patches import check_fit
+from ..rules.shape import Batched, active_levels, bottom, stand_in, wrap
 from ..spec import parse
-from ..tensor import Tensor, as_tensor
+from ..tensor import Tensor, as_tensor, bind
 from .losses import (binary_cross_entropy_with_logits, cross_entropy, l1_loss, labels_array,
                      mse_loss, nll_loss)
 
@@ -46,10 +49,20 @@ def relu(x: Any) -> Tensor:
     return ops.relu(x) if fused is None else fused
 
 
+def _xp(t: Tensor):
+    """``t``'s backend (inside vmap, a batched tensor's physical one's)."""
+    return backend_of(stand_in(t).data)
+
+
+def _batched(*ts) -> bool:
+    """Whether any of ``ts`` is a batched tensor (inside vmap)."""
+    return any(type(t) is Batched for t in ts)
+
+
 def _promoted(*ts: Tensor) -> list:
     """Tensors cast (on the tape) to the dtype NumPy's promotion gives them together:
     a float32 input to a float64 layer computes in float64, as NumPy would."""
-    dt = backend_of(ts[0].data).result_type(*(t.dtype for t in ts))
+    dt = _xp(ts[0]).result_type(*(t.dtype for t in ts))
     return [ops.astype(t, dt) for t in ts]
 
 
@@ -182,7 +195,15 @@ def _conv(x: Tensor, w: Tensor, b, stride: tuple, padding, dilation: tuple, grou
     spec, image, weight = _groups_spec(c, f, groups)
     xg = x if len(image) == 1 else ops.reshape(x, (bsz,) + image + x.shape[-2:])
     wg = w if weight == (f, cg) else ops.reshape(w, weight + kernel)
-    y = patch_einsum(spec, xg, wg, kernel, stride, before, dilation)
+    if _batched(xg, wg):
+        # Inside vmap: the primitive bound as it is, so its batching rule runs (the
+        # front end would read the arrays to keep the patches for the weight gradient;
+        # the rule keeps them, on the physical image).
+        check_fit(name, xg.shape[-2:], kernel, before, dilation)
+        y = bind(patch_einsum_p, xg, wg, spec=_conv_spec(spec, 0), kernel=tuple(kernel),
+                 stride=stride, padding=before, patches=None, dilation=dilation)
+    else:
+        y = patch_einsum(spec, xg, wg, kernel, stride, before, dilation)
     if y.ndim == 5:  # (B, g, F/g, OH, OW): the filters' groups side by side, a view
         y = ops.reshape(y, (bsz, f) + y.shape[-2:])
     return y if b is None else add_bias(y, ops.reshape(b, (-1, 1, 1)))
@@ -224,6 +245,8 @@ def batch_norm(x: Any, running_mean: Tensor | None, running_var: Tensor | None,
         if t is not None and tuple(t.shape) != (c,):
             raise ValueError(f"batch_norm: {name} of shape {tuple(t.shape)} for {c} channels")
     if training:
+        if _batched(x, weight, bias):
+            return _batch_norm_per_example(x, running_mean, running_var, weight, bias, eps)
         return _batch_norm_train(x, running_mean, running_var, weight, bias, momentum, eps)
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: running_mean and running_var are needed when not training")
@@ -253,6 +276,35 @@ def _batch_norm_train(x, running_mean, running_var, weight, bias, momentum, eps)
     if running_mean is not None or running_var is not None:
         _update_running(mean, var, running_mean, running_var, momentum, n)
     return y
+
+
+def _batch_norm_per_example(x, running_mean, running_var, weight, bias, eps) -> Tensor:
+    """Training mode inside ``vmap``: each example normalized by its own statistics
+    (what ``f`` computes on one example). Running statistics cannot follow: one
+    update per example of one buffer, in place, has no meaning.
+
+    Raises:
+        RuntimeError: running statistics are given (torch.func's rule too).
+    """
+    if running_mean is not None or running_var is not None:
+        raise RuntimeError(
+            "batch_norm in training mode inside vmap: its running statistics would be "
+            "updated in place once per example. Use eval() (the running statistics), or "
+            "track_running_stats=False / running_mean=running_var=None (each example "
+            "normalized by its own statistics); for per-sample gradients of a model in "
+            "training mode, batch norm mixes the examples, so there are none")
+    c, shape = x.shape[1], _channel_shape(x)
+    if (x.size // c if c else 0) <= 1:
+        raise ValueError(f"batch_norm: expected more than 1 value per channel when training, "
+                         f"got input of shape {x.shape}")
+    xp = _xp(x)
+    w = Tensor(xp.ones(c, dtype=x.dtype)) if weight is None else weight
+    b = Tensor(xp.zeros(c, dtype=x.dtype)) if bias is None else bias
+    if len({x.dtype, w.dtype, b.dtype}) > 1:
+        x, w, b = _promoted(x, w, b)
+    axes = (-x.ndim,) + tuple(range(-x.ndim + 2, 0))
+    return bind(batch_norm_p, x, ops.reshape(w, shape), ops.reshape(b, shape), axes=axes,
+                eps=float(eps), stats=None)
 
 
 def _update_running(mean, var, running_mean, running_var, momentum: float, n: int) -> None:
@@ -294,21 +346,26 @@ def avg_pool2d(x: Any, kernel_size, stride=None) -> Tensor:
 def embedding(ids: Any, weight: Tensor) -> Tensor:
     """Rows of ``weight`` picked by integer ``ids``; the gradient scatters back into them.
 
+    Inside ``vmap`` the ids may be mapped (each example picks its own rows) and so
+    may the table.
+
     Raises:
         TypeError: ``ids`` are not integers (booleans would select rows as a mask).
         IndexError: an id outside ``[0, num_embeddings)``: a negative one is not
             counted from the end, as torch's.
     """
-    xp = backend_of(weight.data)
-    ids = xp.asarray(labels_array(ids, weight))  # a list of ids too
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
+    weight = as_tensor(weight)
+    xp = _xp(weight)
+    mapped = type(ids) is Batched  # the whole batch's ids are checked at once
+    arr = bottom(ids).data if mapped else xp.asarray(labels_array(ids, weight))  # lists too
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got {arr.dtype}")
     n = weight.shape[0]
-    bad = (ids < 0) | (ids >= n)
+    bad = (arr < 0) | (arr >= n)
     if bool(xp.any(bad)):
-        raise IndexError(f"embedding: index {int(ids[bad].reshape(-1)[0])} is out of range "
+        raise IndexError(f"embedding: index {int(arr[bad].reshape(-1)[0])} is out of range "
                          f"for a table of {n} rows (ids must lie in [0, {n}))")
-    return weight[ids]
+    return weight[ids if mapped else arr]
 
 
 def dropout_probability(p: float) -> float:
@@ -325,6 +382,11 @@ def dropout_probability(p: float) -> float:
 def dropout(x: Any, p: float = 0.5, training: bool = True, rng=None) -> Tensor:
     """Zero each entry with probability ``p`` and scale the rest by ``1 / (1 - p)``.
 
+    Inside ``vmap`` every example gets its own mask (``torch.func.vmap``'s
+    ``randomness="different"``), whether ``x`` is mapped or not: the masks of
+    the whole batch are drawn at once, so with the same ``rng`` they are the
+    mask ``dropout`` draws for the batch written out (``(B,) + x.shape``).
+
     Raises:
         ValueError: ``p`` outside ``[0, 1]``.
     """
@@ -335,9 +397,10 @@ def dropout(x: Any, p: float = 0.5, training: bool = True, rng=None) -> Tensor:
     if p >= 1.0:
         return x * 0.0
     from .init import generator
-    keep = (rng or generator()).random(x.shape) >= p
-    mask = backend_of(x.data).asarray(keep).astype(x.dtype) * (1.0 / (1.0 - p))
-    return x * Tensor(mask)
+    lv = active_levels()  # the vmaps in flight: one mask per example of each
+    keep = (rng or generator()).random(tuple(n for _, n in lv) + x.shape) >= p
+    mask = Tensor(_xp(x).asarray(keep).astype(x.dtype) * (1.0 / (1.0 - p)))
+    return x * (wrap(mask, lv) if lv else mask)
 
 
 _ATTEND = parse("bhqk,bhkd->bhqd")

@@ -3,6 +3,8 @@
 Picking each target's log-probability is an einsum with a constant mask
 (one-hot rows, scaled by class weights and label smoothing), so the adjoint
 is a multiply, not a scatter, and every loss differentiates to any order.
+Inside ``vmap`` the targets may be mapped along with the inputs: the mask is
+then built once for the whole batch, one per example.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 from .. import rules as ops
 from ..backends import backend_of
+from ..rules.shape import Batched, elementwise_apply, stand_in
 from ..tensor import Tensor, as_tensor
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -19,7 +22,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 def labels_array(labels: Any, like: Tensor):
     """``labels`` (an array, a Tensor or a list) as an array on ``like``'s backend."""
-    xp = backend_of(like.data)
+    xp = backend_of(stand_in(like).data)
     data = labels.data if isinstance(labels, Tensor) else labels
     if not hasattr(data, "dtype"):
         data = xp.asarray(data)
@@ -56,10 +59,13 @@ def _picked(logp: Tensor, labels: Any, weight: Any, ignore_index: int, reduction
 
     ``M = kept * ((1 - s) onehot(y) w[y] + (s / C) w)``: torch's ``(1 - s) nll +
     (s / C) smooth``, where both parts of a mean divide by the same total, the
-    weights of the kept targets (their count without weights).
+    weights of the kept targets (their count without weights). Inside ``vmap``
+    with mapped ``labels`` (a batched tensor) ``M`` and that total are built for
+    the whole batch at once, one per example.
     """
-    xp = backend_of(logp.data)
-    y = labels_array(labels, logp)
+    xp = backend_of(stand_in(logp).data)
+    mapped = type(labels) is Batched
+    y = labels if mapped else labels_array(labels, logp)
     axis = _class_axis(logp, what)
     want = logp.shape[:axis] + logp.shape[axis + 1:]
     if tuple(y.shape) != want:
@@ -68,39 +74,60 @@ def _picked(logp: Tensor, labels: Any, weight: Any, ignore_index: int, reduction
                          f"must have shape {want}")
     if y.dtype.kind not in "iu":
         raise ValueError(f"{what}: labels must be integer class indices, got {y.dtype}")
-    c = logp.shape[axis]
-    kept = y != ignore_index
-    bad = kept & ((y < 0) | (y >= c))
-    if bool(xp.any(bad)):
-        raise ValueError(f"{what}: label {int(y[bad].reshape(-1)[0])} is out of range "
-                         f"for {c} classes (input {logp.shape}, class axis {axis})")
+    c, dtype = logp.shape[axis], logp.dtype
     w = None
     if weight is not None:
-        w = labels_array(weight, logp).astype(logp.dtype)
+        w = labels_array(weight, logp).astype(dtype)
         if tuple(w.shape) != (c,):
             raise ValueError(f"{what}: weight of shape {tuple(w.shape)} for {c} classes")
-    trailing = (1,) * (logp.ndim - axis - 1)
-    classes = xp.arange(c).reshape((c,) + trailing)
-    as_column = lambda a: a.reshape(want[:axis] + (1,) + want[axis:])  # noqa: E731
-    # An ignored target's row of the mask is zero (its label may be a class).
-    onehot = (as_column(y) == classes).astype(logp.dtype)
-    if w is not None:
-        onehot = onehot * w.reshape((c,) + trailing)
-    mask = onehot * (1.0 - smoothing) if smoothing else onehot
-    if smoothing:
-        spread = (xp.full((c,), smoothing / c, dtype=logp.dtype) if w is None
-                  else w * (smoothing / c))
-        mask = mask + spread.reshape((c,) + trailing)
-    mask = mask * as_column(kept).astype(logp.dtype)
+    after = logp.ndim - axis - 1  # axes after the class axis: counted from the end, so
+    classes = xp.arange(c).reshape((c,) + (1,) * after)  # leading (mapped) axes pass
+
+    def column(a):  # labels-shaped ``a`` with the class axis inserted (size 1)
+        return a.reshape(a.shape[:a.ndim - after] + (1,) + a.shape[a.ndim - after:])
+
+    def masks(y):
+        """The mask ``M`` for labels ``y`` (leading axes allowed), and each target's
+        share of a mean's total (its class weight, 0 where ignored)."""
+        kept = y != ignore_index
+        bad = kept & ((y < 0) | (y >= c))
+        if bool(xp.any(bad)):
+            raise ValueError(f"{what}: label {int(y[bad].reshape(-1)[0])} is out of range "
+                             f"for {c} classes (input {logp.shape}, class axis {axis})")
+        # An ignored target's row of the mask is zero (its label may be a class).
+        onehot = (column(y) == classes).astype(dtype)
+        if w is not None:
+            onehot = onehot * w.reshape((c,) + (1,) * after)
+        mask = onehot * (1.0 - smoothing) if smoothing else onehot
+        if smoothing:
+            spread = xp.full((c,), smoothing / c, dtype=dtype) if w is None else w * (smoothing / c)
+            mask = mask + spread.reshape((c,) + (1,) * after)
+        mask = mask * column(kept).astype(dtype)
+        share = (onehot * column(kept)).sum(axis=-after - 1) if w is not None else kept
+        return mask, share
+
+    if mapped:
+        mask = elementwise_apply(lambda t: Tensor(masks(t.data)[0]), y)
+    else:
+        mask, share = masks(y)
+        mask = Tensor(mask)
     s = "abcdefghijklmnopqrstuvwxyz"[:logp.ndim]
     if reduction == "none":
-        return -ops.einsum(f"{s},{s}->{s[:axis] + s[axis + 1:]}", logp, Tensor(mask))
-    total = ops.einsum(f"{s},{s}->", logp, Tensor(mask))
+        return -ops.einsum(f"{s},{s}->{s[:axis] + s[axis + 1:]}", logp, mask)
+    total = ops.einsum(f"{s},{s}->", logp, mask)
     if reduction == "sum":
         return -total
-    # The kept targets' weights (their count unweighted); none: nan, as torch.
-    n = float(xp.sum(onehot * as_column(kept))) if w is not None else float(xp.sum(kept))
-    return total * (-1.0 / n if n else math.nan)
+    if not mapped:
+        # The kept targets' weights (their count unweighted); none: nan, as torch.
+        n = float(xp.sum(share))
+        return total * (-1.0 / n if n else math.nan)
+
+    def scale(t):  # -1 / (each example's total), nan where it is 0
+        share = masks(t.data)[1]
+        n = share.reshape(share.shape[:share.ndim - len(want)] + (-1,)).sum(axis=-1)
+        n = n.astype(dtype)
+        return Tensor(xp.where(n > 0, -1.0 / xp.where(n > 0, n, 1.0), math.nan).astype(dtype))
+    return total * elementwise_apply(scale, y)
 
 
 def nll_loss(input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
@@ -143,9 +170,8 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean",
     logits = as_tensor(logits)
     axis = _class_axis(logits, "cross_entropy")
     logp = ops.log_softmax(logits, axis)
-    y = labels.data if isinstance(labels, Tensor) else labels
-    if getattr(y, "dtype", None) is not None and y.dtype.kind == "f" and \
-            tuple(y.shape) == logits.shape:
+    if getattr(labels, "dtype", None) is not None and labels.dtype.kind == "f" and \
+            tuple(labels.shape) == logits.shape:
         return _soft_targets(logp, as_tensor(labels, like=logits), weight, reduction,
                              label_smoothing, axis)
     return _picked(logp, labels, weight, ignore_index, reduction, label_smoothing,
