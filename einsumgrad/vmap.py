@@ -37,8 +37,8 @@ from .rules.elementwise import (add_bias_p, add_p, div_p, maximum_p, minimum_p, 
 from .rules.norm import layer_norm_p
 from .rules.patches import patches_p, unpatch_p
 from .rules.shape import (Batched, _adv_start, _advanced, _as_tuple, active_levels,
-                          batch_index_arrays, bind, broadcast, getitem_p, pop_level, push_level,
-                          reshape, same_op, scatter_add)
+                          batch_index_arrays, bind, bottom, broadcast, getitem_p, lift, pop_level,
+                          push_level, reshape, same_op, scatter_add, wrap)
 from .spec import ELLIPSIS, FRESH, Spec, fresh, render
 from .tensor import BatchMixingError, Tensor, as_tensor, no_grad, state, toposort
 from .transforms import _argnums, _per_arg, _trace
@@ -182,6 +182,11 @@ def per_sample_grad(f: Callable, argnums=0) -> Callable:
     ``'bi,oi->bo'`` gives its weight ``'bo,bi->boi'``), so nothing is looped
     over and nothing is computed per example twice.
 
+    Inside :func:`vmap` (``vmap(per_sample_grad(f), in_axes)``: one batch per
+    mapped entry, parameters mapped or not) the batch is axis 0 of what ``f``
+    sees: each result is ``(B,) + arg.shape`` per mapped entry, the same pass
+    run once with the mapped axes in front.
+
     Raises:
         BatchMixingError: ``f`` mixes examples (a mean over the batch before the
             per-example loss, a batch norm in training mode): names the op.
@@ -197,7 +202,7 @@ def per_sample_grad(f: Callable, argnums=0) -> Callable:
             return on_blocks(wrapped, data, 1)(*args, **kwargs)
         p = _Pass(f, argnums, args, kwargs)
         grads = p.walk()
-        return p.per_arg([grads[id(x)] for x in p.xs])
+        return p.per_arg([p.mapped(grads[id(x)]) for x in p.xs])
     return wrapped
 
 
@@ -209,7 +214,8 @@ def per_sample_grad_norm(f: Callable, argnums=0) -> "_GradNorm":
     squared norm is its per-example VJP pattern contracted with itself (for
     ``'bti,oi->bto'``, ``'bto,bti,bso,bsi->b'``), in the order opt_einsum finds
     cheapest, which builds the ``(B, o, i)`` gradient only where that costs less.
-    The returned callable's ``explain(*args)`` prints those patterns.
+    The returned callable's ``explain(*args)`` prints those patterns. Inside
+    :func:`vmap` as :func:`per_sample_grad`: ``(B,)`` per mapped entry.
 
     Raises:
         BatchMixingError, ValueError: as :func:`per_sample_grad`.
@@ -229,9 +235,9 @@ class _GradNorm:
         grads = p.walk(terms=True)
         total = None
         for x in p.xs:
-            sq = _squared_norm(grads.get(id(x)), p.terms.get(id(x), []))
+            sq = _squared_norm(grads.get(id(x)), p.terms.get(id(x), []), len(p.levels))
             total = sq if total is None else total + sq
-        return total ** 0.5
+        return p.mapped(total ** 0.5)
 
     def explain(self, *args, **kwargs) -> str:
         """For each parameter leaf: where it meets the data, its per-sample VJP pattern,
@@ -247,7 +253,7 @@ class _GradNorm:
                 lines.append(f"  meets the data in einsum {_show(t.source)!r} (operand "
                              f"{t.k}): per-sample VJP {_show(t.spec)!r}")
             if len(terms) == 1:
-                norm = _pair_spec(terms[0], terms[0])
+                norm = _pair_spec(terms[0], terms[0], len(p.levels))
                 shapes = [o.shape for o in terms[0].ops] * 2
                 path, info = path_info(norm, shapes)
                 lines.append(f"  squared norm: {_show(norm)!r}")
@@ -278,9 +284,10 @@ class _Pass:
     """``f`` traced once with the batch axis tracked, and its per-sample reverse pass."""
 
     def __init__(self, f: Callable, argnums, args: tuple, kwargs: dict):
-        if active_levels():
-            raise NotImplementedError("per_sample_grad inside vmap: call it outside, or use "
-                                      "vmap(grad(f)) on a per-example f")
+        # Inside vmap the tensors traced are physical: the levels' axes first (nlv of
+        # them), then the examples' batch axis; every parameter carries the levels' axes.
+        self.levels = lv = active_levels()
+        nlv = len(lv)
         nums = _argnums(argnums, len(args))
         call, arrays, sizes = list(args), [], set()
         for i in range(len(args)):
@@ -291,33 +298,43 @@ class _Pass:
             for leaf in leaves:
                 if hasattr(leaf, "shape"):  # an array or a Tensor: axis 0 is the batch
                     t = as_tensor(leaf)
-                    t = Tensor(t.data)  # the user's tensor keeps its own bdim
                     if t.ndim == 0:
                         raise ValueError("per_sample_grad: a data argument is 0-d: the batch is "
                                          "axis 0 of the arguments not in argnums")
-                    t.bdim = 0
                     sizes.add(t.shape[0])
+                    # a fresh tensor: the user's keeps its own bdim
+                    t = Tensor((bottom(lift(t, lv)) if lv else t).data)
+                    t.bdim = nlv
                     arrays.append(t.data)
-                    leaf = t
+                    leaf = wrap(t, lv)
                 data.append(leaf)
             call[i] = unflatten(tree, data)
         if len(sizes) != 1:
             raise ValueError("per_sample_grad: the batch is axis 0 of the arguments not in "
                              f"argnums; their axes 0 are {sorted(sizes) or 'missing'}")
         self.size = sizes.pop()
-        with batch_index_arrays(arrays):
+        with batch_index_arrays(arrays, nlv):
             self.xs, self.trees, out, _ = _trace(f, call, nums, kwargs, batch=True,
                                                  bdims=[None] * len(nums))
-        if not isinstance(out, Tensor) or out.shape != (self.size,):
+        lead = tuple(n for _, n in lv)
+        if not isinstance(out, Tensor) or out.shape != lead + (self.size,):
+            got = getattr(out, "shape", type(out).__name__)
             raise ValueError(f"per_sample_grad: f must return one value per example, shape "
-                             f"({self.size},), got {getattr(out, 'shape', type(out).__name__)}")
-        if out.bdim != 0:
+                             f"({self.size},), got {got[nlv:] if lv and out.ndim else got}")
+        if out.bdim != nlv:
             raise BatchMixingError("per_sample_grad: f's output does not follow the batch axis "
                                    "of its data (it mixes examples, or does not depend on them)")
         self.out, self.nums = out, nums
         self.per_arg = lambda flat: _per_arg(self.trees, flat, argnums)
         self.terms: dict = {}
         self.materialized: dict = {}
+
+    def mapped(self, r: Tensor) -> Tensor:
+        """A per-sample result ``(B,) + ...`` as the caller sees it: inside vmap its
+        physical ``(B, levels..., ...)`` with ``B`` after the levels' axes, and batched."""
+        if not self.levels:
+            return r
+        return wrap(moveaxis(r, 0, len(self.levels)), self.levels)
 
     def walk(self, terms: bool = False) -> dict:
         """Per-sample cotangents of the parameters: ``{id(x): (B,) + x.shape}`` (with
@@ -486,9 +503,10 @@ def _per_sample_vjp(prim, k: int, g: Tensor, t: Tensor, ins: Sequence[Tensor],
     return vmap(lambda g_, t_, *xs_: prim.vjp(k, g_, t_, *xs_, **params), in_axes=axes)(g, t, *ins)
 
 
-def _squared_norm(m: Tensor | None, terms: list) -> Tensor:
+def _squared_norm(m: Tensor | None, terms: list, nlv: int = 0) -> Tensor:
     """``(B,)``: the squared norm of ``m`` (a per-sample gradient built, or None) plus
-    the einsum terms, each pair of them one contraction."""
+    the einsum terms, each pair of them one contraction (inside vmap ``(B,) + levels``:
+    the ``nlv`` axes after the batch's are the levels', kept)."""
     parts = list(terms)
     if m is not None:
         labels = tuple(range(m.ndim))
@@ -496,20 +514,20 @@ def _squared_norm(m: Tensor | None, terms: list) -> Tensor:
     total = None
     for i, a in enumerate(parts):
         for b in parts[i:]:
-            v = einsum_spec(_pair_spec(a, b), *a.ops, *b.ops)
+            v = einsum_spec(_pair_spec(a, b, nlv), *a.ops, *b.ops)
             v = v if b is a else v * 2.0
             total = v if total is None else total + v
     return total
 
 
-def _pair_spec(a: _Term, b: _Term) -> Spec:
+def _pair_spec(a: _Term, b: _Term, nlv: int = 0) -> Spec:
     """``<a, b>`` per example as one einsum: ``b``'s output labels renamed to ``a``'s,
-    its other labels to fresh ones, the batch label alone kept."""
+    its other labels to fresh ones, the batch label (and ``nlv`` levels' after it) kept."""
     names = dict(zip(b.spec.output, a.spec.output))
     rest = [l for l in b.spec.labels if l not in names]
     names.update(zip(rest, fresh(a.spec.labels, len(rest))))
     return Spec(a.spec.inputs + tuple(tuple(names[l] for l in term) for term in b.spec.inputs),
-                a.spec.output[:1])
+                a.spec.output[:1 + nlv])
 
 
 # -- rules for the convolution and batch-norm primitives ------------------------------------

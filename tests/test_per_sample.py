@@ -18,7 +18,7 @@ import pytest
 import einsumgrad as eg
 from backends import npy, xb
 from einsumgrad.nn import functional as F
-from einsumgrad.vmap import per_sample_grad, per_sample_grad_norm
+from einsumgrad.vmap import per_sample_grad, per_sample_grad_norm, vmap
 
 torch = pytest.importorskip("torch")
 tf = torch.func
@@ -223,6 +223,69 @@ def test_float32_follows_the_data(rng):
     assert npy(g).dtype == np.float32
     n = per_sample_grad_norm(f)(xb(w), xb(x))
     np.testing.assert_allclose(npy(n), np.linalg.norm(npy(g).reshape(B, -1), axis=1), rtol=1e-5)
+
+
+def check_in_vmap(f, ft, params, data, params_mapped):
+    """vmap of per_sample_grad (and of its norms) over a leading axis of the data (and of
+    the parameters, ``params_mapped``) against torch's vmap of its per-example gradients."""
+    pa = None if not params_mapped else 0
+    axes = (pa,) + (0,) * len(data)
+    got = vmap(per_sample_grad(f), axes)(as_eg(params), *[xb(d) for d in data])
+    inner = tf.vmap(tf.grad(ft), in_dims=(None,) + (0,) * len(data))
+    want = tf.vmap(inner, in_dims=axes)(as_torch(params), *[torch.tensor(d) for d in data])
+    lead = data[0].shape[:2]
+    for k in params:
+        shape = params[k].shape[1:] if params_mapped else params[k].shape
+        assert npy(got[k]).shape == lead + shape
+        np.testing.assert_allclose(npy(got[k]), want[k].numpy(), **TOL, err_msg=k)
+    norms = vmap(per_sample_grad_norm(f), axes)(as_eg(params), *[xb(d) for d in data])
+    want_n = torch.sqrt(sum((v.reshape(lead + (-1,)) ** 2).sum(-1) for v in want.values()))
+    np.testing.assert_allclose(npy(norms), want_n.numpy(), **TOL)
+
+
+@pytest.mark.parametrize("params_mapped", [False, True])
+def test_inside_vmap_embedding_mlp(rng, params_mapped):
+    # under an outer vmap the per-sample batch is an inner axis: gradients (V, B) + shape
+    n = 3 if params_mapped else None
+    lead = (n,) if n else ()
+    p = {"E": rand(rng, *lead, 6, 4), "w": rand(rng, *lead, 3, 4), "b": rand(rng, *lead, 3)}
+    x, ids, y = rand(rng, 3, B, 4), rng.integers(0, 6, (3, B, 2)), rng.integers(0, 3, (3, B))
+
+    def f(p, x, ids, y):
+        h = eg.tanh(F.linear(x + F.embedding(ids, p["E"]).sum(axis=1), p["w"], p["b"]))
+        return F.cross_entropy(h, y, reduction="none")
+
+    def ft(p, x, ids, y):
+        h = torch.tanh((x + p["E"][ids].sum(0)) @ p["w"].T + p["b"])
+        return torch.nn.functional.cross_entropy(h[None], y[None])
+    check_in_vmap(f, ft, p, [x, ids, y], params_mapped)
+
+
+def test_inside_vmap_cnn(rng):
+    p = {"w": rand(rng, 3, 2, 3, 3, scale=0.3), "b": rand(rng, 3),
+         "v": rand(rng, 4, 3 * 3 * 3, scale=0.3)}
+    x, y = rand(rng, 2, B, 2, 6, 6), rng.integers(0, 4, (2, B))
+
+    def f(p, x, y):
+        h = eg.relu(F.conv2d(x, p["w"], p["b"], padding=1, stride=2))
+        return F.cross_entropy(F.linear(h.reshape(B, -1), p["v"]), y, reduction="none")
+
+    def ft(p, x, y):
+        h = torch.relu(torch.nn.functional.conv2d(x[None], p["w"], p["b"], padding=1, stride=2))
+        return torch.nn.functional.cross_entropy(h.reshape(1, -1) @ p["v"].T, y[None])
+    check_in_vmap(f, ft, p, [x, y], False)
+
+
+def test_inside_two_vmaps_and_mixing_raises_there(rng):
+    w, x = rand(rng, 3, 4), rand(rng, 2, 3, B, 4)
+    f = lambda w, x: (eg.tanh(eg.einsum("bi,oi->bo", x, w)) ** 2).sum(axis=1)  # noqa: E731
+    got = vmap(vmap(per_sample_grad(f), (None, 0)), (None, 0))(xb(w), xb(x))
+    want = np.stack([np.stack([npy(per_sample_grad(f)(xb(w), xb(x[i, j]))) for j in range(3)])
+                     for i in range(2)])
+    np.testing.assert_allclose(npy(got), want, **TOL)
+    mixing = lambda w, x: f(w, x - x.mean(axis=0))  # noqa: E731
+    with pytest.raises(eg.BatchMixingError):
+        vmap(per_sample_grad(mixing), (None, 0))(xb(w), xb(x[0]))
 
 
 @pytest.mark.slow

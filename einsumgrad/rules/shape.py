@@ -614,7 +614,7 @@ def getitem(x: Tensor, index, nb: int = 0) -> Tensor:
 
 class _IndexBatch(threading.local):
     def __init__(self):
-        self.arrays = {}  # id -> array: index arrays whose axis 0 is the batch axis
+        self.arrays = {}  # id -> (array, its batch axis): index arrays that carry the batch
 
 
 _index_batch = _IndexBatch()
@@ -622,12 +622,13 @@ _index_batch = _IndexBatch()
 
 class batch_index_arrays:
     """While tracing with the batch axis tracked (``per_sample_grad``), the given arrays
-    (the data's own, an embedding's ids) are known to have the batch on axis 0, so
-    ``w[ids]`` is batched though ``w`` is not: NumPy's advanced indexing drops the
-    Tensor around an index array, so they are known by identity."""
+    (the data's own, an embedding's ids) are known to have the batch on ``axis`` (0;
+    inside vmap, after the levels' axes), so ``w[ids]`` is batched though ``w`` is not:
+    NumPy's advanced indexing drops the Tensor around an index array, so they are
+    known by identity."""
 
-    def __init__(self, arrays):
-        self.arrays = {id(a): a for a in arrays}
+    def __init__(self, arrays, axis: int = 0):
+        self.arrays = {id(a): (a, axis) for a in arrays}
 
     def __enter__(self):
         self.saved = _index_batch.arrays
@@ -646,7 +647,9 @@ def _track_index_batch(x: Tensor, index, nb: int, out: Tensor) -> None:
         raise BatchMixingError("indexing a batched tensor with the batch's own index arrays "
                                "(or with two of them) pairs examples: rows mix")
     _, n_adv, _ = _advanced(idx)
-    out.bdim = _adv_start(x.ndim, idx, nb) + n_adv - hits[0].ndim
+    # the index array's dims end the advanced block (broadcasting lines them up right)
+    out.bdim = _adv_start(x.ndim, idx, nb) + n_adv - hits[0].ndim + _index_batch.arrays[
+        id(hits[0])][1]
 
 
 def _adv_start(ndim: int, idx: tuple, nb: int = 0) -> int:
