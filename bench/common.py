@@ -17,6 +17,7 @@ from typing import Callable
 RESULTS: list = []  # (case, contender, seconds) of this run, for a summary
 TARGETS: list = []  # (case, peer, ratio ours / peer must not exceed), for the picture
 OURS: dict = {}  # case -> the einsumgrad contender's name
+SECTION = ""  # the bench module running (run.py sets it): two modules may share a case title
 
 
 def keep_freed_memory() -> str:
@@ -96,11 +97,12 @@ def report(case: str, times: dict, *, ours: str, targets: dict | None = None, no
         targets: peer name -> the ratio ours must not exceed (ours / peer).
     """
     targets = targets or {}
-    OURS[case] = ours
-    TARGETS.extend((case, peer, limit) for peer, limit in targets.items())
+    key = f"[{SECTION}] {case}" if SECTION else case
+    OURS[key] = ours
+    TARGETS.extend((key, peer, limit) for peer, limit in targets.items())
     print(f"\n== {case}" + (f"  ({note})" if note else ""))
     for name, t in times.items():
-        RESULTS.append((case, name, t))
+        RESULTS.append((key, name, t))
         line = f"  {name:<34} {fmt(t)}"
         if name != ours and t:
             r = times[ours] / t

@@ -100,7 +100,7 @@ def write_png(results: list, targets: list, ours: dict, path: str, title: str = 
     ax.set_xlabel("einsumgrad time / peer time (log scale; left of 1 = einsumgrad faster). "
                   "Black tick: target; green: met, red: missed, grey: no target")
     n_targets = sum(limit is not None for _, bars in rows for _, _, limit in bars)
-    ax.set_title((textwrap.fill(title, 150) + "\n" if title else "")
+    ax.set_title((textwrap.fill(title, 125) + "\n" if title else "")
                  + f"{n_targets - missed} of {n_targets} targets met", fontsize=9)
     ax.grid(axis="x", color="0.9", lw=0.5)
     ax.set_axisbelow(True)

@@ -64,7 +64,9 @@ def main(argv: list) -> None:
               + "; ".join(f"{d} " + ", ".join(f"{k} " + ("/".join(f"2^{b}" for b in v) or "-")
                                               for k, v in sorted(kinds.items()))
                           for d, kinds in chosen.items()))
+    import common
     for n in names:
+        common.SECTION = n.removeprefix("bench_")
         importlib.import_module(n).main()
     picture(argv, started, [line for line in header if line.startswith("NumPy:")])
 
