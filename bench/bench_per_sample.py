@@ -1,4 +1,4 @@
-"""Per-sample gradients, their norms, and vmap (issue 18): ``python bench/per_sample.py``.
+"""Per-sample gradients, their norms, and vmap (issue 18): ``python bench/run.py per_sample``.
 
 Three cases, float32, each timed beside its peer in this one run (each contender's
 median, the best of a few rounds taken in turn):
