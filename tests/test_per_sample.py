@@ -276,6 +276,21 @@ def test_inside_vmap_cnn(rng):
     check_in_vmap(f, ft, p, [x, y], False)
 
 
+def test_inside_vmap_over_the_parameters_alone(rng):
+    # an ensemble: the data (ids and labels too) shared, lifted to the mapped axis
+    P = {"w": rand(rng, 2, 3, 4), "E": rand(rng, 2, 6, 4)}
+    x, ids, y = rand(rng, B, 4), rng.integers(0, 6, (B, 2)), rng.integers(0, 3, B)
+
+    def f(p, x, ids, y):
+        h = x + F.embedding(ids, p["E"]).sum(axis=1)
+        return F.cross_entropy(F.linear(h, p["w"]), y, reduction="none")
+    got = vmap(per_sample_grad(f), (0, None, None, None))(as_eg(P), xb(x), xb(ids), xb(y))
+    for v in range(2):
+        one = per_sample_grad(f)(as_eg({k: a[v] for k, a in P.items()}), xb(x), xb(ids), xb(y))
+        for k in P:
+            np.testing.assert_allclose(npy(got[k])[v], npy(one[k]), **TOL, err_msg=k)
+
+
 def test_inside_two_vmaps_and_mixing_raises_there(rng):
     w, x = rand(rng, 3, 4), rand(rng, 2, 3, B, 4)
     f = lambda w, x: (eg.tanh(eg.einsum("bi,oi->bo", x, w)) ** 2).sum(axis=1)  # noqa: E731
