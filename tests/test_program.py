@@ -291,7 +291,7 @@ def test_str_names_inputs_by_parameter_and_values_in_order():
         h = eg.tanh(eg.einsum("ij,jk->ik", batch["x"], params[0]) + params[1])
         return (h * scale).sum()
     p = make_program(eg.grad(loss), static_argnums=2)(
-        [xb(W), np.zeros(4)], {"x": xb(X)}, 2.0)
+        [xb(W), xb(np.zeros(4))], {"x": xb(X)}, 2.0)
     text = str(p)
     assert text.splitlines()[0] == ("program grad(loss)(params[0]: float64[3, 4], "
                                     "params[1]: float64[4], batch['x']: float64[5, 3])")

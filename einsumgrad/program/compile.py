@@ -83,14 +83,75 @@ class Names:
         return ", ".join(parts)
 
 
+# Results smaller than this (elements) take a new buffer: a small one comes from the
+# allocator's free lists as cheaply, and MKL's in-place bias add (a rank-1 GEMM) pays a
+# ctypes call that NumPy's add does not.
+REUSE_MIN = 1 << 15
+
+
+def reuse_plan(p, gone: dict) -> dict:
+    """Equation index -> the slot an element-wise step writes its result into (``out=``).
+
+    The slot is an argument of the step read there for the last time, of the
+    result's shape and dtype, a buffer the program owns (``p.owned``: made by a
+    step, sharing memory with nothing the caller holds), and every slot that may
+    share its memory is dead by then. The ufunc computes the same values into
+    it; the buffer, still in cache, is not allocated again.
+    """
+    owned = getattr(p, "owned", frozenset())
+    if not owned:
+        return {}
+    from .graph import _fresh
+    # slot -> the owned buffers it may be a view of (through reshapes, indexing, writes)
+    views: dict = {}
+    for eq in p.eqs:
+        if _fresh(eq) or (eq.outs and eq.outs[0] in owned):
+            continue
+        over = set()
+        for r in (*eq.refs(), *eq.writes):
+            over |= views.get(r, set()) | ({r} if r in owned else set())
+        for o in eq.outs:
+            views.setdefault(o, set()).update(over)
+    viewers: dict = {}
+    for v, bases in views.items():
+        for b in bases:
+            viewers.setdefault(b, []).append(v)
+    last = {s: i for i, dead in gone.items() for s in dead}
+    out: dict = {}
+    for i, eq in enumerate(p.eqs):
+        if not _writes_out(eq) or i not in gone:
+            continue
+        aval = p.avals[eq.outs[0]]
+        if math.prod(aval[0]) < REUSE_MIN:
+            continue
+        for a in eq.args:
+            s = a.slot if type(a) is Ref else None
+            if (s in owned and s in gone[i] and p.avals[s] == aval and s not in out.values()
+                    and all(last.get(m, len(p.eqs)) <= i for m in viewers.get(s, ()))):
+                out[i] = s
+                break
+    return out
+
+
+def _writes_out(eq) -> bool:
+    """An element-wise ufunc step taking ``out=`` (a DIRECT primitive, a fused kernel)."""
+    if len(eq.outs) != 1 or eq.scalar or eq.writes or eq.seq:
+        return False
+    kind = eq.op[0]
+    if kind == "fused":
+        return True
+    return kind == "prim" and eq.op[1] in DIRECT and not eq.kwargs
+
+
 def compile_program(p) -> Callable:
     """The program as ``run(*input_arrays) -> [output leaves]``."""
     ns: dict = {"_GuardFailed": GuardFailed, "_same": same, "_asarray": numpy.asarray}
     n = Names(p, ns)
     lines = [f"def run({', '.join(n.var[s] for s in p.inputs)}):"]
     gone = last_uses(p)
+    into = reuse_plan(p, gone)
     for i, eq in enumerate(p.eqs):
-        lines += ["    " + line for line in replay_lines(eq, i, n, p)]
+        lines += ["    " + line for line in replay_lines(eq, i, n, p, into.get(i))]
         if i in gone:
             lines.append("    del " + ", ".join(n.var[s] for s in gone[i]))
     outs = [n.var[o.slot] if type(o) is Ref else n.obj(o) for o in p.outputs]
@@ -101,8 +162,10 @@ def compile_program(p) -> Callable:
     return ns["run"]
 
 
-def replay_lines(eq, i: int, n: Names, p) -> list:
+def replay_lines(eq, i: int, n: Names, p, into: int | None = None) -> list:
+    """The source lines of equation ``i``; ``into``: a dead slot to write the result into."""
     op, kind = eq.op, eq.op[0]
+    out = "" if into is None else f", out={n.var[into]}"
     if kind == "guard":
         conv = n.obj(CONVERT[op[1]])
         extra = "".join(", " + n.lit(a) for a in eq.kwargs["args"])
@@ -124,7 +187,9 @@ def replay_lines(eq, i: int, n: Names, p) -> list:
         # The impl looks its backend up on every call; here it is known: bound once.
         name, extra = DIRECT[op[1]]
         fn = getattr(device_backend(p.device), name)
-        expr = f"{n.obj(fn)}({n.call(eq.args, {})}{extra})"
+        expr = f"{n.obj(fn)}({n.call(eq.args, {})}{extra}{out})"
+    elif kind == "fused":
+        expr = f"{n.obj(eq.fn)}({n.call(eq.args, {})}{out})"
     else:
         expr = f"{n.obj(eq.fn)}({n.call(eq.args, eq.kwargs)})"
     return assignment(expr, eq, n.var, "_asarray")

@@ -12,6 +12,9 @@
 * :func:`fuse_elementwise` (:mod:`.fuse`): chains of element-wise steps as one
   numba kernel, where numba is installed.
 * :func:`dead_code`: steps whose results nothing reads are dropped.
+* :func:`mark_owned`: the slots whose buffer a step makes and nothing else
+  shares; an element-wise step then writes its result into such an input
+  where that input dies (:func:`einsumgrad.program.compile.reuse_plan`).
 
 Buffers are freed after their last use by the generated code itself
 (:func:`einsumgrad.program.compile.last_uses`).
@@ -28,7 +31,7 @@ import numpy
 from ..plan import path_info
 from ..spec import Spec, fresh
 from .fuse import fuse_elementwise
-from .graph import alias_groups, rename, replace, uses, written
+from .graph import _fresh, alias_groups, rename, replace, uses, written
 from .trace import Eq, Ref
 
 # Element-wise primitives: their result is a new array.
@@ -47,6 +50,8 @@ def optimize(p, values: dict | None = None) -> None:
     dead_code(p)
     fuse_elementwise(p)
     dead_code(p)
+    if values is not None:
+        mark_owned(p, values)
 
 
 def _read_only(v):
@@ -256,3 +261,30 @@ def dead_code(p) -> None:
     used = {s for eq in p.eqs for s in eq.refs()} | live
     for s in [s for s in p.consts if s not in used]:
         del p.consts[s]
+
+
+# -- buffers ---------------------------------------------------------------------------------
+
+def mark_owned(p, values: dict) -> None:
+    """``p.owned``: slots whose array is a new buffer of the program's own (a ufunc's, a
+    fused kernel's, an einsum's product), sharing memory with no input, constant or
+    other slot of the trace, so that once it is dead a step may write over it.
+
+    An einsum's result is a view for some specs (a transpose) and new for others; the
+    trace's value says which, and the replay runs the same plan on the same shapes.
+    """
+    consts = [values[c] for c in p.consts if c in values]
+    owned = set()
+    for eq in p.eqs:
+        if (len(eq.outs) != 1 or eq.writes or eq.scalar or eq.seq
+                or not (_fresh(eq) or eq.op == ("prim", "einsum"))):
+            continue
+        o = eq.outs[0]
+        v = values.get(o)
+        if not isinstance(v, numpy.ndarray) or not v.flags.writeable or v.ndim == 0:
+            continue
+        others = [values[r] for r in eq.refs() if r in values] + consts
+        if any(isinstance(a, numpy.ndarray) and numpy.may_share_memory(v, a) for a in others):
+            continue
+        owned.add(o)
+    p.owned = frozenset(owned)
