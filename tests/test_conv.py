@@ -76,7 +76,9 @@ def test_conv_on_the_grid_with_groups_and_dilation(rng, monkeypatch, groups, dil
     # The stride-1 input gradient on the padded grid (any backend: the in-place
     # GEMM it waits for is switched on) with a dilated window: each offset is a
     # shift of d*k rows. Grouped convs keep to the patches (no grid for them).
+    # The block path (taken first on host backends) is switched off.
     from einsumgrad.backends import backend_of
+    monkeypatch.setattr(convolution, "BLOCK_BYTES", 0)
     monkeypatch.setattr(backend_of(xb(np.zeros(1))), "matmul_adds_in_place", True)
     monkeypatch.setattr(grid, "MIN_INNER", 1)
     calls = []
@@ -86,6 +88,71 @@ def test_conv_on_the_grid_with_groups_and_dilation(rng, monkeypatch, groups, dil
     x, w, b = (rng.standard_normal(s) for s in ((2, 8, 12, 11), (8, 8 // groups, 3, 2), (8,)))
     conv_both(F.conv2d, TF.conv2d, x, w, b, padding="same", dilation=dilation, groups=groups)
     assert bool(calls) == (groups == 1)
+
+
+
+def _block_calls(monkeypatch, block_bytes: int) -> list:
+    """Names of the block kernels as they run, with blocks of ``block_bytes`` of
+    patches (a few images each on the small test images) and no channel minimum,
+    on any backend (the strict one's arrays too: the path makes no host data)."""
+    monkeypatch.setattr(convolution, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(convolution, "BLOCK_DEVICES", (eg.backends.backend_of(xb(np.zeros(1))).device,))
+    monkeypatch.setattr(convolution, "MIN_BLOCK_CHANNELS", 1)
+    calls = []
+    for name in ("conv_blocks", "conv_weight_blocks"):
+        f = getattr(convolution, name)
+        monkeypatch.setattr(convolution, name,
+                            lambda *a, f=f, name=name, **k: calls.append(name) or f(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride,padding,dilation,kernel", [
+    (1, 1, 1, 3), (1, 0, 1, (2, 3)), (2, 1, 1, 3), ((1, 2), (2, 1), (2, 1), 3),
+    (1, "same", 2, (3, 2)), (1, 3, 1, 3), (1, 0, 1, 1)])
+def test_conv_by_blocks_matches_torch(rng, monkeypatch, channels_last, stride, padding,
+                                      dilation, kernel):
+    # The host backends' path: the patches of a few images at a time (blocks of
+    # 2, 2 and 1 images here), the forward, the weight gradient and, at stride
+    # 1 with a padding within the window's span, the input gradient as the
+    # convolution of the cotangent with the flipped window. Else the input
+    # gradient takes the other paths.
+    calls = _block_calls(monkeypatch, 60_000)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = rng.standard_normal((5, 8, 9, 8))
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    w, b = rng.standard_normal((6, 8, kh, kw)), rng.standard_normal(6)
+    conv_both(F.conv2d, TF.conv2d, x, w, b, stride=stride, padding=padding, dilation=dilation)
+    flipped = stride == 1 and padding != 3
+    assert sorted(calls) == ["conv_blocks"] * (1 + flipped) + ["conv_weight_blocks"]
+
+
+def test_conv_by_blocks_second_order_and_jacobians(rng, monkeypatch):
+    # Higher derivatives and Jacobian bases (leading axes: more block rows)
+    # through the block path match the whole-batch paths.
+    x, w = xb(rng.standard_normal((3, 2, 5, 4))), xb(rng.standard_normal((2, 2, 3, 2)))
+    f = lambda x, w: F.conv2d(x, w, padding=1)
+    monkeypatch.setattr(convolution, "BLOCK_BYTES", 0)
+    want = [npy(j) for j in eg.jacrev(f, argnums=(0, 1))(x, w)]
+    want_fwd = npy(eg.jacfwd(f)(x, w))
+    calls = _block_calls(monkeypatch, 2_000)
+    check_grads(f, x, w, order=2)
+    for got, ref in zip(eg.jacrev(f, argnums=(0, 1))(x, w), want):
+        np.testing.assert_allclose(npy(got), ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(npy(eg.jacfwd(f)(x, w)), want_fwd, rtol=1e-12, atol=1e-12)
+    assert {"conv_blocks", "conv_weight_blocks"} <= set(calls)
+
+
+def test_conv_by_blocks_needs_enough_channels(rng, monkeypatch):
+    # Fewer channels than MIN_BLOCK_CHANNELS in the product's sum (the image's
+    # for the forward and weight gradient, the filters' for the input gradient):
+    # a window row is too short a copy, the whole-batch paths run.
+    calls = _block_calls(monkeypatch, 1 << 20)
+    monkeypatch.setattr(convolution, "MIN_BLOCK_CHANNELS", 8)
+    x, w, b = (rng.standard_normal(s) for s in ((2, 1, 6, 6), (3, 1, 3, 3), (3,)))
+    conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1)
+    assert calls == []
 
 
 def test_conv_second_order_with_groups_and_dilation(rng):

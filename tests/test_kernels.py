@@ -132,6 +132,7 @@ def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
     want = torch.nn.functional.conv2d(tx, tw, stride=2, padding=1)
     gy = rng.standard_normal(tuple(want.shape))
     want_gx, want_gw = torch.autograd.grad(want, (tx, tw), torch.tensor(gy))
+    monkeypatch.setattr(pe, "BLOCK_BYTES", 0)  # the whole-batch paths, not the blocks
     for chunk, budget in ((4096, 1 << 26), (4096, 4096), (1 << 20, 1 << 26)):
         monkeypatch.setattr(pe, "_CHUNK_BYTES", chunk)
         monkeypatch.setattr(pe, "_CHUNK_BYTES_MKL", chunk)
@@ -147,8 +148,9 @@ def test_conv_by_patch_chunks_matches_torch(monkeypatch, channels_last):
 def _grid_calls(monkeypatch) -> list:
     """Names of the padded-grid kernel (an input gradient) and of the patch copy
     as they run; the grid taken on any backend (it waits for an in-place GEMM,
-    MKL's, to pay)."""
+    MKL's, to pay); the block path, which host backends take first, off."""
     monkeypatch.setattr(backend_of(xb(np.zeros(1))), "matmul_adds_in_place", True)
+    monkeypatch.setattr(pe, "BLOCK_BYTES", 0)
     calls = []
     for name in ("unpatch_on_grid", "patches_array"):
         f = getattr(pe, name)

@@ -16,6 +16,14 @@ copying it anew. At stride 1 with enough channels the input gradient runs on
 the padded grid instead (:mod:`.grid`): one product per window offset, with
 no patch-shaped product and no strided adds.
 
+On a host backend, an einsum shaped as a convolution, its weight gradient or
+(at stride 1) its input gradient runs by blocks instead (:data:`BLOCK_BYTES`):
+the patches of a few images at a time are copied (im2col) into a buffer that
+stays in cache for the block's matmul, so neither the patches nor a padded
+grid ever pass through main memory whole; the input gradient is the
+convolution of the cotangent with the window flipped. The other paths serve
+other devices, other einsums (grouped, per-sample weights) and few channels.
+
 The patch term is the first operand of ``patch_einsum`` and the output of
 ``unpatch_einsum``; its last four labels are (OH, OW, kh, kw). The two
 primitives are each other's transposes in the patch operand, so every VJP
@@ -30,7 +38,8 @@ from ..plan import plan_for
 from ..spec import Spec
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, state
 from .grid import grid_groups, grid_pays, unpatch_on_grid
-from .patches import as_pair, check_fit, out_size, padded, patches_array, unpatch_array
+from .patches import (as_pair, check_fit, conv_blocks, conv_weight_blocks, out_size, padded,
+                      patches_array, unpatch_array)
 
 
 def _shifted(xpad, k, l, oh, ow, stride, dilation=(1, 1)):
@@ -116,6 +125,8 @@ def _sizes(x, o, spec: Spec, kernel, stride, padding, dilation) -> dict:
 def _copied_whole(x, o, spec: Spec, kernel, stride, padding, dilation):
     """The patches of ``x``, copied, where ``patch_einsum`` copies them in one
     piece (not cut into chunks, not offset by offset); else None."""
+    if _block_plan(x, o, spec, kernel, stride, padding, dilation) is not None:
+        return None  # by blocks: the weight gradient copies its blocks again
     p, out_term = spec.inputs[0], spec.output
     ax, _, nbytes = _chunks(x, p, out_term, _sizes(x, o, spec, kernel, stride, padding, dilation))
     if ax is not None or nbytes > _PATCH_BYTES:
@@ -123,9 +134,123 @@ def _copied_whole(x, o, spec: Spec, kernel, stride, padding, dilation):
     return patches_array(x, kernel, stride, padding, contiguous=True, dilation=dilation)
 
 
+# On a host backend each convolution product runs on the patches of a block of
+# images at a time, about this many bytes of them, copied into a buffer that
+# stays in cache for the block's matmul (:func:`.patches.conv_blocks`); 0 turns
+# it off (the paths below: whole or chunked copies, offsets, the grid).
+BLOCK_BYTES = 1 << 20
+# Fewer channels than this make a window row too short a copy: the paths below.
+MIN_BLOCK_CHANNELS = 8
+
+
+def _axes(term: tuple, labels: tuple) -> list:
+    return [term.index(a) for a in labels]
+
+
+def _grouped(a, term: tuple, groups: tuple, xp):
+    """``a`` (labels ``term``) transposed to the label groups' order and each group
+    merged into one axis (a view where the layout allows, else a copy)."""
+    size = dict(zip(term, a.shape))
+    a = xp.transpose(a, sum((_axes(term, g) for g in groups), []))
+    return xp.reshape(a, tuple(math.prod(size[n] for n in g) for g in groups))
+
+
+def _ungrouped(a, groups: tuple, sizes: dict, want: tuple, xp):
+    """The inverse of :func:`_grouped`: ``a``'s merged axes split into ``groups``'
+    labels, then transposed to the label order ``want``."""
+    have = sum(groups, ())
+    a = xp.reshape(a, tuple(sizes[n] for n in have))
+    return xp.transpose(a, _axes(have, want))
+
+
+# Devices whose caches the blocks are sized for (a GPU's products are better whole).
+BLOCK_DEVICES = ("cpu",)
+
+
+def _by_blocks(xp, *arrays) -> bool:
+    return (BLOCK_BYTES > 0 and xp.device in BLOCK_DEVICES
+            and len({a.dtype for a in arrays}) == 1)
+
+
+def _block_form(spec: Spec):
+    """``('conv', groups)`` for a patch einsum shaped as a convolution (window labels
+    on the other operand, ``(OH, OW)`` in the output), ``('weight', groups)`` for
+    one shaped as its weight gradient (the reverse), else None; ``groups`` is
+    ``(rows, inner, cols)`` as :func:`.grid.grid_groups` gives them."""
+    (p, ot), r = spec.inputs, spec.output
+    hw, kl = set(p[-4:-2]), set(p[-2:])
+    if kl <= set(ot) and hw <= set(r):
+        groups = grid_groups(p, ot, r)
+        return None if groups is None else ("conv", groups)
+    if kl <= set(r) and hw <= set(ot):
+        groups = grid_groups(p, r, ot)
+        return None if groups is None else ("weight", groups)
+    return None
+
+
+def _block_plan(x, o, spec, kernel, stride, padding, dilation):
+    """``(kind, groups, sizes)`` where ``patch_einsum`` runs by blocks (see
+    :func:`_block_form`; ``sizes`` every label's), else None."""
+    form = _block_form(spec) if _by_blocks(backend_of(x), x, o) else None
+    if form is None:
+        return None
+    sizes = _sizes(x, o, spec, kernel, stride, padding, dilation)
+    if math.prod(sizes[n] for n in form[1][1]) < MIN_BLOCK_CHANNELS:
+        return None
+    return form + (sizes,)
+
+
+def _patch_blocks(x, o, spec, kernel, stride, padding, dilation):
+    """``patch_einsum`` by :func:`.patches.conv_blocks` / :func:`.patches.conv_weight_blocks`
+    where the einsum is a convolution or its weight gradient; else None."""
+    plan = _block_plan(x, o, spec, kernel, stride, padding, dilation)
+    if plan is None:
+        return None
+    xp = backend_of(x)
+    (p, ot), r = spec.inputs, spec.output
+    kind, (rows, inner, cols), sizes = plan
+    lead, hw, kl = p[:-4], p[-4:-2], p[-2:]
+    xr = _grouped(x, lead + ("H", "W"), (rows, ("H",), ("W",), inner), xp)
+    if kind == "conv":
+        w = _grouped(o, ot, (kl + inner, cols), xp)
+        y = conv_blocks(xr, w, kernel, stride, padding, dilation, BLOCK_BYTES)
+        return _ungrouped(y, (rows, hw, cols), sizes, r, xp)
+    g = _grouped(o, ot, (rows, hw[:1], hw[1:], cols), xp)
+    dw = conv_weight_blocks(xr, g, kernel, stride, padding, dilation, BLOCK_BYTES)
+    return _ungrouped(dw, (kl, inner, cols), sizes, r, xp)
+
+
+def _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation):
+    """``unpatch_einsum`` of stride 1 shaped as a convolution's input gradient, as
+    the convolution of the cotangent with the window flipped (padded by the
+    window's span less the forward's padding): :func:`.patches.conv_blocks`.
+    None where it does not apply."""
+    xp = backend_of(a)
+    (at, bt), p = spec.inputs, spec.output
+    groups = grid_groups(p, bt, at)
+    if groups is None or stride != (1, 1) or not _by_blocks(xp, a, b):
+        return None
+    rows, inner, cols = groups
+    back = tuple((k - 1) * d - q for k, d, q in zip(kernel, dilation, padding))
+    sizes = {n: s for t, arr in zip(spec.inputs, (a, b)) for n, s in zip(t, arr.shape)}
+    fits = all(sizes[n] + 2 * q - (k - 1) * d == s for n, q, k, d, s in
+               zip(p[-4:-2], back, kernel, dilation, size))
+    if min(back) < 0 or not fits or math.prod(sizes[n] for n in cols) < MIN_BLOCK_CHANNELS:
+        return None
+    hw, kl = p[-4:-2], p[-2:]
+    g = _grouped(a, at, (rows, hw[:1], hw[1:], cols), xp)
+    w = _grouped(b, bt, (kl[:1], kl[1:], cols, inner), xp)[::-1, ::-1]  # the window flipped
+    w = xp.reshape(w, (-1, w.shape[-1]))
+    z = conv_blocks(g, w, kernel, (1, 1), back, dilation, BLOCK_BYTES)
+    return _ungrouped(z, (rows, hw, inner), sizes | dict(zip(hw, size)), p[:-4] + hw, xp)
+
+
 def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None, dilation=(1, 1)):
     if patches is not None:  # the forward's copy, kept for the weight gradient
         return plan_for(spec, [patches, o])([patches, o])
+    got = _patch_blocks(x, o, spec, kernel, stride, padding, dilation)
+    if got is not None:
+        return got
     xp = backend_of(x)
     (kh, kw), p, out_term = kernel, spec.inputs[0], spec.output
     sizes = _sizes(x, o, spec, kernel, stride, padding, dilation)
@@ -186,6 +311,9 @@ def _by_chunks(x, o, spec, kernel, stride, padding, ax, step, dilation):
 
 
 def _unpatch_einsum_impl(a, b, spec, size, kernel, stride, padding, dilation=(1, 1)):
+    got = _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation)
+    if got is not None:
+        return got
     xp = backend_of(a)
     (kh, kw), (ph, pw), p = kernel, padding, spec.output
     sizes = {n: s for t, arr in zip(spec.inputs, (a, b)) for n, s in zip(t, arr.shape)}

@@ -12,6 +12,7 @@ einsums. Leading axes (batch, channels, a Jacobian's basis) pass through.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 from ..backends import backend_of, in_order_of
@@ -175,3 +176,77 @@ def unpatch(g: Tensor, size, kernel_size, stride=1, padding=0, dilation=1) -> Te
     """The adjoint of :func:`patches`: add each window back onto a ``size`` image."""
     return bind(unpatch_p, g, size=tuple(int(n) for n in size), kernel=as_pair(kernel_size),
                 stride=as_pair(stride), padding=as_pair(padding), dilation=as_pair(dilation))
+
+
+
+class _Blocks:
+    """Buffers for the patches of a block of images: a zero-bordered image ``pad``
+    ``(nb, Hp, Wp, I)``, the window buffer ``cols`` ``(nb, OH, OW, kh, kw, I)``, and
+    ``view``, the windows of ``pad`` as a strided view shaped as ``cols``."""
+
+    def __init__(self, x, kernel, stride, padding, dilation, block_bytes: int):
+        xp = backend_of(x)
+        r, h, w, i = x.shape
+        (kh, kw), (ph, pw), (sh, sw), (dh, dw) = kernel, padding, stride, dilation
+        oh, ow = (out_size(n, k, s, p, d) for n, k, s, p, d in
+                  zip((h, w), kernel, stride, padding, dilation))
+        row_bytes = oh * ow * kh * kw * i * x.itemsize
+        self.nb = max(1, min(r, block_bytes // max(row_bytes, 1)))
+        self.pad = xp.zeros((self.nb, h + 2 * ph, w + 2 * pw, i), dtype=x.dtype)
+        self.cols = xp.empty((self.nb, oh, ow, kh, kw, i), dtype=x.dtype)
+        s_r, s_h, s_w, s_i = self.pad.strides
+        self.view = xp.as_strided(self.pad, shape=self.cols.shape,
+                                  strides=(s_r, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_i))
+        self.inside = (slice(None), slice(ph, ph + h), slice(pw, pw + w))
+        self.xp, self.x, self.k = xp, x, kh * kw * i
+
+    def windows(self, s: int, m: int):
+        """Images ``s : s + m`` of ``x``, padded, their windows copied (im2col): the
+        matrix ``(m*OH*OW, kh*kw*I)``, a window a row."""
+        pad = self.pad[:m]
+        pad[self.inside] = self.x[s:s + m]
+        cols = self.cols[:m]
+        cols[...] = self.view[:m]
+        return self.xp.reshape(cols, (-1, self.k))
+
+
+def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int):
+    """``patches(x) @ w`` over channels-last images, a block of images at a time.
+
+    ``x`` is ``(R, H, W, I)`` in any memory layout (R the images and any other
+    leading axes, I the channels), ``w`` is ``(kh*kw*I, J)`` with rows in
+    ``(kh, kw, I)`` order. Each block of images is padded and its windows
+    copied (im2col) into buffers of about ``block_bytes`` that stay in cache
+    for the block's matmul; the patches never exist whole. Returns
+    ``(R, OH, OW, J)`` in C order.
+    """
+    xp = backend_of(x)
+    blocks = _Blocks(x, kernel, stride, padding, dilation, block_bytes)
+    r, (oh, ow), j = x.shape[0], blocks.cols.shape[1:3], w.shape[-1]
+    out = xp.empty((r, oh, ow, j), dtype=x.dtype)
+    flat = xp.reshape(out, (r * oh * ow, j))
+    for s in range(0, r, blocks.nb):
+        m = min(blocks.nb, r - s)
+        xp.matmul(blocks.windows(s, m), w, out=flat[s * oh * ow:(s + m) * oh * ow])
+    return out
+
+
+def conv_weight_blocks(x, g, kernel, stride, padding, dilation, block_bytes: int):
+    """``patches(x)^T @ g`` summed over images, a block of images at a time: a
+    convolution's weight gradient without the whole patches.
+
+    ``x`` is ``(R, H, W, I)`` and ``g`` ``(R, OH, OW, J)``, any layouts. Returns
+    ``(kh*kw*I, J)``, rows in ``(kh, kw, I)`` order.
+    """
+    xp = backend_of(x)
+    blocks = _Blocks(x, kernel, stride, padding, dilation, block_bytes)
+    r, j, total = x.shape[0], g.shape[-1], None
+    for s in range(0, r, blocks.nb):
+        m = min(blocks.nb, r - s)
+        a = xp.transpose(blocks.windows(s, m))
+        b = xp.reshape(g[s:s + m], (a.shape[1], j))
+        if total is None:
+            total = xp.matmul(a, b)
+        else:
+            xp.matmul_add(a, b, total)
+    return total
