@@ -318,9 +318,9 @@ class _Pass:
                                                  bdims=[None] * len(nums))
         lead = tuple(n for _, n in lv)
         if not isinstance(out, Tensor) or out.shape != lead + (self.size,):
-            got = getattr(out, "shape", type(out).__name__)
+            got = out.shape[nlv:] if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"per_sample_grad: f must return one value per example, shape "
-                             f"({self.size},), got {got[nlv:] if lv and out.ndim else got}")
+                             f"({self.size},), got {got}")
         if out.bdim != nlv:
             raise BatchMixingError("per_sample_grad: f's output does not follow the batch axis "
                                    "of its data (it mixes examples, or does not depend on them)")

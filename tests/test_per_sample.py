@@ -301,6 +301,9 @@ def test_inside_two_vmaps_and_mixing_raises_there(rng):
     mixing = lambda w, x: f(w, x - x.mean(axis=0))  # noqa: E731
     with pytest.raises(eg.BatchMixingError):
         vmap(per_sample_grad(mixing), (None, 0))(xb(w), xb(x[0]))
+    with pytest.raises(ValueError, match=r"one value per example, shape \(5,\), got \(5, 3\)"):
+        vmap(per_sample_grad(lambda w, x: eg.einsum("bi,oi->bo", x, w)), (None, 0))(
+            xb(w), xb(x[0]))
 
 
 @pytest.mark.slow
