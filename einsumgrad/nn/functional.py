@@ -245,7 +245,7 @@ def batch_norm(x: Any, running_mean: Tensor | None, running_var: Tensor | None,
         if t is not None and tuple(t.shape) != (c,):
             raise ValueError(f"batch_norm: {name} of shape {tuple(t.shape)} for {c} channels")
     if training:
-        if _batched(x, weight, bias):
+        if _batched(x, weight, bias, running_mean, running_var):
             return _batch_norm_per_example(x, running_mean, running_var, weight, bias, eps)
         return _batch_norm_train(x, running_mean, running_var, weight, bias, momentum, eps)
     if running_mean is None or running_var is None:
