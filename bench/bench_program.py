@@ -1,6 +1,8 @@
 """Programs (issue 19): ``eg.jit`` against JAX's jit, PyTorch and eager einsumgrad.
 
 Run with ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/run.py program``.
+The cases run at the machine's thread count, then again in a child process
+pinned to one core (every contender at one thread).
 Each case times, in this one run: einsumgrad ``jit`` (the replayed program),
 eager einsumgrad (the same function, traced on the tape every call), JAX's
 ``jit`` (where JAX is installed; float64 enabled), and PyTorch eager or
@@ -115,6 +117,8 @@ def run_case(case: str, x_args: tuple, ours, peers: dict, min_time: float = 0.3,
     ``targets`` bound the jit's time over a peer's, ``eager_targets`` the eager path's
     (reported as a case of its own, "..., eager").
     """
+    n = _threads()
+    case = f"{case}; {n} thread{'s' * (n > 1)}"
     j = eg_jit(ours)
     want = ours(*x_args)
     got = first_call(case, "einsumgrad jit", lambda: j(*x_args))
@@ -292,4 +296,55 @@ def main() -> None:
         case(rng)
     print("\n== first calls (trace + compile for the jits, one plain call otherwise)")
     for case, name, t in FIRST:
-        print(f"  {case[:48]:<48} {name:<26} {t * 1e3:9.1f} ms")
+        print(f"  {case[:60]:<60} {name:<26} {t * 1e3:9.1f} ms")
+    if _threads() > 1 and not os.environ.get(CHILD) and hasattr(os, "sched_setaffinity"):
+        one_thread()
+
+
+CHILD = "EINSUMGRAD_BENCH_ONE_THREAD"  # set in the child that runs the cases on one core
+
+
+def _threads() -> int:
+    """The cores this process may run on (every library sizes its pool by them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def one_thread() -> None:
+    """The cases again on one core, every contender at one thread, in a child process.
+
+    Each library sizes its thread pool at load, so the child pins itself to one
+    core before importing any (JAX's XLA pool, OpenBLAS and MKL follow the affinity;
+    torch and MKL's OpenMP follow ``OMP_NUM_THREADS``). Its results join this run's
+    (and the picture's), each case titled with its thread count.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import common
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "results.json")
+        env = dict(os.environ, **{CHILD: path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                                  "OPENBLAS_NUM_THREADS": "1"})
+        code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+                f"sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; "
+                "import json, common; from common import keep_freed_memory; keep_freed_memory(); "
+                f"common.SECTION = {common.SECTION!r}; import bench_program; bench_program.main(); "
+                "json.dump([common.RESULTS, common.TARGETS, common.OURS], "
+                f"open(os.environ[{CHILD!r}], 'w'))")
+        print("\n# programs again on one core, every contender at one thread (a child process)",
+              flush=True)
+        done = subprocess.run([sys.executable, "-c", code], env=env)
+        if done.returncode != 0 or not os.path.exists(path):
+            print(f"  the one-thread run failed (exit {done.returncode})")
+            return
+        with open(path) as f:
+            results, targets, ours = json.load(f)
+    common.RESULTS.extend(tuple(r) for r in results)
+    common.TARGETS.extend(tuple(t) for t in targets)
+    common.OURS.update(ours)
