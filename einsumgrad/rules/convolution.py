@@ -220,11 +220,16 @@ def _patch_blocks(x, o, spec, kernel, stride, padding, dilation):
     return _ungrouped(dw, (kl, inner, cols), sizes, r, xp)
 
 
-def _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation):
+def _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation, image=None):
     """``unpatch_einsum`` of stride 1 shaped as a convolution's input gradient, as
     the convolution of the cotangent with the window flipped (padded by the
     window's span less the forward's padding): :func:`.patches.conv_blocks`.
-    None where it does not apply."""
+    None where it does not apply.
+
+    With ``image`` (the forward's, labelled as the output) it returns the
+    weight's cotangent too, shaped as ``b``, from the same window copies: the
+    weight gradient is the image against the cotangent's flipped windows.
+    """
     xp = backend_of(a)
     (at, bt), p = spec.inputs, spec.output
     groups = grid_groups(p, bt, at)
@@ -241,8 +246,16 @@ def _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation):
     g = _grouped(a, at, (rows, hw[:1], hw[1:], cols), xp)
     w = _grouped(b, bt, (kl[:1], kl[1:], cols, inner), xp)[::-1, ::-1]  # the window flipped
     w = xp.reshape(w, (-1, w.shape[-1]))
-    z = conv_blocks(g, w, kernel, (1, 1), back, dilation, BLOCK_BYTES)
-    return _ungrouped(z, (rows, hw, inner), sizes | dict(zip(hw, size)), p[:-4] + hw, xp)
+    sizes |= dict(zip(hw, size))
+    other = None if image is None else _grouped(image, p[:-4] + hw, (rows, hw[:1], hw[1:], inner),
+                                                xp)
+    z = conv_blocks(g, w, kernel, (1, 1), back, dilation, BLOCK_BYTES, other)
+    if image is None:
+        return _ungrouped(z, (rows, hw, inner), sizes, p[:-4] + hw, xp)
+    z, dw = z
+    dw = xp.reshape(dw, kernel + (-1, dw.shape[-1]))[::-1, ::-1]  # back from the flipped window
+    dw = _ungrouped(dw, (kl[:1], kl[1:], cols, inner), sizes, bt, xp)
+    return _ungrouped(z, (rows, hw, inner), sizes, p[:-4] + hw, xp), dw
 
 
 def _patch_einsum_impl(x, o, spec, kernel, stride, padding, patches=None, dilation=(1, 1)):
@@ -384,6 +397,44 @@ def _unpatch_einsum_jvp(k, t, out, a, b, spec, size, kernel, stride, padding, di
     s = Spec((n + at, bt), n + p) if k == 0 else Spec((at, n + bt), n + p)
     return _unpatch(s, t if k == 0 else a, b if k == 0 else t, size, kernel, stride, padding,
                     dilation)
+
+
+class _ConvCotangents:
+    """A convolution's cotangents, for the image (0) and the weight (1), each
+    made when first asked for: the image's with the weight's in one pass over
+    the cotangent's window copies where :func:`_unpatch_blocks` can, else each
+    by its rule's product. (Asked for the weight's alone, as for a first layer
+    whose image needs no gradient, only it is made.)"""
+
+    def __init__(self, g, x, o, spec, kernel, stride, padding, dilation):
+        self.g, self.x, self.o, self.spec = g, x, o, spec
+        self.window = kernel, stride, padding, dilation
+        self.got: dict = {}
+
+    def __getitem__(self, k: int):
+        if k not in self.got:
+            (p, ot), r = self.spec.inputs, self.spec.output
+            g, x, o, (kernel, stride, padding, dilation) = self.g, self.x, self.o, self.window
+            if k == 1:
+                self.got[1] = _patch_einsum_impl(x, g, Spec((p, r), ot), kernel, stride,
+                                                 padding, None, dilation)
+            else:
+                size, back = x.shape[-2:], Spec((r, ot), p)
+                both = _unpatch_blocks(g, o, back, size, kernel, stride, padding, dilation, x)
+                self.got.update({0: both[0], 1: both[1]} if both is not None else {
+                    0: _unpatch_einsum_impl(g, o, back, size, kernel, stride, padding, dilation)})
+        return self.got[k]
+
+
+@patch_einsum_p.deffused
+def _patch_einsum_fused(g, out, x, o, spec, kernel, stride, padding, patches=None,
+                        dilation=(1, 1)):
+    # Convolutions that run by blocks (no Jacobian basis in g): see _ConvCotangents.
+    plan = None if g.shape != out.shape else _block_plan(x, o, spec, kernel, stride, padding,
+                                                          dilation)
+    if plan is None or plan[0] != "conv" or backend_of(g) is not backend_of(x):
+        return None
+    return _ConvCotangents(g, x, o, spec, kernel, stride, padding, dilation)
 
 
 def _batch_rule(patch_term):

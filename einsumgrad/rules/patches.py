@@ -210,7 +210,7 @@ class _Blocks:
         return self.xp.reshape(cols, (-1, self.k))
 
 
-def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int):
+def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other=None):
     """``patches(x) @ w`` over channels-last images, a block of images at a time.
 
     ``x`` is ``(R, H, W, I)`` in any memory layout (R the images and any other
@@ -219,16 +219,34 @@ def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int):
     copied (im2col) into buffers of about ``block_bytes`` that stay in cache
     for the block's matmul; the patches never exist whole. Returns
     ``(R, OH, OW, J)`` in C order.
+
+    With ``other`` ``(R, OH, OW, L)`` it also returns ``patches(x)^T @ other``
+    summed over the images, ``(kh*kw*I, L)``, from the same window copies: a
+    stride-1 convolution's input gradient (``x`` its cotangent) and weight
+    gradient (``other`` its image) in one pass.
     """
     xp = backend_of(x)
     blocks = _Blocks(x, kernel, stride, padding, dilation, block_bytes)
     r, (oh, ow), j = x.shape[0], blocks.cols.shape[1:3], w.shape[-1]
     out = xp.empty((r, oh, ow, j), dtype=x.dtype)
-    flat = xp.reshape(out, (r * oh * ow, j))
+    flat, total = xp.reshape(out, (r * oh * ow, j)), None
     for s in range(0, r, blocks.nb):
         m = min(blocks.nb, r - s)
-        xp.matmul(blocks.windows(s, m), w, out=flat[s * oh * ow:(s + m) * oh * ow])
-    return out
+        a = blocks.windows(s, m)
+        xp.matmul(a, w, out=flat[s * oh * ow:(s + m) * oh * ow])
+        if other is not None:
+            total = _add_product(xp, xp.transpose(a), other[s:s + m], total)
+    return out if other is None else (out, total)
+
+
+def _add_product(xp, a, b, total):
+    """``total + a @ b`` (in place after the first), ``b`` an image block taken as
+    a matrix of its pixels' rows."""
+    b = xp.reshape(b, (a.shape[1], b.shape[-1]))
+    if total is None:
+        return xp.matmul(a, b)
+    xp.matmul_add(a, b, total)
+    return total
 
 
 def conv_weight_blocks(x, g, kernel, stride, padding, dilation, block_bytes: int):
@@ -240,13 +258,8 @@ def conv_weight_blocks(x, g, kernel, stride, padding, dilation, block_bytes: int
     """
     xp = backend_of(x)
     blocks = _Blocks(x, kernel, stride, padding, dilation, block_bytes)
-    r, j, total = x.shape[0], g.shape[-1], None
-    for s in range(0, r, blocks.nb):
-        m = min(blocks.nb, r - s)
-        a = xp.transpose(blocks.windows(s, m))
-        b = xp.reshape(g[s:s + m], (a.shape[1], j))
-        if total is None:
-            total = xp.matmul(a, b)
-        else:
-            xp.matmul_add(a, b, total)
+    total = None
+    for s in range(0, x.shape[0], blocks.nb):
+        m = min(blocks.nb, x.shape[0] - s)
+        total = _add_product(xp, xp.transpose(blocks.windows(s, m)), g[s:s + m], total)
     return total
