@@ -900,3 +900,20 @@ def test_vmap_grad_of_an_embedding_model_as_torch():
         as_torch(p), torch.tensor(ids), torch.tensor(y))
     for k in p:
         np.testing.assert_allclose(npy(grads[k]), want[k].numpy(), **TOL, err_msg=k)
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "float", "mapped bool"])
+def test_scaled_dot_product_attention_as_torch(mask):
+    tf = _torch().nn.functional
+    q, k, v = rand(70, (3, 2, 4, 5)), rand(71, (3, 2, 6, 5)), rand(72, (3, 2, 6, 3))
+    bmask = np.random.default_rng(73).random((3, 4, 6)) > 0.3
+    bmask[..., 0] = True  # every query attends somewhere
+    args, axes, kw = [q, k, v], [0, 0, 0], {}
+    if mask == "causal":
+        args, kw = [q, k[:, :, :4], v[:, :, :4]], {"is_causal": True}
+    elif mask != "none":
+        m = bmask if "bool" in mask else rand(74, (3, 4, 6))
+        args.append(m if mask == "mapped bool" else m[0])
+        axes.append(0 if mask == "mapped bool" else None)
+    against_torch(lambda *a: F.scaled_dot_product_attention(*a, **kw),
+                  lambda *a: tf.scaled_dot_product_attention(*a, **kw), args, tuple(axes))

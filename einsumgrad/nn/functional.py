@@ -418,12 +418,15 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
     # The scale goes on q, the smaller side (Lq x d against Lq x Lk).
     q = q * (1.0 / math.sqrt(q.shape[-1]))
     s = ops.einsum("bhqd,bhkd->bhqk" if four else "...qd,...kd->...qk", q, k)
-    xp = backend_of(s.data)
+    xp = _xp(s)
     if is_causal:
         lq, lk = s.shape[-2:]
         allowed = xp.tril(xp.ones((lq, lk), dtype=bool))
         s = ops.where(xp.broadcast_to(allowed, s.shape), s, -math.inf)
-    if mask is not None:
+    if type(mask) is Batched:  # inside vmap, a mask per example: ops that broadcast it
+        s = ops.where(mask, s, -math.inf) if mask.dtype == bool else \
+            s + ops.astype(mask, s.dtype)
+    elif mask is not None:
         m = mask.data if isinstance(mask, Tensor) else mask
         if m.dtype == bool:
             s = ops.where(xp.broadcast_to(m, s.shape), s, -math.inf)
