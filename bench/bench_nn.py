@@ -111,13 +111,20 @@ def _threads(n: int):
             torch.set_num_threads(before)
 
 
-def _time_both(eg_step, torch_step, title: str, target: float) -> None:
+def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3) -> None:
+    """Both steps timed at one thread and at every core: each side's median, the
+    best of ``rounds`` rounds taken in turn (on a shared machine a burst of load
+    then hits one round, not one side)."""
+    steps = {"einsumgrad": eg_step, "PyTorch eager": torch_step}
     for n in sorted({1, os.cpu_count() or 1}):
+        times = {name: float("inf") for name in steps}
         with _threads(n):
-            # Several steps per sample, back to back as in training (one step a
-            # sample would time each right after the gc.collect between samples).
-            times = {"einsumgrad": median_time(eg_step, min_time=2.0),
-                     "PyTorch eager": median_time(torch_step, min_time=2.0)}
+            for _ in range(rounds):
+                for name, step in steps.items():
+                    # Several steps per sample, back to back as in training (one
+                    # step a sample would time each right after the gc.collect
+                    # between samples).
+                    times[name] = min(times[name], median_time(step, min_time=2.0 / rounds))
         report(f"{title}, {n} thread{'s' * (n > 1)} each", times, ours="einsumgrad",
                targets={"PyTorch eager": target})
 
