@@ -169,6 +169,22 @@ def test_a_chain_is_one_kernel_cached_on_disk(tmp_path, monkeypatch):
     np.testing.assert_allclose(npy(q(x)), npy(p(x)), **TOL)
 
 
+def test_a_value_read_twice_inside_stays_inside_one_kernel():
+    if not fuse.available() or NAME != "numpy":
+        pytest.skip("numba kernels run on the NumPy backend")
+    rng = np.random.default_rng(0)
+    x, v = rng.standard_normal((64, 64)), rng.standard_normal(64)
+    # directional(f, 2) of a tanh layer: the tangent is read by two products, t by three
+    f = lambda x, v: eg.directional(lambda y: eg.tanh(y * v), 2)(x, x)
+    p, raw = check(f, x, v)
+    kernels = [eq for eq in p.eqs if eq.op[0] == "fused"]
+    assert len(kernels) == 1 and len(kernels[0].op[2]) >= 6, str(p)
+    # a value also read outside the kernel is its result, not an inside step
+    g = lambda a, b: (a * b) * (a * b + 1.0) + 0.0 * (a * b).sum()
+    p, _ = check(g, x, v)
+    assert sum(eq.op[0] == "fused" for eq in p.eqs) == 1
+
+
 # -- dead code, common subexpressions, constants, buffers ----------------------------------------
 
 def test_dead_code_and_common_subexpressions_go():

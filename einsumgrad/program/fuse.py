@@ -4,7 +4,8 @@ NumPy runs a chain such as ``g * (1 - t * t)`` (tanh's VJP) as one pass over
 memory per op, each with its own temporary. Where numba is installed
 (``pip install einsumgrad[jit]``; ``EINSUMGRAD_JIT=0`` turns it off), a chain
 of element-wise arithmetic primitives (:data:`FUSED`) of one float dtype whose
-intermediate results nothing else reads becomes one ``numba.vectorize`` ufunc:
+intermediate results nothing outside it reads (inside, a value may be read by
+several of its steps) becomes one ``numba.vectorize`` ufunc:
 one pass, inputs broadcast as NumPy broadcasts them. The kernel's source is written to a
 cache folder and compiled with numba's disk cache, so a program traced again
 (or unpickled) in another process does not compile it again. Without numba,
@@ -25,7 +26,7 @@ import tempfile
 
 import numpy
 
-from .graph import uses, written
+from .graph import written
 from .trace import Eq, Ref
 
 # primitive -> the scalar expression (its inputs {0}, {1}, ...; T the dtype)
@@ -58,28 +59,30 @@ def fuse_elementwise(p) -> None:
     if p.device != "cpu" or not available() or "numpy" not in p.devices:
         return
     bad, groups = written(p)
-    n = uses(p)
-    made = {eq.outs[0]: i for i, eq in enumerate(p.eqs) if eq.outs}
-    fusable = [_fusable(eq, p) and groups[eq.outs[0]] not in bad for eq in p.eqs]
-    # Each fusable step joins the chain of the fusable step reading its result, when
-    # that is its only reader: chains are trees, one output each (the root).
-    parent = {}
+    fusable = [_fusable(eq, p) and groups[eq.outs[0]] not in bad
+               and not any(groups.get(s) in bad for s in eq.refs()) for eq in p.eqs]
+    readers: dict = {}  # slot -> the steps reading it
     for i, eq in enumerate(p.eqs):
+        for s in eq.refs():
+            readers.setdefault(s, set()).add(i)
+    outputs = {o.slot for o in p.outputs if type(o) is Ref}
+    # From the last step back: a fusable step joins the kernel of the steps reading its
+    # result when they are all fusable and in one kernel (a value read twice inside, as
+    # t * t or a tangent used by two products, stays in a register); else it starts
+    # one, as its root (the kernel's one result read outside it).
+    root_of: dict = {}
+    for i in range(len(p.eqs) - 1, -1, -1):
         if not fusable[i]:
             continue
-        for s in eq.refs():
-            j = made.get(s)
-            if j is not None and fusable[j] and n.get(s) == 1 and j not in parent:
-                parent[j] = i
+        s = p.eqs[i].outs[0]
+        kernels = {root_of.get(r) for r in readers.get(s, ())}
+        root_of[i] = (kernels.pop() if s not in outputs and len(kernels) == 1
+                      and None not in kernels else i)
     roots: dict = {}
-    for i in range(len(p.eqs)):
-        if fusable[i] and i not in parent:
-            roots[i] = []
-    for j in sorted(parent):
-        r = j
-        while r in parent:
-            r = parent[r]
-        roots[r].append(j)
+    for i, r in root_of.items():
+        roots.setdefault(r, [])
+        if i != r:
+            roots[r].append(i)
     replaced = {}
     for r, members in roots.items():
         steps = sorted(members + [r])
@@ -102,7 +105,7 @@ def _fusable(eq: Eq, p) -> bool:
 
 
 def _fused(steps: list, p) -> Eq:
-    """One equation running ``steps`` (a tree, the last its root) as one kernel."""
+    """One equation running ``steps`` (in order, the last its root) as one kernel."""
     inside = {eq.outs[0] for eq in steps}
     inputs: list = []
     names: dict = {}
