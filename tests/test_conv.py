@@ -94,10 +94,12 @@ def test_conv_on_the_grid_with_groups_and_dilation(rng, monkeypatch, groups, dil
 def _block_calls(monkeypatch, block_bytes: int) -> list:
     """Names of the block kernels as they run, with blocks of ``block_bytes`` of
     patches (a few images each on the small test images) and no channel minimum,
-    on any backend (the strict one's arrays too: the path makes no host data)."""
+    on any backend (the strict one's arrays too: the path makes no host data)
+    and however many threads MKL has."""
     monkeypatch.setattr(convolution, "BLOCK_BYTES", block_bytes)
     here = eg.backends.backend_of(xb(np.zeros(1)))
     monkeypatch.setattr(convolution, "BLOCK_DEVICES", (here.device,))
+    monkeypatch.setattr(here, "gemm_threads", lambda: 1, raising=False)
     monkeypatch.setattr(convolution, "MIN_BLOCK_CHANNELS", 1)
     calls = []
     for name in ("conv_blocks", "conv_weight_blocks"):
@@ -159,6 +161,21 @@ def test_conv_by_blocks_second_order_and_jacobians(rng, monkeypatch):
         np.testing.assert_allclose(npy(got), ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(npy(eg.jacfwd(f)(x, w)), want_fwd, rtol=1e-12, atol=1e-12)
     assert {"conv_blocks", "conv_weight_blocks"} <= set(calls)
+
+
+def test_conv_by_blocks_only_for_a_gemm_on_one_thread(rng, monkeypatch):
+    # A GEMM that threads one large product (MKL's at several threads): the
+    # whole-batch paths, not a parallel region per block.
+    calls = _block_calls(monkeypatch, 60_000)
+    here = eg.backends.backend_of(xb(np.zeros(1)))
+    monkeypatch.setattr(here, "threads_large_gemm", True)
+    monkeypatch.setattr(here, "gemm_threads", lambda: 2, raising=False)
+    x, w, b = (rng.standard_normal(s) for s in ((3, 8, 6, 6), (8, 8, 3, 3), (8,)))
+    conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1)
+    assert calls == []
+    monkeypatch.setattr(here, "gemm_threads", lambda: 1)
+    conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1)
+    assert calls == ["conv_blocks", "conv_blocks"]
 
 
 def test_conv_by_blocks_needs_enough_channels(rng, monkeypatch):

@@ -168,8 +168,15 @@ BLOCK_DEVICES = ("cpu",)
 
 
 def _by_blocks(xp, *arrays) -> bool:
-    return (BLOCK_BYTES > 0 and xp.device in BLOCK_DEVICES
-            and len({a.dtype for a in arrays}) == 1)
+    """Whether convolution products on ``arrays`` run by blocks: a host device, one
+    dtype, and a GEMM on one thread. A GEMM that threads one large product
+    (MKL's, at several threads) keeps the whole-batch paths: each block's small
+    product would be a parallel region of its own, and a thread descheduled by
+    other work on the machine holds every one of them up."""
+    if BLOCK_BYTES <= 0 or xp.device not in BLOCK_DEVICES or len({a.dtype for a in arrays}) > 1:
+        return False
+    threads = getattr(xp, "gemm_threads", None) if xp.threads_large_gemm else None
+    return threads is None or threads() == 1
 
 
 def _block_form(spec: Spec):
