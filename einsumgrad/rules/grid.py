@@ -1,7 +1,8 @@
 """A stride-1 convolution's input gradient as one matrix product per window offset.
 
 The kernel :mod:`.convolution` takes for ``unpatch_einsum`` at stride 1 with
-enough channels: a convolution's input gradient, the cotangent of every window
+enough channels where it does not run by blocks (MKL's GEMM on several threads):
+a convolution's input gradient, the cotangent of every window
 added back onto the image. Laid out flat with its zero border, ``(rows..., Hp,
 Wp, channels...)``, the image meets window offset ``(k, l)`` at a shift of
 ``k*Wp + l`` whole rows, the same for every window. So each offset is one
