@@ -178,6 +178,15 @@ def test_conv_by_blocks_only_for_a_gemm_on_one_thread(rng, monkeypatch):
     assert calls == ["conv_blocks", "conv_blocks"]
 
 
+def test_conv_of_an_empty_batch_where_blocks_run(rng, monkeypatch):
+    # No images: no blocks to sum a weight gradient over; the other paths give
+    # zeros, shaped as torch's.
+    calls = _block_calls(monkeypatch, 60_000)
+    x, w, b = (rng.standard_normal(s) for s in ((0, 8, 5, 5), (8, 8, 3, 3), (8,)))
+    conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1)
+    assert calls == []
+
+
 def test_conv_by_blocks_needs_enough_channels(rng, monkeypatch):
     # Fewer channels than MIN_BLOCK_CHANNELS in the product's sum (the image's
     # for the forward and weight gradient, the filters' for the input gradient):

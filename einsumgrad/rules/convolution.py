@@ -173,7 +173,8 @@ def _by_blocks(xp, *arrays) -> bool:
     (MKL's, at several threads) keeps the whole-batch paths: each block's small
     product would be a parallel region of its own, and a thread descheduled by
     other work on the machine holds every one of them up."""
-    if BLOCK_BYTES <= 0 or xp.device not in BLOCK_DEVICES or len({a.dtype for a in arrays}) > 1:
+    if (BLOCK_BYTES <= 0 or xp.device not in BLOCK_DEVICES or len({a.dtype for a in arrays}) > 1
+            or 0 in (a.size for a in arrays)):
         return False
     threads = getattr(xp, "gemm_threads", None) if xp.threads_large_gemm else None
     return threads is None or threads() == 1
