@@ -199,12 +199,18 @@ class _Blocks:
                                   strides=(s_r, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_i))
         self.inside = (slice(None), slice(ph, ph + h), slice(pw, pw + w))
         self.xp, self.x, self.k = xp, x, kh * kw * i
+        # A whole block's views, made once (most blocks are whole).
+        self.whole = self.pad[self.inside], xp.reshape(self.cols, (-1, self.k))
 
     def windows(self, s: int, m: int):
         """Images ``s : s + m`` of ``x``, padded, their windows copied (im2col): the
         matrix ``(m*OH*OW, kh*kw*I)``, a window a row."""
-        pad = self.pad[:m]
-        pad[self.inside] = self.x[s:s + m]
+        if m == self.nb:
+            inside, mat = self.whole
+            inside[...] = self.x[s:s + m]
+            self.cols[...] = self.view
+            return mat
+        self.pad[:m][self.inside] = self.x[s:s + m]
         cols = self.cols[:m]
         cols[...] = self.view[:m]
         return self.xp.reshape(cols, (-1, self.k))
