@@ -600,11 +600,7 @@ _DIFFERENCES = [
 
 # Known bugs outside the files this test was written with (nn/functional.py):
 # (table, op, dtype, point, kind) -> why. The case is an xfail until it matches torch.
-KNOWN_BUGS = {
-    ("whole", "cross_entropy", dtype, "-inf", "value"):
-        "cross_entropy picks the label's log-probability by an einsum with a one-hot "
-        "mask: -inf * 0 = NaN for a -inf logit off the label (torch: inf, or the finite loss)"
-    for dtype in DTYPES}
+KNOWN_BUGS: dict = {}
 
 
 def _expand(rows_) -> dict:

@@ -111,6 +111,9 @@ def _picked(logp: Tensor, labels: Any, weight: Any, ignore_index: int, reduction
     else:
         mask, share = masks(y)
         mask = Tensor(mask)
+    # Off the mask a -inf log-probability (a -inf logit) would give -inf * 0 = nan:
+    # those entries are not the loss's, as torch's gather leaves them out.
+    logp = ops.where(mask != 0, logp, 0.0)
     s = "abcdefghijklmnopqrstuvwxyz"[:logp.ndim]
     if reduction == "none":
         return -ops.einsum(f"{s},{s}->{s[:axis] + s[axis + 1:]}", logp, mask)
