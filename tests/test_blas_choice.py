@@ -29,11 +29,12 @@ def shapes(kind: str, n: int):
 
 @needs_mkl
 def test_measured_once_then_read_from_disk(fresh, monkeypatch):
-    # MKL measured faster from 2^20 multiply-adds on: chosen there only
+    # MKL measured faster from 2^20 multiply-adds on: it wins the threaded classes'
+    # total, so it takes all of them (2^18 too); NumPy's below
     monkeypatch.setattr(mkl, "_race", lambda a, b: (1.0, 2.0) if a.size * b.shape[-1]
                         * (a.shape[0] if a.ndim == 3 else 1) >= 1 << 20 else (2.0, 1.0))
     got = mkl.blas_choices(np.float64)
-    assert got["mat"] == {16: "numpy", 18: "numpy", 20: "mkl", 22: "mkl", 24: "mkl"}
+    assert got["mat"] == {16: "numpy", 18: "mkl", 20: "mkl", 22: "mkl", 24: "mkl"}
     saved = json.loads((fresh / "blas.json").read_text())
     assert any(k.endswith("|float64") for k in saved)
     mkl.forget_choices()
@@ -47,6 +48,20 @@ def test_measured_once_then_read_from_disk(fresh, monkeypatch):
         a, b = shapes("mat", n)
         np.testing.assert_allclose(NUMPY.matmul(a, b), a @ b, rtol=1e-12)
         assert len(calls) == want
+
+
+@needs_mkl
+def test_the_threaded_classes_never_mix_the_two_pools(fresh, monkeypatch):
+    # MKL faster at 2^16 and in one threaded class, NumPy's in the others by more:
+    # NumPy's takes every threaded class (its pool alone), MKL keeps the small one
+    def race(a, b):
+        work = mkl._kind_and_work(a, b)[1]
+        return (1.0, 2.0) if work < 1 << 17 or (1 << 21) <= work < 1 << 23 else (3.0, 1.0)
+    monkeypatch.setattr(mkl, "_race", race)
+    got = mkl.blas_choices(np.float32)
+    for kind in ("mat", "vec", "batch"):
+        assert got[kind][16] == "mkl"
+        assert {got[kind][b] for b in (18, 20, 22, 24)} == {"numpy"}
 
 
 @needs_mkl

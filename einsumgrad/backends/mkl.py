@@ -11,7 +11,8 @@ array type):
 * ``matmul``: ``cblas_?gemm`` / ``cblas_?gemm_batch``. The backend calls it through
   ``chosen_matmul``, which takes NumPy's own matmul or this one per dtype and size
   class (matrix, matrix-vector, batch; m*n*k by powers of 4), whichever a short
-  measurement on first use found faster (by 5%: a tie keeps NumPy's), the
+  measurement on first use found faster (by 5%: a tie keeps NumPy's; the classes
+  both run on threads take one library between them, see :func:`measure`), the
   result kept in ``~/.cache/einsumgrad/blas.json`` (``EINSUMGRAD_CACHE``) for
   this machine; ``EINSUMGRAD_BLAS=mkl`` or ``=numpy`` fixes it (:func:`blas_choices`). Products BLAS cannot
   take as laid out are copied first, as NumPy does; other dtypes and small
@@ -492,35 +493,52 @@ def _case(kind: str, bucket: int, dtype, rng) -> tuple:
 
 
 def _race(a, b, budget: float = 0.004) -> tuple:
-    """Best times of MKL's and NumPy's ``a @ b``, run in turns (so a burst of other
-    work on the machine slows both) for about ``budget`` seconds each."""
+    """Best times of MKL's and NumPy's ``a @ b``, each run in short blocks of calls
+    taken in turns (a burst of other work on the machine slows both; within a block
+    only one library's thread pool is awake, as in a process that keeps to one) for
+    about ``budget`` seconds each."""
     import time
     fns = (matmul, numpy.matmul)
-    for fn in fns:
-        fn(a, b)
-    best, spent, runs = [float("inf")] * 2, 0.0, 0
-    while runs < 5 or (spent < 2 * budget and runs < 60):
+    best, spent, rounds = [float("inf")] * 2, 0.0, 0
+    while rounds < 3 or (spent < 2 * budget and rounds < 20):
         for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn(a, b)
-            t = time.perf_counter() - t
-            best[i], spent = min(best[i], t), spent + t
-        runs += 1
+            fn(a, b)  # wake this library's pool
+            for _ in range(3):
+                t = time.perf_counter()
+                fn(a, b)
+                t = time.perf_counter() - t
+                best[i], spent = min(best[i], t), spent + t
+        rounds += 1
     return tuple(best)
+
+
+# From this many multiply-adds OpenBLAS runs a product on its thread pool (its
+# GEMM_MULTITHREAD_THRESHOLD times 2^16); below, on the calling thread.
+_THREADED = 18
+_RULE = "one-pool"  # how measure() turns times into choices: in the cache key, so a new rule measures anew
 
 
 def measure(dtype) -> dict:
     """``{kind: {bucket: "mkl" | "numpy"}}`` for ``dtype``: each size class's
     products timed both ways (best of a few runs, a few ms each; about a second in
-    all), the faster kept."""
+    all).
+
+    The classes large enough to run on threads all take one library, the one
+    with the smaller total over them: the two libraries' pools spin for a while
+    after each call, so products alternating between them leave both pools'
+    threads fighting for the cores (a per-sample MLP step measured 2-4x slower
+    mixed than on either library alone). Smaller classes take the faster one each,
+    by 5% (a tie keeps NumPy's).
+    """
     rng = numpy.random.default_rng(0)
+    times = {(kind, bucket): _race(*_case(kind, bucket, dtype, rng))
+             for kind in _KINDS for bucket in _BUCKETS}
+    threaded = [t for (_, bucket), t in times.items() if bucket >= _THREADED]
+    pool = "mkl" if sum(t[0] for t in threaded) < 0.95 * sum(t[1] for t in threaded) else "numpy"
     out: dict = {}
-    for kind in _KINDS:
-        for bucket in _BUCKETS:
-            a, b = _case(kind, bucket, dtype, rng)
-            ours, theirs = _race(a, b)
-            # MKL only where clearly faster: a tie keeps NumPy's (no second thread pool)
-            out.setdefault(kind, {})[bucket] = "mkl" if ours < 0.95 * theirs else "numpy"
+    for (kind, bucket), (ours, theirs) in times.items():
+        out.setdefault(kind, {})[bucket] = (pool if bucket >= _THREADED else
+                                            "mkl" if ours < 0.95 * theirs else "numpy")
     return out
 
 
@@ -546,7 +564,7 @@ def _machine() -> str:
     threads = _LIB.MKL_Get_Max_Threads() if _LIB is not None else 0
     return (f"{platform.machine()}|{platform.processor()}|cpus={os.cpu_count()}|"
             f"mkl_threads={threads}|numpy={numpy.__version__}|{_numpy_blas()}|"
-            f"{getattr(_LIB, '_name', '')}")
+            f"{getattr(_LIB, '_name', '')}|{_RULE}")
 
 
 def _cache_file() -> str:
