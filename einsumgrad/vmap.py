@@ -85,7 +85,10 @@ def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
             raise ValueError(f"vmap: in_axes has {len(spec)} entries for {len(args)} "
                              f"positional arguments")
         leaves, tree = flatten((args, kwargs))
-        axes = _prefix_axes((spec, dict.fromkeys(kwargs, 0)), (args, kwargs), "in_axes")
+        if not kwargs and type(in_axes) is int and len(leaves) == len(args):  # plain arrays
+            axes = [in_axes] * len(args)
+        else:
+            axes = _prefix_axes((spec, dict.fromkeys(kwargs, 0)), (args, kwargs), "in_axes")
         leaves = [x if a is None else as_tensor(x) for x, a in zip(leaves, axes)]
         sizes = set()
         for x, a in zip(leaves, axes):
@@ -106,7 +109,8 @@ def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
             cargs, ckwargs = unflatten(tree, call)
             out = f(*cargs, **ckwargs)
             outs, out_tree = flatten(out)
-            oaxes = _prefix_axes(out_axes, out, "out_axes")
+            oaxes = ([out_axes] * len(outs) if type(out_axes) is int
+                     else _prefix_axes(out_axes, out, "out_axes"))
             res = [_unbatch(o, a, level, size) for o, a in zip(outs, oaxes)]
         finally:
             pop_level(level)

@@ -61,6 +61,9 @@ def _einsum_batch(bdims, shapes, out_shape, spec, run=None, order=None):
     return spec.output.index(label)
 
 
+_vmap_derived = Bounded(CACHE_SIZE)  # (spec, one example's shapes...) -> derive(...) inside vmap
+
+
 @einsum_p.defvmap
 def _einsum_vmap(bdims, *xs, spec, run=None, order=None):
     # One fresh index, on the mapped operands and first in the output: the
@@ -102,7 +105,10 @@ def einsum(subscripts: str, *operands: Any, optimize="auto") -> Tensor:
         operands = _list_form(subscripts, operands[0])
     ts = [o if type(o) is Tensor else _operand(o, k) for k, o in enumerate(operands)]
     if _shape._depth and any(type(t) is Batched for t in ts):  # inside vmap: the rule plans
-        d = derive(subscripts, *[t.shape for t in ts])
+        key = (subscripts,) + tuple(t.shape for t in ts)
+        d = _vmap_derived.get(key)
+        if d is None:
+            d = _vmap_derived[key] = derive(subscripts, *key[1:])
         ts = [reshape(t, s) if s is not None else t for t, s in zip(ts, d.squeezed_shapes)]
         return bind(einsum_p, *ts, spec=d.clean)
     if type(optimize) is not str or optimize != "auto":
