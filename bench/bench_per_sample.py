@@ -5,7 +5,9 @@ median, the best of a few rounds taken in turn):
 
 * per-sample gradients of an MLP 784-256-256-10 (tanh, cross-entropy), B = 256:
   ``eg.per_sample_grad`` against ``torch.func.vmap(torch.func.grad(loss))``
-  (target <= 0.8x);
+  (target <= 0.8x), and against Opacus's ``GradSampleModule`` and BackPACK's
+  ``BatchGrad`` where they are installed (target: faster; each checked to give
+  the same gradients first);
 * per-sample gradient norms of a sequence model (``'bti,oi->bto'`` layers
   512-512-512, tanh, squared error), B = 32, T = 16: ``eg.per_sample_grad_norm``
   against ``vmap(grad)`` and the norms of its result (targets <= 0.3x the time,
@@ -147,18 +149,73 @@ def _peak(which: str) -> int | None:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak"]
 
 
+def _torch_mlp(params: dict):
+    """The MLP as a ``torch.nn.Sequential`` with our weights (for Opacus and BackPACK)."""
+    layers = []
+    for n in range(len(MLP) - 1):
+        lin = torch.nn.Linear(MLP[n], MLP[n + 1])
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(params[f"w{n}"]))
+            lin.bias.copy_(torch.tensor(params[f"b{n}"]))
+        layers += [lin] + ([torch.nn.Tanh()] if n < len(MLP) - 2 else [])
+    return torch.nn.Sequential(*layers)
+
+
+def _layer_peers(params: dict, tx, ty) -> dict:
+    """Opacus's ``GradSampleModule`` and BackPACK's ``BatchGrad``, where they install:
+    each a function returning the per-sample gradients as ``{w0: ..., b0: ..., ...}``."""
+    names = [f"{k}{n}" for n in range(len(MLP) - 1) for k in ("w", "b")]
+    peers = {}
+    try:
+        from opacus import GradSampleModule
+    except ImportError:
+        print("  (Opacus not installed: pip install opacus)")
+    else:
+        gsm = GradSampleModule(_torch_mlp(params), loss_reduction="sum")
+
+        def opacus():
+            gsm.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(gsm(tx), ty, reduction="sum").backward()
+            return dict(zip(names, (p.grad_sample for p in gsm.parameters())))
+        peers["Opacus GradSampleModule"] = opacus
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+    except ImportError:
+        print("  (BackPACK not installed: pip install backpack-for-pytorch)")
+    else:
+        model = extend(_torch_mlp(params))
+        loss = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+
+        def backpack_batch_grad():
+            model.zero_grad()
+            with backpack(BatchGrad()):
+                loss(model(tx), ty).backward()
+            return dict(zip(names, (p.grad_batch for p in model.parameters())))
+        peers["BackPACK BatchGrad"] = backpack_batch_grad
+    return peers
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     params, x, y, loss, t_loss = mlp_case(rng)
     fns = {"eg.per_sample_grad": lambda: per_sample_grad(loss)(params, x, y)}
+    targets = {}
     if torch is not None:
         tp, tx, ty = _torch(params), torch.tensor(x), torch.tensor(y)
         f = t_vmap(t_grad(t_loss), in_dims=(None, 0, 0))
         fns["torch.func.vmap(grad)"] = lambda: f(tp, tx, ty)
+        targets["torch.func.vmap(grad)"] = 0.8
+        ours = fns["eg.per_sample_grad"]()
+        for name, peer in _layer_peers(params, tx, ty).items():
+            theirs = peer()  # the same numbers first: a peer that computes something else is no peer
+            for k, v in ours.items():
+                np.testing.assert_allclose(np.asarray(v), theirs[k].numpy(), rtol=2e-3, atol=1e-5,
+                                           err_msg=f"{name}: {k}")
+            fns[name], targets[name] = peer, 1.0
     times = timed(fns)
     report(f"per-sample gradients, MLP {'-'.join(map(str, MLP))} tanh + cross-entropy, "
-           f"B={B_MLP}, float32", times, ours="eg.per_sample_grad",
-           targets={"torch.func.vmap(grad)": 0.8})
+           f"B={B_MLP}, float32", times, ours="eg.per_sample_grad", targets=targets)
 
     w, xs, ys, sloss, st_loss = seq_case(rng)
     fns = {"eg.per_sample_grad_norm": lambda: per_sample_grad_norm(sloss)(w, xs, ys)}
