@@ -26,19 +26,18 @@ import numpy
 
 from .backends import backend_of
 from .distributed.blocks import is_dask, on_blocks
-from .derive import batched, vjp_pattern
+from .derive import vjp_pattern
 from .plan import path_info
 from .pytree import TreeDef, flatten, unflatten
 from .rules.batch_norm import batch_norm_p
-from .rules.convolution import _patch, patch_einsum_p, unpatch_einsum_p
+from .rules.convolution import patch_einsum_p
 from .rules.einsum import broadcast_to, constant_like, einsum_p, einsum_spec, moveaxis, transpose
 from .rules.elementwise import (add_bias_p, add_p, div_p, maximum_p, minimum_p, mul_p, pow_p,
                                 remainder_p, sub_p, where_p)
 from .rules.norm import layer_norm_p
-from .rules.patches import patches_p, unpatch_p
 from .rules.shape import (Batched, _adv_start, _advanced, _as_tuple, active_levels,
                           batch_index_arrays, bind, bottom, broadcast, getitem_p, lift, pop_level,
-                          push_level, reshape, same_op, scatter_add, wrap)
+                          push_level, reshape, scatter_add, wrap)
 from .spec import ELLIPSIS, FRESH, Spec, fresh, render
 from .tensor import BatchMixingError, Tensor, as_tensor, no_grad, state, toposort
 from .transforms import _argnums, _per_arg, _trace
@@ -537,40 +536,6 @@ def _pair_spec(a: _Term, b: _Term, nlv: int = 0) -> Spec:
 # -- rules for the convolution and batch-norm primitives ------------------------------------
 # Kept here for now (they belong beside their primitives' other rules); the tape's
 # bind runs them wherever those primitives are bound.
-
-patches_p.defvmap(same_op(patches_p))  # leading axes pass through the windows
-unpatch_p.defvmap(same_op(unpatch_p))
-
-
-def _conv_vmap(p):
-    """An einsum against patches gains a fresh leading index, as einsum's rule: the
-    patch term's last four labels stay last. A patch einsum on plain physical tensors
-    goes through the convolution's front end, which keeps the patches it copies for
-    the weight gradient (a copy made per example would be read once per example)."""
-    def rule(bdims, a, b, spec, patches=None, **params):
-        slots = tuple(k for k, d in enumerate(bdims) if d is not None)
-        spec = batched(spec, slots, 1)
-        if p is unpatch_einsum_p:
-            return bind(p, a, b, spec=spec, **params)
-        if type(a) is not Batched and type(b) is not Batched:  # no outer vmap's level left
-            return _patch(spec, a, b, params["kernel"], params["stride"], params["padding"],
-                          None, params["dilation"])
-        return bind(p, a, b, spec=spec, patches=None, **params)
-    return rule
-
-
-patch_einsum_p.defvmap(_conv_vmap(patch_einsum_p))
-unpatch_einsum_p.defvmap(_conv_vmap(unpatch_einsum_p))
-
-
-@batch_norm_p.defvmap
-def _batch_norm_vmap(bdims, x, w, b, axes, eps, stats=None):
-    # Each example normalizes over its own axes (counted from the end); the
-    # statistics are computed again on the physical tensor.
-    if bdims[1] is not None or bdims[2] is not None:
-        raise NotImplementedError("vmap of batch_norm with a weight or bias per example")
-    return bind(batch_norm_p, x, w, b, axes=axes, eps=eps, stats=None)
-
 
 def _patch_einsum_per_sample(k, g, t, ins, params):
     """A convolution's weight gradient per example: ``'bchwkl,bfhw->bfckl'``, the

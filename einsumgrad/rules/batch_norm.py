@@ -111,6 +111,15 @@ batch_norm_p.defvjp(_vjp)
 batch_norm_p.defjvp(_jvp)
 
 
+@batch_norm_p.defvmap
+def _vmap(bdims, x, w, b, axes, eps, stats=None, relu=False):
+    # Each example normalizes over its own axes (counted from the end); the
+    # statistics are computed again on the physical tensor.
+    if bdims[1] is not None or bdims[2] is not None:
+        raise NotImplementedError("vmap of batch_norm with a weight or bias per example")
+    return bind(batch_norm_p, x, w, b, axes=axes, eps=eps, stats=None, relu=relu)
+
+
 @batch_norm_p.defbatch
 def _batch(bdims, shapes, out_shape, axes, eps, **_):
     if bdims[0] is not None and bdims[0] - len(out_shape) in axes:

@@ -34,12 +34,14 @@ from __future__ import annotations
 import math
 
 from ..backends import backend_of, in_order_of
+from ..derive import batched
 from ..plan import plan_for
 from ..spec import Spec
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, state
 from .grid import grid_groups, grid_pays, unpatch_on_grid
 from .patches import (as_pair, check_fit, conv_blocks, conv_weight_blocks, out_size, padded,
                       patches_array, unpatch_array)
+from .shape import Batched
 
 
 def _shifted(xpad, k, l, oh, ow, stride, dilation=(1, 1)):
@@ -460,6 +462,23 @@ patch_einsum_p.defbatch(_batch_rule(lambda spec: spec.inputs[0]))
 unpatch_einsum_p.defbatch(_batch_rule(lambda spec: spec.output))
 
 
+def _vmap_rule(p: Primitive):
+    """vmap: an einsum against patches gains a fresh leading index, as einsum's rule:
+    the patch term's last four labels stay last. A patch einsum on plain physical
+    tensors goes through the convolution's front end, which keeps the patches it
+    copies for the weight gradient (a copy made per example would be read once per
+    example)."""
+    def rule(bdims, a, b, spec, patches=None, **params):
+        spec = batched(spec, tuple(k for k, d in enumerate(bdims) if d is not None), 1)
+        if p is unpatch_einsum_p:
+            return bind(p, a, b, spec=spec, **params)
+        if type(a) is not Batched and type(b) is not Batched:  # no outer vmap's level left
+            return _patch(spec, a, b, params["kernel"], params["stride"], params["padding"],
+                          None, params["dilation"])
+        return bind(p, a, b, spec=spec, patches=None, **params)
+    return rule
+
+
 def _patch(spec, x, o, kernel, stride, padding, patches=None, dilation=(1, 1)) -> Tensor:
     if patches is None and state.grad and (o.requires_grad or state.tracing):
         # Copied here rather than in the impl, so that the node keeps them: the
@@ -523,3 +542,7 @@ def unpatch_einsum(subscripts: str, a, b, size, kernel_size, stride=1, padding=0
     patch-shaped product; the output term is ``(..., OH, OW, kh, kw)``."""
     return _unpatch(_parse(subscripts, 2), as_tensor(a), as_tensor(b), size,
                     as_pair(kernel_size), as_pair(stride), as_pair(padding), as_pair(dilation))
+
+
+patch_einsum_p.defvmap(_vmap_rule(patch_einsum_p))
+unpatch_einsum_p.defvmap(_vmap_rule(unpatch_einsum_p))

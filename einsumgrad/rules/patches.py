@@ -12,11 +12,11 @@ einsums. Leading axes (batch, channels, a Jacobian's basis) pass through.
 """
 from __future__ import annotations
 
-import math
 import operator
 
 from ..backends import backend_of, in_order_of
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
+from .shape import same_op
 
 
 def out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
@@ -135,6 +135,8 @@ def _lead_batch(n_core_in: int, n_core_out: int):
 
 patches_p.defbatch(_lead_batch(2, 4))
 unpatch_p.defbatch(_lead_batch(4, 2))
+patches_p.defvmap(same_op(patches_p))  # vmap: leading axes pass through the windows
+unpatch_p.defvmap(same_op(unpatch_p))
 
 
 def as_pair(v) -> tuple:
