@@ -533,9 +533,7 @@ def _pair_spec(a: _Term, b: _Term, nlv: int = 0) -> Spec:
                 a.spec.output[:1 + nlv])
 
 
-# -- rules for the convolution and batch-norm primitives ------------------------------------
-# Kept here for now (they belong beside their primitives' other rules); the tape's
-# bind runs them wherever those primitives are bound.
+# -- per-sample rules of the convolution and batch-norm primitives --------------------------
 
 def _patch_einsum_per_sample(k, g, t, ins, params):
     """A convolution's weight gradient per example: ``'bchwkl,bfhw->bfckl'``, the
