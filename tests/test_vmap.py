@@ -840,6 +840,7 @@ def test_batch_norm_in_training_mode_with_running_statistics_raises():
     bn = nn.BatchNorm1d(2).to(backend_of(xb(np.zeros(1))))  # train(): running statistics
     with pytest.raises(RuntimeError, match="batch_norm in training mode inside vmap"):
         vmap(bn)(xb(rand(51, (3, 4, 2))))
+    assert int(bn.num_batches_tracked.data) == 0  # nothing half-written by the error
     with pytest.raises(RuntimeError, match="batch_norm in training mode inside vmap"):
         vmap(lambda m, x: F.batch_norm(x, m, None, training=True), (0, None))(
             xb(rand(54, (3, 2))), xb(rand(51, (4, 2))))  # the statistics mapped, x not

@@ -56,16 +56,17 @@ class _BatchNorm(Module):
             raise ValueError(f"{type(self).__name__}: expected a {ranks}-D input, got shape "
                              f"{x.shape}")
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            count = self.num_batches_tracked
-            count.data += 1
-            count.version += 1
-            if self.momentum is None:  # a cumulative moving average
-                factor = 1.0 / float(count.data)
+        counting = self.training and self.track_running_stats
+        if counting and self.momentum is None:  # a cumulative moving average
+            factor = 1.0 / (float(self.num_batches_tracked.data) + 1.0)
         use_running = not self.training or self.track_running_stats
-        return F.batch_norm(x, self.running_mean if use_running else None,
-                            self.running_var if use_running else None, self.weight, self.bias,
-                            self.training or self.running_mean is None, factor, self.eps)
+        y = F.batch_norm(x, self.running_mean if use_running else None,
+                         self.running_var if use_running else None, self.weight, self.bias,
+                         self.training or self.running_mean is None, factor, self.eps)
+        if counting:  # counted once the step has gone through: an error leaves it as it was
+            self.num_batches_tracked.data += 1
+            self.num_batches_tracked.version += 1
+        return y
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
