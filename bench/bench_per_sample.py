@@ -208,7 +208,7 @@ def main() -> None:
         targets["torch.func.vmap(grad)"] = 0.8
         ours = fns["eg.per_sample_grad"]()
         for name, peer in _layer_peers(params, tx, ty).items():
-            theirs = peer()  # the same numbers first: a peer that computes something else is no peer
+            theirs = peer()  # the same numbers first: a peer computing something else is none
             for k, v in ours.items():
                 np.testing.assert_allclose(np.asarray(v), theirs[k].numpy(), rtol=2e-3, atol=1e-5,
                                            err_msg=f"{name}: {k}")

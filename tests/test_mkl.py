@@ -186,6 +186,20 @@ def test_matmul_writes_into_out_of_any_row_major_layout(dtype):
     m = np.empty((40, 20), dtype)  # one product
     mkl.matmul(a[0, 0], b[0, 0], out=m)
     assert_product_close(m, a[0, 0], b[0, 0])
+    # One product into a column-major out: MKL's, as the product of the transposes
+    # (NumPy's BLAS threads would spin beside MKL's), written in place.
+    calls = []
+    real = mkl.numpy.matmul
+    mkl.numpy.matmul = lambda *args, **kw: calls.append(1) or real(*args, **kw)
+    try:
+        x = rng.standard_normal((200, 300)).astype(dtype)
+        y = rng.standard_normal((300, 100)).astype(dtype)
+        f = np.empty((100, 200), dtype).T
+        assert mkl.matmul(x, y, out=f) is f
+    finally:
+        mkl.numpy.matmul = real
+    assert not calls
+    assert_product_close(f, x, y)
     with pytest.raises(ValueError):
         mkl.matmul(a, b, out=np.empty((6, 4, 40, 21), dtype))
 

@@ -137,8 +137,16 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
             c, ldc = numpy.empty(lead + (m, n), dtype=a.dtype), n
         else:
             tc = _as_blas(out, m, n) if out.shape == lead + (m, n) else None
-            if tc is None or tc[0] != _NOTRANS or not out.flags.writeable:
+            if tc is None or not out.flags.writeable:
                 return plain()
+            if tc[0] != _NOTRANS:
+                if lead:
+                    return plain()
+                # A column-major ``out`` (a planner asked for that layout): its
+                # transpose is row-major, the product of the transposes. Not NumPy's
+                # matmul, whose BLAS threads would then spin beside MKL's.
+                matmul(y.T, x.T, out=out.T)
+                return out
             c, ldc = out, tc[1]
         walk = _by_stride((x, y, c), lead, ldc * m) if count > 1 and strided[a.dtype] else None
         if lead and _small(m * n * k, count, walk is not None, threads()):
@@ -515,7 +523,8 @@ def _race(a, b, budget: float = 0.004) -> tuple:
 # From this many multiply-adds OpenBLAS runs a product on its thread pool (its
 # GEMM_MULTITHREAD_THRESHOLD times 2^16); below, on the calling thread.
 _THREADED = 18
-_RULE = "one-pool"  # how measure() turns times into choices: in the cache key, so a new rule measures anew
+# How measure() turns times into choices: in the cache key, so a new rule measures anew.
+_RULE = "one-pool"
 
 
 def measure(dtype) -> dict:

@@ -224,9 +224,15 @@ def batch_bind(prim: Primitive, inputs: tuple, params: dict) -> Batched:
     size = _size(level)
     if prim.vmap is None:
         raise NotImplementedError(f"op {prim.name!r} has no batching rule: vmap cannot run it")
-    bdims = tuple(0 if type(t) is Batched and t.level == level else None for t in inputs)
-    xs = [t.phys if b == 0 else t for t, b in zip(inputs, bdims)]
-    out = prim.vmap(bdims, *xs, **params)
+    bdims, xs = [], []  # one loop: this runs once per op inside vmap
+    for t in inputs:
+        if type(t) is Batched and t.level == level:
+            bdims.append(0)
+            xs.append(t.phys)
+        else:
+            bdims.append(None)
+            xs.append(t)
+    out = prim.vmap(tuple(bdims), *xs, **params)
     if out.ndim == 0 or out.shape[0] != size:
         raise RuntimeError(f"op {prim.name!r}: its batching rule gave shape {out.shape}, not "
                            f"{size} examples first")
