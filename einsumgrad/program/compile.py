@@ -14,7 +14,7 @@ import numpy
 
 from ..backends import device_backend
 from ..plan import AUTO, Plan
-from .trace import CONVERT, GuardFailed, Ref, assignment
+from .trace import CONVERT, GuardFailed, Ref, assignment, template_source
 
 
 # Element-wise primitives whose impl is one backend function: (its name, extra arguments).
@@ -64,15 +64,10 @@ class Names:
 
     def lit(self, t: Any) -> str:
         """Python source for an argument template (Refs as variables)."""
+        return template_source(t, self.var, self._leaf)
+
+    def _leaf(self, t: Any) -> str:
         tp = type(t)
-        if tp is Ref:
-            return self.var[t.slot]
-        if tp is tuple:
-            return "(" + "".join(self.lit(x) + ", " for x in t) + ")"
-        if tp is list:
-            return "[" + ", ".join(self.lit(x) for x in t) + "]"
-        if tp is dict:
-            return "{" + ", ".join(f"{k!r}: {self.lit(v)}" for k, v in t.items()) + "}"
         if t is None or t is Ellipsis or tp in (bool, int, str) or (
                 tp is float and math.isfinite(t)):
             return repr(t)

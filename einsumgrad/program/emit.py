@@ -19,7 +19,7 @@ import numpy
 
 from ..plan import letters_of
 from ..pytree import TreeDef
-from .trace import Ref, assignment, compact
+from .trace import Ref, assignment, compact, template_source
 
 EMITTERS: dict = {}
 """Primitive name -> ``fn(e, eq) -> expression`` (see :class:`Emitter`)."""
@@ -52,15 +52,10 @@ class Emitter:
 
     def lit(self, t) -> str:
         """Source for a template value: Refs as variables, statics as literals."""
+        return template_source(t, self.var, self._leaf)
+
+    def _leaf(self, t) -> str:
         tp = type(t)
-        if tp is Ref:
-            return self.var[t.slot]
-        if tp is tuple:
-            return "(" + "".join(self.lit(x) + ", " for x in t) + ")"
-        if tp is list:
-            return "[" + ", ".join(self.lit(x) for x in t) + "]"
-        if tp is dict:
-            return "{" + ", ".join(f"{k!r}: {self.lit(v)}" for k, v in t.items()) + "}"
         if t is None or tp in (bool, int, str):
             return repr(t)
         if t is Ellipsis:

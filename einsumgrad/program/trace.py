@@ -658,3 +658,19 @@ def assignment(expr: str, eq, var, asarray: str) -> list:
     if eq.seq:
         return [", ".join(var[s] for s in eq.outs) + ", = " + expr]
     return [f"{var[eq.outs[0]]} = {expr}"]
+
+
+def template_source(t: Any, var, leaf: Callable[[Any], str]) -> str:
+    """Python source for an argument template: Refs as their variables (``var``:
+    value id -> name), tuples, lists and dicts rebuilt, any other value by ``leaf``."""
+    tp = type(t)
+    if tp is Ref:
+        return var[t.slot]
+    if tp is tuple:
+        return "(" + "".join(template_source(x, var, leaf) + ", " for x in t) + ")"
+    if tp is list:
+        return "[" + ", ".join(template_source(x, var, leaf) for x in t) + "]"
+    if tp is dict:
+        return "{" + ", ".join(f"{k!r}: {template_source(v, var, leaf)}"
+                               for k, v in t.items()) + "}"
+    return leaf(t)
