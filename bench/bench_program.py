@@ -252,9 +252,38 @@ def mlp_step(rng) -> None:
             out.backward()
             return [out.detach()] + [p.grad for p in tparams]
         peers["PyTorch eager (backward)"] = (torch_step, (px, py))
+    print(gemm_rates(B, sizes, f32))
     run_case("MLP step 512-1024-1024-10, batch 256, float32: loss and gradients",
              (params, x, onehot), eg.value_and_grad(loss), peers, min_time=2.0, tol=1e-4,
              targets={"JAX jit(value_and_grad)": 1.0, "PyTorch eager (backward)": 0.7})
+
+
+def gemm_rates(batch: int, sizes: list, dtype) -> str:
+    """The MLP step's GEMMs (forward and both backward products per layer) in GFLOP/s
+    by each library the contenders call, at this process's threads.
+
+    The step is GEMM-bound: its ratio over a peer cannot drop far below the
+    ratio of the BLAS each one calls, which this line shows.
+    """
+    rng = np.random.default_rng(1)
+    shapes = [s for i, o in zip(sizes[:-1], sizes[1:])
+              for s in ((batch, i, o), (batch, o, i), (i, batch, o))]
+    mats = [(rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype))
+            for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    pairs = {"NumPy's BLAS": (np.matmul, mats)}
+    from einsumgrad.backends import mkl
+    if mkl.matmul is not None:
+        pairs["MKL (einsumgrad[mkl])"] = (mkl.matmul, mats)
+        pairs["einsumgrad's choice"] = (mkl.chosen_matmul, mats)
+    if torch is not None:
+        pairs["torch"] = (torch.matmul, [(torch.from_numpy(a), torch.from_numpy(b))
+                                         for a, b in mats])
+    rates = {name: flops / median_time(lambda f=f, ms=ms: [f(a, b) for a, b in ms],
+                                       min_time=0.5) / 1e9
+             for name, (f, ms) in pairs.items()}
+    return ("  the step's GEMMs, GFLOP/s: "
+            + ", ".join(f"{name} {r:.0f}" for name, r in rates.items()))
 
 
 def small_grad(rng) -> None:
