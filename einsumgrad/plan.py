@@ -50,7 +50,7 @@ stats = {"planned": 0}  # how many plans were made; a test reads it
 def contract(spec: Spec, arrays: Sequence, order: tuple | None = None) -> object:
     """Evaluate ``spec`` on backend arrays, with the cached plan; ``order`` (the
     output's axes, outermost in memory first) asks for that layout where the
-    last step is a matmul that can write it."""
+    last step is a matmul that can write it, or a broadcast multiply."""
     return plan_for(spec, arrays)(arrays, order)
 
 
@@ -333,6 +333,21 @@ def _broadcast_multiply(a: tuple, b: tuple, result: tuple):
     def run(xp, arrs):
         x, y = arrs
         return xp.multiply(expand(xp, x, pa, ia, ident_a), expand(xp, y, pb, ib, ident_b))
+
+    def ordered(xp, arrs, order):
+        # The product written into an array laid out in ``order``: a sum's
+        # cotangent (a broadcast) then comes out in its primal's layout, and
+        # the element-wise rules after it read operands of one layout.
+        if len(order) != len(result) or order == tuple(range(len(result))):
+            return run(xp, arrs)
+        x, y = arrs
+        x, y = expand(xp, x, pa, ia, ident_a), expand(xp, y, pb, ib, ident_b)
+        shape = tuple(p if q == 1 else q for p, q in zip(x.shape, y.shape))
+        buf = xp.empty(tuple(shape[i] for i in order), dtype=xp.result_type(x.dtype, y.dtype))
+        out = xp.transpose(buf, tuple(order.index(i) for i in range(len(order))))
+        xp.multiply(x, y, out=out)
+        return out
+    run.ordered = ordered
     return run
 
 

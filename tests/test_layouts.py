@@ -1,0 +1,79 @@
+"""Results laid out in memory as the engine asks, with the values unchanged.
+
+A cotangent that comes out in its primal's memory order (channels-last
+activations) lets the element-wise rules and kernels after it read every
+operand in one layout, without a copy. Each test checks the strides and the
+values, on the backend under test (``EINSUMGRAD_BACKEND``).
+"""
+import numpy as np
+import pytest
+import torch
+
+import einsumgrad as eg
+from einsumgrad import plan
+from einsumgrad.backends import memory_order
+from einsumgrad.spec import parse
+
+from backends import npy, xb
+
+
+def channels_last(a: np.ndarray) -> np.ndarray:
+    """``a`` (N, C, H, W) with the channels innermost in memory."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def real(shape: tuple, axes) -> list:
+    """``axes`` without those of size 1 (which have no place in memory)."""
+    return [a for a in axes if shape[a] > 1]
+
+
+@pytest.mark.parametrize("spec,shapes,order", [
+    ("nc,h,w->nchw", [(3, 4), (5,), (6,)], (0, 2, 3, 1)),   # a spatial sum's cotangent
+    ("nc,hw->nchw", [(3, 4), (5, 6)], (0, 2, 3, 1)),        # one broadcast multiply
+    ("nc,h,w->nchw", [(3, 4), (5,), (6,)], (3, 2, 1, 0)),   # column-major
+    ("nc,h,w->nchw", [(3, 1), (5,), (6,)], (0, 2, 3, 1)),   # a size-1 channel axis
+    ("ab,c->abc", [(2, 3), (4,)], (2, 0, 1)),
+])
+def test_broadcast_written_in_the_order_asked(spec, shapes, order):
+    rng = np.random.default_rng(0)
+    arrays = [xb(rng.standard_normal(s)) for s in shapes]
+    got = plan.contract(parse(spec), arrays, order)
+    np.testing.assert_allclose(npy(got), np.einsum(spec, *map(npy, arrays)), rtol=1e-15)
+    assert real(got.shape, memory_order(got)) == real(got.shape, order)
+    assert type(got) is type(arrays[0])  # the backend's own array
+
+
+def test_broadcast_in_order_keeps_dtype_and_empty_axes():
+    ones = np.ones(3, np.float32)
+    got = plan.contract(parse("nc,h,w->nchw"), [xb(np.ones((2, 4), np.float32)), xb(ones),
+                                                  xb(ones)], (0, 2, 3, 1))
+    assert got.dtype == np.float32 and got.strides == (144, 4, 48, 16)
+    empty = plan.contract(parse("nc,h,w->nchw"), [xb(np.ones((0, 4))), xb(np.ones(3)),
+                                                  xb(np.ones(3))], (0, 2, 3, 1))
+    assert empty.shape == (0, 4, 3, 3)
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_spatial_mean_cotangent_laid_out_like_its_channels_last_primal(keepdims):
+    # The residual CNN's global average pool: its cotangent meets the blocks'
+    # channels-last activations.
+    rng = np.random.default_rng(1)
+    a = channels_last(rng.standard_normal((4, 5, 3, 6)))
+    gy = rng.standard_normal((4, 5, 1, 1) if keepdims else (4, 5))
+    x = eg.tensor(xb(a), requires_grad=True)
+    (x.mean(axis=(2, 3), keepdims=keepdims) * eg.tensor(xb(gy))).sum().backward()
+    got = npy(x.grad)
+    assert memory_order(got) == memory_order(a) == [0, 2, 3, 1]
+    tx = torch.tensor(a, requires_grad=True)
+    (tx.mean(dim=(2, 3), keepdim=keepdims) * torch.tensor(gy)).sum().backward()
+    np.testing.assert_allclose(got, tx.grad.numpy(), rtol=1e-14)
+
+
+def test_sum_cotangent_in_c_order_stays_c_order():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3, 4, 5, 6))
+    x = eg.tensor(xb(a), requires_grad=True)
+    x.sum(axis=(2, 3)).sum().backward()
+    got = npy(x.grad)
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, np.ones_like(a))
