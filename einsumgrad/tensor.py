@@ -541,15 +541,21 @@ def toposort(roots: Sequence[Tensor], keep: Callable[[Tensor], bool],
     return order
 
 
-def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> Callable:
-    """A predicate: does a tensor lie on a path from ``targets`` to ``roots``?"""
+def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> tuple:
+    """The tensors on a path from ``targets`` to ``roots`` (inputs first), and the
+    predicate "lies on such a path", from one walk of the graph."""
     memo = {id(t): True for t in targets}
     stop = set(memo)
+    order = []
     for t in toposort(roots, lambda t: True, stop):
-        if id(t) not in memo:
+        on = memo.get(id(t))
+        if on is None:
             node = t.node
-            memo[id(t)] = node is not None and any(memo.get(id(x), False) for x in node.inputs)
-    return lambda t: memo.get(id(t), False)
+            on = memo[id(t)] = node is not None and any(memo.get(id(x), False)
+                                                        for x in node.inputs)
+        if on:
+            order.append(t)
+    return order, lambda t: memo.get(id(t), False)
 
 
 def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
@@ -567,10 +573,10 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
     if targets is None:
         keep = lambda t: t.requires_grad
         stop = None
+        order = toposort(roots, keep, stop)
     else:
-        keep = _reaching(roots, targets)
+        order, keep = _reaching(roots, targets)
         stop = {id(t) for t in targets}
-    order = toposort(roots, keep, stop)
     cots: dict = {}
     for r, g in zip(roots, cotangents):
         cots[id(r)] = cots[id(r)] + g if id(r) in cots else g
@@ -628,10 +634,10 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
     Each tangent may carry the same leading batch axes; JVP rules keep them.
     Returns ``root``'s tangent, or ``None`` where it does not depend on the sources.
     """
-    keep = _reaching([root], sources)
+    order, _ = _reaching([root], sources)
     stop = {id(s) for s in sources}
     tan = {id(s): t for s, t in zip(sources, tangents)}
-    order = [t for t in toposort([root], keep, stop) if id(t) not in stop]
+    order = [t for t in order if id(t) not in stop]
     # Each tangent is dropped after its last use, so a long chain holds few at once.
     uses: dict = {}
     for t in order:
