@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import einsumgrad as eg
-from common import median_time, report
+from common import median_time, median_times, report
 from einsumgrad.program import jit as eg_jit
 
 try:
@@ -123,17 +123,16 @@ def run_case(case: str, x_args: tuple, ours, peers: dict, min_time: float = 0.3,
     want = ours(*x_args)
     got = first_call(case, "einsumgrad jit", lambda: j(*x_args))
     close("jit vs eager einsumgrad", _flat(got), _flat(want), tol)
-    times = {"einsumgrad jit": median_time(lambda: j(*x_args), min_time=min_time),
-             "einsumgrad eager": median_time(lambda: ours(*x_args), min_time=min_time)}
+    fns = {"einsumgrad jit": lambda: j(*x_args), "einsumgrad eager": lambda: ours(*x_args)}
     for name, (fn, args) in peers.items():
         if name.startswith("JAX"):
-            out = first_call(case, name, lambda: fn(*args))
-            close(f"{name} vs einsumgrad", _flat(out), _flat(want), tol)
-            times[name] = median_time(lambda: jax.block_until_ready(fn(*args)), min_time=min_time)
+            out = first_call(case, name, lambda fn=fn, args=args: fn(*args))
+            fns[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
         else:
             out = fn(*args)
-            close(f"{name} vs einsumgrad", _flat(out), _flat(want), tol)
-            times[name] = median_time(lambda: fn(*args), min_time=min_time)
+            fns[name] = lambda fn=fn, args=args: fn(*args)
+        close(f"{name} vs einsumgrad", _flat(out), _flat(want), tol)
+    times = median_times(fns, min_time=min_time)
     report(case, times, ours="einsumgrad jit", targets=targets)
     if eager_targets:
         report(f"{case}, eager", {k: v for k, v in times.items() if k != "einsumgrad jit"},

@@ -68,6 +68,30 @@ def median_time(fn: Callable, *, min_time: float = 0.3, repeat: int = 7, sync: C
     return statistics.median(samples)
 
 
+def median_times(fns: dict, *, min_time: float = 0.3, repeat: int = 7) -> dict:
+    """Median seconds per call of each ``fns[name]()``, the contenders taking turns.
+
+    Each of ``repeat`` rounds times every contender in turn for its share of
+    ``min_time``, so a change in the machine's load during the run reaches all
+    of them alike rather than whichever ran then.
+    """
+    number = {}
+    for name, fn in fns.items():
+        fn()  # warm up: plans, caches, allocator
+        t0 = time.perf_counter()
+        fn()
+        number[name] = max(1, int(min_time / repeat / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            for _ in range(number[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / number[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def peak_memory(fn: Callable) -> int:
     """Peak bytes NumPy allocates while ``fn()`` runs (tracemalloc sees NumPy's buffers)."""
     gc.collect()
