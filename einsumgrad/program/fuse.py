@@ -3,48 +3,58 @@
 NumPy runs a chain such as ``g * (1 - t * t)`` (tanh's VJP) as one pass over
 memory per op, each with its own temporary. Where numba is installed
 (``pip install einsumgrad[jit]``; ``EINSUMGRAD_JIT=0`` turns it off), a chain
-of element-wise arithmetic primitives (:data:`FUSED`) of one float dtype whose
-intermediate results nothing outside it reads (inside, a value may be read by
-several of its steps) becomes one ``numba.vectorize`` ufunc:
-one pass, inputs broadcast as NumPy broadcasts them. The kernel's source is written to a
-cache folder and compiled with numba's disk cache, so a program traced again
-(or unpickled) in another process does not compile it again. Without numba,
-or on another backend than NumPy's, the chain stays as it is.
+of element-wise primitives (:data:`FUSED`; in float64 also exp, log, tanh and
+the sigmoid, :data:`VECTOR`) of one float dtype whose intermediate results
+nothing outside it reads (inside, a value may be read by several of its steps)
+becomes one kernel: one loop nest over the result, in C order, each input read
+where it broadcasts. The loops are written for the shapes of the trace: the
+result's axes merged where every input spans or broadcasts along both, an
+input indexed by the merged axes it spans (a bias by the last, a scalar by
+none), so the innermost loop runs over contiguous memory and LLVM makes it
+SIMD code. exp, log, tanh and the sigmoid are :mod:`.vecmath`'s, which
+vectorize where numba's call libm one element at a time.
+
+The kernel's source is written to a cache folder and compiled with numba's
+disk cache, so a program traced again (or unpickled) in another process does
+not compile it again. Without numba, or on another backend than NumPy's, the
+chain stays as it is.
 
 The kernel computes the same scalar operations in the same order and dtype
-(constants in the kernel take the array's dtype, as NumPy's weak scalars do);
-transcendental functions may differ from NumPy's vectorized ones in the last
-ulp.
+(constants take the array's dtype, as NumPy's weak scalars do), so arithmetic
+rounds as NumPy's does; exp, log, tanh and the sigmoid may differ from NumPy's
+in the last ulps.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
 
 import numpy
 
+from . import vecmath
 from .graph import written
 from .trace import Eq, Ref
 
 # primitive -> the scalar expression (its inputs {0}, {1}, ...; T the dtype)
 SCALAR = {
     "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
-    "pow": "{0} ** {1}", "maximum": "np.maximum({0}, {1})", "minimum": "np.minimum({0}, {1})",
-    "neg": "-{0}", "exp": "np.exp({0})", "log": "np.log({0})", "sin": "np.sin({0})",
-    "cos": "np.cos({0})", "tanh": "np.tanh({0})", "sqrt": "np.sqrt({0})", "abs": "np.abs({0})",
+    "maximum": "np.maximum({0}, {1})", "minimum": "np.minimum({0}, {1})",
+    "neg": "-{0}", "sqrt": "np.sqrt({0})", "abs": "np.abs({0})",
     "relu": "np.maximum({0}, T(0))",
-    # the rule's stable form: exp of a non-positive number only
-    "sigmoid": "(T(1) / (T(1) + np.exp(-np.abs({0})))) if {0} >= 0 else "
-               "(np.exp(-np.abs({0})) / (T(1) + np.exp(-np.abs({0}))))",
+    **{prim: f"{name}({{0}})" for prim, name in vecmath.FUNCTIONS.items()},
 }
-# Only arithmetic is fused: it is memory-bound, one pass instead of several pays.
-# exp, log, tanh, sin, cos, sqrt and the sigmoid run as NumPy's (with MKL, VML's
-# vectorized kernels on MKL's threads), where numba would call scalar libm in a loop:
-# measured 2x slower on seed 000's 4096x64 chains. They stay steps of their own.
-FUSED = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu"))
+# Arithmetic (and sqrt, one correctly rounded instruction) fuses in both float dtypes.
+FUSED = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu",
+                   "sqrt"))
+# vecmath's functions fuse in float64 only: they compute in float64, where NumPy's own
+# float32 loops have twice the lanes. A step of these joins a kernel only where its
+# result is the kernel's size: a value broadcast further would be computed again for
+# every element it reaches.
+VECTOR = frozenset(vecmath.FUNCTIONS)
 MIN_STEPS = 2       # a chain of one step is that step
 MIN_SIZE = 1 << 10  # smaller outputs: the ufuncs NumPy has are as quick
 
@@ -66,6 +76,7 @@ def fuse_elementwise(p) -> None:
         for s in eq.refs():
             readers.setdefault(s, set()).add(i)
     outputs = {o.slot for o in p.outputs if type(o) is Ref}
+    size = lambda i: math.prod(p.avals[p.eqs[i].outs[0]][0])
     # From the last step back: a fusable step joins the kernel of the steps reading its
     # result when they are all fusable and in one kernel (a value read twice inside, as
     # t * t or a tangent used by two products, stays in a register); else it starts
@@ -76,8 +87,10 @@ def fuse_elementwise(p) -> None:
             continue
         s = p.eqs[i].outs[0]
         kernels = {root_of.get(r) for r in readers.get(s, ())}
-        root_of[i] = (kernels.pop() if s not in outputs and len(kernels) == 1
-                      and None not in kernels else i)
+        root = kernels.pop() if len(kernels) == 1 else None
+        if root is not None and p.eqs[i].op[1] in VECTOR and size(i) != size(root):
+            root = None
+        root_of[i] = root if s not in outputs and root is not None else i
     roots: dict = {}
     for i, r in root_of.items():
         roots.setdefault(r, [])
@@ -86,7 +99,7 @@ def fuse_elementwise(p) -> None:
     replaced = {}
     for r, members in roots.items():
         steps = sorted(members + [r])
-        if len(steps) < MIN_STEPS or numpy.prod(p.avals[p.eqs[r].outs[0]][0]) < MIN_SIZE:
+        if len(steps) < MIN_STEPS or size(r) < MIN_SIZE:
             continue
         replaced[r] = _fused([p.eqs[i] for i in steps], p)
         for i in members:
@@ -97,10 +110,11 @@ def fuse_elementwise(p) -> None:
 
 
 def _fusable(eq: Eq, p) -> bool:
-    if eq.op[0] != "prim" or eq.op[1] not in FUSED or eq.kwargs or eq.writes or not eq.outs:
+    if eq.op[0] != "prim" or eq.kwargs or eq.writes or not eq.outs:
         return False
     dtype = p.avals[eq.outs[0]][1]
-    return dtype in (numpy.float32, numpy.float64) and all(
+    ops = FUSED | VECTOR if dtype == numpy.float64 else FUSED
+    return eq.op[1] in ops and dtype in (numpy.float32, numpy.float64) and all(
         p.avals[s][1] == dtype for s in eq.refs())
 
 
@@ -121,24 +135,117 @@ def _fused(steps: list, p) -> Eq:
                     inputs.append(s)
                 args.append(f"i{inputs.index(s)}")
         names[eq.outs[0]] = f"t{k}"
-        lines.append(f"    t{k} = {SCALAR[eq.op[1]].format(*args)}")
+        lines.append(f"t{k} = {SCALAR[eq.op[1]].format(*args)}")
     root = steps[-1].outs[0]
-    dtype = numpy.dtype(p.avals[root][1]).name
-    src = kernel_source(dtype, len(inputs), lines)
+    shape, dtype = p.avals[root]
+    consts = {k: _literal(p.consts[s]) for k, s in enumerate(inputs)
+              if s in p.consts and numpy.shape(p.consts[s]) == ()}
+    src = kernel_source(numpy.dtype(dtype).name, tuple(shape),
+                        [p.avals[s][0] for s in inputs], lines, consts,
+                        sorted({eq.op[1] for eq in steps} & VECTOR))
     kernel = compile_kernel(src)
     return Eq(("fused", src, tuple(eq.op[1] for eq in steps)), kernel,
-              tuple(Ref(s) for s in inputs), {}, (root,), scalar=p.avals[root][0] == (),
+              tuple(Ref(s) for s in inputs), {}, (root,), scalar=shape == (),
               inner=list(steps))
 
 
-def kernel_source(dtype: str, n_inputs: int, lines: list) -> str:
-    params = ", ".join(f"i{j}" for j in range(n_inputs))
-    sig = f"{dtype}({', '.join([dtype] * n_inputs)})"
-    return "\n".join([
-        '"""An element-wise chain of an einsumgrad program, fused (generated)."""',
-        "import numba", "import numpy as np", "", f"T = np.{dtype}", "", "",
-        f"@numba.vectorize([{sig!r}], cache=CACHE)",
-        f"def kernel({params}):", *lines, f"    return {lines[-1].split('=')[0].strip()}", ""])
+def _literal(c) -> str:
+    """A 0-d constant as a source literal of the kernel's dtype."""
+    v = float(c)
+    return f"T({v!r})" if math.isfinite(v) else f"T(np.{'nan' if v != v else 'inf'})" if (
+        v != v or v > 0) else "T(-np.inf)"
+
+
+def layout(shape: tuple, shapes: list) -> tuple:
+    """The loops of a kernel of result shape ``shape`` over inputs of ``shapes``
+    (each broadcasting to it): ``(axes, spans)``, per loop the result's axes it
+    runs over (those of length > 1, neighbours merged where every input spans both
+    or neither), and per input the loops it spans (``()`` for a scalar)."""
+    keep = [d for d, n in enumerate(shape) if n != 1]
+    pads = [(1,) * (len(shape) - len(s)) + tuple(s) for s in shapes]
+    pats = [[s[d] != 1 for d in keep] for s in pads]
+    groups: list = []
+    for k in range(len(keep)):
+        if groups and all(pt[k] == pt[k - 1] for pt in pats):
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    axes = [tuple(keep[k] for k in g) for g in groups]
+    spans = [tuple(g for g, ks in enumerate(groups) if pt[ks[0]]) for pt in pats]
+    return axes, spans
+
+
+def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: dict,
+                  vector: list) -> str:
+    """A kernel module's source: ``kernel(i0, i1, ..., out=None)`` computing ``lines``
+    (``t0 = ...``, the last the result) over inputs of ``shapes`` broadcast to
+    ``shape`` (``consts``: input index -> the literal it is, not read). Lengths are
+    read from the inputs on each call (a chunked replay runs a block of the batch);
+    which axes broadcast where is the trace's."""
+    axes, spans = layout(shape, shapes)
+    n = len(shapes)
+    live = [k for k in range(n) if k not in consts]
+    loops = [f"j{g}" for g in range(len(axes))] or ["j0"]
+
+    def element(k, alias):  # input k's element in the loop body
+        if k == alias:
+            return f"o[{', '.join(loops)}]"
+        return f"i{k}[{', '.join(loops[g] for g in spans[k])}]" if spans[k] else f"s{k}"
+
+    def loop(name, alias=None):
+        params = ["o"] + [f"i{k}" for k in live if k != alias]
+        body = ['@numba.njit(error_model="numpy", nogil=True, cache=CACHE)',
+                f"def {name}({', '.join(params)}):", "    _wide()"]
+        body += [f"    s{k} = T(i{k})" for k in live if not spans[k] and k != alias]
+        for g, j in enumerate(loops):
+            body.append("    " * (g + 1) + f"for {j} in range(o.shape[{g}]):")
+        body.append("    " * (len(loops) + 1) + f"o[{', '.join(loops)}] = _chain("
+                    + ", ".join(element(k, alias) for k in live) + ")")
+        return body
+
+    def length(d):  # the result's axis d, read from an input spanning it
+        if shape[d] == 1:
+            return "1"
+        k = next(k for k in range(n) if k not in consts and len(shapes[k]) + d >= len(shape)
+                 and shapes[k][d - len(shape) + len(shapes[k])] != 1)
+        return f"i{k}.shape[{d - len(shape) + len(shapes[k])}]"
+
+    def dims(span):
+        return "(" + "".join(f"d{g}, " for g in span) + ")"
+
+    def pass_(k):  # input k as the loop takes it
+        if not spans[k]:
+            return f"float(i{k})" if shapes[k] == () else f"float(i{k}.reshape(()))"
+        return f"i{k}.reshape({dims(spans[k])})"
+
+    def call(name, alias=None):
+        return f"{name}(" + ", ".join(["v"] + [pass_(k) for k in live if k != alias]) + ")"
+
+    # the result may be written into an input (compile.reuse_plan): the loop then reads
+    # it as the result, so that LLVM sees one array and no overlap to test for
+    aliases = [k for k in live if spans[k] and tuple(shapes[k]) == tuple(shape)]
+    params = ", ".join(f"i{k}" for k in range(n))
+    run = [f"def kernel({params}, out=None):"]
+    run += [f"    n{d} = {length(d)}" for d in range(len(shape))]
+    run += [f"    d{g} = {' * '.join(f'n{d}' for d in ax)}" for g, ax in enumerate(axes)]
+    shape_src = "(" + "".join(f"n{d}, " for d in range(len(shape))) + ")"
+    run += ["    if out is None:", f"        o = np.empty({shape_src}, T)",
+            "    elif out.flags.c_contiguous:", "        o = out", "    else:",
+            f"        out[...] = kernel({params})", "        return out",
+            f"    v = o.reshape({dims(range(len(axes))) if axes else '(1,)'})"]
+    for k in aliases:
+        run += [f"    if o is i{k}:", f"        {call(f'_loop_{k}', k)}", "        return o"]
+    run += [f"    {call('_loop')}", "    return o"]
+    chain = ['@numba.njit(inline="always", error_model="numpy")',
+             f"def _chain({', '.join(f'i{k}' for k in live)}):"]
+    chain += [f"    i{k} = {lit}" for k, lit in consts.items()]
+    chain += ["    " + line for line in lines] + [f"    return {lines[-1].split('=')[0].strip()}"]
+    parts = ['"""An element-wise chain of an einsumgrad program, fused (generated)."""\n'
+             "import numba\nimport numpy as np\n\nT = np.%s" % dtype,
+             vecmath.source(vector), "\n".join(chain), "\n".join(loop("_loop"))]
+    parts += ["\n".join(loop(f"_loop_{k}", k)) for k in aliases]
+    parts.append("\n".join(run))
+    return "\n\n\n".join(parts) + "\n"
 
 
 _kernels: dict = {}
