@@ -581,6 +581,7 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
     for r, g in zip(roots, cotangents):
         cots[id(r)] = cots[id(r)] + g if id(r) in cots else g
     owned: set = set()  # ids whose cotangent is a buffer of this pass's own, added into
+    quiet = not state.tracing and not BATCHING  # no transform records what the rules bind
     result = []
     for t in reversed(order):
         g = cots.pop(id(t), None)
@@ -593,13 +594,17 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
             continue
         node.check(t)
         prim, xs = node.prim, node.inputs
+        # Where the rules' own ops would record nothing, a primitive's fused or
+        # in-place VJP gives the same values on arrays, without a Tensor per step.
+        plain = not state.grad or (quiet and not g.requires_grad and not t.requires_grad
+                                   and not any(x.requires_grad for x in xs))
         fused = None
-        if prim.fused is not None and not state.grad:
+        if prim.fused is not None and plain:
             fused = prim.fused(g.data, t.data, *[x.data for x in xs], **node.params)
         for k, x in enumerate(xs):
             if not keep(x):
                 continue
-            if prim.accum is not None and not state.grad:
+            if prim.accum is not None and plain:
                 # Slices of one tensor (q, k and v of one product) add their
                 # cotangents into one zero buffer, in place: not one zero
                 # array each, then summed.

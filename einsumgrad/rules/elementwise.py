@@ -137,11 +137,20 @@ def _tame(x: Tensor) -> Tensor:
     return where(xp.abs(x.data) > _TAIL, xp.copysign(_TAIL, x.data), x)
 
 
-def _unary(name, impl, deriv):
-    """An element-wise primitive whose VJP and JVP both multiply by ``deriv(x, out)``."""
+def _unary(name, impl, deriv, plain=None):
+    """An element-wise primitive whose VJP and JVP both multiply by ``deriv(x, out)``.
+
+    ``plain(xp, x, out)``: the same derivative on backend arrays (a fresh array),
+    the VJP of a backward that records nothing, without a Tensor per step.
+    """
     p = Primitive(name, impl)
     p.defvjp(lambda k, g, out, x: g * deriv(x, out))
     p.defjvp(lambda k, t, out, x: t * deriv(x, out))
+    if plain is not None:
+        def fused(g, out, x):
+            xp = backend_of(g)
+            return [xp.multiply(g, plain(xp, x, out))]
+        p.deffused(fused)
     p.defbatch(elementwise_batch)
     p.defvmap(same_op(p))
     return lambda x: bind(p, as_tensor(x)), p
@@ -157,14 +166,18 @@ neg_p.deflinear()
 neg_p.defbatch(elementwise_batch)
 neg_p.defvmap(same_op(neg_p))
 neg = lambda x: bind(neg_p, as_tensor(x))  # noqa: E731
-exp, exp_p = _unary("exp", lambda x: backend_of(x).exp(x), lambda x, out: out)
-log, log_p = _unary("log", lambda x: backend_of(x).log(x), lambda x, out: 1.0 / x)
+exp, exp_p = _unary("exp", lambda x: backend_of(x).exp(x), lambda x, out: out,
+                    lambda xp, x, out: out)
+log, log_p = _unary("log", lambda x: backend_of(x).log(x), lambda x, out: 1.0 / x,
+                    lambda xp, x, out: xp.true_divide(1.0, x))
 sin, sin_p = _unary("sin", lambda x: backend_of(x).sin(x), lambda x, out: cos(x))
 cos, cos_p = _unary("cos", lambda x: backend_of(x).cos(x), lambda x, out: -sin(x))
-tanh, tanh_p = _unary("tanh", lambda x: backend_of(x).tanh(x), lambda x, out: 1.0 - out * out)
+tanh, tanh_p = _unary("tanh", lambda x: backend_of(x).tanh(x), lambda x, out: 1.0 - out * out,
+                      lambda xp, x, out: xp.subtract(1.0, xp.multiply(out, out)))
 # sqrt(-0.0) is -0.0: 0.5 / (out + 0.0) makes its derivative +inf, as at +0.0 (the
 # limit from inside the domain), where 0.5 / out would give -inf.
-sqrt, sqrt_p = _unary("sqrt", lambda x: backend_of(x).sqrt(x), lambda x, out: 0.5 / (out + 0.0))
+sqrt, sqrt_p = _unary("sqrt", lambda x: backend_of(x).sqrt(x), lambda x, out: 0.5 / (out + 0.0),
+                      lambda xp, x, out: xp.true_divide(0.5, xp.add(out, 0.0)))
 
 
 def _erf_d(x, out):
@@ -182,19 +195,21 @@ def _sigmoid(x):
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
 
 
-sigmoid, sigmoid_p = _unary("sigmoid", _sigmoid, lambda x, out: out * (1.0 - out))
+sigmoid, sigmoid_p = _unary("sigmoid", _sigmoid, lambda x, out: out * (1.0 - out),
+                            lambda xp, x, out: xp.multiply(out, xp.subtract(1.0, out)))
 softplus, softplus_p = _unary("softplus", lambda x: backend_of(x).logaddexp(0, x).astype(
     x.dtype, copy=False), lambda x, out: sigmoid(x))
-def _relu_d(x, out):
+def _relu_plain(xp, x, out):
     # 1 where x > 0, 0 where x <= 0, NaN where x is NaN (a NaN has no derivative,
     # and a 0 would hide it): ceil(min(relu(x), 1)), in x's dtype (float * bool
     # runs 1.5x slower on a broadcast g).
-    xp = backend_of(out.data)
-    d = xp.asarray(xp.minimum(out.data, 1))  # an array, 0-d too
-    return _const(x, xp.ceil(d, out=d))
+    d = xp.asarray(xp.minimum(out, 1))  # an array, 0-d too
+    return xp.ceil(d, out=d).astype(x.dtype, copy=False)
 
 
-relu, relu_p = _unary("relu", lambda x: backend_of(x).maximum(x, 0), _relu_d)
+relu, relu_p = _unary("relu", lambda x: backend_of(x).maximum(x, 0),
+                      lambda x, out: Tensor(_relu_plain(backend_of(out.data), x.data, out.data)),
+                      _relu_plain)
 abs, abs_p = _unary("abs", lambda x: backend_of(x).abs(x),
                     lambda x, out: _const(x, backend_of(x.data).sign(x.data)))
 
