@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(NAME != "numpy" or not fuse.available(),
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 # max ulp against NumPy (the sigmoid: against its stable form in NumPy, itself ~2 ulp off)
-ULPS = {"exp": 2, "log": 2, "tanh": 2, "sigmoid": 4}
+ULPS = {"exp": 2, "log": 2, "tanh": 3, "sigmoid": 4}
 
 
 def _sigmoid(x):
