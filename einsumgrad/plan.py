@@ -341,12 +341,14 @@ def _broadcast_multiply(a: tuple, b: tuple, result: tuple):
         if len(order) != len(result) or order == tuple(range(len(result))):
             return run(xp, arrs)
         x, y = arrs
-        x, y = expand(xp, x, pa, ia, ident_a), expand(xp, y, pb, ib, ident_b)
-        shape = tuple(p if q == 1 else q for p, q in zip(x.shape, y.shape))
-        buf = xp.empty(tuple(shape[i] for i in order), dtype=xp.result_type(x.dtype, y.dtype))
-        out = xp.transpose(buf, tuple(order.index(i) for i in range(len(order))))
-        xp.multiply(x, y, out=out)
-        return out
+        # Both operands viewed in the memory order, so the multiply walks the
+        # buffer as it lies (into a transposed view it walks it out of order).
+        x = xp.transpose(expand(xp, x, pa, ia, ident_a), order)
+        y = xp.transpose(expand(xp, y, pb, ib, ident_b), order)
+        buf = xp.empty(tuple(p if q == 1 else q for p, q in zip(x.shape, y.shape)),
+                       dtype=xp.result_type(x.dtype, y.dtype))
+        xp.multiply(x, y, out=buf)
+        return xp.transpose(buf, tuple(order.index(i) for i in range(len(order))))
     run.ordered = ordered
     return run
 

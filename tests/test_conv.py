@@ -278,3 +278,50 @@ def test_conv_modules_take_torchs_argument_order_and_check_it():
         nn.Conv1d(4, 6, 3, groups=4)
     with pytest.raises(ValueError, match="strided"):
         nn.Conv2d(4, 6, 3, stride=2, padding="same")
+
+
+def test_conv_by_blocks_reuses_its_buffers_across_calls_and_keeps_threads_apart(rng, monkeypatch):
+    # The block buffers are kept per thread for the next convolution of the
+    # same shapes: a second call (other images, a whole and a partial block, a
+    # border that must still be zero) gives torch's values again, and threads
+    # running the same shapes at once each have their own.
+    import sys
+    import threading
+    pt = sys.modules["einsumgrad.rules.patches"]  # the module (the package exports a function)
+    calls = _block_calls(monkeypatch, 60_000)
+    monkeypatch.setattr(pt._kept, "blocks", {}, raising=False)  # this thread's, emptied
+    w = rng.standard_normal((6, 8, 3, 3))
+    xs = [rng.standard_normal((5, 8, 7, 6)) * (k + 1) for k in range(4)]
+    want = [TF.conv2d(torch.tensor(x), torch.tensor(w), padding=1).numpy() for x in xs]
+    for x, y in zip(xs, want):
+        close(F.conv2d(xb(x), xb(w), padding=1), y)
+    assert calls == ["conv_blocks"] * len(xs)
+    assert len(pt._kept.blocks) == 1  # one set of buffers served every call
+    got, errors = {}, []
+
+    def run(k):
+        try:
+            for _ in range(20):
+                got[k] = npy(F.conv2d(xb(xs[k]), xb(w), padding=1))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k, y in enumerate(want):
+        close(got[k], y, f"thread {k}")
+
+
+def test_conv_by_blocks_plan_follows_the_channel_minimum(rng, monkeypatch):
+    # The plan by blocks is cached per shapes, and a changed minimum of
+    # channels is a new key: the same convolution leaves the blocks.
+    calls = _block_calls(monkeypatch, 60_000)
+    x, w = rng.standard_normal((3, 4, 6, 6)), rng.standard_normal((5, 4, 3, 3))
+    want = TF.conv2d(torch.tensor(x), torch.tensor(w), padding=1).numpy()
+    close(F.conv2d(xb(x), xb(w), padding=1), want)
+    monkeypatch.setattr(convolution, "MIN_BLOCK_CHANNELS", 8)
+    close(F.conv2d(xb(x), xb(w), padding=1), want)
+    assert calls == ["conv_blocks"]

@@ -35,7 +35,7 @@ import math
 
 from ..backends import backend_of, in_order_of
 from ..derive import batched
-from ..plan import plan_for
+from ..plan import CACHE_SIZE, Bounded, plan_for
 from ..spec import Spec
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, bind, state
 from .grid import grid_groups, grid_pays, unpatch_on_grid
@@ -198,10 +198,28 @@ def _block_form(spec: Spec):
     return None
 
 
+# (spec, shapes, window, MIN_BLOCK_CHANNELS) -> the plan by blocks or None: each
+# convolution asks for it several times a step, and the answer is shape-only.
+_block_plans = Bounded(CACHE_SIZE)
+
+
 def _block_plan(x, o, spec, kernel, stride, padding, dilation):
     """``(kind, groups, sizes)`` where ``patch_einsum`` runs by blocks (see
-    :func:`_block_form`; ``sizes`` every label's), else None."""
-    form = _block_form(spec) if _by_blocks(backend_of(x), x, o) else None
+    :func:`_block_form`; ``sizes`` every label's, not to be changed), else None."""
+    if not _by_blocks(backend_of(x), x, o):  # threads and dtypes: asked every time
+        return None
+    key = (spec, x.shape, o.shape, kernel, stride, padding, dilation, MIN_BLOCK_CHANNELS)
+    plan = _block_plans.get(key, _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = _block_plans[key] = _shape_plan(x, o, spec, kernel, stride, padding, dilation)
+    return plan
+
+
+_UNPLANNED = object()
+
+
+def _shape_plan(x, o, spec, kernel, stride, padding, dilation):
+    form = _block_form(spec)
     if form is None:
         return None
     sizes = _sizes(x, o, spec, kernel, stride, padding, dilation)

@@ -13,6 +13,7 @@ einsums. Leading axes (batch, channels, a Jacobian's basis) pass through.
 from __future__ import annotations
 
 import operator
+import threading
 
 from ..backends import backend_of, in_order_of
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
@@ -182,40 +183,71 @@ def unpatch(g: Tensor, size, kernel_size, stride=1, padding=0, dilation=1) -> Te
 
 
 class _Blocks:
-    """Buffers for the patches of a block of images: a zero-bordered image ``pad``
-    ``(nb, Hp, Wp, I)``, the window buffer ``cols`` ``(nb, OH, OW, kh, kw, I)``, and
-    ``view``, the windows of ``pad`` as a strided view shaped as ``cols``."""
+    """Buffers for the patches of a block of ``nb`` images ``(H, W, I)``: a
+    zero-bordered image ``pad`` ``(nb, Hp, Wp, I)``, the window buffer ``cols``
+    ``(nb, OH, OW, kh, kw, I)``, and ``view``, the windows of ``pad`` as a strided
+    view shaped as ``cols``. Only the inside of ``pad`` is ever written: its
+    border stays zero, so the buffers serve call after call (:func:`_blocks`)."""
 
-    def __init__(self, x, kernel, stride, padding, dilation, block_bytes: int):
-        xp = backend_of(x)
-        r, h, w, i = x.shape
+    def __init__(self, xp, hwi: tuple, dtype, kernel, stride, padding, dilation, nb: int):
+        h, w, i = hwi
         (kh, kw), (ph, pw), (sh, sw), (dh, dw) = kernel, padding, stride, dilation
         oh, ow = (out_size(n, k, s, p, d) for n, k, s, p, d in
                   zip((h, w), kernel, stride, padding, dilation))
-        row_bytes = oh * ow * kh * kw * i * x.itemsize
-        self.nb = max(1, min(r, block_bytes // max(row_bytes, 1)))
-        self.pad = xp.zeros((self.nb, h + 2 * ph, w + 2 * pw, i), dtype=x.dtype)
-        self.cols = xp.empty((self.nb, oh, ow, kh, kw, i), dtype=x.dtype)
+        self.nb = nb
+        self.pad = xp.zeros((nb, h + 2 * ph, w + 2 * pw, i), dtype=dtype)
+        self.cols = xp.empty((nb, oh, ow, kh, kw, i), dtype=dtype)
         s_r, s_h, s_w, s_i = self.pad.strides
         self.view = xp.as_strided(self.pad, shape=self.cols.shape,
                                   strides=(s_r, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_i))
         self.inside = (slice(None), slice(ph, ph + h), slice(pw, pw + w))
-        self.xp, self.x, self.k = xp, x, kh * kw * i
+        self.xp, self.k = xp, kh * kw * i
         # A whole block's views, made once (most blocks are whole).
         self.whole = self.pad[self.inside], xp.reshape(self.cols, (-1, self.k))
 
-    def windows(self, s: int, m: int):
+    def windows(self, x, s: int, m: int):
         """Images ``s : s + m`` of ``x``, padded, their windows copied (im2col): the
         matrix ``(m*OH*OW, kh*kw*I)``, a window a row."""
         if m == self.nb:
             inside, mat = self.whole
-            inside[...] = self.x[s:s + m]
+            inside[...] = x[s:s + m]
             self.cols[...] = self.view
             return mat
-        self.pad[:m][self.inside] = self.x[s:s + m]
+        self.pad[:m][self.inside] = x[s:s + m]
         cols = self.cols[:m]
         cols[...] = self.view[:m]
         return self.xp.reshape(cols, (-1, self.k))
+
+
+# Block buffers kept per thread (two threads never share one) for the next
+# convolution of the same shapes: a step's convolutions reuse them instead of
+# allocating and zeroing them anew. At most this many, each at most
+# _KEPT_BYTES (a block larger than that, one huge image, is allocated each time).
+_KEPT = 8
+_KEPT_BYTES = 8 << 20
+_kept = threading.local()
+
+
+def _blocks(x, kernel, stride, padding, dilation, block_bytes: int) -> _Blocks:
+    """Block buffers for ``x`` ``(R, H, W, I)``: about ``block_bytes`` of windows a block."""
+    xp = backend_of(x)
+    r, h, w, i = x.shape
+    oh, ow = (out_size(n, k, s, p, d) for n, k, s, p, d in
+              zip((h, w), kernel, stride, padding, dilation))
+    row_bytes = oh * ow * kernel[0] * kernel[1] * i * x.itemsize
+    nb = max(1, min(r, block_bytes // max(row_bytes, 1)))
+    key = (xp, (h, w, i), x.dtype, kernel, stride, padding, dilation, nb)
+    cache = getattr(_kept, "blocks", None)
+    if cache is None:
+        cache = _kept.blocks = {}
+    got = cache.get(key)
+    if got is None:
+        got = _Blocks(xp, (h, w, i), x.dtype, kernel, stride, padding, dilation, nb)
+        if nb * row_bytes <= _KEPT_BYTES:
+            if len(cache) >= _KEPT:
+                del cache[next(iter(cache))]
+            cache[key] = got
+    return got
 
 
 def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other=None):
@@ -234,13 +266,13 @@ def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other
     gradient (``other`` its image) in one pass.
     """
     xp = backend_of(x)
-    blocks = _Blocks(x, kernel, stride, padding, dilation, block_bytes)
+    blocks = _blocks(x, kernel, stride, padding, dilation, block_bytes)
     r, (oh, ow), j = x.shape[0], blocks.cols.shape[1:3], w.shape[-1]
     out = xp.empty((r, oh, ow, j), dtype=x.dtype)
     flat, total = xp.reshape(out, (r * oh * ow, j)), None
     for s in range(0, r, blocks.nb):
         m = min(blocks.nb, r - s)
-        a = blocks.windows(s, m)
+        a = blocks.windows(x, s, m)
         xp.matmul(a, w, out=flat[s * oh * ow:(s + m) * oh * ow])
         if other is not None:
             total = _add_product(xp, xp.transpose(a), other[s:s + m], total)
@@ -265,9 +297,9 @@ def conv_weight_blocks(x, g, kernel, stride, padding, dilation, block_bytes: int
     ``(kh*kw*I, J)``, rows in ``(kh, kw, I)`` order.
     """
     xp = backend_of(x)
-    blocks = _Blocks(x, kernel, stride, padding, dilation, block_bytes)
+    blocks = _blocks(x, kernel, stride, padding, dilation, block_bytes)
     total = None
     for s in range(0, x.shape[0], blocks.nb):
         m = min(blocks.nb, x.shape[0] - s)
-        total = _add_product(xp, xp.transpose(blocks.windows(s, m)), g[s:s + m], total)
+        total = _add_product(xp, xp.transpose(blocks.windows(x, s, m)), g[s:s + m], total)
     return total
