@@ -213,10 +213,14 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     def dims(span):
         return "(" + "".join(f"d{g}, " for g in span) + ")"
 
+    def as_is(k):  # input k's own axes are its loops already: passed without a reshape
+        own = [d - len(shape) + len(shapes[k]) for g in spans[k] for d in axes[g]]
+        return all(len(axes[g]) == 1 for g in spans[k]) and own == list(range(len(shapes[k])))
+
     def pass_(k):  # input k as the loop takes it
         if not spans[k]:
             return f"float(i{k})" if shapes[k] == () else f"float(i{k}.reshape(()))"
-        return f"i{k}.reshape({dims(spans[k])})"
+        return f"i{k}" if as_is(k) else f"i{k}.reshape({dims(spans[k])})"
 
     def call(name, alias=None):
         return f"{name}(" + ", ".join(["v"] + [pass_(k) for k in live if k != alias]) + ")"
@@ -225,6 +229,7 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     # it as the result, so that LLVM sees one array and no overlap to test for
     aliases = [k for k in live if spans[k] and tuple(shapes[k]) == tuple(shape)]
     params = ", ".join(f"i{k}" for k in range(n))
+    flat = axes and len(axes) == len(shape) and all(len(ax) == 1 for ax in axes)
     run = [f"def kernel({params}, out=None):"]
     run += [f"    n{d} = {length(d)}" for d in range(len(shape))]
     run += [f"    d{g} = {' * '.join(f'n{d}' for d in ax)}" for g, ax in enumerate(axes)]
@@ -232,7 +237,8 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     run += ["    if out is None:", f"        o = np.empty({shape_src}, T)",
             "    elif out.flags.c_contiguous:", "        o = out", "    else:",
             f"        out[...] = kernel({params})", "        return out",
-            f"    v = o.reshape({dims(range(len(axes))) if axes else '(1,)'})"]
+            f"    v = o.reshape({dims(range(len(axes))) if axes else (1,)})" if not flat else
+            "    v = o"]
     for k in aliases:
         run += [f"    if o is i{k}:", f"        {call(f'_loop_{k}', k)}", "        return o"]
     run += [f"    {call('_loop')}", "    return o"]
