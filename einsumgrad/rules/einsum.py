@@ -44,6 +44,35 @@ def _einsum_vjp(k, g, out, *xs, spec, run=None, order=None):
                    nb=nb, order=like)
 
 
+@einsum_p.deffused
+def _einsum_array_vjps(g, out, *xs, spec, run=None, order=None):
+    # A backward that records nothing: each operand's pattern run on arrays, the
+    # same einsum run_vjp binds, asked for only for the operands the tape needs.
+    return _ArrayVJPs(g, g.ndim - out.ndim, xs, spec)
+
+
+class _ArrayVJPs:
+    """Operand k's cotangent (a backend array) on ``[k]``, computed then."""
+
+    __slots__ = ("g", "nb", "xs", "spec")
+
+    def __init__(self, g, nb: int, xs: tuple, spec: Spec):
+        self.g, self.nb, self.xs, self.spec = g, nb, xs, spec
+
+    def __getitem__(self, k: int):
+        g, nb, xs = self.g, self.nb, self.xs
+        x = xs[k]
+        like = tuple(memory_order(x)) if nb == 0 and x.ndim > 2 else None
+        p = vjp_pattern(self.spec, k, (), self.spec.inputs[k])
+        spec, consts, order, shape = _vjp_call(p, x.shape, nb, like)
+        xp = backend_of(g)
+        ops = (g, *xs[:k], *xs[k + 1:],
+               *[xp.eye(n, dtype=g.dtype) if kind == "eye" else xp.ones(n, dtype=g.dtype)
+                 for kind, n in consts])
+        r = contract(spec, ops, order)
+        return r if shape is None else r.reshape(r.shape[:nb] + shape)
+
+
 @einsum_p.defjvp
 def _einsum_jvp(k, t, out, *xs, spec, run=None, order=None):
     return run_jvp(JVP(spec, k), t, *(xs[:k] + xs[k + 1:]), nb=t.ndim - xs[k].ndim)
@@ -242,19 +271,28 @@ def run_vjp(p: VJP, g: Tensor, *others: Tensor, shape: tuple, nb: int = 0,
     ``order``: the layout asked of the result (its axes, outermost in memory
     first), honoured where the pattern gives operand k's axes as they are.
     """
+    spec, consts, order, squeezed = _vjp_call(p, shape, nb, order)
+    ops = [g, *others, *[constant_like(g, kind, n) for kind, n in consts]]
+    r = einsum_spec(spec, *ops, order=order)
+    return r if squeezed is None else reshape(r, r.shape[:nb] + squeezed)
+
+
+def _vjp_call(p: VJP, shape: tuple, nb: int, order: tuple | None) -> tuple:
+    """How to run VJP pattern ``p`` for an operand of ``shape``, the cotangent with
+    ``nb`` batch axes: ``(spec, [(constant kind, size)], order, shape or None)``,
+    the last the result's shape past its batch axes where the einsum gives it
+    without the axes the operand broadcast (None: as it comes)."""
     spec = p.fused if nb == 0 else batched(p.fused, (0,), nb)
-    ops = [g, *others]
     sizes = dict(zip(p.spec.inputs[p.k], shape))
-    for kind, labels in p.extra:
-        ops.append(constant_like(g, "eye" if kind == "eye" else "ones", sizes[labels[0]]))
+    consts = [("eye" if kind == "eye" else "ones", sizes[labels[0]]) for kind, labels in p.extra]
     if order is not None and (nb or p.broadcast_axes or len(spec.output) != len(order)):
         order = None
-    r = einsum_spec(spec, *ops, order=order)
+    squeezed = None
     if p.broadcast_axes:
-        it = iter(r.shape[nb:])
-        r = reshape(r, r.shape[:nb] + tuple(1 if ax in p.broadcast_axes else next(it)
-                                            for ax in range(len(p.raw_term))))
-    return r
+        it = iter(shape[i] for i in range(len(p.raw_term)) if i not in p.broadcast_axes)
+        squeezed = tuple(1 if ax in p.broadcast_axes else next(it)
+                         for ax in range(len(p.raw_term)))
+    return spec, consts, order, squeezed
 
 
 def run_jvp(p: JVP, t: Tensor, *operands: Tensor, nb: int = 0) -> Tensor:
