@@ -10,6 +10,7 @@ from ..backends import backend_of
 from ..plan import Bounded
 from ..pytree import flatten, unflatten
 from ..tensor import Tensor, state
+from .chunk import replay
 from .core import Program, is_array, remember, signature
 from .passes import optimize as run_passes
 from .render import function_label, input_names
@@ -125,7 +126,7 @@ class Jit:
         p = self.programs.get(key)
         if p is not None:
             try:
-                return p.outputs_of(p.run(values))
+                return p.outputs_of(replay(p, values))
             except GuardFailed:
                 pass  # a rule's branch goes the other way here: trace again
         self.traces += 1

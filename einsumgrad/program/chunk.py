@@ -1,0 +1,464 @@
+"""Chunked replay: a row-independent program run a cache-sized block of rows at a time.
+
+A program over a large batch writes every intermediate as a full-batch array:
+each step streams its operands from memory and its result back. When every
+output row depends only on the same row of the batched inputs, ``eg.jit``
+replays the program block by block along the batch axis instead: each block's
+intermediates stay in the L2 cache, and each block's results are written into
+output arrays allocated once for the whole batch.
+
+Whether a program is row-independent is proved per equation (:func:`batch_axes`),
+never assumed from shapes: each slot gets its batch axis, or ``None`` where it
+does not depend on the batch (the same for every block). Only the steps listed
+here pass: einsums whose batched operands share one batch label that the
+output keeps and no unbatched operand has, element-wise primitives and ufuncs
+(and fused element-wise kernels) whose batched operands broadcast their batch
+axes onto one output axis and whose unbatched operands have no batch axis
+there. Any other step (a guard, a reshape, an index, a reduction) keeps the
+program on its whole-batch replay.
+
+A block runs a program derived from the traced one, not a trace at the block's
+shape (a function may branch on its shape in Python): the same equations, the
+batched slots' shapes cut to the block, each einsum planned again on the same
+contraction path, batched constants cut to the block. Results equal the
+whole-batch replay up to the rounding of BLAS at another size.
+
+Blocks run one after another, BLAS held at one thread meanwhile (threadpoolctl;
+without it, programs replay whole): a block's products are too small for a
+thread pool to pay, and a pool waiting on a core another process holds stalls
+every product. Chunking is a replay strategy of ``jit`` only: ``make_program``,
+a program's text, source and pickle are the same with it or without.
+It runs on NumPy's backend only, for programs whose batched slots total at least
+:data:`MIN_BYTES`, split in blocks of about :data:`BLOCK_BYTES` of live
+intermediates; smaller ones replay whole.
+
+``EINSUMGRAD_CHUNK=0`` turns chunking off; ``EINSUMGRAD_CHUNK=<rows>`` fixes the
+rows per block (for tests and measurement; the size heuristics are skipped).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from typing import Callable
+
+import numpy
+
+from ..plan import AUTO, Plan
+from .compile import DIRECT
+from .trace import Eq, Ref
+
+# Element-wise primitives with no parameters: the result broadcasts the operands.
+ELEMENTWISE = frozenset(DIRECT) | frozenset(("sigmoid", "erf", "softplus", "normal_pdf"))
+
+CACHE_BYTES = 1 << 21
+"""The per-core L2 cache the blocks are sized for."""
+BLOCK_BYTES = CACHE_BYTES
+"""Bytes of intermediates live at once that one block may hold. Not all of them are
+read in every step, and fewer rows spend more per row in Python."""
+MIN_ROWS = 64
+"""Fewer rows per block spend more in Python per step than the cache saves."""
+MIN_BYTES = 4 * CACHE_BYTES
+"""Programs whose batched slots hold less than this in total (all of them, not the
+live ones: they are allocated and freed through the same memory) run whole."""
+
+
+def enabled() -> bool:
+    """Whether chunked replay is on (``EINSUMGRAD_CHUNK`` is not ``0``)."""
+    return os.environ.get("EINSUMGRAD_CHUNK", "").strip() != "0"
+
+
+def forced_rows() -> int | None:
+    """The rows per block ``EINSUMGRAD_CHUNK`` fixes, if it holds a positive number."""
+    v = os.environ.get("EINSUMGRAD_CHUNK", "").strip()
+    return int(v) if v.isdigit() and int(v) > 0 else None
+
+
+# -- the proof: which slots carry the batch, on which axis --------------------------------
+
+def batch_axes(p, size: int, inputs: dict) -> dict | None:
+    """Each slot's batch axis (``None``: it does not depend on the batch), or ``None``
+    where some output row may depend on another row of the batched inputs.
+
+    Args:
+        p: the program.
+        size: the batch size (the batched slots' length on their batch axis).
+        inputs: the batched input and constant slots and their batch axes; every
+            other input and constant is unbatched.
+    """
+    axes: dict = {s: inputs.get(s) for s in (*p.inputs, *p.consts)}
+    for eq in p.eqs:
+        out = _step_axis(eq, axes, p.avals, size)
+        if out is False:
+            return None
+        for o in eq.outs:
+            axes[o] = out
+    return axes
+
+
+def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    """The batch axis of the step's one result, ``None`` (unbatched), or ``False``:
+    the step is not known to keep rows apart."""
+    kind = eq.op[0]
+    if eq.seq or eq.scalar:
+        return False
+    if kind == "backend" and _is_ufunc(eq.op[2]) and eq.writes and len(eq.outs) <= 1:
+        return _in_place_axis(eq, axes, avals, size)
+    if len(eq.outs) != 1 or eq.writes:
+        return False
+    if kind == "prim" and eq.op[1] == "einsum":
+        if set(eq.kwargs) - {"spec", "run", "order"}:
+            return False
+        return _einsum_axis(eq, axes, avals, size)
+    if kind == "fused" or (kind == "prim" and eq.op[1] in ELEMENTWISE):
+        ok = not eq.kwargs
+    elif kind == "ufunc":
+        u = eq.op[1]
+        ok = eq.op[2] == "__call__" and not eq.kwargs and _is_ufunc(u.__name__) \
+            and getattr(numpy, u.__name__) is u
+    elif kind == "backend":
+        # a rule's own call of the backend (relu's derivative): NumPy's element-wise ufuncs
+        ok = (_is_ufunc(eq.op[2]) or eq.op[2] == "asarray") and not eq.kwargs
+    elif kind == "method" and eq.op[1] == "astype":
+        ok = set(eq.kwargs) <= {"copy"} and len(eq.args) == 2 and type(eq.args[1]) is not Ref
+        return axes.get(eq.args[0].slot, False) if ok and type(eq.args[0]) is Ref else False
+    else:
+        return False  # guards, views, indexing, reductions, anything unknown
+    return _broadcast_axis(eq, axes, avals, size, eq.outs[0]) if ok else False
+
+
+def _is_ufunc(name: str) -> bool:
+    u = getattr(numpy, name, None)
+    return isinstance(u, numpy.ufunc) and u.nout == 1 and u.signature is None
+
+
+def _in_place_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    """``ufunc(..., out=s)`` writing into ``s`` (and returning it, on some backends): the
+    values written must keep ``s``'s rows where they were (the axis stays ``s``'s)."""
+    out = eq.kwargs.get("out")
+    if set(eq.kwargs) != {"out"} or type(out) is not Ref or eq.writes != (out.slot,) \
+            or out.slot not in axes:
+        return False
+    got = _broadcast_axis(eq, axes, avals, size, out.slot)
+    return got if got is not False and got == axes[out.slot] else False
+
+
+def _einsum_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    spec = eq.kwargs["spec"]
+    if not all(type(a) is Ref and a.slot in axes for a in eq.args):
+        return False
+    labels = set()
+    for a, term in zip(eq.args, spec.inputs):
+        ax = axes[a.slot]
+        if ax is not None:
+            labels.add(term[ax])
+    if not labels:
+        return None
+    if len(labels) != 1:
+        return False  # the rows of one operand meet another index of another
+    label = labels.pop()
+    for a, term in zip(eq.args, spec.inputs):
+        ax = axes[a.slot]
+        # an unbatched operand indexed by the batch label, or the label on a second
+        # axis of a batched one (a diagonal), pairs rows with something else
+        if any(l == label and i != ax for i, l in enumerate(term)):
+            return False
+    if spec.output.count(label) != 1:
+        return False  # summed over the batch, or spread onto two axes
+    out = spec.output.index(label)
+    return out if avals[eq.outs[0]][0][out] == size else False
+
+
+def _broadcast_axis(eq: Eq, axes: dict, avals: dict, size: int, result: int):
+    """NumPy broadcasting of the operands onto ``result``'s shape: they align at their
+    last axes."""
+    shape = avals[result][0]
+    found, unbatched = set(), []
+    for a in eq.args:
+        if type(a) is Ref:
+            if a.slot not in axes:
+                return False
+            sh = avals[a.slot][0]
+            ax = axes[a.slot]
+            if ax is None:
+                unbatched.append(sh)
+            else:
+                found.add(len(shape) - len(sh) + ax)
+        elif not isinstance(a, (bool, int, float, complex, numpy.generic)):
+            return False
+    if not found:
+        return None
+    if len(found) != 1:
+        return False  # two batch axes meet as an outer product
+    out = found.pop()
+    if shape[out] != size:
+        return False
+    for sh in unbatched:  # broadcast along the batch: only a length-1 axis there, or none
+        i = len(sh) - len(shape) + out
+        if i >= 0 and sh[i] != 1:
+            return False
+    return out
+
+
+def batching(p) -> tuple | None:
+    """``(size, axes, constants)`` for a program whose outputs are row-independent along
+    axis 0 of its inputs of the batch size (the largest leading length tried first),
+    or ``None``. ``constants``: batched constant slot -> (axis, uniform along it).
+
+    The inputs tried as batched: all those of that leading length, then those of
+    them of the highest rank, then the first. A constant with one axis of the
+    batch's length is tried as batched along it (a folded broadcast of the batch,
+    as a Jacobian's basis), then as unbatched.
+    """
+    firsts = sorted({p.avals[s][0][0] for s in p.inputs if p.avals[s][0]}, reverse=True)
+    used = {r for eq in p.eqs for r in eq.refs()} | {o.slot for o in p.outputs if type(o) is Ref}
+    for size in firsts[:3]:
+        if size < 2:
+            break
+        lead = [s for s in p.inputs if p.avals[s][0][:1] == (size,)]
+        rank = max(len(p.avals[s][0]) for s in lead)
+        choices = dict.fromkeys((tuple(lead), tuple(s for s in lead if len(p.avals[s][0]) == rank),
+                                 tuple(lead[:1])))
+        consts = {}
+        for s, c in p.consts.items():
+            on = [i for i, n in enumerate(numpy.shape(c)) if n == size]
+            if len(on) == 1 and s in used:
+                consts[s] = on[0]
+        for given in choices:
+            for tried in ([consts, {}] if consts else [{}]):
+                axes = batch_axes(p, size, {**dict.fromkeys(given, 0), **tried})
+                if axes is not None and any(type(o) is Ref and axes.get(o.slot) is not None
+                                            for o in p.outputs):
+                    return size, axes, {s: (ax, _uniform(p.consts[s], ax))
+                                        for s, ax in tried.items()}
+    return None
+
+
+def _uniform(c, axis: int) -> bool:
+    """Whether every slice of ``c`` along ``axis`` equals the first (a broadcast)."""
+    c = numpy.asarray(c)
+    first = numpy.take(c, [0], axis=axis)
+    return bool(numpy.array_equal(c, numpy.broadcast_to(first, c.shape)))
+
+
+# -- sizing -----------------------------------------------------------------------------------
+
+def row_bytes(p, axes: dict, size: int) -> tuple:
+    """``(live, total)``: bytes per batch row of the batched slots alive at once (the
+    most over the steps), and of all batched slots."""
+    def per_row(s):
+        shape, dtype = p.avals[s]
+        return math.prod(shape) // size * numpy.dtype(dtype).itemsize
+    batched = {s for s, ax in axes.items() if ax is not None and s in p.avals}
+    last: dict = {}
+    for i, eq in enumerate(p.eqs):
+        for s in (*eq.refs(), *eq.outs):
+            last[s] = i
+    outs = {o.slot for o in p.outputs if type(o) is Ref}
+    live_now = sum(per_row(s) for s in batched if s in p.inputs or s in p.consts)
+    live = live_now
+    for i, eq in enumerate(p.eqs):
+        live_now += sum(per_row(o) for o in eq.outs if o in batched)
+        live = max(live, live_now)
+        for s in set(eq.refs()) | set(eq.outs):
+            if s in batched and last.get(s) == i and s not in outs \
+                    and s not in p.inputs and s not in p.consts:
+                live_now -= per_row(s)
+    return live, sum(per_row(s) for s in batched)
+
+
+def block_rows(p, axes: dict, size: int) -> int | None:
+    """Rows per block, or ``None`` where the whole batch runs as one."""
+    forced = forced_rows()
+    if forced is not None:
+        return forced if forced < size else None
+    live, total = row_bytes(p, axes, size)
+    if total * size < MIN_BYTES:
+        return None
+    rows = max(MIN_ROWS, BLOCK_BYTES // max(live, 1))
+    return rows if 2 * rows <= size else None
+
+
+def split(size: int, rows: int) -> list:
+    """Block lengths covering ``size``: ``ceil(size / rows)`` blocks as even as can be
+    (at most two lengths, so at most two derived programs)."""
+    n = -(-size // rows)
+    q, r = divmod(size, n)
+    return [q + 1] * r + [q] * (n - r)
+
+
+# -- the derived program at a block's length ------------------------------------------------
+
+def block_program(p, axes: dict, size: int, rows: int, consts: dict):
+    """``p`` over ``rows`` rows of the batch: batched slots' shapes cut, einsums planned
+    again on their paths, uniform batched constants cut to the block; other batched
+    constants become trailing inputs (cut per block by the caller)."""
+    from .core import Program
+    from ..backends import device_backend
+
+    def cut(shape, ax):
+        return shape if ax is None else shape[:ax] + (rows,) + shape[ax + 1:]
+    avals = {s: (cut(shape, axes.get(s)), dt) for s, (shape, dt) in p.avals.items()}
+    new_consts, extra = dict(p.consts), []
+    for s, (ax, uniform) in consts.items():
+        if uniform:
+            index = (slice(None),) * ax + (slice(0, rows),)
+            new_consts[s] = numpy.ascontiguousarray(numpy.asarray(p.consts[s])[index])
+        else:
+            del new_consts[s]
+            extra.append(s)
+    xp = device_backend(p.device)
+    eqs = []
+    for eq in p.eqs:
+        if eq.op == ("prim", "einsum"):
+            eq = _replanned(eq, p, avals, xp)
+        eqs.append(eq)
+    q = Program(p.name, eqs, list(p.inputs) + extra, new_consts, avals, p.outputs, p.out_tree,
+                p.out_tensor, p.key, p.static_argnums, p.devices, p.device)
+    # A buffer a step writes over must be the program's own at this length too: an
+    # einsum of one operand may return a view of it, which its plan may decide by size.
+    q.owned = frozenset(s for s in getattr(p, "owned", ()) if not _maybe_view(p, s))
+    return q, extra
+
+
+def _maybe_view(p, slot: int) -> bool:
+    for eq in p.eqs:
+        if slot in eq.outs:
+            return eq.op == ("prim", "einsum") and len(eq.args) < 2
+    return True
+
+
+def _replanned(eq: Eq, p, avals: dict, xp) -> Eq:
+    """The einsum on the block's shapes, on the contraction path it took for the batch."""
+    spec, run, order = eq.kwargs["spec"], eq.kwargs.get("run"), eq.kwargs.get("order")
+    dtypes = [avals[a.slot][1] for a in eq.args]
+    cast = numpy.result_type(*dtypes) if len(set(dtypes)) > 1 else None
+    if run is not None:
+        path = tuple(run.plan.path)
+    else:
+        path = tuple(Plan(spec, [p.avals[a.slot][0] for a in eq.args], AUTO, cast).path)
+    bound = Plan(spec, [avals[a.slot][0] for a in eq.args], path, cast).bind(xp)
+    if run is None and order is not None:  # the replay passes the order only without a plan
+        plain = bound
+        bound = lambda arrays: plain(arrays, order)  # noqa: E731
+    kwargs = {"spec": spec, "run": bound}
+    return Eq(eq.op, eq.fn, eq.args, kwargs, eq.outs, eq.seq, eq.scalar, eq.writes, eq.prim,
+              eq.inner)
+
+
+# -- the replay ----------------------------------------------------------------------------------
+
+class OneThread:
+    """BLAS libraries at one thread while a block loop runs (threadpoolctl).
+
+    A block's products are small: a BLAS thread pool's start and barrier cost
+    more than its second core gives, and on a loaded machine a pool waiting for
+    a descheduled thread stalls every product. Nested and concurrent loops
+    share one limit: the first in saves the libraries' counts, the last out
+    restores them.
+    """
+
+    def __init__(self):
+        self.lock, self.depth, self.saved = threading.Lock(), 0, []
+        self.libs: list | None = None
+
+    def available(self) -> bool:
+        if self.libs is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                self.libs = []
+            else:
+                self.libs = [c for c in ThreadpoolController().lib_controllers
+                             if c.user_api == "blas"]
+        return bool(self.libs)
+
+    def __enter__(self):
+        with self.lock:
+            if self.depth == 0:
+                self.saved = [c.get_num_threads() for c in self.libs]
+                for c in self.libs:
+                    c.set_num_threads(1)
+            self.depth += 1
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                for c, n in zip(self.libs, self.saved):
+                    c.set_num_threads(n)
+
+
+one_thread = OneThread()
+
+
+class Chunked:
+    """A program's replay block by block (see the module docstring)."""
+
+    def __init__(self, p, size: int, axes: dict, consts: dict, rows: int):
+        self.size, self.lengths = size, split(size, rows)
+        self.cut = [axes.get(s) == 0 for s in p.inputs]
+        self.runs: dict = {}
+        for n in set(self.lengths):
+            q, extra = block_program(p, axes, size, n, consts)
+            self.runs[n] = q._compile()
+        self.extra = [(numpy.asarray(p.consts[s]), consts[s][0]) for s in extra]
+        # per output leaf: ("batched", slot, axis), ("slot", slot) or ("static", value)
+        self.outs, self.alloc = [], {}
+        for o in p.outputs:
+            if type(o) is not Ref:
+                self.outs.append(("static", o))
+            elif axes.get(o.slot) is not None:
+                self.outs.append(("batched", o.slot, axes[o.slot]))
+                self.alloc[o.slot] = (p.avals[o.slot], axes[o.slot])
+            else:
+                self.outs.append(("slot", o.slot))  # the same in every block: the first's
+
+    def __call__(self, values: list) -> list:
+        """The output leaves for the input arrays ``values``."""
+        full = {s: numpy.empty(shape, dtype) for s, ((shape, dtype), _) in self.alloc.items()}
+        whole: dict = {}
+        start = 0
+        with one_thread:
+            for n in self.lengths:
+                stop = start + n
+                args = [v[start:stop] if c else v for v, c in zip(values, self.cut)]
+                for c, ax in self.extra:
+                    args.append(c[(slice(None),) * ax + (slice(start, stop),)])
+                res = self.runs[n](*args)
+                for j, o in enumerate(self.outs):
+                    if o[0] == "batched":
+                        full[o[1]][(slice(None),) * o[2] + (slice(start, stop),)] = res[j]
+                    elif o[0] == "slot" and start == 0:
+                        whole[o[1]] = res[j]
+                start = stop
+        return [full[o[1]] if o[0] == "batched" else whole[o[1]] if o[0] == "slot" else o[1]
+                for o in self.outs]
+
+
+_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plan_replay(p) -> Callable:
+    """How ``jit`` replays ``p``: block by block where that is proved exact and pays,
+    else its whole-batch run (``p.run``); ``run(values) -> output leaves``."""
+    if not enabled() or p.device != "cpu" or set(p.devices) != {"numpy"}:
+        # the full outputs are NumPy arrays: other backends keep their whole replay
+        return p.run
+    found = batching(p)
+    if found is None:
+        return p.run
+    size, axes, consts = found
+    rows = block_rows(p, axes, size)
+    if rows is None or not one_thread.available():
+        return p.run
+    return Chunked(p, size, axes, consts, rows)
+
+
+def replay(p, values: list) -> list:
+    """``p``'s output leaves for the input arrays ``values``, as ``jit`` runs it."""
+    run = _runs.get(p)
+    if run is None:
+        run = _runs[p] = plan_replay(p)
+    return run(values)

@@ -1,0 +1,297 @@
+"""Chunked replay (program/chunk.py): ``eg.jit`` runs a row-independent program block
+by block along the batch axis.
+
+The analysis accepts the seeds' and an MLP's programs and rejects every program
+that mixes rows (a sum over the batch broadcast back, a batch-norm-like mean, a
+reversal along the batch, an einsum contracting the batch, a guard, a batch
+axis meeting another axis of the same length); the blocks' results equal the
+whole-batch replay for random batch sizes and block lengths, tail blocks,
+batches shorter than a block, float32, batched and unbatched constants and
+outputs. On backends other than NumPy's the replay stays whole, and correct.
+"""
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import einsumgrad as eg
+from einsumgrad.program import chunk, jit, make_program
+from einsumgrad.pytree import flatten
+
+from backends import NAME, npy, xb
+
+CHUNKS = NAME == "numpy"  # other backends replay whole
+TOL64 = dict(rtol=1e-12, atol=1e-12)
+TOL32 = dict(rtol=2e-5, atol=2e-5)
+
+
+def mlp(sizes, rng, act=eg.tanh, dtype=np.float64):
+    params = [((rng.standard_normal((o, i)) / np.sqrt(i)).astype(dtype),
+               (0.1 * rng.standard_normal(o)).astype(dtype))
+              for i, o in zip(sizes[:-1], sizes[1:])]
+
+    def f(x):
+        for n, (w, b) in enumerate(params):
+            x = eg.einsum("...i,oi->...o", x, xb(w)) + xb(b)
+            x = act(x) if n < len(params) - 1 else x
+        return x
+    return f
+
+
+def seed002(rng, dtype=np.float64):
+    return eg.batch_jacobian(mlp([3, 16, 16, 3], rng, dtype=dtype))
+
+
+def seed000(rng, dtype=np.float64):
+    f = mlp([16, 32, 8], rng, dtype=dtype)
+    return lambda x: eg.directional(f, 2)(x, x)
+
+
+def leaves(out) -> list:
+    return [npy(leaf) for leaf in flatten(out)[0]]
+
+
+def assert_same(got, want, tol=TOL64, types=True) -> None:
+    got_leaves, got_tree = flatten(got)
+    want_leaves, want_tree = flatten(want)
+    assert got_tree == want_tree
+    for a, b in zip(got_leaves, want_leaves):
+        assert type(a) is type(b) or not types
+        a, b = npy(a), npy(b)
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, **tol)
+
+
+def replayed(p, rows, monkeypatch):
+    """``p``'s replay as jit runs it with ``rows`` rows per block, and whether it is chunked."""
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", str(rows))
+    run = chunk.plan_replay(p)
+    return run, isinstance(run, chunk.Chunked)
+
+
+def check_blocks(f, x, rows, monkeypatch, tol=TOL64, chunked=None) -> None:
+    """``f``'s program replayed in blocks of ``rows`` equals its whole replay and ``f``."""
+    p = make_program(f)(x)
+    run, is_chunked = replayed(p, rows, monkeypatch)
+    if chunked is not None:
+        assert is_chunked == (chunked and CHUNKS)
+    got = p.outputs_of(run([x]))
+    assert_same(got, p.outputs_of(p.run([x])), tol)
+    # f itself: the same values (a program gives Tensors where f's Tensors were)
+    assert_same(got, f(x), dict(rtol=1e-9, atol=1e-9) if tol is TOL64 else tol, types=False)
+
+
+# -- the analysis --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["seed000", "seed002", "mlp", "relu_jacobian"])
+def test_the_seeds_and_an_mlp_are_row_independent(name, rng):
+    f = {"seed000": seed000(rng), "seed002": seed002(rng),
+         "mlp": mlp([5, 16, 16, 2], rng),
+         "relu_jacobian": eg.batch_jacobian(mlp([3, 16, 8], rng, act=eg.relu))}[name]
+    x = xb(rng.standard_normal((40, 16 if name == "seed000" else 5 if name == "mlp" else 3)))
+    p = make_program(f)(x)
+    found = chunk.batching(p)
+    assert found is not None
+    size, axes, _ = found
+    assert size == 40 and axes[p.inputs[0]] == 0
+    assert axes[p.outputs[0].slot] == 0
+
+
+def test_the_seed002_program_has_a_batched_constant_uniform_along_the_batch(rng):
+    # the Jacobian's basis, folded with the first layer's weight: [3, B, 16]
+    p = make_program(seed002(rng))(xb(rng.standard_normal((40, 3))))
+    _, _, consts = chunk.batching(p)
+    assert consts and all(uniform for _, uniform in consts.values())
+
+
+MIXING = {
+    "sum over the batch, broadcast back": lambda x: eg.tanh(x) * x.sum(0),
+    "batch-norm-like mean": lambda x: (x - x.mean(0)) * eg.tanh(x),
+    "reversed along the batch": lambda x: eg.tanh(x)[::-1],
+    "einsum contracting the batch": lambda x: eg.einsum("bi,bj,ck->ck", x, x, x),
+    "gram of the rows": lambda x: eg.einsum("bi,ci->bc", x, x),
+    "batch meets an axis of its length": lambda x: eg.einsum("ij,jk->ik", x, x),
+    "transpose, same length": lambda x: x * eg.einsum("ij->ji", x),
+    "softmax over the batch": lambda x: eg.softmax(x, axis=0),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXING))
+def test_programs_mixing_rows_are_rejected(name, rng, monkeypatch):
+    x = xb(rng.standard_normal((8, 8)))  # the batch has the length of the other axis
+    f = MIXING[name]
+    p = make_program(f)(x)
+    assert chunk.batching(p) is None
+    run, chunked = replayed(p, 3, monkeypatch)
+    assert not chunked
+    assert_same(p.outputs_of(run([x])), f(x), dict(rtol=1e-9, atol=1e-9))
+
+
+def test_a_guard_disqualifies(rng):
+    # max's rule checks for ties: a guard, however row-wise the rest is
+    g = lambda x: eg.grad(lambda a: eg.max(a, axis=1).sum())(x)
+    p = make_program(g)(xb(rng.standard_normal((6, 4))))
+    guards = [eq for eq in p.eqs if eq.op[0] == "guard"]
+    assert guards
+    axes = {s: 0 for s in p.inputs}
+    assert chunk._step_axis(guards[0], axes, p.avals, 6) is False
+    assert chunk.batching(p) is None
+
+
+def test_an_unbatched_operand_may_broadcast_but_not_carry_the_batch(rng, monkeypatch):
+    x = xb(rng.standard_normal((8, 8)))
+    c = xb(rng.standard_normal((1, 8)))
+    assert chunk.batching(make_program(lambda x: x * c + 1.0)(x)) is not None
+    w = xb(rng.standard_normal(8))  # its one axis aligns with x's last, not the batch
+    assert chunk.batching(make_program(lambda x, w: eg.tanh(x) * w)(x, w)) is not None
+    v = xb(rng.standard_normal((8, 1)))  # an input of the batch's length: batched itself
+    p = make_program(lambda x, v: x * v)(x, v)
+    assert chunk.batching(p) is not None
+    # v's rows meet x's columns: v is taken whole in every block, x in blocks of rows
+    f = lambda x, v: x * eg.einsum("ij->ji", v)
+    p = make_program(f)(x, v)
+    size, axes, _ = chunk.batching(p)
+    assert axes[p.inputs[0]] == 0 and axes[p.inputs[1]] is None
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "3")
+    run = chunk.plan_replay(p)
+    assert isinstance(run, chunk.Chunked) == CHUNKS
+    assert_same(p.outputs_of(run([x, v])), f(x, v))
+    # both batched and meeting as an outer product: no choice keeps rows apart
+    u = xb(rng.standard_normal(8))
+    assert chunk.batching(make_program(lambda u: eg.einsum("i,j->ij", u, u))(u)) is None
+
+
+# -- the replay: equal to the whole replay -------------------------------------------------
+
+@settings(max_examples=25)
+@given(batch=st.integers(1, 200), rows=st.integers(1, 90), which=st.sampled_from(
+    ["seed000", "seed002", "mlp"]), f32=st.booleans(), seed=st.integers(0, 2**16))
+def test_blocks_equal_the_whole_replay(batch, rows, which, f32, seed):
+    rng = np.random.default_rng(seed)
+    dtype = np.float32 if f32 else np.float64
+    f = {"seed000": seed000, "seed002": seed002,
+         "mlp": lambda rng, dtype: mlp([4, 8, 3], rng, dtype=dtype)}[which](rng, dtype)
+    x = xb(rng.standard_normal((batch, {"seed000": 16, "seed002": 3, "mlp": 4}[which]))
+           .astype(dtype))
+    with pytest.MonkeyPatch.context() as mp:
+        check_blocks(f, x, rows, mp, tol=TOL32 if f32 else TOL64, chunked=rows < batch)
+
+
+def test_tail_blocks_and_even_splits():
+    assert chunk.split(1001, 300) == [251, 250, 250, 250]
+    assert chunk.split(900, 300) == [300, 300, 300]
+    assert chunk.split(5, 2) == [2, 2, 1]
+    for size in range(1, 60):
+        for rows in range(1, size + 1):
+            parts = chunk.split(size, rows)
+            assert sum(parts) == size and max(parts) <= rows and max(parts) - min(parts) <= 1
+
+
+def test_tail_block_and_a_batch_shorter_than_a_block(rng, monkeypatch):
+    f = seed002(rng)
+    check_blocks(f, xb(rng.standard_normal((103, 3))), 25, monkeypatch, chunked=True)
+    check_blocks(f, xb(rng.standard_normal((20, 3))), 25, monkeypatch, chunked=False)
+
+
+def test_float32(rng, monkeypatch):
+    x = xb(rng.standard_normal((300, 16)).astype(np.float32))
+    f = seed000(rng, np.float32)
+    p = make_program(f)(x)
+    run, _ = replayed(p, 64, monkeypatch)
+    (got,) = run([x])
+    assert got.dtype == np.float32
+    check_blocks(f, x, 64, monkeypatch, tol=TOL32, chunked=True)
+
+
+def test_batched_constants_uniform_or_not_and_unbatched_outputs(rng, monkeypatch):
+    B = 50
+    rows_c = xb(rng.standard_normal((B, 4)))  # a constant with a row per batch row
+    flat_c = xb(np.broadcast_to(rng.standard_normal(4), (B, 4)).copy())  # uniform along it
+    w = xb(rng.standard_normal((4, 4)))
+
+    def f(x, v):
+        h = eg.tanh(eg.einsum("bi,ij->bj", x, w) * rows_c + flat_c)
+        return {"h": h, "v2": v * 2.0, "w": w, "n": 3, "both": (h, eg.exp(v))}
+    x, v = xb(rng.standard_normal((B, 4))), xb(rng.standard_normal(7))
+    p = make_program(f)(x, v)
+    found = chunk.batching(p)
+    assert found is not None
+    size, axes, consts = found
+    assert sorted(u for _, u in consts.values()) == [False, True]
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "16")
+    run = chunk.plan_replay(p)
+    assert isinstance(run, chunk.Chunked) == CHUNKS
+    got = p.outputs_of(run([x, v]))
+    assert_same(got, p.outputs_of(p.run([x, v])))
+    assert got["n"] == 3
+
+
+def test_an_output_that_is_the_input_and_one_read_twice(rng, monkeypatch):
+    f = lambda x: (x, eg.tanh(x), eg.tanh(x))
+    check_blocks(f, xb(rng.standard_normal((30, 3))), 7, monkeypatch, chunked=True)
+
+
+# -- through eg.jit ------------------------------------------------------------------------
+
+def test_jit_replays_in_blocks_equal_to_the_whole_replay(rng, monkeypatch):
+    f = seed002(rng)
+    x = xb(rng.standard_normal((257, 3)))
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "0")
+    whole = jit(f)
+    whole(x)
+    want = whole(x)
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "40")
+    j = jit(f)
+    j(x)  # the trace
+    got = j(x)  # a replay, in blocks
+    assert j.traces == 1
+    assert_same(got, want)
+    p = j.program(x)
+    assert isinstance(chunk._runs[p], chunk.Chunked) == CHUNKS
+    assert chunk._runs.get(whole.program(x)) == whole.program(x).run
+    # the program itself is unchanged: it prints, emits and pickles as before
+    q = pickle.loads(pickle.dumps(p))
+    assert str(q) == str(p) and q.source() == p.source()
+    assert_same(q(x), want)
+
+
+def test_the_switch_turns_chunking_off(rng, monkeypatch):
+    p = make_program(seed002(rng))(xb(rng.standard_normal((100, 3))))
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "0")
+    assert chunk.plan_replay(p) == p.run
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "10")
+    assert isinstance(chunk.plan_replay(p), chunk.Chunked) == CHUNKS
+
+
+def test_small_programs_run_whole_and_large_ones_in_blocks(rng, monkeypatch):
+    monkeypatch.delenv("EINSUMGRAD_CHUNK", raising=False)
+    f = seed002(rng)
+    small = make_program(f)(xb(rng.standard_normal((64, 3))))
+    assert chunk.plan_replay(small) == small.run
+    big = make_program(f)(xb(rng.standard_normal((20000, 3))))
+    size, axes, _ = chunk.batching(big)
+    live, total = chunk.row_bytes(big, axes, size)
+    assert 0 < live <= total
+    rows = chunk.block_rows(big, axes, size)
+    assert rows is not None and rows * live <= max(chunk.BLOCK_BYTES, chunk.MIN_ROWS * live)
+    assert isinstance(chunk.plan_replay(big), chunk.Chunked) == CHUNKS
+
+
+@pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")
+def test_blas_thread_counts_are_restored(rng, monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    p = make_program(seed002(rng))(rng.standard_normal((100, 3)))
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "10")
+    run = chunk.plan_replay(p)
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+    seen = []
+    blocks = run.runs  # the block programs, by length
+    for n, block in list(blocks.items()):
+        def spy(*args, block=block):
+            seen.append([c.get_num_threads() for c in chunk.one_thread.libs])
+            return block(*args)
+        blocks[n] = spy
+    run([rng.standard_normal((100, 3))])
+    assert seen and all(set(s) == {1} for s in seen)
+    assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == before
