@@ -7,12 +7,17 @@ of element-wise primitives (:data:`FUSED`; in float64 also exp, log, tanh and
 the sigmoid, :data:`VECTOR`) of one float dtype whose intermediate results
 nothing outside it reads (inside, a value may be read by several of its steps)
 becomes one kernel: one loop nest over the result, in C order, each input read
-where it broadcasts. The loops are written for the shapes of the trace: the
+where it broadcasts. Which axes broadcast where is the trace's (the lengths
+are read on each call: a chunked replay runs blocks of the batch): the
 result's axes merged where every input spans or broadcasts along both, an
 input indexed by the merged axes it spans (a bias by the last, a scalar by
 none), so the innermost loop runs over contiguous memory and LLVM makes it
-SIMD code. exp, log, tanh and the sigmoid are :mod:`.vecmath`'s, which
-vectorize where numba's call libm one element at a time.
+SIMD code (an input laid out otherwise is read through its strides, or copied
+where merging its axes needs that). exp, log, tanh and the sigmoid are
+:mod:`.vecmath`'s, which vectorize where numba's call libm one element at a
+time. ``out=`` (``compile.reuse_plan``) writes the result into a dead input;
+a loop of its own then reads that input as the result, so that LLVM sees no
+overlap to test for (its test would fall back to scalar code).
 
 The kernel's source is written to a cache folder and compiled with numba's
 disk cache, so a program traced again (or unpickled) in another process does
