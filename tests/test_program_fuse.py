@@ -337,7 +337,7 @@ def chains(draw):
 
 @settings(max_examples=30, deadline=None)
 @given(chains(), st.integers(0, 2 ** 31 - 1))
-def test_chains_with_tanh_and_exp_agree_with_the_unfused_program(steps, seed):
+def test_chains_agree_with_the_unfused_program(steps, seed):
     rng = np.random.default_rng(seed)
     ins = [xb(rng.standard_normal(s)) for s in ((32, 40), (40,), (32, 1))]
 
@@ -352,7 +352,10 @@ def test_chains_with_tanh_and_exp_agree_with_the_unfused_program(steps, seed):
         p, raw = programs(f, *ins)
         want = npy(raw(*ins))
         for _ in range(2):
-            np.testing.assert_allclose(npy(p(*ins)), want, **TOL)
+            got = npy(p(*ins))
+            np.testing.assert_allclose(got, want, **TOL)
+            if not {s[0] for s in steps} & set(vecmath.FUNCTIONS):  # arithmetic: as NumPy's
+                np.testing.assert_array_equal(got, want)
         assert bool(kernels(p)) == (NAME == "numpy"), str(p)
     finally:
         compile_module.REUSE_MIN = saved
