@@ -276,8 +276,9 @@ def _sum_by_matvec(xp, a, summed: tuple, keep: tuple):
     Summed axes outermost in memory (a bias gradient of channels-last data)
     go as ``ones @ matrix``, innermost ones (a softmax's short rows) as
     ``matrix @ ones``: NumPy's axis sum goes row by row, 5 to 20 times slower
-    on short rows. What is left between them (if anything) is summed by NumPy,
-    on an array already that much smaller.
+    on short rows. What is left between them is one run of summed axes (a
+    batched ``ones @ matrix``) or several (summed by NumPy), on an array
+    already that much smaller.
     """
     order = memory_order(a)
     t = xp.transpose(a, order)
@@ -295,7 +296,17 @@ def _sum_by_matvec(xp, a, summed: tuple, keep: tuple):
                        t.shape[:len(order) - trail])
         order = order[:len(order) - trail]
     rest = tuple(j for j, i in enumerate(order) if i in summed)
-    if rest:
+    if rest and rest == tuple(range(rest[0], rest[-1] + 1)):
+        # One run of summed axes between kept ones (a spatial mean of
+        # channels-last images): ones @ each (run, after) matrix, batched
+        # over the axes before it; NumPy's axis sum walks the short rows.
+        shape = t.shape
+        before, after = shape[:rest[0]], shape[rest[-1] + 1:]
+        t3 = xp.reshape(t, (math.prod(before), math.prod(shape[rest[0]:rest[-1] + 1]),
+                            math.prod(after)))
+        t = xp.reshape(xp.matmul(xp.ones(t3.shape[1], dtype=a.dtype), t3), before + after)
+        order = [i for i in order if i not in summed]
+    elif rest:
         t = xp.sum(t, axis=rest)
         order = [i for i in order if i not in summed]
     return xp.transpose(t, tuple(order.index(i) for i in keep))

@@ -77,3 +77,22 @@ def test_sum_cotangent_in_c_order_stays_c_order():
     got = npy(x.grad)
     assert got.flags.c_contiguous
     np.testing.assert_array_equal(got, np.ones_like(a))
+
+
+@pytest.mark.parametrize("spec,shape,order", [
+    ("nchw->nc", (16, 32, 8, 8), (0, 2, 3, 1)),     # a spatial sum of channels-last images
+    ("nchw->nc", (3, 5, 64, 64), (0, 2, 3, 1)),     # a long run between short kept axes
+    ("abcde->ace", (4, 6, 5, 7, 3), None),          # runs apart: NumPy's axis sum
+    ("abcd->ad", (2, 1, 4096, 3), (0, 2, 3, 1)),    # a size-1 axis in the run
+])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sum_over_a_run_of_middle_axes_matches_numpy(spec, shape, order, dtype):
+    # Summed axes between kept ones in memory go as one batched ones @ matrix.
+    x = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    if order is not None:
+        x = np.ascontiguousarray(x.transpose(order)).transpose(np.argsort(order))
+    got = npy(eg.einsum(spec, xb(x)))
+    assert got.dtype == dtype
+    want = np.einsum(spec, x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-12 if dtype == np.float64 else 1e-5,
+                               atol=1e-12 if dtype == np.float64 else 1e-4)
