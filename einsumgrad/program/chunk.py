@@ -54,14 +54,16 @@ ELEMENTWISE = frozenset(DIRECT) | frozenset(("sigmoid", "erf", "softplus", "norm
 
 CACHE_BYTES = 1 << 21
 """The per-core L2 cache the blocks are sized for."""
-BLOCK_BYTES = CACHE_BYTES
+BLOCK_BYTES = 2 * CACHE_BYTES
 """Bytes of intermediates live at once that one block may hold. Not all of them are
-read in every step, and fewer rows spend more per row in Python."""
+read in every step (a step's operands and result fit), and fewer rows spend more
+per row in Python."""
 MIN_ROWS = 64
 """Fewer rows per block spend more in Python per step than the cache saves."""
-MIN_BYTES = 4 * CACHE_BYTES
+MIN_BYTES = 8 * CACHE_BYTES
 """Programs whose batched slots hold less than this in total (all of them, not the
-live ones: they are allocated and freed through the same memory) run whole."""
+live ones: they are allocated and freed through the same memory) run whole; a
+larger one runs in two blocks at least."""
 
 
 def enabled() -> bool:
@@ -274,10 +276,9 @@ def block_rows(p, axes: dict, size: int) -> int | None:
     if forced is not None:
         return forced if forced < size else None
     live, total = row_bytes(p, axes, size)
-    if total * size < MIN_BYTES:
+    if total * size < MIN_BYTES or size < 2 * MIN_ROWS:
         return None
-    rows = max(MIN_ROWS, BLOCK_BYTES // max(live, 1))
-    return rows if 2 * rows <= size else None
+    return max(MIN_ROWS, min(BLOCK_BYTES // max(live, 1), -(-size // 2)))
 
 
 def split(size: int, rows: int) -> list:
@@ -375,6 +376,8 @@ class OneThread:
         return bool(self.libs)
 
     def __enter__(self):
+        if self.libs is None:
+            self.available()
         with self.lock:
             if self.depth == 0:
                 self.saved = [c.get_num_threads() for c in self.libs]
