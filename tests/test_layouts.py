@@ -96,3 +96,31 @@ def test_sum_over_a_run_of_middle_axes_matches_numpy(spec, shape, order, dtype):
     want = np.einsum(spec, x.astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=1e-12 if dtype == np.float64 else 1e-5,
                                atol=1e-12 if dtype == np.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("spec,shapes", [
+    ("abcd->ab", [(3, 4, 5, 6)]),          # a spatial sum
+    ("ij->", [(4, 5)]),                     # a sum to a scalar
+    ("ij,jk->i", [(3, 4), (4, 5)]),         # k summed away from operand 1 alone
+    ("bij,bj->b", [(2, 3, 4), (2, 4)]),     # i from operand 0, with a batch index
+])
+def test_array_vjp_of_a_sum_equals_the_recorded_rule(spec, shapes):
+    # A backward that records nothing copies the contraction out along the
+    # indices a sum took away; the recorded rule multiplies by ones vectors:
+    # the same values, bit for bit, and the gradient a writable array.
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal(s) for s in shapes]
+    out_shape = np.einsum(spec, *arrays).shape
+    g = rng.standard_normal(out_shape)
+    grads = []
+    for create_graph in (False, True):
+        ts = [eg.tensor(xb(a), requires_grad=True) for a in arrays]
+        eg.einsum(spec, *ts).backward(xb(g), create_graph=create_graph)
+        grads.append([npy(t.grad) for t in ts])
+    for fast, rule in zip(*grads):
+        np.testing.assert_array_equal(fast, rule)
+        assert fast.flags.writeable
+    tts = [torch.tensor(a, requires_grad=True) for a in arrays]
+    torch.einsum(spec, *tts).backward(torch.tensor(g))
+    for fast, t in zip(grads[0], tts):
+        np.testing.assert_allclose(fast, t.grad.numpy(), rtol=1e-12, atol=1e-12)

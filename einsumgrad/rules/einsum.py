@@ -66,11 +66,34 @@ class _ArrayVJPs:
         p = vjp_pattern(self.spec, k, (), self.spec.inputs[k])
         spec, consts, order, shape = _vjp_call(p, x.shape, nb, like)
         xp = backend_of(g)
-        ops = (g, *xs[:k], *xs[k + 1:],
-               *[xp.eye(n, dtype=g.dtype) if kind == "eye" else xp.ones(n, dtype=g.dtype)
-                 for kind, n in consts])
-        r = contract(spec, ops, order)
+        ops = (g, *xs[:k], *xs[k + 1:])
+        if consts and all(kind == "ones" for kind, _ in consts):
+            r = _spread_back(xp, spec, ops, [n for _, n in consts], order)
+        else:
+            ops += tuple(xp.eye(n, dtype=g.dtype) if kind == "eye" else xp.ones(n, dtype=g.dtype)
+                         for kind, n in consts)
+            r = contract(spec, ops, order)
         return r if shape is None else r.reshape(r.shape[:nb] + shape)
+
+
+def _spread_back(xp, spec: Spec, ops: tuple, sizes: list, order: tuple | None):
+    """An array VJP whose constants are all ones vectors (the indices a sum took
+    away, ``sizes`` long, one per input of ``spec`` after ``ops``): the einsum
+    of ``ops`` alone, then copied out along those indices into a buffer laid
+    out in ``order`` (C order without one). The values of the product with the
+    ones, exactly, from one copy instead of broadcast multiplies."""
+    real = spec.inputs[:len(ops)]
+    present = set().union(*real)
+    kept = tuple(l for l in spec.output if l in present)
+    core = contract(Spec(real, kept), ops)
+    lone = {t[0]: n for t, n in zip(spec.inputs[len(ops):], sizes)}
+    have = dict(zip(kept, core.shape))
+    full = tuple(have[l] if l in have else lone[l] for l in spec.output)
+    view = xp.reshape(core, tuple(have.get(l, 1) for l in spec.output))
+    order = tuple(range(len(full))) if order is None else order
+    buf = xp.empty(tuple(full[i] for i in order), dtype=core.dtype)
+    buf[...] = xp.transpose(view, order)  # broadcast along the lone indices
+    return xp.transpose(buf, tuple(order.index(i) for i in range(len(order))))
 
 
 @einsum_p.defjvp
