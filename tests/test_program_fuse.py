@@ -260,6 +260,18 @@ def test_arithmetic_kernels_equal_numpy_bit_for_bit_on_every_layout(chain, dtype
         np.testing.assert_array_equal(kernel(*strided), want)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_constant_is_written_into_the_kernel_exactly(dtype):
+    x = np.linspace(-2, 2, 64 * 64, dtype=dtype).reshape(64, 64)
+    for c in map(dtype, (0.1, -0.0, np.finfo(dtype).smallest_subnormal, np.finfo(dtype).max,
+                         np.inf, -np.inf, np.nan)):
+        src = fuse.kernel_source(np.dtype(dtype).name, (64, 64), [(64, 64), ()],
+                                 ["t0 = i0 * i1", "t1 = t0 + i1"], {1: fuse._literal(c)}, [])
+        got = fuse.compile_kernel(src)(x, None)  # the constant's argument is not read
+        with np.errstate(all="ignore"):
+            np.testing.assert_array_equal(got, x * c + c)
+
+
 # -- programs ----------------------------------------------------------------------------------
 
 def programs(f, *args):

@@ -155,10 +155,11 @@ def _fused(steps: list, p) -> Eq:
 
 
 def _literal(c) -> str:
-    """A 0-d constant as a source literal of the kernel's dtype."""
+    """A 0-d constant as a source literal of the kernel's dtype (``repr`` round-trips)."""
     v = float(c)
-    return f"T({v!r})" if math.isfinite(v) else f"T(np.{'nan' if v != v else 'inf'})" if (
-        v != v or v > 0) else "T(-np.inf)"
+    if math.isfinite(v):
+        return f"T({v!r})"
+    return "T(np.nan)" if v != v else "T(np.inf)" if v > 0 else "T(-np.inf)"
 
 
 def layout(shape: tuple, shapes: list) -> tuple:
