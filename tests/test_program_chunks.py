@@ -67,7 +67,7 @@ def replayed(p, rows, monkeypatch):
     """``p``'s replay as jit runs it with ``rows`` rows per block, and whether it is chunked."""
     monkeypatch.setenv("EINSUMGRAD_CHUNK", str(rows))
     run = chunk.plan_replay(p)
-    return run, isinstance(run, chunk.Chunked)
+    return run or p.run, isinstance(run, chunk.Chunked)
 
 
 def check_blocks(f, x, rows, monkeypatch, tol=TOL64, chunked=None) -> None:
@@ -153,10 +153,9 @@ def test_an_unbatched_operand_may_broadcast_but_not_carry_the_batch(rng, monkeyp
     p = make_program(f)(x, v)
     size, axes, _ = chunk.batching(p)
     assert axes[p.inputs[0]] == 0 and axes[p.inputs[1]] is None
-    monkeypatch.setenv("EINSUMGRAD_CHUNK", "3")
-    run = chunk.plan_replay(p)
-    assert isinstance(run, chunk.Chunked) == CHUNKS
-    assert_same(p.outputs_of(run([x, v])), f(x, v))
+    run, chunked = replayed(p, 3, monkeypatch)
+    assert chunked == CHUNKS
+    assert_same(p.outputs_of(run([x, v])), f(x, v), types=False)
     # both batched and meeting as an outer product: no choice keeps rows apart
     u = xb(rng.standard_normal(8))
     assert chunk.batching(make_program(lambda u: eg.einsum("i,j->ij", u, u))(u)) is None
@@ -219,9 +218,8 @@ def test_batched_constants_uniform_or_not_and_unbatched_outputs(rng, monkeypatch
     assert found is not None
     size, axes, consts = found
     assert sorted(u for _, u in consts.values()) == [False, True]
-    monkeypatch.setenv("EINSUMGRAD_CHUNK", "16")
-    run = chunk.plan_replay(p)
-    assert isinstance(run, chunk.Chunked) == CHUNKS
+    run, chunked = replayed(p, 16, monkeypatch)
+    assert chunked == CHUNKS
     got = p.outputs_of(run([x, v]))
     assert_same(got, p.outputs_of(p.run([x, v])))
     assert got["n"] == 3
@@ -249,7 +247,7 @@ def test_jit_replays_in_blocks_equal_to_the_whole_replay(rng, monkeypatch):
     assert_same(got, want)
     p = j.program(x)
     assert isinstance(chunk._runs[p], chunk.Chunked) == CHUNKS
-    assert chunk._runs.get(whole.program(x)) == whole.program(x).run
+    assert chunk._runs[whole.program(x)] is None
     # the program itself is unchanged: it prints, emits and pickles as before
     q = pickle.loads(pickle.dumps(p))
     assert str(q) == str(p) and q.source() == p.source()
@@ -259,7 +257,7 @@ def test_jit_replays_in_blocks_equal_to_the_whole_replay(rng, monkeypatch):
 def test_the_switch_turns_chunking_off(rng, monkeypatch):
     p = make_program(seed002(rng))(xb(rng.standard_normal((100, 3))))
     monkeypatch.setenv("EINSUMGRAD_CHUNK", "0")
-    assert chunk.plan_replay(p) == p.run
+    assert chunk.plan_replay(p) is None
     monkeypatch.setenv("EINSUMGRAD_CHUNK", "10")
     assert isinstance(chunk.plan_replay(p), chunk.Chunked) == CHUNKS
 
@@ -268,14 +266,46 @@ def test_small_programs_run_whole_and_large_ones_in_blocks(rng, monkeypatch):
     monkeypatch.delenv("EINSUMGRAD_CHUNK", raising=False)
     f = seed002(rng)
     small = make_program(f)(xb(rng.standard_normal((64, 3))))
-    assert chunk.plan_replay(small) == small.run
+    assert chunk.plan_replay(small) is None
     big = make_program(f)(xb(rng.standard_normal((20000, 3))))
     size, axes, _ = chunk.batching(big)
     live, total = chunk.row_bytes(big, axes, size)
     assert 0 < live <= total
     rows = chunk.block_rows(big, axes, size)
     assert rows is not None and rows * live <= max(chunk.BLOCK_BYTES, chunk.MIN_ROWS * live)
-    assert isinstance(chunk.plan_replay(big), chunk.Chunked) == CHUNKS
+    assert isinstance(chunk.plan_replay(big), chunk.Raced) == CHUNKS
+
+
+@pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")
+@pytest.mark.parametrize("chunked_faster", [True, False])
+def test_the_race_keeps_the_faster_replay(chunked_faster, rng, monkeypatch):
+    monkeypatch.delenv("EINSUMGRAD_CHUNK", raising=False)
+    x = rng.standard_normal((20000, 3))
+    p = make_program(seed002(rng))(x)
+    race = chunk.plan_replay(p)
+    assert isinstance(race, chunk.Raced)
+    calls = []
+    whole, blocks = race.whole, race.chunked
+    race.whole = lambda *values: calls.append("whole") or whole(*values)
+    race.chunked = lambda values: calls.append("chunked") or blocks(values)
+    slow, fast = 10.0, 1.0
+    ticks = []  # a fake clock: odd reads start a call, even ones end it, fast on one side
+
+    def fake():
+        ticks.append(None)
+        k = len(ticks)
+        if k % 2:  # a call starts
+            return 100.0 * k
+        took = fast if (calls[-1] == "chunked") == chunked_faster else slow
+        return 100.0 * (k - 1) + took
+    monkeypatch.setattr(chunk.time, "perf_counter", fake)
+    want = p.run([x])
+    for _ in range(2 * chunk.Raced.TRIES):
+        assert_same(p.outputs_of(race([x])), p.outputs_of(want))
+    assert calls == ["whole", "chunked"] * chunk.Raced.TRIES
+    monkeypatch.undo()
+    race([x])
+    assert calls[-1] == ("chunked" if chunked_faster else "whole")
 
 
 @pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")

@@ -30,7 +30,10 @@ every product. Chunking is a replay strategy of ``jit`` only: ``make_program``,
 a program's text, source and pickle are the same with it or without.
 It runs on NumPy's backend only, for programs whose batched slots total at least
 :data:`MIN_BYTES`, split in blocks of about :data:`BLOCK_BYTES` of live
-intermediates; smaller ones replay whole.
+intermediates; smaller ones replay whole. Whether the blocks pay also depends on
+the machine (a product-bound program loses BLAS's second thread): the first
+calls run the whole replay and the chunked one in turns, and the faster one
+stays (:class:`Raced`).
 
 ``EINSUMGRAD_CHUNK=0`` turns chunking off; ``EINSUMGRAD_CHUNK=<rows>`` fixes the
 rows per block (for tests and measurement; the size heuristics are skipped).
@@ -40,6 +43,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import weakref
 from typing import Callable
 
@@ -440,28 +444,65 @@ class Chunked:
                 for o in self.outs]
 
 
+class Raced:
+    """The whole replay and the chunked one in turns for the first calls, then the
+    one with the shorter best time: which pays depends on the machine (its cores,
+    its caches, how busy it is) more than a size threshold can say. Each call's
+    result is a real one; the two agree up to BLAS rounding."""
+
+    TRIES = 3  # calls timed per side
+
+    def __init__(self, whole: Callable, chunked: Chunked):
+        self.whole, self.chunked = whole, chunked  # whole: run(*values), no Program held
+        self.times: tuple = ([], [])
+        self.pick: Callable | None = None
+
+    def __call__(self, values: list) -> list:
+        if self.pick is not None:
+            return self.pick(values)
+        n = len(self.times[0]) + len(self.times[1])
+        side = n % 2
+        t = time.perf_counter()
+        out = self.chunked(values) if side else self.whole(*values)
+        self.times[side].append(time.perf_counter() - t)
+        if n + 1 >= 2 * self.TRIES:
+            chunked = min(self.times[1]) < min(self.times[0])
+            whole = self.whole
+            self.pick = self.chunked if chunked else (lambda values: whole(*values))
+        return out
+
+
+# program -> its replay (None: p.run). A value must not hold its program: the key is weak.
 _runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def plan_replay(p) -> Callable:
-    """How ``jit`` replays ``p``: block by block where that is proved exact and pays,
-    else its whole-batch run (``p.run``); ``run(values) -> output leaves``."""
+def plan_replay(p) -> Callable | None:
+    """How ``jit`` replays ``p``: ``run(values) -> output leaves``, or ``None`` for its
+    whole-batch run (``p.run``). Block by block where that is proved exact and may pay:
+    raced against the whole replay (:class:`Raced`) over the first calls, or always
+    where ``EINSUMGRAD_CHUNK`` fixes the rows."""
     if not enabled() or p.device != "cpu" or set(p.devices) != {"numpy"}:
         # the full outputs are NumPy arrays: other backends keep their whole replay
-        return p.run
+        return None
     found = batching(p)
     if found is None:
-        return p.run
+        return None
     size, axes, consts = found
     rows = block_rows(p, axes, size)
     if rows is None or not one_thread.available():
-        return p.run
-    return Chunked(p, size, axes, consts, rows)
+        return None
+    chunked = Chunked(p, size, axes, consts, rows)
+    if forced_rows() is not None:
+        return chunked
+    return Raced(p._run or p._compile(), chunked)
+
+
+_WHOLE = object()
 
 
 def replay(p, values: list) -> list:
     """``p``'s output leaves for the input arrays ``values``, as ``jit`` runs it."""
-    run = _runs.get(p)
-    if run is None:
+    run = _runs.get(p, _WHOLE)
+    if run is _WHOLE:
         run = _runs[p] = plan_replay(p)
-    return run(values)
+    return p.run(values) if run is None else run(values)
