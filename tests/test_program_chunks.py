@@ -325,3 +325,21 @@ def test_blas_thread_counts_are_restored(rng, monkeypatch):
     run([rng.standard_normal((100, 3))])
     assert seen and all(set(s) == {1} for s in seen)
     assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == before
+
+
+def test_a_replay_does_not_keep_its_program_alive(rng, monkeypatch):
+    import gc
+    import weakref
+    for rows, batch in (("0", 60), ("20", 60), (None, 20000)):  # whole, blocks, a race
+        if rows is None:
+            monkeypatch.delenv("EINSUMGRAD_CHUNK")
+        else:
+            monkeypatch.setenv("EINSUMGRAD_CHUNK", rows)
+        x = xb(rng.standard_normal((batch, 3)))
+        p = make_program(seed002(rng))(x)
+        chunk.replay(p, [x])
+        assert p in chunk._runs
+        ref = weakref.ref(p)
+        del p
+        gc.collect()
+        assert ref() is None
