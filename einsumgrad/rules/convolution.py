@@ -149,20 +149,32 @@ def _axes(term: tuple, labels: tuple) -> list:
     return [term.index(a) for a in labels]
 
 
+# Label bookkeeping of the block paths, per (labels, groups, shape): a step's
+# convolutions ask for the same few several times each.
+_groupings = Bounded(CACHE_SIZE)
+
+
 def _grouped(a, term: tuple, groups: tuple, xp):
     """``a`` (labels ``term``) transposed to the label groups' order and each group
     merged into one axis (a view where the layout allows, else a copy)."""
-    size = dict(zip(term, a.shape))
-    a = xp.transpose(a, sum((_axes(term, g) for g in groups), []))
-    return xp.reshape(a, tuple(math.prod(size[n] for n in g) for g in groups))
+    key = (term, groups, a.shape)
+    how = _groupings.get(key)
+    if how is None:
+        size = dict(zip(term, a.shape))
+        how = _groupings[key] = (tuple(sum((_axes(term, g) for g in groups), [])),
+                                 tuple(math.prod(size[n] for n in g) for g in groups))
+    return xp.reshape(xp.transpose(a, how[0]), how[1])
 
 
 def _ungrouped(a, groups: tuple, sizes: dict, want: tuple, xp):
     """The inverse of :func:`_grouped`: ``a``'s merged axes split into ``groups``'
     labels, then transposed to the label order ``want``."""
-    have = sum(groups, ())
-    a = xp.reshape(a, tuple(sizes[n] for n in have))
-    return xp.transpose(a, _axes(have, want))
+    key = (groups, want)
+    perm = _groupings.get(key)
+    if perm is None:
+        perm = _groupings[key] = tuple(_axes(sum(groups, ()), want))
+    a = xp.reshape(a, tuple(sizes[n] for g in groups for n in g))
+    return xp.transpose(a, perm)
 
 
 # Devices whose caches the blocks are sized for (a GPU's products are better whole).
@@ -198,8 +210,9 @@ def _block_form(spec: Spec):
     return None
 
 
-# (spec, shapes, window, MIN_BLOCK_CHANNELS) -> the plan by blocks or None: each
-# convolution asks for it several times a step, and the answer is shape-only.
+# (kind, spec, shapes, window, MIN_BLOCK_CHANNELS) -> the plan by blocks or None
+# (:func:`_block_plan`, :func:`_unpatch_blocks`): each convolution asks several
+# times a step, and the answer is shape-only.
 _block_plans = Bounded(CACHE_SIZE)
 
 
@@ -208,7 +221,8 @@ def _block_plan(x, o, spec, kernel, stride, padding, dilation):
     :func:`_block_form`; ``sizes`` every label's, not to be changed), else None."""
     if not _by_blocks(backend_of(x), x, o):  # threads and dtypes: asked every time
         return None
-    key = (spec, x.shape, o.shape, kernel, stride, padding, dilation, MIN_BLOCK_CHANNELS)
+    key = ("patch", spec, x.shape, o.shape, kernel, stride, padding, dilation,
+           MIN_BLOCK_CHANNELS)
     plan = _block_plans.get(key, _UNPLANNED)
     if plan is _UNPLANNED:
         plan = _block_plans[key] = _shape_plan(x, o, spec, kernel, stride, padding, dilation)
@@ -248,6 +262,23 @@ def _patch_blocks(x, o, spec, kernel, stride, padding, dilation):
     return _ungrouped(dw, (kl, inner, cols), sizes, r, xp)
 
 
+def _input_gradient_plan(spec, a_shape, b_shape, size, kernel, padding, dilation):
+    """``(groups, back, sizes)`` for :func:`_unpatch_blocks` (the padding of the
+    flipped window, every label's size, the image's included), or None where an
+    ``unpatch_einsum`` of these shapes is no convolution's input gradient by blocks."""
+    (at, bt), p = spec.inputs, spec.output
+    groups = grid_groups(p, bt, at)
+    if groups is None:
+        return None
+    back = tuple((k - 1) * d - q for k, d, q in zip(kernel, dilation, padding))
+    sizes = {n: s for t, shape in zip(spec.inputs, (a_shape, b_shape)) for n, s in zip(t, shape)}
+    fits = all(sizes[n] + 2 * q - (k - 1) * d == s for n, q, k, d, s in
+               zip(p[-4:-2], back, kernel, dilation, size))
+    if min(back) < 0 or not fits or math.prod(sizes[n] for n in groups[2]) < MIN_BLOCK_CHANNELS:
+        return None
+    return groups, back, sizes | dict(zip(p[-4:-2], size))
+
+
 def _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation, image=None):
     """``unpatch_einsum`` of stride 1 shaped as a convolution's input gradient, as
     the convolution of the cotangent with the window flipped (padded by the
@@ -259,22 +290,22 @@ def _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation, image=N
     weight gradient is the image against the cotangent's flipped windows.
     """
     xp = backend_of(a)
+    if stride != (1, 1) or not _by_blocks(xp, a, b):
+        return None
+    key = ("unpatch", spec, a.shape, b.shape, size, kernel, padding, dilation,
+           MIN_BLOCK_CHANNELS)
+    plan = _block_plans.get(key, _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = _block_plans[key] = _input_gradient_plan(spec, a.shape, b.shape, size, kernel,
+                                                        padding, dilation)
+    if plan is None:
+        return None
     (at, bt), p = spec.inputs, spec.output
-    groups = grid_groups(p, bt, at)
-    if groups is None or stride != (1, 1) or not _by_blocks(xp, a, b):
-        return None
-    rows, inner, cols = groups
-    back = tuple((k - 1) * d - q for k, d, q in zip(kernel, dilation, padding))
-    sizes = {n: s for t, arr in zip(spec.inputs, (a, b)) for n, s in zip(t, arr.shape)}
-    fits = all(sizes[n] + 2 * q - (k - 1) * d == s for n, q, k, d, s in
-               zip(p[-4:-2], back, kernel, dilation, size))
-    if min(back) < 0 or not fits or math.prod(sizes[n] for n in cols) < MIN_BLOCK_CHANNELS:
-        return None
+    (rows, inner, cols), back, sizes = plan
     hw, kl = p[-4:-2], p[-2:]
     g = _grouped(a, at, (rows, hw[:1], hw[1:], cols), xp)
     w = _grouped(b, bt, (kl[:1], kl[1:], cols, inner), xp)[::-1, ::-1]  # the window flipped
     w = xp.reshape(w, (-1, w.shape[-1]))
-    sizes |= dict(zip(hw, size))
     other = None if image is None else _grouped(image, p[:-4] + hw, (rows, hw[:1], hw[1:], inner),
                                                 xp)
     z = conv_blocks(g, w, kernel, (1, 1), back, dilation, BLOCK_BYTES, other)
