@@ -165,14 +165,17 @@ def test_an_unbatched_operand_may_broadcast_but_not_carry_the_batch(rng, monkeyp
 
 @settings(max_examples=25)
 @given(batch=st.integers(1, 200), rows=st.integers(1, 90), which=st.sampled_from(
-    ["seed000", "seed002", "mlp"]), f32=st.booleans(), seed=st.integers(0, 2**16))
+    ["seed000", "seed002", "mlp", "relu_jacobian"]), f32=st.booleans(),
+    seed=st.integers(0, 2**16))
 def test_blocks_equal_the_whole_replay(batch, rows, which, f32, seed):
     rng = np.random.default_rng(seed)
     dtype = np.float32 if f32 else np.float64
     f = {"seed000": seed000, "seed002": seed002,
-         "mlp": lambda rng, dtype: mlp([4, 8, 3], rng, dtype=dtype)}[which](rng, dtype)
-    x = xb(rng.standard_normal((batch, {"seed000": 16, "seed002": 3, "mlp": 4}[which]))
-           .astype(dtype))
+         "mlp": lambda rng, dtype: mlp([4, 8, 3], rng, dtype=dtype),
+         # relu's derivative: NumPy ufuncs the rule calls, one writing in place
+         "relu_jacobian": lambda rng, dtype: eg.batch_jacobian(
+             mlp([3, 8, 5], rng, act=eg.relu, dtype=dtype))}[which](rng, dtype)
+    x = xb(rng.standard_normal((batch, {"seed000": 16, "mlp": 4}.get(which, 3))).astype(dtype))
     with pytest.MonkeyPatch.context() as mp:
         check_blocks(f, x, rows, mp, tol=TOL32 if f32 else TOL64, chunked=rows < batch)
 
