@@ -11,11 +11,12 @@ Whether a program is row-independent is proved per equation (:func:`batch_axes`)
 never assumed from shapes: each slot gets its batch axis, or ``None`` where it
 does not depend on the batch (the same for every block). Only the steps listed
 here pass: einsums whose batched operands share one batch label that the
-output keeps and no unbatched operand has, element-wise primitives and ufuncs
-(and fused element-wise kernels) whose batched operands broadcast their batch
-axes onto one output axis and whose unbatched operands have no batch axis
-there. Any other step (a guard, a reshape, an index, a reduction) keeps the
-program on its whole-batch replay.
+output keeps and no unbatched operand has; element-wise primitives, NumPy
+ufuncs (called directly or by a rule through the backend, also writing into
+their operand with ``out=``) and fused element-wise kernels, whose batched
+operands broadcast their batch axes onto one output axis and whose unbatched
+operands have no batch axis there; ``astype``. Any other step (a guard, a
+reshape, an index, a reduction) keeps the program on its whole-batch replay.
 
 A block runs a program derived from the traced one, not a trace at the block's
 shape (a function may branch on its shape in Python): the same equations, the
