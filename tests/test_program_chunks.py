@@ -84,12 +84,14 @@ def check_blocks(f, x, rows, monkeypatch, tol=TOL64, chunked=None) -> None:
 
 # -- the analysis --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["seed000", "seed002", "mlp", "relu_jacobian"])
+@pytest.mark.parametrize("name", ["seed000", "seed001", "seed002", "mlp", "relu_jacobian"])
 def test_the_seeds_and_an_mlp_are_row_independent(name, rng):
     f = {"seed000": seed000(rng), "seed002": seed002(rng),
          "mlp": mlp([5, 16, 16, 2], rng),
+         # reverse mode: the basis eye(4) reshaped and broadcast along the batch
+         "seed001": eg.batch_jacobian(mlp([12, 16, 4], rng, act=eg.relu)),
          "relu_jacobian": eg.batch_jacobian(mlp([3, 16, 8], rng, act=eg.relu))}[name]
-    x = xb(rng.standard_normal((40, 16 if name == "seed000" else 5 if name == "mlp" else 3)))
+    x = xb(rng.standard_normal((40, {"seed000": 16, "mlp": 5, "seed001": 12}.get(name, 3))))
     p = make_program(f)(x)
     found = chunk.batching(p)
     assert found is not None
@@ -114,6 +116,7 @@ MIXING = {
     "batch meets an axis of its length": lambda x: eg.einsum("ij,jk->ik", x, x),
     "transpose, same length": lambda x: x * eg.einsum("ij->ji", x),
     "softmax over the batch": lambda x: eg.softmax(x, axis=0),
+    "reshape of the batch": lambda x: eg.tanh(x).reshape(4, 16),
 }
 
 
@@ -137,6 +140,22 @@ def test_a_guard_disqualifies(rng):
     axes = {s: 0 for s in p.inputs}
     assert chunk._step_axis(guards[0], axes, p.avals, 6) is False
     assert chunk.batching(p) is None
+
+
+def test_broadcast_to_follows_the_batch_axis_or_stays_whole():
+    from einsumgrad.program.trace import Eq, Ref
+
+    def axis(x_shape, x_axis, shape):
+        eq = Eq(("backend", "numpy", "broadcast_to"), np.broadcast_to, (Ref(0), shape), {}, (1,))
+        return chunk._step_axis(eq, {0: x_axis}, {0: (x_shape, "f8"), 1: (shape, "f8")}, 8)
+    assert axis((1, 8), None, (8, 8)) == 0  # one new axis of the batch's length
+    assert axis((8,), None, (3, 8, 8)) == 1
+    assert axis((1, 1), None, (8, 8)) is None  # two: unbatched, whole in every block
+    assert axis((3,), None, (8, 3)) == 0
+    assert axis((8, 1), 0, (8, 8)) == 0  # a batched value keeps its axis
+    assert axis((8,), 0, (3, 8)) == 1
+    assert axis((8,), 0, (8, 8)) == 1
+    assert axis((1,), 0, (8, 8)) is False  # a batch axis that is not the batch's length
 
 
 def test_an_unbatched_operand_may_broadcast_but_not_carry_the_batch(rng, monkeypatch):
@@ -165,7 +184,7 @@ def test_an_unbatched_operand_may_broadcast_but_not_carry_the_batch(rng, monkeyp
 
 @settings(max_examples=25)
 @given(batch=st.integers(1, 200), rows=st.integers(1, 90), which=st.sampled_from(
-    ["seed000", "seed002", "mlp", "relu_jacobian"]), f32=st.booleans(),
+    ["seed000", "seed001", "seed002", "mlp", "relu_jacobian"]), f32=st.booleans(),
     seed=st.integers(0, 2**16))
 def test_blocks_equal_the_whole_replay(batch, rows, which, f32, seed):
     rng = np.random.default_rng(seed)
@@ -174,8 +193,11 @@ def test_blocks_equal_the_whole_replay(batch, rows, which, f32, seed):
          "mlp": lambda rng, dtype: mlp([4, 8, 3], rng, dtype=dtype),
          # relu's derivative: NumPy ufuncs the rule calls, one writing in place
          "relu_jacobian": lambda rng, dtype: eg.batch_jacobian(
-             mlp([3, 8, 5], rng, act=eg.relu, dtype=dtype))}[which](rng, dtype)
-    x = xb(rng.standard_normal((batch, {"seed000": 16, "mlp": 4}.get(which, 3))).astype(dtype))
+             mlp([3, 8, 5], rng, act=eg.relu, dtype=dtype)),
+         "seed001": lambda rng, dtype: eg.batch_jacobian(
+             mlp([9, 8, 3], rng, act=eg.relu, dtype=dtype))}[which](rng, dtype)
+    x = xb(rng.standard_normal((batch, {"seed000": 16, "mlp": 4, "seed001": 9}.get(which, 3)))
+           .astype(dtype))
     with pytest.MonkeyPatch.context() as mp:
         check_blocks(f, x, rows, mp, tol=TOL32 if f32 else TOL64, chunked=rows < batch)
 

@@ -15,8 +15,12 @@ output keeps and no unbatched operand has; element-wise primitives, NumPy
 ufuncs (called directly or by a rule through the backend, also writing into
 their operand with ``out=``) and fused element-wise kernels, whose batched
 operands broadcast their batch axes onto one output axis and whose unbatched
-operands have no batch axis there; ``astype``. Any other step (a guard, a
-reshape, an index, a reduction) keeps the program on its whole-batch replay.
+operands have no batch axis there; ``astype``; ``broadcast_to`` (a batched value
+keeps its axis, an unbatched one broadcast along one new axis of the batch's
+length is batched there: a Jacobian's basis); ``eye``, ``zeros``, ``ones`` and
+reshapes of unbatched values (unbatched). Any other step (a guard, a reshape of
+a batched value, an index, a reduction) keeps the program on its whole-batch
+replay.
 
 A block runs a program derived from the traced one, not a trace at the block's
 shape (a function may branch on its shape in Python): the same equations, the
@@ -124,15 +128,43 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
         u = eq.op[1]
         ok = eq.op[2] == "__call__" and not eq.kwargs and _is_ufunc(u.__name__) \
             and getattr(numpy, u.__name__) is u
-    elif kind == "backend":
-        # a rule's own call of the backend (relu's derivative): NumPy's element-wise ufuncs
-        ok = (_is_ufunc(eq.op[2]) or eq.op[2] == "asarray") and not eq.kwargs
     elif kind == "method" and eq.op[1] == "astype":
         ok = set(eq.kwargs) <= {"copy"} and len(eq.args) == 2 and type(eq.args[1]) is not Ref
         return axes.get(eq.args[0].slot, False) if ok and type(eq.args[0]) is Ref else False
+    elif kind == "backend" and eq.op[2] in ("eye", "zeros", "ones"):
+        # an array from static values (a Jacobian's basis): the same in every block
+        return None if not eq.refs() and set(eq.kwargs) <= {"dtype"} else False
+    elif kind == "method" and eq.op[1] == "reshape":
+        # of an unbatched value only: where a batched axis goes is not followed here
+        x = eq.args[0]
+        return None if type(x) is Ref and axes.get(x.slot, False) is None and not eq.kwargs \
+            and len(eq.refs()) == 1 else False
+    elif kind == "backend" and eq.op[2] == "broadcast_to":
+        return _broadcast_to_axis(eq, axes, avals, size)
+    elif kind == "backend":
+        # a rule's own call of the backend (relu's derivative): NumPy's element-wise ufuncs
+        ok = (_is_ufunc(eq.op[2]) or eq.op[2] == "asarray") and not eq.kwargs
     else:
         return False  # guards, views, indexing, reductions, anything unknown
     return _broadcast_axis(eq, axes, avals, size, eq.outs[0]) if ok else False
+
+
+def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    """``broadcast_to(x, shape)``: a batched ``x`` keeps its batch axis (aligned at the
+    end); an unbatched one broadcast along exactly one new axis of the batch's length
+    is uniform along it, batched there (a block takes that axis cut to its rows, see
+    :func:`block_program`); otherwise it stays unbatched and whole."""
+    if len(eq.args) != 2 or eq.kwargs or type(eq.args[0]) is not Ref \
+            or eq.args[0].slot not in axes or not isinstance(eq.args[1], tuple) \
+            or not all(type(n) is int for n in eq.args[1]):
+        return False
+    shape, x = eq.args[1], avals[eq.args[0].slot][0]
+    lead = len(shape) - len(x)
+    ax = axes[eq.args[0].slot]
+    if ax is not None:
+        return lead + ax if x[ax] == size and shape[lead + ax] == size else False
+    new = [i for i, n in enumerate(shape) if n == size and (i < lead or x[i - lead] == 1)]
+    return new[0] if len(new) == 1 else None
 
 
 def _is_ufunc(name: str) -> bool:
@@ -319,6 +351,10 @@ def block_program(p, axes: dict, size: int, rows: int, consts: dict):
     for eq in p.eqs:
         if eq.op == ("prim", "einsum"):
             eq = _replanned(eq, p, avals, xp)
+        elif eq.op[0] == "backend" and eq.op[2] == "broadcast_to" \
+                and axes.get(eq.outs[0]) is not None:
+            eq = Eq(eq.op, eq.fn, (eq.args[0], avals[eq.outs[0]][0]), eq.kwargs, eq.outs,
+                    eq.seq, eq.scalar, eq.writes, eq.prim, eq.inner)
         eqs.append(eq)
     q = Program(p.name, eqs, list(p.inputs) + extra, new_consts, avals, p.outputs, p.out_tree,
                 p.out_tensor, p.key, p.static_argnums, p.devices, p.device)
