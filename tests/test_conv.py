@@ -163,19 +163,27 @@ def test_conv_by_blocks_second_order_and_jacobians(rng, monkeypatch):
     assert {"conv_blocks", "conv_weight_blocks"} <= set(calls)
 
 
-def test_conv_by_blocks_only_for_a_gemm_on_one_thread(rng, monkeypatch):
-    # A GEMM that threads one large product (MKL's at several threads): the
-    # whole-batch paths, not a parallel region per block.
+def test_conv_by_blocks_of_the_whole_batch_for_a_gemm_on_several_threads(rng, monkeypatch):
+    # A GEMM that threads one large product (MKL's at several threads): one
+    # block holds the whole batch, so each product is one parallel region; on
+    # one thread, blocks of BLOCK_BYTES (two and one images here).
+    import sys
+    pt = sys.modules["einsumgrad.rules.patches"]
     calls = _block_calls(monkeypatch, 60_000)
     here = eg.backends.backend_of(xb(np.zeros(1)))
     monkeypatch.setattr(here, "threads_large_gemm", True)
-    monkeypatch.setattr(here, "gemm_threads", lambda: 2, raising=False)
+    windows = []
+    real = pt._Blocks.windows
+    monkeypatch.setattr(pt._Blocks, "windows",
+                        lambda self, x, s, m: windows.append(m) or real(self, x, s, m))
     x, w, b = (rng.standard_normal(s) for s in ((3, 8, 6, 6), (8, 8, 3, 3), (8,)))
-    conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1)
-    assert calls == []
-    monkeypatch.setattr(here, "gemm_threads", lambda: 1)
-    conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1)
-    assert calls == ["conv_blocks", "conv_blocks"]
+    for threads, blocks in ((2, [3, 3]), (1, [2, 1, 2, 1])):
+        monkeypatch.setattr(here, "gemm_threads", lambda: threads, raising=False)
+        calls.clear()
+        windows.clear()
+        conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1)
+        assert calls == ["conv_blocks", "conv_blocks"]
+        assert windows == blocks, threads
 
 
 def test_conv_of_an_empty_batch_where_blocks_run(rng, monkeypatch):

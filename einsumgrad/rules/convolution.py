@@ -21,8 +21,11 @@ On a host backend, an einsum shaped as a convolution, its weight gradient or
 the patches of a few images at a time are copied (im2col) into a buffer that
 stays in cache for the block's matmul, so neither the patches nor a padded
 grid ever pass through main memory whole; the input gradient is the
-convolution of the cotangent with the window flipped. The other paths serve
-other devices, other einsums (grouped, per-sample weights) and few channels.
+convolution of the cotangent with the window flipped, and the weight's comes
+from the same copies. Where the GEMM threads one large product (MKL's on
+several threads) a block is the whole batch (up to :data:`WHOLE_BLOCK_BYTES`):
+one product, one parallel region, each. The other paths serve other devices,
+other einsums (grouped, per-sample weights) and few channels.
 
 The patch term is the first operand of ``patch_einsum`` and the output of
 ``unpatch_einsum``; its last four labels are (OH, OW, kh, kw). The two
@@ -141,6 +144,11 @@ def _copied_whole(x, o, spec: Spec, kernel, stride, padding, dilation):
 # stays in cache for the block's matmul (:func:`.patches.conv_blocks`); 0 turns
 # it off (the paths below: whole or chunked copies, offsets, the grid).
 BLOCK_BYTES = 1 << 20
+# Where the GEMM runs one large product on several threads, a block holds up to
+# this many bytes of patches (the whole batch, as a rule): each block's product
+# is a parallel region, and a thread descheduled by other work on the machine
+# holds every region up, so there are as few as the memory allows.
+WHOLE_BLOCK_BYTES = 64 << 20
 # Fewer channels than this make a window row too short a copy: the paths below.
 MIN_BLOCK_CHANNELS = 8
 
@@ -183,15 +191,19 @@ BLOCK_DEVICES = ("cpu",)
 
 def _by_blocks(xp, *arrays) -> bool:
     """Whether convolution products on ``arrays`` run by blocks: a host device, one
-    dtype, and a GEMM on one thread. A GEMM that threads one large product
-    (MKL's, at several threads) keeps the whole-batch paths: each block's small
-    product would be a parallel region of its own, and a thread descheduled by
-    other work on the machine holds every one of them up."""
-    if (BLOCK_BYTES <= 0 or xp.device not in BLOCK_DEVICES or len({a.dtype for a in arrays}) > 1
-            or 0 in (a.size for a in arrays)):
-        return False
+    dtype, no empty operand (see :func:`_block_bytes` for the blocks' size)."""
+    return (BLOCK_BYTES > 0 and xp.device in BLOCK_DEVICES and len({a.dtype for a in arrays}) == 1
+            and 0 not in (a.size for a in arrays))
+
+
+def _block_bytes(xp) -> int:
+    """How many bytes of patches a block holds: :data:`BLOCK_BYTES` (a cache's
+    worth) for a GEMM on one thread, :data:`WHOLE_BLOCK_BYTES` for one that
+    threads one large product better than many cache-sized ones (MKL's at
+    several threads): then each product is one parallel region, not one a block."""
     threads = getattr(xp, "gemm_threads", None) if xp.threads_large_gemm else None
-    return threads is None or threads() == 1
+    return BLOCK_BYTES if threads is None or threads() == 1 else max(BLOCK_BYTES,
+                                                                      WHOLE_BLOCK_BYTES)
 
 
 def _block_form(spec: Spec):
@@ -255,10 +267,10 @@ def _patch_blocks(x, o, spec, kernel, stride, padding, dilation):
     xr = _grouped(x, lead + ("H", "W"), (rows, ("H",), ("W",), inner), xp)
     if kind == "conv":
         w = _grouped(o, ot, (kl + inner, cols), xp)
-        y = conv_blocks(xr, w, kernel, stride, padding, dilation, BLOCK_BYTES)
+        y = conv_blocks(xr, w, kernel, stride, padding, dilation, _block_bytes(xp))
         return _ungrouped(y, (rows, hw, cols), sizes, r, xp)
     g = _grouped(o, ot, (rows, hw[:1], hw[1:], cols), xp)
-    dw = conv_weight_blocks(xr, g, kernel, stride, padding, dilation, BLOCK_BYTES)
+    dw = conv_weight_blocks(xr, g, kernel, stride, padding, dilation, _block_bytes(xp))
     return _ungrouped(dw, (kl, inner, cols), sizes, r, xp)
 
 
@@ -308,7 +320,7 @@ def _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation, image=N
     w = xp.reshape(w, (-1, w.shape[-1]))
     other = None if image is None else _grouped(image, p[:-4] + hw, (rows, hw[:1], hw[1:], inner),
                                                 xp)
-    z = conv_blocks(g, w, kernel, (1, 1), back, dilation, BLOCK_BYTES, other)
+    z = conv_blocks(g, w, kernel, (1, 1), back, dilation, _block_bytes(xp), other)
     if image is None:
         return _ungrouped(z, (rows, hw, inner), sizes, p[:-4] + hw, xp)
     z, dw = z

@@ -224,7 +224,7 @@ class _Blocks:
 # allocating and zeroing them anew. At most this many, each at most
 # _KEPT_BYTES (a block larger than that, one huge image, is allocated each time).
 _KEPT = 8
-_KEPT_BYTES = 8 << 20
+_KEPT_BYTES = 16 << 20
 _kept = threading.local()
 
 
