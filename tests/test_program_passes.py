@@ -269,3 +269,31 @@ def test_a_buffer_seen_through_a_view_is_not_written_over():
         compile_module.REUSE_MIN = saved
     (k,) = [i for i, eq in enumerate(opt.eqs) if eq.op == ("prim", "exp")]
     assert k not in into
+
+
+# -- constant layouts ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,shape,relaid", [
+    ("bi,oi->bo", (5, 3), True),     # a linear layer's weight: x @ w.T, w stored as w.T
+    ("...i,oi->...o", (5, 3), True),
+    ("io,ib->ob", (5, 3), True),     # the left factor, read transposed
+    ("oi,ib->ob", (3, 5), False),
+    ("bi,io->bo", (3, 5), False),    # already in the product's order
+    ("io,bi->bo", (3, 5), False),
+    ("bi,bi->b", (7, 3), False),     # element-wise along b: not a product's factor
+])
+def test_a_constant_read_transposed_is_stored_in_the_products_order(spec, shape, relaid):
+    rng = np.random.default_rng(3)
+    w = xb(rng.standard_normal(shape))
+    xs = {"bi,oi->bo": (7, 3), "...i,oi->...o": (2, 7, 3), "io,ib->ob": (5, 7), "oi,ib->ob": (5, 7),
+          "bi,io->bo": (7, 3), "io,bi->bo": (7, 3), "bi,bi->b": (7, 3)}[spec]
+    x = xb(rng.standard_normal(xs))
+    w_first = "o" in spec.split(",")[0]
+    f = (lambda x: eg.einsum(spec, w, x)) if w_first else (lambda x: eg.einsum(spec, x, w))
+    opt, raw = check(f, x, tol=dict(rtol=1e-13, atol=1e-13))
+    consts = [c for c in opt.consts.values() if getattr(c, "ndim", 0) == 2]
+    if NAME == "numpy":
+        assert [c.shape for c in consts] == [shape[::-1] if relaid else shape], str(opt)
+    assert str(raw).count("einsum") == 1
+    p = pickle.loads(pickle.dumps(opt))
+    np.testing.assert_allclose(npy(p(x)), npy(f(x)), rtol=1e-13, atol=1e-13)

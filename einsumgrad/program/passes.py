@@ -47,6 +47,7 @@ def optimize(p, values: dict | None = None) -> None:
     drop_ones(p)
     common_subexpressions(p)
     merge_einsums(p)
+    constant_layouts(p)
     dead_code(p)
     fuse_elementwise(p)
     dead_code(p)
@@ -233,6 +234,56 @@ def merge_einsums(p) -> None:
                 break
             if changed:
                 break
+
+
+# -- constant layouts ----------------------------------------------------------------------------
+
+# A small product runs about 1.5x faster with its matrices in the order the
+# GEMM reads them than with one transposed (the library's packing of a
+# transposed operand costs as much as the product): a constant matrix read
+# transposed (a linear layer's [out, in] weight in x @ w.T) is stored once in
+# the other order. Larger products pay the packing back; their constants stay.
+LAYOUT_MAX_SIZE = 1 << 16  # elements of a constant re-laid
+LAYOUT_MAX_WORK = 1 << 22  # multiply-adds of the product
+
+
+def constant_layouts(p) -> None:
+    """A 2-D constant that a two-operand einsum reads transposed, as the left or the
+    right factor of a matrix product (its kept index first or last in the output),
+    becomes a constant in the other order, the einsum's term for it swapped: the
+    same sums, each term the same product."""
+    for eq in p.eqs:
+        if (eq.op != ("prim", "einsum") or len(eq.args) != 2 or eq.writes
+                or eq.kwargs.get("order") is not None):
+            continue
+        spec = eq.kwargs["spec"]
+        for k, a in enumerate(eq.args):
+            c = p.consts.get(a.slot)
+            term, other = spec.inputs[k], spec.inputs[1 - k]
+            if (type(c) is not numpy.ndarray or c.ndim != 2 or len(set(term)) != 2
+                    or c.size > LAYOUT_MAX_SIZE or not c.flags.c_contiguous):
+                continue
+            kept = [l for l in term if l in spec.output]
+            summed = [l for l in term if l not in spec.output and l in other]
+            if len(kept) != 1 or len(summed) != 1 or kept[0] in other:
+                continue
+            (o,), (i,) = kept, summed
+            want = (i, o) if spec.output[-1] == o else (o, i) if spec.output[0] == o else term
+            shapes = [p.avals[x.slot][0] for x in eq.args]
+            work = numpy.prod([n for t, sh in zip(spec.inputs, shapes) for n in sh]) // c.shape[
+                term.index(i)]
+            if want == term or work > LAYOUT_MAX_WORK:
+                continue
+            slot = max(p.avals) + 1
+            p.consts[slot] = _read_only(numpy.ascontiguousarray(c.T))
+            p.avals[slot] = (c.shape[::-1], p.avals[a.slot][1])
+            inputs = list(spec.inputs)
+            inputs[k] = want
+            args = list(eq.args)
+            args[k] = Ref(slot)
+            eq.args = type(eq.args)(args)
+            eq.kwargs = {"spec": Spec(tuple(inputs), spec.output)}
+            break
 
 
 # -- dead code -----------------------------------------------------------------------------------
