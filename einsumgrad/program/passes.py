@@ -238,11 +238,12 @@ def merge_einsums(p) -> None:
 
 # -- constant layouts ----------------------------------------------------------------------------
 
-# A small product runs about 1.5x faster with its matrices in the order the
-# GEMM reads them than with one transposed (the library's packing of a
-# transposed operand costs as much as the product): a constant matrix read
-# transposed (a linear layer's [out, in] weight in x @ w.T) is stored once in
-# the other order. Larger products pay the packing back; their constants stay.
+# A small product runs faster with its matrices in the order the GEMM reads
+# them than with one transposed (the BLAS packs a transposed operand at a cost
+# comparable to the product's): a constant matrix read transposed (a linear
+# layer's [out, in] weight in x @ w.T) is stored once in the other order.
+# Larger products pay the packing back, and their constants stay as they are.
+# NumPy's arrays only: it is NumPy's BLAS whose packing this saves.
 LAYOUT_MAX_SIZE = 1 << 16  # elements of a constant re-laid
 LAYOUT_MAX_WORK = 1 << 22  # multiply-adds of the product
 
