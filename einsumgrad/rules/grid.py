@@ -1,18 +1,17 @@
 """A stride-1 convolution's input gradient as one matrix product per window offset.
 
 The kernel :mod:`.convolution` takes for ``unpatch_einsum`` at stride 1 with
-enough channels where it does not run by blocks (MKL's GEMM on several threads):
-a convolution's input gradient, the cotangent of every window
+enough channels where it does not run by blocks (off the host, or blocks turned
+off): a convolution's input gradient, the cotangent of every window
 added back onto the image. Laid out flat with its zero border, ``(rows..., Hp,
 Wp, channels...)``, the image meets window offset ``(k, l)`` at a shift of
 ``k*Wp + l`` whole rows, the same for every window. So each offset is one
 matrix product of row ranges, accumulated in place (a GEMM with beta 1): no
 patch-shaped product (``kh*kw`` times the image) and no strided adds. The
 price: products over the whole grid, border included, so the grid must not be
-much larger than the windows. On the bench CNN's second conv (2 threads) this
-takes 2.5 ms against 3.9 through the patches. The forward and the weight
-gradient are faster as one product over the copied patches (the forward's copy
-kept for the weight gradient), so they do not come here.
+much larger than the windows. The forward and the weight gradient are faster
+as one product over the copied patches (the forward's copy kept for the weight
+gradient), so they do not come here.
 """
 from __future__ import annotations
 
