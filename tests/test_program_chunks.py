@@ -309,6 +309,8 @@ def test_the_race_keeps_the_faster_replay(chunked_faster, rng, monkeypatch):
     p = make_program(seed002(rng))(x)
     race = chunk.plan_replay(p)
     assert isinstance(race, chunk.Raced)
+    assert (race.parallel is not None) == (chunk.cores() > 1)
+    race.parallel = None  # two sides here; three below
     calls = []
     whole, blocks = race.whole, race.chunked
     race.whole = lambda *values: calls.append("whole") or whole(*values)
@@ -331,6 +333,53 @@ def test_the_race_keeps_the_faster_replay(chunked_faster, rng, monkeypatch):
     monkeypatch.undo()
     race([x])
     assert calls[-1] == ("chunked" if chunked_faster else "whole")
+
+
+@pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")
+def test_blocks_on_a_thread_per_core_equal_blocks_in_turn_and_can_win_the_race(rng, monkeypatch):
+    monkeypatch.delenv("EINSUMGRAD_CHUNK", raising=False)
+    x = rng.standard_normal((20000, 3))
+    p = make_program(seed002(rng))(x)
+    size, axes, consts = chunk.batching(p)
+    rows = chunk.block_rows(p, axes, size)
+    seq = chunk.Chunked(p, size, axes, consts, rows)
+    par = chunk.Chunked(p, size, axes, consts, rows, workers=3)  # more threads than blocks too
+    assert len(seq.lengths) > 3
+    for a, b in zip(par([x]), seq([x])):  # the same blocks: the same bits
+        np.testing.assert_array_equal(a, b)
+    race = chunk.Raced(p._compile(), seq, par)
+    calls = []
+    race.whole = lambda *v, w=race.whole: calls.append("whole") or w(*v)
+    race.chunked = lambda v, c=seq: calls.append("chunked") or c(v)
+    race.parallel = lambda v, c=par: calls.append("parallel") or c(v)
+    took = {"whole": 5.0, "chunked": 3.0, "parallel": 1.0}
+    ticks = []  # a fake clock: odd reads start a call, even ones end it
+
+    def fake():
+        ticks.append(None)
+        k = len(ticks)
+        return 100.0 * k if k % 2 else 100.0 * (k - 1) + took[calls[-1]]
+    monkeypatch.setattr(chunk.time, "perf_counter", fake)
+    for _ in range(3 * chunk.Raced.TRIES):
+        race([x])
+    monkeypatch.undo()
+    assert calls == ["whole", "chunked", "parallel"] * chunk.Raced.TRIES
+    race([x])
+    assert calls[-1] == "parallel"
+
+
+@pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")
+def test_a_worker_error_reaches_the_caller(rng):
+    p = make_program(seed002(rng))(rng.standard_normal((2000, 3)))
+    size, axes, consts = chunk.batching(p)
+    par = chunk.Chunked(p, size, axes, consts, 100, workers=2)
+    boom = RuntimeError("a block failed")
+
+    def failing(*args):
+        raise boom
+    par.runs = {n: failing for n in par.runs}
+    with pytest.raises(RuntimeError, match="a block failed"):
+        par([rng.standard_normal((2000, 3))])
 
 
 @pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")

@@ -28,23 +28,25 @@ batched slots' shapes cut to the block, each einsum planned again on the same
 contraction path, batched constants cut to the block. Results equal the
 whole-batch replay up to the rounding of BLAS at another size.
 
-Blocks run one after another, BLAS held at one thread meanwhile (threadpoolctl;
-without it, programs replay whole): a block's products are too small for a
-thread pool to pay, and a pool waiting on a core another process holds stalls
-every product. Chunking is a replay strategy of ``jit`` only: ``make_program``,
+Blocks run one after another, or shared among a thread per core (NumPy's
+ufuncs, BLAS and the fused kernels release the GIL), BLAS held at one thread
+meanwhile (threadpoolctl; without it, programs replay whole): a block's
+products are too small for a thread pool to pay, and a pool waiting on a core
+another process holds stalls every product. Chunking is a replay strategy of ``jit`` only: ``make_program``,
 a program's text, source and pickle are the same with it or without.
 It runs on NumPy's backend only, for programs whose batched slots total at least
 :data:`MIN_BYTES`, split in blocks of about :data:`BLOCK_BYTES` of live
 intermediates; smaller ones replay whole. Whether the blocks pay also depends on
 the machine (a product-bound program loses BLAS's second thread): the first
-calls run the whole replay and the chunked one in turns, and the faster one
-stays (:class:`Raced`).
+calls run the whole replay, the chunked one and, on several cores, the chunked
+one on a thread per core in turns, and the fastest stays (:class:`Raced`).
 
 ``EINSUMGRAD_CHUNK=0`` turns chunking off; ``EINSUMGRAD_CHUNK=<rows>`` fixes the
 rows per block (for tests and measurement; the size heuristics are skipped).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import threading
@@ -438,10 +440,14 @@ one_thread = OneThread()
 
 
 class Chunked:
-    """A program's replay block by block (see the module docstring)."""
+    """A program's replay block by block (see the module docstring); with
+    ``workers`` > 1, the blocks shared among that many threads (the calling one
+    among them), each block's results written into its own rows."""
 
-    def __init__(self, p, size: int, axes: dict, consts: dict, rows: int):
+    def __init__(self, p, size: int, axes: dict, consts: dict, rows: int, workers: int = 1):
         self.size, self.lengths = size, split(size, rows)
+        self.starts = [sum(self.lengths[:i]) for i in range(len(self.lengths))]
+        self.workers = workers
         self.cut = [axes.get(s) == 0 for s in p.inputs]
         self.runs: dict = {}
         for n in set(self.lengths):
@@ -463,49 +469,87 @@ class Chunked:
         """The output leaves for the input arrays ``values``."""
         full = {s: numpy.empty(shape, dtype) for s, ((shape, dtype), _) in self.alloc.items()}
         whole: dict = {}
-        start = 0
+        k = self.workers
         with one_thread:
-            for n in self.lengths:
-                stop = start + n
-                args = [v[start:stop] if c else v for v, c in zip(values, self.cut)]
-                for c, ax in self.extra:
-                    args.append(c[(slice(None),) * ax + (slice(start, stop),)])
-                res = self.runs[n](*args)
-                for j, o in enumerate(self.outs):
-                    if o[0] == "batched":
-                        full[o[1]][(slice(None),) * o[2] + (slice(start, stop),)] = res[j]
-                    elif o[0] == "slot" and start == 0:
-                        whole[o[1]] = res[j]
-                start = stop
+            if k == 1:
+                self._blocks(values, full, whole, range(len(self.lengths)))
+            else:  # block 0, whose unbatched results are kept, is the caller's
+                pool = _pool(k - 1)
+                futures = [pool.submit(self._blocks, values, full, whole,
+                                       range(w, len(self.lengths), k)) for w in range(1, k)]
+                try:
+                    self._blocks(values, full, whole, range(0, len(self.lengths), k))
+                finally:
+                    concurrent.futures.wait(futures)
+                for f in futures:
+                    f.result()  # a worker's error, raised here
         return [full[o[1]] if o[0] == "batched" else whole[o[1]] if o[0] == "slot" else o[1]
                 for o in self.outs]
 
+    def _blocks(self, values: list, full: dict, whole: dict, which: range) -> None:
+        for i in which:
+            start = self.starts[i]
+            n = self.lengths[i]
+            stop = start + n
+            args = [v[start:stop] if c else v for v, c in zip(values, self.cut)]
+            for c, ax in self.extra:
+                args.append(c[(slice(None),) * ax + (slice(start, stop),)])
+            res = self.runs[n](*args)
+            for j, o in enumerate(self.outs):
+                if o[0] == "batched":
+                    full[o[1]][(slice(None),) * o[2] + (slice(start, stop),)] = res[j]
+                elif o[0] == "slot" and i == 0:
+                    whole[o[1]] = res[j]
+
+
+_pools: dict = {}  # worker count -> a thread pool kept for the process
+_pools_lock = threading.Lock()
+
+
+def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = concurrent.futures.ThreadPoolExecutor(
+                n, thread_name_prefix="einsumgrad-blocks")
+        return pool
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
 
 class Raced:
-    """The whole replay and the chunked one in turns for the first calls, then the
-    one with the shorter best time: which pays depends on the machine (its cores,
-    its caches, how busy it is) more than a size threshold can say. Each call's
-    result is a real one; the two agree up to BLAS rounding."""
+    """The whole replay, the chunked one and (on several cores) the chunked one on a
+    thread per core, in turns for the first calls, then the one with the shortest
+    best time: which pays depends on the machine (its cores, its caches, how busy
+    it is) more than a size threshold can say. Each call's result is a real one;
+    they agree up to BLAS rounding (the two chunked ones run the same blocks)."""
 
     TRIES = 3  # calls timed per side
 
-    def __init__(self, whole: Callable, chunked: Chunked):
-        self.whole, self.chunked = whole, chunked  # whole: run(*values), no Program held
-        self.times: tuple = ([], [])
+    def __init__(self, whole: Callable, chunked: Chunked, parallel: Chunked | None = None):
+        self.whole, self.chunked, self.parallel = whole, chunked, parallel
+        self.times: tuple = ([], [], [])
         self.pick: Callable | None = None
 
     def __call__(self, values: list) -> list:
         if self.pick is not None:
             return self.pick(values)
-        n = len(self.times[0]) + len(self.times[1])
-        side = n % 2
+        whole = self.whole
+        sides = (lambda values: whole(*values), self.chunked, self.parallel)
+        count = 3 if self.parallel is not None else 2
+        n = sum(len(t) for t in self.times)
+        side = n % count
         t = time.perf_counter()
-        out = self.chunked(values) if side else self.whole(*values)
+        out = sides[side](values)
         self.times[side].append(time.perf_counter() - t)
-        if n + 1 >= 2 * self.TRIES:
-            chunked = min(self.times[1]) < min(self.times[0])
-            whole = self.whole
-            self.pick = self.chunked if chunked else (lambda values: whole(*values))
+        if n + 1 >= count * self.TRIES:
+            self.pick = sides[min(range(count), key=lambda k: min(self.times[k]))]
         return out
 
 
@@ -531,7 +575,9 @@ def plan_replay(p) -> Callable | None:
     chunked = Chunked(p, size, axes, consts, rows)
     if forced_rows() is not None:
         return chunked
-    return Raced(p._run or p._compile(), chunked)
+    parallel = (Chunked(p, size, axes, consts, rows, workers=cores())
+                if cores() > 1 and len(chunked.lengths) > 1 else None)
+    return Raced(p._run or p._compile(), chunked, parallel)
 
 
 _WHOLE = object()
