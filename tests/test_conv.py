@@ -163,10 +163,10 @@ def test_conv_by_blocks_second_order_and_jacobians(rng, monkeypatch):
     assert {"conv_blocks", "conv_weight_blocks"} <= set(calls)
 
 
-def test_conv_by_blocks_of_the_whole_batch_for_a_gemm_on_several_threads(rng, monkeypatch):
-    # A GEMM that threads one large product (MKL's at several threads): one
-    # block holds the whole batch, so each product is one parallel region; on
-    # one thread, blocks of BLOCK_BYTES (two and one images here).
+def test_conv_by_larger_blocks_for_a_gemm_on_several_threads(rng, monkeypatch):
+    # A GEMM that threads one large product (MKL's at several threads): blocks
+    # of WHOLE_BLOCK_BYTES (here the whole batch), so fewer products, each one
+    # parallel region; on one thread, blocks of BLOCK_BYTES (two and one images).
     import sys
     pt = sys.modules["einsumgrad.rules.patches"]
     calls = _block_calls(monkeypatch, 60_000)

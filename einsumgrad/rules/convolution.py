@@ -23,8 +23,8 @@ stays in cache for the block's matmul, so neither the patches nor a padded
 grid ever pass through main memory whole; the input gradient is the
 convolution of the cotangent with the window flipped, and the weight's comes
 from the same copies. Where the GEMM threads one large product (MKL's on
-several threads) a block is the whole batch (up to :data:`WHOLE_BLOCK_BYTES`):
-one product, one parallel region, each. The other paths serve other devices,
+several threads) a block is larger (:data:`WHOLE_BLOCK_BYTES`): fewer
+products, fewer parallel regions. The other paths serve other devices,
 other einsums (grouped, per-sample weights) and few channels.
 
 The patch term is the first operand of ``patch_einsum`` and the output of
@@ -145,10 +145,11 @@ def _copied_whole(x, o, spec: Spec, kernel, stride, padding, dilation):
 # it off (the paths below: whole or chunked copies, offsets, the grid).
 BLOCK_BYTES = 1 << 20
 # Where the GEMM runs one large product on several threads, a block holds up to
-# this many bytes of patches (the whole batch, as a rule): each block's product
-# is a parallel region, and a thread descheduled by other work on the machine
-# holds every region up, so there are as few as the memory allows.
-WHOLE_BLOCK_BYTES = 64 << 20
+# this many bytes of patches: each block's product is a parallel region, and a
+# thread descheduled by other work on the machine holds every region up, so
+# blocks are larger than on one thread; but not the whole batch, whose patches
+# then stream through memory (a 28x28 CNN's step lost to the paths below).
+WHOLE_BLOCK_BYTES = 4 << 20
 # Fewer channels than this make a window row too short a copy: the paths below.
 MIN_BLOCK_CHANNELS = 8
 
