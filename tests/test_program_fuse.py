@@ -23,6 +23,7 @@ from einsumgrad.program import fuse, vecmath
 from einsumgrad.program.jit import trace_program
 
 from backends import NAME, npy, xb
+from test_program_passes import elementwise_chains
 
 # The kernels take NumPy arrays: the tests build them so, on any EINSUMGRAD_BACKEND; the
 # chains drawn by hypothesis run on the backend under test (fused on NumPy's only).
@@ -335,20 +336,8 @@ BINARY = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x,
           "div": lambda x, y: x / (y * y + 1.0), "max": eg.maximum, "min": eg.minimum}
 
 
-@st.composite
-def chains(draw):
-    steps = []
-    for k in range(draw(st.integers(2, 8))):
-        if draw(st.booleans()):
-            steps.append((draw(st.sampled_from(sorted(UNARY))), draw(st.integers(0, k + 2))))
-        else:
-            steps.append((draw(st.sampled_from(sorted(BINARY))), draw(st.integers(0, k + 2)),
-                          draw(st.integers(0, k + 2))))
-    return steps
-
-
 @settings(max_examples=30, deadline=None)
-@given(chains(), st.integers(0, 2 ** 31 - 1))
+@given(elementwise_chains(UNARY, BINARY), st.integers(0, 2 ** 31 - 1))
 def test_chains_agree_with_the_unfused_program(steps, seed):
     rng = np.random.default_rng(seed)
     ins = [xb(rng.standard_normal(s)) for s in ((32, 40), (40,), (32, 1))]

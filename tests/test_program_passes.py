@@ -111,14 +111,16 @@ BINARY = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x,
 
 
 @st.composite
-def elementwise_chains(draw):
+def elementwise_chains(draw, unary=UNARY, binary=BINARY):
+    """2 to 8 steps, each a unary or binary op's name and the earlier values it reads
+    (0 and 1 the inputs); test_program_fuse draws its chains here too."""
     n = draw(st.integers(2, 8))
     steps = []
     for k in range(n):
         if draw(st.booleans()):
-            steps.append((draw(st.sampled_from(sorted(UNARY))), draw(st.integers(0, k + 2))))
+            steps.append((draw(st.sampled_from(sorted(unary))), draw(st.integers(0, k + 2))))
         else:
-            steps.append((draw(st.sampled_from(sorted(BINARY))), draw(st.integers(0, k + 2)),
+            steps.append((draw(st.sampled_from(sorted(binary))), draw(st.integers(0, k + 2)),
                           draw(st.integers(0, k + 2))))
     return steps
 
