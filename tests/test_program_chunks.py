@@ -343,7 +343,7 @@ def test_blocks_on_a_thread_per_core_equal_blocks_in_turn_and_can_win_the_race(r
     size, axes, consts = chunk.batching(p)
     rows = chunk.block_rows(p, axes, size)
     seq = chunk.Chunked(p, size, axes, consts, rows)
-    par = chunk.Chunked(p, size, axes, consts, rows, workers=3)  # more threads than blocks too
+    par = seq.on_threads(3)  # more threads than blocks too
     assert len(seq.lengths) > 3
     for a, b in zip(par([x]), seq([x])):  # the same blocks: the same bits
         np.testing.assert_array_equal(a, b)

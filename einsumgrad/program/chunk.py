@@ -47,6 +47,7 @@ rows per block (for tests and measurement; the size heuristics are skipped).
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import math
 import os
 import threading
@@ -57,11 +58,8 @@ from typing import Callable
 import numpy
 
 from ..plan import AUTO, Plan
-from .compile import DIRECT
+from .passes import ELEMENTWISE  # with no parameters, the result broadcasts the operands
 from .trace import Eq, Ref
-
-# Element-wise primitives with no parameters: the result broadcasts the operands.
-ELEMENTWISE = frozenset(DIRECT) | frozenset(("sigmoid", "erf", "softplus", "normal_pdf"))
 
 CACHE_BYTES = 1 << 21
 """The per-core L2 cache the blocks are sized for."""
@@ -465,6 +463,12 @@ class Chunked:
             else:
                 self.outs.append(("slot", o.slot))  # the same in every block: the first's
 
+    def on_threads(self, workers: int) -> "Chunked":
+        """The same blocks (the same compiled block programs) shared among ``workers``."""
+        twin = copy.copy(self)
+        twin.workers = workers
+        return twin
+
     def __call__(self, values: list) -> list:
         """The output leaves for the input arrays ``values``."""
         full = {s: numpy.empty(shape, dtype) for s, ((shape, dtype), _) in self.alloc.items()}
@@ -575,7 +579,7 @@ def plan_replay(p) -> Callable | None:
     chunked = Chunked(p, size, axes, consts, rows)
     if forced_rows() is not None:
         return chunked
-    parallel = (Chunked(p, size, axes, consts, rows, workers=cores())
+    parallel = (chunked.on_threads(cores())
                 if cores() > 1 and len(chunked.lengths) > 1 else None)
     return Raced(p._run or p._compile(), chunked, parallel)
 
