@@ -8,9 +8,11 @@ arithmetic bit for bit, on every broadcast layout, written into a new buffer,
 into a dead input (``out=``) and into a non-contiguous one; chains with tanh
 and exp within the programs' 1e-12.
 """
+import contextlib
 import math
 import pickle
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 import einsumgrad as eg
 from einsumgrad.program import compile as compile_module
-from einsumgrad.program import fuse, vecmath
+from einsumgrad.program import fuse, threads, vecmath
 from einsumgrad.program.jit import trace_program
 
 from backends import NAME, npy, xb
@@ -185,12 +187,56 @@ def test_lengths_are_read_on_each_call():
                              ["t0 = i0 + i1", "t1 = _tanh(t0)", "t2 = t1 * i2"], {}, ["tanh"])
     kernel = fuse.compile_kernel(src)
     rng = np.random.default_rng(0)
-    for rows in (100, 37, 1):
+    for rows, split in [(100, False), (37, False), (1, False), (100, True), (2, True)]:
         a, b, c = rng.standard_normal((rows, 64)), rng.standard_normal(64), \
             rng.standard_normal((3, rows, 64))
-        np.testing.assert_allclose(kernel(a, b, c), np.tanh(a + b) * c, rtol=1e-15, atol=0)
-        cut = c[:, :rows]  # a block of a batched constant: a strided view
-        np.testing.assert_allclose(kernel(a, b, cut), np.tanh(a + b) * cut, rtol=1e-15, atol=0)
+        with rows_on_threads(split):
+            np.testing.assert_allclose(kernel(a, b, c), np.tanh(a + b) * c, rtol=1e-15, atol=0)
+            cut = c[:, :rows]  # a block of a batched constant: a strided view
+            np.testing.assert_allclose(kernel(a, b, cut), np.tanh(a + b) * cut, rtol=1e-15,
+                                       atol=0)
+
+
+def _recorder(calls, fail_in_workers=False):
+    def loop(out, *args):
+        calls.append((out, args))
+        if fail_in_workers and threading.current_thread() is not threading.main_thread():
+            raise ValueError("a worker failed")
+        out[...] = 1.0
+    return loop
+
+
+def test_rows_are_shared_among_threads_only_where_the_work_pays():
+    calls = []
+    out, x, b = np.zeros((10, 4)), np.ones((10, 4)), np.ones(4)
+    threads.rows(_recorder(calls), out, (x, b), (True, False), threads.SPLIT_WORK - 1)
+    assert len(calls) == 1 and calls[0][0] is out  # below the work that pays: as it is
+    calls.clear()
+    with rows_on_threads():
+        threads.rows(_recorder(calls), out, (x, b), (True, False), 10 ** 9)
+        shares = sorted((o.__array_interface__["data"][0], o.shape[0]) for o, _ in calls)
+        assert [n for _, n in shares] == [3, 3, 4] and (out == 1).all()
+        for o, (xs, bs) in calls:  # each thread's rows of x, all of b
+            assert np.shares_memory(o, out) and xs.shape == o.shape and bs is b
+        calls.clear()
+        with threads.one_thread:  # a block loop holds the cores: the kernel stays on its own
+            threads.rows(_recorder(calls), out, (x, b), (True, False), 10 ** 9)
+        assert len(calls) == 1
+        calls.clear()
+        with pytest.raises(ValueError, match="a worker failed"):  # raised in the caller
+            threads.rows(_recorder(calls, True), out, (x, b), (True, False), 10 ** 9)
+
+
+@contextlib.contextmanager
+def rows_on_threads(on: bool = True):
+    """Every kernel's rows shared among three threads (whatever this machine's cores)."""
+    saved = threads.SPLIT_WORK, threads.cores
+    if on:
+        threads.SPLIT_WORK, threads.cores = 0, lambda: 3
+    try:
+        yield
+    finally:
+        threads.SPLIT_WORK, threads.cores = saved
 
 
 SHAPES = [(), (40,), (32, 1), (32, 40), (1, 40), (3, 32, 40), (3, 1, 40), (3, 32, 1)]
@@ -243,22 +289,24 @@ def test_arithmetic_kernels_equal_numpy_bit_for_bit_on_every_layout(chain, dtype
         np.dtype(dtype).name, shape, shapes, [l.replace(", 0)", ", T(0))") for l in lines], {},
         []))
     args = [a if a.ndim else a[()] for a in ins]
-    got = kernel(*args)
-    assert got.shape == shape and got.dtype == dtype
-    np.testing.assert_array_equal(got, want)
-    # into a dead input of the result's shape, as compile.reuse_plan passes it
-    for k, a in enumerate(ins):
-        if a.shape == shape:
-            buf = args[:k] + [a.copy()] + args[k + 1:]
-            assert kernel(*buf, out=buf[k]) is buf[k]
-            np.testing.assert_array_equal(buf[k], want)
-    # into a buffer laid out otherwise, and from inputs that are strided views
-    if len(shape) >= 2:
-        out = np.empty(shape[::-1], dtype).T
-        assert kernel(*args, out=out) is out
-        np.testing.assert_array_equal(out, want)
-        strided = [np.asfortranarray(a) if a.ndim > 1 else a for a in args]
-        np.testing.assert_array_equal(kernel(*strided), want)
+    for split in (False, True):  # on the calling thread, and its rows among three threads
+        with rows_on_threads(split):
+            got = kernel(*args)
+            assert got.shape == shape and got.dtype == dtype
+            np.testing.assert_array_equal(got, want)
+            # into a dead input of the result's shape, as compile.reuse_plan passes it
+            for k, a in enumerate(ins):
+                if a.shape == shape:
+                    buf = args[:k] + [a.copy()] + args[k + 1:]
+                    assert kernel(*buf, out=buf[k]) is buf[k]
+                    np.testing.assert_array_equal(buf[k], want)
+            # into a buffer laid out otherwise, and from inputs that are strided views
+            if len(shape) >= 2:
+                out = np.empty(shape[::-1], dtype).T
+                assert kernel(*args, out=out) is out
+                np.testing.assert_array_equal(out, want)
+                strided = [np.asfortranarray(a) if a.ndim > 1 else a for a in args]
+                np.testing.assert_array_equal(kernel(*strided), want)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -50,7 +50,6 @@ import concurrent.futures
 import copy
 import math
 import os
-import threading
 import time
 import weakref
 from typing import Callable
@@ -59,6 +58,7 @@ import numpy
 
 from ..plan import AUTO, Plan
 from .passes import ELEMENTWISE  # with no parameters, the result broadcasts the operands
+from .threads import cores, one_thread, pool as thread_pool
 from .trace import Eq, Ref
 
 CACHE_BYTES = 1 << 21
@@ -391,50 +391,6 @@ def _replanned(eq: Eq, p, avals: dict, xp) -> Eq:
 
 # -- the replay ----------------------------------------------------------------------------------
 
-class OneThread:
-    """BLAS libraries at one thread while a block loop runs (threadpoolctl).
-
-    A block's products are small: a BLAS thread pool's start and barrier cost
-    more than its second core gives, and on a loaded machine a pool waiting for
-    a descheduled thread stalls every product. Nested and concurrent loops
-    share one limit: the first in saves the libraries' counts, the last out
-    restores them.
-    """
-
-    def __init__(self):
-        self.lock, self.depth, self.saved = threading.Lock(), 0, []
-        self.libs: list | None = None
-
-    def available(self) -> bool:
-        if self.libs is None:
-            try:
-                from threadpoolctl import ThreadpoolController
-            except ImportError:
-                self.libs = []
-            else:
-                self.libs = [c for c in ThreadpoolController().lib_controllers
-                             if c.user_api == "blas"]
-        return bool(self.libs)
-
-    def __enter__(self):
-        if self.libs is None:
-            self.available()
-        with self.lock:
-            if self.depth == 0:
-                self.saved = [c.get_num_threads() for c in self.libs]
-                for c in self.libs:
-                    c.set_num_threads(1)
-            self.depth += 1
-
-    def __exit__(self, *exc):
-        with self.lock:
-            self.depth -= 1
-            if self.depth == 0:
-                for c, n in zip(self.libs, self.saved):
-                    c.set_num_threads(n)
-
-
-one_thread = OneThread()
 
 
 class Chunked:
@@ -478,7 +434,7 @@ class Chunked:
             if k == 1:
                 self._blocks(values, full, whole, range(len(self.lengths)))
             else:  # block 0, whose unbatched results are kept, is the caller's
-                pool = _pool(k - 1)
+                pool = thread_pool(k - 1)
                 futures = [pool.submit(self._blocks, values, full, whole,
                                        range(w, len(self.lengths), k)) for w in range(1, k)]
                 try:
@@ -504,27 +460,6 @@ class Chunked:
                     full[o[1]][(slice(None),) * o[2] + (slice(start, stop),)] = res[j]
                 elif o[0] == "slot" and i == 0:
                     whole[o[1]] = res[j]
-
-
-_pools: dict = {}  # worker count -> a thread pool kept for the process
-_pools_lock = threading.Lock()
-
-
-def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
-    with _pools_lock:
-        pool = _pools.get(n)
-        if pool is None:
-            pool = _pools[n] = concurrent.futures.ThreadPoolExecutor(
-                n, thread_name_prefix="einsumgrad-blocks")
-        return pool
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 class Raced:

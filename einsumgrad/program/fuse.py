@@ -62,6 +62,7 @@ FUSED = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs
 VECTOR = frozenset(vecmath.FUNCTIONS)
 MIN_STEPS = 2       # a chain of one step is that step
 MIN_SIZE = 1 << 10  # smaller outputs: the ufuncs NumPy has are as quick
+VECTOR_COST = 16    # a vecmath function's cost per element, in arithmetic steps (threads.rows)
 
 
 def available() -> bool:
@@ -190,6 +191,9 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     which axes broadcast where is the trace's."""
     axes, spans = layout(shape, shapes)
     n = len(shapes)
+    # operations per element, a vecmath function counted as the arithmetic it runs
+    cost = len(lines) + VECTOR_COST * sum(
+        f"{vecmath.FUNCTIONS[prim]}(" in line for line in lines for prim in vector)
     live = [k for k in range(n) if k not in consts]
     loops = [f"j{g}" for g in range(len(axes))] or ["j0"]
 
@@ -228,8 +232,11 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
             return f"float(i{k})" if shapes[k] == () else f"float(i{k}.reshape(()))"
         return f"i{k}" if as_is(k) else f"i{k}.reshape({dims(spans[k])})"
 
-    def call(name, alias=None):
-        return f"{name}(" + ", ".join(["v"] + [pass_(k) for k in live if k != alias]) + ")"
+    def call(name, alias=None):  # the loop, its rows shared among threads where that pays
+        args = [k for k in live if k != alias]
+        return (f"_rows({name}, v, (" + "".join(pass_(k) + ", " for k in args) + "), ("
+                + "".join(f"{bool(spans[k]) and spans[k][0] == 0}, " for k in args)
+                + f"), v.size * {cost})")
 
     # the result may be written into an input (compile.reuse_plan): the loop then reads
     # it as the result, so that LLVM sees one array and no overlap to test for
@@ -253,7 +260,8 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     chain += [f"    i{k} = {lit}" for k, lit in consts.items()]
     chain += ["    " + line for line in lines] + [f"    return {lines[-1].split('=')[0].strip()}"]
     parts = ['"""An element-wise chain of an einsumgrad program, fused (generated)."""\n'
-             "import numba\nimport numpy as np\n\nT = np.%s" % dtype,
+             "import numba\nimport numpy as np\n\n"
+             "from einsumgrad.program.threads import rows as _rows\n\nT = np.%s" % dtype,
              vecmath.source(vector), "\n".join(chain), "\n".join(loop("_loop"))]
     parts += ["\n".join(loop(f"_loop_{k}", k)) for k in aliases]
     parts.append("\n".join(run))
