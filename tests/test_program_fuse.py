@@ -377,6 +377,29 @@ def test_tanh_stays_out_where_its_result_broadcasts_and_in_float32():
     assert all("tanh" not in k.op[2] for k in kernels(p)) and "tanh" in str(p)
 
 
+def test_a_constant_broadcast_along_the_batch_is_read_broadcast(monkeypatch):
+    # batch_jacobian's basis times the first weight is the same for every sample: a kernel
+    # reads it with length 1 along the batch, not as a full array it would copy
+    rng = np.random.default_rng(0)
+    f = mlp(rng, [3, 64, 64, 3])
+    x = rng.standard_normal((300, 3))
+    p, raw = programs(eg.batch_jacobian(f), x)
+    read = [p.consts[a.slot] for k in kernels(p) for a in k.args if a.slot in p.consts]
+    assert any(np.ndim(c) == 3 and np.shape(c)[1] == 1 for c in read), str(p)
+    assert all(st or n == 1 for c in read for st, n in zip(np.asarray(c).strides, np.shape(c)))
+    want = npy(eg.batch_jacobian(f)(x))
+    np.testing.assert_allclose(npy(p(x)), want, **TOL)
+    np.testing.assert_allclose(npy(raw(x)), want, **TOL)
+    np.testing.assert_array_equal(npy(pickle.loads(pickle.dumps(p))(x)), npy(p(x)))
+    ns: dict = {}
+    exec(compile(p.source(), "<emitted>", "exec"), ns)  # the inner steps read it too
+    (run,) = [v for k, v in ns.items() if callable(v) and not k.startswith("_")
+              and getattr(v, "__module__", None) is None]
+    np.testing.assert_allclose(npy(run(x)), want, **TOL)
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "64")  # in blocks of rows, too
+    np.testing.assert_allclose(npy(eg.jit(eg.batch_jacobian(f))(x)), want, **TOL)
+
+
 UNARY = {"exp": lambda x: eg.exp(x * 0.5), "tanh": eg.tanh, "sigmoid": eg.sigmoid,
          "log": lambda x: eg.log(x * x + 0.5), "abs": eg.abs, "relu": eg.relu,
          "neg": lambda x: -x, "sqrt": lambda x: eg.sqrt(x * x + 1.0)}

@@ -31,6 +31,7 @@ in the last ulps.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import math
@@ -144,6 +145,7 @@ def _fused(steps: list, p) -> Eq:
         lines.append(f"t{k} = {SCALAR[eq.op[1]].format(*args)}")
     root = steps[-1].outs[0]
     shape, dtype = p.avals[root]
+    steps = _compact_constants(steps, inputs, shape, p)
     consts = {k: _literal(p.consts[s]) for k, s in enumerate(inputs)
               if s in p.consts and numpy.shape(p.consts[s]) == ()}
     src = kernel_source(numpy.dtype(dtype).name, tuple(shape),
@@ -153,6 +155,40 @@ def _fused(steps: list, p) -> Eq:
     return Eq(("fused", src, tuple(eq.op[1] for eq in steps)), kernel,
               tuple(Ref(s) for s in inputs), {}, (root,), scalar=shape == (),
               inner=list(steps))
+
+
+def _compact_constants(steps: list, inputs: list, shape: tuple, p) -> list:
+    """A constant input broadcast along an axis (stride 0: a Jacobian's basis times a
+    weight, the same for every sample) becomes one of length 1 there, where another
+    input spans that axis of the result: the kernel then reads it as broadcast, where
+    merging its axes with their neighbours would copy it whole on every call.
+    ``inputs`` is updated; returns ``steps`` reading the new constants."""
+    spanned = lambda d, skip: any(  # noqa: E731  result axis d spanned by another input
+        s != skip and s not in p.consts and d - len(shape) + len(p.avals[s][0]) >= 0
+        and p.avals[s][0][d - len(shape) + len(p.avals[s][0])] != 1 for s in inputs)
+    new = {}
+    for s in inputs:
+        c = p.consts.get(s)
+        if type(c) is not numpy.ndarray:
+            continue
+        lead = len(shape) - c.ndim
+        cut = tuple(slice(0, 1) if st == 0 and n > 1 and spanned(lead + d, s) else slice(None)
+                    for d, (st, n) in enumerate(zip(c.strides, c.shape)))
+        if cut != (slice(None),) * c.ndim:
+            slot = max(p.avals) + 1
+            p.consts[slot] = c[cut]
+            p.avals[slot] = (p.consts[slot].shape, p.avals[s][1])
+            new[s] = slot
+    if not new:
+        return steps
+    inputs[:] = [new.get(s, s) for s in inputs]
+    moved = []
+    for eq in steps:
+        eq = copy.copy(eq)
+        eq.args = type(eq.args)(Ref(new[a.slot]) if type(a) is Ref and a.slot in new else a
+                                for a in eq.args)
+        moved.append(eq)
+    return moved
 
 
 def _literal(c) -> str:
