@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import einsumgrad as eg
-from einsumgrad.program import chunk, jit, make_program
+from einsumgrad.program import chunk, fuse, jit, make_program
 from einsumgrad.pytree import flatten
 
 from backends import NAME, npy, xb
@@ -100,8 +100,10 @@ def test_the_seeds_and_an_mlp_are_row_independent(name, rng):
     assert axes[p.outputs[0].slot] == 0
 
 
-def test_the_seed002_program_has_a_batched_constant_uniform_along_the_batch(rng):
-    # the Jacobian's basis, folded with the first layer's weight: [3, B, 16]
+def test_the_seed002_program_has_a_batched_constant_uniform_along_the_batch(rng, monkeypatch):
+    # the Jacobian's basis, folded with the first layer's weight: [3, B, 16] (unfused: a
+    # fused kernel reads it as [3, 1, 16], unbatched)
+    monkeypatch.setattr(fuse, "available", lambda: False)
     p = make_program(seed002(rng))(xb(rng.standard_normal((40, 3))))
     _, _, consts = chunk.batching(p)
     assert consts and all(uniform for _, uniform in consts.values())
