@@ -54,46 +54,81 @@ def _einsum_array_vjps(g, out, *xs, spec, run=None, order=None):
 class _ArrayVJPs:
     """Operand k's cotangent (a backend array) on ``[k]``, computed then."""
 
-    __slots__ = ("g", "nb", "xs", "spec")
+    __slots__ = ("g", "nb", "xs", "spec", "key")
 
     def __init__(self, g, nb: int, xs: tuple, spec: Spec):
         self.g, self.nb, self.xs, self.spec = g, nb, xs, spec
+        self.key = None
 
     def __getitem__(self, k: int):
-        g, nb, xs = self.g, self.nb, self.xs
+        g, xs = self.g, self.xs
         x = xs[k]
-        like = tuple(memory_order(x)) if nb == 0 and x.ndim > 2 else None
-        p = vjp_pattern(self.spec, k, (), self.spec.inputs[k])
-        spec, consts, order, shape = _vjp_call(p, x.shape, nb, like)
-        xp = backend_of(g)
-        ops = (g, *xs[:k], *xs[k + 1:])
-        if consts and all(kind == "ones" for kind, _ in consts):
-            r = _spread_back(xp, spec, ops, [n for _, n in consts], order)
-        else:
-            ops += tuple(xp.eye(n, dtype=g.dtype) if kind == "eye" else xp.ones(n, dtype=g.dtype)
-                         for kind, n in consts)
-            r = contract(spec, ops, order)
-        return r if shape is None else r.reshape(r.shape[:nb] + shape)
+        like = tuple(memory_order(x)) if self.nb == 0 and x.ndim > 2 else None
+        key = self.key
+        if key is None:  # shared by the operands: one node's arrays
+            key = self.key = (self.spec, type(g), g.shape, g.dtype) + tuple(
+                (type(a), a.shape, a.dtype) for a in xs)
+        run = _array_vjp_runs.get((key, k, like))
+        if run is None:
+            run = _array_vjp_runs[key, k, like] = _array_vjp_runner(self.spec, k, self.nb, like,
+                                                                    g, xs)
+        return run(g, xs)
+
+
+# (spec, arrays' types, shapes and dtypes, operand, layout) -> a runner of that VJP on arrays
+_array_vjp_runs = Bounded(CACHE_SIZE)
+
+
+def _array_vjp_runner(spec: Spec, k: int, nb: int, like: tuple | None, g, xs: tuple):
+    """Operand k's VJP on arrays shaped (and typed) as ``g`` and ``xs``, planned once:
+    a function of ``(g, xs)``."""
+    p = vjp_pattern(spec, k, (), spec.inputs[k])
+    spec, consts, order, shape = _vjp_call(p, xs[k].shape, nb, like)
+    xp = backend_of(g)
+    ops = (g, *xs[:k], *xs[k + 1:])
+    if consts and all(kind == "ones" for kind, _ in consts):
+        run = _spread_back(xp, spec, ops, [n for _, n in consts], order)
+    else:
+        dtype = g.dtype  # the runner keeps no array alive
+        made = lambda: tuple(xp.eye(n, dtype=dtype) if kind == "eye" else  # noqa: E731
+                             xp.ones(n, dtype=dtype) for kind, n in consts)
+        plan = plan_for(spec, ops + made())
+        run = lambda ops: plan(ops + made(), order) if consts else plan(ops, order)  # noqa: E731
+    if shape is None:
+        return lambda g, xs: run((g, *xs[:k], *xs[k + 1:]))
+
+    def reshaped(g, xs):
+        r = run((g, *xs[:k], *xs[k + 1:]))
+        return r.reshape(r.shape[:nb] + shape)
+    return reshaped
 
 
 def _spread_back(xp, spec: Spec, ops: tuple, sizes: list, order: tuple | None):
     """An array VJP whose constants are all ones vectors (the indices a sum took
-    away, ``sizes`` long, one per input of ``spec`` after ``ops``): the einsum
-    of ``ops`` alone, then copied out along those indices into a buffer laid
-    out in ``order`` (C order without one). The values of the product with the
-    ones, exactly, from one copy instead of broadcast multiplies."""
+    away, ``sizes`` long, one per input of ``spec`` after ``ops``), as a function
+    of operands shaped as ``ops``: the einsum of ``ops`` alone, then copied out
+    along those indices into a buffer laid out in ``order`` (C order without
+    one). The values of the product with the ones, exactly, from one copy
+    instead of broadcast multiplies."""
     real = spec.inputs[:len(ops)]
     present = set().union(*real)
     kept = tuple(l for l in spec.output if l in present)
-    core = contract(Spec(real, kept), ops)
+    core = plan_for(Spec(real, kept), ops)
     lone = {t[0]: n for t, n in zip(spec.inputs[len(ops):], sizes)}
-    have = dict(zip(kept, core.shape))
+    sizes_of = {l: n for t, a in zip(real, ops) for l, n in zip(t, a.shape)}
+    have = {l: sizes_of[l] for l in kept}
     full = tuple(have[l] if l in have else lone[l] for l in spec.output)
-    view = xp.reshape(core, tuple(have.get(l, 1) for l in spec.output))
+    view = tuple(have.get(l, 1) for l in spec.output)
     order = tuple(range(len(full))) if order is None else order
-    buf = xp.empty(tuple(full[i] for i in order), dtype=core.dtype)
-    buf[...] = xp.transpose(view, order)  # broadcast along the lone indices
-    return xp.transpose(buf, tuple(order.index(i) for i in range(len(order))))
+    buf_shape = tuple(full[i] for i in order)
+    back = tuple(order.index(i) for i in range(len(order)))
+
+    def run(ops):
+        c = core(ops)
+        buf = xp.empty(buf_shape, dtype=c.dtype)
+        buf[...] = xp.transpose(xp.reshape(c, view), order)  # broadcast along the lone indices
+        return xp.transpose(buf, back)
+    return run
 
 
 @einsum_p.defjvp
