@@ -227,16 +227,38 @@ def test_rows_are_shared_among_threads_only_where_the_work_pays():
             threads.rows(_recorder(calls, True), out, (x, b), (True, False), 10 ** 9)
 
 
+@pytest.mark.parametrize("shared_faster", [True, False])
+def test_a_kernel_runs_the_way_timed_faster_and_tries_the_other_now_and_then(
+        shared_faster, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(threads, "time", type("Clock", (), {"perf_counter": lambda: clock[0]}))
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    ways = []
+
+    def loop(out, x):  # a fake kernel: each run advances the fake clock by its cost
+        whole = out.shape[0] == 10
+        if whole or out.base is None or out.__array_interface__["data"][0] == base:
+            ways.append("alone" if whole else "shared")
+            clock[0] += 10.0 if whole == shared_faster else 1.0
+    out = np.zeros((10, 4))
+    base = out.__array_interface__["data"][0]
+    for _ in range(40):
+        threads.rows(loop, out, (np.ones((10, 4)),), (True,), 10 ** 9)
+    faster, slower = ("shared", "alone") if shared_faster else ("alone", "shared")
+    assert ways[:2] == ["alone", "shared"]  # each way timed once
+    assert ways[2:].count(faster) >= 30 and 2 <= ways[2:].count(slower) <= 6
+
+
 @contextlib.contextmanager
 def rows_on_threads(on: bool = True):
     """Every kernel's rows shared among three threads (whatever this machine's cores)."""
-    saved = threads.SPLIT_WORK, threads.cores
+    saved = threads.SHARE, threads.cores
     if on:
-        threads.SPLIT_WORK, threads.cores = 0, lambda: 3
+        threads.SHARE, threads.cores = True, lambda: 3
     try:
         yield
     finally:
-        threads.SPLIT_WORK, threads.cores = saved
+        threads.SHARE, threads.cores = saved
 
 
 SHAPES = [(), (40,), (32, 1), (32, 40), (1, 40), (3, 32, 40), (3, 1, 40), (3, 32, 1)]

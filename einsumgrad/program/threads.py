@@ -1,17 +1,18 @@
 """Threads for a program's replay: the cores, one pool, BLAS held at one thread.
 
 Two users: chunked replay (:mod:`.chunk`) shares a row-independent program's
-blocks among a thread per core, and a fused kernel (:mod:`.fuse`) large enough
-to pay splits its rows among them (:func:`rows`). NumPy's ufuncs, BLAS and the
-fused kernels release the GIL, so Python threads run them side by side. The
-two never nest: a kernel run inside a block loop (:data:`one_thread` held)
-stays on its thread.
+blocks among a thread per core, and a large fused kernel (:mod:`.fuse`) shares
+its rows among them where that is measured faster (:func:`rows`). NumPy's
+ufuncs, BLAS and the fused kernels release the GIL, so Python threads run them
+side by side. The two never nest: a kernel run inside a block loop
+(:data:`one_thread` held) stays on its thread.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import os
 import threading
+import time
 from typing import Callable
 
 _pools: dict = {}  # worker count -> a thread pool kept for the process
@@ -81,20 +82,73 @@ class OneThread:
 
 one_thread = OneThread()
 
-SPLIT_WORK = 1 << 19
+SPLIT_WORK = 1 << 21
 """Element operations (elements times each one's cost, see :func:`rows`) below
-which a fused kernel runs on the calling thread alone: handing rows to another
+which a fused kernel always runs on the calling thread: handing rows to another
 thread and waiting for it costs about as much as that many operations take."""
+TRY_EVERY = 8
+"""Every this many calls of a kernel, :func:`rows` runs it the way it estimates slower."""
+SHARE: bool | None = None
+"""``None``: :func:`rows` times both ways; ``True`` / ``False``: always / never shares
+the rows (tests and measurements set it)."""
+
+
+class _Pace:
+    """A kernel's seconds per element operation, on the calling thread alone and with
+    its rows shared (moving averages; None until first timed)."""
+
+    __slots__ = ("alone", "shared", "calls")
+
+    def __init__(self):
+        self.alone = self.shared = None
+        self.calls = 0
+
+
+_paces: dict = {}  # kernel loop -> its _Pace
 
 
 def rows(loop: Callable, out, args: tuple, cut: tuple, work: int) -> None:
     """``loop(out, *args)``, its rows (``out``'s axis 0, and that of each argument
-    whose ``cut`` is true) shared among a thread per core where the ``work``
-    (element operations) pays for the hand-over and no block loop holds the cores."""
-    k = 1 if work < SPLIT_WORK or one_thread.depth else min(cores(), out.shape[0])
+    whose ``cut`` is true) shared among a thread per core where that is faster.
+
+    Whether it is depends on the machine and on how busy its other cores are, so
+    the kernel is timed both ways and runs the faster, trying the other way now
+    and then (:data:`TRY_EVERY`): the results are the same bit for bit, each
+    element computed by the same code. Below :data:`SPLIT_WORK` element operations,
+    or inside a block loop (:data:`one_thread` held: the cores are taken), the
+    kernel runs on the calling thread.
+    """
+    k = 1 if work < SPLIT_WORK or one_thread.depth or SHARE is False \
+        else min(cores(), out.shape[0])
     if k < 2:
         loop(out, *args)
         return
+    if SHARE:
+        _shared(k, loop, out, args, cut)
+        return
+    pace = _paces.get(loop)
+    if pace is None:
+        pace = _paces[loop] = _Pace()
+    pace.calls += 1
+    if pace.alone is None or pace.shared is None:
+        shared = pace.alone is not None
+    else:
+        shared = (pace.shared < pace.alone) != (pace.calls % TRY_EVERY == 0)
+    start = time.perf_counter()
+    if shared:
+        _shared(k, loop, out, args, cut)
+    else:
+        loop(out, *args)
+    took = (time.perf_counter() - start) / work
+    before = pace.shared if shared else pace.alone
+    took = took if before is None else before + (took - before) / 4
+    if shared:
+        pace.shared = took
+    else:
+        pace.alone = took
+
+
+def _shared(k: int, loop: Callable, out, args: tuple, cut: tuple) -> None:
     n = out.shape[0]
     bounds = [n * i // k for i in range(k + 1)]
     part = lambda i: (out[bounds[i]:bounds[i + 1]],  # noqa: E731
