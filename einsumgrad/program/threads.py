@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
-import time
+from time import perf_counter
 from typing import Callable
 
 _pools: dict = {}  # worker count -> a thread pool kept for the process
@@ -134,12 +134,12 @@ def rows(loop: Callable, out, args: tuple, cut: tuple, work: int) -> None:
         shared = pace.alone is not None
     else:
         shared = (pace.shared < pace.alone) != (pace.calls % TRY_EVERY == 0)
-    start = time.perf_counter()
+    start = perf_counter()
     if shared:
         _shared(k, loop, out, args, cut)
     else:
         loop(out, *args)
-    took = (time.perf_counter() - start) / work
+    took = (perf_counter() - start) / work
     before = pace.shared if shared else pace.alone
     took = took if before is None else before + (took - before) / 4
     if shared:
