@@ -8,9 +8,11 @@ our GEMMs and large same-layout element-wise ops (VML) on all threads, but
 NumPy's broadcasts, reductions and copies stay on one; torch's use them all.
 
 * CNN: batch 128 of 1x28x28, conv 3x3 (16, pad 1) -> relu -> max-pool 2 ->
-  conv 3x3 (32, pad 1) -> relu -> max-pool 2 -> linear 10. Target <= 1.5x torch.
+  conv 3x3 (32, pad 1) -> relu -> max-pool 2 -> linear 10. Target <= 1.5x torch
+  (issue 4), and <= 1.0x at every core (issue 19).
 * attention: 2 pre-norm transformer blocks (d=64, 4 heads, MLP 256, GELU) on
-  batch 64 x 32 tokens, per-token 10-way readout. Target <= 1.3x torch.
+  batch 64 x 32 tokens, per-token 10-way readout. Target <= 1.3x torch (issue 4),
+  and <= 1.0x at every core (issue 19).
 """
 from __future__ import annotations
 
@@ -125,8 +127,9 @@ def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3) 
                     # step a sample would time each right after the gc.collect
                     # between samples).
                     times[name] = min(times[name], median_time(step, min_time=2.0 / rounds))
+        # issue 19 asks for parity with torch at every core; issue 4's target holds at one
         report(f"{title}, {n} thread{'s' * (n > 1)} each", times, ours="einsumgrad",
-               targets={"PyTorch eager": target})
+               targets={"PyTorch eager": min(target, 1.0) if n > 1 else target})
 
 
 def main() -> None:
