@@ -26,6 +26,7 @@ primitives with their rules (broadcasting included) live in
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from typing import Any, Callable, Sequence
 
@@ -126,6 +127,9 @@ class Primitive:
         return f"<primitive {self.name}>"
 
 
+_DATA, _VERSION = operator.attrgetter("data"), operator.attrgetter("version")  # no frame per call
+
+
 class Node:
     """One recorded application: the primitive, its inputs and its parameters,
     with the versions of the inputs (and of the output, 0 at birth) as they
@@ -135,7 +139,7 @@ class Node:
 
     def __init__(self, prim: Primitive, inputs: tuple, params: dict):
         self.prim, self.inputs, self.params = prim, inputs, params
-        self.versions = tuple([t.version for t in inputs])
+        self.versions = tuple(map(_VERSION, inputs))
         self.out_version = 0
 
     def check(self, out: "Tensor") -> None:
@@ -403,25 +407,26 @@ def bind(prim: Primitive, *inputs: Tensor, **params) -> Tensor:
         if PROGRAMS and state.program is not None:  # a program trace records every primitive
             out = Tensor(state.program.bind(prim, inputs, params))
         else:
-            out = Tensor(prim.impl(*[t.data for t in inputs], **params))
+            out = Tensor(prim.impl(*map(_DATA, inputs), **params))
     except Exception:
         err = device_mismatch([t.data for t in inputs])
         if err is None:
             raise
         raise err from None  # one clear error, not the array library's deep one
-    if state.grad:
+    st = state
+    if st.grad:
         rg = False
         for t in inputs:
             if t.requires_grad:
                 rg = True
                 break
-        if rg or state.tracing:
+        if rg or st.tracing:
             if rg and out.data.dtype.kind == "c":
                 raise TypeError(f"op {prim.name!r} gives a complex result from a tensor that "
                                 f"requires grad: einsumgrad does not differentiate complex values")
             out.requires_grad = rg
             out.node = Node(prim, inputs, params)
-    if state.batch:
+    if st.batch:
         bdims = [t.bdim for t in inputs]
         if any(b is not None for b in bdims):
             if prim.batch is None:
@@ -533,29 +538,53 @@ def toposort(roots: Sequence[Tensor], keep: Callable[[Tensor], bool],
         if node is None or (stop is not None and id(t) in stop):
             continue
         if node.inputs is None:
-            raise RuntimeError("trying to backward through the graph a second time: its saved "
-                               "tensors were freed; pass retain_graph=True the first time")
+            raise RuntimeError(_FREED)
         for x in node.inputs:
             if id(x) not in seen and keep(x):
                 stack.append((x, False))
     return order
 
 
-def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> tuple:
-    """The tensors on a path from ``targets`` to ``roots`` (inputs first), and the
-    predicate "lies on such a path", from one walk of the graph."""
-    memo = {id(t): True for t in targets}
-    stop = set(memo)
-    order = []
-    for t in toposort(roots, lambda t: True, stop):
-        on = memo.get(id(t))
-        if on is None:
-            node = t.node
-            on = memo[id(t)] = node is not None and any(memo.get(id(x), False)
-                                                        for x in node.inputs)
-        if on:
-            order.append(t)
-    return order, lambda t: memo.get(id(t), False)
+def _reaching(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> list:
+    """The tensors on a path from ``targets`` to ``roots``, inputs first (the order
+    :func:`toposort` gives), from one walk of the graph that stops at the targets."""
+    on = {id(t): True for t in targets}  # id -> lies on such a path; settled inputs first
+    order, seen = [], set()
+    stack = [(r, False) for r in roots]
+    pop, put = stack.pop, stack.append
+    while stack:
+        t, expanded = pop()
+        i = id(t)
+        if expanded:  # its inputs are settled
+            reached = False
+            for x in t.node.inputs:
+                if on.get(id(x)):
+                    reached = True
+                    break
+            if reached:
+                order.append(t)
+            on[i] = reached
+            continue
+        if i in seen:
+            continue
+        seen.add(i)
+        node = t.node
+        if node is None or i in on:  # a leaf, or a target (the only ids in ``on`` unseen)
+            if on.setdefault(i, False):
+                order.append(t)
+            continue
+        if node.inputs is None:
+            raise RuntimeError(_FREED)
+        put((t, True))
+        for x in node.inputs:
+            if id(x) not in seen:
+                put((x, False))
+    return order
+
+
+def _as_tensor_value(g) -> "Tensor":
+    """A cotangent kept as a Tensor or (where nothing records) a backend array, as a Tensor."""
+    return g if isinstance(g, Tensor) else Tensor(g)
 
 
 def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
@@ -571,66 +600,101 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
         ``[(tensor, cotangent)]`` for the targets (or leaves) reached.
     """
     if targets is None:
-        keep = lambda t: t.requires_grad
         stop = None
-        order = toposort(roots, keep, stop)
+        order = toposort(roots, _requires_grad, stop)
     else:
-        order, keep = _reaching(roots, targets)
+        order = _reaching(roots, targets)
         stop = {id(t) for t in targets}
+    keep = {id(t) for t in order}  # the inputs a cotangent flows on to
     cots: dict = {}
     for r, g in zip(roots, cotangents):
         cots[id(r)] = cots[id(r)] + g if id(r) in cots else g
     owned: set = set()  # ids whose cotangent is a buffer of this pass's own, added into
+    grad = state.grad
     quiet = not state.tracing and not BATCHING  # no transform records what the rules bind
+    # Where the rules' own ops would record nothing (``plain``), a primitive's fused
+    # or in-place VJP gives the same values on arrays, without a Tensor per step;
+    # where no transform records either, cotangents stay arrays (no Tensor at all).
     result = []
     for t in reversed(order):
-        g = cots.pop(id(t), None)
+        i = id(t)
+        g = cots.pop(i, None)
         if g is None:
             continue
-        owned.discard(id(t))
+        owned.discard(i)
         node = t.node
-        if node is None or (stop is not None and id(t) in stop):
-            result.append((t, g))
+        if node is None or (stop is not None and i in stop):
+            result.append((t, _as_tensor_value(g)))
             continue
         node.check(t)
-        prim, xs = node.prim, node.inputs
-        # Where the rules' own ops would record nothing, a primitive's fused or
-        # in-place VJP gives the same values on arrays, without a Tensor per step.
-        plain = not state.grad or (quiet and not g.requires_grad and not t.requires_grad
-                                   and not any(x.requires_grad for x in xs))
+        prim, xs, params = node.prim, node.inputs, node.params
+        is_array = not isinstance(g, Tensor)
+        plain = not grad
+        if grad and quiet and (is_array or not g.requires_grad) and not t.requires_grad:
+            plain = True
+            for x in xs:
+                if x.requires_grad:
+                    plain = False
+                    break
+        gd = g if is_array else g.data
         fused = None
         if prim.fused is not None and plain:
-            fused = prim.fused(g.data, t.data, *[x.data for x in xs], **node.params)
+            fused = prim.fused(gd, t.data, *[x.data for x in xs], **params)
+        gt = None if is_array else g  # g as a Tensor, made where a rule needs one
         for k, x in enumerate(xs):
-            if not keep(x):
+            ix = id(x)
+            if ix not in keep:
                 continue
+            if gt is None and (fused is None or prim.accum is not None):
+                gt = Tensor(g)
             if prim.accum is not None and plain:
                 # Slices of one tensor (q, k and v of one product) add their
                 # cotangents into one zero buffer, in place: not one zero
                 # array each, then summed.
-                xp = backend_of(g.data)
-                have = cots.get(id(x))
-                dtype = xp.result_type(g.dtype, x.dtype, *(() if have is None else (have.dtype,)))
-                if id(x) not in owned or have.dtype != dtype:
-                    buf = in_order_of(x.data, x.shape, lead=g.shape[:g.ndim - t.ndim], dtype=dtype)
+                xp = backend_of(gd)
+                have = cots.get(ix)
+                dtype = xp.result_type(gd.dtype, x.dtype, *(() if have is None else (have.dtype,)))
+                if ix not in owned or have.dtype != dtype:
+                    buf = in_order_of(x.data, x.shape, lead=gd.shape[:gd.ndim - t.ndim],
+                                      dtype=dtype)
                     if have is not None:
-                        buf += have.data
-                    cots[id(x)] = Tensor(buf)
-                    owned.add(id(x))
-                prim.accum(cots[id(x)].data, g, t, x, **node.params)
+                        buf += have if not isinstance(have, Tensor) else have.data
+                    cots[ix] = buf if quiet else Tensor(buf)
+                    owned.add(ix)
+                have = cots[ix]
+                prim.accum(have if quiet else have.data, gt, t, x, **params)
                 continue
-            gk = Tensor(fused[k]) if fused is not None else prim.vjp(k, g, t, *xs, **node.params)
-            buf = cots[id(x)].data if id(x) in owned else None
-            if buf is not None and gk.shape == buf.shape and gk.dtype == buf.dtype:
-                backend_of(buf).add(buf, gk.data, out=buf)
-            else:  # a new sum (NumPy's promotion and broadcasting), no longer ours to add into
-                owned.discard(id(x))
-                cots[id(x)] = cots[id(x)] + gk if id(x) in cots else gk
+            if fused is not None:
+                gk = fused[k]
+                if isinstance(gk, _SCALAR):  # as a Tensor would hold it
+                    gk = backend_of(gk).asarray(gk)
+                if not quiet:
+                    gk = Tensor(gk)
+            else:
+                gk = prim.vjp(k, gt, t, *xs, **params)
+            have = cots.get(ix)
+            if ix in owned:
+                buf = have if quiet else have.data
+                if gk.shape == buf.shape and gk.dtype == buf.dtype:
+                    backend_of(buf).add(buf, gk if not isinstance(gk, Tensor) else gk.data,
+                                        out=buf)
+                    continue
+            # a new sum (NumPy's promotion and broadcasting), no longer ours to add into
+            owned.discard(ix)
+            cots[ix] = gk if have is None else _as_tensor_value(have) + _as_tensor_value(gk)
     if release:
         for t in order:
             if t.node is not None:
                 t.node.inputs = None
     return result
+
+
+_FREED = ("trying to backward through the graph a second time: its saved tensors were freed; "
+          "pass retain_graph=True the first time")
+
+
+def _requires_grad(t: Tensor) -> bool:
+    return t.requires_grad
 
 
 def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor | None:
@@ -639,7 +703,7 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
     Each tangent may carry the same leading batch axes; JVP rules keep them.
     Returns ``root``'s tangent, or ``None`` where it does not depend on the sources.
     """
-    order, _ = _reaching([root], sources)
+    order = _reaching([root], sources)
     stop = {id(s) for s in sources}
     tan = {id(s): t for s, t in zip(sources, tangents)}
     order = [t for t in order if id(t) not in stop]
