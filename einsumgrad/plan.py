@@ -42,6 +42,7 @@ class Bounded(dict):
             del self[next(iter(self))]
 
 
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")  # no frame per call
 CACHE_SIZE = 512  # plans per cache: far more than one model's distinct shapes
 _plans = Bounded(CACHE_SIZE)
 stats = {"planned": 0}  # how many plans were made; a test reads it
@@ -116,8 +117,7 @@ def plan_for(spec: Spec, arrays: Sequence, optimize=AUTO):
     xp = common_backend(arrays)
     if optimize is not AUTO:
         optimize = path_option(optimize)
-    key = (spec, tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays), xp.name,
-           optimize)
+    key = (spec, tuple(map(_SHAPE, arrays)), tuple(map(_DTYPE, arrays)), xp.name, optimize)
     run = _plans.get(key)
     if run is None:
         # NumPy's einsum computes in the operands' result type: mixed operands

@@ -102,6 +102,7 @@ _lazy: list = []      # (module prefix, device prefixes, factory): made on first
 def register_backend(array_type: type, backend: Backend) -> None:
     """Make arrays of ``array_type`` (and its subclasses) run on ``backend``."""
     _registry[array_type] = backend
+    _unowned.clear()
 
 
 def register_lazy(module_prefix: str, devices: tuple, factory: Callable[[], Backend]) -> None:
@@ -109,6 +110,7 @@ def register_lazy(module_prefix: str, devices: tuple, factory: Callable[[], Back
     ``module_prefix`` shows up, or a device starting with one of ``devices`` is asked for
     (CuPy: imported only then)."""
     _lazy.append((module_prefix, tuple(devices), factory))
+    _unowned.clear()
 
 
 def _lookup(tp: type) -> Backend | None:
@@ -127,11 +129,19 @@ def backend_of(array: Any) -> Backend:
     b = _registry.get(type(array))
     if b is not None:
         return b
+    if type(array) in _unowned:
+        return _registry[numpy.ndarray]
     b = _lookup(type(array))
     if b is not None:
         _registry[type(array)] = b
         return b
+    _unowned.add(type(array))
     return _registry[numpy.ndarray]
+
+
+# Types no backend owns (NumPy's scalars, Python's numbers) that backend_of met:
+# forgotten whenever a backend is registered, which might own them.
+_unowned: set = set()
 
 
 def is_backend_array(array: Any) -> bool:
@@ -147,9 +157,11 @@ def common_backend(arrays) -> Backend:
     """
     found = None
     for a in arrays:
-        if isinstance(a, (int, float, complex, numpy.generic)):
-            continue
-        b = backend_of(a)
+        b = _registry.get(type(a))  # an array of a registered type: the common case
+        if b is None:
+            if isinstance(a, (int, float, complex, numpy.generic)):
+                continue
+            b = backend_of(a)
         if found is None or found is b:
             found = b
         else:

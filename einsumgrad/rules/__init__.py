@@ -49,6 +49,8 @@ def torch_spellings(fn, axis_at: int = 0):
     """
     @functools.wraps(fn)
     def wrapped(x, *args, dim=_UNSET, keepdim=_UNSET, **kwargs):
+        if dim is _UNSET and keepdim is _UNSET:  # NumPy's spelling: nothing to translate
+            return fn(x, *args, **kwargs)
         for torch_name, name, value in (("dim", "axis", dim), ("keepdim", "keepdims", keepdim)):
             if value is not _UNSET:
                 positional = name == "axis" and len(args) > axis_at
@@ -86,10 +88,12 @@ def _compare(fn):
 
 
 def _reduction(fn):
+    fn = getattr(fn, "__wrapped__", fn)  # dim= and keepdim= are read here: not again inside
+
     def method(x, axis=None, keepdims=False, *, dim=_UNSET, keepdim=_UNSET, **numpy_kwargs):
         # NumPy's out= and dtype= (as ndarray's methods take them) are refused
         # by name when set; torch's dim= / keepdim= are axis= / keepdims=.
-        given = sorted(k for k, v in numpy_kwargs.items() if v is not None)
+        given = numpy_kwargs and sorted(k for k, v in numpy_kwargs.items() if v is not None)
         if given:
             raise TypeError(f"Tensor.{fn.__name__}: {', '.join(given)} not supported "
                             f"(einsumgrad reductions return a new Tensor)")

@@ -27,7 +27,7 @@ from .shape import (Batched, bind, install_einsum_ops, int_axis, normalize_axes,
 # -- einsum: the one linear-algebra primitive ----------------------------------
 
 def _einsum_impl(*arrays, spec, run=None, order=None):
-    return run(arrays) if run is not None else contract(spec, arrays, order)
+    return run(arrays) if run is not None else plan_for(spec, arrays)(arrays, order)
 
 
 einsum_p = Primitive("einsum", _einsum_impl)
@@ -447,12 +447,22 @@ def sum_to(g: Tensor, shape: tuple, nb: int = 0) -> Tensor:
 def sum(x, axis=None, keepdims: bool = False) -> Tensor:
     """Sum over ``axis`` (an einsum that drops those indices)."""
     x = as_tensor(x)
-    axes = normalize_axes(axis, x.ndim)
-    labels = letters(x.ndim)
-    r = einsum_spec(Spec((labels,), tuple(l for i, l in enumerate(labels) if i not in axes)), x)
+    key = (x.ndim, axis) if axis is None or type(axis) is int else None
+    spec = _sum_specs.get(key) if key is not None else None
+    if spec is None:
+        axes = normalize_axes(axis, x.ndim)
+        labels = letters(x.ndim)
+        spec = Spec((labels,), tuple(l for i, l in enumerate(labels) if i not in axes))
+        if key is not None:
+            _sum_specs[key] = spec
+    r = einsum_spec(spec, x)
     if keepdims:
+        axes = normalize_axes(axis, x.ndim)
         r = reshape(r, tuple(1 if i in axes else n for i, n in enumerate(x.shape)))
     return r
+
+
+_sum_specs = Bounded(CACHE_SIZE)  # (rank, axis: None or an int) -> the sum's spec, checked
 
 
 def transpose(x, axes: Sequence[int] | None = None) -> Tensor:
