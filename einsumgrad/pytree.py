@@ -34,18 +34,25 @@ class TreeDef:
         num_leaves: how many leaves the tree holds.
     """
 
-    __slots__ = ("kind", "keys", "children", "num_leaves")
+    __slots__ = ("kind", "keys", "children", "num_leaves", "_hash")
 
     def __init__(self, kind: type | None, keys: tuple | None = None, children: tuple = ()):
         self.kind, self.keys, self.children = kind, keys, children
         self.num_leaves = 1 if kind is None else sum(c.num_leaves for c in children)
+        self._hash = None
 
     def __eq__(self, other: object) -> bool:
         return (self is other or isinstance(other, TreeDef) and self.kind is other.kind
                 and self.keys == other.keys and self.children == other.children)
 
-    def __hash__(self) -> int:
-        return hash((self.kind, self.keys, self.children))
+    def __hash__(self) -> int:  # a structure is hashed on every jit call: once is enough
+        h = self._hash
+        if h is None:
+            h = self._hash = hash((self.kind, self.keys, self.children))
+        return h
+
+    def __reduce__(self):  # not the hash: a type's differs in another process
+        return TreeDef, (self.kind, self.keys, self.children)
 
     def __repr__(self) -> str:
         if self.kind is None:

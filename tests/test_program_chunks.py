@@ -273,8 +273,10 @@ def test_jit_replays_in_blocks_equal_to_the_whole_replay(rng, monkeypatch):
     assert j.traces == 1
     assert_same(got, want)
     p = j.program(x)
-    assert isinstance(chunk._runs[p], chunk.Chunked) == CHUNKS
-    assert chunk._runs[whole.program(x)] is None
+    (run,) = [r for q, r in j.programs.values() if q is p]  # the replay jit keeps beside it
+    assert isinstance(run, chunk.Chunked) == CHUNKS
+    (run,) = [r for _, r in whole.programs.values()]
+    assert not isinstance(run, (chunk.Chunked, chunk.Raced))
     # the program itself is unchanged: it prints, emits and pickles as before
     q = pickle.loads(pickle.dumps(p))
     assert str(q) == str(p) and q.source() == p.source()
@@ -413,9 +415,10 @@ def test_a_replay_does_not_keep_its_program_alive(rng, monkeypatch):
             monkeypatch.setenv("EINSUMGRAD_CHUNK", rows)
         x = xb(rng.standard_normal((batch, 3)))
         p = make_program(seed002(rng))(x)
-        chunk.replay(p, [x])
-        assert p in chunk._runs
+        run = chunk.replayer(p)
+        assert_same(run([x]), p.run([x]))
         ref = weakref.ref(p)
         del p
         gc.collect()
         assert ref() is None
+        run([x])  # it runs on what it holds

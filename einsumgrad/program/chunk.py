@@ -51,7 +51,6 @@ import copy
 import math
 import os
 import time
-import weakref
 from typing import Callable
 
 import numpy
@@ -492,10 +491,6 @@ class Raced:
         return out
 
 
-# program -> its replay (None: p.run). A value must not hold its program: the key is weak.
-_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def plan_replay(p) -> Callable | None:
     """How ``jit`` replays ``p``: ``run(values) -> output leaves``, or ``None`` for its
     whole-batch run (``p.run``). Block by block where that is proved exact and may pay:
@@ -519,12 +514,11 @@ def plan_replay(p) -> Callable | None:
     return Raced(p._run or p._compile(), chunked, parallel)
 
 
-_WHOLE = object()
-
-
-def replay(p, values: list) -> list:
-    """``p``'s output leaves for the input arrays ``values``, as ``jit`` runs it."""
-    run = _runs.get(p, _WHOLE)
-    if run is _WHOLE:
-        run = _runs[p] = plan_replay(p)
-    return p.run(values) if run is None else run(values)
+def replayer(p) -> Callable:
+    """How ``jit`` replays ``p``: ``run(values) -> output leaves`` (:func:`plan_replay`'s,
+    or the whole-batch run). It holds what it runs, not ``p``."""
+    run = plan_replay(p)
+    if run is not None:
+        return run
+    whole = p._run or p._compile()
+    return lambda values: whole(*values)

@@ -141,6 +141,8 @@ class Program:
 
     def outputs_of(self, flat: list) -> Any:
         """The output pytree from the output leaves (Tensors where ``f`` gave Tensors)."""
+        if self.out_tree.kind is None:  # one array: no structure to rebuild
+            return Tensor(flat[0]) if self.out_tensor[0] else flat[0]
         leaves = [Tensor(v) if t else v for v, t in zip(flat, self.out_tensor)]
         return unflatten(self.out_tree, leaves)
 

@@ -10,7 +10,7 @@ from ..backends import backend_of
 from ..plan import Bounded
 from ..pytree import flatten, unflatten
 from ..tensor import Tensor, state
-from .chunk import replay
+from .chunk import replayer
 from .core import Program, is_array, remember, signature
 from .passes import optimize as run_passes
 from .render import function_label, input_names
@@ -123,25 +123,28 @@ class Jit:
         if any(part[0] is True for part in key[2]) and any(
                 t.requires_grad for t in _tensors(args, kwargs)):
             return self.f(*args, **kwargs)  # a graph is wanted: the tape records f
-        p = self.programs.get(key)
-        if p is not None:
+        hit = self.programs.get(key)  # [program, its replay (made at the first replay)]
+        if hit is not None:
+            p, run = hit
+            if run is None:
+                run = hit[1] = replayer(p)
             try:
-                return p.outputs_of(replay(p, values))
+                return p.outputs_of(run(values))
             except GuardFailed:
                 pass  # a rule's branch goes the other way here: trace again
         self.traces += 1
         p, now = trace_program(self.f, args, kwargs, nums)
-        self.programs[key] = p
+        self.programs[key] = [p, None]
         return p.outputs_of(now)
 
     def program(self, *args, **kwargs) -> Program:
         """The program these arguments run (traced if need be)."""
         nums = _normalized(self.static_argnums, len(args))
         key, _ = signature(args, kwargs, nums)
-        p = self.programs.get(key)
-        if p is None:
-            p = self.programs[key] = trace_program(self.f, args, kwargs, nums)[0]
-        return p
+        hit = self.programs.get(key)
+        if hit is None:
+            hit = self.programs[key] = [trace_program(self.f, args, kwargs, nums)[0], None]
+        return hit[0]
 
 
 def _tensors(args: tuple, kwargs: dict) -> list:
