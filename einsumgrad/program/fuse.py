@@ -17,7 +17,10 @@ where merging its axes needs that). exp, log, tanh and the sigmoid are
 :mod:`.vecmath`'s, which vectorize where numba's call libm one element at a
 time. ``out=`` (``compile.reuse_plan``) writes the result into a dead input;
 a loop of its own then reads that input as the result, so that LLVM sees no
-overlap to test for (its test would fall back to scalar code).
+overlap to test for (its test would fall back to scalar code). A constant
+broadcast along an axis (stride 0) enters with length 1 there, not merged
+into a copy. A large kernel's rows may be shared among a thread per core
+(:func:`.threads.rows`, timed both ways).
 
 The kernel's source is written to a cache folder and compiled with numba's
 disk cache, so a program traced again (or unpickled) in another process does
