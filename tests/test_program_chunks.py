@@ -314,7 +314,7 @@ def test_the_race_keeps_the_faster_replay(chunked_faster, rng, monkeypatch):
     race = chunk.plan_replay(p)
     assert isinstance(race, chunk.Raced)
     assert (race.parallel is not None) == (chunk.cores() > 1)
-    race.parallel = None  # two sides here; three below
+    race = chunk.Raced(race.whole, race.chunked)  # two sides here; three below
     calls = []
     whole, blocks = race.whole, race.chunked
     race.whole = lambda *values: calls.append("whole") or whole(*values)
@@ -337,6 +337,37 @@ def test_the_race_keeps_the_faster_replay(chunked_faster, rng, monkeypatch):
     monkeypatch.undo()
     race([x])
     assert calls[-1] == ("chunked" if chunked_faster else "whole")
+
+
+@pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")
+def test_the_race_tries_the_slower_side_now_and_then_and_follows_a_change(rng, monkeypatch):
+    monkeypatch.delenv("EINSUMGRAD_CHUNK", raising=False)
+    x = rng.standard_normal((20000, 3))
+    p = make_program(seed002(rng))(x)
+    race = chunk.plan_replay(p)
+    race = chunk.Raced(race.whole, race.chunked)
+    calls = []
+    whole, blocks = race.whole, race.chunked
+    race.whole = lambda *values: calls.append("whole") or whole(*values)
+    race.chunked = lambda values: calls.append("chunked") or blocks(values)
+    took = {"whole": 1.0, "chunked": 5.0}
+    clock = [0.0]
+
+    def fake():  # each read after a call has started adds that call's time
+        clock[0] += took[calls[-1]] if len(calls) > fake.seen else 0.0
+        fake.seen = len(calls)
+        return clock[0]
+    fake.seen = 0
+    monkeypatch.setattr(chunk.time, "perf_counter", fake)
+    n = 4 * chunk.Raced.EVERY
+    for _ in range(n):
+        race([x])
+    assert calls.count("whole") > calls.count("chunked") >= chunk.Raced.TRIES + 2
+    took.update(whole=9.0, chunked=1.0)  # the other side became the faster
+    calls.clear()
+    for _ in range(n):
+        race([x])
+    assert calls[-chunk.Raced.EVERY:].count("chunked") >= chunk.Raced.EVERY - 2
 
 
 @pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")

@@ -39,7 +39,8 @@ It runs on NumPy's backend only, for programs whose batched slots total at least
 intermediates; smaller ones replay whole. Whether the blocks pay also depends on
 the machine (a product-bound program loses BLAS's second thread): the first
 calls run the whole replay, the chunked one and, on several cores, the chunked
-one on a thread per core in turns, and the fastest stays (:class:`Raced`).
+one on a thread per core in turns, and the fastest stays, a slower one timed
+again now and then in case the machine changed (:class:`Raced`).
 
 ``EINSUMGRAD_CHUNK=0`` turns chunking off; ``EINSUMGRAD_CHUNK=<rows>`` fixes the
 rows per block (for tests and measurement; the size heuristics are skipped).
@@ -57,7 +58,7 @@ import numpy
 
 from ..plan import AUTO, Plan
 from .passes import ELEMENTWISE  # with no parameters, the result broadcasts the operands
-from .threads import cores, one_thread, pool as thread_pool
+from .threads import Timed, cores, one_thread, pool as thread_pool
 from .trace import Eq, Ref
 
 CACHE_BYTES = 1 << 21
@@ -463,31 +464,27 @@ class Chunked:
 
 class Raced:
     """The whole replay, the chunked one and (on several cores) the chunked one on a
-    thread per core, in turns for the first calls, then the one with the shortest
-    best time: which pays depends on the machine (its cores, its caches, how busy
-    it is) more than a size threshold can say. Each call's result is a real one;
-    they agree up to BLAS rounding (the two chunked ones run the same blocks)."""
+    thread per core, each timed as it runs, the fastest kept (:class:`.threads.Timed`:
+    in turns for the first calls, then the fastest, a slower one tried now and
+    then): which pays depends on the machine (its cores, its caches, how busy it
+    is) more than a size threshold can say. Each call's result is a real one; they
+    agree up to BLAS rounding (the two chunked ones run the same blocks)."""
 
-    TRIES = 3  # calls timed per side
+    TRIES = Timed.TRIES  # calls timed per side before the first pick
+    EVERY = 32  # then a slower side every this many calls
 
     def __init__(self, whole: Callable, chunked: Chunked, parallel: Chunked | None = None):
         self.whole, self.chunked, self.parallel = whole, chunked, parallel
-        self.times: tuple = ([], [], [])
-        self.pick: Callable | None = None
+        self.timed = Timed(3 if parallel is not None else 2, self.EVERY)
 
     def __call__(self, values: list) -> list:
-        if self.pick is not None:
-            return self.pick(values)
-        whole = self.whole
-        sides = (lambda values: whole(*values), self.chunked, self.parallel)
-        count = 3 if self.parallel is not None else 2
-        n = sum(len(t) for t in self.times)
-        side = n % count
+        side = self.timed.pick()
         t = time.perf_counter()
-        out = sides[side](values)
-        self.times[side].append(time.perf_counter() - t)
-        if n + 1 >= count * self.TRIES:
-            self.pick = sides[min(range(count), key=lambda k: min(self.times[k]))]
+        if side == 0:
+            out = self.whole(*values)
+        else:
+            out = (self.chunked if side == 1 else self.parallel)(values)
+        self.timed.record(side, time.perf_counter() - t)
         return out
 
 

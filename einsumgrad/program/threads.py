@@ -86,25 +86,49 @@ SPLIT_WORK = 1 << 21
 """Element operations (elements times each one's cost, see :func:`rows`) below
 which a fused kernel always runs on the calling thread: handing rows to another
 thread and waiting for it costs about as much as that many operations take."""
-TRY_EVERY = 8
-"""Every this many calls of a kernel, :func:`rows` runs it the way it estimates slower."""
 SHARE: bool | None = None
 """``None``: :func:`rows` times both ways; ``True`` / ``False``: always / never shares
 the rows (tests and measurements set it)."""
 
 
-class _Pace:
-    """A kernel's seconds per element operation, on the calling thread alone and with
-    its rows shared (moving averages; None until first timed)."""
+class Timed:
+    """Ways of running one thing, each timed as it runs: the fastest runs.
 
-    __slots__ = ("alone", "shared", "calls")
+    The first calls take the ways in turn, :attr:`TRIES` each, a way's estimate
+    the best of its times; after that each time moves its estimate a quarter of
+    the way, and every ``every`` calls one of the slower ways runs (in turn), so a
+    way that became the faster (a core another process freed) is found again.
+    """
 
-    def __init__(self):
-        self.alone = self.shared = None
-        self.calls = 0
+    TRIES = 3
+
+    __slots__ = ("times", "counts", "calls", "every")
+
+    def __init__(self, ways: int, every: int):
+        self.times, self.counts = [float("inf")] * ways, [0] * ways
+        self.calls, self.every = 0, every
+
+    def pick(self) -> int:
+        """The way to run now."""
+        self.calls += 1
+        n = min(self.counts)
+        if n < self.TRIES:
+            return self.counts.index(n)
+        best = min(range(len(self.times)), key=self.times.__getitem__)
+        if self.calls % self.every:
+            return best
+        others = [i for i in range(len(self.times)) if i != best]
+        return others[self.calls // self.every % len(others)]
+
+    def record(self, way: int, seconds: float) -> None:
+        """How long ``way`` took this time (per unit of work, where that varies)."""
+        self.counts[way] += 1
+        t = self.times[way]
+        self.times[way] = min(t, seconds) if self.counts[way] <= self.TRIES else \
+            t + (seconds - t) / 4
 
 
-_paces: dict = {}  # kernel loop -> its _Pace
+_paces: dict = {}  # kernel loop -> its Timed (0: alone, 1: rows shared), per element operation
 
 
 def rows(loop: Callable, out, args: tuple, cut: tuple, work: int) -> None:
@@ -113,8 +137,8 @@ def rows(loop: Callable, out, args: tuple, cut: tuple, work: int) -> None:
 
     Whether it is depends on the machine and on how busy its other cores are, so
     the kernel is timed both ways and runs the faster, trying the other way now
-    and then (:data:`TRY_EVERY`): the results are the same bit for bit, each
-    element computed by the same code. Below :data:`SPLIT_WORK` element operations,
+    and then (:class:`Timed`): the results are the same bit for bit, each element
+    computed by the same code. Below :data:`SPLIT_WORK` element operations,
     or inside a block loop (:data:`one_thread` held: the cores are taken), the
     kernel runs on the calling thread.
     """
@@ -128,24 +152,14 @@ def rows(loop: Callable, out, args: tuple, cut: tuple, work: int) -> None:
         return
     pace = _paces.get(loop)
     if pace is None:
-        pace = _paces[loop] = _Pace()
-    pace.calls += 1
-    if pace.alone is None or pace.shared is None:
-        shared = pace.alone is not None
-    else:
-        shared = (pace.shared < pace.alone) != (pace.calls % TRY_EVERY == 0)
+        pace = _paces[loop] = Timed(2, every=8)
+    way = pace.pick()
     start = perf_counter()
-    if shared:
+    if way:
         _shared(k, loop, out, args, cut)
     else:
         loop(out, *args)
-    took = (perf_counter() - start) / work
-    before = pace.shared if shared else pace.alone
-    took = took if before is None else before + (took - before) / 4
-    if shared:
-        pace.shared = took
-    else:
-        pace.alone = took
+    pace.record(way, (perf_counter() - start) / work)
 
 
 def _shared(k: int, loop: Callable, out, args: tuple, cut: tuple) -> None:
