@@ -65,6 +65,23 @@ def test_the_threaded_classes_never_mix_the_two_pools(fresh, monkeypatch):
 
 
 @needs_mkl
+def test_a_product_openblas_keeps_on_one_thread_is_numpys_whatever_the_choice(fresh, monkeypatch):
+    # up to 2^18 multiply-adds OpenBLAS runs a product on the calling thread: NumPy's takes
+    # it even where MKL won the class (no pool to fight MKL's); a batch still follows the class
+    monkeypatch.setenv("EINSUMGRAD_BLAS", "mkl")
+    calls = []
+    real = mkl.matmul
+    monkeypatch.setattr(mkl, "matmul", lambda a, b, out=None: calls.append(a.shape) or real(a, b))
+    rng = np.random.default_rng(0)
+    for sa, sb, by_mkl in (((256, 16), (16, 64), False), ((64, 64), (64, 64), False),
+                           ((256, 16), (16, 65), True), ((4, 64, 64), (64, 64), True)):
+        a, b = rng.standard_normal(sa), rng.standard_normal(sb)
+        calls.clear()
+        np.testing.assert_allclose(NUMPY.matmul(a, b), a @ b, rtol=1e-12)
+        assert bool(calls) == by_mkl, (sa, sb)
+
+
+@needs_mkl
 @pytest.mark.parametrize("rule", ["mkl", "numpy"])
 def test_a_fixed_rule_measures_nothing(fresh, monkeypatch, rule):
     monkeypatch.setenv("EINSUMGRAD_BLAS", rule)

@@ -523,6 +523,10 @@ def _race(a, b, budget: float = 0.004) -> tuple:
 # From this many multiply-adds OpenBLAS runs a product on its thread pool (its
 # GEMM_MULTITHREAD_THRESHOLD times 2^16); below, on the calling thread.
 _THREADED = 18
+# One product up to this many multiply-adds OpenBLAS runs on the calling thread
+# (its test is <=), so NumPy's takes it whatever the choice: no pool to fight
+# MKL's, and MKL's call costs more than the product at this size.
+_ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
 _RULE = "one-pool"
 
@@ -650,7 +654,9 @@ def _chooser() -> Callable:
         measured faster for this dtype and size class (see :func:`blas_choices`)."""
         if (type(a) is not numpy.ndarray or type(b) is not numpy.ndarray or a.dtype != b.dtype
                 or a.dtype not in _FLOATS or a.ndim == 0 or b.ndim == 0
-                or a.size * (b.shape[-1] if b.ndim > 1 else 1) < _CHOICE_MIN):
+                or a.size * (b.shape[-1] if b.ndim > 1 else 1) < _CHOICE_MIN
+                or (a.ndim <= 2 and b.ndim <= 2
+                    and a.size * (b.shape[-1] if b.ndim > 1 else 1) <= _ONE_THREAD_WORK)):
             return numpy.matmul(a, b) if out is None else numpy.matmul(a, b, out=out)
         fn = pick(a, b)
         return fn(a, b) if out is None else fn(a, b, out=out)
