@@ -283,12 +283,16 @@ def test_a_buffer_seen_through_a_view_is_not_written_over():
     ("bi,io->bo", (3, 5), False),    # already in the product's order
     ("io,bi->bo", (3, 5), False),
     ("bi,bi->b", (7, 3), False),     # element-wise along b: not a product's factor
+    ("abi,oi->boa", (3, 5), True),   # kept inside the output: the right factor, by place
+    ("io,abi->boa", (5, 3), True),   # ... the left one
+    ("oi,abi->boa", (3, 5), False),
 ])
 def test_a_constant_read_transposed_is_stored_in_the_products_order(spec, shape, relaid):
     rng = np.random.default_rng(3)
     w = xb(rng.standard_normal(shape))
     xs = {"bi,oi->bo": (7, 3), "...i,oi->...o": (2, 7, 3), "io,ib->ob": (5, 7), "oi,ib->ob": (5, 7),
-          "bi,io->bo": (7, 3), "io,bi->bo": (7, 3), "bi,bi->b": (7, 3)}[spec]
+          "bi,io->bo": (7, 3), "io,bi->bo": (7, 3), "bi,bi->b": (7, 3),
+          "abi,oi->boa": (2, 7, 5), "io,abi->boa": (2, 7, 5), "oi,abi->boa": (2, 7, 5)}[spec]
     x = xb(rng.standard_normal(xs))
     w_first = "o" in spec.split(",")[0]
     f = (lambda x: eg.einsum(spec, w, x)) if w_first else (lambda x: eg.einsum(spec, x, w))

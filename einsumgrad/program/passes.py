@@ -269,7 +269,10 @@ def constant_layouts(p) -> None:
             if len(kept) != 1 or len(summed) != 1 or kept[0] in other:
                 continue
             (o,), (i,) = kept, summed
-            want = (i, o) if spec.output[-1] == o else (o, i) if spec.output[0] == o else term
+            # the kept index last or first in the output: the right or the left factor;
+            # inside it (a product laid out by a transpose after), the operand's place says
+            want = ((i, o) if spec.output[-1] == o else (o, i) if spec.output[0] == o
+                    else (i, o) if k else (o, i))
             shapes = [p.avals[x.slot][0] for x in eq.args]
             work = numpy.prod([n for t, sh in zip(spec.inputs, shapes) for n in sh]) // c.shape[
                 term.index(i)]
