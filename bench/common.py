@@ -73,7 +73,10 @@ def median_times(fns: dict, *, min_time: float = 0.3, repeat: int = 7) -> dict:
 
     Each of ``repeat`` rounds times every contender in turn for its share of
     ``min_time``, so a change in the machine's load during the run reaches all
-    of them alike rather than whichever ran then.
+    of them alike rather than whichever ran then. Each turn starts with one
+    call untimed: the library just run leaves its thread pool spinning for a
+    while (OpenMP's, OpenBLAS's, XLA's), and a user running one library never
+    has another's pool on the cores.
     """
     number = {}
     for name, fn in fns.items():
@@ -85,6 +88,7 @@ def median_times(fns: dict, *, min_time: float = 0.3, repeat: int = 7) -> dict:
     for _ in range(repeat):
         for name, fn in fns.items():
             gc.collect()
+            fn()
             t0 = time.perf_counter()
             for _ in range(number[name]):
                 fn()
