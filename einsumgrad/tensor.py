@@ -205,10 +205,11 @@ class Tensor:
         self.version = 0
 
     # -- array-like surface -------------------------------------------------
-    shape = property(lambda self: self.data.shape)
-    ndim = property(lambda self: self.data.ndim)
-    dtype = property(lambda self: self.data.dtype)
-    size = property(lambda self: self.data.size)
+    # C getters: read on every op, a Python frame each would cost more than the read
+    shape = property(operator.attrgetter("data.shape"))
+    ndim = property(operator.attrgetter("data.ndim"))
+    dtype = property(operator.attrgetter("data.dtype"))
+    size = property(operator.attrgetter("data.size"))
 
     def __len__(self) -> int:
         return len(self.data)
@@ -599,6 +600,15 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
     Returns:
         ``[(tensor, cotangent)]`` for the targets (or leaves) reached.
     """
+    return [(t, _as_tensor_value(g)) for t, g in backprop_values(roots, cotangents, targets,
+                                                                   release)]
+
+
+def backprop_values(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
+                    targets: Sequence[Tensor] | None, release: bool = False) -> list:
+    """:func:`backprop`, each cotangent a Tensor or, where no transform records, a
+    backend array of the pass's own (a caller wraps it in a fresh Tensor, cut from
+    any graph, without wrapping a Tensor first)."""
     if targets is None:
         stop = None
         order = toposort(roots, _requires_grad, stop)
@@ -624,9 +634,11 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
         owned.discard(i)
         node = t.node
         if node is None or (stop is not None and i in stop):
-            result.append((t, _as_tensor_value(g)))
+            result.append((t, g))
             continue
-        node.check(t)
+        if (t.version != node.out_version or t.data.dtype.kind == "c"
+                or tuple(map(_VERSION, node.inputs)) != node.versions):
+            node.check(t)  # raises: the common case passes above without a call
         prim, xs, params = node.prim, node.inputs, node.params
         is_array = not isinstance(g, Tensor)
         plain = not grad
@@ -639,7 +651,7 @@ def backprop(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
         gd = g if is_array else g.data
         fused = None
         if prim.fused is not None and plain:
-            fused = prim.fused(gd, t.data, *[x.data for x in xs], **params)
+            fused = prim.fused(gd, t.data, *map(_DATA, xs), **params)
         gt = None if is_array else g  # g as a Tensor, made where a rule needs one
         for k, x in enumerate(xs):
             ix = id(x)
@@ -714,7 +726,9 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
             uses[id(x)] = uses.get(id(x), 0) + 1
     for t in order:
         node = t.node
-        node.check(t)
+        if (t.version != node.out_version or t.data.dtype.kind == "c"
+                or tuple(map(_VERSION, node.inputs)) != node.versions):
+            node.check(t)  # raises: the common case passes above without a call
         prim, xs = node.prim, node.inputs
         total = None
         for k, x in enumerate(xs):
