@@ -28,19 +28,20 @@ in memory is computed, in passes if it must.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable, Sequence
 
+import numpy
+
 from .backends import backend_of
 from .distributed.blocks import is_dask, on_blocks
-from .plan import jacobian_of
+from .plan import CACHE_SIZE, Bounded, jacobian_of
 from .pytree import LEAF, TreeDef, flatten, tree_map, unflatten
 from .rules import concatenate, einsum_p, identity_p, reshape, transpose
 from .rules.shape import active_levels, bottom, lift, wrap
 from .spec import Spec, letters
-from .tensor import (BatchMixingError, Tensor, as_tensor, backprop, bind, differentiable, push,
-                     state, toposort)
+from .tensor import (BatchMixingError, Tensor, as_tensor, backprop_values, bind, differentiable,
+                     push, state, toposort)
 
 JACOBIAN_MEMORY_BUDGET: int = 256 * 2 ** 20
 """Bytes that one pass of a Jacobian's basis may take, with the cotangents
@@ -50,23 +51,11 @@ The result itself comes on top. Set ``einsumgrad.transforms.JACOBIAN_MEMORY_BUDG
 to change it; it is read at each call."""
 
 
-@contextlib.contextmanager
-def _tracing(batch: bool = False):
-    """Record every op while ``f`` runs (and track batch axes for batch_jacobian)."""
-    prev = state.grad
-    state.grad = True
-    state.tracing += 1
-    state.batch += batch
-    try:
-        yield
-    finally:
-        state.tracing -= 1
-        state.batch -= batch
-        state.grad = prev
-
-
 def _start(p: Any) -> Tensor:
     """A fresh tensor standing for one primal; tied to ``p`` if an outer graph needs it."""
+    if type(p) is numpy.ndarray and state.tracing == 1:  # no Tensor of p's own needed
+        differentiable(p.dtype)
+        return Tensor(p)
     p = _float_tensor(p)
     if p.requires_grad or state.tracing > 1:
         x = bind(identity_p, p)
@@ -122,17 +111,30 @@ def _move_axis0(t: Tensor, to: int) -> Tensor:
 
 
 def _argnums(argnums, n: int) -> tuple:
+    key = (argnums, n) if type(argnums) in (int, tuple) else None
+    nums = _checked_argnums.get(key) if key is not None else None
+    if nums is not None:
+        return nums
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     for a in nums:
         if not -n <= a < n:
             raise ValueError(f"argnums {a} out of range for {n} argument(s)")
-    return tuple(a % n for a in nums)
+    nums = tuple(a % n for a in nums)
+    if key is not None:
+        _checked_argnums[key] = nums
+    return nums
+
+
+_checked_argnums = Bounded(CACHE_SIZE)  # (argnums, number of arguments) -> checked positions
 
 
 def _per_arg(trees: Sequence[TreeDef], flat: Sequence, argnums) -> Any:
     """Results for the leaves of each differentiated argument, in each one's structure:
     that argument's tree for an int ``argnums``, a tuple of them for a tuple."""
-    if all(t is LEAF for t in trees):  # Tensors, no structure: the common case
+    for t in trees:
+        if t is not LEAF:
+            break
+    else:  # Tensors, no structure: the common case
         return flat[0] if isinstance(argnums, int) else tuple(flat)
     res, k = [], 0
     for t in trees:
@@ -158,15 +160,21 @@ def _trace(f: Callable, args: Sequence, nums: tuple, kwargs: dict, has_aux: bool
         every leaf a Tensor, and ``aux`` (None without ``has_aux``).
     """
     lv = active_levels()  # inside vmap: xs and out are physical, the levels' axes first
-    with _tracing(batch):
+    st = state  # recording every op while f runs (and tracking batch axes for batch_jacobian)
+    prev = st.grad
+    st.grad = True
+    st.tracing += 1
+    st.batch += batch
+    try:
         args = list(args)
         xs, trees = [], []
         for j, i in enumerate(nums):
-            if isinstance(args[i], Tensor) and not lv:  # the common case: no structure to walk
-                fresh, tree = [_start(args[i])], LEAF
+            a = args[i]
+            if not lv and not (type(a) is list or a is None or isinstance(a, (tuple, dict))):
+                fresh, tree = [_start(a)], LEAF  # the common case: a leaf, no structure to walk
                 args[i] = fresh[0]
             else:
-                leaves, tree = flatten(args[i])
+                leaves, tree = flatten(a)
                 fresh = [_start(_physical(p, lv)) for p in leaves]
                 args[i] = unflatten(tree, [wrap(x, lv) for x in fresh])
             if batch:
@@ -175,12 +183,15 @@ def _trace(f: Callable, args: Sequence, nums: tuple, kwargs: dict, has_aux: bool
                     x.bdim = None if b is None else b + len(lv)
             xs += fresh
             trees.append(tree)
-        inputs = state.inputs
-        state.inputs = {**inputs, **{id(x): x for x in xs}}
+        inputs = st.inputs
+        traced = dict(inputs)
+        for x in xs:
+            traced[id(x)] = x
+        st.inputs = traced
         try:
             out = f(*args, **kwargs)
         finally:
-            state.inputs = inputs
+            st.inputs = inputs
         aux = None
         if has_aux:
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -190,6 +201,10 @@ def _trace(f: Callable, args: Sequence, nums: tuple, kwargs: dict, has_aux: bool
         out = out if isinstance(out, Tensor) else tree_map(as_tensor, out)
         if lv:  # recorded here, so an output broadcast along a level still reaches xs
             out = tree_map(lambda o: _physical(o, lv), out)
+    finally:
+        st.tracing -= 1
+        st.batch -= batch
+        st.grad = prev
     if has_aux:
         aux = _finish_aux(aux)
     return xs, trees, out, aux
@@ -291,7 +306,7 @@ def vjp(f: Callable, *primals, has_aux: bool = False, **kwargs) -> tuple:
     def vjp_fn(cotangent) -> tuple:
         if not lv:
             gs = _cotangents(cotangent, outs, out_tree, "vjp: cotangent", lead_ok=True)
-            return _per_arg(trees, [_finish(r) for r in _pull(outs, gs, xs)], ())
+            return _per_arg(trees, _pull(outs, gs, xs, finish=True), ())
         gs, m = _mapped_cotangents(cotangent, outs, out_tree, lv, "vjp: cotangent", True)
         k = len(lv)  # each result: the extra axes first, then the levels' axes: swap them
         rs = [transpose(r, tuple(range(m, m + k)) + tuple(range(m)) + tuple(range(m + k, r.ndim)))
@@ -301,12 +316,24 @@ def vjp(f: Callable, *primals, has_aux: bool = False, **kwargs) -> tuple:
     return res + (aux,) if has_aux else res
 
 
-def _pull(outs: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor]) -> list:
-    """Cotangents of ``xs`` (zeros where no output depends on them)."""
-    lead = gs[0].shape[:gs[0].ndim - outs[0].ndim] if gs else ()
-    got = {id(t): c for t, c in backprop(outs, gs, xs)}
-    return [got[id(x)] if id(x) in got else _zeros(gs[0] if gs else x, lead + x.shape)
-            for x in xs]
+def _pull(outs: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor],
+          finish: bool = False) -> list:
+    """Cotangents of ``xs`` (zeros where no output depends on them); with ``finish``,
+    each through :func:`_finish` (outside vmap: its levels would come first)."""
+    got = {}
+    for t, c in backprop_values(outs, gs, xs):
+        got[id(t)] = c
+    res = []
+    for x in xs:
+        c = got.get(id(x))
+        if c is None:
+            lead = gs[0].shape[:gs[0].ndim - outs[0].ndim] if gs else ()
+            c = _zeros(gs[0] if gs else x, lead + x.shape)
+        elif not isinstance(c, Tensor):  # an array of the pass's own: a Tensor cut already
+            res.append(Tensor(c))
+            continue
+        res.append(_finish(c) if finish else c)
+    return res
 
 
 def jvp(f: Callable, primals: Sequence, tangents: Sequence, has_aux: bool = False,
@@ -364,11 +391,14 @@ def value_and_grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
         if not isinstance(out, Tensor):
             raise TypeError(f"grad needs f to return one scalar, got {flatten(out)[1]}; "
                             f"with has_aux=True f returns (scalar, aux)")
-        if out.size != math.prod(_examples(lv)):
+        if out.size != (math.prod(_examples(lv)) if lv else 1):
             raise ValueError(f"grad needs a scalar output, got shape {out.shape[len(lv):]}; "
                              f"use jacrev, or vjp with a cotangent")
-        gs = _pull([out], [Tensor(backend_of(out.data).ones_like(out.data))], xs)
-        g = _per_arg(trees, [_finish(wrap(g, lv)) for g in gs], argnums)
+        ones = Tensor(backend_of(out.data).ones_like(out.data))
+        if lv:
+            g = _per_arg(trees, [_finish(wrap(g, lv)) for g in _pull([out], [ones], xs)], argnums)
+        else:
+            g = _per_arg(trees, _pull([out], [ones], xs, finish=True), argnums)
         out = _finish(wrap(out, lv))
         return ((out, aux) if has_aux else out), g
     return wrapped
