@@ -178,10 +178,10 @@ def _to(x, *args, dtype=None, device=None):
 
 def _install_methods():
     T = Tensor
-    T.__add__ = T.__radd__ = lambda x, y: add(x, y)
-    T.__sub__, T.__rsub__ = (lambda x, y: sub(x, y)), (lambda x, y: sub(y, x))
-    T.__mul__ = T.__rmul__ = lambda x, y: mul(x, y)
-    T.__truediv__, T.__rtruediv__ = (lambda x, y: div(x, y)), (lambda x, y: div(y, x))
+    T.__add__ = T.__radd__ = add  # the ops themselves: no frame between
+    T.__sub__, T.__rsub__ = sub, (lambda x, y: sub(y, x))
+    T.__mul__ = T.__rmul__ = mul
+    T.__truediv__, T.__rtruediv__ = div, (lambda x, y: div(y, x))
     T.__pow__, T.__rpow__ = (lambda x, y: power(x, y)), (lambda x, y: power(y, x))
     T.__matmul__, T.__rmatmul__ = (lambda x, y: matmul(x, y)), (lambda x, y: matmul(y, x))
     T.__neg__ = lambda x: neg(x)

@@ -11,13 +11,15 @@ einsums too, and live here.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Sequence
 
 import numpy
 
 from ..backends import backend_of, common_backend, memory_order
 from ..derive import JVP, VJP, Jacobian, batched, derive, install_runner, vjp_pattern
-from ..plan import CACHE_SIZE, Bounded, contract, jacobian_of, path_option, plan_for
+from ..plan import CACHE_SIZE, Bounded, jacobian_of, path_option, plan_for
 from ..spec import EinsumError, EinsumTypeError, Spec, letters, spec_type_error
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor, backprop, enable_grad
 from . import shape as _shape
@@ -66,39 +68,43 @@ class _ArrayVJPs:
         like = tuple(memory_order(x)) if self.nb == 0 and x.ndim > 2 else None
         key = self.key
         if key is None:  # shared by the operands: one node's arrays
-            key = self.key = (self.spec, type(g), g.shape, g.dtype) + tuple(
-                (type(a), a.shape, a.dtype) for a in xs)
+            key = self.key = (self.spec, type(g), g.shape, g.dtype, tuple(map(type, xs)),
+                              tuple(map(_SHAPE, xs)), tuple(map(_DTYPE, xs)))
         run = _array_vjp_runs.get((key, k, like))
         if run is None:
             run = _array_vjp_runs[key, k, like] = _array_vjp_runner(self.spec, k, self.nb, like,
                                                                     g, xs)
-        return run(g, xs)
+        return run((g, *xs[:k], *xs[k + 1:]))
 
 
 # (spec, arrays' types, shapes and dtypes, operand, layout) -> a runner of that VJP on arrays
 _array_vjp_runs = Bounded(CACHE_SIZE)
+_SHAPE, _DTYPE, _DATA = (operator.attrgetter(a) for a in ("shape", "dtype", "data"))
 
 
 def _array_vjp_runner(spec: Spec, k: int, nb: int, like: tuple | None, g, xs: tuple):
     """Operand k's VJP on arrays shaped (and typed) as ``g`` and ``xs``, planned once:
-    a function of ``(g, xs)``."""
+    a function of the operands ``(g, *others)``."""
     p = vjp_pattern(spec, k, (), spec.inputs[k])
     spec, consts, order, shape = _vjp_call(p, xs[k].shape, nb, like)
     xp = backend_of(g)
     ops = (g, *xs[:k], *xs[k + 1:])
     if consts and all(kind == "ones" for kind, _ in consts):
         run = _spread_back(xp, spec, ops, [n for _, n in consts], order)
-    else:
+    elif consts:
         dtype = g.dtype  # the runner keeps no array alive
         made = lambda: tuple(xp.eye(n, dtype=dtype) if kind == "eye" else  # noqa: E731
                              xp.ones(n, dtype=dtype) for kind, n in consts)
         plan = plan_for(spec, ops + made())
-        run = lambda ops: plan(ops + made(), order) if consts else plan(ops, order)  # noqa: E731
+        run = lambda ops: plan(ops + made(), order)  # noqa: E731
+    else:
+        run = plan_for(spec, ops)
+        run = run if order is None else functools.partial(run, order=order)
     if shape is None:
-        return lambda g, xs: run((g, *xs[:k], *xs[k + 1:]))
+        return run
 
-    def reshaped(g, xs):
-        r = run((g, *xs[:k], *xs[k + 1:]))
+    def reshaped(ops):
+        r = run(ops)
         return r.reshape(r.shape[:nb] + shape)
     return reshaped
 
@@ -126,14 +132,20 @@ def _spread_back(xp, spec: Spec, ops: tuple, sizes: list, order: tuple | None):
     def run(ops):
         c = core(ops)
         buf = xp.empty(buf_shape, dtype=c.dtype)
-        buf[...] = xp.transpose(xp.reshape(c, view), order)  # broadcast along the lone indices
-        return xp.transpose(buf, back)
+        buf[...] = c.reshape(view).transpose(order)  # broadcast along the lone indices
+        return buf.transpose(back)
     return run
 
 
 @einsum_p.defjvp
 def _einsum_jvp(k, t, out, *xs, spec, run=None, order=None):
-    return run_jvp(JVP(spec, k), t, *(xs[:k] + xs[k + 1:]), nb=t.ndim - xs[k].ndim)
+    p = _jvps.get((spec, k))
+    if p is None:
+        p = _jvps[spec, k] = JVP(spec, k)
+    return run_jvp(p, t, *(xs[:k] + xs[k + 1:]), nb=t.ndim - xs[k].ndim)
+
+
+_jvps = Bounded(CACHE_SIZE)  # (spec, k) -> JVP(spec, k)
 
 
 @einsum_p.defbatch
@@ -200,7 +212,9 @@ def einsum(subscripts: str, *operands: Any, optimize="auto") -> Tensor:
         return bind(einsum_p, *ts, spec=d.clean)
     if type(optimize) is not str or optimize != "auto":
         optimize = path_option(optimize)
-    key = (subscripts, optimize) + tuple((t.data.shape, t.data.dtype, type(t.data)) for t in ts)
+    arrays = tuple(map(_DATA, ts))
+    key = (subscripts, optimize, tuple(map(_SHAPE, arrays)), tuple(map(_DTYPE, arrays)),
+           tuple(map(type, arrays)))
     hit = _prepared.get(key)
     if hit is None:
         hit = _prepared[key] = _prepare(subscripts, ts, optimize)
