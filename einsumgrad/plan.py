@@ -253,7 +253,7 @@ def _lower_one(term: tuple, result: tuple):
     if not summed:
         if perm == tuple(range(len(perm))):
             return lambda xp, arrs: arrs[0]
-        return lambda xp, arrs: xp.transpose(arrs[0], perm)
+        return lambda xp, arrs: arrs[0].transpose(perm)
     keep = tuple(i for i, l in enumerate(term) if l in result)
 
     def reduce(xp, a):
@@ -267,7 +267,7 @@ def _lower_one(term: tuple, result: tuple):
         return xp.sum(a, axis=summed, dtype=a.dtype)  # an int32 sum stays int32
     if perm == tuple(range(len(perm))):
         return lambda xp, arrs: reduce(xp, arrs[0])
-    return lambda xp, arrs: xp.transpose(reduce(xp, arrs[0]), perm)
+    return lambda xp, arrs: reduce(xp, arrs[0]).transpose(perm)
 
 
 def _sum_by_matvec(xp, a, summed: tuple, keep: tuple):
@@ -336,9 +336,9 @@ def _broadcast_multiply(a: tuple, b: tuple, result: tuple):
 
     def expand(xp, x, perm, idx, ident):
         if not ident:
-            x = xp.transpose(x, perm)
+            x = x.transpose(perm)
         if None in idx:
-            x = xp.reshape(x, tuple(1 if i is None else x.shape[i] for i in idx))
+            x = x.reshape(tuple(1 if i is None else x.shape[i] for i in idx))
         return x
 
     def run(xp, arrs):
@@ -440,19 +440,19 @@ def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larg
     perm_c = ident(tuple(out_labels.index(l) for l in result))
     into = _into(order, result, batch, left, right, sizes)
 
-    def go(xp, x, y):
+    def go(xp, x, y):  # array methods, not the namespace's functions: a frame less each
         if perm_a:
-            x = xp.transpose(x, perm_a)
+            x = x.transpose(perm_a)
         if perm_b:
-            y = xp.transpose(y, perm_b)
+            y = y.transpose(perm_b)
         if x.shape != shape_a:
-            x = xp.reshape(x, shape_a)
+            x = x.reshape(shape_a)
         if y.shape != shape_b:
-            y = xp.reshape(y, shape_b)
+            y = y.reshape(shape_b)
         if trans_a:
-            x = xp.swapaxes(x, -1, -2)
+            x = x.swapaxes(-1, -2)
         if trans_b:
-            y = xp.swapaxes(y, -1, -2)
+            y = y.swapaxes(-1, -2)
         if into is not None:
             buf_shape, to_mm, index, to_result = into
             buf = xp.empty(buf_shape, dtype=xp.result_type(x.dtype, y.dtype))
@@ -460,8 +460,8 @@ def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larg
             return xp.transpose(buf, to_result)
         c = xp.matmul(x, y)
         if c.shape != out_shape:
-            c = xp.reshape(c, out_shape)
-        return xp.transpose(c, perm_c) if perm_c else c
+            c = c.reshape(out_shape)
+        return c.transpose(perm_c) if perm_c else c
     return go
 
 
