@@ -51,17 +51,25 @@ def test_measured_once_then_read_from_disk(fresh, monkeypatch):
 
 
 @needs_mkl
-def test_the_threaded_classes_never_mix_the_two_pools(fresh, monkeypatch):
+@pytest.mark.parametrize("mkl_threads", [2, 1])
+def test_the_threaded_classes_never_mix_the_two_pools(fresh, monkeypatch, mkl_threads):
     # MKL faster at 2^16 and in one threaded class, NumPy's in the others by more:
-    # NumPy's takes every threaded class (its pool alone), MKL keeps the small one
+    # on several MKL threads NumPy's takes every threaded class (its pool alone), MKL
+    # keeps the small one; on one (no pool of MKL's), each class takes its faster
     def race(a, b):
         work = mkl._kind_and_work(a, b)[1]
         return (1.0, 2.0) if work < 1 << 17 or (1 << 21) <= work < 1 << 23 else (3.0, 1.0)
     monkeypatch.setattr(mkl, "_race", race)
+    monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: mkl_threads)
     got = mkl.blas_choices(np.float32)
+    rng = np.random.default_rng(0)
     for kind in ("mat", "vec", "batch"):
         assert got[kind][16] == "mkl"
-        assert {got[kind][b] for b in (18, 20, 22, 24)} == {"numpy"}
+        faster = {b: "mkl" if race(*mkl._case(kind, b, np.float32, rng))[0] == 1.0 else "numpy"
+                  for b in (18, 20, 22, 24)}
+        assert "mkl" in faster.values()  # the two rules differ here
+        want = {b: "numpy" for b in faster} if mkl_threads > 1 else faster
+        assert {b: got[kind][b] for b in faster} == want
 
 
 @needs_mkl

@@ -528,7 +528,7 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "one-pool"
+_RULE = "one-pool-if-threaded"
 
 
 def measure(dtype) -> dict:
@@ -536,21 +536,23 @@ def measure(dtype) -> dict:
     products timed both ways (best of a few runs, a few ms each; about a second in
     all).
 
-    The classes large enough to run on threads all take one library, the one
-    with the smaller total over them: the two libraries' pools spin for a while
-    after each call, so products alternating between them leave both pools'
-    threads fighting for the cores (a per-sample MLP step measured 2-4x slower
-    mixed than on either library alone). Smaller classes take the faster one each,
-    by 5% (a tie keeps NumPy's).
+    Where MKL runs on several threads, the classes large enough to run on
+    threads all take one library, the one with the smaller total over them: the
+    two libraries' pools spin for a while after each call, so products
+    alternating between them leave both pools' threads fighting for the cores
+    (a per-sample MLP step measured 2-4x slower mixed than on either library
+    alone). Every other class (all of them where MKL runs on one thread: no pool
+    of its own to fight) takes the faster one, by 5% (a tie keeps NumPy's).
     """
     rng = numpy.random.default_rng(0)
     times = {(kind, bucket): _race(*_case(kind, bucket, dtype, rng))
              for kind in _KINDS for bucket in _BUCKETS}
+    pooled = _LIB.MKL_Get_Max_Threads() > 1
     threaded = [t for (_, bucket), t in times.items() if bucket >= _THREADED]
     pool = "mkl" if sum(t[0] for t in threaded) < 0.95 * sum(t[1] for t in threaded) else "numpy"
     out: dict = {}
     for (kind, bucket), (ours, theirs) in times.items():
-        out.setdefault(kind, {})[bucket] = (pool if bucket >= _THREADED else
+        out.setdefault(kind, {})[bucket] = (pool if pooled and bucket >= _THREADED else
                                             "mkl" if ours < 0.95 * theirs else "numpy")
     return out
 
