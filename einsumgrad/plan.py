@@ -16,6 +16,7 @@ bool sum is an OR.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Sequence
@@ -197,6 +198,8 @@ class Plan:
             ordered = getattr(step, "ordered", None)
             if ordered is None:
                 run = lambda arrays, order=None: step(xp, arrays)
+            elif ordered is step:
+                run = functools.partial(step, xp)
             else:
                 run = lambda arrays, order=None: (step(xp, arrays) if order is None
                                                   else ordered(xp, arrays, order))
@@ -375,18 +378,12 @@ def _matmul(a: tuple, b: tuple, result: tuple, contracted: list, sizes: dict):
                                      x.strides, y.strides, x.size >= y.size, order)
         return go
 
-    def run(xp, arrs):  # the common call, kept short: a per-call einsum pays for each step
+    def run(xp, arrs, order=None):  # kept short: a per-call einsum pays for each step
         x, y = arrs
-        key = (x.strides, y.strides)
-        go = layouts.get(key) or arranged(key, x, y, None)
-        return go(xp, x, y)
-
-    def ordered(xp, arrs, order):
-        x, y = arrs
-        key = (x.strides, y.strides, order)
+        key = (x.strides, y.strides) if order is None else (x.strides, y.strides, order)
         go = layouts.get(key) or arranged(key, x, y, order)
         return go(xp, x, y)
-    run.ordered = ordered
+    run.ordered = run  # it takes the order itself: a plan of this one step is run bound to xp
     return run
 
 
