@@ -47,19 +47,15 @@ def _einsum_vjp(k, g, out, *xs, spec, run=None, order=None):
 
 
 @einsum_p.deffused
-def _einsum_array_vjps(g, out, *xs, spec, run=None, order=None):
-    # A backward that records nothing: each operand's pattern run on arrays, the
-    # same einsum run_vjp binds, asked for only for the operands the tape needs.
-    return _ArrayVJPs(g, g.ndim - out.ndim, xs, spec)
-
-
 class _ArrayVJPs:
-    """Operand k's cotangent (a backend array) on ``[k]``, computed then."""
+    """A backward that records nothing: operand k's cotangent (a backend array) on
+    ``[k]``, its pattern run on arrays then (the same einsum run_vjp binds), asked
+    for only for the operands the tape needs."""
 
     __slots__ = ("g", "nb", "xs", "spec", "key")
 
-    def __init__(self, g, nb: int, xs: tuple, spec: Spec):
-        self.g, self.nb, self.xs, self.spec = g, nb, xs, spec
+    def __init__(self, g, out, *xs, spec: Spec, run=None, order=None):
+        self.g, self.nb, self.xs, self.spec = g, g.ndim - out.ndim, xs, spec
         self.key = None
 
     def __getitem__(self, k: int):
@@ -125,16 +121,22 @@ def _spread_back(xp, spec: Spec, ops: tuple, sizes: list, order: tuple | None):
     have = {l: sizes_of[l] for l in kept}
     full = tuple(have[l] if l in have else lone[l] for l in spec.output)
     view = tuple(have.get(l, 1) for l in spec.output)
-    order = tuple(range(len(full))) if order is None else order
+    if order is None or order == tuple(range(len(full))):  # C order: no transposes
+        def run(ops):
+            c = core(ops)
+            buf = xp.empty(full, dtype=c.dtype)
+            buf[...] = c.reshape(view)  # broadcast along the lone indices
+            return buf
+        return run
     buf_shape = tuple(full[i] for i in order)
     back = tuple(order.index(i) for i in range(len(order)))
 
-    def run(ops):
+    def run_ordered(ops):
         c = core(ops)
         buf = xp.empty(buf_shape, dtype=c.dtype)
         buf[...] = c.reshape(view).transpose(order)  # broadcast along the lone indices
         return buf.transpose(back)
-    return run
+    return run_ordered
 
 
 @einsum_p.defjvp
@@ -460,7 +462,7 @@ def sum_to(g: Tensor, shape: tuple, nb: int = 0) -> Tensor:
 
 def sum(x, axis=None, keepdims: bool = False) -> Tensor:
     """Sum over ``axis`` (an einsum that drops those indices)."""
-    x = as_tensor(x)
+    x = x if type(x) is Tensor else as_tensor(x)
     key = (x.ndim, axis) if axis is None or type(axis) is int else None
     spec = _sum_specs.get(key) if key is not None else None
     if spec is None:
@@ -469,7 +471,7 @@ def sum(x, axis=None, keepdims: bool = False) -> Tensor:
         spec = Spec((labels,), tuple(l for i, l in enumerate(labels) if i not in axes))
         if key is not None:
             _sum_specs[key] = spec
-    r = einsum_spec(spec, x)
+    r = bind(einsum_p, x, spec=spec)
     if keepdims:
         axes = normalize_axes(axis, x.ndim)
         r = reshape(r, tuple(1 if i in axes else n for i, n in enumerate(x.shape)))

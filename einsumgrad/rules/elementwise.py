@@ -153,7 +153,7 @@ def _unary(name, impl, deriv, plain=None):
         p.deffused(fused)
     p.defbatch(elementwise_batch)
     p.defvmap(same_op(p))
-    return lambda x: bind(p, as_tensor(x)), p
+    return lambda x: bind(p, x if type(x) is Tensor else as_tensor(x)), p
 
 
 def _const(x: Tensor, array) -> Tensor:
