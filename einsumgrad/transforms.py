@@ -40,6 +40,7 @@ from .pytree import LEAF, TreeDef, flatten, tree_map, unflatten
 from .rules import concatenate, einsum_p, identity_p, reshape, transpose
 from .rules.shape import active_levels, bottom, lift, wrap
 from .spec import Spec, letters
+from . import tensor as _tape
 from .tensor import (BatchMixingError, Tensor, as_tensor, backprop_values, bind, differentiable,
                      push, state, toposort)
 
@@ -54,7 +55,8 @@ to change it; it is read at each call."""
 def _start(p: Any) -> Tensor:
     """A fresh tensor standing for one primal; tied to ``p`` if an outer graph needs it."""
     if type(p) is numpy.ndarray and state.tracing == 1:  # no Tensor of p's own needed
-        differentiable(p.dtype)
+        if p.dtype.kind != "f":
+            differentiable(p.dtype)  # raises
         return Tensor(p)
     p = _float_tensor(p)
     if p.requires_grad or state.tracing > 1:
@@ -159,7 +161,8 @@ def _trace(f: Callable, args: Sequence, nums: tuple, kwargs: dict, has_aux: bool
         one's leaves in order), each argument's structure, ``f``'s output with
         every leaf a Tensor, and ``aux`` (None without ``has_aux``).
     """
-    lv = active_levels()  # inside vmap: xs and out are physical, the levels' axes first
+    # inside vmap: xs and out are physical, the levels' axes first (no vmap anywhere: none)
+    lv = active_levels() if _tape.BATCHING else ()
     st = state  # recording every op while f runs (and tracking batch axes for batch_jacobian)
     prev = st.grad
     st.grad = True
@@ -387,7 +390,8 @@ def value_and_grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
     def wrapped(*args, **kwargs):
         nums = _argnums(argnums, len(args))
         xs, trees, out, aux = _trace(f, args, nums, kwargs, has_aux)
-        lv = active_levels()  # inside vmap: a scalar per example, its gradient per example
+        # inside vmap: a scalar per example, its gradient per example
+        lv = active_levels() if _tape.BATCHING else ()
         if not isinstance(out, Tensor):
             raise TypeError(f"grad needs f to return one scalar, got {flatten(out)[1]}; "
                             f"with has_aux=True f returns (scalar, aux)")
