@@ -222,6 +222,10 @@ def test_rows_are_shared_among_threads_only_where_the_work_pays():
         with threads.one_thread:  # a block loop holds the cores: the kernel stays on its own
             threads.rows(_recorder(calls), out, (x, b), (True, False), 10 ** 9)
         assert len(calls) == 1
+        calls.clear()  # so does one run on a pool thread (it must not wait on its own pool)
+        threads.pool(1).submit(threads.rows, _recorder(calls), out, (x, b), (True, False),
+                               10 ** 9).result(timeout=60)
+        assert len(calls) == 1
         calls.clear()
         with pytest.raises(ValueError, match="a worker failed"):  # raised in the caller
             threads.rows(_recorder(calls, True), out, (x, b), (True, False), 10 ** 9)

@@ -16,6 +16,7 @@ from time import perf_counter
 from typing import Callable
 
 _pools: dict = {}  # worker count -> a thread pool kept for the process
+_NAME = "einsumgrad-blocks"
 _pools_lock = threading.Lock()
 
 
@@ -25,8 +26,13 @@ def pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
         p = _pools.get(n)
         if p is None:
             p = _pools[n] = concurrent.futures.ThreadPoolExecutor(
-                n, thread_name_prefix="einsumgrad-blocks")
+                n, thread_name_prefix=_NAME)
         return p
+
+
+def _in_pool() -> bool:
+    """Whether this thread is one of the pool's: it must not wait on the pool."""
+    return threading.current_thread().name.startswith(_NAME)
 
 
 def cores() -> int:
@@ -142,7 +148,7 @@ def rows(loop: Callable, out, args: tuple, cut: tuple, work: int) -> None:
     or inside a block loop (:data:`one_thread` held: the cores are taken), the
     kernel runs on the calling thread.
     """
-    k = 1 if work < SPLIT_WORK or one_thread.depth or SHARE is False \
+    k = 1 if work < SPLIT_WORK or one_thread.depth or SHARE is False or _in_pool() \
         else min(cores(), out.shape[0])
     if k < 2:
         loop(out, *args)
