@@ -614,8 +614,8 @@ def backprop_values(roots: Sequence[Tensor], cotangents: Sequence[Tensor],
         order = toposort(roots, _requires_grad, stop)
     else:
         order = _reaching(roots, targets)
-        stop = {id(t) for t in targets}
-    keep = {id(t) for t in order}  # the inputs a cotangent flows on to
+        stop = set(map(id, targets))
+    keep = set(map(id, order))  # the inputs a cotangent flows on to
     cots: dict = {}
     for r, g in zip(roots, cotangents):
         cots[id(r)] = cots[id(r)] + g if id(r) in cots else g
@@ -716,8 +716,8 @@ def push(root: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) ->
     Returns ``root``'s tangent, or ``None`` where it does not depend on the sources.
     """
     order = _reaching([root], sources)
-    stop = {id(s) for s in sources}
-    tan = {id(s): t for s, t in zip(sources, tangents)}
+    stop = set(map(id, sources))
+    tan = dict(zip(map(id, sources), tangents))
     order = [t for t in order if id(t) not in stop]
     # Each tangent is dropped after its last use, so a long chain holds few at once.
     uses: dict = {}

@@ -373,7 +373,7 @@ def run_jvp(p: JVP, t: Tensor, *operands: Tensor, nb: int = 0) -> Tensor:
     """Run a JVP pattern: the einsum with tangent ``t`` (``nb`` leading batch axes) in slot k."""
     ops = list(operands)
     ops.insert(p.k, t)
-    return einsum_spec(p.spec if nb == 0 else batched(p.spec, (p.k,), nb), *ops)
+    return bind(einsum_p, *ops, spec=p.spec if nb == 0 else batched(p.spec, (p.k,), nb))
 
 
 def materialize(jac: Jacobian, *operands):

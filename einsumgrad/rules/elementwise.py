@@ -42,7 +42,8 @@ def broadcasting(p: Primitive) -> Primitive:
 
     def jvp_broadcast(k, t, out, *xs, **params):
         nb = t.ndim - xs[k].ndim
-        c = jvp(k, lift(t, xs[k].ndim, out.ndim), out, *xs, **params)
+        c = jvp(k, t if xs[k].ndim >= out.ndim else lift(t, xs[k].ndim, out.ndim), out, *xs,
+                **params)
         return c if c.shape[nb:] == out.shape else broadcast_to(c, c.shape[:nb] + out.shape)
 
     p.vjp, p.jvp = vjp_broadcast, jvp_broadcast
@@ -312,7 +313,8 @@ def gelu(x, approximate: str = "none") -> Tensor:
 
 def _binop(p):
     def op(x, y):
-        x, y = pair(x, y)
+        if not (isinstance(x, Tensor) and isinstance(y, Tensor)):  # pair's work, where any
+            x, y = pair(x, y)
         return bind(p, x, y)
     return op
 
