@@ -76,7 +76,7 @@ def available() -> bool:
 
 def fuse_elementwise(p) -> None:
     """Fuse element-wise chains of ``p`` in place (see the module docstring)."""
-    if p.device != "cpu" or not available() or "numpy" not in p.devices:
+    if p.device != "cpu" or "numpy" not in p.devices:
         return
     bad, groups = written(p)
     fusable = [_fusable(eq, p) and groups[eq.outs[0]] not in bad
@@ -106,17 +106,16 @@ def fuse_elementwise(p) -> None:
         roots.setdefault(r, [])
         if i != r:
             roots[r].append(i)
+    chains = {r: sorted(members + [r]) for r, members in roots.items()
+              if len(members) + 1 >= MIN_STEPS and size(r) >= MIN_SIZE}
+    if not chains or not available():  # numba is imported only where a chain is found
+        return
     replaced = {}
-    for r, members in roots.items():
-        steps = sorted(members + [r])
-        if len(steps) < MIN_STEPS or size(r) < MIN_SIZE:
-            continue
+    for r, steps in chains.items():
+        replaced.update((i, None) for i in steps if i != r)
         replaced[r] = _fused([p.eqs[i] for i in steps], p)
-        for i in members:
-            replaced[i] = None
-    if replaced:
-        p.eqs = [replaced.get(i, eq) for i, eq in enumerate(p.eqs) if replaced.get(i, eq)
-                 is not None]
+    p.eqs = [replaced.get(i, eq) for i, eq in enumerate(p.eqs)
+             if replaced.get(i, eq) is not None]
 
 
 def _fusable(eq: Eq, p) -> bool:
