@@ -391,8 +391,6 @@ def _replanned(eq: Eq, p, avals: dict, xp) -> Eq:
 
 # -- the replay ----------------------------------------------------------------------------------
 
-
-
 class Chunked:
     """A program's replay block by block (see the module docstring); with
     ``workers`` > 1, the blocks shared among that many threads (the calling one
