@@ -403,7 +403,7 @@ def value_and_grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
             g = _per_arg(trees, [_finish(wrap(g, lv)) for g in _pull([out], [ones], xs)], argnums)
         else:
             g = _per_arg(trees, _pull([out], [ones], xs, finish=True), argnums)
-        out = _finish(wrap(out, lv))
+        out = _finish(wrap(out, lv) if lv else out)
         return ((out, aux) if has_aux else out), g
     return wrapped
 
