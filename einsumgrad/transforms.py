@@ -114,7 +114,10 @@ def _move_axis0(t: Tensor, to: int) -> Tensor:
 
 def _argnums(argnums, n: int) -> tuple:
     key = (argnums, n) if type(argnums) in (int, tuple) else None
-    nums = _checked_argnums.get(key) if key is not None else None
+    try:
+        nums = _checked_argnums.get(key) if key is not None else None
+    except TypeError:  # an unhashable entry: checked below, which names it
+        key = nums = None
     if nums is not None:
         return nums
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
