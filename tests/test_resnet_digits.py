@@ -1,7 +1,8 @@
 """The residual CNN example (BatchNorm, ModuleList, AdamW, cosine schedule) learns the digits.
 
-Marked ``slow``: it trains to an accuracy target within a (generous) time budget,
-the same run ``python examples/resnet_digits.py`` prints.
+Marked ``slow``: it trains to an accuracy target, the same run
+``python examples/resnet_digits.py`` prints (its time is the example's to print, not
+the test's to hold: CI must pass on a busy machine).
 """
 import os
 import sys
@@ -19,4 +20,4 @@ pytest.importorskip("tqdm")
 def test_resnet_learns_digits():
     import resnet_digits
     acc, seconds = resnet_digits.run(seed=0, progress=False)
-    assert acc >= 0.98 and seconds < 60, (acc, seconds)
+    assert acc >= 0.98, (acc, seconds)

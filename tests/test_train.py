@@ -1,7 +1,8 @@
 """Models learn real data: digits (MLP, CNN) and sorting digit sequences (attention).
 
-Marked ``slow``: each trains a model to an accuracy target within a time budget,
-the same runs the examples print.
+Marked ``slow``: each trains a model to an accuracy target, the same runs the
+examples print (their times are the examples' to print, not a test's to hold: CI
+must pass on a busy machine).
 """
 import os
 import sys
@@ -22,21 +23,21 @@ pytest.importorskip("tqdm")
 def test_mlp_learns_digits():
     import mlp_digits
     acc, seconds = mlp_digits.run(seed=0, progress=False)
-    assert acc >= 0.96 and seconds < 60, (acc, seconds)
+    assert acc >= 0.96, (acc, seconds)
 
 
 @pytest.mark.slow
 def test_cnn_learns_digits():
     import cnn_digits
     acc, seconds = cnn_digits.run(seed=0, progress=False)
-    assert acc >= 0.97 and seconds < 60, (acc, seconds)
+    assert acc >= 0.97, (acc, seconds)
 
 
 @pytest.mark.slow
 def test_transformer_learns_to_sort():
     import transformer_sort
     acc, seconds, model = transformer_sort.run(steps=1000, seed=0, progress=False)
-    assert acc >= 0.99 and seconds < 180, (acc, seconds)
+    assert acc >= 0.99, (acc, seconds)
     # The example's printout: three sequences alone give the logits they get
     # inside a batch of 2000 (a batch of 3 once took another, broken, GEMM path).
     x, _ = transformer_sort.batch(np.random.default_rng(1), 2000)
