@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 import einsumgrad as eg
 from einsumgrad.program import compile as compile_module
-from einsumgrad.program import fuse, threads, vecmath
+from einsumgrad.backends import compiled, threads
+from einsumgrad.program import fuse, vecmath
 from einsumgrad.program.jit import trace_program
 
 from backends import NAME, npy, xb
@@ -162,7 +163,7 @@ def test_vecmath_loops_compile_to_simd(prim, tmp_path, monkeypatch):
     src = fuse.kernel_source("float64", (64, 64), [(64, 64), (64,)],
                              ["t0 = i0 + i1", f"t1 = {fuse.SCALAR[prim].format('t0')}"], {},
                              [prim])
-    fuse._kernels.pop(src, None)
+    compiled._kernels.pop(src, None)
     kernel = fuse.compile_kernel(src)
     kernel(np.ones((64, 64)), np.ones(64))
     (ir,) = kernel.__globals__["_loop"].inspect_llvm().values()
@@ -483,7 +484,7 @@ def test_kernels_are_compiled_once_and_found_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))
     src = fuse.kernel_source("float64", (64, 64), [(64, 64), (64,)],
                              ["t0 = i0 + i1", "t1 = _tanh(t0)"], {}, ["tanh"])
-    fuse._kernels.pop(src, None)
+    compiled._kernels.pop(src, None)
     kernel = fuse.compile_kernel(src)
     x, b = np.linspace(-3, 3, 64 * 64).reshape(64, 64), np.linspace(-1, 1, 64)
     np.testing.assert_allclose(kernel(x, b), np.tanh(x + b), rtol=4e-16, atol=0)

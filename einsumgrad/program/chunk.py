@@ -58,7 +58,7 @@ import numpy
 
 from ..plan import AUTO, Plan
 from .passes import ELEMENTWISE  # with no parameters, the result broadcasts the operands
-from .threads import Timed, cores, one_thread, pool as thread_pool
+from ..backends.threads import Timed, cores, one_thread, pool as thread_pool
 from .trace import Eq, Ref
 
 CACHE_BYTES = 1 << 21
@@ -462,11 +462,12 @@ class Chunked:
 
 class Raced:
     """The whole replay, the chunked one and (on several cores) the chunked one on a
-    thread per core, each timed as it runs, the fastest kept (:class:`.threads.Timed`:
-    in turns for the first calls, then the fastest, a slower one tried now and
-    then): which pays depends on the machine (its cores, its caches, how busy it
-    is) more than a size threshold can say. Each call's result is a real one; they
-    agree up to BLAS rounding (the two chunked ones run the same blocks)."""
+    thread per core, each timed as it runs, the fastest kept
+    (:class:`einsumgrad.backends.threads.Timed`: in turns for the first calls, then
+    the fastest, a slower one tried now and then): which pays depends on the
+    machine (its cores, its caches, how busy it is) more than a size threshold can
+    say. Each call's result is a real one; they agree up to BLAS rounding (the two
+    chunked ones run the same blocks)."""
 
     TRIES = Timed.TRIES  # calls timed per side before the first pick
     EVERY = 32  # then a slower side every this many calls

@@ -20,12 +20,12 @@ a loop of its own then reads that input as the result, so that LLVM sees no
 overlap to test for (its test would fall back to scalar code). A constant
 broadcast along an axis (stride 0) enters with length 1 there, not merged
 into a copy. A large kernel's rows may be shared among a thread per core
-(:func:`.threads.rows`, timed both ways).
+(:func:`einsumgrad.backends.threads.rows`, timed both ways).
 
 The kernel's source is written to a cache folder and compiled with numba's
-disk cache, so a program traced again (or unpickled) in another process does
-not compile it again. Without numba, or on another backend than NumPy's, the
-chain stays as it is.
+disk cache (:func:`einsumgrad.backends.compiled.compile_kernel`), so a program
+traced again (or unpickled) in another process does not compile it again.
+Without numba, or on another backend than NumPy's, the chain stays as it is.
 
 The kernel computes the same scalar operations in the same order and dtype
 (constants take the array's dtype, as NumPy's weak scalars do), so arithmetic
@@ -35,15 +35,11 @@ in the last ulps.
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
 import math
-import os
-import sys
-import tempfile
 
 import numpy
 
+from ..backends.compiled import compile_kernel
 from . import vecmath
 from .graph import written
 from .trace import Eq, Ref
@@ -299,47 +295,8 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     chain += ["    " + line for line in lines] + [f"    return {lines[-1].split('=')[0].strip()}"]
     parts = ['"""An element-wise chain of an einsumgrad program, fused (generated)."""\n'
              "import numba\nimport numpy as np\n\n"
-             "from einsumgrad.program.threads import rows as _rows\n\nT = np.%s" % dtype,
+             "from einsumgrad.backends.threads import rows as _rows\n\nT = np.%s" % dtype,
              vecmath.source(vector), "\n".join(chain), "\n".join(loop("_loop"))]
     parts += ["\n".join(loop(f"_loop_{k}", k)) for k in aliases]
     parts.append("\n".join(run))
     return "\n\n\n".join(parts) + "\n"
-
-
-_kernels: dict = {}
-
-
-def cache_dir() -> str:
-    """Where kernel sources (and numba's cache beside them) live:
-    ``$EINSUMGRAD_CACHE/fused``, else ``~/.cache/einsumgrad/fused``."""
-    base = os.environ.get("EINSUMGRAD_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "einsumgrad")
-    return os.path.join(base, "fused")
-
-
-def compile_kernel(src: str):
-    """The kernel of this source: loaded from the cache folder (numba's disk cache
-    beside it), or compiled in memory where the folder cannot be written."""
-    kernel = _kernels.get(src)
-    if kernel is not None:
-        return kernel
-    digest = hashlib.sha1(src.encode()).hexdigest()[:20]
-    name = f"einsumgrad_fused_{digest}"
-    try:
-        folder = cache_dir()
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, name + ".py")
-        if not os.path.exists(path):
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(src.replace("cache=CACHE", "cache=True"))
-            os.replace(tmp, path)  # atomic: another process may be writing the same
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # numba's cache finds the kernel's module by name
-        spec.loader.exec_module(mod)
-    except OSError:
-        mod = type(sys)(name)
-        exec(compile(src.replace("cache=CACHE", "cache=False"), name, "exec"), mod.__dict__)
-    kernel = _kernels[src] = mod.kernel
-    return kernel

@@ -1,11 +1,13 @@
-"""Threads for a program's replay: the cores, one pool, BLAS held at one thread.
+"""Host threads: the cores, one pool, BLAS held at one thread, rows shared.
 
-Two users: chunked replay (:mod:`.chunk`) shares a row-independent program's
-blocks among a thread per core, and a large fused kernel (:mod:`.fuse`) shares
-its rows among them where that is measured faster (:func:`rows`). NumPy's
-ufuncs, BLAS and the fused kernels release the GIL, so Python threads run them
-side by side. The two never nest: a kernel run inside a block loop
-(:data:`one_thread` held) stays on its thread.
+Users: a program's chunked replay (:mod:`einsumgrad.program.chunk`) shares a
+row-independent program's blocks among a thread per core; a large fused kernel
+(:mod:`einsumgrad.program.fuse`) and the eager path's large numba kernels
+(:mod:`.kernels`: pooling, at as many threads as the BLAS is given) share their
+rows among them where that is measured faster (:func:`rows`). NumPy's ufuncs,
+BLAS and the kernels release the GIL, so Python threads run them side by side.
+They never nest: a kernel run inside a block loop (:data:`one_thread` held) or
+on a pool thread stays on its thread.
 """
 from __future__ import annotations
 
@@ -137,7 +139,7 @@ class Timed:
 _paces: dict = {}  # kernel loop -> its Timed (0: alone, 1: rows shared), per element operation
 
 
-def rows(loop: Callable, out, args: tuple, cut: tuple, work: int) -> None:
+def rows(loop: Callable, out, args: tuple, cut: tuple, work: int, limit: int | None = None) -> None:
     """``loop(out, *args)``, its rows (``out``'s axis 0, and that of each argument
     whose ``cut`` is true) shared among a thread per core where that is faster.
 
@@ -146,10 +148,11 @@ def rows(loop: Callable, out, args: tuple, cut: tuple, work: int) -> None:
     and then (:class:`Timed`): the results are the same bit for bit, each element
     computed by the same code. Below :data:`SPLIT_WORK` element operations,
     or inside a block loop (:data:`one_thread` held: the cores are taken), the
-    kernel runs on the calling thread.
+    kernel runs on the calling thread. ``limit``, where given, caps the threads
+    (the eager path passes the BLAS's count: one thread means one).
     """
     k = 1 if work < SPLIT_WORK or one_thread.depth or SHARE is False or _in_pool() \
-        else min(cores(), out.shape[0])
+        else min(cores(), out.shape[0], limit or out.shape[0])
     if k < 2:
         loop(out, *args)
         return
