@@ -213,6 +213,48 @@ def test_window_max_and_its_vjp_are_the_numpy_path_and_the_rule(view, nan):
 
 
 @needs_jit
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([np.float64, np.float32]), st.integers(1, 3), st.integers(1, 9),
+       st.tuples(st.integers(1, 3), st.integers(1, 3)), st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       st.tuples(st.integers(1, 2), st.integers(1, 2)), st.integers(0, 2 ** 16))
+def test_window_copy_is_numpys_strided_copy(dtype, b, channels, kernel, stride, dilation, seed):
+    # im2col of channels-last images: cols[b, y, x, i, j] = pad[b, y*sh + i*dh, x*sw + j*dw]
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh, ow = 3, 4
+    hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    pad = np.random.default_rng(seed).standard_normal((b, hp, wp, channels)).astype(dtype)
+    s = pad.strides
+    view = np.lib.stride_tricks.as_strided(
+        pad, (b, oh, ow, kh, kw, channels), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
+    cols = np.full(view.shape, np.nan, dtype)
+    taken = jit.window_copy(pad, cols, stride, dilation)
+    assert taken == (channels * pad.itemsize <= jit._COPY_BYTES)  # wide pixels: NumPy's copy
+    if taken:
+        np.testing.assert_array_equal(cols, view)
+    assert not jit.window_copy(pad.astype(np.int32), cols.astype(np.int32), stride, dilation)
+
+
+@needs_jit
+@pytest.mark.parametrize("share", [False, True])
+def test_pooling_kernels_give_the_same_bits_with_their_rows_on_threads(monkeypatch, share):
+    from einsumgrad.backends import mkl, threads
+    monkeypatch.setattr(threads, "SHARE", share)
+    monkeypatch.setattr(threads, "SPLIT_WORK", 1)
+    monkeypatch.setattr(threads, "cores", lambda: 3)
+    monkeypatch.setattr(mkl, "gemm_threads", lambda: 3)
+    x = np.random.default_rng(0).integers(-3, 4, (5, 8, 6, 4)).astype(np.float32)
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # channels-last
+    x6 = x.reshape(5, 8, 3, 2, 2, 2)
+    out = jit.window_max(x6)
+    np.testing.assert_array_equal(out, x6.max(axis=(3, 5)))
+    g = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+    monkeypatch.setattr(threads, "SHARE", False)
+    want = jit.window_max_vjp(x6, out, g)
+    monkeypatch.setattr(threads, "SHARE", share)
+    np.testing.assert_array_equal(jit.window_max_vjp(x6, out, g), want)
+
+
+@needs_jit
 def test_window_kernels_decline_other_layouts():
     x = np.random.default_rng(0).standard_normal((2, 3, 4, 6))
     odd = np.ascontiguousarray(x.transpose(2, 0, 1, 3)).transpose(1, 2, 0, 3)  # H outermost

@@ -19,6 +19,8 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
   product, a row sum, a broadcast subtract and a product);
 * ``divide_by_row_sums``: a softmax's rows divided by their sums in place,
   saying whether each sum was safely positive (else the softmax redoes it);
+* ``window_copy``: a convolution's windows of channels-last images copied
+  into rows (im2col; NumPy's strided copy of a one-channel image is 5x slower);
 * ``window_max`` and ``window_max_vjp``: max pooling's tiling windows, the
   max and its VJP (mask, even split between ties, spread) in one pass each,
   on NCHW or channels-last images (NumPy: a fold over strided slices, and
@@ -36,10 +38,12 @@ to rounding.
 
 Kernels take float32 and float64 NumPy arrays in C order (a cotangent in
 another layout is copied first); anything else (other dtypes, CuPy, strided
-inputs) returns None and the caller's NumPy path runs. They run on the
-calling thread and release the GIL: numba's parallel layer would start an
-OpenMP runtime of its own, and next to torch's that resets the thread count
-of the whole process (measured: torch "at one thread" then ran on two).
+inputs) returns None and the caller's NumPy path runs. They release the GIL
+and run on the calling thread; the pooling kernels' rows are shared among
+Python threads (:mod:`.threads`, as many as MKL's GEMM is given) where that is
+measured faster. Not numba's parallel layer: it would start an OpenMP runtime
+of its own, and next to torch's that resets the thread count of the whole
+process (measured: torch "at one thread" then ran on two).
 ``EINSUMGRAD_JIT=0`` turns them off. The first call per dtype compiles
 (about a second), cached on disk afterwards.
 """
@@ -49,6 +53,8 @@ import os
 from typing import Any
 
 import numpy
+
+from . import compiled, mkl, threads
 
 _ENABLED = os.environ.get("EINSUMGRAD_JIT", "1") != "0"
 _KINDS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
@@ -306,6 +312,14 @@ def _run(name: str, *args):
     return _compiled[name](*args)
 
 
+def _run_rows(name: str, args: tuple, cut: tuple, work: int) -> None:
+    """Kernel ``name`` on ``args``, the rows (axis 0) of those ``cut`` marks shared
+    among as many threads as MKL's GEMM is given, where that is measured faster
+    (:func:`.threads.rows`; one BLAS thread: the calling thread alone). Each row
+    is computed by the same code either way, so the results are the same bits."""
+    threads.rows(_compiled[name], args[0], args[1:], cut[1:], work, limit=mkl.gemm_threads())
+
+
 def layer_norm(x, n: int, eps: float, weight=None, bias=None):
     """Layer norm over the last ``n`` entries of each row of C-ordered ``x``, or None.
 
@@ -400,6 +414,44 @@ def divide_by_row_sums(e, floor: float):
     return bool(_run("divide_by_row_sums", rows, e.dtype.type(floor), e.dtype.type(0)))
 
 
+# A convolution's windows (im2col): cols[b, y, x, i, j, :] is the pixel
+# pad[b, y*sh + i*dh, x*sw + j*dw, :] of channels-last padded images. The
+# window's sizes and steps are constants of each kernel: with kh, kw and the
+# channels as loop counts the loops are 5x slower than with them as constants.
+_WINDOW_COPY = """import numba
+
+
+@numba.njit(cache=CACHE, nogil=True)
+def kernel(pad, cols):
+    for b in range(cols.shape[0]):
+        for y in range(cols.shape[1]):
+            for x in range(cols.shape[2]):
+                for i in range({kh}):
+                    for j in range({kw}):
+                        for c in range({channels}):
+                            cols[b, y, x, i, j, c] = pad[b, y * {sh} + i * {dh}, x * {sw} + j * {dw}, c]
+"""
+_COPY_BYTES = 32
+"""Channels of at most this many bytes a pixel take the kernel: NumPy's strided
+copy moves a whole pixel per step, and at 16 float32 channels it is the faster."""
+
+
+def window_copy(pad, cols, stride: tuple, dilation: tuple) -> bool:
+    """Copy the windows of channels-last padded images ``pad`` ``(B, Hp, Wp, I)``
+    into ``cols`` ``(B, OH, OW, kh, kw, I)`` (im2col); False (nothing written)
+    where the kernel does not take the arrays or NumPy's copy is as fast."""
+    if (type(pad) is not numpy.ndarray or type(cols) is not numpy.ndarray or pad.dtype not in _KINDS
+            or cols.dtype != pad.dtype or not (pad.flags.c_contiguous and cols.flags.c_contiguous)
+            or cols.size == 0 or cols.shape[5] * cols.itemsize > _COPY_BYTES or _kernels() is None):
+        return False
+    (kh, kw, channels), (sh, sw), (dh, dw) = cols.shape[3:], stride, dilation
+    src = _WINDOW_COPY.format(kh=kh, kw=kw, channels=channels, sh=int(sh), sw=int(sw),
+                              dh=int(dh), dw=int(dw))
+    threads.rows(compiled.compile_kernel(src), pad, (cols,), (True,), cols.size,
+                 limit=mkl.gemm_threads())
+    return True
+
+
 def _windows(x):
     """A pooling view ``(B, C, Ho, kh, Wo, kw)`` as the kernels' 5-D C-ordered
     ``(B*Ho or B*C*Ho, kh, Wo, kw, C or 1)`` and how to lay a result out back,
@@ -423,7 +475,8 @@ def window_max(x):
         return None
     xk, shape, back = view
     out = numpy.empty(shape, x.dtype)
-    _run("window_max", xk, out.reshape(xk.shape[0], xk.shape[2], xk.shape[4]))
+    _run_rows("window_max", (xk, out.reshape(xk.shape[0], xk.shape[2], xk.shape[4])),
+              (True, True), 2 * xk.size)
     return out.transpose(back)
 
 
@@ -447,7 +500,8 @@ def window_max_vjp(x, out, g):
     rows = lambda a: numpy.ascontiguousarray(a.transpose(order)).reshape(
         xk.shape[0], xk.shape[2], xk.shape[4])
     dx = numpy.empty_like(xk)
-    _run("window_max_vjp", xk, rows(out), rows(g), dx, x.dtype.type(1))
+    _run_rows("window_max_vjp", (xk, rows(out), rows(g), dx, x.dtype.type(1)),
+              (True, True, True, True, False), 4 * xk.size)
     b, c, ho, kh, wo, kw = x.shape
     if back == (0, 3, 1, 2):
         return dx.reshape(b, ho, kh, wo, kw, c).transpose(0, 5, 1, 2, 3, 4)

@@ -665,6 +665,12 @@ def _chooser() -> Callable:
     return chosen_matmul
 
 
+def gemm_threads() -> int:
+    """How many threads MKL's GEMM runs on now (1 without MKL: NumPy's BLAS on
+    the NumPy backend's cache-sized products runs on one)."""
+    return _LIB.MKL_Get_Max_Threads() if matmul is not None else 1
+
+
 _FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 _LIB = _load()
 matmul: Callable | None = _kernel(_LIB) if _LIB is not None else None

@@ -103,16 +103,8 @@ NUMPY = Backend("numpy", numpy, erf=_numpy_erf(), add_at=_numpy_add_at,
                 matmul_add=mkl.matmul_add, ufuncs=mkl.ufuncs,
                 kernels={k: getattr(kernels, k) for k in KERNELS},  # each declines without numba
                 threads_large_gemm=mkl.matmul is not None)
-
-
-def _gemm_threads() -> int:
-    """How many threads MKL's GEMM runs on now (1 without MKL: NumPy's BLAS on
-    this backend's cache-sized products runs on one)."""
-    return mkl._LIB.MKL_Get_Max_Threads() if mkl.matmul is not None else 1
-
-
 # Read by the convolutions by blocks (rules/convolution.py), which keep to one
 # large product where MKL threads it; not a Backend argument (base.py's).
-NUMPY.gemm_threads = _gemm_threads
+NUMPY.gemm_threads = mkl.gemm_threads
 register_backend(numpy.ndarray, NUMPY)
 

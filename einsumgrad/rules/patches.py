@@ -202,6 +202,7 @@ class _Blocks:
                                   strides=(s_r, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_i))
         self.inside = (slice(None), slice(ph, ph + h), slice(pw, pw + w))
         self.xp, self.k = xp, kh * kw * i
+        self.steps = (sh, sw), (dh, dw)
         # A whole block's views, made once (most blocks are whole).
         self.whole = self.pad[self.inside], xp.reshape(self.cols, (-1, self.k))
 
@@ -211,12 +212,17 @@ class _Blocks:
         if m == self.nb:
             inside, mat = self.whole
             inside[...] = x[s:s + m]
-            self.cols[...] = self.view
+            self._copy(self.pad, self.cols, self.view)
             return mat
         self.pad[:m][self.inside] = x[s:s + m]
         cols = self.cols[:m]
-        cols[...] = self.view[:m]
+        self._copy(self.pad[:m], cols, self.view[:m])
         return self.xp.reshape(cols, (-1, self.k))
+
+    def _copy(self, pad, cols, view):
+        copy = self.xp.window_copy
+        if copy is None or not copy(pad, cols, *self.steps):
+            cols[...] = view
 
 
 # Block buffers kept per thread (two threads never share one) for the next
