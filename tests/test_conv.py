@@ -1,5 +1,7 @@
 """conv1d / conv2d against torch in float64: strides, paddings ('same' included),
 dilations and groups (depthwise too); values, input, weight and bias gradients."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,7 @@ def test_conv_by_larger_blocks_for_a_gemm_on_several_threads(rng, monkeypatch):
     real = pt._Blocks.windows
     monkeypatch.setattr(pt._Blocks, "windows",
                         lambda self, x, s, m: windows.append(m) or real(self, x, s, m))
+    monkeypatch.setattr(eg.backends.threads, "SHARE", False)  # not the blocks on threads
     x, w, b = (rng.standard_normal(s) for s in ((3, 8, 6, 6), (8, 8, 3, 3), (8,)))
     for threads, blocks in ((2, [3, 3]), (1, [2, 1, 2, 1])):
         monkeypatch.setattr(here, "gemm_threads", lambda: threads, raising=False)
@@ -184,6 +187,30 @@ def test_conv_by_larger_blocks_for_a_gemm_on_several_threads(rng, monkeypatch):
         conv_both(F.conv2d, TF.conv2d, x, w, b, padding=1)
         assert calls == ["conv_blocks", "conv_blocks"]
         assert windows == blocks, threads
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1)])
+def test_conv_by_blocks_on_a_thread_per_core(rng, monkeypatch, stride, padding):
+    # At several MKL threads the blocks may instead be shared among a thread per
+    # core (threads.SHARE forces it here), each with its own buffers, BLAS at one
+    # thread, and the weight gradient's per-thread sums added up: torch's
+    # numbers. Stride 1 runs the input and weight gradients in one pass.
+    import threading
+    pt = sys.modules["einsumgrad.rules.patches"]
+    calls = _block_calls(monkeypatch, 60_000)
+    here = eg.backends.backend_of(xb(np.zeros(1)))
+    monkeypatch.setattr(here, "threads_large_gemm", True)
+    monkeypatch.setattr(here, "gemm_threads", lambda: 3, raising=False)
+    monkeypatch.setattr(eg.backends.threads, "cores", lambda: 3)
+    monkeypatch.setattr(eg.backends.threads, "SHARE", True)
+    ran = set()
+    real = pt._Blocks.windows
+    monkeypatch.setattr(pt._Blocks, "windows", lambda self, x, s, m: ran.add(
+        threading.current_thread().name) or real(self, x, s, m))
+    x, w, b = (rng.standard_normal(s) for s in ((7, 8, 6, 6), (8, 8, 3, 3), (8,)))
+    conv_both(F.conv2d, TF.conv2d, x, w, b, stride=stride, padding=padding)
+    assert calls == ["conv_blocks", "conv_blocks" if stride == 1 else "conv_weight_blocks"]
+    assert threading.current_thread().name in ran and len(ran) >= 2  # and the pool's
 
 
 def test_conv_of_an_empty_batch_where_blocks_run(rng, monkeypatch):

@@ -37,6 +37,12 @@ def _in_pool() -> bool:
     return threading.current_thread().name.startswith(_NAME)
 
 
+def nested() -> bool:
+    """Whether the cores are taken: this thread is one of the pool's, or a block
+    loop holds BLAS at one thread (:data:`one_thread`). Work then stays on it."""
+    return bool(one_thread.depth) or _in_pool()
+
+
 def cores() -> int:
     """The cores this process may run on."""
     try:
@@ -151,7 +157,7 @@ def rows(loop: Callable, out, args: tuple, cut: tuple, work: int, limit: int | N
     kernel runs on the calling thread. ``limit``, where given, caps the threads
     (the eager path passes the BLAS's count: one thread means one).
     """
-    k = 1 if work < SPLIT_WORK or one_thread.depth or SHARE is False or _in_pool() \
+    k = 1 if work < SPLIT_WORK or SHARE is False or nested() \
         else min(cores(), out.shape[0], limit or out.shape[0])
     if k < 2:
         loop(out, *args)

@@ -35,8 +35,9 @@ and JVP is again one of them, and derivatives of any order stay cheap.
 from __future__ import annotations
 
 import math
+from time import perf_counter
 
-from ..backends import backend_of, in_order_of
+from ..backends import backend_of, in_order_of, threads
 from ..derive import batched
 from ..plan import CACHE_SIZE, Bounded, plan_for
 from ..spec import Spec
@@ -207,6 +208,34 @@ def _block_bytes(xp) -> int:
                                                                       WHOLE_BLOCK_BYTES)
 
 
+# (plan key) -> threads.Timed: a convolution's two ways at several MKL threads.
+_paces = Bounded(CACHE_SIZE)
+
+
+def _by_threads(key: tuple, xp, run):
+    """``run(block_bytes, workers)`` the way measured faster for this convolution
+    where MKL runs on several threads: each product on all of them (blocks of
+    :func:`_block_bytes`), or cache-sized blocks shared among a thread per core,
+    each product on one (which also shares the window copies). Which pays
+    depends on the shapes and on how busy the cores are, so both are timed as
+    they run (:class:`einsumgrad.backends.threads.Timed`); ``threads.SHARE``
+    forces one."""
+    gemm = getattr(xp, "gemm_threads", None) if xp.threads_large_gemm else None
+    workers = min(gemm(), threads.cores()) if gemm is not None else 1
+    if workers < 2 or threads.SHARE is False or threads.nested():
+        return run(_block_bytes(xp), 1)
+    if threads.SHARE:
+        return run(BLOCK_BYTES, workers)
+    pace = _paces.get(key)
+    if pace is None:
+        pace = _paces[key] = threads.Timed(2, every=16)
+    way = pace.pick()
+    start = perf_counter()
+    got = run(BLOCK_BYTES, workers) if way else run(_block_bytes(xp), 1)
+    pace.record(way, perf_counter() - start)
+    return got
+
+
 def _block_form(spec: Spec):
     """``('conv', groups)`` for a patch einsum shaped as a convolution (window labels
     on the other operand, ``(OH, OW)`` in the output), ``('weight', groups)`` for
@@ -266,12 +295,15 @@ def _patch_blocks(x, o, spec, kernel, stride, padding, dilation):
     kind, (rows, inner, cols), sizes = plan
     lead, hw, kl = p[:-4], p[-4:-2], p[-2:]
     xr = _grouped(x, lead + ("H", "W"), (rows, ("H",), ("W",), inner), xp)
+    key = ("patch", spec, x.shape, o.shape, kernel, stride, padding, dilation)
     if kind == "conv":
         w = _grouped(o, ot, (kl + inner, cols), xp)
-        y = conv_blocks(xr, w, kernel, stride, padding, dilation, _block_bytes(xp))
+        y = _by_threads(key, xp, lambda nbytes, workers: conv_blocks(
+            xr, w, kernel, stride, padding, dilation, nbytes, workers=workers))
         return _ungrouped(y, (rows, hw, cols), sizes, r, xp)
     g = _grouped(o, ot, (rows, hw[:1], hw[1:], cols), xp)
-    dw = conv_weight_blocks(xr, g, kernel, stride, padding, dilation, _block_bytes(xp))
+    dw = _by_threads(key, xp, lambda nbytes, workers: conv_weight_blocks(
+        xr, g, kernel, stride, padding, dilation, nbytes, workers=workers))
     return _ungrouped(dw, (kl, inner, cols), sizes, r, xp)
 
 
@@ -321,7 +353,8 @@ def _unpatch_blocks(a, b, spec, size, kernel, stride, padding, dilation, image=N
     w = xp.reshape(w, (-1, w.shape[-1]))
     other = None if image is None else _grouped(image, p[:-4] + hw, (rows, hw[:1], hw[1:], inner),
                                                 xp)
-    z = conv_blocks(g, w, kernel, (1, 1), back, dilation, _block_bytes(xp), other)
+    z = _by_threads(key + (image is None,), xp, lambda nbytes, workers: conv_blocks(
+        g, w, kernel, (1, 1), back, dilation, nbytes, other, workers=workers))
     if image is None:
         return _ungrouped(z, (rows, hw, inner), sizes, p[:-4] + hw, xp)
     z, dw = z

@@ -12,10 +12,11 @@ einsums. Leading axes (batch, channels, a Jacobian's basis) pass through.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import operator
 import threading
 
-from ..backends import backend_of, in_order_of
+from ..backends import backend_of, in_order_of, threads
 from ..tensor import BatchMixingError, Primitive, Tensor, bind
 from .shape import same_op
 
@@ -256,7 +257,8 @@ def _blocks(x, kernel, stride, padding, dilation, block_bytes: int) -> _Blocks:
     return got
 
 
-def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other=None):
+def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other=None,
+                workers: int = 1):
     """``patches(x) @ w`` over channels-last images, a block of images at a time.
 
     ``x`` is ``(R, H, W, I)`` in any memory layout (R the images and any other
@@ -269,20 +271,50 @@ def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other
     With ``other`` ``(R, OH, OW, L)`` it also returns ``patches(x)^T @ other``
     summed over the images, ``(kh*kw*I, L)``, from the same window copies: a
     stride-1 convolution's input gradient (``x`` its cotangent) and weight
-    gradient (``other`` its image) in one pass.
+    gradient (``other`` its image) in one pass. With ``workers`` > 1 the images
+    are shared among that many threads, each with its own buffers and BLAS at
+    one thread (:func:`_on_threads`).
     """
     xp = backend_of(x)
-    blocks = _blocks(x, kernel, stride, padding, dilation, block_bytes)
-    r, (oh, ow), j = x.shape[0], blocks.cols.shape[1:3], w.shape[-1]
+    r = x.shape[0]
+    (oh, ow), j = _blocks(x, kernel, stride, padding, dilation, block_bytes).cols.shape[1:3], w.shape[-1]
     out = xp.empty((r, oh, ow, j), dtype=x.dtype)
-    flat, total = xp.reshape(out, (r * oh * ow, j)), None
-    for s in range(0, r, blocks.nb):
-        m = min(blocks.nb, r - s)
-        a = blocks.windows(x, s, m)
-        xp.matmul(a, w, out=flat[s * oh * ow:(s + m) * oh * ow])
-        if other is not None:
-            total = _add_product(xp, xp.transpose(a), other[s:s + m], total)
+    flat = xp.reshape(out, (r * oh * ow, j))
+
+    def images(lo: int, hi: int):
+        blocks, total = _blocks(x, kernel, stride, padding, dilation, block_bytes), None
+        for s in range(lo, hi, blocks.nb):
+            m = min(blocks.nb, hi - s)
+            a = blocks.windows(x, s, m)
+            xp.matmul(a, w, out=flat[s * oh * ow:(s + m) * oh * ow])
+            if other is not None:
+                total = _add_product(xp, xp.transpose(a), other[s:s + m], total)
+        return total
+    total = _on_threads(images, r, workers, xp)
     return out if other is None else (out, total)
+
+
+def _on_threads(images, r: int, workers: int, xp):
+    """``images(lo, hi)`` over the images ``0:r``, in ``workers`` contiguous parts
+    on as many threads (the calling one first) with BLAS at one thread; their
+    returns (sums over the images, or None) added up in the parts' order."""
+    workers = min(workers, r)
+    if workers < 2 or threads.nested():
+        return images(0, r)
+    bounds = [r * i // workers for i in range(workers + 1)]
+    with threads.one_thread:
+        futures = [threads.pool(workers - 1).submit(images, bounds[i], bounds[i + 1])
+                   for i in range(1, workers)]
+        try:
+            totals = [images(bounds[0], bounds[1])]
+        finally:
+            concurrent.futures.wait(futures)
+        totals += [f.result() for f in futures]  # a worker's error, raised here
+    if totals[0] is None:
+        return None
+    for t in totals[1:]:
+        totals[0] += t
+    return totals[0]
 
 
 def _add_product(xp, a, b, total):
@@ -295,17 +327,20 @@ def _add_product(xp, a, b, total):
     return total
 
 
-def conv_weight_blocks(x, g, kernel, stride, padding, dilation, block_bytes: int):
+def conv_weight_blocks(x, g, kernel, stride, padding, dilation, block_bytes: int,
+                       workers: int = 1):
     """``patches(x)^T @ g`` summed over images, a block of images at a time: a
     convolution's weight gradient without the whole patches.
 
     ``x`` is ``(R, H, W, I)`` and ``g`` ``(R, OH, OW, J)``, any layouts. Returns
-    ``(kh*kw*I, J)``, rows in ``(kh, kw, I)`` order.
+    ``(kh*kw*I, J)``, rows in ``(kh, kw, I)`` order. ``workers``: as :func:`conv_blocks`.
     """
     xp = backend_of(x)
-    blocks = _blocks(x, kernel, stride, padding, dilation, block_bytes)
-    total = None
-    for s in range(0, x.shape[0], blocks.nb):
-        m = min(blocks.nb, x.shape[0] - s)
-        total = _add_product(xp, xp.transpose(blocks.windows(x, s, m)), g[s:s + m], total)
-    return total
+
+    def images(lo: int, hi: int):
+        blocks, total = _blocks(x, kernel, stride, padding, dilation, block_bytes), None
+        for s in range(lo, hi, blocks.nb):
+            m = min(blocks.nb, hi - s)
+            total = _add_product(xp, xp.transpose(blocks.windows(x, s, m)), g[s:s + m], total)
+        return total
+    return _on_threads(images, x.shape[0], workers, xp)
