@@ -231,7 +231,7 @@ def test_window_copy_is_numpys_strided_copy(dtype, b, channels, kernel, stride, 
     assert taken == (channels * pad.itemsize <= jit._COPY_BYTES)  # wide pixels: NumPy's copy
     if taken:
         np.testing.assert_array_equal(cols, view)
-    assert not jit.window_copy(pad.astype(np.int32), cols.astype(np.int32), stride, dilation)
+    assert not jit.window_copy(pad.astype(np.int32), np.zeros(cols.shape, np.int32), stride, dilation)
 
 
 @needs_jit
@@ -252,6 +252,60 @@ def test_pooling_kernels_give_the_same_bits_with_their_rows_on_threads(monkeypat
     want = jit.window_max_vjp(x6, out, g)
     monkeypatch.setattr(threads, "SHARE", share)
     np.testing.assert_array_equal(jit.window_max_vjp(x6, out, g), want)
+
+
+def _special(rng, shape, dtype):
+    """Normal values with GELU's and ReLU's edges mixed in: +-0, +-40 and past
+    it, +-inf, NaN."""
+    x = rng.standard_normal(shape) * 3
+    edges = np.array([0.0, -0.0, 40.0, -40.0, 41.0, -41.0, 1e30, -1e30, np.inf, -np.inf, np.nan])
+    mask = rng.random(shape) < 0.3
+    x[mask] = rng.choice(edges, mask.sum())
+    return x.astype(dtype)
+
+
+@needs_jit
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([np.float64, np.float32]), st.lists(st.integers(1, 9), min_size=1, max_size=3),
+       st.integers(0, 2 ** 16))
+def test_gelu_and_relu_kernels_are_the_numpy_path(dtype, shape, seed):
+    from einsumgrad.rules import elementwise as E
+    rng = np.random.default_rng(seed)
+    x, g = _special(rng, shape, dtype), _special(rng, shape, dtype)
+    with np.errstate(all="ignore"):
+        cdf = E._normal_cdf_impl(x)
+        got = jit.gelu(x, cdf)
+        np.testing.assert_array_equal(got, numpy_path(E._gelu_impl, x, cdf))
+        want = numpy_path(lambda: g * E._gelu_d_impl(x, cdf))
+        got = jit.gelu_vjp(g, x, cdf)
+        # Phi + x phi cancels for negative x: the error is a few ulps of its terms
+        # (at most 1.25), times g, not of the result.
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        ok = np.isnan(want) | (got == want) | (np.abs(got - want) <= 8 * np.finfo(dtype).eps * np.abs(g))
+        assert ok.all(), (x[~ok], g[~ok], got[~ok], want[~ok])
+        y = np.maximum(x, 0)
+        np.testing.assert_array_equal(jit.relu_vjp(g, y),
+                                      g * E._relu_plain(np, x, y))  # -0.0 and NaN included
+    assert jit.gelu(x, cdf.astype(np.float16)) is None
+    assert g.size == 1 or jit.relu_vjp(np.broadcast_to(g.reshape(-1)[:1], g.shape), y) is None
+
+
+@needs_jit
+def test_gelu_and_relu_backward_take_the_kernels(monkeypatch):
+    # The backward that records nothing runs the kernels; recording it runs the rules.
+    calls = []
+    for name in ("gelu_vjp", "relu_vjp"):
+        real = getattr(eg.backends.NUMPY, name)
+        monkeypatch.setattr(eg.backends.NUMPY, name, lambda *a, real=real, name=name:
+                            calls.append(name) or real(*a))
+    x = np.random.default_rng(0).standard_normal((4, 6))
+    grads = []
+    for record in (False, True):
+        xt = eg.tensor(x, requires_grad=True)
+        (F.gelu(xt) * F.relu(xt)).sum().backward(create_graph=record)
+        grads.append(xt.grad.numpy())
+    assert calls == ["relu_vjp", "gelu_vjp"] or calls == ["gelu_vjp", "relu_vjp"]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-14, atol=1e-15)
 
 
 @needs_jit

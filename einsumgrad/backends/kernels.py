@@ -17,6 +17,9 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
   cotangent, and the weight's and bias's summed over the rows;
 * ``softmax_vjp``: ``out * (g - sum(g * out))`` along each row (NumPy: a
   product, a row sum, a broadcast subtract and a product);
+* ``gelu`` and ``gelu_vjp``: GELU given Phi(x), one pass, and its VJP, two
+  passes around VML's exp (NumPy: two passes, and eight back);
+* ``relu_vjp``: ReLU's VJP from its output, one pass (NumPy: four);
 * ``divide_by_row_sums``: a softmax's rows divided by their sums in place,
   saying whether each sum was safely positive (else the softmax redoes it);
 * ``window_copy``: a convolution's windows of channels-last images copied
@@ -49,6 +52,7 @@ process (measured: torch "at one thread" then ran on two).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -112,6 +116,31 @@ def _build(numba, cache: bool) -> dict:
             else:
                 for j in range(g.shape[1]):
                     dx[i, j] = r * (g[i, j] - a - xhat[i, j] * m)
+
+    # GELU, x Phi(x) with x floored at tail = -40 (a NaN stays NaN), and the two
+    # passes of its VJP around an exp (VML's, vectorized): t = -x^2 / 2 at x
+    # clipped to +-40, then dx = g (Phi + x exp(t) / sqrt(2 pi)), the operations
+    # in the order of the rule's NumPy path (einsumgrad.rules.elementwise).
+    @numba.njit(**opts)
+    def gelu(x, cdf, out, tail):
+        for i in range(x.shape[0]):
+            v = x[i]
+            out[i] = (tail if v < tail else v) * cdf[i]
+
+    @numba.njit(inline="always", **opts)
+    def clipped(v, tail):
+        return -tail if v < -tail else tail if v > tail else v
+
+    @numba.njit(**opts)
+    def gelu_vjp_square(x, t, tail, half):
+        for i in range(x.shape[0]):
+            c = clipped(x[i], tail)
+            t[i] = c * half * c
+
+    @numba.njit(**opts)
+    def gelu_vjp(t, g, x, cdf, tail, scale):
+        for i in range(x.shape[0]):
+            t[i] = g[i] * (t[i] * scale * clipped(x[i], tail) + cdf[i])
 
     @numba.njit(**opts)
     def softmax_vjp(g, out, dx, zero):
@@ -178,6 +207,11 @@ def _build(numba, cache: bool) -> dict:
     def relu_grad(g, y):
         # relu's rule on its output y: g where y > 0, 0 where y is 0, NaN at NaN
         return g if y > 0 else g * 0 if y == 0 else g * y
+
+    @numba.njit(**opts)
+    def relu_vjp(g, y, dx):  # ReLU's VJP from its output, one pass
+        for i in range(y.shape[0]):
+            dx[i] = relu_grad(g[i], y[i])
 
     @numba.njit(**opts)
     def channel_sums(x, mean, s, out):
@@ -260,7 +294,8 @@ def _build(numba, cache: bool) -> dict:
                     gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
                     dx[i, c, j] = a[c] * (gv - mg[c] - (x[i, c, j] - mean[c]) * s[c] * mgx[c])
 
-    return {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp,
+    return {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp, "gelu": gelu,
+            "gelu_vjp_square": gelu_vjp_square, "gelu_vjp": gelu_vjp, "relu_vjp": relu_vjp,
             "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
             "window_max": window_max, "window_max_vjp": window_max_vjp,
             "channel_sums": (channel_sums, channel_sums_by_row),
@@ -381,6 +416,56 @@ def layer_norm_vjp(g, xhat, s, n: int, weight=None):
 
 def _vector(v, dtype, n: int) -> bool:
     return type(v) is numpy.ndarray and v.dtype == dtype and v.size == n
+
+
+def _flat_alike(*arrays):
+    """The arrays as flat C-ordered views when the kernels take them (one shape,
+    one float dtype, C order each), else None."""
+    a = arrays[0]
+    if not all(type(v) is numpy.ndarray and v.shape == a.shape and v.dtype == a.dtype
+               and v.flags.c_contiguous for v in arrays) or a.dtype not in _KINDS or a.size == 0:
+        return None
+    return [v.reshape(-1) for v in arrays]
+
+
+def gelu(x, cdf):
+    """``max(x, -40) * cdf`` in one pass (GELU with ``cdf`` = Phi(x)), or None."""
+    flat = _flat_alike(x, cdf)
+    if flat is None or _kernels() is None:
+        return None
+    out = numpy.empty_like(x)
+    _run_rows("gelu", (*flat, out.reshape(-1), x.dtype.type(-40.0)), (True, True, True, False),
+              2 * x.size)
+    return out
+
+
+def gelu_vjp(g, x, cdf):
+    """GELU's VJP ``g * (cdf + x phi(x))``, ``x`` clipped to +-40 in ``x phi(x)``
+    (0 beyond, not inf * 0), in two passes around VML's exp; or None."""
+    flat = _flat_alike(g, x, cdf)
+    if flat is None or _kernels() is None:
+        return None
+    gf, xf, cf = flat
+    t = numpy.empty_like(xf)
+    c = x.dtype.type
+    cut = (True, True, False, False)
+    _run_rows("gelu_vjp_square", (xf, t, c(40.0), c(-0.5)), cut, 3 * x.size)
+    mkl.ufuncs.get("exp", numpy.exp)(t, out=t)
+    _run_rows("gelu_vjp", (t, gf, xf, cf, c(40.0), c(1.0 / math.sqrt(2.0 * math.pi))),
+              (True, True, True, True, False, False), 4 * x.size)
+    return t.reshape(x.shape)
+
+
+def relu_vjp(g, y):
+    """ReLU's VJP from its output ``y`` in one pass: ``g`` where ``y > 0``, 0 where
+    ``y`` is 0 (``g * 0``: a NaN or inf ``g`` gives NaN, as the rule's product),
+    NaN where ``y`` is; or None."""
+    flat = _flat_alike(g, y)
+    if flat is None or _kernels() is None:
+        return None
+    dx = numpy.empty_like(y)
+    _run_rows("relu_vjp", (*flat, dx.reshape(-1)), (True, True, True), 2 * y.size)
+    return dx
 
 
 def softmax_vjp(g, out):

@@ -211,6 +211,16 @@ def _relu_plain(xp, x, out):
 relu, relu_p = _unary("relu", lambda x: backend_of(x).maximum(x, 0),
                       lambda x, out: Tensor(_relu_plain(backend_of(out.data), x.data, out.data)),
                       _relu_plain)
+
+
+def _relu_fused(g, out, x):
+    # One pass where the backend has the kernel, else g times the derivative.
+    xp = backend_of(g)
+    r = xp.relu_vjp(g, out) if xp.relu_vjp is not None else None
+    return [r if r is not None else xp.multiply(g, _relu_plain(xp, x, out))]
+
+
+relu_p.deffused(_relu_fused)
 abs, abs_p = _unary("abs", lambda x: backend_of(x).abs(x),
                     lambda x, out: _const(x, backend_of(x.data).sign(x.data)))
 
@@ -277,10 +287,21 @@ gelu_d_p.defvmap(same_op(gelu_d_p))  # cdf, computed on the physical x, passes t
 
 def _gelu_impl(x, cdf):
     # x Phi(x) with x floored at -40, where Phi(x) is 0: GELU(-inf) is 0, its limit,
-    # not -inf * 0 (a NaN stays NaN).
+    # not -inf * 0 (a NaN stays NaN). One pass where the backend has the kernel.
     xp = backend_of(x)
-    r = xp.asarray(xp.maximum(x, -_TAIL))
-    return xp.multiply(r, cdf, out=r)
+    r = xp.gelu(x, cdf) if xp.gelu is not None else None
+    if r is None:
+        r = xp.asarray(xp.maximum(x, -_TAIL))
+        xp.multiply(r, cdf, out=r)
+    return r
+
+
+def _gelu_fused(g, out, x, cdf):
+    # The VJP on arrays, for a backward that records nothing: the backend's two
+    # passes around an exp where it has them, else g times the rule's derivative.
+    xp = backend_of(g)
+    r = xp.gelu_vjp(g, x, cdf) if xp.gelu_vjp is not None else None
+    return [r if r is not None else xp.multiply(g, _gelu_d_impl(x, cdf))]
 
 
 # GELU(x) = x Phi(x). Phi(x) is computed once, forward, and kept on the node
@@ -288,6 +309,7 @@ def _gelu_impl(x, cdf):
 gelu_p = Primitive("gelu", _gelu_impl)
 gelu_p.defvjp(lambda k, g, out, x, cdf: g * bind(gelu_d_p, x, cdf=cdf))
 gelu_p.defjvp(lambda k, t, out, x, cdf: t * bind(gelu_d_p, x, cdf=cdf))
+gelu_p.deffused(_gelu_fused)
 gelu_p.defbatch(elementwise_batch)
 gelu_p.defvmap(same_op(gelu_p))  # cdf, computed on the physical x, passes through
 
