@@ -222,7 +222,8 @@ def _by_threads(key: tuple, xp, run):
     forces one."""
     gemm = getattr(xp, "gemm_threads", None) if xp.threads_large_gemm else None
     workers = min(gemm(), threads.cores()) if gemm is not None else 1
-    if workers < 2 or threads.SHARE is False or threads.nested():
+    if (workers < 2 or threads.SHARE is False or threads.nested()
+            or not threads.one_thread.available()):  # no threadpoolctl: no BLAS at one thread
         return run(_block_bytes(xp), 1)
     if threads.SHARE:
         return run(BLOCK_BYTES, workers)

@@ -276,8 +276,8 @@ def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other
     one thread (:func:`_on_threads`).
     """
     xp = backend_of(x)
-    r = x.shape[0]
-    (oh, ow), j = _blocks(x, kernel, stride, padding, dilation, block_bytes).cols.shape[1:3], w.shape[-1]
+    r, j = x.shape[0], w.shape[-1]
+    oh, ow = _blocks(x, kernel, stride, padding, dilation, block_bytes).cols.shape[1:3]
     out = xp.empty((r, oh, ow, j), dtype=x.dtype)
     flat = xp.reshape(out, (r * oh * ow, j))
 
