@@ -73,6 +73,25 @@ def test_the_threaded_classes_never_mix_the_two_pools(fresh, monkeypatch, mkl_th
 
 
 @needs_mkl
+def test_the_choices_follow_mkls_thread_count_within_a_process(fresh, monkeypatch):
+    # One thread, then two (a bench's phases, threadpoolctl, torch.set_num_threads):
+    # the products at two take the two-thread choices, not the one-thread ones,
+    # which would leave NumPy's pool and MKL's fighting for the cores.
+    monkeypatch.setattr(mkl, "_race", lambda a, b: (2.0, 1.0) if mkl._LIB.MKL_Get_Max_Threads() == 1
+                        or mkl._kind_and_work(a, b)[1] < 1 << 21 else (1.0, 3.0))
+    calls = []
+    real = mkl.matmul
+    monkeypatch.setattr(mkl, "matmul", lambda a, b, out=None: calls.append(a.shape) or real(a, b))
+    a, b = shapes("mat", 96)  # 2^19.8 multiply-adds: a threaded class
+    for threads, by_mkl in ((1, False), (2, True), (1, False)):
+        monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda threads=threads: threads)
+        calls.clear()
+        np.testing.assert_allclose(NUMPY.matmul(a, b), a @ b, rtol=1e-12)
+        assert bool(calls) == by_mkl, threads
+        assert mkl.blas_choices(np.float64)["mat"][20] == ("mkl" if by_mkl else "numpy")
+
+
+@needs_mkl
 def test_a_product_openblas_keeps_on_one_thread_is_numpys_whatever_the_choice(fresh, monkeypatch):
     # up to 2^18 multiply-adds OpenBLAS runs a product on the calling thread: NumPy's takes
     # it even where MKL won the class (no pool to fight MKL's); a batch still follows the class

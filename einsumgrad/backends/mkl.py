@@ -588,20 +588,23 @@ def _cache_file() -> str:
     return os.path.join(base, "blas.json")
 
 
-_choices: dict = {}  # dtype -> {kind: {bucket: "mkl" | "numpy"}}
+_choices: dict = {}  # (dtype, MKL's threads) -> {kind: {bucket: "mkl" | "numpy"}}
 
 
 def blas_choices(dtype=None) -> dict:
-    """Which matmul the NumPy backend takes per dtype and size class (measured on
-    first use, then read from ``$EINSUMGRAD_CACHE/blas.json``, by default
-    ``~/.cache/einsumgrad/blas.json``, for this machine). ``EINSUMGRAD_BLAS=mkl`` or
+    """Which matmul the NumPy backend takes per dtype and size class at MKL's
+    present thread count (measured on first use, then read from
+    ``$EINSUMGRAD_CACHE/blas.json``, by default ``~/.cache/einsumgrad/blas.json``,
+    for this machine). A process that changes the count (threadpoolctl,
+    ``torch.set_num_threads``) gets the choices made for the new one: those of one
+    thread at two would mix the two libraries' pools. ``EINSUMGRAD_BLAS=mkl`` or
     ``numpy`` fixes the choice instead of measuring. Without MKL: NumPy's everywhere."""
     if dtype is None:
         return {numpy.dtype(d).name: blas_choices(d) for d in (numpy.float32, numpy.float64)}
-    dtype = numpy.dtype(dtype)
-    got = _choices.get(dtype)
+    key = (numpy.dtype(dtype), gemm_threads())
+    got = _choices.get(key)
     if got is None:
-        got = _choices[dtype] = _load_or_measure(dtype)
+        got = _choices[key] = _load_or_measure(key[0])
     return got
 
 
@@ -632,7 +635,7 @@ def _load_or_measure(dtype) -> dict:
     return got
 
 
-_table: dict = {}  # (dtype, kind, bucket) -> the matmul chosen_matmul calls
+_table: dict = {}  # (dtype, kind, bucket, MKL's threads) -> the matmul chosen_matmul calls
 
 
 def forget_choices() -> None:
@@ -644,7 +647,7 @@ def forget_choices() -> None:
 def _chooser() -> Callable:
     def pick(a, b):
         kind, work = _kind_and_work(a, b)
-        key = (a.dtype, kind, _bucket(work))
+        key = (a.dtype, kind, _bucket(work), _LIB.MKL_Get_Max_Threads())
         fn = _table.get(key)
         if fn is None:
             use = blas_choices(a.dtype)[kind][key[2]]
