@@ -436,6 +436,17 @@ def test_blas_thread_counts_are_restored(rng, monkeypatch):
     assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == before
 
 
+def test_the_pool_threads_run_mkl_on_themselves_alone():
+    # MKL's thread count is per thread (OpenMP's): the limit one_thread sets in the
+    # calling thread does not reach a pool thread, which sets its own at start.
+    from einsumgrad.backends import mkl, threads
+    if mkl.matmul is None:
+        pytest.skip("the mkl wheel is not installed")
+    with threads.one_thread:
+        assert threads.pool(2).submit(mkl.gemm_threads).result() == 1
+    assert threads.pool(2).submit(mkl.gemm_threads).result() == 1  # and after it
+
+
 def test_a_replay_does_not_keep_its_program_alive(rng, monkeypatch):
     import gc
     import weakref

@@ -668,6 +668,11 @@ def _chooser() -> Callable:
     return chosen_matmul
 
 
+def set_local_threads(n: int) -> None:
+    """MKL's thread count for the calling thread alone (``MKL_Set_Num_Threads_Local``)."""
+    _LIB.MKL_Set_Num_Threads_Local(n)
+
+
 def gemm_threads() -> int:
     """How many threads MKL's GEMM runs on now (1 without MKL: NumPy's BLAS on
     the NumPy backend's cache-sized products runs on one)."""

@@ -23,13 +23,24 @@ _pools_lock = threading.Lock()
 
 
 def pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A thread pool of ``n`` workers, made once per process."""
+    """A thread pool of ``n`` workers, made once per process; each runs its BLAS
+    on itself alone (:func:`_one_blas_thread`)."""
     with _pools_lock:
         p = _pools.get(n)
         if p is None:
             p = _pools[n] = concurrent.futures.ThreadPoolExecutor(
-                n, thread_name_prefix=_NAME)
+                n, thread_name_prefix=_NAME, initializer=_one_blas_thread)
         return p
+
+
+def _one_blas_thread() -> None:
+    """MKL at one thread on this (pool) thread. MKL's count is per thread, as
+    OpenMP's: the limit :data:`one_thread` sets reaches the thread that sets it,
+    and a pool thread's products would each start a team of their own beside
+    the other cores' work. OpenBLAS's count is global: one_thread holds it."""
+    from . import mkl
+    if mkl.matmul is not None:
+        mkl.set_local_threads(1)
 
 
 def _in_pool() -> bool:
