@@ -73,6 +73,54 @@ def test_the_threaded_classes_never_mix_the_two_pools(fresh, monkeypatch, mkl_th
 
 
 @needs_mkl
+def test_a_near_tie_on_several_threads_keeps_mkls_pool(fresh, monkeypatch):
+    # NumPy's 10% faster in every class: on several MKL threads that is within the
+    # margin a second pool must win by (MKL's vector math keeps MKL's pool busy),
+    # so the threaded classes stay MKL's; on one thread each class takes NumPy's
+    monkeypatch.setattr(mkl, "_race", lambda a, b: (1.0, 0.9))
+    for threads, want in ((2, "mkl"), (1, "numpy")):
+        monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda threads=threads: threads)
+        got = mkl.blas_choices(np.float64)
+        assert {got[k][b] for k in mkl._KINDS for b in mkl._BUCKETS if b >= mkl._THREADED} \
+            == {want}, threads
+        assert {got[k][16] for k in mkl._KINDS} == {"numpy"}
+
+
+def test_size_classes_tell_thin_products_from_square_ones():
+    # a convolution over im2col windows (as many output columns as channels) and
+    # its transpose are thin; a dense layer's products, a vector, a batch are not
+    cases = [((25088, 144), (144, 32), "thin"), ((32, 144), (144, 25088), "thin"),
+             ((2048, 64), (64, 256), "mat"), ((256, 2048), (2048, 64), "mat"),
+             ((512, 512), (512,), "vec"), ((4, 64, 64), (64, 64), "batch")]
+    for sa, sb, kind in cases:
+        a, b = np.empty(sa, np.float32), np.empty(sb, np.float32)
+        assert mkl._kind_and_work(a, b) == (kind, a.size * (b.shape[-1] if b.ndim > 1 else 1)), sa
+    rng = np.random.default_rng(0)
+    for bucket in mkl._BUCKETS:  # each class's measured case lands in its own class
+        a, b = mkl._case("thin", bucket, np.float32, rng)
+        assert mkl._kind_and_work(a, b)[0] == "thin"
+        assert mkl._bucket(mkl._kind_and_work(a, b)[1]) == bucket
+
+
+@needs_mkl
+def test_a_thin_product_follows_its_own_class(fresh, monkeypatch):
+    # MKL faster on thin products only, on one thread: a thin product takes MKL, a
+    # square one of the same work NumPy's
+    monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: 1)
+    monkeypatch.setattr(mkl, "_race", lambda a, b: (1.0, 2.0) if mkl._kind_and_work(a, b)[0]
+                        == "thin" else (2.0, 1.0))
+    calls = []
+    real = mkl.matmul
+    monkeypatch.setattr(mkl, "matmul", lambda a, b, out=None: calls.append(a.shape) or real(a, b))
+    rng = np.random.default_rng(0)
+    for sa, sb, by_mkl in (((4096, 64), (64, 16), True), ((160, 160), (160, 160), False)):
+        a, b = rng.standard_normal(sa), rng.standard_normal(sb)
+        calls.clear()
+        np.testing.assert_allclose(NUMPY.matmul(a, b), a @ b, rtol=1e-12)
+        assert bool(calls) == by_mkl, sa
+
+
+@needs_mkl
 def test_the_choices_follow_mkls_thread_count_within_a_process(fresh, monkeypatch):
     # One thread, then two (a bench's phases, threadpoolctl, torch.set_num_threads):
     # the products at two take the two-thread choices, not the one-thread ones,

@@ -464,20 +464,29 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
 _CHOICE_MIN = _MIN_WORK  # below this many multiply-adds: NumPy, unmeasured (see matmul)
 _BUCKETS = range(16, 26, 2)  # size classes: log2 of m*n*k, every other power of two
 _VEC_TOP = 22  # a matrix-vector class above this is measured as this one (no 512 MB matrix)
-_KINDS = ("mat", "vec", "batch")
+_KINDS = ("mat", "thin", "vec", "batch")
+_THIN = 64  # a product with at most this many columns (or rows) of output, 16x as many rows: thin
 
 
 def _kind_and_work(a, b) -> tuple:
     """The size class of ``a @ b``: ``(kind, m*n*k in all)``; kind is ``vec`` for a
-    matrix-vector product, ``batch`` for a stack of products, else ``mat``."""
+    matrix-vector product, ``batch`` for a stack of products, ``thin`` for one whose
+    output has few columns against many rows or the reverse (a convolution over
+    im2col windows: as many columns as the layer has channels), else ``mat``.
+    BLAS libraries differ most there: NumPy's OpenBLAS beats MKL on square
+    products here and loses by up to 2x on thin ones."""
     m = a.shape[-2] if a.ndim > 1 else 1
     n = b.shape[-1] if b.ndim > 1 else 1
     k = a.shape[-1]
     count = 1
     for s in (a.shape[:-2] if a.ndim > 2 else ()) or (b.shape[:-2] if b.ndim > 2 else ()):
         count *= s
-    kind = "batch" if count > 1 else "vec" if 1 in (m, n) else "mat"
-    return kind, m * n * k * count
+    if count > 1:
+        return "batch", m * n * k * count
+    if 1 in (m, n):
+        return "vec", m * n * k
+    lo, hi = min(m, n), max(m, n)
+    return ("thin" if lo <= _THIN and hi >= 16 * lo else "mat"), m * n * k
 
 
 def _bucket(work: int) -> int:
@@ -486,11 +495,15 @@ def _bucket(work: int) -> int:
 
 
 def _case(kind: str, bucket: int, dtype, rng) -> tuple:
-    """Operands of one size class: square matrices, a matrix and a vector, or 8 matrices."""
+    """Operands of one size class: square matrices, a tall matrix times one with 32
+    columns (a convolution's shape), a matrix and a vector, or 8 matrices."""
     work = 1 << (min(bucket, _VEC_TOP) if kind == "vec" else bucket)
     if kind == "vec":
         n = max(2, round(work ** 0.5))
         shapes = ((n, n), (n,))
+    elif kind == "thin":
+        k = max(2, min(144, round((work / 512) ** 0.5)))
+        shapes = ((max(512, -(-work // (32 * k))), k), (k, 32))
     elif kind == "batch":
         n = max(2, round((work / 8) ** (1 / 3)))
         shapes = ((8, n, n), (8, n, n))
@@ -528,7 +541,10 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "one-pool-if-threaded"
+_RULE = "mkl-pool-unless-0.75|thin"
+# On several threads NumPy's BLAS takes the threaded classes only if it runs them
+# in this fraction of MKL's time (see measure()).
+_OTHER_POOL = 0.75
 
 
 def measure(dtype) -> dict:
@@ -537,19 +553,24 @@ def measure(dtype) -> dict:
     all).
 
     Where MKL runs on several threads, the classes large enough to run on
-    threads all take one library, the one with the smaller total over them: the
-    two libraries' pools spin for a while after each call, so products
-    alternating between them leave both pools' threads fighting for the cores
-    (a per-sample MLP step measured 2-4x slower mixed than on either library
-    alone). Every other class (all of them where MKL runs on one thread: no pool
-    of its own to fight) takes the faster one, by 5% (a tie keeps NumPy's).
+    threads all take one library: the two libraries' pools spin for a while
+    after each call, so products alternating between them leave both pools'
+    threads fighting for the cores (a per-sample MLP step measured 2-4x slower
+    mixed than on either library alone). That is MKL's unless NumPy's is faster
+    over them in total by :data:`_OTHER_POOL` (MKL's own vector math runs on
+    MKL's pool whatever the products take, so NumPy's must pay for a second
+    pool; a near tie, which the machine's noise decides either way from one
+    measurement to the next, keeps MKL's). Every other class (all of them where
+    MKL runs on one thread: no pool of its own to fight) takes the faster one,
+    by 5% (a tie keeps NumPy's).
     """
     rng = numpy.random.default_rng(0)
     times = {(kind, bucket): _race(*_case(kind, bucket, dtype, rng))
              for kind in _KINDS for bucket in _BUCKETS}
     pooled = _LIB.MKL_Get_Max_Threads() > 1
     threaded = [t for (_, bucket), t in times.items() if bucket >= _THREADED]
-    pool = "mkl" if sum(t[0] for t in threaded) < 0.95 * sum(t[1] for t in threaded) else "numpy"
+    pool = "numpy" if sum(t[1] for t in threaded) < _OTHER_POOL * sum(t[0] for t in threaded) \
+        else "mkl"
     out: dict = {}
     for (kind, bucket), (ours, theirs) in times.items():
         out.setdefault(kind, {})[bucket] = (pool if pooled and bucket >= _THREADED else
