@@ -541,10 +541,7 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "mkl-pool-unless-0.75|thin"
-# On several threads NumPy's BLAS takes the threaded classes only if it runs them
-# in this fraction of MKL's time (see measure()).
-_OTHER_POOL = 0.75
+_RULE = "mkl-pool-if-threaded|thin"
 
 
 def measure(dtype) -> dict:
@@ -553,27 +550,25 @@ def measure(dtype) -> dict:
     all).
 
     Where MKL runs on several threads, the classes large enough to run on
-    threads all take one library: the two libraries' pools spin for a while
-    after each call, so products alternating between them leave both pools'
-    threads fighting for the cores (a per-sample MLP step measured 2-4x slower
-    mixed than on either library alone). That is MKL's unless NumPy's is faster
-    over them in total by :data:`_OTHER_POOL` (MKL's own vector math runs on
-    MKL's pool whatever the products take, so NumPy's must pay for a second
-    pool; a near tie, which the machine's noise decides either way from one
-    measurement to the next, keeps MKL's). Every other class (all of them where
-    MKL runs on one thread: no pool of its own to fight) takes the faster one,
-    by 5% (a tie keeps NumPy's).
+    threads all take MKL's GEMM, whatever their times: the two libraries' pools
+    spin for a while after each call, so products alternating between them
+    leave both pools' threads fighting for the cores (a per-sample MLP step
+    measured 2-4x slower mixed than on either library alone), and MKL's pool is
+    busy anyway with the backend's other MKL work (vector math, rank-1 updates,
+    accumulating GEMMs): with NumPy's products on NumPy's pool beside it, an
+    attention step at 2 threads ran 5x slower than on one thread. (Where MKL's
+    GEMM is the slower, as on CPUs whose MKL takes a generic path,
+    ``EINSUMGRAD_MKL=0`` keeps the whole backend on NumPy's BLAS: one pool.)
+    Every other class (all of them where MKL runs on one thread: no pool of its
+    own to fight) takes the faster one, by 5% (a tie keeps NumPy's).
     """
     rng = numpy.random.default_rng(0)
     times = {(kind, bucket): _race(*_case(kind, bucket, dtype, rng))
              for kind in _KINDS for bucket in _BUCKETS}
     pooled = _LIB.MKL_Get_Max_Threads() > 1
-    threaded = [t for (_, bucket), t in times.items() if bucket >= _THREADED]
-    pool = "numpy" if sum(t[1] for t in threaded) < _OTHER_POOL * sum(t[0] for t in threaded) \
-        else "mkl"
     out: dict = {}
     for (kind, bucket), (ours, theirs) in times.items():
-        out.setdefault(kind, {})[bucket] = (pool if pooled and bucket >= _THREADED else
+        out.setdefault(kind, {})[bucket] = ("mkl" if pooled and bucket >= _THREADED else
                                             "mkl" if ours < 0.95 * theirs else "numpy")
     return out
 
