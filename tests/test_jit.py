@@ -291,6 +291,25 @@ def test_gelu_and_relu_kernels_are_the_numpy_path(dtype, shape, seed):
 
 
 @needs_jit
+def test_gelu_and_relu_kernels_take_any_dense_layout():
+    # a channels-last image (NCHW axes over NHWC memory): the kernels run over the
+    # memory as it lies, and the results keep the layout; mixed layouts decline
+    from einsumgrad.rules import elementwise as E
+    rng = np.random.default_rng(0)
+    last = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    x, g = (last(_special(rng, (2, 3, 4, 5), np.float32)) for _ in range(2))
+    y = np.maximum(x, 0)
+    with np.errstate(all="ignore"):
+        cdf = E._normal_cdf_impl(x)
+        for got, want in ((jit.relu_vjp(g, y), g * E._relu_plain(np, x, y)),
+                          (jit.gelu(x, cdf), numpy_path(E._gelu_impl, x, cdf)),
+                          (jit.gelu_vjp(g, x, cdf), numpy_path(lambda: g * E._gelu_d_impl(x, cdf)))):
+            assert got.strides == x.strides
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert jit.relu_vjp(np.ascontiguousarray(g), y) is None
+
+
+@needs_jit
 def test_gelu_and_relu_backward_take_the_kernels(monkeypatch):
     # The backward that records nothing runs the kernels; recording it runs the rules.
     calls = []

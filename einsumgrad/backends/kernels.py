@@ -59,6 +59,7 @@ from typing import Any
 import numpy
 
 from . import compiled, mkl, threads
+from .base import memory_order
 
 _ENABLED = os.environ.get("EINSUMGRAD_JIT", "1") != "0"
 _KINDS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
@@ -419,52 +420,67 @@ def _vector(v, dtype, n: int) -> bool:
 
 
 def _flat_alike(*arrays):
-    """The arrays as flat C-ordered views when the kernels take them (one shape,
-    one float dtype, C order each), else None."""
+    """The arrays as flat views of their memory when the kernels take them: one
+    shape, one float dtype, one layout (the same strides), dense in memory in any
+    axis order (a channels-last image too); else None."""
     a = arrays[0]
-    if not all(type(v) is numpy.ndarray and v.shape == a.shape and v.dtype == a.dtype
-               and v.flags.c_contiguous for v in arrays) or a.dtype not in _KINDS or a.size == 0:
+    if (not all(type(v) is numpy.ndarray and v.shape == a.shape and v.dtype == a.dtype
+                and v.strides == a.strides for v in arrays) or a.dtype not in _KINDS
+            or a.size == 0):
         return None
-    return [v.reshape(-1) for v in arrays]
+    if a.flags.c_contiguous:
+        return [v.reshape(-1) for v in arrays]
+    order = memory_order(a)
+    if not a.transpose(order).flags.c_contiguous:
+        return None
+    return [v.transpose(order).reshape(-1) for v in arrays]
+
+
+def _in_layout_of(x, a):
+    """``a`` (shaped as ``x``) in ``x``'s memory layout: itself, or a copy."""
+    if type(a) is not numpy.ndarray or a.strides == x.strides or a.shape != x.shape:
+        return a
+    b = numpy.empty_like(x, dtype=a.dtype)
+    b[...] = a
+    return b
 
 
 def gelu(x, cdf):
     """``max(x, -40) * cdf`` in one pass (GELU with ``cdf`` = Phi(x)), or None."""
-    flat = _flat_alike(x, cdf)
+    out = numpy.empty_like(x)  # x's layout, where x is dense
+    flat = _flat_alike(x, _in_layout_of(x, cdf), out)
     if flat is None or _kernels() is None:
         return None
-    out = numpy.empty_like(x)
-    _run_rows("gelu", (*flat, out.reshape(-1), x.dtype.type(-40.0)), (True, True, True, False),
-              2 * x.size)
+    _run_rows("gelu", (*flat, x.dtype.type(-40.0)), (True, True, True, False), 2 * x.size)
     return out
 
 
 def gelu_vjp(g, x, cdf):
     """GELU's VJP ``g * (cdf + x phi(x))``, ``x`` clipped to +-40 in ``x phi(x)``
     (0 beyond, not inf * 0), in two passes around VML's exp; or None."""
-    flat = _flat_alike(g, x, cdf)
+    dx = numpy.empty_like(x)
+    flat = _flat_alike(g, x, _in_layout_of(x, cdf), dx)
     if flat is None or _kernels() is None:
         return None
-    gf, xf, cf = flat
-    t = numpy.empty_like(xf)
+    gf, xf, cf, t = flat
     c = x.dtype.type
     cut = (True, True, False, False)
     _run_rows("gelu_vjp_square", (xf, t, c(40.0), c(-0.5)), cut, 3 * x.size)
     mkl.ufuncs.get("exp", numpy.exp)(t, out=t)
     _run_rows("gelu_vjp", (t, gf, xf, cf, c(40.0), c(1.0 / math.sqrt(2.0 * math.pi))),
               (True, True, True, True, False, False), 4 * x.size)
-    return t.reshape(x.shape)
+    return dx
 
 
 def relu_vjp(g, y):
     """ReLU's VJP from its output ``y`` in one pass: ``g`` where ``y > 0``, 0 where
     ``y`` is 0 (``g * 0``: a NaN or inf ``g`` gives NaN, as the rule's product),
     NaN where ``y`` is; or None."""
-    flat = _flat_alike(g, y)
+    dx = numpy.empty_like(y)
+    flat = _flat_alike(g, y, dx)
     if flat is None or _kernels() is None:
         return None
-    dx = numpy.empty_like(y)
-    _run_rows("relu_vjp", (*flat, dx.reshape(-1)), (True, True, True), 2 * y.size)
+    _run_rows("relu_vjp", tuple(flat), (True, True, True), 2 * y.size)
     return dx
 
 
