@@ -3,8 +3,10 @@
 Users: a program's chunked replay (:mod:`einsumgrad.program.chunk`) shares a
 row-independent program's blocks among a thread per core; a large fused kernel
 (:mod:`einsumgrad.program.fuse`) and the eager path's large numba kernels
-(:mod:`.kernels`: pooling, at as many threads as the BLAS is given) share their
-rows among them where that is measured faster (:func:`rows`). NumPy's ufuncs,
+(:mod:`.kernels`: pooling, GELU, ReLU's VJP, a convolution's windows; at most as
+many threads as MKL's GEMM is given) share their rows among them where that is
+measured faster (:func:`rows`); a convolution's blocks may go to a thread per
+core (einsumgrad.rules.convolution). Each pool thread runs MKL on itself alone. NumPy's ufuncs,
 BLAS and the kernels release the GIL, so Python threads run them side by side.
 They never nest: a kernel run inside a block loop (:data:`one_thread` held) or
 on a pool thread stays on its thread.
