@@ -407,7 +407,9 @@ def _aliases(x):
     (None), then ``out`` a view of the input's buffer shifted one row (or
     entry) either way: behind the input's reads, and ahead of them."""
     yield x.copy(), None
-    buf = np.empty((x.shape[0] + 1,) + x.shape[1:], x.dtype)
+    # zeros, not empty: the row outside the input is part of ``out``, and garbage
+    # there (a NaN) would make the expected values NaN too
+    buf = np.zeros((x.shape[0] + 1,) + x.shape[1:], x.dtype)
     for inp, out in ((buf[:-1], buf[1:]), (buf[1:], buf[:-1])):
         inp[...] = x
         yield inp, out
