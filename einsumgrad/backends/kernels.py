@@ -40,11 +40,12 @@ sums vectorize): NaN and inf propagate as in NumPy, and results agree with it
 to rounding.
 
 Kernels take float32 and float64 NumPy arrays in C order (a cotangent in
-another layout is copied first); anything else (other dtypes, CuPy, strided
+another layout is copied first; the element-wise GELU and ReLU kernels take any
+dense layout their arrays share); anything else (other dtypes, CuPy, strided
 inputs) returns None and the caller's NumPy path runs. They release the GIL
-and run on the calling thread; the pooling kernels' rows are shared among
-Python threads (:mod:`.threads`, as many as MKL's GEMM is given) where that is
-measured faster. Not numba's parallel layer: it would start an OpenMP runtime
+and run on the calling thread; the pooling, GELU, ReLU and window kernels'
+rows are shared among Python threads (:mod:`.threads`, at most as many as MKL's
+GEMM is given) where that is measured faster. Not numba's parallel layer: it would start an OpenMP runtime
 of its own, and next to torch's that resets the thread count of the whole
 process (measured: torch "at one thread" then ran on two).
 ``EINSUMGRAD_JIT=0`` turns them off. The first call per dtype compiles
@@ -419,14 +420,18 @@ def _vector(v, dtype, n: int) -> bool:
     return type(v) is numpy.ndarray and v.dtype == dtype and v.size == n
 
 
+def _takes(x) -> bool:
+    """Whether the element-wise kernels may take ``x`` (before anything is allocated)."""
+    return type(x) is numpy.ndarray and x.dtype in _KINDS and x.size > 0 and _kernels() is not None
+
+
 def _flat_alike(*arrays):
     """The arrays as flat views of their memory when the kernels take them: one
     shape, one float dtype, one layout (the same strides), dense in memory in any
     axis order (a channels-last image too); else None."""
     a = arrays[0]
-    if (not all(type(v) is numpy.ndarray and v.shape == a.shape and v.dtype == a.dtype
-                and v.strides == a.strides for v in arrays) or a.dtype not in _KINDS
-            or a.size == 0):
+    if not all(type(v) is numpy.ndarray and v.shape == a.shape and v.dtype == a.dtype
+               and v.strides == a.strides for v in arrays):
         return None
     if a.flags.c_contiguous:
         return [v.reshape(-1) for v in arrays]
@@ -447,9 +452,11 @@ def _in_layout_of(x, a):
 
 def gelu(x, cdf):
     """``max(x, -40) * cdf`` in one pass (GELU with ``cdf`` = Phi(x)), or None."""
+    if not _takes(x):
+        return None
     out = numpy.empty_like(x)  # x's layout, where x is dense
     flat = _flat_alike(x, _in_layout_of(x, cdf), out)
-    if flat is None or _kernels() is None:
+    if flat is None:
         return None
     _run_rows("gelu", (*flat, x.dtype.type(-40.0)), (True, True, True, False), 2 * x.size)
     return out
@@ -458,9 +465,11 @@ def gelu(x, cdf):
 def gelu_vjp(g, x, cdf):
     """GELU's VJP ``g * (cdf + x phi(x))``, ``x`` clipped to +-40 in ``x phi(x)``
     (0 beyond, not inf * 0), in two passes around VML's exp; or None."""
+    if not _takes(x):
+        return None
     dx = numpy.empty_like(x)
     flat = _flat_alike(g, x, _in_layout_of(x, cdf), dx)
-    if flat is None or _kernels() is None:
+    if flat is None:
         return None
     gf, xf, cf, t = flat
     c = x.dtype.type
@@ -476,9 +485,11 @@ def relu_vjp(g, y):
     """ReLU's VJP from its output ``y`` in one pass: ``g`` where ``y > 0``, 0 where
     ``y`` is 0 (``g * 0``: a NaN or inf ``g`` gives NaN, as the rule's product),
     NaN where ``y`` is; or None."""
+    if not _takes(y):
+        return None
     dx = numpy.empty_like(y)
     flat = _flat_alike(g, y, dx)
-    if flat is None or _kernels() is None:
+    if flat is None:
         return None
     _run_rows("relu_vjp", tuple(flat), (True, True, True), 2 * y.size)
     return dx

@@ -6,8 +6,9 @@ row-independent program's blocks among a thread per core; a large fused kernel
 (:mod:`.kernels`: pooling, GELU, ReLU's VJP, a convolution's windows; at most as
 many threads as MKL's GEMM is given) share their rows among them where that is
 measured faster (:func:`rows`); a convolution's blocks may go to a thread per
-core (einsumgrad.rules.convolution). Each pool thread runs MKL on itself alone. NumPy's ufuncs,
-BLAS and the kernels release the GIL, so Python threads run them side by side.
+core (einsumgrad.rules.convolution). Each pool thread runs MKL on itself alone.
+NumPy's ufuncs, BLAS and the kernels release the GIL, so Python threads run
+them side by side.
 They never nest: a kernel run inside a block loop (:data:`one_thread` held) or
 on a pool thread stays on its thread.
 """
@@ -18,6 +19,8 @@ import os
 import threading
 from time import perf_counter
 from typing import Callable
+
+from . import mkl
 
 _pools: dict = {}  # worker count -> a thread pool kept for the process
 _NAME = "einsumgrad-blocks"
@@ -40,7 +43,6 @@ def _one_blas_thread() -> None:
     OpenMP's: the limit :data:`one_thread` sets reaches the thread that sets it,
     and a pool thread's products would each start a team of their own beside
     the other cores' work. OpenBLAS's count is global: one_thread holds it."""
-    from . import mkl
     if mkl.matmul is not None:
         mkl.set_local_threads(1)
 

@@ -138,11 +138,12 @@ def _tame(x: Tensor) -> Tensor:
     return where(xp.abs(x.data) > _TAIL, xp.copysign(_TAIL, x.data), x)
 
 
-def _unary(name, impl, deriv, plain=None):
+def _unary(name, impl, deriv, plain=None, kernel=None):
     """An element-wise primitive whose VJP and JVP both multiply by ``deriv(x, out)``.
 
     ``plain(xp, x, out)``: the same derivative on backend arrays (a fresh array),
     the VJP of a backward that records nothing, without a Tensor per step.
+    ``kernel``: the name of a backend kernel ``(g, out) -> VJP or None`` tried first.
     """
     p = Primitive(name, impl)
     p.defvjp(lambda k, g, out, x: g * deriv(x, out))
@@ -150,7 +151,9 @@ def _unary(name, impl, deriv, plain=None):
     if plain is not None:
         def fused(g, out, x):
             xp = backend_of(g)
-            return [xp.multiply(g, plain(xp, x, out))]
+            fn = getattr(xp, kernel) if kernel else None
+            r = fn(g, out) if fn is not None else None
+            return [r if r is not None else xp.multiply(g, plain(xp, x, out))]
         p.deffused(fused)
     p.defbatch(elementwise_batch)
     p.defvmap(same_op(p))
@@ -210,17 +213,7 @@ def _relu_plain(xp, x, out):
 
 relu, relu_p = _unary("relu", lambda x: backend_of(x).maximum(x, 0),
                       lambda x, out: Tensor(_relu_plain(backend_of(out.data), x.data, out.data)),
-                      _relu_plain)
-
-
-def _relu_fused(g, out, x):
-    # One pass where the backend has the kernel, else g times the derivative.
-    xp = backend_of(g)
-    r = xp.relu_vjp(g, out) if xp.relu_vjp is not None else None
-    return [r if r is not None else xp.multiply(g, _relu_plain(xp, x, out))]
-
-
-relu_p.deffused(_relu_fused)
+                      _relu_plain, kernel="relu_vjp")  # one pass where the backend has it
 abs, abs_p = _unary("abs", lambda x: backend_of(x).abs(x),
                     lambda x, out: _const(x, backend_of(x.data).sign(x.data)))
 
