@@ -497,3 +497,26 @@ def test_unary_ufuncs_into_out_overlapping_the_input_are_numpys(dtype, name):
         out = x if out is None else out
         assert mkl.ufuncs[name](x, out=out) is out
         assert np.array_equal(out, want)
+
+
+@pytest.mark.skipif(not _mkl_installed(), reason="the mkl wheel is not installed")
+@pytest.mark.parametrize("user", [None, "7"])
+def test_intels_openmp_threads_stop_spinning_after_a_millisecond(user):
+    """Loading MKL sets KMP_BLOCKTIME to 1 ms unless the user set it, and the
+    runtime MKL runs on takes it (its default, 200 ms of spinning after each
+    product, keeps einsumgrad's other threads off the cores)."""
+    import subprocess
+    code = ("import ctypes, os, numpy as np\n"
+            "from einsumgrad.backends import mkl\n"
+            "a = np.ones((256, 256)); mkl.matmul(a, a)\n"
+            "libs = [l.split()[-1] for l in open('/proc/self/maps') if 'libiomp5' in l]\n"
+            "rt = ctypes.CDLL(libs[0]).kmp_get_blocktime() if libs else None\n"
+            "print(os.environ['KMP_BLOCKTIME'], rt)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("KMP_BLOCKTIME", "MKL_THREADING_LAYER")}
+    if user is not None:
+        env["KMP_BLOCKTIME"] = user
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    want = user or mkl.BLOCKTIME_MS
+    assert out[0] == want
+    assert out[1] in (want, "None")  # None: MKL runs on another OpenMP (GNU's)

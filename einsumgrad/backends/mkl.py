@@ -40,6 +40,9 @@ overwritten. VML's in-place form (``out`` the input's very elements) stays.
 ``EINSUMGRAD_MKL=0`` turns it all off. Thread counts follow ``MKL_NUM_THREADS``
 and ``threadpoolctl``, as for any MKL; MKL runs on the OpenMP runtime already
 in the process, so with torch imported ``torch.set_num_threads`` moves it too.
+Without torch it runs on Intel's OpenMP, whose idle threads spin for 200 ms by
+default: loading MKL sets ``KMP_BLOCKTIME`` to 1 ms where the user has not set
+it (seed 001's Jacobian in a process without torch: 52 ms, 27-32 ms with it).
 """
 from __future__ import annotations
 
@@ -62,9 +65,19 @@ _INT, _PTR = ctypes.c_int, ctypes.c_void_p
 _INT_LIMIT = 2 ** 31
 
 
+# MKL's own OpenMP runtime (Intel's, from the wheel; with torch imported first MKL
+# runs on torch's GNU OpenMP instead) keeps a parallel region's threads spinning
+# for 200 ms after it ends, on the cores that einsumgrad's own threads
+# (:mod:`.threads`), OpenBLAS's and the next kernel's are waiting for. 1 ms, as
+# Intel's CPU tuning guides set for frameworks, unless the user set it: read
+# when the runtime starts, so set before MKL is loaded.
+BLOCKTIME_MS = "1"
+
+
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("EINSUMGRAD_MKL", "1") == "0":
         return None
+    os.environ.setdefault("KMP_BLOCKTIME", BLOCKTIME_MS)
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*"))):
             try:
