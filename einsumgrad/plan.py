@@ -324,7 +324,7 @@ def _on_one_slice(a, b, result, batch, left, contracted, right, sizes, sa, sb, a
     cut_a = tuple(slice(0, 1) if l in flat else slice(None) for l in a)
     cut_b = tuple(slice(0, 1) if l in flat else slice(None) for l in b)
     shape = tuple(sizes[l] for l in result)
-    return lambda xp, x, y: xp.broadcast_to(go(xp, x[cut_a], y[cut_b]), shape)
+    return lambda xp, x, y, out=None: xp.broadcast_to(go(xp, x[cut_a], y[cut_b]), shape)
 
 
 def _broadcast_multiply(a: tuple, b: tuple, result: tuple):
@@ -378,12 +378,13 @@ def _matmul(a: tuple, b: tuple, result: tuple, contracted: list, sizes: dict):
                                      x.strides, y.strides, x.size >= y.size, order)
         return go
 
-    def run(xp, arrs, order=None):  # kept short: a per-call einsum pays for each step
+    def run(xp, arrs, order=None, out=None):  # kept short: a per-call einsum pays for each step
         x, y = arrs
         key = (x.strides, y.strides) if order is None else (x.strides, y.strides, order)
         go = layouts.get(key) or arranged(key, x, y, order)
-        return go(xp, x, y)
+        return go(xp, x, y) if out is None else go(xp, x, y, out)
     run.ordered = run  # it takes the order itself: a plan of this one step is run bound to xp
+    run.takes_out = True  # out: a C-contiguous array of the result's size it may write into
     return run
 
 
@@ -430,6 +431,7 @@ def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larg
     shape_a = bs + ((k, m) if trans_a else (m, k))
     shape_b = bs + ((n, k) if trans_b else (k, n))
     out_shape = tuple(sizes[l] for l in batch + left + right)
+    mm_shape = bs + (m, n)
     out_labels = batch + left + right
     ident = lambda p: None if p == tuple(range(len(p))) else p
     perm_a = ident(tuple(a.index(l) for l in order_a))
@@ -437,7 +439,7 @@ def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larg
     perm_c = ident(tuple(out_labels.index(l) for l in result))
     into = _into(order, result, batch, left, right, sizes)
 
-    def go(xp, x, y):  # array methods, not the namespace's functions: a frame less each
+    def go(xp, x, y, out=None):  # array methods, not the namespace's functions: a frame less each
         if perm_a:
             x = x.transpose(perm_a)
         if perm_b:
@@ -452,10 +454,11 @@ def _arrange(a, b, result, batch, left, contracted, right, sizes, sa, sb, a_larg
             y = y.swapaxes(-1, -2)
         if into is not None:
             buf_shape, to_mm, index, to_result = into
-            buf = xp.empty(buf_shape, dtype=xp.result_type(x.dtype, y.dtype))
+            buf = (xp.empty(buf_shape, dtype=xp.result_type(x.dtype, y.dtype)) if out is None
+                   else out.reshape(buf_shape))
             xp.matmul(x, y, out=xp.transpose(buf, to_mm)[index])
             return xp.transpose(buf, to_result)
-        c = xp.matmul(x, y)
+        c = xp.matmul(x, y) if out is None else xp.matmul(x, y, out=out.reshape(mm_shape))
         if c.shape != out_shape:
             c = c.reshape(out_shape)
         return c.transpose(perm_c) if perm_c else c

@@ -28,7 +28,10 @@ def programs(f, *args):
     return (trace_program(f, args, {}, ())[0], trace_program(f, args, {}, (), optimize=False)[0])
 
 
-def check(f, *args, tol=TOL):
+def check(f, *args, tol=TOL, other=None):
+    """The optimized and the traced program of ``f`` at ``args`` give ``f``'s values;
+    ``other``: arguments of the same signature for a later call, which must leave
+    what the earlier one returned as it was."""
     opt, raw = programs(f, *args)
     before = [npy(a).copy() for a in args]
     want = npy(f(*args))
@@ -37,6 +40,10 @@ def check(f, *args, tol=TOL):
     np.testing.assert_allclose(npy(raw(*args)), want, **tol)
     for a, b in zip(args, before):  # the caller's arrays are never written into
         np.testing.assert_array_equal(npy(a), b)
+    if other is not None:
+        first = opt(*args)
+        np.testing.assert_allclose(npy(opt(*other)), npy(f(*other)), **tol)
+        np.testing.assert_allclose(npy(first), want, **tol)
     return opt, raw
 
 
@@ -83,7 +90,7 @@ def test_einsum_chains_merge_exactly(chain, seed):
             cur = out
         return y
     with small_buffers_reused():
-        opt, raw = check(f, x, *ws)
+        opt, raw = check(f, x, *ws, other=[half(x), *ws])
     assert ops(opt).count("einsum") <= ops(raw).count("einsum")
 
 
@@ -141,17 +148,24 @@ def test_elementwise_chains_fuse_exactly(steps, dtype, seed):
         return vals[-1] + 0.0 * a  # the output's shape: the whole broadcast
     tol = TOL if dtype == np.float64 else dict(rtol=2e-5, atol=1e-6)
     with small_buffers_reused():
-        check(f, *ins, tol=tol)
+        check(f, *ins, tol=tol, other=[half(a) for a in ins])
+
+
+def half(a):
+    """Another argument of ``a``'s signature (0-d stays an array)."""
+    return xb(np.asarray(npy(a) * 0.5))
 
 
 @contextlib.contextmanager
 def small_buffers_reused():
-    """Buffers of any size written over once dead (the hypothesis cases are small)."""
-    saved, compile_module.REUSE_MIN = compile_module.REUSE_MIN, 0
+    """Buffers of any size written over once dead, and kept in the workspace between
+    calls (the hypothesis cases are small)."""
+    saved = compile_module.REUSE_MIN, compile_module.WORKSPACE_MIN
+    compile_module.REUSE_MIN = compile_module.WORKSPACE_MIN = 0
     try:
         yield
     finally:
-        compile_module.REUSE_MIN = saved
+        compile_module.REUSE_MIN, compile_module.WORKSPACE_MIN = saved
 
 
 @pytest.mark.skipif(NAME != "numpy" or not fuse.available(), reason="numba fuses on NumPy")
@@ -271,6 +285,38 @@ def test_a_buffer_seen_through_a_view_is_not_written_over():
         compile_module.REUSE_MIN = saved
     (k,) = [i for i, eq in enumerate(opt.eqs) if eq.op == ("prim", "exp")]
     assert k not in into
+
+
+def test_large_results_live_in_a_workspace_kept_between_calls():
+    rng = np.random.default_rng(2)
+    x, *w = (xb(rng.standard_normal((200, 200))) for _ in range(5))
+    # four products of 320 KB; the first is dead when the third is made
+    f = lambda x, w1, w2, w3, w4: eg.sin((((x @ w1) @ w2) @ w3) @ w4).reshape(-1)
+    opt, _ = check(f, x, *w, other=[half(x), *w])
+    if NAME != "numpy":  # the workspace is the NumPy backend's
+        assert "_workspace" not in opt._run.source
+        return
+    code = opt._run.source
+    assert "_w = _workspace.take()" in code and "_workspace.give(_w)" in code
+    ws = opt._run.__globals__["_workspace"]
+    # the output (a view of sin's result, written over the last product) is never
+    # workspace memory; the other three products are, two of them sharing a buffer
+    assert len(ws.views) == 3 and len(ws.buffers) == 2, code
+
+
+def test_a_workspace_serves_calls_on_several_threads():
+    import concurrent.futures
+    rng = np.random.default_rng(3)
+    w = xb(rng.standard_normal((300, 300)))
+    f = eg.jit(lambda x: eg.tanh(eg.sin(x @ w) @ w).sum(axis=1))
+    xs = [xb(rng.standard_normal((300, 300))) for _ in range(8)]
+    f(xs[0])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: [npy(f(x)) for _ in range(5)], xs))
+    for x, g in zip(xs, got):
+        want = np.tanh(np.sin(npy(x) @ npy(w)) @ npy(w)).sum(axis=1)
+        for r in g:
+            np.testing.assert_allclose(r, want, rtol=1e-12, atol=1e-12)
 
 
 # -- constant layouts ------------------------------------------------------------------------

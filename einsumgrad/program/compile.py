@@ -3,7 +3,9 @@
 Each equation becomes one line calling what the trace called (a rule's
 impl, a ufunc, a backend function), its static parameters bound once as
 names of the function's globals; slots are local variables, deleted after
-their last use so each buffer is freed as early as the trace allows.
+their last use so each buffer is freed as early as the trace allows. Large
+intermediate results are written into a workspace the function keeps between
+calls (:class:`Workspace`), not into memory allocated anew on each one.
 """
 from __future__ import annotations
 
@@ -138,6 +140,111 @@ def _writes_out(eq) -> bool:
     return kind == "prim" and eq.op[1] in DIRECT and not eq.kwargs
 
 
+# Results of at least this many bytes go to the workspace: glibc serves smaller blocks
+# from memory it keeps, and maps larger ones afresh (its mmap threshold starts at 128 KiB)
+# or returns them to the system when freed, so each call page-faults them in again.
+WORKSPACE_MIN = 1 << 17
+WORKSPACE_MAX = 64 << 20  # bytes of workspace a compiled program keeps at most
+
+
+class Workspace:
+    """The buffers a compiled program writes its large intermediate results into,
+    kept between calls.
+
+    One set per call in flight: :meth:`take` hands out a free set (a new one when
+    none is free: calls on several threads, a chunked replay's blocks), :meth:`give`
+    takes it back; a call that raises just drops its set. Results whose lives
+    do not overlap share a buffer.
+    """
+
+    KEEP = 4  # free sets kept at most
+
+    def __init__(self, buffers: list, views: list):
+        self.buffers = buffers  # (elements, dtype) of each flat buffer
+        self.views = views      # (buffer index, shape) of each result written here
+        self.free: list = []
+
+    def take(self) -> list:
+        try:
+            return self.free.pop()
+        except IndexError:
+            flats = [numpy.empty(n, dtype) for n, dtype in self.buffers]
+            return [flats[b][:math.prod(shape)].reshape(shape) for b, shape in self.views]
+
+    def give(self, arrays: list) -> None:
+        if len(self.free) < self.KEEP:
+            self.free.append(arrays)
+
+
+def _takes_out(eq, run: Callable | None) -> bool:
+    """A step that computes its result into an ``out=`` of its shape and dtype where
+    given: an element-wise ufunc or fused kernel, an einsum (``run``) run as one matmul."""
+    if _writes_out(eq):
+        return True
+    return (run is not None and len(eq.outs) == 1 and not (eq.writes or eq.scalar or eq.seq)
+            and getattr(getattr(run, "func", None), "takes_out", False))
+
+
+def workspace_plan(p, gone: dict, into: dict, runners: dict) -> tuple:
+    """Which results go to the workspace: ``({equation index: view index}, Workspace)``.
+
+    A result goes there when its step takes ``out=`` (:func:`_takes_out`), its
+    buffer is the program's own (``p.owned``) and of at least
+    :data:`WORKSPACE_MIN` bytes, and no output may share its memory (through
+    views, or a step that writes into it in place, ``into``): the caller never
+    holds workspace memory. A buffer serves a new result once every slot that
+    may share its memory is dead, up to :data:`WORKSPACE_MAX` bytes in all.
+    """
+    owned = getattr(p, "owned", frozenset())
+    if not owned or p.device != "cpu" or set(p.devices) != {"numpy"}:
+        return {}, None
+    from .graph import _fresh
+    parent: dict = {}
+
+    def find(s):
+        while parent.get(s, s) != s:
+            s = parent[s]
+        return s
+    for i, eq in enumerate(p.eqs):
+        links = [into[i]] if i in into else []
+        if not (_fresh(eq) or (eq.outs and eq.outs[0] in owned)):
+            links += [*eq.refs(), *eq.writes]
+        for o in eq.outs:
+            for r in links:
+                ro, rr = find(o), find(r)
+                if ro != rr:
+                    parent[ro] = rr
+    held = {find(o.slot) for o in p.outputs if type(o) is Ref}
+    last = {s: i for i, dead in gone.items() for s in dead}
+    end: dict = {}  # alias group -> the step after which all its slots are dead
+    for s in p.avals:
+        g = find(s)
+        end[g] = max(end.get(g, -1), last.get(s, len(p.eqs)))
+    plan, buffers, views, busy, total = {}, [], [], [], 0  # busy: buffer -> group using it
+    for i, eq in enumerate(p.eqs):
+        if i in into or not _takes_out(eq, runners.get(i)) or eq.outs[0] not in owned:
+            continue
+        shape, dtype = p.avals[eq.outs[0]][:2]
+        dtype = numpy.dtype(dtype)
+        size = math.prod(shape)
+        g = find(eq.outs[0])
+        if size * dtype.itemsize < WORKSPACE_MIN or g in held:
+            continue
+        b = next((b for b, (n, dt) in enumerate(buffers) if dt == dtype and n >= size
+                  and end[busy[b]] < i), None)
+        if b is None:
+            if total + size * dtype.itemsize > WORKSPACE_MAX:
+                continue
+            b = len(buffers)
+            buffers.append((size, dtype))
+            busy.append(g)
+            total += size * dtype.itemsize
+        busy[b] = g
+        plan[i] = len(views)
+        views.append((b, tuple(shape)))
+    return plan, (Workspace(buffers, views) if plan else None)
+
+
 def compile_program(p) -> Callable:
     """The program as ``run(*input_arrays) -> [output leaves]``."""
     ns: dict = {"_GuardFailed": GuardFailed, "_same": same, "_asarray": numpy.asarray}
@@ -145,10 +252,19 @@ def compile_program(p) -> Callable:
     lines = [f"def run({', '.join(n.var[s] for s in p.inputs)}):"]
     gone = last_uses(p)
     into = reuse_plan(p, gone)
+    runners = {i: einsum_runner(eq, p) for i, eq in enumerate(p.eqs)
+               if eq.op == ("prim", "einsum")}
+    kept, workspace = workspace_plan(p, gone, into, runners)
+    if workspace is not None:
+        ns["_workspace"] = workspace
+        lines.append("    _w = _workspace.take()")
     for i, eq in enumerate(p.eqs):
-        lines += ["    " + line for line in replay_lines(eq, i, n, p, into.get(i))]
+        out = n.var[into[i]] if i in into else f"_w[{kept[i]}]" if i in kept else None
+        lines += ["    " + line for line in replay_lines(eq, i, n, p, out, runners.get(i))]
         if i in gone:
             lines.append("    del " + ", ".join(n.var[s] for s in gone[i]))
+    if workspace is not None:
+        lines.append("    _workspace.give(_w)")
     outs = [n.var[o.slot] if type(o) is Ref else n.obj(o) for o in p.outputs]
     lines.append(f"    return [{', '.join(outs)}]")
     text = "\n".join(lines)
@@ -157,10 +273,12 @@ def compile_program(p) -> Callable:
     return ns["run"]
 
 
-def replay_lines(eq, i: int, n: Names, p, into: int | None = None) -> list:
-    """The source lines of equation ``i``; ``into``: a dead slot to write the result into."""
+def replay_lines(eq, i: int, n: Names, p, into: str | None = None,
+                 runner: Callable | None = None) -> list:
+    """The source lines of equation ``i``; ``into``: where to write the result (the
+    variable of a dead slot, a workspace buffer); ``runner``: an einsum's plan."""
     op, kind = eq.op, eq.op[0]
-    out = "" if into is None else f", out={n.var[into]}"
+    out = "" if into is None else f", out={into}"
     if kind == "guard":
         conv = n.obj(CONVERT[op[1]])
         extra = "".join(", " + n.lit(a) for a in eq.kwargs["args"])
@@ -177,7 +295,7 @@ def replay_lines(eq, i: int, n: Names, p, into: int | None = None) -> list:
     elif kind == "attr":
         expr = f"{n.lit(eq.args[0])}.{op[1]}"
     elif op == ("prim", "einsum"):
-        expr = _einsum(eq, n, p)
+        expr = _einsum(eq, n, runner or einsum_runner(eq, p), out)
     elif kind == "prim" and op[1] in DIRECT and not eq.kwargs:
         # The impl looks its backend up on every call; here it is known: bound once.
         name, extra = DIRECT[op[1]]
@@ -190,16 +308,18 @@ def replay_lines(eq, i: int, n: Names, p, into: int | None = None) -> list:
     return assignment(expr, eq, n.var, "_asarray")
 
 
-def _einsum(eq, n: Names, p) -> str:
-    """An einsum calls its plan directly: the one the engine made (``run``), else
-    the one ``contract`` would look up, made here once."""
+def _einsum(eq, n: Names, run: Callable, out: str = "") -> str:
+    """An einsum calls its plan directly (:func:`einsum_runner`)."""
     arrays = "(" + "".join(n.lit(a) + ", " for a in eq.args) + ")"
+    order = eq.kwargs.get("order") if "run" not in eq.kwargs else None
+    return f"{n.obj(run)}({arrays}" + (f", {n.lit(order)}" if order is not None else "") + f"{out})"
+
+
+def einsum_runner(eq, p) -> Callable:
+    """What an einsum step calls: the plan the engine made (``run``), else the one
+    ``contract`` would look up, made here once."""
     run = eq.kwargs.get("run")
-    if run is not None:
-        return f"{n.obj(run)}({arrays})"
-    order = eq.kwargs.get("order")
-    plan = auto_plan(eq.kwargs["spec"], eq.args, p)
-    return f"{n.obj(plan)}({arrays}" + (f", {n.lit(order)})" if order is not None else ")")
+    return run if run is not None else auto_plan(eq.kwargs["spec"], eq.args, p)
 
 
 def auto_plan(spec, args: tuple, p):
