@@ -22,27 +22,31 @@ import time
 import numpy as np
 
 import einsumgrad as eg
-from common import median_time, median_times, report
+from common import fmt, median_time, median_times, report
 from einsumgrad.program import jit as eg_jit
 
-try:
-    import torch
-    from torch.func import jacrev as t_jacrev, jvp as t_jvp, vmap as t_vmap
-except ImportError:
-    torch = None
-try:
-    import jax
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-except ImportError:
-    jax = None
-try:  # HIPS autograd (einsumgrad[bench]): the eager path's floor on seed 000
-    import autograd
-    import autograd.numpy as anp
-except ImportError:
-    autograd = None
+ALONE = "EINSUMGRAD_BENCH_ALONE"  # set in the child that loads einsumgrad and no peer
+torch = jax = autograd = None
+if not os.environ.get(ALONE):
+    try:
+        import torch
+        from torch.func import jacrev as t_jacrev, jvp as t_jvp, vmap as t_vmap
+    except ImportError:
+        torch = None
+    try:
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+    except ImportError:
+        jax = None
+    try:  # HIPS autograd (einsumgrad[bench]): the eager path's floor on seed 000
+        import autograd
+        import autograd.numpy as anp
+    except ImportError:
+        autograd = None
 
 FIRST: list = []  # (case, contender, seconds of the first call: trace + compile)
+TIMES: dict = {}  # case -> contender -> median seconds, for the run alone (:func:`alone`)
 
 
 def first_call(case: str, name: str, fn):
@@ -133,6 +137,7 @@ def run_case(case: str, x_args: tuple, ours, peers: dict, min_time: float = 0.3,
             fns[name] = lambda fn=fn, args=args: fn(*args)
         close(f"{name} vs einsumgrad", _flat(out), _flat(want), tol)
     times = median_times(fns, min_time=min_time)
+    TIMES[case] = times
     report(case, times, ours="einsumgrad jit", targets=targets)
     if eager_targets:
         report(f"{case}, eager", {k: v for k, v in times.items() if k != "einsumgrad jit"},
@@ -325,8 +330,45 @@ def main() -> None:
     print("\n== first calls (trace + compile for the jits, one plain call otherwise)")
     for case, name, t in FIRST:
         print(f"  {case[:60]:<60} {name:<26} {t * 1e3:9.1f} ms")
-    if _threads() > 1 and not os.environ.get(CHILD) and hasattr(os, "sched_setaffinity"):
+    if os.environ.get(CHILD) or os.environ.get(ALONE):
+        return
+    alone()
+    if _threads() > 1 and hasattr(os, "sched_setaffinity"):
         one_thread()
+
+
+def alone() -> None:
+    """The einsumgrad cases again in a child process that loads no peer, with glibc's
+    malloc as it is: what a user's process runs. Loading torch makes MKL run on
+    torch's OpenMP runtime instead of Intel's, and JAX or torch leave glibc
+    keeping larger freed blocks; either may hide a cost that only a process of
+    einsumgrad alone pays. Printed beside this run's figures, not in the picture.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "times.json")
+        code = (f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; "
+                "import json, os, bench_program; bench_program.main(); "
+                f"json.dump(bench_program.TIMES, open(os.environ[{ALONE!r}], 'w'))")
+        print("\n# einsumgrad alone in a process (no torch or JAX loaded, glibc's malloc "
+              "as it is; a child process)", flush=True)
+        done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **{ALONE: path}),
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.exists(path):
+            print(f"  the run alone failed (exit {done.returncode}): {done.stderr[-2000:]}")
+            return
+        with open(path) as f:
+            times = json.load(f)
+    print(f"  {'case':<64} {'jit alone':>12} {'jit here':>12} {'eager alone':>12} {'eager here':>12}")
+    for case, here_times in TIMES.items():
+        there = times.get(case, {})
+        cols = [there.get("einsumgrad jit"), here_times.get("einsumgrad jit"),
+                there.get("einsumgrad eager"), here_times.get("einsumgrad eager")]
+        print(f"  {case[:64]:<64} " + " ".join(f"{fmt(t) if t else '-':>12}" for t in cols))
 
 
 CHILD = "EINSUMGRAD_BENCH_ONE_THREAD"  # set in the child that runs the cases on one core
