@@ -71,6 +71,7 @@ def _build(numba, cache: bool) -> dict:
     # One thread each, on purpose (see above). error_model "numpy": x / 0 is
     # inf or NaN, as in NumPy, not an exception.
     opts = dict(cache=cache, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+    from .intrinsics import wide
 
     # Constants come in as arguments of the array's dtype: a Python literal
     # would promote float32 arithmetic to float64 (no longer 16 lanes wide).
@@ -167,9 +168,11 @@ def _build(numba, cache: bool) -> dict:
 
     # Pooling windows, x as (rows, window rows, cols, window cols, channels) in
     # memory order, channels innermost (one for an NCHW image): the loops over
-    # channels run along memory, 16 float32 lanes at a time.
+    # channels run along memory, 16 float32 lanes at a time (wide(): in 256-bit
+    # vectors, 16 channels ran as a remainder, in scalar code).
     @numba.njit(**opts)
     def window_max(x, out):
+        wide()
         for b in range(x.shape[0]):
             for w in range(x.shape[2]):
                 for c in range(x.shape[4]):
@@ -183,6 +186,7 @@ def _build(numba, cache: bool) -> dict:
 
     @numba.njit(**opts)
     def window_max_vjp(x, out, g, dx, one):
+        wide()
         share = numpy.empty(x.shape[4], x.dtype)
         for b in range(x.shape[0]):
             for w in range(x.shape[2]):
@@ -564,6 +568,50 @@ def window_copy(pad, cols, stride: tuple, dilation: tuple) -> bool:
     return True
 
 
+# Max pooling over NCHW images, x as (rows, kh, cols, kw): one channel a row, so
+# no loop runs along channels; with the window's sizes constants LLVM unrolls
+# the window and runs the loop over output columns as vectors (the generic
+# kernels, with channels of one, ran 4x slower than NumPy's path here).
+_NCHW_MAX = """import numba
+from einsumgrad.backends.intrinsics import wide
+
+
+@numba.njit(cache=CACHE, nogil=True, error_model="numpy")
+def kernel(x, out):
+    wide()
+    for b in range(x.shape[0]):
+        for w in range(x.shape[2]):
+            m = x[b, 0, w, 0]
+            for i in range({kh}):
+                for j in range({kw}):
+                    v = x[b, i, w, j]
+                    m = v if (v > m) | (v != v) else m  # NaN wins, as numpy.maximum
+            out[b, w] = m
+"""
+_NCHW_MAX_VJP = """import numba
+from einsumgrad.backends.intrinsics import wide
+
+
+@numba.njit(cache=CACHE, nogil=True, error_model="numpy")
+def kernel(x, out, g, dx, one):
+    wide()
+    zero = one - one
+    for b in range(x.shape[0]):
+        for w in range(x.shape[2]):
+            m = out[b, w]
+            n = zero
+            for i in range({kh}):
+                for j in range({kw}):
+                    v = x[b, i, w, j]
+                    n += one if (v == m) | ((v != v) & (m != m)) else zero
+            share = g[b, w] * (one / n)  # ties split g evenly, as max's rule
+            for i in range({kh}):
+                for j in range({kw}):
+                    v = x[b, i, w, j]
+                    dx[b, i, w, j] = share if (v == m) | ((v != v) & (m != m)) else zero
+"""
+
+
 def _windows(x):
     """A pooling view ``(B, C, Ho, kh, Wo, kw)`` as the kernels' 5-D C-ordered
     ``(B*Ho or B*C*Ho, kh, Wo, kw, C or 1)`` and how to lay a result out back,
@@ -587,8 +635,13 @@ def window_max(x):
         return None
     xk, shape, back = view
     out = numpy.empty(shape, x.dtype)
-    _run_rows("window_max", (xk, out.reshape(xk.shape[0], xk.shape[2], xk.shape[4])),
-              (True, True), 2 * xk.size)
+    if xk.shape[4] == 1:
+        kernel = compiled.compile_kernel(_NCHW_MAX.format(kh=xk.shape[1], kw=xk.shape[3]))
+        threads.rows(kernel, xk[..., 0], (out.reshape(xk.shape[0], xk.shape[2]),), (True,),
+                     2 * xk.size, limit=mkl.gemm_threads())
+    else:
+        _run_rows("window_max", (xk, out.reshape(xk.shape[0], xk.shape[2], xk.shape[4])),
+                  (True, True), 2 * xk.size)
     return out.transpose(back)
 
 
@@ -612,8 +665,14 @@ def window_max_vjp(x, out, g):
     rows = lambda a: numpy.ascontiguousarray(a.transpose(order)).reshape(
         xk.shape[0], xk.shape[2], xk.shape[4])
     dx = numpy.empty_like(xk)
-    _run_rows("window_max_vjp", (xk, rows(out), rows(g), dx, x.dtype.type(1)),
-              (True, True, True, True, False), 4 * xk.size)
+    if xk.shape[4] == 1:
+        kernel = compiled.compile_kernel(_NCHW_MAX_VJP.format(kh=xk.shape[1], kw=xk.shape[3]))
+        threads.rows(kernel, xk[..., 0], (rows(out)[..., 0], rows(g)[..., 0], dx[..., 0],
+                                          x.dtype.type(1)),
+                     (True, True, True, False), 4 * xk.size, limit=mkl.gemm_threads())
+    else:
+        _run_rows("window_max_vjp", (xk, rows(out), rows(g), dx, x.dtype.type(1)),
+                  (True, True, True, True, False), 4 * xk.size)
     b, c, ho, kh, wo, kw = x.shape
     if back == (0, 3, 1, 2):
         return dx.reshape(b, ho, kh, wo, kw, c).transpose(0, 5, 1, 2, 3, 4)

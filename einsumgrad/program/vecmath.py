@@ -28,33 +28,22 @@ its sign, +-inf, NaN, overflow to inf, underflow through the subnormals to 0).
 * ``sigmoid``: the rule's stable form: ``e = exp(-|x|)``, ``1/(1+e)`` for
   ``x >= 0``, ``e/(1+e)`` below.
 
-Polynomials use fused multiply-adds (:data:`PRELUDE`'s ``_fma``), written out:
+Polynomials use fused multiply-adds (``_fma``, from :data:`PRELUDE`), written out:
 numba's ``fastmath`` flags would apply to the whole kernel once these are
 inlined into it, and the kernel's own arithmetic must round as NumPy's does.
 """
 from __future__ import annotations
 
-# Defined in every kernel module: two LLVM operations numba has no spelling for.
-PRELUDE = '''
-from numba import types as _types
-from numba.extending import intrinsic as _intrinsic
+import hashlib
+import pathlib
 
-
-@_intrinsic
-def _fma(typingctx, a, b, c):
-    # a * b + c rounded once: one instruction, which LLVM vectorizes
-    sig = _types.float64(_types.float64, _types.float64, _types.float64)
-    return sig, lambda context, builder, sig, args: builder.fma(*args)
-
-
-@_intrinsic
-def _wide(typingctx):
-    # LLVM's tuning for AVX-512 server chips prefers 256-bit vectors; a loop of
-    # these functions runs faster on 512-bit ones (a no-op where there are none)
-    def codegen(context, builder, sig, args):
-        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
-        return context.get_dummy_value()
-    return _types.none(), codegen
+# Imported by every kernel module: two LLVM operations numba has no spelling for. The
+# digest of their module (read, not imported: that would load numba) is part of the
+# text, so numba's cache of a kernel follows them.
+_INTRINSICS = hashlib.sha1((pathlib.Path(__file__).parents[1] / "backends" / "intrinsics.py")
+                           .read_bytes()).hexdigest()[:12]
+PRELUDE = f'''
+from einsumgrad.backends.intrinsics import fma as _fma, wide as _wide  # {_INTRINSICS}
 '''
 
 # name -> (the helpers it calls, its source); source() adds the decorator
