@@ -26,8 +26,8 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
   into rows (im2col; NumPy's strided copy of a one-channel image is 5x slower);
 * ``window_max`` and ``window_max_vjp``: max pooling's tiling windows, the
   max and its VJP (mask, even split between ties, spread) in one pass each,
-  on NCHW or channels-last images (NumPy: a fold over strided slices, and
-  four passes back);
+  on channels-last images, and on NCHW ones by kernels specialized to the
+  window's size (NumPy: a fold over strided slices, and four passes back);
 * ``batch_norm`` and ``batch_norm_vjp``: training-mode batch norm over the
   channels (axis 1) of NCHW or channels-last images, the statistics and the
   output in three passes, the VJP in two (NumPy: about ten each way), with a
