@@ -166,24 +166,11 @@ def _build(numba, cache: bool) -> dict:
                 e[i, j] /= t
         return ok
 
-    # Pooling windows, x as (rows, window rows, cols, window cols, channels) in
-    # memory order, channels innermost (one for an NCHW image): the loops over
-    # channels run along memory, 16 float32 lanes at a time (wide(): in 256-bit
-    # vectors, 16 channels ran as a remainder, in scalar code).
-    @numba.njit(**opts)
-    def window_max(x, out):
-        wide()
-        for b in range(x.shape[0]):
-            for w in range(x.shape[2]):
-                for c in range(x.shape[4]):
-                    out[b, w, c] = x[b, 0, w, 0, c]
-                for i in range(x.shape[1]):
-                    for j in range(x.shape[3]):
-                        for c in range(x.shape[4]):
-                            v = x[b, i, w, j, c]
-                            if v > out[b, w, c] or v != v:  # NaN wins, as numpy.maximum
-                                out[b, w, c] = v
-
+    # Max pooling's VJP, x as (rows, window rows, cols, window cols, channels)
+    # in memory order, channels innermost: the loops over channels run along
+    # memory, 16 float32 lanes at a time (wide(): in 256-bit vectors, 16
+    # channels ran as a remainder, in scalar code). The forward and the VJP
+    # over NCHW images are kernels specialized to the window (_WINDOW_MAX).
     @numba.njit(**opts)
     def window_max_vjp(x, out, g, dx, one):
         wide()
@@ -303,7 +290,7 @@ def _build(numba, cache: bool) -> dict:
     return {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp, "gelu": gelu,
             "gelu_vjp_square": gelu_vjp_square, "gelu_vjp": gelu_vjp, "relu_vjp": relu_vjp,
             "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
-            "window_max": window_max, "window_max_vjp": window_max_vjp,
+            "window_max_vjp": window_max_vjp,
             "channel_sums": (channel_sums, channel_sums_by_row),
             "batch_norm": (batch_norm, batch_norm_by_row),
             "batch_norm_sums": (batch_norm_sums, batch_norm_sums_by_row),
@@ -568,11 +555,12 @@ def window_copy(pad, cols, stride: tuple, dilation: tuple) -> bool:
     return True
 
 
-# Max pooling over NCHW images, x as (rows, kh, cols, kw): one channel a row, so
-# no loop runs along channels; with the window's sizes constants LLVM unrolls
-# the window and runs the loop over output columns as vectors (the generic
-# kernels, with channels of one, ran 4x slower than NumPy's path here).
-_NCHW_MAX = """import numba
+# Max pooling, x as (rows, kh, cols, kw, channels) in memory order: the window's
+# sizes and the channels are constants, so LLVM unrolls the window and runs
+# the channels (one, for an NCHW image: the columns) as vectors. With them as
+# loop counts 16 float32 channels ran as a scalar remainder, and an NCHW
+# image's single channel 17x slower than this.
+_WINDOW_MAX = """import numba
 from einsumgrad.backends.intrinsics import wide
 
 
@@ -581,13 +569,17 @@ def kernel(x, out):
     wide()
     for b in range(x.shape[0]):
         for w in range(x.shape[2]):
-            m = x[b, 0, w, 0]
-            for i in range({kh}):
-                for j in range({kw}):
-                    v = x[b, i, w, j]
-                    m = v if (v > m) | (v != v) else m  # NaN wins, as numpy.maximum
-            out[b, w] = m
+            for c in range({channels}):
+                m = x[b, 0, w, 0, c]
+                for i in range({kh}):
+                    for j in range({kw}):
+                        v = x[b, i, w, j, c]
+                        m = v if (v > m) | (v != v) else m  # NaN wins, as numpy.maximum
+                out[b, w, c] = m
 """
+# Its VJP over NCHW images, x as (rows, kh, cols, kw), the window's sizes constants
+# (_build's window_max_vjp, its channel loop of one, ran 6x slower). Over channels
+# that one is the faster: this form with a loop over the channels ran slower.
 _NCHW_MAX_VJP = """import numba
 from einsumgrad.backends.intrinsics import wide
 
@@ -635,13 +627,10 @@ def window_max(x):
         return None
     xk, shape, back = view
     out = numpy.empty(shape, x.dtype)
-    if xk.shape[4] == 1:
-        kernel = compiled.compile_kernel(_NCHW_MAX.format(kh=xk.shape[1], kw=xk.shape[3]))
-        threads.rows(kernel, xk[..., 0], (out.reshape(xk.shape[0], xk.shape[2]),), (True,),
-                     2 * xk.size, limit=mkl.gemm_threads())
-    else:
-        _run_rows("window_max", (xk, out.reshape(xk.shape[0], xk.shape[2], xk.shape[4])),
-                  (True, True), 2 * xk.size)
+    kernel = compiled.compile_kernel(_WINDOW_MAX.format(kh=xk.shape[1], kw=xk.shape[3],
+                                                        channels=xk.shape[4]))
+    threads.rows(kernel, xk, (out.reshape(xk.shape[0], xk.shape[2], xk.shape[4]),), (True,),
+                 2 * xk.size, limit=mkl.gemm_threads())
     return out.transpose(back)
 
 
