@@ -175,23 +175,25 @@ def _build(numba, cache: bool) -> dict:
     def window_max_vjp(x, out, g, dx, one):
         wide()
         share = numpy.empty(x.shape[4], x.dtype)
+        zero = one - one
         for b in range(x.shape[0]):
             for w in range(x.shape[2]):
-                share[:] = 0
+                for c in range(x.shape[4]):
+                    share[c] = zero
                 for i in range(x.shape[1]):
                     for j in range(x.shape[3]):
                         for c in range(x.shape[4]):
                             v, m = x[b, i, w, j, c], out[b, w, c]
-                            if v == m or (v != v and m != m):  # a NaN max: at its NaNs
-                                share[c] += one
+                            # a NaN max: at its NaNs; selects, not branches: SIMD code
+                            share[c] += one if (v == m) | ((v != v) & (m != m)) else zero
                 for c in range(x.shape[4]):  # ties split g evenly, as max's rule
                     share[c] = g[b, w, c] * (one / share[c])
                 for i in range(x.shape[1]):
                     for j in range(x.shape[3]):
                         for c in range(x.shape[4]):
                             v, m = x[b, i, w, j, c], out[b, w, c]
-                            hit = v == m or (v != v and m != m)
-                            dx[b, i, w, j, c] = share[c] if hit else 0
+                            hit = (v == m) | ((v != v) & (m != m))
+                            dx[b, i, w, j, c] = share[c] if hit else zero
 
     # Batch norm, one pass over x each, in two layouts of C order: (N, M, C),
     # channels-last, with per-channel sums in vectors of C along the rows; and
