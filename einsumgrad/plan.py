@@ -382,7 +382,7 @@ def _matmul(a: tuple, b: tuple, result: tuple, contracted: list, sizes: dict):
         x, y = arrs
         key = (x.strides, y.strides) if order is None else (x.strides, y.strides, order)
         go = layouts.get(key) or arranged(key, x, y, order)
-        return go(xp, x, y) if out is None else go(xp, x, y, out)
+        return go(xp, x, y, out)
     run.ordered = run  # it takes the order itself: a plan of this one step is run bound to xp
     run.takes_out = True  # out: a C-contiguous array of the result's size it may write into
     return run

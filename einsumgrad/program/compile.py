@@ -198,27 +198,12 @@ def workspace_plan(p, gone: dict, into: dict, runners: dict) -> tuple:
     owned = getattr(p, "owned", frozenset())
     if not owned or p.device != "cpu" or set(p.devices) != {"numpy"}:
         return {}, None
-    from .graph import _fresh
-    parent: dict = {}
-
-    def find(s):
-        while parent.get(s, s) != s:
-            s = parent[s]
-        return s
-    for i, eq in enumerate(p.eqs):
-        links = [into[i]] if i in into else []
-        if not (_fresh(eq) or (eq.outs and eq.outs[0] in owned)):
-            links += [*eq.refs(), *eq.writes]
-        for o in eq.outs:
-            for r in links:
-                ro, rr = find(o), find(r)
-                if ro != rr:
-                    parent[ro] = rr
-    held = {find(o.slot) for o in p.outputs if type(o) is Ref}
+    from .graph import alias_groups
+    group = alias_groups(p, owned, into)
+    held = {group[o.slot] for o in p.outputs if type(o) is Ref}
     last = {s: i for i, dead in gone.items() for s in dead}
     end: dict = {}  # alias group -> the step after which all its slots are dead
-    for s in p.avals:
-        g = find(s)
+    for s, g in group.items():
         end[g] = max(end.get(g, -1), last.get(s, len(p.eqs)))
     plan, buffers, views, busy, total = {}, [], [], [], 0  # busy: buffer -> group using it
     for i, eq in enumerate(p.eqs):
@@ -227,7 +212,7 @@ def workspace_plan(p, gone: dict, into: dict, runners: dict) -> tuple:
         shape, dtype = p.avals[eq.outs[0]][:2]
         dtype = numpy.dtype(dtype)
         size = math.prod(shape)
-        g = find(eq.outs[0])
+        g = group[eq.outs[0]]
         if size * dtype.itemsize < WORKSPACE_MIN or g in held:
             continue
         b = next((b for b, (n, dt) in enumerate(buffers) if dt == dtype and n >= size

@@ -8,8 +8,12 @@ _VIEW_PRIMS = frozenset(("identity", "reshape", "broadcast_to", "getitem", "eins
                          "inv_std", "layer_norm", "batch_norm", "patches", "add_bias"))
 
 
-def alias_groups(p) -> dict:
-    """slot -> a representative: slots that may share memory share one."""
+def alias_groups(p, owned=frozenset(), into: dict | None = None) -> dict:
+    """slot -> a representative: slots that may share memory share one.
+
+    ``owned``: results known to be new buffers (``p.owned``), linked to no
+    input; ``into``: step index -> the slot it writes its result into in place.
+    """
     parent: dict = {}
 
     def find(s):
@@ -22,8 +26,11 @@ def alias_groups(p) -> dict:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[ra] = rb
-    for eq in p.eqs:
-        if _fresh(eq):
+    for i, eq in enumerate(p.eqs):
+        if into and i in into:
+            for o in eq.outs:
+                union(o, into[i])
+        if _fresh(eq) or (eq.outs and eq.outs[0] in owned):
             continue
         for o in eq.outs:
             for r in eq.refs():
