@@ -23,7 +23,7 @@ import numpy as np
 
 from einsumgrad import nn, optim
 from einsumgrad.nn import functional as F
-from common import median_time, report
+from common import cores_busy, fmt_cores, median_time, report
 
 try:
     import torch
@@ -132,6 +132,10 @@ def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3,
         limit = threaded if n > 1 and threaded is not None else target
         report(f"{title}, {n} thread{'s' * (n > 1)} each", times, ours="einsumgrad",
                targets={"PyTorch eager": limit})
+        if n > 1:  # where each side's time goes across the cores (the profile behind a miss)
+            with _threads(n):
+                for name, step in steps.items():
+                    print(f"  cores busy during {name}'s steps: {fmt_cores(cores_busy(step))}")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import ctypes
 import gc
 import os
 import statistics
+import threading
 import time
 import tracemalloc
 from typing import Callable
@@ -94,6 +95,60 @@ def median_times(fns: dict, *, min_time: float = 0.3, repeat: int = 7) -> dict:
                 fn()
             samples[name].append((time.perf_counter() - t0) / number[name])
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _thread_ticks() -> dict:
+    """``{tid: (CPU clock ticks used so far, comm)}`` for this process's threads (Linux)."""
+    got = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from the state on: utime, stime are 11, 12
+        got[int(tid)] = (int(fields[11]) + int(fields[12]), comm)
+    return got
+
+
+def cores_busy(fn: Callable, seconds: float = 1.0) -> dict | None:
+    """Cores each group of threads kept busy while ``fn()`` ran back to back for
+    ``seconds``: the calling thread, einsumgrad's pool, other Python threads, and
+    native threads by name (Intel OpenMP's ``openmp_worker`` runs MKL; GNU
+    OpenMP's workers, which run torch and MKL once torch is loaded, and BLAS
+    pools set no name); a worker spinning while it waits for work counts as busy. A calling thread
+    near 1.0 with the rest well below the other cores is work that stays serial.
+    ``None`` where ``/proc`` has no per-thread counters (not Linux)."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    fn()
+    before, t0, n = _thread_ticks(), time.perf_counter(), 0
+    while n < 3 or time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    wall, after = time.perf_counter() - t0, _thread_ticks()
+    me = threading.get_native_id()
+    python = {t.native_id: t.name for t in threading.enumerate()}
+    with open("/proc/self/comm") as f:
+        own = f.read().strip()  # what a native thread that set no name of its own is called
+    groups: dict = {}
+    for tid, (ticks, comm) in after.items():
+        used = (ticks - before.get(tid, (0,))[0]) / os.sysconf("SC_CLK_TCK") / wall
+        name = python.get(tid, "")
+        label = ("calling thread" if tid == me else "einsumgrad pool"
+                 if name.startswith("einsumgrad") else "other Python threads" if name
+                 else "unnamed native threads (BLAS, OpenMP)" if comm == own else comm)
+        groups[label] = groups.get(label, 0.0) + used
+    return {k: v for k, v in sorted(groups.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
+def fmt_cores(groups: dict | None) -> str:
+    """``cores_busy``'s groups on one line."""
+    if groups is None:
+        return "n/a (no /proc)"
+    return ", ".join(f"{k} {v:.2f}" for k, v in groups.items()) + f"; {sum(groups.values()):.2f} in all"
 
 
 def peak_memory(fn: Callable) -> int:
