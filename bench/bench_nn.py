@@ -13,17 +13,29 @@ NumPy's broadcasts, reductions and copies stay on one; torch's use them all.
 * attention: 2 pre-norm transformer blocks (d=64, 4 heads, MLP 256, GELU) on
   batch 64 x 32 tokens, per-token 10-way readout. Target <= 1.3x torch (issue 4),
   and <= 1.0x at every core (issue 19).
+
+Each case is also timed with each framework in a process of its own (a child
+that loads only that side's framework, on the same weights and batch), as a
+user runs it, and the targets are read there. In one process the two
+frameworks' thread pools meet: loading torch puts MKL on torch's GNU OpenMP,
+whose workers spin for a long while after each product (they show as busy
+cores in the ``cores busy`` line) on the core einsumgrad's own pool thread
+needs for its kernels' rows. The in-process figures are printed too.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 
 from einsumgrad import nn, optim
 from einsumgrad.nn import functional as F
-from common import cores_busy, fmt_cores, median_time, report
+from common import cores_busy, fmt_cores, keep_freed_memory, median_time, report
 
 try:
     import torch
@@ -74,6 +86,10 @@ def _torch_attention_model(d, heads, classes):
 def _steps(ours, theirs, x, y):
     """One training step each, on the same weights (torch's, copied into ours)."""
     ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    return _eg_step(ours, x, y), _torch_step(theirs, x, y)
+
+
+def _eg_step(ours, x, y):
     opt = optim.Adam(ours.parameters(), lr=1e-3)
 
     def eg_step():
@@ -81,6 +97,10 @@ def _steps(ours, theirs, x, y):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return eg_step
+
+
+def _torch_step(theirs, x, y):
     tx, ty = torch.tensor(x), torch.tensor(y)
     topt = torch.optim.Adam(theirs.parameters(), lr=1e-3)
 
@@ -91,7 +111,21 @@ def _steps(ours, theirs, x, y):
         topt.zero_grad()
         loss.backward()
         topt.step()
-    return eg_step, torch_step
+    return torch_step
+
+
+def alone_step(case: str, side: str, state: dict):
+    """One side's step of ``case`` ("cnn" or "attention") in a child process, on the
+    weights and batch in ``state`` (see :func:`_alone`)."""
+    x, y = state.pop("x"), state.pop("y")
+    if side == "einsumgrad":
+        ours = (_cnn(nn, dict(dtype="float32")) if case == "cnn" else
+                _attention_model(64, 4, 10))
+        ours.load_state_dict(state)
+        return _eg_step(ours, x, y)
+    theirs = _cnn(torch.nn, {}) if case == "cnn" else _torch_attention_model(64, 4, 10)
+    theirs.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
+    return _torch_step(theirs, x, y)
 
 
 @contextlib.contextmanager
@@ -114,13 +148,18 @@ def _threads(n: int):
 
 
 def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3,
-               threaded: float | None = None) -> None:
+               threaded: float | None = None, alone: tuple | None = None) -> None:
     """Both steps timed at one thread and at every core: each side's median, the
     best of ``rounds`` rounds taken in turn (on a shared machine a burst of load
     then hits one round, not one side). ``target`` holds at one thread, and at
-    every core unless ``threaded`` gives another."""
+    every core unless ``threaded`` gives another. With ``alone`` (``(module,
+    case, state)``, see :func:`_alone`) each side is timed again in a process of
+    its own, and the targets are read there."""
     steps = {"einsumgrad": eg_step, "PyTorch eager": torch_step}
-    for n in sorted({1, os.cpu_count() or 1}):
+    ns = sorted({1, os.cpu_count() or 1})
+    got = _alone(*alone, ns, rounds) if alone is not None else None
+    solo, cores = got if got is not None else (None, {})
+    for n in ns:
         times = {name: float("inf") for name in steps}
         with _threads(n):
             for _ in range(rounds):
@@ -130,12 +169,79 @@ def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3,
                     # between samples).
                     times[name] = min(times[name], median_time(step, min_time=2.0 / rounds))
         limit = threaded if n > 1 and threaded is not None else target
-        report(f"{title}, {n} thread{'s' * (n > 1)} each", times, ours="einsumgrad",
-               targets={"PyTorch eager": limit})
+        each = f"{title}, {n} thread{'s' * (n > 1)} each"
+        if solo is None:
+            report(each, times, ours="einsumgrad", targets={"PyTorch eager": limit})
+        else:
+            report(each + ", each framework in a process of its own", solo[n],
+                   ours="einsumgrad", targets={"PyTorch eager": limit})
+            for name, line in cores.items():
+                if n > 1 and line:
+                    print(f"  cores busy during {name}'s steps (its own process): {line}")
+            report(each + ", both in this process", times, ours="einsumgrad")
         if n > 1:  # where each side's time goes across the cores (the profile behind a miss)
             with _threads(n):
                 for name, step in steps.items():
-                    print(f"  cores busy during {name}'s steps: {fmt_cores(cores_busy(step))}")
+                    print(f"  cores busy during {name}'s steps (this process): "
+                          f"{fmt_cores(cores_busy(step))}")
+
+
+def _alone(module: str, case: str, state: dict, ns: list, rounds: int) -> tuple | None:
+    """``({threads: {side: seconds per step}}, {side: its cores-busy line at every
+    core})``, each side timed in a child process
+    that imports only its framework (einsumgrad's with torch blocked; torch's with
+    einsumgrad idle), on the weights and batch in ``state`` (``x``, ``y`` and the
+    state dict, as NumPy arrays), glibc's malloc set as in this run. The sides'
+    children take turns, twice, and each side keeps its best. None where a
+    child fails (its error printed)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    best: dict = {n: {} for n in ns}
+    cores: dict = {}  # side -> its child's cores-busy line, at every core
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.npz")
+        np.savez(path, **state)
+        for _ in range(2):
+            for side in ("einsumgrad", "PyTorch eager"):
+                paths = [here, os.path.join(os.path.dirname(here), "examples")]
+                code = (f"import sys; sys.path[:0] = {paths!r}; "
+                        + ("sys.modules['torch'] = None; " if side == "einsumgrad" else "")
+                        + f"import bench_nn; bench_nn._child({module!r}, {case!r}, {side!r}, "
+                        f"{path!r}, {ns!r}, {rounds})")
+                got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if got.returncode != 0:
+                    print(f"  ({side} alone failed: {got.stderr.strip().splitlines()[-1:]})")
+                    return None
+                said = json.loads(got.stdout.strip().splitlines()[-1])
+                for n, t in said["times"].items():
+                    n = int(n)
+                    best[n][side] = min(best[n].get(side, float("inf")), t)
+                cores[side] = said["cores"]
+    return best, cores
+
+
+def _child(module: str, case: str, side: str, path: str, ns: list, rounds: int) -> None:
+    """A child of :func:`_alone`: prints its side's seconds per step at each thread
+    count, and its cores-busy line at the last, as JSON."""
+    import importlib
+    keep_freed_memory()
+    with np.load(path) as f:
+        state = {k: f[k] for k in f.files}
+    step = importlib.import_module(module).alone_step(case, side, state)
+    out, cores = {}, ""
+    for n in ns:
+        with (_threads(n) if torch is not None else _blas_threads(n)):
+            out[n] = min(median_time(step, min_time=2.0 / rounds) for _ in range(rounds))
+            if n > 1:
+                cores = fmt_cores(cores_busy(step))
+    print(json.dumps({"times": out, "cores": cores}))
+
+
+def _blas_threads(n: int):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 def main() -> None:
@@ -147,18 +253,26 @@ def main() -> None:
 
     x = rng.standard_normal((128, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 128)
-    eg_step, torch_step = _steps(_cnn(nn, dict(dtype="float32")), _cnn(torch.nn, {}), x, y)
+    theirs = _cnn(torch.nn, {})
+    eg_step, torch_step = _steps(_cnn(nn, dict(dtype="float32")), theirs, x, y)
     _time_both(eg_step, torch_step,
                "CNN training step (batch 128, 1x28x28, 2 conv + linear, Adam), float32", 1.5,
-               threaded=1.0)  # issue 4's target at one thread, issue 19's at every core
+               threaded=1.0,  # issue 4's target at one thread, issue 19's at every core
+               alone=("bench_nn", "cnn", _state(theirs, x, y)))
 
     d, heads, classes = 64, 4, 10
     x = rng.standard_normal((64, 32, d)).astype(np.float32)
     y = rng.integers(0, classes, (64, 32))
-    eg_step, torch_step = _steps(_attention_model(d, heads, classes),
-                                 _torch_attention_model(d, heads, classes), x, y)
+    theirs = _torch_attention_model(d, heads, classes)
+    eg_step, torch_step = _steps(_attention_model(d, heads, classes), theirs, x, y)
     _time_both(eg_step, torch_step, "2-block attention training step (batch 64 x 32 tokens, "
-               "d=64, 4 heads, Adam), float32", 1.3, threaded=1.0)
+               "d=64, 4 heads, Adam), float32", 1.3, threaded=1.0,
+               alone=("bench_nn", "attention", _state(theirs, x, y)))
+
+
+def _state(theirs, x, y) -> dict:
+    """What a child of :func:`_alone` needs: the batch and torch's weights, as arrays."""
+    return {"x": x, "y": y, **{k: v.detach().numpy() for k, v in theirs.state_dict().items()}}
 
 
 if __name__ == "__main__":

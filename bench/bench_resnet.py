@@ -33,11 +33,17 @@ BATCH = 128
 
 
 def _steps(x, y):
-    """One training step each, on the same weights (torch's, copied into ours)."""
+    """One training step each, on the same weights (torch's, copied into ours), and the
+    weights as arrays (for :func:`bench_nn._alone`'s children)."""
     torch.manual_seed(0)
     theirs = build_resnet(torch.nn)
+    state = {k: v.detach().numpy().copy() for k, v in theirs.state_dict().items()}
+    return _eg_step(dict(state), x, y), _torch_step(theirs, x, y), state
+
+
+def _eg_step(state, x, y):
     ours = build_resnet(nn, dtype="float32")
-    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    ours.load_state_dict(state)
     opt = optim.AdamW(ours.parameters(), lr=1e-3)
     sched = optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10 ** 6)
 
@@ -47,6 +53,10 @@ def _steps(x, y):
         loss.backward()
         opt.step()
         sched.step()
+    return eg_step
+
+
+def _torch_step(theirs, x, y):
     tx, ty = torch.tensor(x), torch.tensor(y)
     topt = torch.optim.AdamW(theirs.parameters(), lr=1e-3)
     tsched = torch.optim.lr_scheduler.CosineAnnealingLR(topt, T_max=10 ** 6)
@@ -57,7 +67,17 @@ def _steps(x, y):
         loss.backward()
         topt.step()
         tsched.step()
-    return eg_step, torch_step
+    return torch_step
+
+
+def alone_step(case: str, side: str, state: dict):
+    """One side's step in a child process of :func:`bench_nn._alone`."""
+    x, y = state.pop("x"), state.pop("y")
+    if side == "einsumgrad":
+        return _eg_step(state, x, y)
+    theirs = build_resnet(torch.nn)
+    theirs.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
+    return _torch_step(theirs, x, y)
 
 
 def main() -> None:
@@ -67,9 +87,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.random((BATCH, 1, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
-    eg_step, torch_step = _steps(x, y)
+    eg_step, torch_step, state = _steps(x, y)
     _time_both(eg_step, torch_step, f"residual CNN training step (batch {BATCH}, 1x8x8, stem + "
-               f"2 residual blocks of 32 channels with BatchNorm, AdamW + cosine), float32", 1.3)
+               f"2 residual blocks of 32 channels with BatchNorm, AdamW + cosine), float32", 1.3,
+               alone=("bench_resnet", "resnet", {"x": x, "y": y, **state}))
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def fmt_cores(groups: dict | None) -> str:
     """``cores_busy``'s groups on one line."""
     if groups is None:
         return "n/a (no /proc)"
-    return ", ".join(f"{k} {v:.2f}" for k, v in groups.items()) + f"; {sum(groups.values()):.2f} in all"
+    each = ", ".join(f"{k} {v:.2f}" for k, v in groups.items())
+    return f"{each}; {sum(groups.values()):.2f} in all"
 
 
 def peak_memory(fn: Callable) -> int:
