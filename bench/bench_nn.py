@@ -173,12 +173,13 @@ def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3,
         if solo is None:
             report(each, times, ours="einsumgrad", targets={"PyTorch eager": limit})
         else:
-            report(each + ", each framework in a process of its own", solo[n],
-                   ours="einsumgrad", targets={"PyTorch eager": limit})
+            report(each, solo[n], ours="einsumgrad", targets={"PyTorch eager": limit},
+                   note="each framework in a process of its own")
             for name, line in cores.items():
                 if n > 1 and line:
                     print(f"  cores busy during {name}'s steps (its own process): {line}")
-            report(each + ", both in this process", times, ours="einsumgrad")
+            report("one process: " + each, times, ours="einsumgrad",
+                   note="both frameworks in this process")
         if n > 1:  # where each side's time goes across the cores (the profile behind a miss)
             with _threads(n):
                 for name, step in steps.items():
