@@ -21,6 +21,7 @@ import math
 import operator
 from typing import Sequence
 
+import numpy
 import opt_einsum
 import opt_einsum.paths
 
@@ -264,6 +265,8 @@ def _lower_one(term: tuple, result: tuple):
         if kind in "fc":
             if keep and a.size >= 4096:
                 return _sum_by_matvec(xp, a, summed, keep)
+            if type(a) is numpy.ndarray:  # numpy.sum's own reduce, without its Python layers
+                return numpy.add.reduce(a, axis=summed)
             return xp.sum(a, axis=summed)
         if kind == "b":  # NumPy's einsum sums bools as bools: an OR
             return xp.any(a, axis=summed)

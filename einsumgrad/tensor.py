@@ -308,7 +308,7 @@ class Tensor:
             if self.size != 1:
                 raise RuntimeError(f"backward of a tensor of shape {self.shape} needs `grad` "
                                    f"(shaped like it); only a scalar's is implied")
-            grad = Tensor(backend_of(self.data).ones_like(self.data))
+            grad = Tensor(ones_like_data(self.data))
         grad = as_tensor(grad, like=self)
         if grad.shape != self.shape:
             raise ValueError(f"backward: grad has shape {grad.shape}, the tensor {self.shape}")
@@ -384,6 +384,13 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     if not hasattr(x, "shape"):
         x = numpy.asarray(x)
     return Tensor(x)
+
+
+def ones_like_data(data):
+    """Ones shaped like the backend array ``data``: a scalar's without ``ones_like``'s
+    Python layers (a gradient's seed, once per call of ``grad``)."""
+    xp = backend_of(data)
+    return xp.asarray(1, dtype=data.dtype) if data.ndim == 0 else xp.ones_like(data)
 
 
 def pair(x: Any, y: Any) -> tuple:

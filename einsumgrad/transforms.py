@@ -42,7 +42,7 @@ from .rules.shape import active_levels, bottom, lift, wrap
 from .spec import Spec, letters
 from . import tensor as _tape
 from .tensor import (BatchMixingError, Tensor, as_tensor, backprop_values, bind, differentiable,
-                     push, state, toposort)
+                     ones_like_data, push, state, toposort)
 
 JACOBIAN_MEMORY_BUDGET: int = 256 * 2 ** 20
 """Bytes that one pass of a Jacobian's basis may take, with the cotangents
@@ -401,7 +401,7 @@ def value_and_grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
         if out.size != (math.prod(_examples(lv)) if lv else 1):
             raise ValueError(f"grad needs a scalar output, got shape {out.shape[len(lv):]}; "
                              f"use jacrev, or vjp with a cotangent")
-        ones = Tensor(backend_of(out.data).ones_like(out.data))
+        ones = Tensor(ones_like_data(out.data))
         if lv:
             g = _per_arg(trees, [_finish(wrap(g, lv)) for g in _pull([out], [ones], xs)], argnums)
         else:
@@ -461,7 +461,7 @@ def elementwise_grad(f: Callable, argnums=0) -> Callable:
             _check_elementwise(out, 0, rank)
         lv = active_levels()
         gs = [_finish(wrap(g, lv))
-              for g in _pull([out], [Tensor(backend_of(out.data).ones_like(out.data))], xs)]
+              for g in _pull([out], [Tensor(ones_like_data(out.data))], xs)]
         return gs[0] if isinstance(argnums, int) else tuple(gs)
     return wrapped
 
