@@ -189,12 +189,11 @@ def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3,
 
 def _alone(module: str, case: str, state: dict, ns: list, rounds: int) -> tuple | None:
     """``({threads: {side: seconds per step}}, {side: its cores-busy line at every
-    core})``, each side timed in a child process
-    that imports only its framework (einsumgrad's with torch blocked; torch's with
-    einsumgrad idle), on the weights and batch in ``state`` (``x``, ``y`` and the
-    state dict, as NumPy arrays), glibc's malloc set as in this run. The sides'
-    children take turns, twice, and each side keeps its best. None where a
-    child fails (its error printed)."""
+    core})``, each side timed in a child process that imports only its framework
+    (einsumgrad's with torch blocked; torch's with einsumgrad idle), on the weights
+    and batch in ``state`` (``x``, ``y`` and the state dict, as NumPy arrays),
+    glibc's malloc set as in this run. The sides' children take turns, twice,
+    and each side keeps its best. None where a child fails (its error printed)."""
     here = os.path.dirname(os.path.abspath(__file__))
     best: dict = {n: {} for n in ns}
     cores: dict = {}  # side -> its child's cores-busy line, at every core
