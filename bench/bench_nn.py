@@ -130,7 +130,8 @@ def alone_step(case: str, side: str, state: dict):
 
 @contextlib.contextmanager
 def _threads(n: int):
-    """``n`` threads for both sides: NumPy's BLAS (and MKL's) and torch's intra-op pool."""
+    """``n`` threads for both sides: NumPy's BLAS (and MKL's) and torch's intra-op pool
+    (where torch is loaded: einsumgrad's child of :func:`_alone` has none)."""
     try:
         from threadpoolctl import threadpool_limits
         # Taken first: it records each pool's count before torch.set_num_threads
@@ -139,6 +140,9 @@ def _threads(n: int):
     except ImportError:  # BLAS keeps its default (every core)
         limits = contextlib.nullcontext()
     with limits:
+        if torch is None:
+            yield
+            return
         before = torch.get_num_threads()
         torch.set_num_threads(n)
         try:
@@ -229,19 +233,11 @@ def _child(module: str, case: str, side: str, path: str, ns: list, rounds: int) 
     step = importlib.import_module(module).alone_step(case, side, state)
     out, cores = {}, ""
     for n in ns:
-        with (_threads(n) if torch is not None else _blas_threads(n)):
+        with _threads(n):
             out[n] = min(median_time(step, min_time=2.0 / rounds) for _ in range(rounds))
             if n > 1:
                 cores = fmt_cores(cores_busy(step))
     print(json.dumps({"times": out, "cores": cores}))
-
-
-def _blas_threads(n: int):
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
 
 
 def main() -> None:

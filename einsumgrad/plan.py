@@ -327,6 +327,8 @@ def _on_one_slice(a, b, result, batch, left, contracted, right, sizes, sa, sb, a
     cut_a = tuple(slice(0, 1) if l in flat else slice(None) for l in a)
     cut_b = tuple(slice(0, 1) if l in flat else slice(None) for l in b)
     shape = tuple(sizes[l] for l in result)
+    # out= goes unused: the result is one slice's product broadcast, a view to nothing
+    # written (a caller that passed it keeps the returned array, as with any runner)
     return lambda xp, x, y, out=None: xp.broadcast_to(go(xp, x[cut_a], y[cut_b]), shape)
 
 

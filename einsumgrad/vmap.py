@@ -39,7 +39,8 @@ from .rules.shape import (Batched, _adv_start, _advanced, _as_tuple, active_leve
                           batch_index_arrays, bind, bottom, broadcast, getitem_p, lift, pop_level,
                           push_level, reshape, scatter_add, wrap)
 from .spec import ELLIPSIS, FRESH, Spec, fresh, render
-from .tensor import BatchMixingError, Tensor, as_tensor, no_grad, state, toposort
+from .tensor import (BatchMixingError, Tensor, as_tensor, no_grad, ones_like_data, state,
+                     toposort)
 from .transforms import _argnums, _per_arg, _trace
 
 __all__ = ["vmap", "per_sample_grad", "per_sample_grad_norm"]
@@ -349,7 +350,7 @@ class _Pass:
         xs, out = self.xs, self.out
         targets = {id(x) for x in xs}
         keep = _reaching(out, targets)
-        cots = {id(out): Tensor(backend_of(out.data).ones_like(out.data))}
+        cots = {id(out): Tensor(ones_like_data(out.data))}
         done: dict = {}
         for t in reversed(toposort([out], keep, targets)):
             g = cots.pop(id(t), None)

@@ -44,10 +44,11 @@ another layout is copied first; the element-wise GELU and ReLU kernels take any
 dense layout their arrays share); anything else (other dtypes, CuPy, strided
 inputs) returns None and the caller's NumPy path runs. They release the GIL
 and run on the calling thread; the pooling, GELU, ReLU and window kernels'
-rows are shared among Python threads (:mod:`.threads`, at most as many as MKL's
-GEMM is given) where that is measured faster. Not numba's parallel layer: it would start an OpenMP runtime
-of its own, and next to torch's that resets the thread count of the whole
-process (measured: torch "at one thread" then ran on two).
+rows are shared among Python threads (:mod:`.threads`, at most as many as
+MKL's GEMM is given) where that is measured faster. Not numba's parallel
+layer: it would start an OpenMP runtime of its own, and next to torch's that
+resets the thread count of the whole process (measured: torch "at one thread"
+then ran on two).
 ``EINSUMGRAD_JIT=0`` turns them off. The first call per dtype compiles
 (about a second), cached on disk afterwards.
 """
