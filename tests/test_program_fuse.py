@@ -160,6 +160,7 @@ def test_vecmath_special_values_exact(prim, dtype):
 @pytest.mark.parametrize("prim", sorted(vecmath.FUNCTIONS))
 def test_vecmath_loops_compile_to_simd(prim, tmp_path, monkeypatch):
     monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))  # compiled here, its IR at hand
+    monkeypatch.setattr(threads, "SHARE", False)  # the serial loop, not its prange twin
     src = fuse.kernel_source("float64", (64, 64), [(64, 64), (64,)],
                              ["t0 = i0 + i1", f"t1 = {fuse.SCALAR[prim].format('t0')}"], {},
                              [prim])

@@ -43,19 +43,24 @@ Kernels take float32 and float64 NumPy arrays in C order (a cotangent in
 another layout is copied first; the element-wise GELU and ReLU kernels take any
 dense layout their arrays share); anything else (other dtypes, CuPy, strided
 inputs) returns None and the caller's NumPy path runs. They release the GIL
-and run on the calling thread; the pooling, GELU, ReLU and window kernels'
-rows are shared among Python threads (:mod:`.threads`, at most as many as
-MKL's GEMM is given) where that is measured faster. Not numba's parallel
-layer: it would start an OpenMP runtime of its own, and next to torch's that
-resets the thread count of the whole process (measured: torch "at one thread"
-then ran on two).
+and share their rows among at most as many threads as MKL's GEMM is given.
+Where MKL runs on GNU OpenMP (:mod:`.mkl` picks it where numba is installed),
+the layer norm, softmax VJP, GELU and ReLU kernels have ``prange`` twins that
+numba's ``omp`` layer runs on that same team, whose workers are still spinning
+from the last product (:func:`.threads.openmp`); the twin is the same loop
+compiled for threads, so it agrees with the serial kernel to rounding.
+Elsewhere, and for the pooling and window kernels, rows go to einsumgrad's
+Python threads (:mod:`.threads`) where that is measured faster: a second
+OpenMP runtime beside MKL's would fight it for the cores, and set the thread
+count torch reads (measured: torch "at one thread" then ran on two).
 ``EINSUMGRAD_JIT=0`` turns them off. The first call per dtype compiles
-(about a second), cached on disk afterwards.
+(about a second, a few for a twin), cached on disk afterwards.
 """
 from __future__ import annotations
 
 import math
 import os
+import types
 from typing import Any
 
 import numpy
@@ -78,7 +83,7 @@ def _build(numba, cache: bool) -> dict:
     # would promote float32 arithmetic to float64 (no longer 16 lanes wide).
     @numba.njit(**opts)
     def layer_norm(x, w, b, xhat, y, s, n, eps, zero, one, affine):
-        for i in range(x.shape[0]):
+        for i in numba.prange(x.shape[0]):
             acc = zero
             for j in range(x.shape[1]):
                 acc += x[i, j]
@@ -127,7 +132,7 @@ def _build(numba, cache: bool) -> dict:
     # in the order of the rule's NumPy path (einsumgrad.rules.elementwise).
     @numba.njit(**opts)
     def gelu(x, cdf, out, tail):
-        for i in range(x.shape[0]):
+        for i in numba.prange(x.shape[0]):
             v = x[i]
             out[i] = (tail if v < tail else v) * cdf[i]
 
@@ -137,18 +142,18 @@ def _build(numba, cache: bool) -> dict:
 
     @numba.njit(**opts)
     def gelu_vjp_square(x, t, tail, half):
-        for i in range(x.shape[0]):
+        for i in numba.prange(x.shape[0]):
             c = clipped(x[i], tail)
             t[i] = c * half * c
 
     @numba.njit(**opts)
     def gelu_vjp(t, g, x, cdf, tail, scale):
-        for i in range(x.shape[0]):
+        for i in numba.prange(x.shape[0]):
             t[i] = g[i] * (t[i] * scale * clipped(x[i], tail) + cdf[i])
 
     @numba.njit(**opts)
     def softmax_vjp(g, out, dx, zero):
-        for i in range(g.shape[0]):
+        for i in numba.prange(g.shape[0]):
             t = zero
             for j in range(g.shape[1]):
                 t += g[i, j] * out[i, j]
@@ -206,7 +211,7 @@ def _build(numba, cache: bool) -> dict:
 
     @numba.njit(**opts)
     def relu_vjp(g, y, dx):  # ReLU's VJP from its output, one pass
-        for i in range(y.shape[0]):
+        for i in numba.prange(y.shape[0]):
             dx[i] = relu_grad(g[i], y[i])
 
     @numba.njit(**opts)
@@ -290,7 +295,18 @@ def _build(numba, cache: bool) -> dict:
                     gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
                     dx[i, c, j] = a[c] * (gv - mg[c] - (x[i, c, j] - mean[c]) * s[c] * mgx[c])
 
-    return {"layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp, "gelu": gelu,
+    def team(kernel):
+        # The prange twin (threads.openmp), cached by numba under a name of its own:
+        # its cache's key does not tell a parallel build from a serial one.
+        f = kernel.py_func
+        twin = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__,
+                                  f.__closure__)
+        twin.__qualname__ = f"{f.__qualname__}_team"
+        return numba.njit(parallel=True, **opts)(twin)
+
+    rows = (layer_norm, gelu, gelu_vjp_square, gelu_vjp, relu_vjp, softmax_vjp)
+    return {**{f"{k.__name__}_team": team(k) for k in rows},
+            "layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp, "gelu": gelu,
             "gelu_vjp_square": gelu_vjp_square, "gelu_vjp": gelu_vjp, "relu_vjp": relu_vjp,
             "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
             "window_max_vjp": window_max_vjp,
@@ -343,12 +359,20 @@ def _run(name: str, *args):
     return _compiled[name](*args)
 
 
-def _run_rows(name: str, args: tuple, cut: tuple, work: int) -> None:
+def _run_rows(name: str, args: tuple, cut: tuple, work: int, pool: bool = True) -> None:
     """Kernel ``name`` on ``args``, the rows (axis 0) of those ``cut`` marks shared
-    among as many threads as MKL's GEMM is given, where that is measured faster
-    (:func:`.threads.rows`; one BLAS thread: the calling thread alone). Each row
-    is computed by the same code either way, so the results are the same bits."""
-    threads.rows(_compiled[name], args[0], args[1:], cut[1:], work, limit=mkl.gemm_threads())
+    among as many threads as MKL's GEMM is given (:func:`.threads.rows`; one BLAS
+    thread: the calling thread alone): on numba's OpenMP team where MKL runs on it
+    (the kernel's ``prange`` twin), else on einsumgrad's pool where that is measured
+    faster, or (``pool=False``) never. The pool's threads run each row by the same
+    code, so its results are the same bits; the twin, compiled apart, agrees to
+    rounding."""
+    team = _compiled.get(f"{name}_team")
+    if not pool and not (team is not None and threads.openmp()):
+        _compiled[name](*args)
+        return
+    threads.rows(_compiled[name], args[0], args[1:], cut[1:], work, limit=mkl.gemm_threads(),
+                 team=team)
 
 
 def layer_norm(x, n: int, eps: float, weight=None, bias=None):
@@ -370,7 +394,9 @@ def layer_norm(x, n: int, eps: float, weight=None, bias=None):
     y = numpy.empty_like(rows) if affine else xhat
     s = numpy.empty(rows.shape[0], x.dtype)
     w, b = (weight.reshape(-1), bias.reshape(-1)) if affine else (xhat[0], xhat[0])
-    _run("layer_norm", rows, w, b, xhat, y, s, t(n), t(eps), t(0), t(1), affine)
+    _run_rows("layer_norm", (rows, w, b, xhat, y, s, t(n), t(eps), t(0), t(1), affine),
+              (True, False, False, True, True, True, False, False, False, False, False),
+              4 * rows.size, pool=False)
     if affine:
         return y.reshape(x.shape), xhat.reshape(x.shape), s
     return xhat.reshape(x.shape), s
@@ -503,7 +529,8 @@ def softmax_vjp(g, out):
     if gr is None or orows is None or _kernels() is None:
         return None
     dx = numpy.empty_like(orows)
-    _run("softmax_vjp", gr, orows, dx, out.dtype.type(0))
+    _run_rows("softmax_vjp", (gr, orows, dx, out.dtype.type(0)), (True, True, True, False),
+              3 * gr.size, pool=False)
     return dx.reshape(out.shape)
 
 

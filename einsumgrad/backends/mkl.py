@@ -38,11 +38,15 @@ which copies the input first: BLAS and VML would read values they had already
 overwritten. VML's in-place form (``out`` the input's very elements) stays.
 
 ``EINSUMGRAD_MKL=0`` turns it all off. Thread counts follow ``MKL_NUM_THREADS``
-and ``threadpoolctl``, as for any MKL; MKL runs on the OpenMP runtime already
-in the process, so with torch imported ``torch.set_num_threads`` moves it too.
-Without torch it runs on Intel's OpenMP, whose idle threads spin for 200 ms by
-default: loading MKL sets ``KMP_BLOCKTIME`` to 1 ms where the user has not set
-it (seed 001's Jacobian in a process without torch: 52 ms, 27-32 ms with it).
+and ``threadpoolctl``, as for any MKL. Where numba is installed MKL runs on GNU
+OpenMP (:func:`_threading_layer`), the runtime torch brings and numba's ``omp``
+layer runs einsumgrad's row kernels on, so a kernel after a product takes the
+product's threads while they still spin (README, "Speed"); a forked child then
+runs MKL on one thread. Else,
+unless the user set ``MKL_THREADING_LAYER``, it runs on Intel's OpenMP, whose
+idle threads spin for 200 ms by default: loading MKL sets ``KMP_BLOCKTIME`` to
+1 ms where the user has not set it (seed 001's Jacobian in a process without
+torch: 52 ms, 27-32 ms with it).
 """
 from __future__ import annotations
 
@@ -81,10 +85,44 @@ def _load() -> ctypes.CDLL | None:
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*"))):
             try:
-                return ctypes.CDLL(path)
+                lib = ctypes.CDLL(path)
             except OSError:
                 continue
+            _threading_layer(lib)
+            return lib
     return None
+
+
+_GNU = 3  # MKL_THREADING_GNU (mkl_service.h); -1 asks for the layer in use
+_ASK = -1
+
+
+def _threading_layer(lib: ctypes.CDLL) -> None:
+    """MKL on GNU OpenMP where numba's OpenMP layer can run einsumgrad's row kernels
+    on the same threads (:func:`einsumgrad.backends.threads.openmp`): a kernel then
+    splits its rows over the team the last product just ran on, while its workers
+    still spin, where a thread of einsumgrad's own pool would wait for a core they
+    hold. Left to MKL's choice where the user set ``MKL_THREADING_LAYER``, where
+    numba or GNU OpenMP is missing, or with ``EINSUMGRAD_JIT=0``. Forked children
+    then run MKL on one thread: GNU OpenMP's team does not survive a fork (a
+    product on two threads there waits forever)."""
+    import importlib.util
+    if ("MKL_THREADING_LAYER" in os.environ or os.environ.get("EINSUMGRAD_JIT", "1") == "0"
+            or os.environ.get("NUMBA_THREADING_LAYER", "omp") != "omp"
+            or importlib.util.find_spec("numba") is None):
+        return
+    try:
+        ctypes.CDLL("libgomp.so.1")  # the one already loaded (torch's), or the system's
+    except OSError:
+        return
+    if lib.MKL_Set_Threading_Layer(_GNU) in (_GNU, _ASK) and on_gnu_openmp(lib):
+        os.register_at_fork(after_in_child=lambda: lib.MKL_Set_Num_Threads(1))
+
+
+def on_gnu_openmp(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether MKL runs on GNU OpenMP (the runtime numba's ``omp`` layer uses)."""
+    lib = lib if lib is not None else _LIB
+    return lib is not None and lib.MKL_Set_Threading_Layer(_ASK) == _GNU
 
 
 def _as_blas(a: numpy.ndarray, rows: int, cols: int):
@@ -610,7 +648,7 @@ def _machine() -> str:
     threads = _LIB.MKL_Get_Max_Threads() if _LIB is not None else 0
     return (f"{platform.machine()}|{platform.processor()}|cpus={os.cpu_count()}|"
             f"mkl_threads={threads}|numpy={numpy.__version__}|{_numpy_blas()}|"
-            f"{getattr(_LIB, '_name', '')}|{_RULE}")
+            f"{getattr(_LIB, '_name', '')}|gnu_openmp={on_gnu_openmp()}|{_RULE}")
 
 
 def _cache_file() -> str:

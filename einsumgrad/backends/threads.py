@@ -11,10 +11,17 @@ NumPy's ufuncs, BLAS and the kernels release the GIL, so Python threads run
 them side by side.
 They never nest: a kernel run inside a block loop (:data:`one_thread` held) or
 on a pool thread stays on its thread.
+
+Where MKL runs on GNU OpenMP (:func:`.mkl.on_gnu_openmp`) and numba's ``omp``
+layer loads, a kernel's rows go instead to a ``prange`` twin of its loop
+(:func:`openmp`): numba's OpenMP team is the one MKL's last product ran on,
+its workers still spinning, where a pool thread would wait for the core they
+hold. The pool then serves the block loops alone.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import os
 import threading
 from time import perf_counter
@@ -25,6 +32,7 @@ from . import mkl
 _pools: dict = {}  # worker count -> a thread pool kept for the process
 _NAME = "einsumgrad-blocks"
 _pools_lock = threading.Lock()
+os.register_at_fork(after_in_child=_pools.clear)  # their threads stay in the parent
 
 
 def pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -115,6 +123,9 @@ SPLIT_WORK = 1 << 21
 """Element operations (elements times each one's cost, see :func:`rows`) below
 which a fused kernel always runs on the calling thread: handing rows to another
 thread and waiting for it costs about as much as that many operations take."""
+TEAM_WORK = 1 << 16
+""":data:`SPLIT_WORK` for numba's OpenMP team (:func:`openmp`), whose workers are
+still spinning from the last product: a few microseconds to hand rows over."""
 SHARE: bool | None = None
 """``None``: :func:`rows` times both ways; ``True`` / ``False``: always / never shares
 the rows (tests and measurements set it)."""
@@ -160,22 +171,30 @@ class Timed:
 _paces: dict = {}  # kernel loop -> its Timed (0: alone, 1: rows shared), per element operation
 
 
-def rows(loop: Callable, out, args: tuple, cut: tuple, work: int, limit: int | None = None) -> None:
+def rows(loop: Callable, out, args: tuple, cut: tuple, work: int, limit: int | None = None,
+         team: Callable | None = None) -> None:
     """``loop(out, *args)``, its rows (``out``'s axis 0, and that of each argument
     whose ``cut`` is true) shared among a thread per core where that is faster.
 
     Whether it is depends on the machine and on how busy its other cores are, so
     the kernel is timed both ways and runs the faster, trying the other way now
     and then (:class:`Timed`): the results are the same bit for bit, each element
-    computed by the same code. Below :data:`SPLIT_WORK` element operations,
-    or inside a block loop (:data:`one_thread` held: the cores are taken), the
-    kernel runs on the calling thread. ``limit``, where given, caps the threads
-    (the eager path passes the BLAS's count: one thread means one).
+    computed by the same code. Below :data:`SPLIT_WORK` element operations
+    (:data:`TEAM_WORK` on the team), or inside a block loop (:data:`one_thread`
+    held: the cores are taken) or on a pool thread, the kernel runs on the
+    calling thread. ``limit``, where given, caps the threads
+    (the eager path passes the BLAS's count: one thread means one). ``team``, where
+    given, is ``loop``'s ``prange`` twin: on OpenMP's threads (:func:`openmp`) it
+    takes the rows in place of the pool.
     """
-    k = 1 if work < SPLIT_WORK or SHARE is False or nested() \
+    on = team is not None and openmp()
+    k = 1 if work < (TEAM_WORK if on else SPLIT_WORK) or SHARE is False or nested() \
         else min(cores(), out.shape[0], limit or out.shape[0])
     if k < 2:
         loop(out, *args)
+        return
+    if on:
+        on_team(k, team, out, *args)
         return
     if SHARE:
         _shared(k, loop, out, args, cut)
@@ -204,3 +223,60 @@ def _shared(k: int, loop: Callable, out, args: tuple, cut: tuple) -> None:
         concurrent.futures.wait(futures)
     for f in futures:
         f.result()  # a worker's error, raised here
+
+
+_openmp: bool | None = None  # decided once per process (a forked child decides again)
+_team_size = threading.local()  # numba's thread count, per thread that launches
+
+
+def openmp() -> bool:
+    """Whether kernels' rows run on numba's OpenMP layer, the runtime MKL runs on.
+
+    True where MKL is on GNU OpenMP (:mod:`.mkl` picks it where numba can share
+    it) and numba's ``omp`` layer loads (it needs GNU OpenMP; ``NUMBA_THREADING_LAYER``
+    unset or ``omp``). numba's parallel kernels cannot run in a child forked
+    after its OpenMP layer started (numba ends that process), so a forked child
+    answers False and shares rows on the pool, as without MKL.
+    """
+    global _openmp
+    if _openmp is None:
+        with _pools_lock:
+            if _openmp is None:
+                _openmp = _start_openmp()
+    return _openmp
+
+
+def _start_openmp() -> bool:
+    if not mkl.on_gnu_openmp():
+        return False
+    try:
+        import numba
+        from numba.np.ufunc import omppool  # noqa: F401  (ImportError without GNU OpenMP)
+        from numba.np.ufunc import parallel
+    except ImportError:
+        return False
+    if numba.config.THREADING_LAYER not in ("default", "omp"):
+        return False
+    if parallel._is_initialized and numba.threading_layer() != "omp":
+        return False  # numba already runs another layer in this process
+    numba.config.THREADING_LAYER = "omp"
+    gomp = ctypes.CDLL("libgomp.so.1")
+    before = gomp.omp_get_max_threads()
+    parallel._launch_threads()
+    gomp.omp_set_num_threads(before)  # numba's start sets it: torch reads it as its own count
+    os.register_at_fork(after_in_child=_after_fork)
+    return True
+
+
+def _after_fork() -> None:
+    global _openmp
+    _openmp = False
+
+
+def on_team(k: int, team: Callable, out, *args) -> None:
+    """``team(out, *args)``, a ``prange`` loop, on ``k`` threads of numba's OpenMP team."""
+    if getattr(_team_size, "n", None) != k:
+        import numba
+        numba.set_num_threads(min(k, numba.config.NUMBA_NUM_THREADS))
+        _team_size.n = k
+    team(out, *args)

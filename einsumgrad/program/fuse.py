@@ -20,7 +20,9 @@ a loop of its own then reads that input as the result, so that LLVM sees no
 overlap to test for (its test would fall back to scalar code). A constant
 broadcast along an axis (stride 0) enters with length 1 there, not merged
 into a copy. A large kernel's rows may be shared among a thread per core
-(:func:`einsumgrad.backends.threads.rows`, timed both ways).
+(:func:`einsumgrad.backends.threads.rows`): by a ``prange`` twin of its loop
+on numba's OpenMP team where MKL runs on the same one, else on einsumgrad's
+pool, timed both ways.
 
 The kernel's source is written to a cache folder and compiled with numba's
 disk cache (:func:`einsumgrad.backends.compiled.compile_kernel`), so a program
@@ -236,13 +238,15 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
             return f"o[{', '.join(loops)}]"
         return f"i{k}[{', '.join(loops[g] for g in spans[k])}]" if spans[k] else f"s{k}"
 
-    def loop(name, alias=None):
+    def loop(name, alias=None, team=False):  # team: the prange twin (threads.openmp)
         params = ["o"] + [f"i{k}" for k in live if k != alias]
-        body = ['@numba.njit(error_model="numpy", nogil=True, cache=CACHE)',
+        body = ['@numba.njit(error_model="numpy", nogil=True, cache=CACHE'
+                + (", parallel=True)" if team else ")"),
                 f"def {name}({', '.join(params)}):", "    _wide()"]
         body += [f"    s{k} = T(i{k})" for k in live if not spans[k] and k != alias]
         for g, j in enumerate(loops):
-            body.append("    " * (g + 1) + f"for {j} in range(o.shape[{g}]):")
+            over = "numba.prange" if team and g == 0 else "range"
+            body.append("    " * (g + 1) + f"for {j} in {over}(o.shape[{g}]):")
         body.append("    " * (len(loops) + 1) + f"o[{', '.join(loops)}] = _chain("
                     + ", ".join(element(k, alias) for k in live) + ")")
         return body
@@ -270,7 +274,7 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
         args = [k for k in live if k != alias]
         return (f"_rows({name}, v, (" + "".join(pass_(k) + ", " for k in args) + "), ("
                 + "".join(f"{bool(spans[k]) and spans[k][0] == 0}, " for k in args)
-                + f"), v.size * {cost})")
+                + f"), v.size * {cost}, team={name}_team)")
 
     # the result may be written into an input (compile.reuse_plan): the loop then reads
     # it as the result, so that LLVM sees one array and no overlap to test for
@@ -296,7 +300,9 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     parts = ['"""An element-wise chain of an einsumgrad program, fused (generated)."""\n'
              "import numba\nimport numpy as np\n\n"
              "from einsumgrad.backends.threads import rows as _rows\n\nT = np.%s" % dtype,
-             vecmath.source(vector), "\n".join(chain), "\n".join(loop("_loop"))]
-    parts += ["\n".join(loop(f"_loop_{k}", k)) for k in aliases]
+             vecmath.source(vector), "\n".join(chain), "\n".join(loop("_loop")),
+             "\n".join(loop("_loop_team", team=True))]
+    parts += ["\n".join(loop(f"_loop_{k}", k)) + "\n\n\n" + "\n".join(loop(f"_loop_{k}_team", k, team=True))
+              for k in aliases]
     parts.append("\n".join(run))
     return "\n\n\n".join(parts) + "\n"

@@ -1,0 +1,149 @@
+"""Row kernels on the OpenMP team MKL runs on (einsumgrad.backends.threads.openmp).
+
+Where MKL runs on GNU OpenMP and numba's ``omp`` layer loads, the eager
+kernels and a program's fused chains split their rows over that team by a
+``prange`` twin of their loop. The twin must give what the kernel gives on one
+thread, a forked child must still run (numba ends a child that starts a parallel
+kernel after its parent did; GNU OpenMP's team waits forever there), and the
+user's choice of MKL's threading layer and torch's thread count must hold.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import einsumgrad as eg
+from einsumgrad.backends import kernels, mkl, threads
+
+on_team = pytest.mark.skipif(not (kernels.available() and threads.openmp()),
+                             reason="MKL is not on GNU OpenMP with numba's omp layer here")
+
+
+@pytest.fixture
+def team(monkeypatch):
+    """Every kernel's rows on two threads of the team; the calls that went there."""
+    calls = []
+    real = threads.on_team
+
+    def spy(k, loop, *args):
+        calls.append(k)
+        return real(k, loop, *args)
+    monkeypatch.setattr(threads, "on_team", spy)
+    monkeypatch.setattr(threads, "TEAM_WORK", 1)
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    monkeypatch.setattr(mkl, "gemm_threads", lambda: 2)
+    return calls
+
+
+def _alone(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setattr(threads, "SHARE", False)
+        return fn()
+
+
+def _close(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    eps = np.finfo(want.dtype).eps
+    np.testing.assert_allclose(got, want, rtol=8 * eps, atol=8 * eps * np.abs(want).max())
+
+
+@on_team
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eager_row_kernels_on_the_team_give_their_one_thread_results(team, monkeypatch, dtype):
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal((37, 24))).astype(dtype)
+    g = rng.standard_normal((37, 24)).astype(dtype)
+    w, b = rng.standard_normal(24).astype(dtype), rng.standard_normal(24).astype(dtype)
+    cdf = 0.5 * (1 + np.tanh(x))  # any values in [0, 1] serve the kernels
+    out = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+    runs = {
+        "layer_norm": lambda: kernels.layer_norm(x, 24, 1e-5, w, b),
+        "gelu": lambda: kernels.gelu(x, cdf),
+        "gelu_vjp": lambda: kernels.gelu_vjp(g, x, cdf),
+        "relu_vjp": lambda: kernels.relu_vjp(g, np.maximum(x, 0)),
+        "softmax_vjp": lambda: kernels.softmax_vjp(g, out),
+    }
+    for name, run in runs.items():
+        want = _alone(monkeypatch, run)
+        before = len(team)
+        got = run()
+        assert len(team) > before, f"{name} did not run on the team"
+        for a, c in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
+            _close(a, c)
+
+
+@on_team
+def test_a_programs_fused_chain_on_the_team_gives_its_one_thread_result(team, monkeypatch):
+    rng = np.random.default_rng(1)
+    x, b = rng.standard_normal((301, 17)), rng.standard_normal(17)
+    f = eg.jit(lambda x, b: eg.tanh(x + b) * x - eg.exp(-x * x))
+    want = _alone(monkeypatch, lambda: f(x, b))
+    got = f(x, b)
+    assert team, "the fused chain did not run on the team"
+    _close(got, want)
+    _close(got, np.tanh(x + b) * x - np.exp(-x * x))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full,
+                          capture_output=True, text=True, timeout=240)
+
+
+@on_team
+def test_a_forked_child_runs_products_and_kernels():
+    """The parent's team ran a product and a kernel; its forked child runs both
+    again (on one thread: MKL at one, the kernel's serial loop) and exits."""
+    code = """
+        import os, numpy as np
+        from einsumgrad.backends import kernels, mkl, threads
+        threads.TEAM_WORK = 1
+        x = np.random.default_rng(0).standard_normal((512, 64))
+        a = mkl.matmul(x, x.T); g = kernels.gelu_vjp(x, x, x)
+        assert threads.openmp()
+        pid = os.fork()
+        if pid == 0:
+            ok = np.allclose(mkl.matmul(x, x.T), a) and np.allclose(kernels.gelu_vjp(x, x, x), g)
+            os._exit(0 if ok and not threads.openmp() and mkl.gemm_threads() == 1 else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["child", "0"]
+
+
+@pytest.mark.skipif(mkl.matmul is None or not kernels.available(),
+                    reason="needs the mkl wheel and numba")
+def test_the_users_threading_layer_holds_and_the_kernels_then_share_rows_on_the_pool():
+    code = """
+        import numpy as np
+        from einsumgrad.backends import kernels, mkl, threads
+        x = np.random.default_rng(0).standard_normal((512, 64))
+        g = kernels.gelu_vjp(x, x, x)
+        print(mkl.on_gnu_openmp(), threads.openmp(), g is not None)
+    """
+    r = _run(code, MKL_THREADING_LAYER="INTEL")
+    assert r.stdout.split() == ["False", "False", "True"], r.stderr
+
+
+@on_team
+def test_torchs_thread_count_holds_when_the_team_starts():
+    pytest.importorskip("torch")
+    code = """
+        import torch
+        torch.set_num_threads(1)
+        import numpy as np
+        from einsumgrad.backends import kernels, threads
+        threads.TEAM_WORK = 1
+        x = np.random.default_rng(0).standard_normal((512, 64))
+        kernels.gelu_vjp(x, x, x)
+        print(threads.openmp(), torch.get_num_threads())
+    """
+    r = _run(code)
+    assert r.stdout.split() == ["True", "1"], r.stderr
