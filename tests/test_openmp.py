@@ -147,3 +147,31 @@ def test_torchs_thread_count_holds_when_the_team_starts():
     """
     r = _run(code)
     assert r.stdout.split() == ["True", "1"], r.stderr
+
+
+@on_team
+def test_a_block_loop_ends_the_teams_spinning_workers():
+    """GNU OpenMP's idle workers spin long after a product, on the cores a block
+    loop's pool threads need: entering one ends the team (the next product
+    starts it again)."""
+    code = """
+        import os, time, numpy as np
+        from einsumgrad.backends import kernels, mkl, threads
+        from threadpoolctl import threadpool_limits
+        threads.TEAM_WORK = 1
+        tasks = lambda: len(os.listdir("/proc/self/task"))
+        x = np.random.default_rng(0).standard_normal((512, 512))
+        with threadpool_limits(2):
+            kernels.gelu_vjp(x, x, x); mkl.matmul(x, x)
+            busy = tasks()
+            with threads.one_thread:
+                for _ in range(100):
+                    if tasks() < busy:
+                        break
+                    time.sleep(0.01)
+                rested = tasks()
+            a = mkl.matmul(x, x)
+        print(busy > rested, np.allclose(a, x @ x))
+    """
+    r = _run(code)
+    assert r.stdout.split() == ["True", "True"], r.stderr

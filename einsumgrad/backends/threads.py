@@ -107,6 +107,8 @@ class OneThread:
                 self.saved = [c.get_num_threads() for c in self.libs]
                 for c in self.libs:
                     c.set_num_threads(1)
+                if _openmp:
+                    _rest_team()
             self.depth += 1
 
     def __exit__(self, *exc):
@@ -236,7 +238,7 @@ def openmp() -> bool:
     it) and numba's ``omp`` layer loads (it needs GNU OpenMP; ``NUMBA_THREADING_LAYER``
     unset or ``omp``). numba's parallel kernels cannot run in a child forked
     after its OpenMP layer started (numba ends that process), so a forked child
-    answers False and shares rows on the pool, as without MKL.
+    answers False; its MKL runs on one thread (:mod:`.mkl`), and so do its kernels.
     """
     global _openmp
     if _openmp is None:
@@ -260,12 +262,23 @@ def _start_openmp() -> bool:
     if parallel._is_initialized and numba.threading_layer() != "omp":
         return False  # numba already runs another layer in this process
     numba.config.THREADING_LAYER = "omp"
-    gomp = ctypes.CDLL("libgomp.so.1")
+    global _gomp
+    gomp = _gomp = ctypes.CDLL("libgomp.so.1")
     before = gomp.omp_get_max_threads()
     parallel._launch_threads()
     gomp.omp_set_num_threads(before)  # numba's start sets it: torch reads it as its own count
     os.register_at_fork(after_in_child=_after_fork)
     return True
+
+
+_gomp = None  # GNU OpenMP, once the team has started
+
+
+def _rest_team() -> None:
+    """End the calling thread's OpenMP team, whose workers would spin on the cores a
+    block loop's pool threads are about to take (GNU OpenMP's spin is long); the
+    next parallel region starts them again."""
+    _gomp.omp_pause_resource_all(1)  # omp_pause_soft
 
 
 def _after_fork() -> None:
