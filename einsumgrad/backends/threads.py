@@ -125,9 +125,11 @@ SPLIT_WORK = 1 << 21
 """Element operations (elements times each one's cost, see :func:`rows`) below
 which a fused kernel always runs on the calling thread: handing rows to another
 thread and waiting for it costs about as much as that many operations take."""
-TEAM_WORK = 1 << 16
+TEAM_WORK = 1 << 19
 """:data:`SPLIT_WORK` for numba's OpenMP team (:func:`openmp`), whose workers are
-still spinning from the last product: a few microseconds to hand rows over."""
+still spinning from the last product: a parallel kernel's start costs about as
+much as this many operations take (bench/README: seed 000's fused chain at
+B = 256, below it, ran slower split; at B = 1024 faster)."""
 SHARE: bool | None = None
 """``None``: :func:`rows` times both ways; ``True`` / ``False``: always / never shares
 the rows (tests and measurements set it)."""
