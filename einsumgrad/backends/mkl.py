@@ -42,11 +42,10 @@ and ``threadpoolctl``, as for any MKL. Where numba is installed MKL runs on GNU
 OpenMP (:func:`_threading_layer`), the runtime torch brings and numba's ``omp``
 layer runs einsumgrad's row kernels on, so a kernel after a product takes the
 product's threads while they still spin (README, "Speed"); a forked child then
-runs MKL on one thread. Else,
-unless the user set ``MKL_THREADING_LAYER``, it runs on Intel's OpenMP, whose
-idle threads spin for 200 ms by default: loading MKL sets ``KMP_BLOCKTIME`` to
-1 ms where the user has not set it (seed 001's Jacobian in a process without
-torch: 52 ms, 27-32 ms with it).
+runs MKL on one thread. Else, unless the user set ``MKL_THREADING_LAYER``, it
+runs on Intel's OpenMP, whose idle threads spin for 200 ms by default: loading
+MKL sets ``KMP_BLOCKTIME`` to 1 ms where the user has not set it (seed 001's
+Jacobian in a process without torch: 52 ms, 27-32 ms with it).
 """
 from __future__ import annotations
 
