@@ -238,18 +238,21 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
             return f"o[{', '.join(loops)}]"
         return f"i{k}[{', '.join(loops[g] for g in spans[k])}]" if spans[k] else f"s{k}"
 
-    def loop(name, alias=None, team=False):  # team: the prange twin (threads.openmp)
-        params = ["o"] + [f"i{k}" for k in live if k != alias]
-        body = ['@numba.njit(error_model="numpy", nogil=True, cache=CACHE'
-                + (", parallel=True)" if team else ")"),
-                f"def {name}({', '.join(params)}):", "    _wide()"]
-        body += [f"    s{k} = T(i{k})" for k in live if not spans[k] and k != alias]
-        for g, j in enumerate(loops):
-            over = "numba.prange" if team and g == 0 else "range"
-            body.append("    " * (g + 1) + f"for {j} in {over}(o.shape[{g}]):")
-        body.append("    " * (len(loops) + 1) + f"o[{', '.join(loops)}] = _chain("
-                    + ", ".join(element(k, alias) for k in live) + ")")
-        return body
+    def loop(name, alias=None):  # the loop and its prange twin {name}_team (threads.openmp)
+        params = ", ".join(["o"] + [f"i{k}" for k in live if k != alias])
+        defs = []
+        for team in (False, True):
+            body = ['@numba.njit(error_model="numpy", nogil=True, cache=CACHE'
+                    + (", parallel=True)" if team else ")"),
+                    f"def {name}{'_team' if team else ''}({params}):", "    _wide()"]
+            body += [f"    s{k} = T(i{k})" for k in live if not spans[k] and k != alias]
+            for g, j in enumerate(loops):
+                over = "numba.prange" if team and g == 0 else "range"
+                body.append("    " * (g + 1) + f"for {j} in {over}(o.shape[{g}]):")
+            body.append("    " * (len(loops) + 1) + f"o[{', '.join(loops)}] = _chain("
+                        + ", ".join(element(k, alias) for k in live) + ")")
+            defs.append("\n".join(body))
+        return "\n\n\n".join(defs)
 
     def length(d):  # the result's axis d, read from an input spanning it
         if shape[d] == 1:
@@ -300,9 +303,7 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     parts = ['"""An element-wise chain of an einsumgrad program, fused (generated)."""\n'
              "import numba\nimport numpy as np\n\n"
              "from einsumgrad.backends.threads import rows as _rows\n\nT = np.%s" % dtype,
-             vecmath.source(vector), "\n".join(chain), "\n".join(loop("_loop")),
-             "\n".join(loop("_loop_team", team=True))]
-    parts += ["\n".join(loop(f"_loop_{k}", k)) + "\n\n\n" + "\n".join(loop(f"_loop_{k}_team", k, team=True))
-              for k in aliases]
+             vecmath.source(vector), "\n".join(chain), loop("_loop")]
+    parts += [loop(f"_loop_{k}", k) for k in aliases]
     parts.append("\n".join(run))
     return "\n\n\n".join(parts) + "\n"
