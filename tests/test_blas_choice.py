@@ -34,7 +34,7 @@ def test_measured_once_then_read_from_disk(fresh, monkeypatch):
     monkeypatch.setattr(mkl, "_race", lambda a, b: (1.0, 2.0) if a.size * b.shape[-1]
                         * (a.shape[0] if a.ndim == 3 else 1) >= 1 << 20 else (2.0, 1.0))
     got = mkl.blas_choices(np.float64)
-    assert got["mat"] == {16: "numpy", 18: "mkl", 20: "mkl", 22: "mkl", 24: "mkl"}
+    assert got["mat"] == {b: "numpy" if b < 18 else "mkl" for b in mkl._BUCKETS}
     saved = json.loads((fresh / "blas.json").read_text())
     assert any(k.endswith("|float64") for k in saved)
     mkl.forget_choices()
@@ -83,10 +83,30 @@ def test_size_classes_tell_thin_products_from_square_ones():
         a, b = np.empty(sa, np.float32), np.empty(sb, np.float32)
         assert mkl._kind_and_work(a, b) == (kind, a.size * (b.shape[-1] if b.ndim > 1 else 1)), sa
     rng = np.random.default_rng(0)
-    for bucket in mkl._BUCKETS:  # each class's measured case lands in its own class
-        a, b = mkl._case("thin", bucket, np.float32, rng)
-        assert mkl._kind_and_work(a, b)[0] == "thin"
-        assert mkl._bucket(mkl._kind_and_work(a, b)[1]) == bucket
+    for kind in mkl._KINDS:  # each class's measured case lands in its own class
+        for bucket in mkl._BUCKETS:
+            a, b = mkl._case(kind, bucket, np.float32, rng)
+            assert mkl._kind_and_work(a, b)[0] == kind
+            want = min(bucket, mkl._VEC_TOP) if kind == "vec" else bucket
+            assert mkl._bucket(mkl._kind_and_work(a, b)[1]) == want, (kind, bucket, a.shape)
+
+
+def test_the_race_times_each_layout_a_model_uses():
+    # as given, b transposed in memory (x @ w.T), a transposed (g.T @ x): the same
+    # product each time, in another memory order; a vector and a batch keep theirs
+    rng = np.random.default_rng(0)
+    a, b, v = rng.standard_normal((5, 3)), rng.standard_normal((3, 4)), rng.standard_normal(3)
+    got = mkl._layouts(a, b)
+    assert len(got) == 3
+    assert [(x.flags.c_contiguous, y.flags.c_contiguous) for x, y in got] == [
+        (True, True), (True, False), (False, True)]
+    for x, y in got:
+        np.testing.assert_array_equal(x @ y, a @ b)
+    assert len(mkl._layouts(a, v)) == 2
+    s, t = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 3, 4))
+    assert [y.flags.c_contiguous for _, y in mkl._layouts(s, t)] == [True, False]
+    for x, y in mkl._layouts(s, t):
+        np.testing.assert_array_equal(x @ y, s @ t)
 
 
 @needs_mkl

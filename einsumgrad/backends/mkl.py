@@ -512,7 +512,7 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
 # -- NumPy's matmul or MKL's: chosen by measurement ------------------------------------------
 
 _CHOICE_MIN = _MIN_WORK  # below this many multiply-adds: NumPy, unmeasured (see matmul)
-_BUCKETS = range(16, 26, 2)  # size classes: log2 of m*n*k, every other power of two
+_BUCKETS = range(16, 30, 2)  # size classes: log2 of m*n*k, every other power of two
 _VEC_TOP = 22  # a matrix-vector class above this is measured as this one (no 512 MB matrix)
 _KINDS = ("mat", "thin", "vec", "batch")
 _THIN = 64  # a product with at most this many columns (or rows) of output, 16x as many rows: thin
@@ -545,7 +545,8 @@ def _bucket(work: int) -> int:
 
 
 def _case(kind: str, bucket: int, dtype, rng) -> tuple:
-    """Operands of one size class: square matrices, a tall matrix times one with 32
+    """Operands of one size class: a layer's matrices (square up to 256 x 256 x 256,
+    then 256 rows times wider square weights), a tall matrix times one with 32
     columns (a convolution's shape), a matrix and a vector, or 8 matrices."""
     work = 1 << (min(bucket, _VEC_TOP) if kind == "vec" else bucket)
     if kind == "vec":
@@ -555,32 +556,52 @@ def _case(kind: str, bucket: int, dtype, rng) -> tuple:
         k = max(2, min(144, round((work / 512) ** 0.5)))
         shapes = ((max(512, -(-work // (32 * k))), k), (k, 32))
     elif kind == "batch":
-        n = max(2, round((work / 8) ** (1 / 3)))
+        n = max(2, math.ceil((work / 8) ** (1 / 3) - 1e-9))
         shapes = ((8, n, n), (8, n, n))
-    else:
-        n = max(2, round(work ** (1 / 3)))
-        shapes = ((n, n), (n, n))
+    else:  # a layer's: square up to 256 rows (a batch), then wider
+        m = max(2, min(256, round(work ** (1 / 3))))
+        n = max(2, math.ceil((work / m) ** 0.5 - 1e-9))
+        shapes = ((m, n), (n, n))
     return tuple(rng.standard_normal(s).astype(dtype) for s in shapes)
 
 
-def _race(a, b, budget: float = 0.004) -> tuple:
-    """Best times of MKL's and NumPy's ``a @ b``, each run in short blocks of calls
-    taken in turns (a burst of other work on the machine slows both; within a block
-    only one library's thread pool is awake, as in a process that keeps to one) for
-    about ``budget`` seconds each."""
+def _layouts(a, b) -> list:
+    """``a @ b`` in the memory orders a model's products come in: as given, with
+    ``b`` transposed in memory (a layer's ``x @ w.T``), with ``a`` transposed (its
+    weight gradient ``g.T @ x``); one batch matrix or the vector keeps its order.
+    The libraries rank differently across them (OpenBLAS's transposed kernels
+    lost more to MKL's on the bench's machine than its plain ones)."""
+    def flipped(v):
+        return numpy.ascontiguousarray(numpy.swapaxes(v, -1, -2)).swapaxes(-1, -2)
+    pairs = [(a, b), (a, flipped(b))] if b.ndim > 1 else [(a, b)]
+    return pairs + [(flipped(a), b)] if a.ndim == 2 else pairs
+
+
+def _race(a, b, budget: float = 0.02) -> tuple:
+    """Times of MKL's and NumPy's ``a @ b`` over its :func:`_layouts`: the median of
+    rounds taken in turns, each round one call per layout after a call that wakes
+    the library's pool (within a round only one library's pool is awake, as in a
+    process that keeps to one; a burst of other work on the machine lands in a
+    round or two, which the median sets aside), for about ``budget`` seconds each.
+    A median of rounds, not a best single call: a lone call's best hides what a
+    product pays on most calls (single best calls ranked the libraries the other
+    way round from the MLP and seed 001 steps that ran on them, at one thread)."""
     import time
+    pairs = _layouts(a, b)
     fns = (matmul, numpy.matmul)
-    best, spent, rounds = [float("inf")] * 2, 0.0, 0
-    while rounds < 3 or (spent < 2 * budget and rounds < 20):
-        for i, fn in enumerate(fns):
+    times: tuple = ([], [])
+    spent, rounds = 0.0, 0
+    while rounds < 5 or (spent < 2 * budget and rounds < 41):
+        for fn, got in zip(fns, times):
             fn(a, b)  # wake this library's pool
-            for _ in range(3):
-                t = time.perf_counter()
-                fn(a, b)
-                t = time.perf_counter() - t
-                best[i], spent = min(best[i], t), spent + t
+            t = time.perf_counter()
+            for x, y in pairs:
+                fn(x, y)
+            t = time.perf_counter() - t
+            got.append(t)
+            spent += t
         rounds += 1
-    return tuple(best)
+    return tuple(sorted(got)[len(got) // 2] for got in times)
 
 
 # From this many multiply-adds OpenBLAS runs a product on its thread pool (its
@@ -591,13 +612,13 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "mkl-pool-if-threaded|thin"
+_RULE = "mkl-pool-if-threaded|thin|layouts-median"
 
 
 def measure(dtype) -> dict:
     """``{kind: {bucket: "mkl" | "numpy"}}`` for ``dtype``: each size class's
-    products timed both ways (best of a few runs, a few ms each; about a second in
-    all).
+    products timed both ways (:func:`_race`; a few seconds in all at one thread,
+    where every class is timed; at several, only the smallest).
 
     Where MKL runs on several threads, the classes large enough to run on
     threads all take MKL's GEMM, whatever their times: the two libraries' pools
