@@ -172,6 +172,23 @@ def test_vecmath_loops_compile_to_simd(prim, tmp_path, monkeypatch):
     assert not re.search(r"call [^\n]*@(exp|log|tanh)\b", ir), "libm called in the loop"
 
 
+def test_the_team_twins_rows_compile_to_512_bit_vectors(tmp_path, monkeypatch):
+    # numba compiles a prange's body as a function of its own: unless the twin asks
+    # for 512-bit vectors there, LLVM's tuning keeps it to 256 (where the serial
+    # loop has 512), and a vecmath chain ran no faster on two threads than on one
+    monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))  # compiled here, its IR at hand
+    src = fuse.kernel_source("float64", (64, 64), [(64, 64), (64,)],
+                             ["t0 = i0 + i1", f"t1 = {fuse.SCALAR['tanh'].format('t0')}"], {},
+                             ["tanh"])
+    compiled._kernels.pop(src, None)
+    team = fuse.compile_kernel(src).__globals__["_loop_team"]
+    out, x, b = np.empty((64, 64)), np.ones((64, 64)), np.ones(64)
+    team(out, x, b)
+    np.testing.assert_allclose(out, np.tanh(x + b), rtol=1e-15)
+    (ir,) = team.inspect_llvm().values()
+    assert re.search(r"<8 x double>", ir) and not re.search(r"<4 x double>", ir)
+
+
 # -- layouts -----------------------------------------------------------------------------------
 
 def test_layout_merges_axes_each_input_spans_alike():

@@ -249,6 +249,11 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
             for g, j in enumerate(loops):
                 over = "numba.prange" if team and g == 0 else "range"
                 body.append("    " * (g + 1) + f"for {j} in {over}(o.shape[{g}]):")
+                if team and g == 0:
+                    # numba compiles a prange's body as a function of its own: the
+                    # 512-bit vectors wide() allows must be asked for there too
+                    # (without, a vecmath chain ran no faster on two threads than on one)
+                    body.append("    " * (g + 2) + "_wide()")
             body.append("    " * (len(loops) + 1) + f"o[{', '.join(loops)}] = _chain("
                         + ", ".join(element(k, alias) for k in live) + ")")
             defs.append("\n".join(body))
