@@ -512,7 +512,7 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
 # -- NumPy's matmul or MKL's: chosen by measurement ------------------------------------------
 
 _CHOICE_MIN = _MIN_WORK  # below this many multiply-adds: NumPy, unmeasured (see matmul)
-_BUCKETS = range(16, 30, 2)  # size classes: log2 of m*n*k, every other power of two
+_BUCKETS = range(16, 28, 2)  # size classes: log2 of m*n*k, every other power of two
 _VEC_TOP = 22  # a matrix-vector class above this is measured as this one (no 512 MB matrix)
 _KINDS = ("mat", "thin", "vec", "batch")
 _THIN = 64  # a product with at most this many columns (or rows) of output, 16x as many rows: thin
@@ -577,12 +577,13 @@ def _layouts(a, b) -> list:
     return pairs + [(flipped(a), b)] if a.ndim == 2 else pairs
 
 
-def _race(a, b, budget: float = 0.02) -> tuple:
+def _race(a, b, budget: float = 0.01) -> tuple:
     """Times of MKL's and NumPy's ``a @ b`` over its :func:`_layouts`: the median of
-    rounds taken in turns, each round one call per layout after a call that wakes
-    the library's pool (within a round only one library's pool is awake, as in a
-    process that keeps to one; a burst of other work on the machine lands in a
-    round or two, which the median sets aside), for about ``budget`` seconds each.
+    rounds taken in turns, each round a call per layout, each timed after one
+    untimed on the same operands (it wakes the library's pool and warms the
+    caches: within a round only one library's pool is awake, as in a process
+    that keeps to one; a burst of other work on the machine lands in a round or
+    two, which the median sets aside), for about ``budget`` seconds each.
     A median of rounds, not a best single call: a lone call's best hides what a
     product pays on most calls (single best calls ranked the libraries the other
     way round from the MLP and seed 001 steps that ran on them, at one thread)."""
@@ -591,15 +592,16 @@ def _race(a, b, budget: float = 0.02) -> tuple:
     fns = (matmul, numpy.matmul)
     times: tuple = ([], [])
     spent, rounds = 0.0, 0
-    while rounds < 5 or (spent < 2 * budget and rounds < 41):
+    while rounds < 3 or (spent < 2 * budget and rounds < 41):
         for fn, got in zip(fns, times):
-            fn(a, b)  # wake this library's pool
-            t = time.perf_counter()
+            total = 0.0
             for x, y in pairs:
                 fn(x, y)
-            t = time.perf_counter() - t
-            got.append(t)
-            spent += t
+                t = time.perf_counter()
+                fn(x, y)
+                total += time.perf_counter() - t
+            got.append(total)
+            spent += total
         rounds += 1
     return tuple(sorted(got)[len(got) // 2] for got in times)
 
@@ -612,12 +614,12 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "mkl-pool-if-threaded|thin|layouts-median"
+_RULE = "mkl-pool-if-threaded|thin|layouts-warm-median"
 
 
 def measure(dtype) -> dict:
     """``{kind: {bucket: "mkl" | "numpy"}}`` for ``dtype``: each size class's
-    products timed both ways (:func:`_race`; a few seconds in all at one thread,
+    products timed both ways (:func:`_race`; about a second in all at one thread,
     where every class is timed; at several, only the smallest).
 
     Where MKL runs on several threads, the classes large enough to run on
