@@ -68,6 +68,15 @@ def test_eager_row_kernels_on_the_team_give_their_one_thread_results(team, monke
         "relu_vjp": lambda: kernels.relu_vjp(g, np.maximum(x, 0)),
         "softmax_vjp": lambda: kernels.softmax_vjp(g, out),
     }
+    # Max pooling's views (B, C, Ho, kh, Wo, kw), channels-last and NCHW, ties included.
+    for name, image in (("channels-last", rng.integers(0, 4, (3, 8, 8, 16)).transpose(0, 3, 1, 2)),
+                        ("NCHW", rng.integers(0, 4, (3, 4, 8, 8)))):
+        view = image.astype(dtype).reshape(image.shape[:2] + (4, 2, 4, 2))
+        most = _alone(monkeypatch, lambda: kernels.window_max(view))
+        cot = rng.standard_normal(most.shape).astype(dtype)
+        runs[f"window_max, {name}"] = lambda view=view: kernels.window_max(view)
+        runs[f"window_max_vjp, {name}"] = (
+            lambda view=view, most=most, cot=cot: kernels.window_max_vjp(view, most, cot))
     for name, run in runs.items():
         want = _alone(monkeypatch, run)
         before = len(team)

@@ -45,11 +45,11 @@ dense layout their arrays share); anything else (other dtypes, CuPy, strided
 inputs) returns None and the caller's NumPy path runs. They release the GIL
 and share their rows among at most as many threads as MKL's GEMM is given.
 Where MKL runs on GNU OpenMP (:mod:`.mkl` picks it where numba is installed),
-the layer norm, softmax VJP, GELU and ReLU kernels have ``prange`` twins that
-numba's ``omp`` layer runs on that same team, whose workers are still spinning
-from the last product (:func:`.threads.openmp`); the twin is the same loop
-compiled for threads, so it agrees with the serial kernel to rounding.
-Elsewhere, and for the pooling and window kernels, rows go to einsumgrad's
+the layer norm, softmax VJP, GELU, ReLU and max-pooling kernels have ``prange``
+twins that numba's ``omp`` layer runs on that same team, whose workers are still
+spinning from the last product (:func:`.threads.openmp`); the twin is the same
+loop compiled for threads, so it agrees with the serial kernel to rounding.
+Elsewhere, and for a convolution's window copies, rows go to einsumgrad's
 Python threads (:mod:`.threads`) where that is measured faster: a second
 OpenMP runtime beside MKL's would fight it for the cores, and set the thread
 count torch reads (measured: torch "at one thread" then ran on two).
@@ -179,27 +179,27 @@ def _build(numba, cache: bool) -> dict:
     # over NCHW images are kernels specialized to the window (_WINDOW_MAX).
     @numba.njit(**opts)
     def window_max_vjp(x, out, g, dx, one):
-        wide()
-        share = numpy.empty(x.shape[4], x.dtype)
+        share = numpy.empty((x.shape[0], x.shape[4]), x.dtype)  # a row each: prange-safe
         zero = one - one
-        for b in range(x.shape[0]):
+        for b in numba.prange(x.shape[0]):
+            wide()  # inside the loop: numba compiles a prange body as a function of its own
             for w in range(x.shape[2]):
                 for c in range(x.shape[4]):
-                    share[c] = zero
+                    share[b, c] = zero
                 for i in range(x.shape[1]):
                     for j in range(x.shape[3]):
                         for c in range(x.shape[4]):
                             v, m = x[b, i, w, j, c], out[b, w, c]
                             # a NaN max: at its NaNs; selects, not branches: SIMD code
-                            share[c] += one if (v == m) | ((v != v) & (m != m)) else zero
+                            share[b, c] += one if (v == m) | ((v != v) & (m != m)) else zero
                 for c in range(x.shape[4]):  # ties split g evenly, as max's rule
-                    share[c] = g[b, w, c] * (one / share[c])
+                    share[b, c] = g[b, w, c] * (one / share[b, c])
                 for i in range(x.shape[1]):
                     for j in range(x.shape[3]):
                         for c in range(x.shape[4]):
                             v, m = x[b, i, w, j, c], out[b, w, c]
                             hit = (v == m) | ((v != v) & (m != m))
-                            dx[b, i, w, j, c] = share[c] if hit else zero
+                            dx[b, i, w, j, c] = share[b, c] if hit else zero
 
     # Batch norm, one pass over x each, in two layouts of C order: (N, M, C),
     # channels-last, with per-channel sums in vectors of C along the rows; and
@@ -304,7 +304,7 @@ def _build(numba, cache: bool) -> dict:
         twin.__qualname__ = f"{f.__qualname__}_team"
         return numba.njit(parallel=True, **opts)(twin)
 
-    rows = (layer_norm, gelu, gelu_vjp_square, gelu_vjp, relu_vjp, softmax_vjp)
+    rows = (layer_norm, gelu, gelu_vjp_square, gelu_vjp, relu_vjp, softmax_vjp, window_max_vjp)
     return {**{f"{k.__name__}_team": team(k) for k in rows},
             "layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp, "gelu": gelu,
             "gelu_vjp_square": gelu_vjp_square, "gelu_vjp": gelu_vjp, "relu_vjp": relu_vjp,
@@ -594,10 +594,10 @@ _WINDOW_MAX = """import numba
 from einsumgrad.backends.intrinsics import wide
 
 
-@numba.njit(cache=CACHE, nogil=True, error_model="numpy")
+@numba.njit(cache=CACHE, nogil=True, error_model="numpy"{parallel})
 def kernel(x, out):
-    wide()
-    for b in range(x.shape[0]):
+    for b in {over}(x.shape[0]):
+        wide()
         for w in range(x.shape[2]):
             for c in range({channels}):
                 m = x[b, 0, w, 0, c]
@@ -614,11 +614,11 @@ _NCHW_MAX_VJP = """import numba
 from einsumgrad.backends.intrinsics import wide
 
 
-@numba.njit(cache=CACHE, nogil=True, error_model="numpy")
+@numba.njit(cache=CACHE, nogil=True, error_model="numpy"{parallel})
 def kernel(x, out, g, dx, one):
-    wide()
     zero = one - one
-    for b in range(x.shape[0]):
+    for b in {over}(x.shape[0]):
+        wide()
         for w in range(x.shape[2]):
             m = out[b, w]
             n = zero
@@ -632,6 +632,17 @@ def kernel(x, out, g, dx, one):
                     v = x[b, i, w, j]
                     dx[b, i, w, j] = share if (v == m) | ((v != v) & (m != m)) else zero
 """
+
+
+def _window_kernels(template: str, **sizes) -> tuple:
+    """The pooling kernel of ``template`` for these window sizes, and its ``prange``
+    twin where kernels' rows run on numba's OpenMP team (:func:`.threads.openmp`),
+    else None."""
+    kernel = compiled.compile_kernel(template.format(parallel="", over="range", **sizes))
+    team = (compiled.compile_kernel(template.format(parallel=", parallel=True",
+                                                    over="numba.prange", **sizes))
+            if threads.openmp() else None)
+    return kernel, team
 
 
 def _windows(x):
@@ -657,10 +668,10 @@ def window_max(x):
         return None
     xk, shape, back = view
     out = numpy.empty(shape, x.dtype)
-    kernel = compiled.compile_kernel(_WINDOW_MAX.format(kh=xk.shape[1], kw=xk.shape[3],
-                                                        channels=xk.shape[4]))
+    kernel, team = _window_kernels(_WINDOW_MAX, kh=xk.shape[1], kw=xk.shape[3],
+                                   channels=xk.shape[4])
     threads.rows(kernel, xk, (out.reshape(xk.shape[0], xk.shape[2], xk.shape[4]),), (True,),
-                 2 * xk.size, limit=mkl.gemm_threads())
+                 2 * xk.size, limit=mkl.gemm_threads(), team=team)
     return out.transpose(back)
 
 
@@ -685,10 +696,10 @@ def window_max_vjp(x, out, g):
         xk.shape[0], xk.shape[2], xk.shape[4])
     dx = numpy.empty_like(xk)
     if xk.shape[4] == 1:
-        kernel = compiled.compile_kernel(_NCHW_MAX_VJP.format(kh=xk.shape[1], kw=xk.shape[3]))
+        kernel, team = _window_kernels(_NCHW_MAX_VJP, kh=xk.shape[1], kw=xk.shape[3])
         threads.rows(kernel, xk[..., 0], (rows(out)[..., 0], rows(g)[..., 0], dx[..., 0],
                                           x.dtype.type(1)),
-                     (True, True, True, False), 4 * xk.size, limit=mkl.gemm_threads())
+                     (True, True, True, False), 4 * xk.size, limit=mkl.gemm_threads(), team=team)
     else:
         _run_rows("window_max_vjp", (xk, rows(out), rows(g), dx, x.dtype.type(1)),
                   (True, True, True, True, False), 4 * xk.size)
