@@ -68,6 +68,11 @@ def test_eager_row_kernels_on_the_team_give_their_one_thread_results(team, monke
         "relu_vjp": lambda: kernels.relu_vjp(g, np.maximum(x, 0)),
         "softmax_vjp": lambda: kernels.softmax_vjp(g, out),
     }
+    def adam():  # in place, on copies: the parameter and its moments after one step
+        p, m, v = x.copy(), g.copy(), np.abs(g)
+        assert kernels.adam(p, g, m, v, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, step=3)
+        return p, m, v
+    runs["adam"] = adam
     # Max pooling's views (B, C, Ho, kh, Wo, kw), channels-last and NCHW, ties included.
     for name, image in (("channels-last", rng.integers(0, 4, (3, 8, 8, 16)).transpose(0, 3, 1, 2)),
                         ("NCHW", rng.integers(0, 4, (3, 4, 8, 8)))):

@@ -257,3 +257,37 @@ def test_clip_grad_norm_on_a_model_skips_missing_grads_and_can_refuse_nonfinite(
     model.weight.grad = eg.tensor(xb(np.array([[3.0, -5.0, 0.5]] * 2)))
     clip_grad_value_(model.parameters(), 1.0)
     assert np.array_equal(npy(model.weight.grad), [[1.0, -1.0, 0.5]] * 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decay", [{}, dict(weight_decay=0.1),
+                                   dict(weight_decay=0.1, decoupled_weight_decay=True),
+                                   dict(maximize=True)])
+def test_adams_one_pass_kernel_gives_the_numpy_paths_bits(monkeypatch, dtype, decay):
+    """Where the backend has the Adam kernel (numba's, on NumPy arrays) a step is one
+    pass; each of its operations is the NumPy path's, so the bits are too. A
+    transposed parameter whose gradient comes in C order takes the NumPy path."""
+    from einsumgrad.backends import NUMPY, kernels
+    if not kernels.available():
+        pytest.skip("numba is not installed: the NumPy path runs")
+    rng = np.random.default_rng(0)
+    inits = [rng.standard_normal(s).astype(dtype) for s in ((37, 5), (6,), ())]
+    inits.append(rng.standard_normal((4, 3)).astype(dtype).T)  # not C order
+    runs, calls = [], []
+    real = NUMPY.adam
+    for kernel in (True, False):
+        ps = [eg.tensor(a.copy(), requires_grad=True) for a in inits]
+        ps[-1].data = inits[-1].copy(order="K")
+        opt = optim.Adam(ps, lr=1e-2, **decay)
+        with monkeypatch.context() as m:
+            m.setattr(NUMPY, "adam", (lambda p, *a, **k: calls.append((p.shape, real(p, *a, **k)))
+                                      or calls[-1][1]) if kernel else None)
+            for i in range(4):
+                for p in ps:  # the last one's gradient in C order, its parameter's not
+                    p.grad = eg.tensor((np.sin(p.data * (i + 1)) + p.data).copy(order="C"))
+                opt.step()
+        runs.append([p.data for p in ps])
+    taken = {shape for shape, took in calls if took}
+    assert {(37, 5), (6,)} <= taken and (3, 4) not in taken
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

@@ -295,6 +295,18 @@ def _build(numba, cache: bool) -> dict:
                     gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
                     dx[i, c, j] = a[c] * (gv - mg[c] - (x[i, c, j] - mean[c]) * s[c] * mgx[c])
 
+    # One Adam step in one pass, each operation as optim.Adam's NumPy path writes
+    # it, in the parameter's dtype (no fastmath here: the same bits as that path).
+    @numba.njit(cache=cache, nogil=True, error_model="numpy")
+    def adam(p, g, m, v, shrink, l2, c1, b2, c2, bc2, eps, step):
+        for i in numba.prange(p.shape[0]):
+            pi = p[i] * shrink if shrink != 1 else p[i]  # decoupled weight decay
+            gi = g[i] + l2 * pi if l2 != 0 else g[i]  # L2 weight decay
+            mi = m[i] + c1 * (gi - m[i])
+            vi = v[i] * b2 + c2 * gi * gi
+            m[i], v[i] = mi, vi
+            p[i] = pi - step * (mi / (numpy.sqrt(vi) / bc2 + eps))
+
     def team(kernel):
         # The prange twin (threads.openmp), cached by numba under a name of its own:
         # its cache's key does not tell a parallel build from a serial one.
@@ -302,14 +314,16 @@ def _build(numba, cache: bool) -> dict:
         twin = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__,
                                   f.__closure__)
         twin.__qualname__ = f"{f.__qualname__}_team"
-        return numba.njit(parallel=True, **opts)(twin)
+        options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
+        return numba.njit(parallel=True, cache=cache, **options)(twin)
 
-    rows = (layer_norm, gelu, gelu_vjp_square, gelu_vjp, relu_vjp, softmax_vjp, window_max_vjp)
+    rows = (layer_norm, gelu, gelu_vjp_square, gelu_vjp, relu_vjp, softmax_vjp, window_max_vjp,
+            adam)
     return {**{f"{k.__name__}_team": team(k) for k in rows},
             "layer_norm": layer_norm, "layer_norm_vjp": layer_norm_vjp, "gelu": gelu,
             "gelu_vjp_square": gelu_vjp_square, "gelu_vjp": gelu_vjp, "relu_vjp": relu_vjp,
             "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
-            "window_max_vjp": window_max_vjp,
+            "window_max_vjp": window_max_vjp, "adam": adam,
             "channel_sums": (channel_sums, channel_sums_by_row),
             "batch_norm": (batch_norm, batch_norm_by_row),
             "batch_norm_sums": (batch_norm_sums, batch_norm_sums_by_row),
@@ -513,6 +527,33 @@ def relu_vjp(g, y):
         return None
     _run_rows("relu_vjp", tuple(flat), (True, True, True), 2 * y.size)
     return dx
+
+
+def adam(p, g, m, v, *, lr: float, betas: tuple, eps: float, step: int,
+         weight_decay: float = 0.0, decoupled: bool = False):
+    """One Adam step in place (``optim.Adam``'s rule, its bits), or None where the
+    kernel declines (nothing then written): ``p``, ``g`` and the moments ``m``,
+    ``v`` one shape, dtype and layout, dense.
+
+    Args:
+        p: the parameter's array, rewritten.
+        g: its gradient.
+        m, v: the first and second moments, rewritten.
+        lr, betas, eps: Adam's hyperparameters.
+        step: this step's number, counted from 1 (the bias corrections').
+        weight_decay: added to the gradient as ``weight_decay * p`` (L2), or with
+            ``decoupled`` ``p`` first shrunk by ``1 - lr * weight_decay`` (AdamW).
+    """
+    flat = _flat_alike(p, g, m, v) if _takes(p) and p.flags.writeable else None
+    if flat is None:
+        return None
+    (b1, b2), c = betas, p.dtype.type
+    shrink = c(1 - lr * weight_decay) if weight_decay and decoupled else c(1)
+    l2 = c(weight_decay) if weight_decay and not decoupled else c(0)
+    _run_rows("adam", (*flat, shrink, l2, c(1 - b1), c(b2), c(1 - b2),
+                       c((1 - b2 ** step) ** 0.5), c(eps), c(lr / (1 - b1 ** step))),
+              (True,) * 4 + (False,) * 8, 10 * p.size)
+    return True
 
 
 def softmax_vjp(g, out):

@@ -295,13 +295,18 @@ class Adam(Optimizer):
                                   "exp_avg_sq": xp.zeros_like(p.data)}
             if group["amsgrad"]:
                 st["max_exp_avg_sq"] = xp.zeros_like(p.data)
+        st["step"] += 1
+        t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
+        kernel = backend_of(p.data).adam  # the same step in one pass, where a backend has one
+        if not group["amsgrad"] and kernel is not None and kernel(
+                p.data, g, m, v, lr=lr, betas=(b1, b2), eps=eps, step=t, weight_decay=wd,
+                decoupled=group["decoupled_weight_decay"]):
+            return
         if wd:
             if group["decoupled_weight_decay"]:
                 p.data *= 1 - lr * wd
             else:
                 g = g + wd * p.data
-        st["step"] += 1
-        t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
         m += (1 - b1) * (g - m)  # torch's lerp form
         v *= b2
         v += (1 - b2) * g * g
