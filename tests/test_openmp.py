@@ -189,3 +189,50 @@ def test_a_block_loop_ends_the_teams_spinning_workers():
     """
     r = _run(code)
     assert r.stdout.split() == ["True", "True"], r.stderr
+
+
+@on_team
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride,padding,dilation,kernel,channels_last", [
+    (1, 1, 1, 3, True), (2, 1, 1, 3, False), ((1, 2), (2, 1), (2, 1), (3, 2), True),
+    (1, 0, 1, 1, False)])
+def test_convolution_blocks_on_the_team_match_torch(monkeypatch, dtype, stride, padding,
+                                                     dilation, kernel, channels_last):
+    """A convolution's blocks of images shared among the team's threads (the
+    backend's window_products kernel: each thread pads and copies its blocks'
+    windows and runs MKL's GEMM on itself alone): the value and every gradient
+    as torch's, the weight gradient summed over the threads' parts; 7 images
+    (in blocks of 2 for the 3 x 3 window at stride 1: the last block short)."""
+    import torch
+    from einsumgrad.backends import NUMPY
+    from einsumgrad.nn import functional as F
+    from einsumgrad.rules import convolution
+    ran = []
+    real = NUMPY.window_products
+    monkeypatch.setattr(NUMPY, "window_products",
+                        lambda *a, **k: ran.append(a[3]) or real(*a, **k))
+    # blocks of two images where the windows are 7 x 7 x 3 x 3 x 8 an image
+    monkeypatch.setattr(convolution, "BLOCK_BYTES", 2 * 7 * 7 * 9 * 8 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(mkl, "gemm_threads", lambda: 2)
+    monkeypatch.setattr(threads, "SHARE", True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 8, 7, 7)).astype(dtype)
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    w, b = rng.standard_normal((8, 8, kh, kw)).astype(dtype), rng.standard_normal(8).astype(dtype)
+    kw_ = dict(stride=stride, padding=padding, dilation=dilation)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    want = torch.nn.functional.conv2d(tx, tw, tb, **kw_)
+    g = rng.standard_normal(tuple(want.shape)).astype(dtype)
+    want.backward(torch.tensor(g))
+    ex, ew, eb = (eg.tensor(a, requires_grad=True) for a in (x, w, b))
+    y = F.conv2d(ex, ew, eb, **kw_)
+    y.backward(g)
+    assert ran, "the blocks did not run on the team"
+    assert ran[0] == 2 or (kh, kw, stride) != (3, 3, 1)
+    tol = 1e-4 if dtype == np.float32 else 1e-11
+    for got, ref in ((y, want), (ex.grad, tx.grad), (ew.grad, tw.grad), (eb.grad, tb.grad)):
+        ref = ref.detach().numpy()
+        np.testing.assert_allclose(np.asarray(got.data), ref, rtol=tol,
+                                   atol=tol * max(1.0, np.abs(ref).max()))

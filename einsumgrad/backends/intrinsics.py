@@ -30,3 +30,55 @@ def wide(typingctx):
         set.add(builder.function.attributes, '"prefer-vector-width"="512"')
         return context.get_dummy_value()
     return types.none(), codegen
+
+
+@intrinsic
+def gemm(typingctx, address, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
+    """``c = op(a) @ op(b) + beta * c``, row-major, by the CBLAS ``?gemm`` at
+    ``address`` (``cblas_sgemm`` where ``beta`` is a float32, ``cblas_dgemm``
+    for a float64); ``a``, ``b`` and ``c`` are the matrices' addresses, the
+    transposes CBLAS's codes. A call through an address a kernel takes as an
+    argument, not a ctypes function in its globals: numba caches such a kernel
+    on disk.
+    """
+    real = beta
+    if real not in (types.float32, types.float64):
+        return None
+    ints = (trans_a, trans_b, m, n, k, lda, ldb, ldc)
+    if not all(isinstance(t, types.Integer) for t in (address, a, b, c) + ints):
+        return None
+    sig = types.void(address, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+        i32, fl = ir.IntType(32), context.get_value_type(real)
+        ptr = fl.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i32, i32, i32, fl, ptr, i32, ptr,
+                                               i32, fl, ptr, i32])
+        (addr, ta, tb, vm, vn, vk, va, vlda, vb, vldb, vbeta, vc, vldc) = args
+        tys = sig.args
+        int32 = lambda v, t: context.cast(builder, v, t, types.int32)  # noqa: E731
+        fn = builder.inttoptr(addr, fnty.as_pointer())
+        builder.call(fn, [ir.Constant(i32, 101), int32(ta, tys[1]), int32(tb, tys[2]),
+                          int32(vm, tys[3]), int32(vn, tys[4]), int32(vk, tys[5]),
+                          ir.Constant(fl, 1.0), builder.inttoptr(va, ptr), int32(vlda, tys[7]),
+                          builder.inttoptr(vb, ptr), int32(vldb, tys[9]), vbeta,
+                          builder.inttoptr(vc, ptr), int32(vldc, tys[12])])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def call_int(typingctx, address, value):
+    """``f(value)`` for the C function ``int f(int)`` at ``address`` (MKL's
+    ``MKL_Set_Num_Threads_Local``, per thread of a kernel's team)."""
+    if not (isinstance(address, types.Integer) and isinstance(value, types.Integer)):
+        return None
+    sig = types.int32(address, value)
+
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+        i32 = ir.IntType(32)
+        fn = builder.inttoptr(args[0], ir.FunctionType(i32, [i32]).as_pointer())
+        return builder.call(fn, [context.cast(builder, args[1], sig.args[1], types.int32)])
+    return sig, codegen

@@ -124,7 +124,7 @@ def on_gnu_openmp(lib: ctypes.CDLL | None = None) -> bool:
     return lib is not None and lib.MKL_Set_Threading_Layer(_ASK) == _GNU
 
 
-def _as_blas(a: numpy.ndarray, rows: int, cols: int):
+def as_blas(a: numpy.ndarray, rows: int, cols: int):
     """(transpose flag, leading dimension) that hands the last two axes of ``a``
     to BLAS as they lie, or None if they are not a row- or column-major matrix."""
     item = a.itemsize
@@ -186,7 +186,7 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
         if out is None:
             c, ldc = numpy.empty(lead + (m, n), dtype=a.dtype), n
         else:
-            tc = _as_blas(out, m, n) if out.shape == lead + (m, n) else None
+            tc = as_blas(out, m, n) if out.shape == lead + (m, n) else None
             if tc is None or not out.flags.writeable:
                 return plain()
             if tc[0] != _NOTRANS:
@@ -201,7 +201,7 @@ def _kernel(lib: ctypes.CDLL) -> Callable:
         walk = _by_stride((x, y, c), lead, ldc * m) if count > 1 and strided[a.dtype] else None
         if lead and _small(m * n * k, count, walk is not None, threads()):
             return plain()
-        ta, tb = _as_blas(x, m, k), _as_blas(y, k, n)
+        ta, tb = as_blas(x, m, k), as_blas(y, k, n)
         if ta is None or tb is None:  # copied as NumPy would; the copy walks anew
             x, ta = (x, ta) if ta else (numpy.ascontiguousarray(x), (_NOTRANS, k))
             y, tb = (y, tb) if tb else (numpy.ascontiguousarray(y), (_NOTRANS, n))
@@ -247,7 +247,7 @@ def _accumulating(lib: ctypes.CDLL) -> Callable:
                    for v in (a, b, c)) or c.dtype not in gemm:
             return False
         (m, k), (k2, n) = a.shape, b.shape
-        ta, tb, tc = _as_blas(a, m, k), _as_blas(b, k, n), _as_blas(c, m, n)
+        ta, tb, tc = as_blas(a, m, k), as_blas(b, k, n), as_blas(c, m, n)
         if (k != k2 or c.shape != (m, n) or None in (ta, tb) or tc is None or tc[0] != _NOTRANS
                 or not c.flags.writeable or 0 in (m, n, k)
                 or max(m, n, k, ta[1], tb[1], tc[1]) >= _INT_LIMIT or _overlaps(c, a, b)):
@@ -762,6 +762,11 @@ def _chooser() -> Callable:
 def set_local_threads(n: int) -> None:
     """MKL's thread count for the calling thread alone (``MKL_Set_Num_Threads_Local``)."""
     _LIB.MKL_Set_Num_Threads_Local(n)
+
+
+def address(name: str) -> int:
+    """The address of MKL's C function ``name``, for a compiled kernel to call."""
+    return ctypes.cast(getattr(_LIB, name), ctypes.c_void_p).value
 
 
 def gemm_threads() -> int:

@@ -16,7 +16,10 @@ Where MKL runs on GNU OpenMP (:func:`.mkl.on_gnu_openmp`) and numba's ``omp``
 layer loads, a kernel's rows go instead to a ``prange`` twin of its loop
 (:func:`openmp`): numba's OpenMP team is the one MKL's last product ran on,
 its workers still spinning, where a pool thread would wait for the core they
-hold. The pool then serves the block loops alone.
+hold; and a convolution's block loop to the ``window_products`` kernel on that
+team (waking a pool thread and hearing back from it took 80 us). The pool then
+serves the program's chunked replays, and the block loops where MKL is not
+on that team.
 """
 from __future__ import annotations
 

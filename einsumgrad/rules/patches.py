@@ -235,14 +235,20 @@ _KEPT_BYTES = 16 << 20
 _kept = threading.local()
 
 
-def _blocks(x, kernel, stride, padding, dilation, block_bytes: int) -> _Blocks:
-    """Block buffers for ``x`` ``(R, H, W, I)``: about ``block_bytes`` of windows a block."""
-    xp = backend_of(x)
+def _block_images(x, kernel, stride, padding, dilation, block_bytes: int) -> int:
+    """How many images ``(H, W, I)`` of ``x`` make about ``block_bytes`` of windows."""
     r, h, w, i = x.shape
     oh, ow = (out_size(n, k, s, p, d) for n, k, s, p, d in
               zip((h, w), kernel, stride, padding, dilation))
     row_bytes = oh * ow * kernel[0] * kernel[1] * i * x.itemsize
-    nb = max(1, min(r, block_bytes // max(row_bytes, 1)))
+    return max(1, min(r, block_bytes // max(row_bytes, 1)))
+
+
+def _blocks(x, kernel, stride, padding, dilation, block_bytes: int) -> _Blocks:
+    """Block buffers for ``x`` ``(R, H, W, I)``: about ``block_bytes`` of windows a block."""
+    xp = backend_of(x)
+    r, h, w, i = x.shape
+    nb = _block_images(x, kernel, stride, padding, dilation, block_bytes)
     key = (xp, (h, w, i), x.dtype, kernel, stride, padding, dilation, nb)
     cache = getattr(_kept, "blocks", None)
     if cache is None:
@@ -250,7 +256,7 @@ def _blocks(x, kernel, stride, padding, dilation, block_bytes: int) -> _Blocks:
     got = cache.get(key)
     if got is None:
         got = _Blocks(xp, (h, w, i), x.dtype, kernel, stride, padding, dilation, nb)
-        if nb * row_bytes <= _KEPT_BYTES:
+        if got.cols.nbytes <= _KEPT_BYTES:
             if len(cache) >= _KEPT:
                 del cache[next(iter(cache))]
             cache[key] = got
@@ -273,9 +279,13 @@ def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other
     stride-1 convolution's input gradient (``x`` its cotangent) and weight
     gradient (``other`` its image) in one pass. With ``workers`` > 1 the images
     are shared among that many threads, each with its own buffers and BLAS at
-    one thread (:func:`_on_threads`).
+    one thread: the OpenMP team's where the backend has the kernel
+    (:func:`_on_team`), else einsumgrad's pool (:func:`_on_threads`).
     """
     xp = backend_of(x)
+    got = _on_team(x, w, kernel, stride, padding, dilation, block_bytes, other, workers)
+    if got is not None:
+        return got[0] if other is None else got
     r, j = x.shape[0], w.shape[-1]
     oh, ow = _blocks(x, kernel, stride, padding, dilation, block_bytes).cols.shape[1:3]
     out = xp.empty((r, oh, ow, j), dtype=x.dtype)
@@ -292,6 +302,20 @@ def conv_blocks(x, w, kernel, stride, padding, dilation, block_bytes: int, other
         return total
     total = _on_threads(images, r, workers, xp)
     return out if other is None else (out, total)
+
+
+def _on_team(x, w, kernel, stride, padding, dilation, block_bytes: int, other, workers: int):
+    """``(patches(x) @ w, patches(x)^T @ other)`` (either None where its operand is)
+    by the backend's ``window_products`` kernel, on ``workers`` threads of the
+    OpenMP team its GEMM runs on, whose workers spin between products where the
+    pool's threads sleep (waking one and hearing back took 80 us a block loop);
+    or None where there is no such kernel or team."""
+    xp = backend_of(x)
+    if workers < 2 or xp.window_products is None or threads.nested():
+        return None
+    geometry = tuple(kernel) + tuple(stride) + tuple(padding) + tuple(dilation)
+    nb = _block_images(x, kernel, stride, padding, dilation, block_bytes)
+    return xp.window_products(x, w, geometry, nb, other, workers)
 
 
 def _on_threads(images, r: int, workers: int, xp):
@@ -336,6 +360,9 @@ def conv_weight_blocks(x, g, kernel, stride, padding, dilation, block_bytes: int
     ``(kh*kw*I, J)``, rows in ``(kh, kw, I)`` order. ``workers``: as :func:`conv_blocks`.
     """
     xp = backend_of(x)
+    got = _on_team(x, None, kernel, stride, padding, dilation, block_bytes, g, workers)
+    if got is not None:
+        return got[1]
 
     def images(lo: int, hi: int):
         blocks, total = _blocks(x, kernel, stride, padding, dilation, block_bytes), None
