@@ -156,9 +156,10 @@ def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3,
     """Both steps timed at one thread and at every core: each side's median, the
     best of ``rounds`` rounds taken in turn (on a shared machine a burst of load
     then hits one round, not one side). ``target`` holds at one thread, and at
-    every core unless ``threaded`` gives another. With ``alone`` (``(module,
-    case, state)``, see :func:`_alone`) each side is timed again in a process of
-    its own, and the targets are read there."""
+    every core ``threaded``'s, where given (None: no target there, the ratio
+    only printed). With ``alone`` (``(module, case, state)``, see :func:`_alone`)
+    each side is timed again in a process of its own, and the targets are read
+    there."""
     steps = {"einsumgrad": eg_step, "PyTorch eager": torch_step}
     ns = sorted({1, os.cpu_count() or 1})
     got = _alone(*alone, ns, rounds) if alone is not None else None
@@ -172,12 +173,13 @@ def _time_both(eg_step, torch_step, title: str, target: float, rounds: int = 3,
                     # step a sample would time each right after the gc.collect
                     # between samples).
                     times[name] = min(times[name], median_time(step, min_time=2.0 / rounds))
-        limit = threaded if n > 1 and threaded is not None else target
+        limit = threaded if n > 1 else target
+        goal = {"PyTorch eager": limit} if limit is not None else {}
         each = f"{title}, {n} thread{'s' * (n > 1)} each"
         if solo is None:
-            report(each, times, ours="einsumgrad", targets={"PyTorch eager": limit})
+            report(each, times, ours="einsumgrad", targets=goal)
         else:
-            report(each, solo[n], ours="einsumgrad", targets={"PyTorch eager": limit},
+            report(each, solo[n], ours="einsumgrad", targets=goal,
                    note="each framework in a process of its own")
             for name, line in cores.items():
                 if n > 1 and line:
