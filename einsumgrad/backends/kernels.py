@@ -52,8 +52,8 @@ dense layout their arrays share); anything else (other dtypes, CuPy, strided
 inputs) returns None and the caller's NumPy path runs. They release the GIL
 and share their rows among at most as many threads as MKL's GEMM is given.
 Where MKL runs on GNU OpenMP (:mod:`.mkl` picks it where numba is installed),
-the layer norm, softmax VJP, GELU, ReLU and max-pooling kernels have ``prange``
-twins that numba's ``omp`` layer runs on that same team, whose workers are still
+the layer norm, softmax VJP, GELU, ReLU, max-pooling, batch-norm and Adam kernels
+have ``prange`` twins that numba's ``omp`` layer runs on that same team, whose workers are still
 spinning from the last product (:func:`.threads.openmp`); the twin is the same
 loop compiled for threads, so it agrees with the serial kernel to rounding.
 Elsewhere, and for a convolution's window copies, rows go to einsumgrad's
@@ -221,35 +221,42 @@ def _build(numba, cache: bool) -> dict:
         for i in numba.prange(y.shape[0]):
             dx[i] = relu_grad(g[i], y[i])
 
+    # The sums' kernels add into out[p] the rows of part p of out.shape[0] (one
+    # part on the calling thread; a part a thread in the team twins, their rows
+    # added up after).
     @numba.njit(**opts)
     def channel_sums(x, mean, s, out):
-        # out[c] += sum of x[:, :, c] (mean None), else of ((x - mean) * s)^2
-        for i in range(x.shape[0]):
-            for j in range(x.shape[1]):
-                for c in range(x.shape[2]):
-                    if mean is None:
-                        out[c] += x[i, j, c]
-                    else:
-                        d = (x[i, j, c] - mean[c]) * s[c]
-                        out[c] += d * d
+        # out[p, c] += sum of x[:, :, c] (mean None), else of ((x - mean) * s)^2
+        parts = out.shape[0]
+        for p in numba.prange(parts):
+            for i in range(x.shape[0] * p // parts, x.shape[0] * (p + 1) // parts):
+                for j in range(x.shape[1]):
+                    for c in range(x.shape[2]):
+                        if mean is None:
+                            out[p, c] += x[i, j, c]
+                        else:
+                            d = (x[i, j, c] - mean[c]) * s[c]
+                            out[p, c] += d * d
 
     @numba.njit(**opts)
     def channel_sums_by_row(x, mean, s, out):
-        for i in range(x.shape[0]):
-            for c in range(x.shape[1]):
-                t = out[c] * 0
-                for j in range(x.shape[2]):
-                    if mean is None:
-                        t += x[i, c, j]
-                    else:
-                        d = (x[i, c, j] - mean[c]) * s[c]
-                        t += d * d
-                out[c] += t
+        parts = out.shape[0]
+        for p in numba.prange(parts):
+            for i in range(x.shape[0] * p // parts, x.shape[0] * (p + 1) // parts):
+                for c in range(x.shape[1]):
+                    t = out[p, c] * 0
+                    for j in range(x.shape[2]):
+                        if mean is None:
+                            t += x[i, c, j]
+                        else:
+                            d = (x[i, c, j] - mean[c]) * s[c]
+                            t += d * d
+                    out[p, c] += t
 
     @numba.njit(**opts)
     def batch_norm(x, mean, a, b, y, relu):
         # y = (x - mean) * a + b (a = s * w), then relu's max(y, 0) (NaN stays)
-        for i in range(x.shape[0]):
+        for i in numba.prange(x.shape[0]):
             for j in range(x.shape[1]):
                 for c in range(x.shape[2]):
                     v = (x[i, j, c] - mean[c]) * a[c] + b[c]
@@ -257,7 +264,7 @@ def _build(numba, cache: bool) -> dict:
 
     @numba.njit(**opts)
     def batch_norm_by_row(x, mean, a, b, y, relu):
-        for i in range(x.shape[0]):
+        for i in numba.prange(x.shape[0]):
             for c in range(x.shape[1]):
                 for j in range(x.shape[2]):
                     v = (x[i, c, j] - mean[c]) * a[c] + b[c]
@@ -265,30 +272,34 @@ def _build(numba, cache: bool) -> dict:
 
     @numba.njit(**opts)
     def batch_norm_sums(g, y, x, mean, s, sg, sgx, relu):
-        # sg[c] += sum of g, sgx[c] += sum of g * xhat (relu's rule first with relu)
-        for i in range(x.shape[0]):
-            for j in range(x.shape[1]):
-                for c in range(x.shape[2]):
-                    gv = relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
-                    sg[c] += gv
-                    sgx[c] += gv * ((x[i, j, c] - mean[c]) * s[c])
+        # sg[p, c] += sum of g, sgx[p, c] += sum of g * xhat (relu's rule first with relu)
+        parts = sg.shape[0]
+        for p in numba.prange(parts):
+            for i in range(x.shape[0] * p // parts, x.shape[0] * (p + 1) // parts):
+                for j in range(x.shape[1]):
+                    for c in range(x.shape[2]):
+                        gv = relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
+                        sg[p, c] += gv
+                        sgx[p, c] += gv * ((x[i, j, c] - mean[c]) * s[c])
 
     @numba.njit(**opts)
     def batch_norm_sums_by_row(g, y, x, mean, s, sg, sgx, relu):
-        for i in range(x.shape[0]):
-            for c in range(x.shape[1]):
-                t, u = sg[c] * 0, sg[c] * 0
-                for j in range(x.shape[2]):
-                    gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
-                    t += gv
-                    u += gv * ((x[i, c, j] - mean[c]) * s[c])
-                sg[c] += t
-                sgx[c] += u
+        parts = sg.shape[0]
+        for p in numba.prange(parts):
+            for i in range(x.shape[0] * p // parts, x.shape[0] * (p + 1) // parts):
+                for c in range(x.shape[1]):
+                    t, u = sg[p, c] * 0, sg[p, c] * 0
+                    for j in range(x.shape[2]):
+                        gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
+                        t += gv
+                        u += gv * ((x[i, c, j] - mean[c]) * s[c])
+                    sg[p, c] += t
+                    sgx[p, c] += u
 
     @numba.njit(**opts)
     def batch_norm_dx(g, y, x, mean, s, a, mg, mgx, dx, relu):
         # dx = w s (g - mean(g) - xhat mean(g xhat)), a = w s
-        for i in range(x.shape[0]):
+        for i in numba.prange(x.shape[0]):
             for j in range(x.shape[1]):
                 for c in range(x.shape[2]):
                     gv = relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
@@ -296,7 +307,7 @@ def _build(numba, cache: bool) -> dict:
 
     @numba.njit(**opts)
     def batch_norm_dx_by_row(g, y, x, mean, s, a, mg, mgx, dx, relu):
-        for i in range(x.shape[0]):
+        for i in numba.prange(x.shape[0]):
             for c in range(x.shape[1]):
                 for j in range(x.shape[2]):
                     gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
@@ -367,6 +378,10 @@ def _build(numba, cache: bool) -> dict:
         options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
         return numba.njit(parallel=True, cache=cache, **options)(twin)
 
+    by_layout = {"channel_sums": (channel_sums, channel_sums_by_row),  # (N, M, C), (N, C, M)
+                 "batch_norm": (batch_norm, batch_norm_by_row),
+                 "batch_norm_sums": (batch_norm_sums, batch_norm_sums_by_row),
+                 "batch_norm_dx": (batch_norm_dx, batch_norm_dx_by_row)}
     rows = (layer_norm, gelu, gelu_vjp_square, gelu_vjp, relu_vjp, softmax_vjp, window_max_vjp,
             adam)
     return {**{f"{k.__name__}_team": team(k) for k in rows},
@@ -374,10 +389,7 @@ def _build(numba, cache: bool) -> dict:
             "gelu_vjp_square": gelu_vjp_square, "gelu_vjp": gelu_vjp, "relu_vjp": relu_vjp,
             "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
             "window_max_vjp": window_max_vjp, "adam": adam, "window_products": window_products,
-            "channel_sums": (channel_sums, channel_sums_by_row),
-            "batch_norm": (batch_norm, batch_norm_by_row),
-            "batch_norm_sums": (batch_norm_sums, batch_norm_sums_by_row),
-            "batch_norm_dx": (batch_norm_dx, batch_norm_dx_by_row)}
+            **by_layout, **{f"{k}_team": tuple(map(team, v)) for k, v in by_layout.items()}}
 
 
 def _kernels() -> dict | None:
@@ -864,7 +876,31 @@ def _by_channel(x):
 
 
 def _run_layout(name: str, by_row: bool, *args):
-    return _compiled[name][by_row](*args)
+    """Kernel ``name`` for the layout, its rows (axis 0 of its first argument)
+    shared among the OpenMP team's threads where that pays (``prange`` twins)."""
+    k = threads.team_threads(2 * args[0].size, mkl.gemm_threads())
+    if k > 1:
+        threads.on_team(k, _compiled[f"{name}_team"][by_row], *args)
+    else:
+        _compiled[name][by_row](*args)
+
+
+def _sums(name: str, by_row: bool, shape: tuple, *args) -> list:
+    """Kernel ``name``'s per-channel sums over ``args`` (``shape``: ``(accumulators,
+    channels)``), in float64, as that many ``(C,)`` arrays; the rows' parts on
+    threads of the team where that pays, each part's sums added after."""
+    k = threads.team_threads(2 * args[0].size, mkl.gemm_threads())
+    outs = [numpy.zeros((k, shape[1])) for _ in range(shape[0])]
+    kernel = _compiled[f"{name}_team" if k > 1 else name][by_row]
+    if name == "batch_norm_sums":  # the ReLU's flag comes after the sums
+        args, outs_args = args[:-1], (*outs, args[-1])
+    else:
+        outs_args = tuple(outs)
+    if k > 1:
+        threads.on_team(k, kernel, *args, *outs_args)
+    else:
+        kernel(*args, *outs_args)
+    return [o.sum(0) if k > 1 else o[0] for o in outs]
 
 
 def batch_norm(x, weight, bias, eps: float, relu: bool = False):
@@ -887,11 +923,9 @@ def batch_norm(x, weight, bias, eps: float, relu: bool = False):
         return None
     (v, by_row), c, t = view, x.shape[1], x.dtype.type
     n = x.size // c
-    acc = numpy.zeros(c)
-    _run_layout("channel_sums", by_row, v, None, None, acc)
+    (acc,) = _sums("channel_sums", by_row, (1, c), v, None, None)
     mean = (acc / n).astype(x.dtype)
-    acc[:] = 0
-    _run_layout("channel_sums", by_row, v, mean, numpy.ones(c, x.dtype), acc)
+    (acc,) = _sums("channel_sums", by_row, (1, c), v, mean, numpy.ones(c, x.dtype))
     var = (acc / n).astype(x.dtype)
     s = t(1) / numpy.sqrt(var + t(eps))
     y = _laid_out_as(x, v, by_row)
@@ -924,8 +958,7 @@ def batch_norm_vjp(g, y, x, mean, s, weight, relu: bool = False):
     yv = _like(y, x, v, by_row) if relu else gv
     mean, s, w = (a.reshape(-1) for a in (mean, s, weight))
     n = x.size // c
-    sg, sgx = numpy.zeros(c), numpy.zeros(c)
-    _run_layout("batch_norm_sums", by_row, gv, yv, v, mean, s, sg, sgx, relu)
+    sg, sgx = _sums("batch_norm_sums", by_row, (2, c), gv, yv, v, mean, s, relu)
     dx, dv = _laid_out_as(x, v, by_row)
     _run_layout("batch_norm_dx", by_row, gv, yv, v, mean, s, w * s, (sg / n).astype(x.dtype),
                 (sgx / n).astype(x.dtype), dv, relu)

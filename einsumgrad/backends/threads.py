@@ -291,6 +291,16 @@ def _after_fork() -> None:
     _openmp = False
 
 
+def team_threads(work: int, limit: int | None = None) -> int:
+    """How many threads of the OpenMP team a ``prange`` kernel of ``work`` element
+    operations should take (:func:`rows`' rule, at most ``limit``): 1 where there
+    is no team (:func:`openmp`), the work is below :data:`TEAM_WORK`, the cores
+    are taken or :data:`SHARE` is False."""
+    if work < TEAM_WORK or SHARE is False or nested() or not openmp():
+        return 1
+    return min(cores(), limit or cores())
+
+
 def on_team(k: int, team: Callable, out, *args) -> None:
     """``team(out, *args)``, a ``prange`` loop, on ``k`` threads of numba's OpenMP team."""
     if getattr(_team_size, "n", None) != k:
