@@ -53,9 +53,10 @@ inputs) returns None and the caller's NumPy path runs. They release the GIL
 and share their rows among at most as many threads as MKL's GEMM is given.
 Where MKL runs on GNU OpenMP (:mod:`.mkl` picks it where numba is installed),
 the layer norm, softmax VJP, GELU, ReLU, max-pooling, batch-norm and Adam kernels
-have ``prange`` twins that numba's ``omp`` layer runs on that same team, whose workers are still
-spinning from the last product (:func:`.threads.openmp`); the twin is the same
-loop compiled for threads, so it agrees with the serial kernel to rounding.
+have ``prange`` twins that numba's ``omp`` layer runs on that same team, whose
+workers are still spinning from the last product (:func:`.threads.openmp`); the
+twin is the same loop compiled for threads, so it agrees with the serial kernel
+to rounding.
 Elsewhere, and for a convolution's window copies, rows go to einsumgrad's
 Python threads (:mod:`.threads`) where that is measured faster: a second
 OpenMP runtime beside MKL's would fight it for the cores, and set the thread
