@@ -306,6 +306,34 @@ def test_small_programs_run_whole_and_large_ones_in_blocks(rng, monkeypatch):
 
 
 @pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")
+def test_blocks_in_turn_fit_a_cores_cache_and_one_core_races_smaller_programs(rng, monkeypatch):
+    """The blocks in turn hold SERIAL_BLOCK_BYTES of live intermediates, those shared
+    among a thread per core BLOCK_BYTES; a program of between SERIAL_MIN_BYTES and
+    MIN_BYTES in all races its blocks on one core only."""
+    monkeypatch.delenv("EINSUMGRAD_CHUNK", raising=False)
+    f = seed002(rng)
+    mid = make_program(f)(rng.standard_normal((5000, 3)))
+    size, axes, _ = chunk.batching(mid)
+    live, total = chunk.row_bytes(mid, axes, size)
+    assert chunk.SERIAL_MIN_BYTES <= total * size < chunk.MIN_BYTES
+    monkeypatch.setattr(chunk, "cores", lambda: 2)
+    assert chunk.plan_replay(mid) is None
+    monkeypatch.setattr(chunk, "cores", lambda: 1)
+    race = chunk.plan_replay(mid)
+    assert isinstance(race, chunk.Raced) and race.parallel is None
+    rows = race.chunked.lengths[0]
+    assert chunk.MIN_ROWS <= rows and rows * live <= chunk.SERIAL_BLOCK_BYTES
+    monkeypatch.setattr(chunk, "cores", lambda: 2)
+    big = make_program(f)(rng.standard_normal((40000, 3)))
+    race = chunk.plan_replay(big)
+    serial, shared = race.chunked.lengths[0], race.parallel.lengths[0]
+    assert serial * live <= chunk.SERIAL_BLOCK_BYTES < shared * live <= chunk.BLOCK_BYTES
+    x = rng.standard_normal((40000, 3))
+    for a, b in zip(race.chunked([x]), race.parallel([x])):  # blocks of two sizes, one answer
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")
 @pytest.mark.parametrize("chunked_faster", [True, False])
 def test_the_race_keeps_the_faster_replay(chunked_faster, rng, monkeypatch):
     monkeypatch.delenv("EINSUMGRAD_CHUNK", raising=False)

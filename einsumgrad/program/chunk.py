@@ -35,8 +35,9 @@ products are too small for a thread pool to pay, and a pool waiting on a core
 another process holds stalls every product. Chunking is a replay strategy of ``jit`` only: ``make_program``,
 a program's text, source and pickle are the same with it or without.
 It runs on NumPy's backend only, for programs whose batched slots total at least
-:data:`MIN_BYTES`, split in blocks of about :data:`BLOCK_BYTES` of live
-intermediates; smaller ones replay whole. Whether the blocks pay also depends on
+:data:`MIN_BYTES` (:data:`SERIAL_MIN_BYTES` on one core), split in blocks of
+about :data:`SERIAL_BLOCK_BYTES` of live intermediates in turn, or
+:data:`BLOCK_BYTES` shared among threads; smaller ones replay whole. Whether the blocks pay also depends on
 the machine (a product-bound program loses BLAS's second thread): the first
 calls run the whole replay, the chunked one and, on several cores, the chunked
 one on a thread per core in turns, and the fastest stays, a slower one timed
@@ -64,15 +65,26 @@ from .trace import Eq, Ref
 CACHE_BYTES = 1 << 21
 """The per-core L2 cache the blocks are sized for."""
 BLOCK_BYTES = 2 * CACHE_BYTES
-"""Bytes of intermediates live at once that one block may hold. Not all of them are
-read in every step (a step's operands and result fit), and fewer rows spend more
-per row in Python."""
+"""Bytes of intermediates live at once that one block may hold where the blocks
+are shared among a thread per core. Not all of them are read in every step (a
+step's operands and result fit), and fewer rows spend more per row in Python."""
+SERIAL_BLOCK_BYTES = CACHE_BYTES // 2
+""":data:`BLOCK_BYTES` for the blocks in turn on one thread, each block's steps
+then in that core's cache (measured at one core: seed 000 at B = 4096 ran
+fastest in blocks of 512 rows, its live intermediates 0.6 MB; seed 002 at 10^5
+points 108 ms against 139 in blocks for 4 MB; on two threads shared, those
+small blocks lost to the larger ones)."""
 MIN_ROWS = 64
 """Fewer rows per block spend more in Python per step than the cache saves."""
 MIN_BYTES = 8 * CACHE_BYTES
 """Programs whose batched slots hold less than this in total (all of them, not the
 live ones: they are allocated and freed through the same memory) run whole; a
-larger one runs in two blocks at least."""
+larger one runs in two blocks at least. On several cores the race's trials of the
+slower ways cost the smaller programs more than blocks save (each block loop
+rests MKL's team, which the next product starts again)."""
+SERIAL_MIN_BYTES = 2 * CACHE_BYTES
+""":data:`MIN_BYTES` where the process has one core (seed 000 at B = 4096, 4.8 MB
+in all: 0.80 ms in blocks against 0.87-0.95 whole)."""
 
 
 def enabled() -> bool:
@@ -307,15 +319,16 @@ def row_bytes(p, axes: dict, size: int) -> tuple:
     return live, sum(per_row(s) for s in batched)
 
 
-def block_rows(p, axes: dict, size: int) -> int | None:
-    """Rows per block, or ``None`` where the whole batch runs as one."""
+def block_rows(p, axes: dict, size: int, budget: int = BLOCK_BYTES) -> int | None:
+    """Rows per block, their live intermediates within ``budget`` bytes, or ``None``
+    where the whole batch runs as one."""
     forced = forced_rows()
     if forced is not None:
         return forced if forced < size else None
     live, total = row_bytes(p, axes, size)
-    if total * size < MIN_BYTES or size < 2 * MIN_ROWS:
+    if total * size < (MIN_BYTES if cores() > 1 else SERIAL_MIN_BYTES) or size < 2 * MIN_ROWS:
         return None
-    return max(MIN_ROWS, min(BLOCK_BYTES // max(live, 1), -(-size // 2)))
+    return max(MIN_ROWS, min(budget // max(live, 1), -(-size // 2)))
 
 
 def split(size: int, rows: int) -> list:
@@ -499,14 +512,18 @@ def plan_replay(p) -> Callable | None:
     if found is None:
         return None
     size, axes, consts = found
-    rows = block_rows(p, axes, size)
+    rows = block_rows(p, axes, size, SERIAL_BLOCK_BYTES)
     if rows is None or not one_thread.available():
         return None
     chunked = Chunked(p, size, axes, consts, rows)
     if forced_rows() is not None:
         return chunked
-    parallel = (chunked.on_threads(cores())
-                if cores() > 1 and len(chunked.lengths) > 1 else None)
+    shared = block_rows(p, axes, size)  # larger: a thread's share of a block costs Python
+    parallel = None
+    if cores() > 1:
+        parallel = (chunked if shared == rows else
+                    Chunked(p, size, axes, consts, shared)).on_threads(cores())
+        parallel = parallel if len(parallel.lengths) > 1 else None
     return Raced(p._run or p._compile(), chunked, parallel)
 
 
