@@ -32,6 +32,26 @@ def test_array_vjps_match_the_rules_and_their_cache(spec, shapes):
             np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shapes", [
+    [(3, 4), (4,)], [(3, 4), (3, 1)], [(2, 3, 4), (1, 3, 1)], [(3, 4), ()], [(4,), (3, 4)],
+    [(3, 4), (3, 4)]])
+def test_sums_array_vjps_match_the_rules(shapes):
+    """x + y and a layer's bias add: the cotangent, summed where an input was broadcast,
+    on arrays in a backward that records nothing; the rules where one records."""
+    rng = np.random.default_rng(2)
+    arrays = [rng.standard_normal(s) for s in shapes]
+    from einsumgrad.rules import add_bias
+    sums = [lambda x, y: eg.tanh(x + y).sum(), lambda x, y: eg.tanh(x + x + y).sum()]
+    if len(shapes[1]) <= len(shapes[0]):  # a bias broadcasts against the layer's output
+        sums.append(lambda x, y: eg.tanh(add_bias(x * 1.0, y)).sum())
+    for f in sums:
+        want = _recorded_grads(f, *arrays)
+        got = eg.grad(f, argnums=(0, 1))(*arrays)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-12)
+
+
 def test_array_vjp_in_a_primal_layout():
     rng = np.random.default_rng(1)
     x = np.asfortranarray(rng.standard_normal((2, 3, 4)))  # a cotangent laid out as x

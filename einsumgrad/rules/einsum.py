@@ -446,16 +446,33 @@ def lift(t: Tensor, ndim: int, to: int) -> Tensor:
     return t if ndim >= to else reshape(t, t.shape[:nb] + (1,) * (to - ndim) + t.shape[nb:])
 
 
+def _summed_to(gshape: tuple, shape: tuple, nb: int) -> Spec | None:
+    """The sum that takes a broadcast of ``shape`` (after ``nb`` batch axes) back to
+    it, as an einsum, or None where there is none to take."""
+    lead = len(gshape) - nb - len(shape)
+    labels = letters(len(gshape))
+    keep = labels[:nb] + tuple(l for i, l in enumerate(labels[nb + lead:])
+                               if not (shape[i] == 1 and gshape[nb + lead + i] != 1))
+    return Spec((labels,), keep) if len(keep) < len(gshape) else None
+
+
 def sum_to(g: Tensor, shape: tuple, nb: int = 0) -> Tensor:
     """Sum ``g`` (``nb`` leading batch axes, then a broadcast of ``shape``) back to ``shape``."""
     shape = tuple(shape)
-    lead = g.ndim - nb - len(shape)
-    labels = letters(g.ndim)
-    keep = labels[:nb] + tuple(l for i, l in enumerate(labels[nb + lead:])
-                               if not (shape[i] == 1 and g.shape[nb + lead + i] != 1))
-    if len(keep) < g.ndim:
-        g = einsum_spec(Spec((labels,), keep), g)
+    spec = _summed_to(g.shape, shape, nb)
+    if spec is not None:
+        g = einsum_spec(spec, g)
     return reshape(g, g.shape[:nb] + shape)
+
+
+def sum_to_array(g, shape: tuple):
+    """:func:`sum_to` on a backend array (no batch axes), for a backward that records
+    nothing: the same einsum, run on the array."""
+    shape = tuple(shape)
+    spec = _summed_to(g.shape, shape, 0)
+    if spec is not None:
+        g = plan_for(spec, (g,))((g,))
+    return g.reshape(shape)
 
 
 # -- sums, means, transposes, matmul: einsums ------------------------------------------

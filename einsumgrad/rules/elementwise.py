@@ -13,7 +13,7 @@ import math
 
 from ..backends import backend_of, common_backend
 from ..tensor import BatchMixingError, Primitive, Tensor, as_tensor
-from .einsum import broadcast_to, lift, sum_to
+from .einsum import broadcast_to, lift, sum_to, sum_to_array
 from .shape import Batched, bind, bottom, elementwise_apply, pair, rank_up, same_op, stand_in
 
 # -- broadcasting: inside the rules ------------------------------------------------------
@@ -337,6 +337,17 @@ def _binop(p):
 add, sub, mul, div, power = (_binop(p) for p in (add_p, sub_p, mul_p, div_p, pow_p))
 
 
+def _sum_fused(g, out, x, y):
+    # The VJP of x + y on arrays, for a backward that records nothing: the cotangent,
+    # summed back where an input was broadcast (a bias), without a Tensor or a bind.
+    if g.shape != out.shape:  # a Jacobian's basis: the rules
+        return None
+    return [g if v.shape == g.shape else sum_to_array(g, v.shape) for v in (x, y)]
+
+
+add_p.deffused(_sum_fused)
+
+
 def add_bias_array(y, b):
     # y is a product a layer has just made, read by nothing else (an einsum's
     # rules need its inputs, never its output): add b in place while y is
@@ -352,6 +363,7 @@ def add_bias_array(y, b):
 
 
 add_bias_p = _binary("add_bias", add_bias_array, _through, _through)
+add_bias_p.deffused(_sum_fused)
 
 
 def add_bias(y: Tensor, b) -> Tensor:
