@@ -33,6 +33,7 @@ STRICT_SUITES = $(wildcard tests/test_spec.py tests/test_derive.py tests/test_ei
 	tests/test_losses.py tests/test_optim_more.py tests/test_batch_norm.py tests/test_nn_layers.py \
 	tests/test_vmap.py tests/test_per_sample.py tests/test_layouts.py tests/test_program.py \
 	tests/test_program_passes.py tests/test_program_fuse.py tests/test_program_chunks.py \
+	tests/test_attention.py \
 	tests/test_jit.py)
 
 test: $(VENV)/.test

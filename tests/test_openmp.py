@@ -247,3 +247,35 @@ def test_convolution_blocks_on_the_team_match_torch(monkeypatch, dtype, stride, 
         ref = ref.detach().numpy()
         np.testing.assert_allclose(np.asarray(got.data), ref, rtol=tol,
                                    atol=tol * max(1.0, np.abs(ref).max()))
+
+
+@on_team
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_attention_on_the_team_matches_the_rules(team, monkeypatch, dtype, tol):
+    """Attention's core a pair of matrices at a time on the team (the backend's
+    attention kernels, MKL's GEMM by address): the value and the three gradients
+    as the rules give them, recorded; one pair's non-finite scores leave it all
+    to the rules."""
+    from einsumgrad.backends import NUMPY
+    from einsumgrad.nn import functional as F
+    ran = []
+    for name in ("attention", "attention_vjp"):
+        real = getattr(NUMPY, name)
+        monkeypatch.setattr(NUMPY, name, lambda *a, real=real, name=name: ran.append(
+            (name, (r := real(*a)) is not None)) or r)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((3, n, 2, m)).astype(dtype).transpose(0, 2, 1, 3)
+               for n, m in ((5, 4), (6, 4), (6, 3)))
+    f = lambda q, k, v: (F.scaled_dot_product_attention(q, k, v) ** 3).sum()  # noqa: E731
+    fast = eg.grad(f, argnums=(0, 1, 2))(q, k, v)
+    assert ("attention", True) in ran and ("attention_vjp", True) in ran
+    ts = [eg.tensor(a.astype(np.float64), requires_grad=True) for a in (q, k, v)]
+    f(*ts).backward(create_graph=True)  # the rules, in float64
+    for a, t in zip(fast, ts):
+        want = np.asarray(t.grad.data)
+        np.testing.assert_allclose(np.asarray(a.data), want, rtol=tol,
+                                   atol=tol * np.abs(want).max())
+    ran.clear()
+    q[1, 0, 2, 1] = np.inf
+    got = F.scaled_dot_product_attention(eg.tensor(q), eg.tensor(k), eg.tensor(v))
+    assert ran == [("attention", False)] and np.isnan(np.asarray(got.data)[1, 0, 2]).all()

@@ -343,6 +343,10 @@ SOURCES = {
     "more": (eg.jacfwd(more), (X[:2],)),
     "shapes": (lambda x, w: eg.jvp(lambda a: (eg.pad(eg.stack([a, 2 * a]), 1) ** 2).sum(0),
                                    (x,), (w,)), (X, V)),
+    "attention": (eg.grad(lambda q, k, v: (F.scaled_dot_product_attention(q, k, v) ** 2).sum(),
+                          argnums=(0, 1, 2)),
+                  tuple(rng0.standard_normal(s)
+                        for s in ((2, 3, 4, 5), (2, 3, 6, 5), (2, 3, 6, 2)))),
 }
 
 

@@ -17,7 +17,8 @@ import numpy
 # The fused row kernels a backend may offer (see einsumgrad.backends.kernels).
 KERNELS = ("layer_norm", "layer_norm_vjp", "softmax_vjp", "divide_by_row_sums", "window_max",
            "window_max_vjp", "window_copy", "batch_norm", "batch_norm_vjp", "gelu", "gelu_vjp",
-           "relu_vjp", "adam", "window_products")
+           "relu_vjp", "adam", "window_products", "attention", "attention_vjp",
+           "attention_team")
 
 
 class Backend:

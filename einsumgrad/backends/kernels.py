@@ -33,6 +33,9 @@ With ``pip install einsumgrad[jit]`` the NumPy backend runs:
   output in three passes, the VJP in two (NumPy: about ten each way), with a
   following ReLU's max and mask fused in on request;
 * ``adam``: one Adam step, one pass (NumPy: eleven), the NumPy path's bits;
+* ``attention`` and ``attention_vjp``: attention's core (``einsumgrad.rules.attention``)
+  a pair of matrices at a time on MKL's OpenMP team, each pair's scores in
+  cache between its GEMMs (MKL's, by address), the softmax between them;
 * ``window_products``: a convolution's blocks of images shared among the
   threads of MKL's OpenMP team, each padding and copying its blocks' windows
   and multiplying them by MKL's GEMM (called by address) on itself alone. The
@@ -713,6 +716,176 @@ def window_products(x, w, geometry: tuple, nb: int, other=None, workers: int = 2
     for more in totals[1:] if other is not None else ():
         total += more
     return (out.reshape(r, oh, ow, -1) if w is not None else None), total
+
+
+# Attention's core (einsumgrad.rules.attention) a pair of matrices at a time, each
+# thread's pairs on it alone (MKL's GEMM by address, at one thread), each pair's
+# scores in a buffer of the thread's: S = scale q k^T, P its rows' softmax, then
+# out = P v; backward, P again, dv = P^T g, dP = g v^T, dS = P (dP - rowsum(dP P)),
+# dq = scale dS k, dk = scale dS^T q. ``bad[p]`` counts part p's rows whose max is
+# not finite or whose sum is under ``floor``: the caller then takes the rules'
+# path, which says what NaN and inf give. The exp is _EXP32's polynomial for
+# float32 (within 2 ulp over the scores' range, vectorized), libm's for float64.
+_ATTENTION = """import math
+import numba
+import numpy as np
+from einsumgrad.backends.intrinsics import call_int, gemm, wide
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _exp32(x):
+    # e^x for x <= 0 in float32: x = k ln2 + r (ln2 in two parts), degree-6 polynomial
+    x = x if x > np.float32(-87.0) else np.float32(-87.0)
+    k = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
+    r = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * r * r + r + np.float32(1.0)
+    return y * np.int32((np.int32(k) + 127) << 23).view(np.float32)
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _softmax_rows(s, scale, floor, zero, one):
+    # s's rows: softmax(scale * s) in place; the number of rows the caller must redo
+    bad = 0
+    for i in range(s.shape[0]):
+        wide()
+        row = s[i]
+        m = row[0]
+        for j in range(row.shape[0]):
+            m = max(m, row[j])
+        if not (abs(m) < np.inf):
+            bad += 1
+            continue
+        for j in range(row.shape[0]):
+            row[j] = {exp}((row[j] - m) * scale)
+        t = zero
+        for j in range(row.shape[0]):
+            t += row[j]
+        if not (t >= floor):
+            bad += 1
+            continue
+        r = one / t
+        for j in range(row.shape[0]):
+            row[j] *= r
+    return bad
+
+
+@numba.njit(cache=CACHE, nogil=True, error_model="numpy", parallel=True,
+            fastmath={{"reassoc", "contract"}})
+def kernel(q, k, v, g, out, dq, dk, dv, forward, scale, floor, bad, gemm_at, local_at):
+    # q, k, v, g (the cotangent) and the results (B, H, L, D) with unit strides
+    # along D; forward writes out (g, dq, dk, dv unread), backward dq, dk, dv
+    zero, one = scale - scale, scale / scale
+    nb, nh, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    d, dv_ = q.shape[3], v.shape[3]
+    size = q.itemsize
+    parts = bad.shape[0]
+    for p in numba.prange(parts):
+        before = call_int(local_at, 1)
+        s = np.empty((lq, lk), q.dtype)
+        ds = np.empty((lq, lk), q.dtype)
+        for pair in range(nb * nh * p // parts, nb * nh * (p + 1) // parts):
+            b, h = pair // nh, pair % nh
+            qm, km, vm = q[b, h], k[b, h], v[b, h]
+            gemm(gemm_at, 111, 112, lq, lk, d, qm.ctypes.data, qm.strides[0] // size,
+                 km.ctypes.data, km.strides[0] // size, zero, s.ctypes.data, lk)
+            wrong = _softmax_rows(s, scale, floor, zero, one)
+            if wrong:
+                bad[p] += wrong
+                continue
+            if forward:
+                om = out[b, h]
+                gemm(gemm_at, 111, 111, lq, dv_, lk, s.ctypes.data, lk, vm.ctypes.data,
+                     vm.strides[0] // size, zero, om.ctypes.data, om.strides[0] // size)
+                continue
+            gm, dqm, dkm, dvm = g[b, h], dq[b, h], dk[b, h], dv[b, h]
+            ldg = gm.strides[0] // size
+            gemm(gemm_at, 112, 111, lk, dv_, lq, s.ctypes.data, lk, gm.ctypes.data, ldg, zero,
+                 dvm.ctypes.data, dvm.strides[0] // size)
+            gemm(gemm_at, 111, 112, lq, lk, dv_, gm.ctypes.data, ldg, vm.ctypes.data,
+                 vm.strides[0] // size, zero, ds.ctypes.data, lk)
+            for i in range(lq):
+                wide()
+                t = zero
+                for j in range(lk):
+                    t += ds[i, j] * s[i, j]
+                for j in range(lk):
+                    ds[i, j] = s[i, j] * (ds[i, j] - t) * scale
+            gemm(gemm_at, 111, 111, lq, d, lk, ds.ctypes.data, lk, km.ctypes.data,
+                 km.strides[0] // size, zero, dqm.ctypes.data, dqm.strides[0] // size)
+            gemm(gemm_at, 112, 111, lk, d, lq, ds.ctypes.data, lk, qm.ctypes.data,
+                 qm.strides[0] // size, zero, dkm.ctypes.data, dkm.strides[0] // size)
+        call_int(local_at, before)
+"""
+
+
+def _attention_parts(q, k, v, g=None) -> int:
+    """How many threads of the team :data:`_ATTENTION`'s kernel takes for these arrays
+    (``g`` the cotangent, or None); 0 where it does not take them, or where one
+    thread would (there NumPy's passes around MKL's batched GEMM ran faster)."""
+    arrays = (q, k, v) if g is None else (q, k, v, g)
+    if (mkl.matmul is None or not _takes(q) or not threads.openmp()
+            or any(type(a) is not numpy.ndarray or a.ndim != 4 or a.dtype != q.dtype
+                   or a.strides[-1] != a.itemsize or 0 in a.shape for a in arrays)):
+        return 0
+    (nb, nh, lq, d), lk, dv = q.shape, k.shape[2], v.shape[3]
+    if (k.shape != (nb, nh, lk, d) or v.shape[:3] != (nb, nh, lk)
+            or (g is not None and g.shape != (nb, nh, lq, dv))):
+        return 0
+    parts = threads.team_threads(4 * nb * nh * lq * lk * (d + dv), mkl.gemm_threads())
+    return parts if parts > 1 else 0
+
+
+def attention_team(q, k, v) -> bool:
+    """Whether :func:`attention` runs on the team for these arrays (else the composition
+    of einsums and a softmax is the faster)."""
+    return _attention_parts(q, k, v) > 0
+
+
+def _attention_run(q, k, v, g, scale: float):
+    """:data:`_ATTENTION`'s kernel on the team: ``out`` (``g`` None) or ``[dq, dk, dv]``,
+    each laid out with its heads inside its rows ((B, L, H, D) in memory, as the
+    projections around read them); None where the arrays do not suit or a row
+    needs the rules' path."""
+    parts = _attention_parts(q, k, v, g)
+    if not parts or not scale > 0:
+        return None
+    (nb, nh, lq, d), lk, dv = q.shape, k.shape[2], v.shape[3]
+    like = lambda n, m: numpy.empty((nb, n, nh, m), q.dtype).transpose(0, 2, 1, 3)  # noqa: E731
+    t = q.dtype.type
+    src = _ATTENTION.format(exp="_exp32" if q.dtype == numpy.float32 else "math.exp")
+    bad = numpy.zeros(parts, numpy.int64)
+    forward = g is None
+    if forward:  # what the forward does not read or write stands in for the rest
+        out = like(lq, dv)
+        g, grads = q, (out,) * 3
+    else:
+        grads = (like(lq, d), like(lk, d), like(lk, dv))
+        out = grads[0]
+    gemm = mkl.address("cblas_sgemm" if q.dtype == numpy.float32 else "cblas_dgemm")
+    threads.on_team(parts, compiled.compile_kernel(src), q, k, v, g, out, *grads, forward,
+                    t(scale),
+                    t(math.sqrt(numpy.finfo(q.dtype).tiny)), bad, gemm,
+                    mkl.address("MKL_Set_Num_Threads_Local"))
+    if bad.any():
+        return None
+    return out if forward else list(grads)
+
+
+def attention(q, k, v, scale: float):
+    """``softmax(scale * q k^T) v`` over the last two axes of ``(B, H, L, D)`` arrays,
+    a pair of matrices at a time on the team, or None (see :data:`_ATTENTION`)."""
+    return _attention_run(q, k, v, None, scale)
+
+
+def attention_vjp(g, q, k, v, scale: float):
+    """:func:`attention`'s VJP ``[dq, dk, dv]`` for the cotangent ``g``, or None."""
+    return _attention_run(q, k, v, g, scale)
 
 
 _COPY_BYTES = 32

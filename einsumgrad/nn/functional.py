@@ -14,6 +14,7 @@ from typing import Any
 from .. import rules as ops
 from ..backends import backend_of
 from ..rules import add_bias, as_pair, einsum_spec, layer_norm, patch_einsum, patches, unpatch
+from ..rules.attention import attention
 from ..rules import unpatch_einsum  # noqa: F401  (re-exported)
 from ..rules.batch_norm import batch_norm_p, batch_norm_train, relu_of
 from ..rules.convolution import _parse as _conv_spec, patch_einsum_p
@@ -414,6 +415,12 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, mask: Any = None,
     masks out keys after each query. Scores are ``'...qd,...kd->...qk'``.
     """
     q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
+    team = _xp(q).attention_team
+    if (mask is None and not is_causal and team is not None
+            and team(*(stand_in(t).data for t in (q, k, v)))):
+        # One primitive where the backend's kernel runs it: each pair of matrices'
+        # scores stay in cache (einsumgrad.rules.attention)
+        return attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
     four = q.ndim == 4 and k.ndim == 4 and v.ndim == 4  # (batch, heads, length, dim)
     # The scale goes on q, the smaller side (Lq x d against Lq x Lk).
     q = q * (1.0 / math.sqrt(q.shape[-1]))

@@ -267,6 +267,12 @@ def _softmax(e, eq):
     return f"{e.need('_' + eq.op[1])}({e.args(eq)[0]}, {eq.kwargs['axis']!r})"
 
 
+@emitter("attention")
+def _attention(e, eq):
+    q, k, v = e.args(eq)
+    return f"{e.need('_attention')}({q}, {k}, {v}, {eq.kwargs['scale']!r})"
+
+
 @emitter("normalize")
 def _normalize(e, eq):
     stats = eq.kwargs.get("stats")
@@ -377,6 +383,10 @@ def _log_softmax(x, axis):
     r = r.astype(np.result_type(r.dtype, 1.0), copy=False)
     return r - np.log(np.sum(np.exp(r), axis=axis, keepdims=True))
 ''',
+    "_attention": '''
+def _attention(q, k, v, scale):
+    return np.matmul(_softmax(np.matmul(q, np.swapaxes(k, -1, -2)) * scale, -1), v)
+''',
     "_inv_std": '''
 def _inv_std(x, axes, eps):
     d = x - np.mean(x, axis=axes, keepdims=True)
@@ -470,7 +480,7 @@ def _matmul_add(a, b, c):
     c += a @ b
 ''',
 }
-HELPER_DEPS = {"_normal_cdf": ("_erf",), "_gelu_d": ("_normal_pdf",),
+HELPER_DEPS = {"_normal_cdf": ("_erf",), "_gelu_d": ("_normal_pdf",), "_attention": ("_softmax",),
                "_normalize": ("_inv_std",), "_layer_norm": ("_normalize",)}
 
 # A backend's functions that are not NumPy's, in NumPy.

@@ -275,7 +275,8 @@ def traced_type(backend: Backend) -> type:
 # Functions whose result describes arrays (shapes, dtypes), not their values.
 METADATA = frozenset(("shape", "ndim", "size", "result_type", "can_cast", "iscomplexobj",
                       "isrealobj", "may_share_memory", "shares_memory", "min_scalar_type",
-                      "isfortran", "finfo", "iinfo", "dtype", "broadcast_shapes"))
+                      "isfortran", "finfo", "iinfo", "dtype", "broadcast_shapes",
+                      "attention_team"))  # the last: a kernel's choice, from shapes and layout
 # New buffers: made by the program on each run (the code that asked for one may
 # write into it); one that nothing writes into becomes a constant (passes.py).
 CREATION = frozenset(("zeros", "ones", "empty", "full", "eye", "identity", "arange", "linspace",

@@ -7,6 +7,7 @@ primitives are:
 * :mod:`.shape`: identity, reshape, indexing and its adjoint scatter-add;
 * :mod:`.elementwise`: arithmetic with NumPy broadcasting, the activations;
 * :mod:`.reductions`: mean, max (pooling) and the softmax family;
+* :mod:`.attention`: attention's core, ``softmax(scale q k^T) v``, as one primitive;
 * :mod:`.norm`: the layer-norm family;
 * :mod:`.patches`, :mod:`.convolution`, :mod:`.grid`: image patches, the op
   that turns convolution into an einsum, and einsums against them.
