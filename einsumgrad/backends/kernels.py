@@ -735,7 +735,7 @@ from einsumgrad.backends.intrinsics import call_int, gemm, wide
 @numba.njit(inline="always", error_model="numpy")
 def _exp32(x):
     # e^x for x <= 0 in float32: x = k ln2 + r (ln2 in two parts), degree-6 polynomial
-    x = x if x > np.float32(-87.0) else np.float32(-87.0)
+    x = np.float32(-87.0) if x < np.float32(-87.0) else x  # a NaN stays NaN
     k = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
     r = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
     p = np.float32(1.9875691500e-4)
