@@ -333,7 +333,7 @@ def _build(numba, cache: bool) -> dict:
     # pads and copies its blocks' windows (im2col) into buffers of its own and
     # multiplies them by MKL's GEMM at the address ``gemm_at``, on itself alone
     # (MKL_Set_Num_Threads_Local at ``local_at``: inside a parallel region MKL
-    # ran these products 4-7x slower than on a thread of its own).
+    # ran these products 3-7x slower than on a thread of its own).
     @numba.njit(cache=cache, nogil=True, error_model="numpy", parallel=True)
     def window_products(x, w, trans_w, ldw, out, other, totals, geometry, nb, zero, one,
                         gemm_at, local_at):
