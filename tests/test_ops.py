@@ -212,6 +212,26 @@ def test_softmax_family_is_stable_at_plus_minus_1000():
     np.testing.assert_allclose(p, [0.5, 0.0, 0.5])
 
 
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_log_softmax_over_many_short_rows_as_torch(dtype, tol):
+    """A classifier's logits: many rows of 10 (the rows' max as a running maximum of
+    the columns, their sums as one product), special rows among them."""
+    x0 = 30 * np.random.default_rng(0).standard_normal((600, 10)).astype(dtype)
+    x0[1, 3], x0[2] = np.nan, -np.inf
+    x0[3, 4], x0[4, :2] = np.inf, [np.inf, -np.inf]
+    x0[5] = [1000.0, -1000.0] * 5
+    want = torch.log_softmax(torch.tensor(x0), -1).numpy()
+    got = npy(eg.log_softmax(xb(x0), axis=-1))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    ok = np.isfinite(x0).all(axis=1)
+    x = eg.tensor(xb(x0[ok]), requires_grad=True)
+    tx = torch.tensor(x0[ok], requires_grad=True)
+    (eg.log_softmax(x, axis=-1) ** 2).sum().backward()
+    (torch.log_softmax(tx, -1) ** 2).sum().backward()
+    np.testing.assert_allclose(npy(x.grad), tx.grad.numpy(), rtol=tol, atol=tol * 100)
+
+
 def test_sigmoid_and_softplus_are_stable_on_both_tails():
     x = xb(np.array([-1000.0, 1000.0]))
     np.testing.assert_allclose(npy(eg.sigmoid(x)), [0.0, 1.0])
