@@ -76,9 +76,11 @@ def test_eager_row_kernels_on_the_team_give_their_one_thread_results(team, monke
     # Batch norm over NCHW and channels-last images: the statistics' sums by parts of
     # the rows, a part a thread, added after; the output and dx row by row.
     for name, image in (("NCHW", rng.standard_normal((6, 5, 3, 4))),
-                        ("channels-last", rng.standard_normal((6, 3, 4, 5)).transpose(0, 3, 1, 2))):
+                        ("channels-last",
+                         rng.standard_normal((6, 3, 4, 5)).transpose(0, 3, 1, 2))):
         im, wc, bc = image.astype(dtype), w[:5], b[:5]
-        y, mean, _, s = _alone(monkeypatch, lambda im=im: kernels.batch_norm(im, wc, bc, 1e-5, True))
+        y, mean, _, s = _alone(monkeypatch,
+                               lambda im=im: kernels.batch_norm(im, wc, bc, 1e-5, True))
         cot = rng.standard_normal(im.shape).astype(dtype)
         runs[f"batch_norm, {name}"] = lambda im=im: kernels.batch_norm(im, wc, bc, 1e-5, True)
         runs[f"batch_norm_vjp, {name}"] = (

@@ -824,6 +824,11 @@ def kernel(q, k, v, g, out, dq, dk, dv, forward, scale, floor, bad, gemm_at, loc
 """
 
 
+# by float32 or not: the exp of its softmax
+_ATTENTION_SOURCES = {True: _ATTENTION.format(exp="_exp32"),
+                      False: _ATTENTION.format(exp="math.exp")}
+
+
 def _attention_parts(q, k, v, g=None) -> int:
     """How many threads of the team :data:`_ATTENTION`'s kernel takes for these arrays
     (``g`` the cotangent, or None); 0 where it does not take them, or where one
@@ -858,7 +863,6 @@ def _attention_run(q, k, v, g, scale: float):
     (nb, nh, lq, d), lk, dv = q.shape, k.shape[2], v.shape[3]
     like = lambda n, m: numpy.empty((nb, n, nh, m), q.dtype).transpose(0, 2, 1, 3)  # noqa: E731
     t = q.dtype.type
-    src = _ATTENTION.format(exp="_exp32" if q.dtype == numpy.float32 else "math.exp")
     bad = numpy.zeros(parts, numpy.int64)
     forward = g is None
     if forward:  # what the forward does not read or write stands in for the rest
@@ -868,7 +872,8 @@ def _attention_run(q, k, v, g, scale: float):
         grads = (like(lq, d), like(lk, d), like(lk, dv))
         out = grads[0]
     gemm = mkl.address("cblas_sgemm" if q.dtype == numpy.float32 else "cblas_dgemm")
-    threads.on_team(parts, compiled.compile_kernel(src), q, k, v, g, out, *grads, forward,
+    kernel = compiled.compile_kernel(_ATTENTION_SOURCES[q.dtype == numpy.float32])
+    threads.on_team(parts, kernel, q, k, v, g, out, *grads, forward,
                     t(scale),
                     t(math.sqrt(numpy.finfo(q.dtype).tiny)), bad, gemm,
                     mkl.address("MKL_Set_Num_Threads_Local"))
@@ -1059,21 +1064,19 @@ def _run_layout(name: str, by_row: bool, *args):
         _compiled[name][by_row](*args)
 
 
-def _sums(name: str, by_row: bool, shape: tuple, *args) -> list:
+def _sums(name: str, by_row: bool, shape: tuple, *args, relu=None) -> list:
     """Kernel ``name``'s per-channel sums over ``args`` (``shape``: ``(accumulators,
     channels)``), in float64, as that many ``(C,)`` arrays; the rows' parts on
-    threads of the team where that pays, each part's sums added after."""
+    threads of the team where that pays, each part's sums added after. ``relu``,
+    where given, is the kernel's last argument, after the sums."""
     k = threads.team_threads(2 * args[0].size, mkl.gemm_threads())
     outs = [numpy.zeros((k, shape[1])) for _ in range(shape[0])]
+    call = (*args, *outs) + (() if relu is None else (relu,))
     kernel = _compiled[f"{name}_team" if k > 1 else name][by_row]
-    if name == "batch_norm_sums":  # the ReLU's flag comes after the sums
-        args, outs_args = args[:-1], (*outs, args[-1])
-    else:
-        outs_args = tuple(outs)
     if k > 1:
-        threads.on_team(k, kernel, *args, *outs_args)
+        threads.on_team(k, kernel, *call)
     else:
-        kernel(*args, *outs_args)
+        kernel(*call)
     return [o.sum(0) if k > 1 else o[0] for o in outs]
 
 
@@ -1132,7 +1135,7 @@ def batch_norm_vjp(g, y, x, mean, s, weight, relu: bool = False):
     yv = _like(y, x, v, by_row) if relu else gv
     mean, s, w = (a.reshape(-1) for a in (mean, s, weight))
     n = x.size // c
-    sg, sgx = _sums("batch_norm_sums", by_row, (2, c), gv, yv, v, mean, s, relu)
+    sg, sgx = _sums("batch_norm_sums", by_row, (2, c), gv, yv, v, mean, s, relu=relu)
     dx, dv = _laid_out_as(x, v, by_row)
     _run_layout("batch_norm_dx", by_row, gv, yv, v, mean, s, w * s, (sg / n).astype(x.dtype),
                 (sgx / n).astype(x.dtype), dv, relu)

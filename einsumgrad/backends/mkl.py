@@ -50,6 +50,7 @@ Jacobian in a process without torch: 52 ms, 27-32 ms with it).
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import itertools
 import math
@@ -764,6 +765,7 @@ def set_local_threads(n: int) -> None:
     _LIB.MKL_Set_Num_Threads_Local(n)
 
 
+@functools.lru_cache(maxsize=None)
 def address(name: str) -> int:
     """The address of MKL's C function ``name``, for a compiled kernel to call."""
     return ctypes.cast(getattr(_LIB, name), ctypes.c_void_p).value

@@ -195,8 +195,11 @@ def rows(loop: Callable, out, args: tuple, cut: tuple, work: int, limit: int | N
     takes the rows in place of the pool.
     """
     on = team is not None and openmp()
-    k = 1 if work < (TEAM_WORK if on else SPLIT_WORK) or SHARE is False or nested() \
-        else min(cores(), out.shape[0], limit or out.shape[0])
+    if on:
+        k = min(team_threads(work, limit), out.shape[0])
+    else:
+        k = 1 if work < SPLIT_WORK or SHARE is False or nested() \
+            else min(cores(), out.shape[0], limit or out.shape[0])
     if k < 2:
         loop(out, *args)
         return

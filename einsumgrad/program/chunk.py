@@ -37,11 +37,12 @@ a program's text, source and pickle are the same with it or without.
 It runs on NumPy's backend only, for programs whose batched slots total at least
 :data:`MIN_BYTES` (:data:`SERIAL_MIN_BYTES` on one core), split in blocks of
 about :data:`SERIAL_BLOCK_BYTES` of live intermediates in turn, or
-:data:`BLOCK_BYTES` shared among threads; smaller ones replay whole. Whether the blocks pay also depends on
-the machine (a product-bound program loses BLAS's second thread): the first
-calls run the whole replay, the chunked one and, on several cores, the chunked
-one on a thread per core in turns, and the fastest stays, a slower one timed
-again now and then in case the machine changed (:class:`Raced`).
+:data:`BLOCK_BYTES` shared among threads; smaller ones replay whole. Whether
+the blocks pay also depends on the machine (a product-bound program loses
+BLAS's second thread): the first calls run the whole replay, the chunked one
+and, on several cores, the chunked one on a thread per core in turns, and the
+fastest stays, a slower one timed again now and then in case the machine
+changed (:class:`Raced`).
 
 ``EINSUMGRAD_CHUNK=0`` turns chunking off; ``EINSUMGRAD_CHUNK=<rows>`` fixes the
 rows per block (for tests and measurement; the size heuristics are skipped).

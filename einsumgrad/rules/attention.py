@@ -19,14 +19,17 @@ from .reductions import _softmax_fused, _softmax_impl, softmax
 from .shape import batched_all, bind
 
 
+def _probs_array(xp, q, k, scale):
+    """``softmax(scale * q k^T)`` on arrays."""
+    s = xp.matmul(q, xp.swapaxes(k, -1, -2))
+    s *= scale
+    return _softmax_impl(s, -1)
+
+
 def _attention_impl(q, k, v, scale):
     xp = backend_of(q)
     o = xp.attention(q, k, v, scale) if xp.attention is not None else None
-    if o is None:
-        s = xp.matmul(q, xp.swapaxes(k, -1, -2))
-        s *= scale
-        o = xp.matmul(_softmax_impl(s, -1), v)
-    return o
+    return o if o is not None else xp.matmul(_probs_array(xp, q, k, scale), v)
 
 
 def _probs(q, k, scale):
@@ -67,11 +70,9 @@ def _fused(g, out, q, k, v, scale):
     if got is not None:
         return got
     swap = lambda a: xp.swapaxes(a, -1, -2)  # noqa: E731
-    s = xp.matmul(q, swap(k))
-    s *= scale
-    p = _softmax_impl(s, -1)
+    p = _probs_array(xp, q, k, scale)
     dp = xp.matmul(g, swap(v))
-    ds = _softmax_fused(dp, p, s, -1)
+    ds = _softmax_fused(dp, p, None, -1)  # the softmax's VJP reads its output alone
     ds = ds[0] if ds is not None else xp.multiply(p, dp - xp.sum(xp.multiply(dp, p), axis=-1,
                                                                  keepdims=True))
     ds *= scale

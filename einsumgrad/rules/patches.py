@@ -247,7 +247,7 @@ def _block_images(x, kernel, stride, padding, dilation, block_bytes: int) -> int
 def _blocks(x, kernel, stride, padding, dilation, block_bytes: int) -> _Blocks:
     """Block buffers for ``x`` ``(R, H, W, I)``: about ``block_bytes`` of windows a block."""
     xp = backend_of(x)
-    r, h, w, i = x.shape
+    h, w, i = x.shape[1:]
     nb = _block_images(x, kernel, stride, padding, dilation, block_bytes)
     key = (xp, (h, w, i), x.dtype, kernel, stride, padding, dilation, nb)
     cache = getattr(_kept, "blocks", None)
