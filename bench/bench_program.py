@@ -45,6 +45,8 @@ if not os.environ.get(ALONE):
     except ImportError:
         autograd = None
 
+# mkl.blas_choices's labels: NumPy's matmul, MKL's GEMM, NumPy's OpenBLAS on MKL's team
+LIBRARY = {"numpy": "NumPy", "mkl": "MKL", "openblas": "OpenBLAS-team"}
 FIRST: list = []  # (case, contender, seconds of the first call: trace + compile)
 TIMES: dict = {}  # case -> contender -> median seconds, for the run alone (:func:`alone`)
 
@@ -318,8 +320,7 @@ def main() -> None:
           f"OpenBLAS settings from the environment: {env or 'none'}")
     if mkl.matmul is not None:
         for dtype, kinds in mkl.blas_choices().items():
-            text = "; ".join(f"{kind} " + " ".join(f"2^{b}:{'MKL' if c == 'mkl' else 'NumPy'}"
-                                                    for b, c in sorted(v.items()))
+            text = "; ".join(f"{kind} " + " ".join(f"2^{b}:{LIBRARY[c]}" for b, c in sorted(v.items()))
                              for kind, v in sorted(kinds.items()))
             print(f"  matmul chosen for {dtype} (by m*n*k): {text}")
     else:

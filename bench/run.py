@@ -57,13 +57,13 @@ def main(argv: list) -> None:
           + ("; numba row kernels (einsumgrad[jit]; EINSUMGRAD_JIT=0 turns them off)"
              if kernels.available() else "; no numba row kernels"))
     if mkl.matmul is not None:  # which GEMM the NumPy backend takes (measured per size class)
-        chosen = {d: {k: sorted(b for b, c in v.items() if c == "mkl") for k, v in kinds.items()}
-                  for d, kinds in mkl.blas_choices().items()}
-        print("matmul: MKL's where measured faster (einsumgrad.backends.mkl.blas_choices), "
-              "else NumPy's; MKL at m*n*k ~ "
-              + "; ".join(f"{d} " + ", ".join(f"{k} " + ("/".join(f"2^{b}" for b in v) or "-")
+        short = {"numpy": "n", "mkl": "M", "openblas": "O"}
+        print("matmul: the faster by measurement (einsumgrad.backends.mkl.blas_choices) of "
+              "NumPy's (n), MKL's (M) and NumPy's OpenBLAS on MKL's team (O), by m*n*k "
+              f"2^{min(mkl._BUCKETS)} to 2^{max(mkl._BUCKETS)}: "
+              + "; ".join(f"{d} " + ", ".join(f"{k} " + "".join(short[c] for _, c in sorted(v.items()))
                                               for k, v in sorted(kinds.items()))
-                          for d, kinds in chosen.items()))
+                          for d, kinds in mkl.blas_choices().items()))
     import common
     for n in names:
         common.SECTION = n.removeprefix("bench_")

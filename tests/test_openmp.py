@@ -288,3 +288,76 @@ def test_attention_on_the_team_matches_the_rules(team, monkeypatch, dtype, tol):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         assert ("attention", False) in ran  # the arrays' path took it
+
+
+def _bound(a, b):
+    """How far any BLAS's ``a @ b`` may be from another's: a few units of each entry's terms."""
+    return 16 * a.shape[1] * np.finfo(a.dtype).eps * (np.abs(a) @ np.abs(b))
+
+
+@on_team
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, k, n", [(300, 17, 5), (3, 40, 500), (1, 4, 9), (7, 1, 2), (65, 64, 63)])
+def test_openblas_on_the_team_gives_numpys_product_in_every_layout(dtype, m, k, n):
+    # rows split among the threads where the product has more rows, columns where it
+    # has more columns; operands as laid out or transposed in memory; into ``out``
+    from einsumgrad.backends import openblas
+    if not openblas.available():
+        pytest.skip("NumPy does not link the OpenBLAS of its wheels here")
+    rng = np.random.default_rng(0)
+    before = openblas.threads()
+    for a in (rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, m)).astype(dtype).T):
+        for b in (rng.standard_normal((k, n)).astype(dtype), rng.standard_normal((n, k)).astype(dtype).T):
+            got = kernels.team_matmul(a, b, workers=2)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert np.all(np.abs(got - a @ b) <= _bound(a, b))
+            out = np.full((m, n), np.nan, dtype)
+            assert kernels.team_matmul(a, b, out, workers=2) is out
+            assert np.all(np.abs(out - a @ b) <= _bound(a, b))
+    assert openblas.threads() == before  # OpenBLAS's count as it was
+
+
+@on_team
+def test_openblas_on_the_team_declines_what_it_does_not_take():
+    from einsumgrad.backends import openblas
+    if not openblas.available():
+        pytest.skip("NumPy does not link the OpenBLAS of its wheels here")
+    a, b = np.ones((8, 6)), np.ones((6, 4))
+    c = np.zeros((8, 12))
+    memory = np.ones(8 * 6 + 8 * 4)
+    shared, overlapping = memory[:48].reshape(8, 6), memory[40:72].reshape(8, 4)
+    for args in ((np.ones((2, 8, 6)), b), (a, b.astype(np.float32)), (a.astype(int), b.astype(int)),
+                 (a, np.ones((5, 4))), (a, b, c[:, ::3]), (a, b, np.zeros((8, 4), np.float32)),
+                 (shared, b, overlapping)):  # batched, mixed, ints, mismatched; a strided or
+        out = args[2] if len(args) > 2 else None  # wrong-typed out, or one overlapping an input
+        snapshot = None if out is None else out.copy()
+        assert kernels.team_matmul(args[0], args[1], out, workers=2) is None
+        if out is not None:
+            np.testing.assert_array_equal(out, snapshot)  # nothing written
+    assert kernels.team_matmul(a, b, workers=1) is None  # no team of one
+
+
+@on_team
+def test_a_class_the_team_won_runs_there_with_numpys_values(monkeypatch, tmp_path):
+    # at two MKL threads a square class raced MKL against OpenBLAS on the team, and
+    # the team won: the backend's matmul goes there, and gives NumPy's product
+    from einsumgrad.backends import NUMPY, openblas
+    if not openblas.available() or mkl.matmul is None:
+        pytest.skip("needs MKL and NumPy's OpenBLAS")
+    monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))
+    monkeypatch.delenv("EINSUMGRAD_BLAS", raising=False)
+    monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: 2)
+    monkeypatch.setattr(mkl, "_race", lambda a, b, fns=None: (2.0, 1.0))
+    ran = []
+    real = kernels.team_matmul
+    monkeypatch.setattr(kernels, "team_matmul", lambda *a: ran.append(a[0].shape) or real(*a))
+    mkl.forget_choices()
+    try:
+        assert mkl.blas_choices(np.float64)["mat"][20] == "openblas"
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((128, 128)), rng.standard_normal((128, 128)).T
+        got = NUMPY.matmul(a, b)
+        assert ran == [(128, 128)]
+        assert np.all(np.abs(got - a @ b) <= _bound(a, b))
+    finally:
+        mkl.forget_choices()

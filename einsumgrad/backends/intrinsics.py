@@ -1,4 +1,4 @@
-"""Two LLVM operations numba has no spelling for, for the compiled kernels.
+"""LLVM operations numba has no spelling for, for the compiled kernels.
 
 Imported only by code that compiles kernels (it imports numba): the pooling
 and other row kernels (:mod:`.kernels`) and the fused chains' generated
@@ -32,40 +32,51 @@ def wide(typingctx):
     return types.none(), codegen
 
 
-@intrinsic
-def gemm(typingctx, address, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
-    """``c = op(a) @ op(b) + beta * c``, row-major, by the CBLAS ``?gemm`` at
-    ``address`` (``cblas_sgemm`` where ``beta`` is a float32, ``cblas_dgemm``
-    for a float64); ``a``, ``b`` and ``c`` are the matrices' addresses, the
-    transposes CBLAS's codes. A call through an address a kernel takes as an
-    argument, not a ctypes function in its globals: numba caches such a kernel
-    on disk.
-    """
-    real = beta
-    if real not in (types.float32, types.float64):
-        return None
-    ints = (trans_a, trans_b, m, n, k, lda, ldb, ldc)
-    if not all(isinstance(t, types.Integer) for t in (address, a, b, c) + ints):
-        return None
-    sig = types.void(address, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)
+def _gemm(bits: int):
+    """The typing of a CBLAS ``?gemm`` call whose integers are ``bits`` wide (32:
+    MKL's and most CBLAS; 64: an ILP64 build, as NumPy's own OpenBLAS)."""
+    def typing(typingctx, address, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
+        real = beta
+        if real not in (types.float32, types.float64):
+            return None
+        ints = (trans_a, trans_b, m, n, k, lda, ldb, ldc)
+        if not all(isinstance(t, types.Integer) for t in (address, a, b, c) + ints):
+            return None
+        sig = types.void(address, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)
 
-    def codegen(context, builder, sig, args):
-        from llvmlite import ir
-        i32, fl = ir.IntType(32), context.get_value_type(real)
-        ptr = fl.as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i32, i32, i32, fl, ptr, i32, ptr,
-                                               i32, fl, ptr, i32])
-        (addr, ta, tb, vm, vn, vk, va, vlda, vb, vldb, vbeta, vc, vldc) = args
-        tys = sig.args
-        int32 = lambda v, t: context.cast(builder, v, t, types.int32)  # noqa: E731
-        fn = builder.inttoptr(addr, fnty.as_pointer())
-        builder.call(fn, [ir.Constant(i32, 101), int32(ta, tys[1]), int32(tb, tys[2]),
-                          int32(vm, tys[3]), int32(vn, tys[4]), int32(vk, tys[5]),
-                          ir.Constant(fl, 1.0), builder.inttoptr(va, ptr), int32(vlda, tys[7]),
-                          builder.inttoptr(vb, ptr), int32(vldb, tys[9]), vbeta,
-                          builder.inttoptr(vc, ptr), int32(vldc, tys[12])])
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context, builder, sig, args):
+            from llvmlite import ir
+            i32, wide_int, fl = ir.IntType(32), ir.IntType(bits), context.get_value_type(real)
+            ptr = fl.as_pointer()
+            ni = wide_int  # sizes and leading dimensions; the enums stay C ints
+            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, ni, ni, ni, fl, ptr, ni, ptr,
+                                                   ni, fl, ptr, ni])
+            (addr, ta, tb, vm, vn, vk, va, vlda, vb, vldb, vbeta, vc, vldc) = args
+            tys = sig.args
+            as_int = {32: types.int32, 64: types.int64}[bits]
+            enum = lambda v, t: context.cast(builder, v, t, types.int32)  # noqa: E731
+            size = lambda v, t: context.cast(builder, v, t, as_int)  # noqa: E731
+            fn = builder.inttoptr(addr, fnty.as_pointer())
+            builder.call(fn, [ir.Constant(i32, 101), enum(ta, tys[1]), enum(tb, tys[2]),
+                              size(vm, tys[3]), size(vn, tys[4]), size(vk, tys[5]),
+                              ir.Constant(fl, 1.0), builder.inttoptr(va, ptr), size(vlda, tys[7]),
+                              builder.inttoptr(vb, ptr), size(vldb, tys[9]), vbeta,
+                              builder.inttoptr(vc, ptr), size(vldc, tys[12])])
+            return context.get_dummy_value()
+        return sig, codegen
+    typing.__name__ = typing.__qualname__ = "gemm" if bits == 32 else f"gemm{bits}"
+    return typing
+
+
+gemm = intrinsic(_gemm(32))
+gemm.__doc__ = """``c = op(a) @ op(b) + beta * c``, row-major, by the CBLAS ``?gemm`` at
+``address`` (``cblas_sgemm`` where ``beta`` is a float32, ``cblas_dgemm``
+for a float64); ``a``, ``b`` and ``c`` are the matrices' addresses, the
+transposes CBLAS's codes. A call through an address a kernel takes as an
+argument, not a ctypes function in its globals: numba caches such a kernel
+on disk."""
+gemm64 = intrinsic(_gemm(64))
+gemm64.__doc__ = "``gemm`` for a CBLAS built with 64-bit integers (ILP64)."
 
 
 @intrinsic

@@ -88,7 +88,7 @@ def _build(numba, cache: bool) -> dict:
     # One thread each, on purpose (see above). error_model "numpy": x / 0 is
     # inf or NaN, as in NumPy, not an exception.
     opts = dict(cache=cache, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
-    from .intrinsics import call_int, gemm, wide
+    from .intrinsics import call_int, gemm, gemm64, wide
 
     # Constants come in as arguments of the array's dtype: a Python literal
     # would promote float32 arithmetic to float64 (no longer 16 lanes wide).
@@ -372,6 +372,27 @@ def _build(numba, cache: bool) -> dict:
                          other[s * oh * ow:].ctypes.data, n, one, totals[p].ctypes.data, n)
             call_int(local_at, before)
 
+    # One product c = op(a) @ op(b) (row-major, c's rows ldc apart) on the team:
+    # each thread's block of rows (by_rows) or of columns of c by the CBLAS ?gemm at
+    # ``gemm_at`` (64-bit integers where ``ilp``), the operands given by address.
+    @numba.njit(cache=cache, nogil=True, error_model="numpy", parallel=True)
+    def blas_parts(a, ta, lda, b, tb, ldb, c, ldc, m, n, k, item, by_rows, parts, zero, gemm_at,
+                   ilp):
+        for p in numba.prange(parts):
+            if by_rows:
+                lo, hi = m * p // parts, m * (p + 1) // parts
+                ap = a + (lo * lda if ta == 111 else lo) * item
+                bp, cp, rows, cols = b, c + lo * ldc * item, hi - lo, n
+            else:
+                lo, hi = n * p // parts, n * (p + 1) // parts
+                bp = b + (lo if tb == 111 else lo * ldb) * item
+                ap, cp, rows, cols = a, c + lo * item, m, hi - lo
+            if rows > 0 and cols > 0:
+                if ilp:
+                    gemm64(gemm_at, ta, tb, rows, cols, k, ap, lda, bp, ldb, zero, cp, ldc)
+                else:
+                    gemm(gemm_at, ta, tb, rows, cols, k, ap, lda, bp, ldb, zero, cp, ldc)
+
     def team(kernel):
         # The prange twin (threads.openmp), cached by numba under a name of its own:
         # its cache's key does not tell a parallel build from a serial one.
@@ -393,6 +414,7 @@ def _build(numba, cache: bool) -> dict:
             "gelu_vjp_square": gelu_vjp_square, "gelu_vjp": gelu_vjp, "relu_vjp": relu_vjp,
             "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
             "window_max_vjp": window_max_vjp, "adam": adam, "window_products": window_products,
+            "blas_parts": blas_parts,
             **by_layout, **{f"{k}_team": tuple(map(team, v)) for k, v in by_layout.items()}}
 
 
@@ -716,6 +738,39 @@ def window_products(x, w, geometry: tuple, nb: int, other=None, workers: int = 2
     for more in totals[1:] if other is not None else ():
         total += more
     return (out.reshape(r, oh, ow, -1) if w is not None else None), total
+
+
+def team_matmul(a, b, out=None, workers: int = 2):
+    """``numpy.matmul(a, b, out=out)`` for two matrices by NumPy's own OpenBLAS, on
+    ``workers`` threads of numba's OpenMP team: each thread's block of the
+    result's rows (or columns, where it has fewer rows) by OpenBLAS set to one
+    thread, so no OpenBLAS pool wakes beside the team (see :mod:`.openblas`).
+    None (nothing written) where the kernel does not take the operands."""
+    from . import openblas
+    m, k = a.shape if getattr(a, "ndim", 0) == 2 else (0, 0)
+    n = b.shape[1] if getattr(b, "ndim", 0) == 2 and b.shape[0] == k else 0
+    if (workers < 2 or not (m and n and k) or type(a) is not numpy.ndarray
+            or type(b) is not numpy.ndarray or a.dtype != b.dtype or a.dtype not in _KINDS
+            or max(m, n, k) >= 1 << 31 or (out is not None and (
+                type(out) is not numpy.ndarray or out.shape != (m, n) or out.dtype != a.dtype
+                or not out.flags.c_contiguous or not out.flags.writeable
+                or mkl._overlaps(out, a, b)))):
+        return None
+    form_a, form_b = mkl.as_blas(a, m, k), mkl.as_blas(b, k, n)
+    if (form_a is None or form_b is None or not openblas.available() or not threads.openmp()
+            or _kernels() is None):
+        return None
+    c = numpy.empty((m, n), a.dtype) if out is None else out
+    before = openblas.threads()
+    openblas.set_threads(1)
+    try:
+        parts = min(workers, max(m, n))
+        threads.on_team(parts, _compiled["blas_parts"], a.ctypes.data, *form_a, b.ctypes.data,
+                        *form_b, c.ctypes.data, n, m, n, k, a.itemsize, m >= n, parts,
+                        a.dtype.type(0), openblas.gemm_address(a.dtype), openblas.ilp64())
+    finally:
+        openblas.set_threads(before)
+    return c
 
 
 # Attention's core (einsumgrad.rules.attention) a pair of matrices at a time, each

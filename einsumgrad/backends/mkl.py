@@ -578,7 +578,7 @@ def _layouts(a, b) -> list:
     return pairs + [(flipped(a), b)] if a.ndim == 2 else pairs
 
 
-def _race(a, b, budget: float = 0.01) -> tuple:
+def _race(a, b, budget: float = 0.01, fns: tuple | None = None) -> tuple:
     """Times of MKL's and NumPy's ``a @ b`` over its :func:`_layouts`: the median of
     rounds taken in turns, each round a call per layout, each timed after one
     untimed on the same operands (it wakes the library's pool and warms the
@@ -590,7 +590,7 @@ def _race(a, b, budget: float = 0.01) -> tuple:
     way round from the MLP and seed 001 steps that ran on them, at one thread)."""
     import time
     pairs = _layouts(a, b)
-    fns = (matmul, numpy.matmul)
+    fns = fns or (matmul, numpy.matmul)
     times: tuple = ([], [])
     spent, rounds = 0.0, 0
     while rounds < 3 or (spent < 2 * budget and rounds < 41):
@@ -615,38 +615,58 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "mkl-pool-if-threaded|thin|layouts-warm-median"
+_RULE = "mkl-or-openblas-team-if-threaded|thin|layouts-warm-median"
 
 
 def measure(dtype) -> dict:
-    """``{kind: {bucket: "mkl" | "numpy"}}`` for ``dtype``: each size class's
-    products timed both ways (:func:`_race`; about a second in all at one thread,
-    where every class is timed; at several, only the smallest).
+    """``{kind: {bucket: "mkl" | "numpy" | "openblas"}}`` for ``dtype``: each size
+    class's products timed both ways (:func:`_race`; about a second in all).
 
     Where MKL runs on several threads, the classes large enough to run on
-    threads all take MKL's GEMM, whatever their times: the two libraries' pools
+    threads never take NumPy's matmul, whatever its times: the two libraries' pools
     spin for a while after each call, so products alternating between them
     leave both pools' threads fighting for the cores (a per-sample MLP step
     measured 2-4x slower mixed than on either library alone), and MKL's pool is
     busy anyway with the backend's other MKL work (vector math, rank-1 updates,
     accumulating GEMMs): with NumPy's products on NumPy's pool beside it, an
-    attention step at 2 threads ran 5x slower than on one thread. (Where MKL's
-    GEMM is the slower, as on CPUs whose MKL takes a generic path,
-    ``EINSUMGRAD_MKL=0`` keeps the whole backend on NumPy's BLAS: one pool.)
-    Every other class (all of them where MKL runs on one thread: no pool of its
+    attention step at 2 threads ran 5x slower than on one thread. Those of one
+    matrix times one (``mat``, ``thin``) race MKL's threaded GEMM against
+    NumPy's OpenBLAS on MKL's team, a block of rows a thread at one OpenBLAS
+    thread (``"openblas"``, :func:`einsumgrad.backends.kernels.team_matmul`;
+    one pool), where numba's OpenMP layer runs: on a CPU where MKL takes a
+    generic path (AMD's) OpenBLAS's kernels won by 10-70%. Every other class (all of them where MKL runs on one thread: no pool of its
     own to fight) takes the faster one, by 5% (a tie keeps NumPy's).
     """
     rng = numpy.random.default_rng(0)
-    pooled = _LIB.MKL_Get_Max_Threads() > 1
+    workers = _LIB.MKL_Get_Max_Threads()
+    team = _openblas_team(workers)
     out: dict = {}
     for kind in _KINDS:
         for bucket in _BUCKETS:
-            if pooled and bucket >= _THREADED:
-                out.setdefault(kind, {})[bucket] = "mkl"  # by rule: nothing to time
+            if workers > 1 and bucket >= _THREADED:
+                if team is None or kind not in ("mat", "thin"):
+                    out.setdefault(kind, {})[bucket] = "mkl"  # by rule: nothing to time
+                    continue
+                ours, theirs = _race(*_case(kind, bucket, dtype, rng), fns=(matmul, team))
+                out.setdefault(kind, {})[bucket] = "openblas" if theirs < 0.95 * ours else "mkl"
                 continue
             ours, theirs = _race(*_case(kind, bucket, dtype, rng))
             out.setdefault(kind, {})[bucket] = "mkl" if ours < 0.95 * theirs else "numpy"
     return out
+
+
+def _openblas_team(workers: int) -> Callable | None:
+    """NumPy's OpenBLAS on MKL's team of ``workers`` threads
+    (:func:`einsumgrad.backends.kernels.team_matmul`), where it can run: None
+    without NumPy's OpenBLAS, numba's OpenMP layer or a team."""
+    from . import kernels, openblas, threads
+    if workers < 2 or not openblas.available() or not kernels.available() or not threads.openmp():
+        return None
+
+    def team_matmul(a, b, out=None):
+        got = kernels.team_matmul(a, b, out, workers)
+        return got if got is not None else matmul(a, b, out=out)
+    return team_matmul
 
 
 def _numpy_blas() -> str:
@@ -665,11 +685,25 @@ def _numpy_blas() -> str:
     return f"numpy_blas={blas}|{env or 'native'}"
 
 
+def _cpu() -> str:
+    """This CPU's model (``platform.processor()`` is empty on Linux: /proc/cpuinfo's name)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _machine() -> str:
-    """What a measurement holds for: this CPU, thread counts, NumPy, its BLAS and kernel, MKL."""
+    """What a measurement holds for: this CPU, thread counts, NumPy, its BLAS and kernel, MKL
+    (a home folder shared by machines of other CPUs keeps a choice for each)."""
     import platform
     threads = _LIB.MKL_Get_Max_Threads() if _LIB is not None else 0
-    return (f"{platform.machine()}|{platform.processor()}|cpus={os.cpu_count()}|"
+    return (f"{platform.machine()}|{_cpu()}|cpus={os.cpu_count()}|"
             f"mkl_threads={threads}|numpy={numpy.__version__}|{_numpy_blas()}|"
             f"{getattr(_LIB, '_name', '')}|gnu_openmp={on_gnu_openmp()}|{_RULE}")
 
@@ -743,7 +777,8 @@ def _chooser() -> Callable:
         fn = _table.get(key)
         if fn is None:
             use = blas_choices(a.dtype)[kind][key[2]]
-            fn = _table[key] = matmul if use == "mkl" else numpy.matmul
+            fn = _table[key] = ({"mkl": matmul, "numpy": numpy.matmul}.get(use)
+                                or _openblas_team(key[3]) or matmul)
         return fn
 
     def chosen_matmul(a, b, out=None):

@@ -1,0 +1,74 @@
+"""NumPy's own OpenBLAS, called by address from the compiled kernels.
+
+NumPy's wheels bring OpenBLAS with a thread pool of its own (pthreads). Beside
+MKL's OpenMP team a product on that pool leaves each pool's idle threads
+spinning on the cores the other needs (see :func:`einsumgrad.backends.mkl.measure`),
+so the NumPy backend runs its multi-threaded products on MKL's team. Where MKL's
+GEMM is the slower (on AMD CPUs MKL takes a generic path), :func:`team_matmul`
+in :mod:`.kernels` instead splits a product's rows among that team, each thread
+calling OpenBLAS on its block with OpenBLAS set to one thread: OpenBLAS's
+kernels, one pool.
+
+Found where NumPy links an OpenBLAS its wheels ship in ``numpy.libs`` (64-bit
+integers, its symbols prefixed ``scipy_`` and suffixed ``64_`` since NumPy 2,
+suffixed ``64_`` before); None elsewhere (a NumPy on MKL or Accelerate).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+
+import numpy
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> tuple | None:
+    """``(lib, prefix, suffix)`` of the OpenBLAS NumPy loaded, or None."""
+    here = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(here, "lib*openblas*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)  # the copy NumPy loaded: the same handle
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("", "")):
+            names = (f"{prefix}cblas_dgemm{suffix}", f"{prefix}cblas_sgemm{suffix}",
+                     f"{prefix}openblas_set_num_threads{suffix}",
+                     f"{prefix}openblas_get_num_threads{suffix}")
+            if all(hasattr(lib, n) for n in names):
+                lib_get = getattr(lib, names[3])
+                lib_get.restype = ctypes.c_int
+                return lib, prefix, suffix
+    return None
+
+
+def available() -> bool:
+    """Whether NumPy's OpenBLAS was found (see the module's docstring)."""
+    return _library() is not None
+
+
+def ilp64() -> bool:
+    """Whether its integers are 64 bits wide (its ``?gemm`` then takes ``int64`` sizes)."""
+    got = _library()
+    return got is not None and got[2] == "64_"
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_address(dtype) -> int:
+    """The address of its ``cblas_sgemm`` (float32) or ``cblas_dgemm`` (float64)."""
+    lib, prefix, suffix = _library()
+    name = f"{prefix}cblas_{'s' if numpy.dtype(dtype) == numpy.float32 else 'd'}gemm{suffix}"
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+def threads() -> int:
+    """Its thread count now."""
+    lib, prefix, suffix = _library()
+    return getattr(lib, f"{prefix}openblas_get_num_threads{suffix}")()
+
+
+def set_threads(n: int) -> None:
+    """Set its thread count (for the whole process, as ``threadpoolctl`` does)."""
+    lib, prefix, suffix = _library()
+    getattr(lib, f"{prefix}openblas_set_num_threads{suffix}")(n)
