@@ -45,7 +45,7 @@ def test_measured_once_then_read_from_disk(fresh, monkeypatch):
     monkeypatch.setattr(mkl, "_race", lambda a, b, fns=None: (1.0, 2.0) if a.size * b.shape[-1]
                         * (a.shape[0] if a.ndim == 3 else 1) >= 1 << 20 else (2.0, 1.0))
     pooled = mkl._LIB.MKL_Get_Max_Threads() > 1
-    low = "openblas" if mkl._openblas_team(2) is not None else "mkl"
+    low = "openblas" if mkl.openblas_team(2) is not None else "mkl"
     got = mkl.blas_choices(np.float64)
     assert got["mat"] == {b: "numpy" if b < 18 else low if b == 18 and pooled
                           else "numpy" if b == 18 else "mkl" for b in mkl._BUCKETS}
@@ -78,7 +78,7 @@ def test_the_threaded_classes_never_mix_the_two_pools(fresh, monkeypatch, mkl_th
         if fns is not None:
             return (2.0, 1.0) if kind == "mat" else (1.0, 2.0)
         return (1.0, 2.0) if work < 1 << 17 or (1 << 21) <= work < 1 << 23 else (3.0, 1.0)
-    team = mkl._openblas_team(2) is not None
+    team = mkl.openblas_team(2) is not None
     monkeypatch.setattr(mkl, "_race", race)
     monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: mkl_threads)
     got = mkl.blas_choices(np.float32)

@@ -773,6 +773,22 @@ def team_matmul(a, b, out=None, workers: int = 2):
     return c
 
 
+def _openblas_team(workers: int):
+    """:func:`einsumgrad.backends.mkl.openblas_team`: :func:`team_matmul` on
+    ``workers`` threads, MKL's GEMM where it declines; None where it cannot run."""
+    from . import openblas
+    if workers < 2 or not openblas.available() or not available() or not threads.openmp():
+        return None
+
+    def matmul(a, b, out=None):
+        got = team_matmul(a, b, out, workers)
+        return got if got is not None else mkl.matmul(a, b, out=out)
+    return matmul
+
+
+mkl.openblas_team = _openblas_team
+
+
 # Attention's core (einsumgrad.rules.attention) a pair of matrices at a time, each
 # thread's pairs on it alone (MKL's GEMM by address, at one thread), each pair's
 # scores in a buffer of the thread's: S = scale q k^T, P its rows' softmax, then

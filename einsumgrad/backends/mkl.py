@@ -639,7 +639,7 @@ def measure(dtype) -> dict:
     """
     rng = numpy.random.default_rng(0)
     workers = _LIB.MKL_Get_Max_Threads()
-    team = _openblas_team(workers)
+    team = openblas_team(workers)
     out: dict = {}
     for kind in _KINDS:
         for bucket in _BUCKETS:
@@ -655,18 +655,12 @@ def measure(dtype) -> dict:
     return out
 
 
-def _openblas_team(workers: int) -> Callable | None:
-    """NumPy's OpenBLAS on MKL's team of ``workers`` threads
-    (:func:`einsumgrad.backends.kernels.team_matmul`), where it can run: None
-    without NumPy's OpenBLAS, numba's OpenMP layer or a team."""
-    from . import kernels, openblas, threads
-    if workers < 2 or not openblas.available() or not kernels.available() or not threads.openmp():
-        return None
-
-    def team_matmul(a, b, out=None):
-        got = kernels.team_matmul(a, b, out, workers)
-        return got if got is not None else matmul(a, b, out=out)
-    return team_matmul
+def openblas_team(workers: int) -> Callable | None:
+    """A matmul by NumPy's OpenBLAS on MKL's team of ``workers`` threads (MKL's
+    GEMM where the team does not take the operands), or None where it cannot run.
+    :mod:`einsumgrad.backends.kernels`, which runs it, puts its own in place of
+    this one (this module does not import the kernels)."""
+    return None
 
 
 def _numpy_blas() -> str:
@@ -778,7 +772,7 @@ def _chooser() -> Callable:
         if fn is None:
             use = blas_choices(a.dtype)[kind][key[2]]
             fn = _table[key] = ({"mkl": matmul, "numpy": numpy.matmul}.get(use)
-                                or _openblas_team(key[3]) or matmul)
+                                or openblas_team(key[3]) or matmul)
         return fn
 
     def chosen_matmul(a, b, out=None):
