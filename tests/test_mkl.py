@@ -24,6 +24,16 @@ def _mkl_installed() -> bool:
 needs_mkl = pytest.mark.skipif(mkl.matmul is None, reason="the mkl wheel is not installed")
 
 
+@pytest.fixture(autouse=True)
+def vml_on(monkeypatch):
+    """VML wherever it takes the arrays, whatever this machine measured (the tests
+    here check VML's results; test_vml_or_numpy_by_measurement checks the choice)."""
+    monkeypatch.setenv("EINSUMGRAD_VML", "mkl")
+    mkl._vml.clear()
+    yield
+    mkl._vml.clear()
+
+
 def assert_product_close(got, a, b, c=None):
     """``got`` is ``c + a @ b`` (``c`` optional) up to rounding: two correct GEMMs
     (MKL's, NumPy's BLAS) may sum their K terms in any order, so each entry
@@ -521,3 +531,51 @@ def test_intels_openmp_threads_stop_spinning_after_a_millisecond(user):
                          check=True).stdout.split()
     want = user or mkl.BLOCKTIME_MS
     assert out == [want, want]
+
+
+@needs_mkl
+def test_vml_or_numpy_by_measurement(monkeypatch, tmp_path):
+    # tanh measured faster in NumPy, exp in VML (from 2^18 entries): each op then
+    # takes its own, with NumPy's values either way; measured once, then read
+    monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))
+    monkeypatch.delenv("EINSUMGRAD_VML")
+    measured = []
+    monkeypatch.setattr(mkl, "measure_vml", lambda dtype: measured.append(dtype) or {
+        name: {b: "mkl" if name == "exp" and b >= 18 else "numpy" for b in mkl._VML_BUCKETS}
+        for name in mkl.ufuncs})
+    calls = []
+    for name in ("tanh", "exp"):
+        real = getattr(np, name)
+        monkeypatch.setattr(np, name, lambda *a, real=real, name=name, **k:
+                            calls.append(name) or real(*a, **k))
+    fresh = mkl._ufuncs(mkl._LIB)  # built now: it holds the patched ufuncs
+    mkl.forget_choices()
+    try:
+        x = np.linspace(-3, 3, 1 << 19)
+        np.testing.assert_array_equal(fresh["tanh"](x), np.tanh(x))
+        assert calls == ["tanh", "tanh"]  # NumPy's took it (then the want)
+        calls.clear()
+        got = fresh["exp"](x)
+        assert calls == []  # VML's
+        np.testing.assert_allclose(got, np.exp(x), rtol=4e-16)
+        calls.clear()
+        fresh["exp"](x[: 1 << 16])
+        assert calls == ["exp"]  # a smaller class: NumPy's
+        assert measured == [np.dtype(np.float64)]
+        mkl.forget_choices()
+        fresh["tanh"](x)
+        assert measured == [np.dtype(np.float64)]  # read from blas.json
+    finally:
+        mkl.forget_choices()
+
+
+@needs_mkl
+def test_vml_choices_are_measured_for_every_op_and_class(monkeypatch, tmp_path):
+    monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))
+    monkeypatch.delenv("EINSUMGRAD_VML")
+    got = mkl.measure_vml(np.dtype(np.float32))
+    assert set(got) == set(mkl.ufuncs)
+    assert all(set(v) == set(mkl._VML_BUCKETS) and set(v.values()) <= {"mkl", "numpy"}
+               for v in got.values())
+    monkeypatch.setenv("EINSUMGRAD_VML", "numpy")
+    assert {c for v in mkl.vml_choices(np.float32).values() for c in v.values()} == {"numpy"}

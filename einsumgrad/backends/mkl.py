@@ -1,18 +1,19 @@
 """MKL kernels for the NumPy backend, when the ``mkl`` wheel is installed.
 
 NumPy's wheels bring OpenBLAS and no vector math library; torch's bring MKL.
-On the 2-core bench machine MKL's GEMM runs the same float64 product 1.3x
-faster (5120x256 @ 256x784: 12.8 ms against 16.4), and its vector math (VML)
-gives the normal CDF of GELU in 0.3 ms where NumPy float32 passes take 1.7
-(524k entries, one thread). With ``pip install einsumgrad[mkl]`` the NumPy
-backend calls, through ctypes on the arrays NumPy holds (no copy, no other
-array type):
+MKL's GEMM is the faster on some CPUs and the slower on others (on AMD's it
+takes a generic path), so which library runs a product is measured on the
+machine at hand; its vector math (VML) gives the normal CDF of GELU several
+times faster than NumPy's float32 passes. With ``pip install einsumgrad[mkl]``
+the NumPy backend calls, through ctypes on the arrays NumPy holds (no copy, no
+other array type):
 
 * ``matmul``: ``cblas_?gemm`` / ``cblas_?gemm_batch``. The backend calls it through
-  ``chosen_matmul``, which takes NumPy's own matmul or this one per dtype and size
-  class (matrix, matrix-vector, batch; m*n*k by powers of 4), whichever a short
-  measurement on first use found faster (by 5%: a tie keeps NumPy's; the classes
-  both run on threads take one library between them, see :func:`measure`), the
+  ``chosen_matmul``, which takes NumPy's own matmul, this one or NumPy's OpenBLAS
+  on MKL's team per dtype and size class (matrix, thin matrix, matrix-vector,
+  batch; m*n*k by powers of 4), whichever a short measurement on first use found
+  faster (by 5%: a tie keeps NumPy's; the classes run on threads never take
+  NumPy's own pool beside MKL's, see :func:`measure`), the
   result kept in ``~/.cache/einsumgrad/blas.json`` (``EINSUMGRAD_CACHE``) for
   this machine; ``EINSUMGRAD_BLAS=mkl`` or ``=numpy`` fixes it (:func:`blas_choices`). Products BLAS cannot
   take as laid out are copied first, as NumPy does; other dtypes and small
@@ -462,7 +463,7 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
                      _PTR(y.ctypes.data), 1, _PTR(a.ctypes.data), cols)
         return True
 
-    def binary(single, double, ufunc, with_number):
+    def binary(name, single, double, ufunc, with_number):
         fns = {f32: getattr(lib, single), f64: getattr(lib, double)}
         alpha = {numpy.add: 1.0, numpy.subtract: -1.0}.get(ufunc)
 
@@ -470,43 +471,52 @@ def _ufuncs(lib: ctypes.CDLL) -> dict:
             if _flat(a):
                 if out is a and alpha is not None and rank1(a, b, alpha):
                     return a
-                if _flat(b, a):
+                if _flat(b, a) and _use_vml(name, a):
                     o = _out(a, out, a, b)
                     if o is not None:
                         for s, e in _chunks(a.size):
                             fns[a.dtype](_INT(e - s), ptr(a, s), ptr(b, s), ptr(o, s))
                         return o
-                elif type(b) in (int, float):
+                elif type(b) in (int, float) and _use_vml(name, a):
                     o = _out(a, out, a)
                     if o is not None:
                         return affine(a, *with_number(b), o)
-            elif type(a) in (int, float) and _flat(b) and ufunc is not numpy.subtract:
+            elif (type(a) in (int, float) and _flat(b) and ufunc is not numpy.subtract
+                  and _use_vml(name, b)):
                 o = _out(b, out, b)
                 if o is not None:
                     return affine(b, *with_number(a), o)
             return ufunc(a, b) if out is None else ufunc(a, b, out=out)
+
+        def vml(a, b, o):  # the arrays' VML call alone (what vml_choices times)
+            fns[a.dtype](_INT(a.size), ptr(a, 0), ptr(b, 0), ptr(o, 0))
+        op.vml, op.ufunc = vml, ufunc
         return op
 
-    def unary(single, double, ufunc):
+    def unary(name, single, double, ufunc):
         fns = {f32: getattr(lib, single), f64: getattr(lib, double)}
 
         def op(a, out=None):
-            o = _out(a, out, a) if _flat(a) else None
+            o = _out(a, out, a) if _flat(a) and _use_vml(name, a) else None
             if o is None:
                 return ufunc(a) if out is None else ufunc(a, out=out)
             for s, e in _chunks(a.size):
                 fns[a.dtype](_INT(e - s), ptr(a, s), ptr(o, s))
             return o
+
+        def vml(a, o):
+            fns[a.dtype](_INT(a.size), ptr(a, 0), ptr(o, 0))
+        op.vml, op.ufunc = vml, ufunc
         return op
 
     return {
-        "add": binary("vsAdd", "vdAdd", numpy.add, lambda v: (1.0, v)),
-        "subtract": binary("vsSub", "vdSub", numpy.subtract, lambda v: (1.0, -v)),
+        "add": binary("add", "vsAdd", "vdAdd", numpy.add, lambda v: (1.0, v)),
+        "subtract": binary("subtract", "vsSub", "vdSub", numpy.subtract, lambda v: (1.0, -v)),
         # -0.0: x*v + (-0.0) is x*v for every x, signed zeros included.
-        "multiply": binary("vsMul", "vdMul", numpy.multiply, lambda v: (v, -0.0)),
-        "exp": unary("vsExp", "vdExp", numpy.exp),
-        "log": unary("vsLn", "vdLn", numpy.log),
-        "tanh": unary("vsTanh", "vdTanh", numpy.tanh),
+        "multiply": binary("multiply", "vsMul", "vdMul", numpy.multiply, lambda v: (v, -0.0)),
+        "exp": unary("exp", "vsExp", "vdExp", numpy.exp),
+        "log": unary("log", "vsLn", "vdLn", numpy.log),
+        "tanh": unary("tanh", "vsTanh", "vdTanh", numpy.tanh),
     }
 
 
@@ -728,13 +738,16 @@ def blas_choices(dtype=None) -> dict:
     return got
 
 
-def _load_or_measure(dtype) -> dict:
+def _load_or_measure(dtype, what: str = "matmul", measure_fn: Callable | None = None) -> dict:
+    """The choices of ``measure_fn`` (default :func:`measure`) for ``dtype`` on this
+    machine: read from ``blas.json``, else measured and saved there."""
     import json
     rule = os.environ.get("EINSUMGRAD_BLAS", "measure")
-    if matmul is None or rule in ("mkl", "numpy"):
+    if what == "matmul" and (matmul is None or rule in ("mkl", "numpy")):
         use = "mkl" if matmul is not None and rule == "mkl" else "numpy"
         return {kind: {b: use for b in _BUCKETS} for kind in _KINDS}
-    path, key = _cache_file(), f"{_machine()}|{dtype.name}"
+    path = _cache_file()
+    key = f"{_machine()}|{dtype.name}" + ("" if what == "matmul" else f"|{what}")
     try:
         with open(path) as f:
             saved = json.load(f)
@@ -742,7 +755,7 @@ def _load_or_measure(dtype) -> dict:
         saved = {}
     if key in saved:
         return {kind: {int(b): c for b, c in v.items()} for kind, v in saved[key].items()}
-    got = measure(dtype)
+    got = (measure_fn or measure)(dtype)
     saved[key] = got
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -759,9 +772,72 @@ _table: dict = {}  # (dtype, kind, bucket, MKL's threads) -> the matmul chosen_m
 
 
 def forget_choices() -> None:
-    """Drop the choices made in this process (the next product loads or measures again)."""
+    """Drop the choices made in this process (the next product or VML op loads or
+    measures again)."""
     _choices.clear()
     _table.clear()
+    _vml.clear()
+
+
+# -- VML or NumPy's ufunc: chosen by measurement ------------------------------------------
+
+_VML_BUCKETS = (16, 18, 20)  # size classes: log2 of the entries (2^20 and up: the last)
+_vml: dict = {}  # (op, dtype, MKL's threads) -> {bucket: "mkl" | "numpy"}
+
+
+def _use_vml(name: str, a) -> bool:
+    """Whether VML runs op ``name`` on ``a`` (float32/64, dense: see :func:`_flat`),
+    as measured for its dtype and size at MKL's present thread count."""
+    key = (name, a.dtype, _LIB.MKL_Get_Max_Threads())
+    got = _vml.get(key)
+    if got is None:
+        got = _vml[key] = vml_choices(a.dtype)[name]
+    bucket = min(max(a.size.bit_length() - 1, _VML_BUCKETS[0]), _VML_BUCKETS[-1])
+    return got[bucket - bucket % 2] == "mkl"
+
+
+def vml_choices(dtype=None) -> dict:
+    """``{op: {bucket: "mkl" | "numpy"}}``: whether MKL's VML or NumPy's ufunc runs
+    each of :data:`ufuncs` on same-layout arrays of ``dtype`` of about 2^bucket
+    entries at MKL's present thread count (an array and a number too; an
+    in-place bias add, a rank-1 update by BLAS, is not VML's). Measured on first use like
+    :func:`blas_choices` (beside its choices in ``blas.json``):
+    VML's vector math ran exp, log and tanh 2-9x faster than NumPy's float32
+    passes on an Intel Xeon and 2-9x slower on an AMD EPYC (MKL's generic path
+    there; NumPy's own SIMD loops). ``EINSUMGRAD_VML=mkl`` or ``numpy`` fixes it."""
+    if dtype is None:
+        return {numpy.dtype(d).name: vml_choices(d) for d in (numpy.float32, numpy.float64)}
+    rule = os.environ.get("EINSUMGRAD_VML", "measure")
+    if rule in ("mkl", "numpy"):
+        return {name: {b: rule for b in _VML_BUCKETS} for name in ufuncs}
+    return _load_or_measure(numpy.dtype(dtype), "vml", measure_vml)
+
+
+def measure_vml(dtype) -> dict:
+    """:func:`vml_choices` for ``dtype``, measured: each op and size class timed both
+    ways, the median of rounds taken in turns; VML must be 5% faster to win."""
+    import time
+    rng = numpy.random.default_rng(0)
+    out: dict = {}
+    for name, op in ufuncs.items():
+        for bucket in _VML_BUCKETS:
+            a = (numpy.abs(rng.standard_normal(1 << bucket)) + 0.5).astype(dtype)
+            args = (a, a[::-1].copy()) if op.vml.__code__.co_argcount == 3 else (a,)
+            o = numpy.empty_like(a)
+            sides = (lambda: op.vml(*args, o), lambda: op.ufunc(*args, out=o))
+            times: tuple = ([], [])
+            spent, rounds = 0.0, 0
+            while rounds < 3 or (spent < 0.01 and rounds < 21):
+                for fn, got in zip(sides, times):
+                    fn()  # warm: the library's threads awake, the arrays in cache
+                    t = time.perf_counter()
+                    fn()
+                    got.append(time.perf_counter() - t)
+                    spent += got[-1]
+                rounds += 1
+            ours, theirs = (sorted(t)[len(t) // 2] for t in times)
+            out.setdefault(name, {})[bucket] = "mkl" if ours < 0.95 * theirs else "numpy"
+    return out
 
 
 def _chooser() -> Callable:
