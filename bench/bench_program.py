@@ -320,7 +320,8 @@ def main() -> None:
           f"OpenBLAS settings from the environment: {env or 'none'}")
     if mkl.matmul is not None:
         for dtype, kinds in mkl.blas_choices().items():
-            text = "; ".join(f"{kind} " + " ".join(f"2^{b}:{LIBRARY[c]}" for b, c in sorted(v.items()))
+            text = "; ".join(f"{kind} " + " ".join(f"2^{b}:{LIBRARY[c]}"
+                                                    for b, c in sorted(v.items()))
                              for kind, v in sorted(kinds.items()))
             print(f"  matmul chosen for {dtype} (by m*n*k): {text}")
     else:

@@ -61,9 +61,17 @@ def main(argv: list) -> None:
         print("matmul: the faster by measurement (einsumgrad.backends.mkl.blas_choices) of "
               "NumPy's (n), MKL's (M) and NumPy's OpenBLAS on MKL's team (O), by m*n*k "
               f"2^{min(mkl._BUCKETS)} to 2^{max(mkl._BUCKETS)}: "
-              + "; ".join(f"{d} " + ", ".join(f"{k} " + "".join(short[c] for _, c in sorted(v.items()))
-                                              for k, v in sorted(kinds.items()))
+              + "; ".join(f"{d} " + ", ".join(
+                  f"{k} " + "".join(short[c] for _, c in sorted(v.items()))
+                  for k, v in sorted(kinds.items()))
                           for d, kinds in mkl.blas_choices().items()))
+        print("element-wise ops: VML's (M) or NumPy's ufunc (n), the faster by measurement "
+              "(einsumgrad.backends.mkl.vml_choices), by entries "
+              f"2^{mkl._VML_BUCKETS[0]} to 2^{mkl._VML_BUCKETS[-1]}: "
+              + "; ".join(f"{d} " + ", ".join(
+                  f"{op} " + "".join("M" if c == "mkl" else "n" for _, c in sorted(v.items()))
+                  for op, v in sorted(ops.items()))
+                          for d, ops in mkl.vml_choices().items()))
     import common
     for n in names:
         common.SECTION = n.removeprefix("bench_")

@@ -297,7 +297,8 @@ def _bound(a, b):
 
 @on_team
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m, k, n", [(300, 17, 5), (3, 40, 500), (1, 4, 9), (7, 1, 2), (65, 64, 63)])
+@pytest.mark.parametrize("m, k, n", [(300, 17, 5), (3, 40, 500), (1, 4, 9), (7, 1, 2),
+                                     (65, 64, 63)])
 def test_openblas_on_the_team_gives_numpys_product_in_every_layout(dtype, m, k, n):
     # rows split among the threads where the product has more rows, columns where it
     # has more columns; operands as laid out or transposed in memory; into ``out``
@@ -306,8 +307,9 @@ def test_openblas_on_the_team_gives_numpys_product_in_every_layout(dtype, m, k, 
         pytest.skip("NumPy does not link the OpenBLAS of its wheels here")
     rng = np.random.default_rng(0)
     before = openblas.threads()
-    for a in (rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, m)).astype(dtype).T):
-        for b in (rng.standard_normal((k, n)).astype(dtype), rng.standard_normal((n, k)).astype(dtype).T):
+    laid = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
+    for a in (laid(m, k), laid(k, m).T):
+        for b in (laid(k, n), laid(n, k).T):
             got = kernels.team_matmul(a, b, workers=2)
             assert got.dtype == dtype and got.shape == (m, n)
             assert np.all(np.abs(got - a @ b) <= _bound(a, b))
@@ -361,3 +363,23 @@ def test_a_class_the_team_won_runs_there_with_numpys_values(monkeypatch, tmp_pat
         assert np.all(np.abs(got - a @ b) <= _bound(a, b))
     finally:
         mkl.forget_choices()
+
+
+@on_team
+def test_openblas_on_the_team_from_several_threads_restores_its_count():
+    # two threads each running products on the team at once: OpenBLAS at one thread
+    # while any runs, at its own count again once both are done
+    import concurrent.futures
+    from einsumgrad.backends import openblas
+    if not openblas.available():
+        pytest.skip("NumPy does not link the OpenBLAS of its wheels here")
+    before = openblas.threads()
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((200, 64)), rng.standard_normal((64, 90))
+
+    def products(_):
+        return all(np.all(np.abs(kernels.team_matmul(a, b, workers=2) - a @ b) <= _bound(a, b))
+                   for _ in range(50))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(products, range(4)))
+    assert openblas.threads() == before

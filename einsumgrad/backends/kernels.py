@@ -76,7 +76,7 @@ from typing import Any
 
 import numpy
 
-from . import compiled, mkl, threads
+from . import compiled, mkl, openblas, threads
 from .base import memory_order
 
 _ENABLED = os.environ.get("EINSUMGRAD_JIT", "1") != "0"
@@ -746,7 +746,6 @@ def team_matmul(a, b, out=None, workers: int = 2):
     result's rows (or columns, where it has fewer rows) by OpenBLAS set to one
     thread, so no OpenBLAS pool wakes beside the team (see :mod:`.openblas`).
     None (nothing written) where the kernel does not take the operands."""
-    from . import openblas
     m, k = a.shape if getattr(a, "ndim", 0) == 2 else (0, 0)
     n = b.shape[1] if getattr(b, "ndim", 0) == 2 and b.shape[0] == k else 0
     if (workers < 2 or not (m and n and k) or type(a) is not numpy.ndarray
@@ -761,22 +760,17 @@ def team_matmul(a, b, out=None, workers: int = 2):
             or _kernels() is None):
         return None
     c = numpy.empty((m, n), a.dtype) if out is None else out
-    before = openblas.threads()
-    openblas.set_threads(1)
-    try:
-        parts = min(workers, max(m, n))
+    parts = min(workers, max(m, n))
+    with openblas.one_thread:
         threads.on_team(parts, _compiled["blas_parts"], a.ctypes.data, *form_a, b.ctypes.data,
                         *form_b, c.ctypes.data, n, m, n, k, a.itemsize, m >= n, parts,
                         a.dtype.type(0), openblas.gemm_address(a.dtype), openblas.ilp64())
-    finally:
-        openblas.set_threads(before)
     return c
 
 
 def _openblas_team(workers: int):
     """:func:`einsumgrad.backends.mkl.openblas_team`: :func:`team_matmul` on
     ``workers`` threads, MKL's GEMM where it declines; None where it cannot run."""
-    from . import openblas
     if workers < 2 or not openblas.available() or not available() or not threads.openmp():
         return None
 

@@ -644,8 +644,10 @@ def measure(dtype) -> dict:
     NumPy's OpenBLAS on MKL's team, a block of rows a thread at one OpenBLAS
     thread (``"openblas"``, :func:`einsumgrad.backends.kernels.team_matmul`;
     one pool), where numba's OpenMP layer runs: on a CPU where MKL takes a
-    generic path (AMD's) OpenBLAS's kernels won by 10-70%. Every other class (all of them where MKL runs on one thread: no pool of its
-    own to fight) takes the faster one, by 5% (a tie keeps NumPy's).
+    generic path (AMD's) OpenBLAS's kernels win there (README, "BLAS by
+    measurement"). Every other class (all of them where MKL runs on one
+    thread: no pool of its own to fight) takes the faster one, by 5% (a tie
+    keeps NumPy's).
     """
     rng = numpy.random.default_rng(0)
     workers = _LIB.MKL_Get_Max_Threads()
@@ -801,10 +803,10 @@ def vml_choices(dtype=None) -> dict:
     each of :data:`ufuncs` on same-layout arrays of ``dtype`` of about 2^bucket
     entries at MKL's present thread count (an array and a number too; an
     in-place bias add, a rank-1 update by BLAS, is not VML's). Measured on first use like
-    :func:`blas_choices` (beside its choices in ``blas.json``):
-    VML's vector math ran exp, log and tanh 2-9x faster than NumPy's float32
-    passes on an Intel Xeon and 2-9x slower on an AMD EPYC (MKL's generic path
-    there; NumPy's own SIMD loops). ``EINSUMGRAD_VML=mkl`` or ``numpy`` fixes it."""
+    :func:`blas_choices` (beside its choices in ``blas.json``): VML's vector
+    math is the faster on Intel's CPUs and on AMD's the slower at one thread
+    (MKL's generic path there against NumPy's own SIMD loops; README, "BLAS by
+    measurement"). ``EINSUMGRAD_VML=mkl`` or ``numpy`` fixes it."""
     if dtype is None:
         return {numpy.dtype(d).name: vml_choices(d) for d in (numpy.float32, numpy.float64)}
     rule = os.environ.get("EINSUMGRAD_VML", "measure")
@@ -822,7 +824,7 @@ def measure_vml(dtype) -> dict:
     for name, op in ufuncs.items():
         for bucket in _VML_BUCKETS:
             a = (numpy.abs(rng.standard_normal(1 << bucket)) + 0.5).astype(dtype)
-            args = (a, a[::-1].copy()) if op.vml.__code__.co_argcount == 3 else (a,)
+            args = (a, a[::-1].copy()) if op.ufunc.nin == 2 else (a,)
             o = numpy.empty_like(a)
             sides = (lambda: op.vml(*args, o), lambda: op.ufunc(*args, out=o))
             times: tuple = ([], [])

@@ -19,6 +19,7 @@ import ctypes
 import functools
 import glob
 import os
+import threading
 
 import numpy
 
@@ -72,3 +73,27 @@ def set_threads(n: int) -> None:
     """Set its thread count (for the whole process, as ``threadpoolctl`` does)."""
     lib, prefix, suffix = _library()
     getattr(lib, f"{prefix}openblas_set_num_threads{suffix}")(n)
+
+
+class _OneThread:
+    """``with one_thread:`` OpenBLAS at one thread inside, its count as it was after;
+    calls on several threads at once nest: the first sets it, the last restores it."""
+
+    def __init__(self):
+        self._lock, self._inside, self._saved = threading.Lock(), 0, 1
+
+    def __enter__(self):
+        with self._lock:
+            if not self._inside:
+                self._saved = threads()
+                set_threads(1)
+            self._inside += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._inside -= 1
+            if not self._inside:
+                set_threads(self._saved)
+
+
+one_thread = _OneThread()
