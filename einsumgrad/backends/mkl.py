@@ -558,8 +558,12 @@ def _bucket(work: int) -> int:
 def _case(kind: str, bucket: int, dtype, rng) -> tuple:
     """Operands of one size class: a layer's matrices (square up to 256 x 256 x 256,
     then 256 rows times wider square weights), a tall matrix times one with 32
-    columns (a convolution's shape), a matrix and a vector, or 8 matrices."""
-    work = 1 << (min(bucket, _VEC_TOP) if kind == "vec" else bucket)
+    columns (a convolution's shape), a matrix and a vector, or 8 matrices. The
+    last class holds every larger product too: it is timed at twice its work
+    (a layer of 1024 x 1024 weights is 2^28; at 2^26 the libraries tied where
+    they parted at the layer's size)."""
+    top = bucket + (bucket == _BUCKETS[-1])
+    work = 1 << (min(bucket, _VEC_TOP) if kind == "vec" else top)
     if kind == "vec":
         n = max(2, round(work ** 0.5))
         shapes = ((n, n), (n,))
@@ -625,7 +629,7 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "mkl-or-openblas-team-if-threaded|thin|layouts-warm-median"
+_RULE = "mkl-or-openblas-team-if-threaded|thin|layouts-warm-median|top-2x"
 
 
 def measure(dtype) -> dict:
