@@ -83,7 +83,8 @@ def picture(argv: list, started: str, blas: list) -> None:
     """Draw this run's ratios (bench/plot.py) and say where the PNG went."""
     from common import OURS, RESULTS, TARGETS
     path = HERE / ("latest.png" if not argv else f"latest-{'-'.join(argv)}.png")
-    title = (f"python bench/run.py {' '.join(argv)}".rstrip() + f", {started}; {_cpu()}, "
+    from einsumgrad.backends.mkl import cpu_model
+    title = (f"python bench/run.py {' '.join(argv)}".rstrip() + f", {started}; {cpu_model()}, "
              f"{os.cpu_count()} cores" + "".join(f"; {line}" for line in blas))
     try:
         import plot
@@ -93,18 +94,6 @@ def picture(argv: list, started: str, blas: list) -> None:
         return
     print(f"\npicture: {path.relative_to(HERE.parent)} ({missed} target"
           f"{'s' * (missed != 1)} missed)")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -695,7 +695,7 @@ def _numpy_blas() -> str:
     return f"numpy_blas={blas}|{env or 'native'}"
 
 
-def _cpu() -> str:
+def cpu_model() -> str:
     """This CPU's model (``platform.processor()`` is empty on Linux: /proc/cpuinfo's name)."""
     import platform
     try:
@@ -713,7 +713,7 @@ def _machine() -> str:
     (a home folder shared by machines of other CPUs keeps a choice for each)."""
     import platform
     threads = _LIB.MKL_Get_Max_Threads() if _LIB is not None else 0
-    return (f"{platform.machine()}|{_cpu()}|cpus={os.cpu_count()}|"
+    return (f"{platform.machine()}|{cpu_model()}|cpus={os.cpu_count()}|"
             f"mkl_threads={threads}|numpy={numpy.__version__}|{_numpy_blas()}|"
             f"{getattr(_LIB, '_name', '')}|gnu_openmp={on_gnu_openmp()}|{_RULE}")
 
