@@ -602,18 +602,25 @@ def _race(a, b, budget: float = 0.01, fns: tuple | None = None) -> tuple:
     A median of rounds, not a best single call: a lone call's best hides what a
     product pays on most calls (single best calls ranked the libraries the other
     way round from the MLP and seed 001 steps that ran on them, at one thread)."""
-    import time
     pairs = _layouts(a, b)
-    fns = fns or (matmul, numpy.matmul)
-    times: tuple = ([], [])
+    return _in_turns([[functools.partial(fn, x, y) for x, y in pairs]
+                      for fn in fns or (matmul, numpy.matmul)], 2 * budget, 41)
+
+
+def _in_turns(sides: list, budget: float, most: int) -> tuple:
+    """The median time of each side's calls, in rounds taken in turns: each call
+    timed after one untimed (see :func:`_race`), at least 3 rounds and at most
+    ``most``, until ``budget`` seconds are spent."""
+    import time
+    times: tuple = tuple([] for _ in sides)
     spent, rounds = 0.0, 0
-    while rounds < 3 or (spent < 2 * budget and rounds < 41):
-        for fn, got in zip(fns, times):
+    while rounds < 3 or (spent < budget and rounds < most):
+        for calls, got in zip(sides, times):
             total = 0.0
-            for x, y in pairs:
-                fn(x, y)
+            for call in calls:
+                call()
                 t = time.perf_counter()
-                fn(x, y)
+                call()
                 total += time.perf_counter() - t
             got.append(total)
             spent += total
@@ -822,7 +829,6 @@ def vml_choices(dtype=None) -> dict:
 def measure_vml(dtype) -> dict:
     """:func:`vml_choices` for ``dtype``, measured: each op and size class timed both
     ways, the median of rounds taken in turns; VML must be 5% faster to win."""
-    import time
     rng = numpy.random.default_rng(0)
     out: dict = {}
     for name, op in ufuncs.items():
@@ -830,18 +836,8 @@ def measure_vml(dtype) -> dict:
             a = (numpy.abs(rng.standard_normal(1 << bucket)) + 0.5).astype(dtype)
             args = (a, a[::-1].copy()) if op.ufunc.nin == 2 else (a,)
             o = numpy.empty_like(a)
-            sides = (lambda: op.vml(*args, o), lambda: op.ufunc(*args, out=o))
-            times: tuple = ([], [])
-            spent, rounds = 0.0, 0
-            while rounds < 3 or (spent < 0.01 and rounds < 21):
-                for fn, got in zip(sides, times):
-                    fn()  # warm: the library's threads awake, the arrays in cache
-                    t = time.perf_counter()
-                    fn()
-                    got.append(time.perf_counter() - t)
-                    spent += got[-1]
-                rounds += 1
-            ours, theirs = (sorted(t)[len(t) // 2] for t in times)
+            ours, theirs = _in_turns([[lambda: op.vml(*args, o)],
+                                      [lambda: op.ufunc(*args, out=o)]], 0.01, 21)
             out.setdefault(name, {})[bucket] = "mkl" if ours < 0.95 * theirs else "numpy"
     return out
 

@@ -38,8 +38,6 @@ def _library() -> tuple | None:
                      f"{prefix}openblas_set_num_threads{suffix}",
                      f"{prefix}openblas_get_num_threads{suffix}")
             if all(hasattr(lib, n) for n in names):
-                lib_get = getattr(lib, names[3])
-                lib_get.restype = ctypes.c_int
                 return lib, prefix, suffix
     return None
 
@@ -63,16 +61,22 @@ def gemm_address(dtype) -> int:
     return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
 
 
+@functools.lru_cache(maxsize=None)
+def _counts() -> tuple:
+    """Its ``openblas_get_num_threads`` and ``openblas_set_num_threads``."""
+    lib, prefix, suffix = _library()
+    return tuple(getattr(lib, f"{prefix}openblas_{verb}_num_threads{suffix}")
+                 for verb in ("get", "set"))
+
+
 def threads() -> int:
     """Its thread count now."""
-    lib, prefix, suffix = _library()
-    return getattr(lib, f"{prefix}openblas_get_num_threads{suffix}")()
+    return _counts()[0]()
 
 
 def set_threads(n: int) -> None:
     """Set its thread count (for the whole process, as ``threadpoolctl`` does)."""
-    lib, prefix, suffix = _library()
-    getattr(lib, f"{prefix}openblas_set_num_threads{suffix}")(n)
+    _counts()[1](n)
 
 
 class _OneThread:
