@@ -378,16 +378,45 @@ def kernels(p) -> list:
     return [eq for eq in p.eqs if eq.op[0] == "fused"]
 
 
-def mlp(rng, sizes):
+def mlp(rng, sizes, act=eg.tanh):
     params = [(rng.standard_normal((o, i)) / np.sqrt(i), 0.1 * rng.standard_normal(o))
               for i, o in zip(sizes[:-1], sizes[1:])]
 
     def f(x):
         for n, (w, b) in enumerate(params):
             x = eg.einsum("...i,oi->...o", x, w) + b
-            x = eg.tanh(x) if n < len(params) - 1 else x
+            x = act(x) if n < len(params) - 1 else x
         return x
     return f
+
+
+def test_relus_derivative_fuses_with_its_bias_and_the_basis():
+    # seed 001's Jacobian: relu's derivative (the sign of its output, a ufunc the rule
+    # calls on arrays) joins the bias, the relu and the product with the basis: between
+    # the two products, one kernel
+    rng = np.random.default_rng(0)
+    f = mlp(rng, [20, 32, 5], eg.relu)
+    x = rng.standard_normal((64, 20))
+    x[0, :] = 0.0  # relu's derivative at 0 (and -0.0): 0
+    p, raw = programs(eg.batch_jacobian(f), x)
+    assert [eq.op[0] == "fused" or eq.op[1] for eq in p.eqs] == ["einsum", True, "einsum"], str(p)
+    (k,) = kernels(p)
+    assert k.op[2] == ("add", "relu", "sign", "mul") and "fused[add, relu, sign, mul]" in str(p)
+    want = npy(eg.batch_jacobian(f)(x))
+    np.testing.assert_allclose(npy(p(x)), want, **TOL)
+    np.testing.assert_allclose(npy(raw(x)), want, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sign_in_a_kernel_is_numpys_zeros_and_nans_included(dtype):
+    x = np.array([-0.0, 0.0, np.nan, -np.nan, np.inf, -np.inf, 2.5, -3.0, 1e-300, -1e-300],
+                 dtype)
+    kernel = fuse.compile_kernel(fuse.kernel_source(
+        np.dtype(dtype).name, x.shape, [x.shape], ["t0 = " + fuse.SCALAR["sign"].format("i0")],
+        {}, []))
+    got, want = kernel(x), np.sign(x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))  # +0.0 at -0.0, as NumPy
 
 
 def test_a_layers_bias_tanh_and_tangents_are_one_kernel():

@@ -52,11 +52,17 @@ SCALAR = {
     "maximum": "np.maximum({0}, {1})", "minimum": "np.minimum({0}, {1})",
     "neg": "-{0}", "sqrt": "np.sqrt({0})", "abs": "np.abs({0})",
     "relu": "np.maximum({0}, T(0))",
+    # NumPy's sign of a float: +0.0 at either zero (x - x), NaN at NaN
+    "sign": "T(1) if {0} > T(0) else T(-1) if {0} < T(0) else {0} - {0}",
     **{prim: f"{name}({{0}})" for prim, name in vecmath.FUNCTIONS.items()},
 }
 # Arithmetic (and sqrt, one correctly rounded instruction) fuses in both float dtypes.
 FUSED = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu",
-                   "sqrt"))
+                   "sqrt", "sign"))
+# A rule's own backend ufunc on arrays (relu's derivative, xp.sign(out)), as the step it is.
+BACKEND = {"add": "add", "subtract": "sub", "multiply": "mul", "true_divide": "div",
+           "divide": "div", "maximum": "maximum", "minimum": "minimum", "negative": "neg",
+           "absolute": "abs", "sqrt": "sqrt", "sign": "sign"}
 # vecmath's functions fuse in float64 only: they compute in float64, where NumPy's own
 # float32 loops have twice the lanes. A step of these joins a kernel only where its
 # result is the kernel's size: a value broadcast further would be computed again for
@@ -96,7 +102,7 @@ def fuse_elementwise(p) -> None:
         s = p.eqs[i].outs[0]
         kernels = {root_of.get(r) for r in readers.get(s, ())}
         root = kernels.pop() if len(kernels) == 1 else None
-        if root is not None and p.eqs[i].op[1] in VECTOR and size(i) != size(root):
+        if root is not None and step(p.eqs[i]) in VECTOR and size(i) != size(root):
             root = None
         root_of[i] = root if s not in outputs and root is not None else i
     roots: dict = {}
@@ -116,12 +122,21 @@ def fuse_elementwise(p) -> None:
              if replaced.get(i, eq) is not None]
 
 
+def step(eq: Eq) -> str | None:
+    """The element-wise step ``eq`` is (a key of :data:`SCALAR`), or None."""
+    if eq.op[0] == "prim":
+        return eq.op[1]
+    if eq.op[0] == "backend" and all(type(a) is Ref for a in eq.args):
+        return BACKEND.get(eq.op[2])
+    return None
+
+
 def _fusable(eq: Eq, p) -> bool:
-    if eq.op[0] != "prim" or eq.kwargs or eq.writes or not eq.outs:
+    if eq.kwargs or eq.writes or len(eq.outs) != 1:
         return False
     dtype = p.avals[eq.outs[0]][1]
     ops = FUSED | VECTOR if dtype == numpy.float64 else FUSED
-    return eq.op[1] in ops and dtype in (numpy.float32, numpy.float64) and all(
+    return step(eq) in ops and dtype in (numpy.float32, numpy.float64) and all(
         p.avals[s][1] == dtype for s in eq.refs())
 
 
@@ -142,7 +157,7 @@ def _fused(steps: list, p) -> Eq:
                     inputs.append(s)
                 args.append(f"i{inputs.index(s)}")
         names[eq.outs[0]] = f"t{k}"
-        lines.append(f"t{k} = {SCALAR[eq.op[1]].format(*args)}")
+        lines.append(f"t{k} = {SCALAR[step(eq)].format(*args)}")
     root = steps[-1].outs[0]
     shape, dtype = p.avals[root]
     steps = _compact_constants(steps, inputs, shape, p)
@@ -150,9 +165,9 @@ def _fused(steps: list, p) -> Eq:
               if s in p.consts and numpy.shape(p.consts[s]) == ()}
     src = kernel_source(numpy.dtype(dtype).name, tuple(shape),
                         [p.avals[s][0] for s in inputs], lines, consts,
-                        sorted({eq.op[1] for eq in steps} & VECTOR))
+                        sorted({step(eq) for eq in steps} & VECTOR))
     kernel = compile_kernel(src)
-    return Eq(("fused", src, tuple(eq.op[1] for eq in steps)), kernel,
+    return Eq(("fused", src, tuple(step(eq) for eq in steps)), kernel,
               tuple(Ref(s) for s in inputs), {}, (root,), scalar=shape == (),
               inner=list(steps))
 

@@ -1,6 +1,8 @@
 """What the passes know of a program's slots: who reads them, which share memory."""
 from __future__ import annotations
 
+import numpy
+
 from .trace import Eq, Ref
 
 # Primitives whose result may be (a view of) an input or a parameter.
@@ -50,7 +52,16 @@ def _fresh(eq: Eq) -> bool:
         return eq.op[1] not in _VIEW_PRIMS and not eq.writes
     if kind == "ufunc":
         return eq.op[2] == "__call__" and "out" not in eq.kwargs
+    if kind == "backend":  # a backend's ufunc (xp.minimum(x, 1)) without out= makes a new array
+        return _ufunc(eq.op[2]) and "out" not in eq.kwargs and not eq.writes
     return kind == "guard"
+
+
+def _ufunc(name: str) -> bool:
+    """Whether a backend's function ``name`` is NumPy's ufunc of one result (each
+    backend's function of that name is its own ufunc: CuPy's, the strict stand-in's)."""
+    u = getattr(numpy, name, None)
+    return isinstance(u, numpy.ufunc) and u.nout == 1 and u.signature is None
 
 
 def written(p) -> set:

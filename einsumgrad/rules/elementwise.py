@@ -205,10 +205,10 @@ softplus, softplus_p = _unary("softplus", lambda x: backend_of(x).logaddexp(0, x
     x.dtype, copy=False), lambda x, out: sigmoid(x))
 def _relu_plain(xp, x, out):
     # 1 where x > 0, 0 where x <= 0, NaN where x is NaN (a NaN has no derivative,
-    # and a 0 would hide it): ceil(min(relu(x), 1)), in x's dtype (float * bool
-    # runs 1.5x slower on a broadcast g).
-    d = xp.asarray(xp.minimum(out, 1))  # an array, 0-d too
-    return xp.ceil(d, out=d).astype(x.dtype, copy=False)
+    # and a 0 would hide it): the sign of relu(x) >= 0, in x's dtype (float * bool
+    # runs 1.5x slower on a broadcast g); one ufunc, which a program fuses with
+    # the product that reads it (program.fuse).
+    return xp.sign(out)
 
 
 relu, relu_p = _unary("relu", lambda x: backend_of(x).maximum(x, 0),
