@@ -46,7 +46,8 @@ if not os.environ.get(ALONE):
         autograd = None
 
 # mkl.blas_choices's labels: NumPy's matmul, MKL's GEMM, NumPy's OpenBLAS on MKL's team
-LIBRARY = {"numpy": "NumPy", "mkl": "MKL", "openblas": "OpenBLAS-team"}
+LIBRARY = {"numpy": "NumPy", "mkl": "MKL", "openblas": "OpenBLAS-team",
+           "openblas-small": "OpenBLAS-small-blocks"}
 FIRST: list = []  # (case, contender, seconds of the first call: trace + compile)
 TIMES: dict = {}  # case -> contender -> median seconds, for the run alone (:func:`alone`)
 

@@ -57,9 +57,10 @@ def main(argv: list) -> None:
           + ("; numba row kernels (einsumgrad[jit]; EINSUMGRAD_JIT=0 turns them off)"
              if kernels.available() else "; no numba row kernels"))
     if mkl.matmul is not None:  # which GEMM the NumPy backend takes (measured per size class)
-        short = {"numpy": "n", "mkl": "M", "openblas": "O"}
+        short = {"numpy": "n", "mkl": "M", "openblas": "O", "openblas-small": "s"}
         print("matmul: the faster by measurement (einsumgrad.backends.mkl.blas_choices) of "
-              "NumPy's (n), MKL's (M) and NumPy's OpenBLAS on MKL's team (O), by m*n*k "
+              "NumPy's (n), MKL's (M), NumPy's OpenBLAS on MKL's team (O) and that in "
+              "blocks for its small-matrix kernels (s), by m*n*k "
               f"2^{min(mkl._BUCKETS)} to 2^{max(mkl._BUCKETS)}: "
               + "; ".join(f"{d} " + ", ".join(
                   f"{k} " + "".join(short[c] for _, c in sorted(v.items()))

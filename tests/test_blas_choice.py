@@ -12,12 +12,33 @@ needs_mkl = pytest.mark.skipif(mkl.matmul is None, reason="the mkl wheel is not 
 
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
-    """A cache folder of the test's own and no choice made yet in this process."""
+    """A cache folder of the test's own and no choice made yet in this process; OpenBLAS
+    in small blocks out of the race (the tests that time it say so: :func:`small`)."""
     monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))
     monkeypatch.delenv("EINSUMGRAD_BLAS", raising=False)
+    real = mkl.openblas_team
+    monkeypatch.setattr(mkl, "openblas_team",
+                        lambda workers, small=False: None if small else real(workers))
     mkl.forget_choices()
     yield tmp_path
     mkl.forget_choices()
+
+
+@pytest.fixture
+def small(fresh, monkeypatch):
+    """:func:`fresh`, with OpenBLAS in small blocks racing; yields the shapes it ran."""
+    from einsumgrad.backends import kernels
+    ran = []
+    real = kernels.team_matmul
+
+    def team_matmul(a, b, out=None, workers=2, small=False):
+        got = real(a, b, out, workers, small)
+        if small and got is not None:
+            ran.append(a.shape)
+        return got
+    monkeypatch.setattr(kernels, "team_matmul", team_matmul)
+    monkeypatch.setattr(mkl, "openblas_team", kernels._openblas_team)
+    yield ran
 
 
 def assert_product(got, a, b):
@@ -249,3 +270,35 @@ def test_a_choice_is_measured_again_at_another_kernel(fresh, monkeypatch):
     monkeypatch.delenv("OPENBLAS_CORETYPE")
     mkl.blas_choices(np.float64)
     assert len(measured) == 2 and len(json.loads((fresh / "blas.json").read_text())) == 2
+
+
+@needs_mkl
+@pytest.mark.parametrize("mkl_threads", [1, 2])
+def test_a_thin_class_where_small_blocks_win_takes_them(small, monkeypatch, mkl_threads):
+    # the blocks faster wherever raced: the classes whose cases OpenBLAS's small kernels
+    # would take only cut up (thin from 2^20, not a square layer's) take them, on one
+    # thread and on the team; a thin product then runs so, with NumPy's values
+    from einsumgrad.backends import kernels, openblas
+    if mkl.openblas_team(mkl_threads, small=True) is None:
+        pytest.skip("no OpenBLAS found or no OpenMP team")
+    monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: mkl_threads)
+    raced = []
+
+    def race(a, b, fns=None):
+        small_race = fns is not None and getattr(fns[1], "small", False)
+        raced.append(small_race)
+        return (2.0, 1.0) if small_race else (1.0, 2.0)
+    monkeypatch.setattr(mkl, "_race", race)
+    got = mkl.blas_choices(np.float64)
+    assert any(raced)
+    assert {b for b, c in got["thin"].items() if c == "openblas-small"} == {20, 22, 24, 26}
+    rng = np.random.default_rng(0)
+    cut = {b for b in mkl._BUCKETS if any(  # a square layer's cut only where blocks keep 32 rows
+        openblas.small_parts(x.shape[0], y.shape[1], x.shape[1], mkl_threads)
+        for x, y in mkl._cases("mat", b, np.float64, rng))}
+    assert 26 not in cut and {b for b, c in got["mat"].items() if c == "openblas-small"} == cut
+    assert all(c != "openblas-small" for k in ("vec", "batch") for c in got[k].values())
+    a, b = rng.standard_normal((4096, 64)), rng.standard_normal((64, 8))
+    assert openblas.small_parts(4096, 8, 64, mkl_threads) > mkl_threads
+    assert_product(NUMPY.matmul(a, b), a, b)
+    assert small == [(4096, 64)]

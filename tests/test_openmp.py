@@ -320,6 +320,35 @@ def test_openblas_on_the_team_gives_numpys_product_in_every_layout(dtype, m, k, 
 
 
 @on_team
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, k, n", [(4096, 64, 8), (10, 256, 1024), (3000, 64, 3), (1000, 7, 1000),
+                                     (256, 1024, 1024)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_openblas_in_small_blocks_gives_numpys_product_in_every_layout(dtype, m, k, n, workers):
+    # cut where the product is thin (rows, or columns where it has more), each block
+    # within OpenBLAS's small-matrix kernels' 10^6 multiply-adds; a square one is not cut
+    from einsumgrad.backends import openblas
+    if not openblas.available():
+        pytest.skip("NumPy does not link the OpenBLAS of its wheels here")
+    parts = openblas.small_parts(m, n, k, workers)
+    assert (parts > workers) == ((m, k, n) not in ((3000, 64, 3), (256, 1024, 1024)))
+    assert parts == 0 or (parts % workers == 0 and m * n * k / parts <= openblas.SMALL_WORK
+                          and max(m, n) // parts >= 32)
+    rng = np.random.default_rng(0)
+    before = openblas.threads()
+    laid = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
+    for a in (laid(m, k), laid(k, m).T):
+        for b in (laid(k, n), laid(n, k).T):
+            got = kernels.team_matmul(a, b, workers=workers, small=True)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert np.all(np.abs(got - a @ b) <= _bound(a, b))
+            out = np.full((m, n), np.nan, dtype)
+            assert kernels.team_matmul(a, b, out, workers=workers, small=True) is out
+            assert np.all(np.abs(out - a @ b) <= _bound(a, b))
+    assert openblas.threads() == before
+
+
+@on_team
 def test_openblas_on_the_team_declines_what_it_does_not_take():
     from einsumgrad.backends import openblas
     if not openblas.available():
@@ -349,7 +378,8 @@ def test_a_class_the_team_won_runs_there_with_numpys_values(monkeypatch, tmp_pat
     monkeypatch.setenv("EINSUMGRAD_CACHE", str(tmp_path))
     monkeypatch.delenv("EINSUMGRAD_BLAS", raising=False)
     monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: 2)
-    monkeypatch.setattr(mkl, "_race", lambda a, b, fns=None: (2.0, 1.0))
+    monkeypatch.setattr(mkl, "_race", lambda a, b, fns=None: (1.0, 2.0) if fns is not None
+                        and getattr(fns[1], "small", False) else (2.0, 1.0))  # not in blocks
     ran = []
     real = kernels.team_matmul
     monkeypatch.setattr(kernels, "team_matmul", lambda *a: ran.append(a[0].shape) or real(*a))

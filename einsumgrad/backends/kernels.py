@@ -372,10 +372,12 @@ def _build(numba, cache: bool) -> dict:
                          other[s * oh * ow:].ctypes.data, n, one, totals[p].ctypes.data, n)
             call_int(local_at, before)
 
-    # One product c = op(a) @ op(b) (row-major, c's rows ldc apart) on the team:
-    # each thread's block of rows (by_rows) or of columns of c by the CBLAS ?gemm at
-    # ``gemm_at`` (64-bit integers where ``ilp``), the operands given by address.
-    @numba.njit(cache=cache, nogil=True, error_model="numpy", parallel=True)
+    # One product c = op(a) @ op(b) (row-major, c's rows ldc apart) in ``parts`` blocks
+    # of rows (by_rows) or of columns of c, each by the CBLAS ?gemm at ``gemm_at``
+    # (64-bit integers where ``ilp``), the operands given by address; blas_parts_team
+    # shares the blocks among the team, a run of neighbours a thread (OpenMP's static
+    # schedule), so a thread's rows are those the next row-split kernel gives it.
+    @numba.njit(cache=cache, nogil=True, error_model="numpy")
     def blas_parts(a, ta, lda, b, tb, ldb, c, ldc, m, n, k, item, by_rows, parts, zero, gemm_at,
                    ilp):
         for p in numba.prange(parts):
@@ -414,7 +416,7 @@ def _build(numba, cache: bool) -> dict:
             "gelu_vjp_square": gelu_vjp_square, "gelu_vjp": gelu_vjp, "relu_vjp": relu_vjp,
             "softmax_vjp": softmax_vjp, "divide_by_row_sums": divide_by_row_sums,
             "window_max_vjp": window_max_vjp, "adam": adam, "window_products": window_products,
-            "blas_parts": blas_parts,
+            "blas_parts": blas_parts, "blas_parts_team": team(blas_parts),
             **by_layout, **{f"{k}_team": tuple(map(team, v)) for k, v in by_layout.items()}}
 
 
@@ -740,15 +742,19 @@ def window_products(x, w, geometry: tuple, nb: int, other=None, workers: int = 2
     return (out.reshape(r, oh, ow, -1) if w is not None else None), total
 
 
-def team_matmul(a, b, out=None, workers: int = 2):
+def team_matmul(a, b, out=None, workers: int = 2, small: bool = False):
     """``numpy.matmul(a, b, out=out)`` for two matrices by NumPy's own OpenBLAS, on
     ``workers`` threads of numba's OpenMP team: each thread's block of the
     result's rows (or columns, where it has fewer rows) by OpenBLAS set to one
     thread, so no OpenBLAS pool wakes beside the team (see :mod:`.openblas`).
-    None (nothing written) where the kernel does not take the operands."""
+    ``small``: in blocks of at most :data:`.openblas.SMALL_WORK` multiply-adds
+    where the product is thin enough to cut so (:func:`.openblas.small_parts`), which
+    OpenBLAS runs on its small-matrix kernels, without packing the operands;
+    with one worker, on the calling thread. None (nothing written) where the
+    kernel does not take the operands."""
     m, k = a.shape if getattr(a, "ndim", 0) == 2 else (0, 0)
     n = b.shape[1] if getattr(b, "ndim", 0) == 2 and b.shape[0] == k else 0
-    if (workers < 2 or not (m and n and k) or type(a) is not numpy.ndarray
+    if (workers < (1 if small else 2) or not (m and n and k) or type(a) is not numpy.ndarray
             or type(b) is not numpy.ndarray or a.dtype != b.dtype or a.dtype not in _KINDS
             or max(m, n, k) >= 1 << 31 or (out is not None and (
                 type(out) is not numpy.ndarray or out.shape != (m, n) or out.dtype != a.dtype
@@ -760,23 +766,32 @@ def team_matmul(a, b, out=None, workers: int = 2):
             or _kernels() is None):
         return None
     c = numpy.empty((m, n), a.dtype) if out is None else out
-    parts = min(workers, max(m, n))
+    team = min(workers, max(m, n))
+    parts = max(team, openblas.small_parts(m, n, k, team) if small else 0)
+    args = (a.ctypes.data, *form_a, b.ctypes.data, *form_b, c.ctypes.data, n, m, n, k,
+            a.itemsize, m >= n, parts, a.dtype.type(0), openblas.gemm_address(a.dtype),
+            openblas.ilp64())
     with openblas.one_thread:
-        threads.on_team(parts, _compiled["blas_parts"], a.ctypes.data, *form_a, b.ctypes.data,
-                        *form_b, c.ctypes.data, n, m, n, k, a.itemsize, m >= n, parts,
-                        a.dtype.type(0), openblas.gemm_address(a.dtype), openblas.ilp64())
+        if team > 1:
+            threads.on_team(team, _compiled["blas_parts_team"], *args)
+        else:
+            _compiled["blas_parts"](*args)
     return c
 
 
-def _openblas_team(workers: int):
+
+def _openblas_team(workers: int, small: bool = False):
     """:func:`einsumgrad.backends.mkl.openblas_team`: :func:`team_matmul` on
-    ``workers`` threads, MKL's GEMM where it declines; None where it cannot run."""
-    if workers < 2 or not openblas.available() or not available() or not threads.openmp():
+    ``workers`` threads (``small``: in small blocks, from one worker), MKL's GEMM
+    where it declines; None where it cannot run."""
+    if (workers < (1 if small else 2) or not openblas.available() or not available()
+            or not threads.openmp()):
         return None
 
     def matmul(a, b, out=None):
-        got = team_matmul(a, b, out, workers)
+        got = team_matmul(a, b, out, workers, small)
         return got if got is not None else mkl.matmul(a, b, out=out)
+    matmul.small = small
     return matmul
 
 

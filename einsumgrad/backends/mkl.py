@@ -61,6 +61,8 @@ from typing import Callable
 
 import numpy
 
+from . import openblas
+
 _MIN_WORK = 1 << 16  # m*n*k below this: numpy.matmul (a ctypes call is ~5 us)
 # A matrix times a vector up to this: OpenBLAS's gemv on one thread takes half
 # the time of MKL's call (2048x64: 7 against 15 us; a bias gradient, a row sum).
@@ -558,17 +560,17 @@ def _bucket(work: int) -> int:
 def _case(kind: str, bucket: int, dtype, rng) -> tuple:
     """Operands of one size class: a layer's matrices (square up to 256 x 256 x 256,
     then 256 rows times wider square weights), a tall matrix times one with 32
-    columns (a convolution's shape), a matrix and a vector, or 8 matrices. The
-    last class holds every larger product too: it is timed at twice its work
-    (a layer of 1024 x 1024 weights is 2^28; at 2^26 the libraries tied where
-    they parted at the layer's size)."""
-    top = bucket + (bucket == _BUCKETS[-1])
-    work = 1 << (min(bucket, _VEC_TOP) if kind == "vec" else top)
+    columns (a convolution's shape), a matrix and a vector, or 8 matrices. Each
+    is timed at the middle of its class, twice its lower bound: the libraries
+    part within a class (the last holds every larger product too: a layer of
+    1024 x 1024 weights is 2^28, and at 2^26 the libraries tied where they
+    parted at the layer's size; OpenBLAS's small-matrix blocks win from 2^21)."""
+    work = 1 << (min(bucket, _VEC_TOP) if kind == "vec" else bucket + 1)
     if kind == "vec":
         n = max(2, round(work ** 0.5))
         shapes = ((n, n), (n,))
     elif kind == "thin":
-        k = max(2, min(144, round((work / 512) ** 0.5)))
+        k = max(2, min(144, round((work / 512) ** 0.5), work // (512 * 32)))
         shapes = ((max(512, -(-work // (32 * k))), k), (k, 32))
     elif kind == "batch":
         n = max(2, math.ceil((work / 8) ** (1 / 3) - 1e-9))
@@ -591,7 +593,7 @@ def _cases(kind: str, bucket: int, dtype, rng) -> list:
     convolution's)."""
     cases = [_case(kind, bucket, dtype, rng)]
     if kind == "thin" and bucket <= _HEAD_TOP:
-        k = -(-(1 << bucket) // 2560)
+        k = -(-(2 << bucket) // 2560)  # at the class's middle, as _case's
         cases.append(tuple(rng.standard_normal(s).astype(dtype) for s in ((256, k), (k, 10))))
     return cases
 
@@ -652,12 +654,13 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "mkl-or-openblas-team-if-threaded|thin|layouts-warm-median|top-2x|head"
+_RULE = "mkl-or-openblas-team-if-threaded|thin|layouts-warm-median|middle|head|small-blocks"
 
 
 def measure(dtype) -> dict:
-    """``{kind: {bucket: "mkl" | "numpy" | "openblas"}}`` for ``dtype``: each size
-    class's products timed both ways (:func:`_race`; about a second in all).
+    """``{kind: {bucket: "mkl" | "numpy" | "openblas" | "openblas-small"}}`` for
+    ``dtype``: each size class's products timed both ways (:func:`_race`; about a
+    second in all).
 
     Where MKL runs on several threads, the classes large enough to run on
     threads never take NumPy's matmul, whatever its times: the two libraries' pools
@@ -674,33 +677,48 @@ def measure(dtype) -> dict:
     generic path (AMD's) OpenBLAS's kernels win there (README, "BLAS by
     measurement"). Every other class (all of them where MKL runs on one
     thread: no pool of its own to fight) takes the faster one, by 5% (a tie
-    keeps NumPy's).
+    keeps NumPy's). Then, from 2^20, a ``mat`` or ``thin`` class's winner races
+    OpenBLAS on the same threads in blocks of at most
+    :data:`~einsumgrad.backends.openblas.SMALL_WORK` multiply-adds, which it runs on
+    its small-matrix kernels without packing (``"openblas-small"``; on the bench's
+    AMD CPU a 4096 x 64 @ 64 x 8 product ran 2.2x faster so, at either thread count).
     """
     rng = numpy.random.default_rng(0)
     workers = _LIB.MKL_Get_Max_Threads()
     team = openblas_team(workers)
     out: dict = {}
 
-    def race(kind, bucket, fns=None):  # the class's times summed over its cases
-        times = [_race(a, b, fns=fns) for a, b in _cases(kind, bucket, dtype, rng)]
+    def race(cases, fns=None):  # the class's times summed over its cases
+        times = [_race(a, b, fns=fns) for a, b in cases]
         return sum(t[0] for t in times), sum(t[1] for t in times)
+    small = openblas_team(workers, small=True)
     for kind in _KINDS:
         for bucket in _BUCKETS:
+            cases = _cases(kind, bucket, dtype, rng)
             if workers > 1 and bucket >= _THREADED:
                 if team is None or kind not in ("mat", "thin"):
                     out.setdefault(kind, {})[bucket] = "mkl"  # by rule: nothing to time
                     continue
-                ours, theirs = race(kind, bucket, fns=(matmul, team))
-                out.setdefault(kind, {})[bucket] = "openblas" if theirs < 0.95 * ours else "mkl"
-                continue
-            ours, theirs = race(kind, bucket)
-            out.setdefault(kind, {})[bucket] = "mkl" if ours < 0.95 * theirs else "numpy"
+                ours, theirs = race(cases, fns=(matmul, team))
+                pick = "openblas" if theirs < 0.95 * ours else "mkl"
+            else:
+                ours, theirs = race(cases)
+                pick = "mkl" if ours < 0.95 * theirs else "numpy"
+            if small is not None and kind in ("mat", "thin") and any(
+                    openblas.small_parts(a.shape[0], b.shape[1], a.shape[1], workers)
+                    for a, b in cases):
+                chosen = {"mkl": matmul, "numpy": numpy.matmul, "openblas": team}[pick]
+                ours, theirs = race(cases, fns=(chosen, small))
+                pick = "openblas-small" if theirs < 0.95 * ours else pick
+            out.setdefault(kind, {})[bucket] = pick
     return out
 
 
-def openblas_team(workers: int) -> Callable | None:
+def openblas_team(workers: int, small: bool = False) -> Callable | None:
     """A matmul by NumPy's OpenBLAS on MKL's team of ``workers`` threads (MKL's
-    GEMM where the team does not take the operands), or None where it cannot run.
+    GEMM where the team does not take the operands), or None where it cannot run;
+    ``small``: in blocks OpenBLAS runs on its small-matrix kernels, from one
+    worker (:func:`einsumgrad.backends.kernels.team_matmul`).
     :mod:`einsumgrad.backends.kernels`, which runs it, puts its own in place of
     this one (this module does not import the kernels)."""
     return None
@@ -870,7 +888,7 @@ def _chooser() -> Callable:
         if fn is None:
             use = blas_choices(a.dtype)[kind][key[2]]
             fn = _table[key] = ({"mkl": matmul, "numpy": numpy.matmul}.get(use)
-                                or openblas_team(key[3]) or matmul)
+                                or openblas_team(key[3], use == "openblas-small") or matmul)
         return fn
 
     def chosen_matmul(a, b, out=None):

@@ -24,6 +24,30 @@ import threading
 import numpy
 
 
+SMALL_WORK = 10 ** 6
+"""Multiply-adds up to which OpenBLAS (0.3.17 on, x86-64) may run a product on its
+small-matrix kernels, which skip packing the operands (its ``gemm_small_matrix_permit``;
+measured: a 1952 x 64 @ 64 x 8 float64 product at 52 GFLOP/s, 1954 rows at 23).
+Whether a product cut into such blocks runs faster is measured
+(:func:`einsumgrad.backends.mkl.measure`): the kernels differ by CPU."""
+
+
+_MIN_BLOCK = 32  # rows (or columns) a block keeps at least: each block packs the other operand
+
+
+def small_parts(m: int, n: int, k: int, workers: int = 1) -> int:
+    """How many blocks of the longer side of an ``m x k @ k x n`` product keep each
+    within :data:`SMALL_WORK` multiply-adds, as a multiple of ``workers`` (each
+    thread an equal run of them); 0 where the product needs no cut or a block
+    would keep under :data:`_MIN_BLOCK` rows (a square product)."""
+    work = m * n * k
+    if work <= SMALL_WORK:
+        return 0
+    blocks = -(-work // SMALL_WORK)
+    blocks = -(-blocks // workers) * workers
+    return blocks if max(m, n) // blocks >= _MIN_BLOCK else 0
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> tuple | None:
     """``(lib, prefix, suffix)`` of the OpenBLAS NumPy loaded, or None."""
