@@ -779,7 +779,6 @@ def team_matmul(a, b, out=None, workers: int = 2, small: bool = False):
     return c
 
 
-
 def _openblas_team(workers: int, small: bool = False):
     """:func:`einsumgrad.backends.mkl.openblas_team`: :func:`team_matmul` on
     ``workers`` threads (``small``: in small blocks, from one worker), MKL's GEMM

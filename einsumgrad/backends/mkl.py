@@ -625,14 +625,21 @@ def _race(a, b, budget: float = 0.01, fns: tuple | None = None) -> tuple:
                       for fn in fns or (matmul, numpy.matmul)], 2 * budget, 41)
 
 
+# A class of the largest products spends its budget in a round or two: at least this
+# many, so that a burst of other work on the machine in one of them is outvoted (with
+# 3 the float64 layers' class went to MKL in one measurement of two on the EPYC, at
+# 86-88 GFLOP/s against the team's 99).
+_MIN_ROUNDS = 7
+
+
 def _in_turns(sides: list, budget: float, most: int) -> tuple:
     """The median time of each side's calls, in rounds taken in turns: each call
-    timed after one untimed (see :func:`_race`), at least 3 rounds and at most
-    ``most``, until ``budget`` seconds are spent."""
+    timed after one untimed (see :func:`_race`), at least :data:`_MIN_ROUNDS`
+    rounds and at most ``most``, until ``budget`` seconds are spent."""
     import time
     times: tuple = tuple([] for _ in sides)
     spent, rounds = 0.0, 0
-    while rounds < 3 or (spent < budget and rounds < most):
+    while rounds < _MIN_ROUNDS or (spent < budget and rounds < most):
         for calls, got in zip(sides, times):
             total = 0.0
             for call in calls:
@@ -654,13 +661,13 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "mkl-or-openblas-team-if-threaded|thin|layouts-warm-median|middle|head|small-blocks"
+_RULE = "mkl-or-openblas-team-if-threaded|thin|layouts-warm-median-7|middle|head|small-blocks"
 
 
 def measure(dtype) -> dict:
     """``{kind: {bucket: "mkl" | "numpy" | "openblas" | "openblas-small"}}`` for
-    ``dtype``: each size class's products timed both ways (:func:`_race`; about a
-    second in all).
+    ``dtype``: each size class's products timed both ways (:func:`_race`; a few
+    seconds in all).
 
     Where MKL runs on several threads, the classes large enough to run on
     threads never take NumPy's matmul, whatever its times: the two libraries' pools

@@ -61,6 +61,7 @@ import numpy
 from ..plan import AUTO, Plan
 from .passes import ELEMENTWISE  # with no parameters, the result broadcasts the operands
 from ..backends.threads import Timed, cores, one_thread, pool as thread_pool
+from .graph import is_ufunc
 from .trace import Eq, Ref
 
 CACHE_BYTES = 1 << 21
@@ -127,7 +128,7 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
     kind = eq.op[0]
     if eq.seq or eq.scalar:
         return False
-    if kind == "backend" and _is_ufunc(eq.op[2]) and eq.writes and len(eq.outs) <= 1:
+    if kind == "backend" and is_ufunc(eq.op[2]) and eq.writes and len(eq.outs) <= 1:
         return _in_place_axis(eq, axes, avals, size)
     if len(eq.outs) != 1 or eq.writes:
         return False
@@ -139,7 +140,7 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
         ok = not eq.kwargs
     elif kind == "ufunc":
         u = eq.op[1]
-        ok = eq.op[2] == "__call__" and not eq.kwargs and _is_ufunc(u.__name__) \
+        ok = eq.op[2] == "__call__" and not eq.kwargs and is_ufunc(u.__name__) \
             and getattr(numpy, u.__name__) is u
     elif kind == "method" and eq.op[1] == "astype":
         ok = set(eq.kwargs) <= {"copy"} and len(eq.args) == 2 and type(eq.args[1]) is not Ref
@@ -156,7 +157,7 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
         return _broadcast_to_axis(eq, axes, avals, size)
     elif kind == "backend":
         # a rule's own call of the backend (relu's derivative): NumPy's element-wise ufuncs
-        ok = (_is_ufunc(eq.op[2]) or eq.op[2] == "asarray") and not eq.kwargs
+        ok = (is_ufunc(eq.op[2]) or eq.op[2] == "asarray") and not eq.kwargs
     else:
         return False  # guards, views, indexing, reductions, anything unknown
     return _broadcast_axis(eq, axes, avals, size, eq.outs[0]) if ok else False
@@ -178,11 +179,6 @@ def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int):
         return lead + ax if x[ax] == size and shape[lead + ax] == size else False
     new = [i for i, n in enumerate(shape) if n == size and (i < lead or x[i - lead] == 1)]
     return new[0] if len(new) == 1 else None
-
-
-def _is_ufunc(name: str) -> bool:
-    u = getattr(numpy, name, None)
-    return isinstance(u, numpy.ufunc) and u.nout == 1 and u.signature is None
 
 
 def _in_place_axis(eq: Eq, axes: dict, avals: dict, size: int):

@@ -53,11 +53,11 @@ def _fresh(eq: Eq) -> bool:
     if kind == "ufunc":
         return eq.op[2] == "__call__" and "out" not in eq.kwargs
     if kind == "backend":  # a backend's ufunc (xp.minimum(x, 1)) without out= makes a new array
-        return _ufunc(eq.op[2]) and "out" not in eq.kwargs and not eq.writes
+        return is_ufunc(eq.op[2]) and "out" not in eq.kwargs and not eq.writes
     return kind == "guard"
 
 
-def _ufunc(name: str) -> bool:
+def is_ufunc(name: str) -> bool:
     """Whether a backend's function ``name`` is NumPy's ufunc of one result (each
     backend's function of that name is its own ufunc: CuPy's, the strict stand-in's)."""
     u = getattr(numpy, name, None)
