@@ -46,9 +46,9 @@ def _gemm(bits: int):
 
         def codegen(context, builder, sig, args):
             from llvmlite import ir
-            i32, wide_int, fl = ir.IntType(32), ir.IntType(bits), context.get_value_type(real)
+            # sizes and leading dimensions ``bits`` wide (ni); the enums stay C ints
+            i32, ni, fl = ir.IntType(32), ir.IntType(bits), context.get_value_type(real)
             ptr = fl.as_pointer()
-            ni = wide_int  # sizes and leading dimensions; the enums stay C ints
             fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, ni, ni, ni, fl, ptr, ni, ptr,
                                                    ni, fl, ptr, ni])
             (addr, ta, tb, vm, vn, vk, va, vlda, vb, vldb, vbeta, vc, vldc) = args

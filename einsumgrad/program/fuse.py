@@ -43,6 +43,7 @@ import numpy
 
 from ..backends.compiled import compile_kernel
 from . import vecmath
+from .compile import DIRECT
 from .graph import written
 from .trace import Eq, Ref
 
@@ -59,10 +60,10 @@ SCALAR = {
 # Arithmetic (and sqrt, one correctly rounded instruction) fuses in both float dtypes.
 FUSED = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu",
                    "sqrt", "sign"))
-# A rule's own backend ufunc on arrays (relu's derivative, xp.sign(out)), as the step it is.
-BACKEND = {"add": "add", "subtract": "sub", "multiply": "mul", "true_divide": "div",
-           "divide": "div", "maximum": "maximum", "minimum": "minimum", "negative": "neg",
-           "absolute": "abs", "sqrt": "sqrt", "sign": "sign"}
+# A rule's own backend ufunc on arrays (relu's derivative, xp.sign(out)), as the step it is:
+# the backend functions the primitives' impls are (compile.DIRECT), and sign.
+BACKEND = {**{name: prim for prim, (name, extra) in DIRECT.items() if not extra and prim in FUSED},
+           "sign": "sign"}
 # vecmath's functions fuse in float64 only: they compute in float64, where NumPy's own
 # float32 loops have twice the lanes. A step of these joins a kernel only where its
 # result is the kernel's size: a value broadcast further would be computed again for
