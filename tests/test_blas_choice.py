@@ -112,6 +112,9 @@ def test_the_threaded_classes_never_mix_the_two_pools(fresh, monkeypatch, mkl_th
         want = {b: threaded if mkl_threads > 1 and b >= mkl._THREADED else c
                 for b, c in faster.items()}
         assert got[kind] == want
+        for suffix in ("-bt", "-at") if kind in ("mat", "thin") else ():
+            assert got[kind + suffix] == want  # each layout raced alike: alike here
+    assert set(got) == set(mkl.CHOICE_KINDS)
 
 
 def test_size_classes_tell_thin_products_from_square_ones():
@@ -263,7 +266,7 @@ def test_the_key_names_numpys_blas_kernel(monkeypatch):
 def test_a_choice_is_measured_again_at_another_kernel(fresh, monkeypatch):
     measured = []
     monkeypatch.setattr(mkl, "measure", lambda dtype: measured.append(1) or
-                        {k: {b: "numpy" for b in mkl._BUCKETS} for k in mkl._KINDS})
+                        {k: {b: "numpy" for b in mkl._BUCKETS} for k in mkl.CHOICE_KINDS})
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     mkl.blas_choices(np.float64)
     mkl.forget_choices()
@@ -302,3 +305,32 @@ def test_a_thin_class_where_small_blocks_win_takes_them(small, monkeypatch, mkl_
     assert openblas.small_parts(4096, 8, 64, mkl_threads) > mkl_threads
     assert_product(NUMPY.matmul(a, b), a, b)
     assert small == [(4096, 64)]
+
+
+@needs_mkl
+@pytest.mark.parametrize("mkl_threads", [1, 2])
+def test_each_layout_of_a_product_takes_its_own_choice(small, monkeypatch, mkl_threads):
+    # OpenBLAS's small blocks faster where b's rows lie contiguous, slower where b is
+    # transposed in memory (a layer's x @ w.T; so on the bench's AMD CPU): a thin
+    # product as given and one with a transposed run in blocks, one with b
+    # transposed does not, each with NumPy's values
+    if mkl.openblas_team(mkl_threads, small=True) is None:
+        pytest.skip("no OpenBLAS found or no OpenMP team")
+    monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: mkl_threads)
+
+    def race(a, b, fns=None):
+        if fns is not None and getattr(fns[1], "small", False):
+            return (1.0, 2.0) if b.strides[-1] != b.itemsize else (2.0, 1.0)
+        return (1.0, 2.0)
+    monkeypatch.setattr(mkl, "_race", race)
+    got = mkl.blas_choices(np.float64)
+    for kind in ("thin", "thin-at"):
+        assert {b for b, c in got[kind].items() if c == "openblas-small"} == {20, 22, 24, 26}
+    assert "openblas-small" not in got["thin-bt"].values()
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4096, 64)), rng.standard_normal((64, 8))
+    bt, at = np.asfortranarray(b), np.asfortranarray(a)
+    for x, y, blocks in ((a, b, True), (at, b, True), (a, bt, False)):
+        small.clear()
+        assert_product(NUMPY.matmul(x, y), a, b)
+        assert small == ([(4096, 64)] if blocks else []), (x.flags.c_contiguous, blocks)

@@ -528,6 +528,15 @@ _CHOICE_MIN = _MIN_WORK  # below this many multiply-adds: NumPy, unmeasured (see
 _BUCKETS = range(16, 28, 2)  # size classes: log2 of m*n*k, every other power of two
 _VEC_TOP = 22  # a matrix-vector class above this is measured as this one (no 512 MB matrix)
 _KINDS = ("mat", "thin", "vec", "batch")
+# A product of two matrices is chosen per memory layout too (:func:`_layouts`): as
+# given, ``b`` transposed in memory (a layer's ``x @ w.T``), ``a`` transposed (its weight
+# gradient ``g.T @ x``). The libraries rank differently across them: on the bench's
+# AMD CPU OpenBLAS's small-matrix kernels won a class as given and with ``a``
+# transposed by 10-30% and lost it with ``b`` transposed by 30-50%.
+_LAYOUT_SUFFIXES = ("", "-bt", "-at")
+_BY_LAYOUT = ("mat", "thin")
+CHOICE_KINDS = tuple(k + s for k in _BY_LAYOUT for s in _LAYOUT_SUFFIXES) + tuple(
+    k for k in _KINDS if k not in _BY_LAYOUT)
 _THIN = 64  # a product with at most this many columns (or rows) of output, 16x as many rows: thin
 
 
@@ -610,19 +619,18 @@ def _layouts(a, b) -> list:
     return pairs + [(flipped(a), b)] if a.ndim == 2 else pairs
 
 
-def _race(a, b, budget: float = 0.01, fns: tuple | None = None) -> tuple:
-    """Times of MKL's and NumPy's ``a @ b`` over its :func:`_layouts`: the median of
-    rounds taken in turns, each round a call per layout, each timed after one
-    untimed on the same operands (it wakes the library's pool and warms the
-    caches: within a round only one library's pool is awake, as in a process
-    that keeps to one; a burst of other work on the machine lands in a round or
-    two, which the median sets aside), for about ``budget`` seconds each.
-    A median of rounds, not a best single call: a lone call's best hides what a
-    product pays on most calls (single best calls ranked the libraries the other
-    way round from the MLP and seed 001 steps that ran on them, at one thread)."""
-    pairs = _layouts(a, b)
-    return _in_turns([[functools.partial(fn, x, y) for x, y in pairs]
-                      for fn in fns or (matmul, numpy.matmul)], 2 * budget, 41)
+def _race(a, b, budget: float = 0.007, fns: tuple | None = None) -> tuple:
+    """Times of MKL's and NumPy's ``a @ b`` (or of ``fns``'): the median of rounds
+    taken in turns, each call timed after one untimed on the same operands (it
+    wakes the library's pool and warms the caches: within a round only one
+    library's pool is awake, as in a process that keeps to one; a burst of other
+    work on the machine lands in a round or two, which the median sets aside),
+    for about ``budget`` seconds each. A median of rounds, not a best single
+    call: a lone call's best hides what a product pays on most calls (single
+    best calls ranked the libraries the other way round from the MLP and seed
+    001 steps that ran on them, at one thread)."""
+    return _in_turns([[functools.partial(fn, a, b)] for fn in fns or (matmul, numpy.matmul)],
+                     2 * budget, 41)
 
 
 # A class of the largest products spends its budget in a round or two: at least this
@@ -661,13 +669,16 @@ _THREADED = 18
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
-_RULE = "mkl-or-openblas-team-if-threaded|thin|layouts-warm-median-7|middle|head|small-blocks"
+_RULE = ("mkl-or-openblas-team-if-threaded|thin|layouts-warm-median-7|middle|head|small-blocks"
+         "|by-layout")
 
 
 def measure(dtype) -> dict:
     """``{kind: {bucket: "mkl" | "numpy" | "openblas" | "openblas-small"}}`` for
     ``dtype``: each size class's products timed both ways (:func:`_race`; a few
-    seconds in all).
+    seconds in all), a product of two matrices (``mat``, ``thin``) in each of its
+    layouts apart (:data:`CHOICE_KINDS`: ``mat``, ``mat-bt`` with ``b`` transposed
+    in memory, ``mat-at`` with ``a``), a vector's or a batch's over theirs together.
 
     Where MKL runs on several threads, the classes large enough to run on
     threads never take NumPy's matmul, whatever its times: the two libraries' pools
@@ -695,29 +706,36 @@ def measure(dtype) -> dict:
     team = openblas_team(workers)
     out: dict = {}
 
-    def race(cases, fns=None):  # the class's times summed over its cases
-        times = [_race(a, b, fns=fns) for a, b in cases]
+    def race(pairs, fns=None):  # the class's times summed over its operand pairs
+        times = [_race(a, b, fns=fns) for a, b in pairs]
         return sum(t[0] for t in times), sum(t[1] for t in times)
     small = openblas_team(workers, small=True)
+
+    def pick(kind, bucket, pairs):
+        if workers > 1 and bucket >= _THREADED:
+            if team is None or kind not in _BY_LAYOUT:
+                return "mkl"  # by rule: nothing to time
+            ours, theirs = race(pairs, fns=(matmul, team))
+            got = "openblas" if theirs < 0.95 * ours else "mkl"
+        else:
+            ours, theirs = race(pairs)
+            got = "mkl" if ours < 0.95 * theirs else "numpy"
+        if small is not None and kind in _BY_LAYOUT and any(
+                openblas.small_parts(a.shape[0], b.shape[1], a.shape[1], workers)
+                for a, b in pairs):
+            chosen = {"mkl": matmul, "numpy": numpy.matmul, "openblas": team}[got]
+            ours, theirs = race(pairs, fns=(chosen, small))
+            got = "openblas-small" if theirs < 0.95 * ours else got
+        return got
     for kind in _KINDS:
         for bucket in _BUCKETS:
-            cases = _cases(kind, bucket, dtype, rng)
-            if workers > 1 and bucket >= _THREADED:
-                if team is None or kind not in ("mat", "thin"):
-                    out.setdefault(kind, {})[bucket] = "mkl"  # by rule: nothing to time
-                    continue
-                ours, theirs = race(cases, fns=(matmul, team))
-                pick = "openblas" if theirs < 0.95 * ours else "mkl"
+            laid = [_layouts(a, b) for a, b in _cases(kind, bucket, dtype, rng)]
+            if kind in _BY_LAYOUT:  # a choice per layout
+                for i, suffix in enumerate(_LAYOUT_SUFFIXES):
+                    out.setdefault(kind + suffix, {})[bucket] = pick(
+                        kind, bucket, [pairs[i] for pairs in laid])
             else:
-                ours, theirs = race(cases)
-                pick = "mkl" if ours < 0.95 * theirs else "numpy"
-            if small is not None and kind in ("mat", "thin") and any(
-                    openblas.small_parts(a.shape[0], b.shape[1], a.shape[1], workers)
-                    for a, b in cases):
-                chosen = {"mkl": matmul, "numpy": numpy.matmul, "openblas": team}[pick]
-                ours, theirs = race(cases, fns=(chosen, small))
-                pick = "openblas-small" if theirs < 0.95 * ours else pick
-            out.setdefault(kind, {})[bucket] = pick
+                out.setdefault(kind, {})[bucket] = pick(kind, bucket, sum(laid, []))
     return out
 
 
@@ -780,7 +798,8 @@ _choices: dict = {}  # (dtype, MKL's threads) -> {kind: {bucket: "mkl" | "numpy"
 
 
 def blas_choices(dtype=None) -> dict:
-    """Which matmul the NumPy backend takes per dtype and size class at MKL's
+    """Which matmul the NumPy backend takes per dtype and size class (a product of
+    two matrices also per layout: :data:`CHOICE_KINDS`) at MKL's
     present thread count (measured on first use, then read from
     ``$EINSUMGRAD_CACHE/blas.json``, by default ``~/.cache/einsumgrad/blas.json``,
     for this machine). A process that changes the count (threadpoolctl,
@@ -803,7 +822,7 @@ def _load_or_measure(dtype, what: str = "matmul", measure_fn: Callable | None = 
     rule = os.environ.get("EINSUMGRAD_BLAS", "measure")
     if what == "matmul" and (matmul is None or rule in ("mkl", "numpy")):
         use = "mkl" if matmul is not None and rule == "mkl" else "numpy"
-        return {kind: {b: use for b in _BUCKETS} for kind in _KINDS}
+        return {kind: {b: use for b in _BUCKETS} for kind in CHOICE_KINDS}
     path = _cache_file()
     key = f"{_machine()}|{dtype.name}" + ("" if what == "matmul" else f"|{what}")
     try:
@@ -890,6 +909,9 @@ def measure_vml(dtype) -> dict:
 def _chooser() -> Callable:
     def pick(a, b):
         kind, work = _kind_and_work(a, b)
+        if kind in _BY_LAYOUT:  # by layout: a matrix whose rows are not contiguous is read transposed
+            kind += ("-bt" if b.strides[-1] != b.itemsize else
+                     "-at" if a.strides[-1] != a.itemsize else "")
         key = (a.dtype, kind, _bucket(work), _LIB.MKL_Get_Max_Threads())
         fn = _table.get(key)
         if fn is None:
