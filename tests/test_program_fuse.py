@@ -353,7 +353,15 @@ def test_arithmetic_kernels_equal_numpy_bit_for_bit_on_every_layout(chain, dtype
                 assert kernel(*args, out=out) is out
                 np.testing.assert_array_equal(out, want)
                 strided = [np.asfortranarray(a) if a.ndim > 1 else a for a in args]
-                np.testing.assert_array_equal(kernel(*strided), want)
+                got = kernel(*strided)
+                np.testing.assert_array_equal(got, want)
+                full = [k for k, a in enumerate(ins) if a.shape == shape]
+                if full and sum(n > 1 for n in shape) > 1:  # the reversed loops ran
+                    assert got.flags.f_contiguous and not got.flags.c_contiguous
+                for k in full:  # into a dead input laid out so (the reversed alias loop)
+                    buf = strided[:k] + [strided[k].copy(order="F")] + strided[k + 1:]
+                    assert kernel(*buf, out=buf[k]) is buf[k]
+                    np.testing.assert_array_equal(buf[k], want)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -240,27 +240,75 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     (``t0 = ...``, the last the result) over inputs of ``shapes`` broadcast to
     ``shape`` (``consts``: input index -> the literal it is, not read). Lengths are
     read from the inputs on each call (a chunked replay runs a block of the batch);
-    which axes broadcast where is the trace's."""
-    axes, spans = layout(shape, shapes)
+    which axes broadcast where is the trace's.
+
+    Where the result has two axes or more, a second loop nest runs over the
+    reversed axes: a call whose ``out`` (without one, whose first input of the
+    result's shape) is laid out in Fortran order, as a product written
+    transposed is (:func:`einsumgrad.program.layouts.transposed_products`),
+    runs there on the transposed views, so that its innermost loop still runs
+    over contiguous memory."""
     n = len(shapes)
     # operations per element, a vecmath function counted as the arithmetic it runs
     cost = len(lines) + VECTOR_COST * sum(
         f"{vecmath.FUNCTIONS[prim]}(" in line for line in lines for prim in vector)
     live = [k for k in range(n) if k not in consts]
+    params = ", ".join(f"i{k}" for k in range(n))
+    chain = ['@numba.njit(inline="always", error_model="numpy")',
+             f"def _chain({', '.join(f'i{k}' for k in live)}):"]
+    chain += [f"    i{k} = {lit}" for k, lit in consts.items()]
+    chain += ["    " + line for line in lines] + [f"    return {lines[-1].split('=')[0].strip()}"]
+    parts = ['"""An element-wise chain of an einsumgrad program, fused (generated)."""\n'
+             "import numba\nimport numpy as np\n\n"
+             "from einsumgrad.backends.threads import rows as _rows\n\nT = np.%s" % dtype,
+             vecmath.source(vector), "\n".join(chain)]
+    full = [k for k in live if tuple(shapes[k]) == tuple(shape)]
+    if sum(d != 1 for d in shape) < 2:
+        return "\n\n\n".join(parts + _frame(shape, shapes, live, cost, params, "")) + "\n"
+    # the reversed frame: each input padded to the result's rank, its axes reversed
+    pad = lambda s: (1,) * (len(shape) - len(s)) + tuple(s)  # noqa: E731
+    back = [() if k in consts or shapes[k] == () else pad(shapes[k])[::-1] for k in range(n)]
+    parts += _frame(shape[::-1], back, live, cost, params, "_f")
+
+    def flipped(k, into):  # input k as the reversed frame takes it (into out.T: o_t)
+        if k in consts or shapes[k] == ():
+            return f"i{k}"
+        if len(shapes[k]) == len(shape):  # the same view where it is out: the alias loop
+            return f"(o_t if i{k} is out else i{k}.T)" if into and k in full else f"i{k}.T"
+        return f"i{k}.reshape({(1,) * (len(shape) - len(shapes[k]))!r} + i{k}.shape).T"
+    lead = f"(i{full[0]} if out is None else out)" if full else "out"
+    fresh, into = (", ".join(flipped(k, into) for k in range(n)) for into in (False, True))
+    dispatch = [f"    if {'' if full else 'out is not None and '}{lead}.flags.f_contiguous"
+                f" and not {lead}.flags.c_contiguous:", "        if out is None:",
+                f"            return _kernel_f({fresh}).T", "        o_t = out.T",
+                f"        _kernel_f({into}, out=o_t)", "        return out"]
+    own = _frame(shape, shapes, live, cost, params, "")
+    run = own[-1].split("\n")
+    own[-1] = "\n".join(run[:1] + dispatch + run[1:])
+    return "\n\n\n".join(parts + own) + "\n"
+
+
+def _frame(shape: tuple, shapes: list, live: list, cost: int, params: str,
+           suffix: str) -> list:
+    """The loops of a kernel over ``shape`` (:func:`kernel_source`) and the function
+    that calls them, ``kernel`` (``_kernel{suffix}`` for another frame): sources."""
+    axes, spans = layout(shape, shapes)
+    n = len(shapes)
     loops = [f"j{g}" for g in range(len(axes))] or ["j0"]
+    name = f"_kernel{suffix}" if suffix else "kernel"
 
     def element(k, alias):  # input k's element in the loop body
         if k == alias:
             return f"o[{', '.join(loops)}]"
         return f"i{k}[{', '.join(loops[g] for g in spans[k])}]" if spans[k] else f"s{k}"
 
-    def loop(name, alias=None):  # the loop and its prange twin {name}_team (threads.openmp)
-        params = ", ".join(["o"] + [f"i{k}" for k in live if k != alias])
+    def loop(fn, alias=None):  # the loop and its prange twin {fn}_team (threads.openmp)
+        args = ", ".join(["o"] + [f"i{k}" for k in live if k != alias])
         defs = []
         for team in (False, True):
             body = ['@numba.njit(error_model="numpy", nogil=True, cache=CACHE'
                     + (", parallel=True)" if team else ")"),
-                    f"def {name}{'_team' if team else ''}({params}):", "    _wide()"]
+                    f"def {fn}{'_team' if team else ''}({args}):", "    _wide()"]
             body += [f"    s{k} = T(i{k})" for k in live if not spans[k] and k != alias]
             for g, j in enumerate(loops):
                 over = "numba.prange" if team and g == 0 else "range"
@@ -278,7 +326,7 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
     def length(d):  # the result's axis d, read from an input spanning it
         if shape[d] == 1:
             return "1"
-        k = next(k for k in range(n) if k not in consts and len(shapes[k]) + d >= len(shape)
+        k = next(k for k in live if len(shapes[k]) + d >= len(shape)
                  and shapes[k][d - len(shape) + len(shapes[k])] != 1)
         return f"i{k}.shape[{d - len(shape) + len(shapes[k])}]"
 
@@ -294,37 +342,28 @@ def kernel_source(dtype: str, shape: tuple, shapes: list, lines: list, consts: d
             return f"float(i{k})" if shapes[k] == () else f"float(i{k}.reshape(()))"
         return f"i{k}" if as_is(k) else f"i{k}.reshape({dims(spans[k])})"
 
-    def call(name, alias=None):  # the loop, its rows shared among threads where that pays
+    def call(fn, alias=None):  # the loop, its rows shared among threads where that pays
         args = [k for k in live if k != alias]
-        return (f"_rows({name}, v, (" + "".join(pass_(k) + ", " for k in args) + "), ("
+        return (f"_rows({fn}, v, (" + "".join(pass_(k) + ", " for k in args) + "), ("
                 + "".join(f"{bool(spans[k]) and spans[k][0] == 0}, " for k in args)
-                + f"), v.size * {cost}, team={name}_team)")
+                + f"), v.size * {cost}, team={fn}_team)")
 
     # the result may be written into an input (compile.reuse_plan): the loop then reads
     # it as the result, so that LLVM sees one array and no overlap to test for
     aliases = [k for k in live if spans[k] and tuple(shapes[k]) == tuple(shape)]
-    params = ", ".join(f"i{k}" for k in range(n))
     flat = axes and len(axes) == len(shape) and all(len(ax) == 1 for ax in axes)
-    run = [f"def kernel({params}, out=None):"]
+    run = [f"def {name}({params}, out=None):"]
     run += [f"    n{d} = {length(d)}" for d in range(len(shape))]
     run += [f"    d{g} = {' * '.join(f'n{d}' for d in ax)}" for g, ax in enumerate(axes)]
     shape_src = "(" + "".join(f"n{d}, " for d in range(len(shape))) + ")"
     run += ["    if out is None:", f"        o = np.empty({shape_src}, T)",
             "    elif out.flags.c_contiguous:", "        o = out", "    else:",
-            f"        out[...] = kernel({params})", "        return out",
+            f"        out[...] = {name}({params})", "        return out",
             f"    v = o.reshape({dims(range(len(axes))) if axes else (1,)})" if not flat else
             "    v = o"]
     for k in aliases:
-        run += [f"    if o is i{k}:", f"        {call(f'_loop_{k}', k)}", "        return o"]
-    run += [f"    {call('_loop')}", "    return o"]
-    chain = ['@numba.njit(inline="always", error_model="numpy")',
-             f"def _chain({', '.join(f'i{k}' for k in live)}):"]
-    chain += [f"    i{k} = {lit}" for k, lit in consts.items()]
-    chain += ["    " + line for line in lines] + [f"    return {lines[-1].split('=')[0].strip()}"]
-    parts = ['"""An element-wise chain of an einsumgrad program, fused (generated)."""\n'
-             "import numba\nimport numpy as np\n\n"
-             "from einsumgrad.backends.threads import rows as _rows\n\nT = np.%s" % dtype,
-             vecmath.source(vector), "\n".join(chain), loop("_loop")]
-    parts += [loop(f"_loop_{k}", k) for k in aliases]
-    parts.append("\n".join(run))
-    return "\n\n\n".join(parts) + "\n"
+        run += [f"    if o is i{k}:", f"        {call(f'_loop{suffix}_{k}', k)}",
+                "        return o"]
+    run += [f"    {call(f'_loop{suffix}')}", "    return o"]
+    return [loop(f"_loop{suffix}")] + [loop(f"_loop{suffix}_{k}", k) for k in aliases] + [
+        "\n".join(run)]
