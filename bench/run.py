@@ -66,6 +66,10 @@ def main(argv: list) -> None:
                   f"{k} " + "".join(short[c] for _, c in sorted(v.items()))
                   for k, v in sorted(kinds.items()))
                           for d, kinds in mkl.blas_choices().items()))
+        print("wide products (fewer rows than columns) written transposed where measured "
+              "faster (einsumgrad.backends.mkl.transposed_choices), by m*n*k: "
+              + "; ".join(f"{d} " + ", ".join(f"2^{b} {c}" for b, c in sorted(v.items()))
+                          for d, v in mkl.transposed_choices().items()))
         print("element-wise ops: VML's (M) or NumPy's ufunc (n), the faster by measurement "
               "(einsumgrad.backends.mkl.vml_choices), by entries "
               f"2^{mkl._VML_BUCKETS[0]} to 2^{mkl._VML_BUCKETS[-1]}: "

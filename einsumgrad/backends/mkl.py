@@ -854,6 +854,7 @@ def forget_choices() -> None:
     _choices.clear()
     _table.clear()
     _vml.clear()
+    _transposed.clear()
 
 
 # -- VML or NumPy's ufunc: chosen by measurement ------------------------------------------
@@ -906,10 +907,67 @@ def measure_vml(dtype) -> dict:
     return out
 
 
+# -- a wide product written transposed: chosen by measurement ---------------------------------
+
+_WIDE_BUCKETS = (24, 26)  # a layer's product on a batch of 256 is wide (n > m) from 2^24
+_transposed: dict = {}  # (dtype, MKL's threads) -> {bucket: "transposed" | "as-is"}
+
+
+def writes_transposed(dtype, m: int, n: int, k: int) -> bool:
+    """Whether a product of ``m`` rows and ``n > m`` columns, a sum of ``k`` terms
+    each, of ``dtype``, runs faster written transposed (into an array in Fortran
+    order: the product of the transposes, which the BLAS writes with its roles
+    swapped), as measured on this machine at MKL's present thread count
+    (:func:`transposed_choices`); never below 2^24 multiply-adds, nor without MKL's
+    measurement (``EINSUMGRAD_BLAS`` fixed). A traced program then writes it so,
+    and what is computed from it element-wise keeps that layout
+    (:func:`einsumgrad.program.layouts.transposed_products`)."""
+    if chosen_matmul is None or m >= n or m * n * k < 1 << _WIDE_BUCKETS[0]:
+        return False
+    key = (numpy.dtype(dtype), _LIB.MKL_Get_Max_Threads())
+    got = _transposed.get(key)
+    if got is None:
+        got = _transposed[key] = transposed_choices(key[0])
+    return got[min(_bucket(m * n * k), _WIDE_BUCKETS[-1])] == "transposed"
+
+
+def transposed_choices(dtype=None) -> dict:
+    """``{bucket: "transposed" | "as-is"}`` for ``dtype`` (both float dtypes without one):
+    whether a wide product of about 2^bucket multiply-adds, a layer's ``x @ w.T``
+    on a batch of 256, is written faster transposed (the matmul chosen by
+    :func:`blas_choices` for each way round), by 5%; measured on first use and
+    kept beside those choices. On the bench's AMD CPU float32 products ran
+    10-25% faster transposed at two threads and 5-10% at one, float64 ones 5-17%
+    slower (README, "BLAS by measurement"). ``EINSUMGRAD_BLAS=mkl`` or ``numpy``:
+    as they are, nothing measured."""
+    if dtype is None:
+        return {numpy.dtype(d).name: transposed_choices(d) for d in (numpy.float32, numpy.float64)}
+    if chosen_matmul is None or os.environ.get("EINSUMGRAD_BLAS") in ("mkl", "numpy"):
+        return {b: "as-is" for b in _WIDE_BUCKETS}
+    return _load_or_measure(numpy.dtype(dtype), "transposed", measure_transposed)["wide"]
+
+
+def measure_transposed(dtype) -> dict:
+    """:func:`transposed_choices` for ``dtype``, measured: ``{"wide": {bucket: choice}}``;
+    each class's product ``x @ w.T`` at the middle of the class (256 rows, twice
+    as many columns as terms: at 2^26, 256 x 512 times 512 x 1024) timed into an
+    array of each layout, in turns."""
+    rng = numpy.random.default_rng(0)
+    out: dict = {}
+    for bucket in _WIDE_BUCKETS:
+        n = round(((4 << bucket) / 256) ** 0.5)
+        x, w = (rng.standard_normal(s).astype(dtype) for s in ((256, n // 2), (n, n // 2)))
+        c, f = numpy.empty((256, n), dtype), numpy.empty((n, 256), dtype).T
+        as_is, flipped = _in_turns([[lambda: chosen_matmul(x, w.T, out=c)],
+                                    [lambda: chosen_matmul(x, w.T, out=f)]], 0.02, 21)
+        out[bucket] = "transposed" if flipped < 0.95 * as_is else "as-is"
+    return {"wide": out}
+
+
 def _chooser() -> Callable:
     def pick(a, b):
         kind, work = _kind_and_work(a, b)
-        if kind in _BY_LAYOUT:  # by layout: a matrix whose rows are not contiguous is read transposed
+        if kind in _BY_LAYOUT:  # a matrix whose rows are not contiguous: read transposed
             kind += ("-bt" if b.strides[-1] != b.itemsize else
                      "-at" if a.strides[-1] != a.itemsize else "")
         key = (a.dtype, kind, _bucket(work), _LIB.MKL_Get_Max_Threads())
@@ -929,6 +987,12 @@ def _chooser() -> Callable:
                 or (a.ndim <= 2 and b.ndim <= 2
                     and a.size * (b.shape[-1] if b.ndim > 1 else 1) <= _ONE_THREAD_WORK)):
             return numpy.matmul(a, b) if out is None else numpy.matmul(a, b, out=out)
+        if (out is not None and out.ndim == 2 and out.flags.f_contiguous
+                and not out.flags.c_contiguous):
+            # a product written transposed (einsumgrad.program.layouts) is the product of
+            # the transposes into out.T: the choice made for that one, which BLAS runs
+            pick(b.T, a.T)(b.T, a.T, out=out.T)
+            return out
         fn = pick(a, b)
         return fn(a, b) if out is None else fn(a, b, out=out)
     return chosen_matmul

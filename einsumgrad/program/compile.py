@@ -161,7 +161,7 @@ class Workspace:
 
     def __init__(self, buffers: list, views: list):
         self.buffers = buffers  # (elements, dtype) of each flat buffer
-        self.views = views      # (buffer index, shape) of each result written here
+        self.views = views      # (buffer index, shape, order) of each result written here
         self.free: list = []
 
     def take(self) -> list:
@@ -169,7 +169,10 @@ class Workspace:
             return self.free.pop()
         except IndexError:
             flats = [numpy.empty(n, dtype) for n, dtype in self.buffers]
-            return [flats[b][:math.prod(shape)].reshape(shape) for b, shape in self.views]
+            return [flats[b][:math.prod(shape)].reshape(shape) if order is None else
+                    numpy.transpose(flats[b][:math.prod(shape)].reshape(
+                        tuple(shape[i] for i in order)), numpy.argsort(order))
+                    for b, shape, order in self.views]
 
     def give(self, arrays: list) -> None:
         if len(self.free) < self.KEEP:
@@ -198,6 +201,7 @@ def workspace_plan(p, gone: dict, into: dict, runners: dict) -> tuple:
     owned = getattr(p, "owned", frozenset())
     if not owned or p.device != "cpu" or set(p.devices) != {"numpy"}:
         return {}, None
+    layouts = getattr(p, "layouts", {})  # layouts.transposed_products
     from .graph import alias_groups
     group = alias_groups(p, owned, into)
     held = {group[o.slot] for o in p.outputs if type(o) is Ref}
@@ -226,7 +230,10 @@ def workspace_plan(p, gone: dict, into: dict, runners: dict) -> tuple:
             total += size * dtype.itemsize
         busy[b] = g
         plan[i] = len(views)
-        views.append((b, tuple(shape)))
+        # an element-wise result of a transposed component in a buffer of its layout
+        # (an einsum's plan lays out its own: it takes the buffer's memory as it is)
+        order = layouts.get(eq.outs[0]) if eq.op != ("prim", "einsum") else None
+        views.append((b, tuple(shape), order))
     return plan, (Workspace(buffers, views) if plan else None)
 
 

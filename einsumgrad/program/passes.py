@@ -12,6 +12,8 @@
 * :func:`fuse_elementwise` (:mod:`.fuse`): chains of element-wise steps as one
   numba kernel, where numba is installed.
 * :func:`dead_code`: steps whose results nothing reads are dropped.
+* :func:`transposed_products` (:mod:`.layouts`): a wide product the BLAS writes
+  faster transposed is written so, with the element-wise steps around it.
 * :func:`mark_owned`: the slots whose buffer a step makes and nothing else
   shares; an element-wise step then writes its result into such an input
   where that input dies (:func:`einsumgrad.program.compile.reuse_plan`).
@@ -32,6 +34,7 @@ from ..plan import path_info
 from ..spec import Spec, fresh
 from .fuse import fuse_elementwise
 from .graph import _fresh, alias_groups, rename, replace, uses, written
+from .layouts import transposed_products
 from .trace import Eq, Ref
 
 # Element-wise primitives: their result is a new array.
@@ -51,6 +54,7 @@ def optimize(p, values: dict | None = None) -> None:
     dead_code(p)
     fuse_elementwise(p)
     dead_code(p)
+    transposed_products(p)
     if values is not None:
         mark_owned(p, values)
 
