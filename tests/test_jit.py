@@ -291,6 +291,27 @@ def test_gelu_and_relu_kernels_are_the_numpy_path(dtype, shape, seed):
 
 
 @needs_jit
+def test_the_float32_normal_cdf_is_one_pass_within_an_epsilon(monkeypatch):
+    # GELU's Phi in float32: the rational erf in float64 arithmetic, one kernel pass
+    # (MKL's vector CDF, 3x slower on the bench's AMD CPU, is not called); within
+    # one epsilon of the exact value, never outside [0, 1], NaN kept
+    special = pytest.importorskip("scipy.special")
+    from einsumgrad.backends import NUMPY, mkl
+    monkeypatch.setattr(mkl, "normal_cdf", lambda x: pytest.fail("MKL's CDF called"))
+    x = np.concatenate([np.linspace(-40, 40, 200001),
+                        [0.0, -0.0, 1e-30, np.inf, -np.inf, np.nan]]).astype(np.float32)
+    got = NUMPY.normal_cdf(x)
+    want = special.ndtr(x.astype(np.float64))
+    assert got.dtype == np.float32 and np.isnan(got[-1]) and list(got[-3:-1]) == [1.0, 0.0]
+    assert np.max(np.abs(got[:-1] - want[:-1])) <= np.finfo(np.float32).eps
+    assert got[:-1].min() >= 0.0 and got[:-1].max() <= 1.0
+    square = x[:200000].reshape(400, 500)  # another dense layout: over memory as it lies
+    got = NUMPY.normal_cdf(np.asfortranarray(square))
+    assert got.flags.f_contiguous
+    np.testing.assert_allclose(got, NUMPY.normal_cdf(square), rtol=1e-6, atol=1e-7)
+
+
+@needs_jit
 def test_gelu_and_relu_kernels_take_any_dense_layout():
     # a channels-last image (NCHW axes over NHWC memory): the kernels run over the
     # memory as it lies, and the results keep the layout; mixed layouts decline
