@@ -936,10 +936,9 @@ def transposed_choices(dtype=None) -> dict:
     whether a wide product of about 2^bucket multiply-adds, a layer's ``x @ w.T``
     on a batch of 256, is written faster transposed (the matmul chosen by
     :func:`blas_choices` for each way round), by 5%; measured on first use and
-    kept beside those choices. On the bench's AMD CPU float32 products ran
-    10-25% faster transposed at two threads and 5-10% at one, float64 ones 5-17%
-    slower (README, "BLAS by measurement"). ``EINSUMGRAD_BLAS=mkl`` or ``numpy``:
-    as they are, nothing measured."""
+    kept beside those choices (on the bench's AMD CPU float32 layers ran faster
+    transposed, float64 ones not: README, "BLAS by measurement").
+    ``EINSUMGRAD_BLAS=mkl`` or ``numpy``: as they are, nothing measured."""
     if dtype is None:
         return {numpy.dtype(d).name: transposed_choices(d) for d in (numpy.float32, numpy.float64)}
     if chosen_matmul is None or os.environ.get("EINSUMGRAD_BLAS") in ("mkl", "numpy"):

@@ -4,9 +4,9 @@ A matrix product comes out in C order: rows of the left operand's free index.
 The BLAS runs the product of the transposes into the transposed array, the
 same sums, with the roles of its rows and columns swapped; for a wide product
 (fewer rows than columns: a layer's ``x @ w.T`` on a batch of 256 against 1024
-units) one way round can be the faster by 10-25% (on the bench's AMD CPU the
-transposed one in float32, the other in float64). Which, is measured per
-machine (:func:`einsumgrad.backends.mkl.writes_transposed`).
+units) one way round can be the faster (on the bench's AMD CPU the transposed
+one in float32, by 5-10%; neither in float64). Which, is measured per machine
+(:func:`einsumgrad.backends.mkl.writes_transposed`).
 
 :func:`transposed_products` gives such an einsum the output order ``(1, 0)``:
 its plan writes the result in Fortran order. What is computed from it element
