@@ -58,7 +58,7 @@ def test_a_layer_its_activation_and_their_backward_are_written_transposed(wide, 
         assert not transposed(p) and not p.layouts
         return
     # the two hidden layers' products and the products bringing their cotangents;
-    # not the head (10 rows... 3 columns: not wide), not the weight gradients (outputs)
+    # not the head's (3 columns: not wide), not the weight gradients (outputs)
     assert len(transposed(p)) == 4 and len(p.layouts) > 4
     made = {eq.outs[0]: eq for eq in p.eqs}
     assert {made[s].op[0] for s in p.layouts} >= {"prim", "fused"}  # the chains go along

@@ -600,8 +600,8 @@ def normal_cdf(x, p: tuple, q: tuple, lim: float):
     """The normal CDF ``(1 + erf(x / sqrt 2)) / 2`` in one pass, ``erf(c)`` as ``c P(c^2)
     / Q(c^2)`` at ``c`` clipped to ``+-lim`` (``p``, ``q``: the coefficients, highest
     degree first), evaluated in float64 and rounded once to ``x``'s dtype; or None.
-    The NumPy backend's float32 CDF (GELU's): MKL's vector CDF took 3x as long on
-    the bench's AMD CPU, NumPy's passes 8x."""
+    The NumPy backend's float32 CDF (GELU's): faster than MKL's vector CDF and
+    NumPy's passes on the bench's AMD CPU (README, "numba")."""
     if not _takes(x):
         return None
     out = numpy.empty_like(x)

@@ -293,7 +293,6 @@ def _frame(shape: tuple, shapes: list, live: list, cost: int, params: str,
     """The loops of a kernel over ``shape`` (:func:`kernel_source`) and the function
     that calls them, ``kernel`` (``_kernel{suffix}`` for another frame): sources."""
     axes, spans = layout(shape, shapes)
-    n = len(shapes)
     loops = [f"j{g}" for g in range(len(axes))] or ["j0"]
     name = f"_kernel{suffix}" if suffix else "kernel"
 
