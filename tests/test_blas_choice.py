@@ -275,23 +275,29 @@ def test_a_choice_is_measured_again_at_another_kernel(fresh, monkeypatch):
     assert len(measured) == 2 and len(json.loads((fresh / "blas.json").read_text())) == 2
 
 
+def racing_small_blocks(mkl_threads: int, race, monkeypatch) -> None:
+    """MKL at ``mkl_threads`` threads, the races timed by ``race`` (the small blocks
+    among the contenders: the ``small`` fixture); skipped where they cannot run."""
+    if mkl.openblas_team(mkl_threads, small=True) is None:
+        pytest.skip("no OpenBLAS found or no OpenMP team")
+    monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: mkl_threads)
+    monkeypatch.setattr(mkl, "_race", race)
+
+
 @needs_mkl
 @pytest.mark.parametrize("mkl_threads", [1, 2])
 def test_a_thin_class_where_small_blocks_win_takes_them(small, monkeypatch, mkl_threads):
     # the blocks faster wherever raced: the classes whose cases OpenBLAS's small kernels
     # would take only cut up (thin from 2^20, not a square layer's) take them, on one
     # thread and on the team; a thin product then runs so, with NumPy's values
-    from einsumgrad.backends import kernels, openblas
-    if mkl.openblas_team(mkl_threads, small=True) is None:
-        pytest.skip("no OpenBLAS found or no OpenMP team")
-    monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: mkl_threads)
+    from einsumgrad.backends import openblas
     raced = []
 
     def race(a, b, fns=None):
         small_race = fns is not None and getattr(fns[1], "small", False)
         raced.append(small_race)
         return (2.0, 1.0) if small_race else (1.0, 2.0)
-    monkeypatch.setattr(mkl, "_race", race)
+    racing_small_blocks(mkl_threads, race, monkeypatch)
     got = mkl.blas_choices(np.float64)
     assert any(raced)
     assert {b for b, c in got["thin"].items() if c == "openblas-small"} == {20, 22, 24, 26}
@@ -314,15 +320,11 @@ def test_each_layout_of_a_product_takes_its_own_choice(small, monkeypatch, mkl_t
     # transposed in memory (a layer's x @ w.T; so on the bench's AMD CPU): a thin
     # product as given and one with a transposed run in blocks, one with b
     # transposed does not, each with NumPy's values
-    if mkl.openblas_team(mkl_threads, small=True) is None:
-        pytest.skip("no OpenBLAS found or no OpenMP team")
-    monkeypatch.setattr(mkl._LIB, "MKL_Get_Max_Threads", lambda: mkl_threads)
-
     def race(a, b, fns=None):
         if fns is not None and getattr(fns[1], "small", False):
             return (1.0, 2.0) if b.strides[-1] != b.itemsize else (2.0, 1.0)
         return (1.0, 2.0)
-    monkeypatch.setattr(mkl, "_race", race)
+    racing_small_blocks(mkl_threads, race, monkeypatch)
     got = mkl.blas_choices(np.float64)
     for kind in ("thin", "thin-at"):
         assert {b for b, c in got[kind].items() if c == "openblas-small"} == {20, 22, 24, 26}
