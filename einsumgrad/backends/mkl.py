@@ -990,7 +990,8 @@ def _chooser() -> Callable:
                 and not out.flags.c_contiguous):
             # a product written transposed (einsumgrad.program.layouts) is the product of
             # the transposes into out.T: the choice made for that one, which BLAS runs
-            pick(b.T, a.T)(b.T, a.T, out=out.T)
+            a, b = b.T, a.T
+            pick(a, b)(a, b, out=out.T)
             return out
         fn = pick(a, b)
         return fn(a, b) if out is None else fn(a, b, out=out)

@@ -67,12 +67,14 @@ def transposed_products(p) -> None:
         components.setdefault(root(s), set()).add(s)
     for inside in components.values():
         products = [made[s] for s in inside if s in made and _product(made[s], p)]
-        if (not any(_wide(eq, p) for eq in products) or inside & fixed
+        # the measured choice last: a component that fails the rest measures nothing
+        if (not products or inside & fixed
                 or any(s not in made or groups.get(s) in bad
                        or not (_product(made[s], p) or _elementwise(made[s])) for s in inside)
                 or any(not (r.op == ("prim", "einsum")
                             or (_elementwise(r) and r.outs[0] in inside))
-                       for s in inside for r in readers.get(s, ()))):
+                       for s in inside for r in readers.get(s, ()))
+                or not any(_wide(eq, p) for eq in products)):
             continue
         for eq in products:
             eq.kwargs = {"spec": eq.kwargs["spec"], "order": TRANSPOSED}
