@@ -352,3 +352,17 @@ def test_a_constant_read_transposed_is_stored_in_the_products_order(spec, shape,
     assert str(raw).count("einsum") == 1
     p = pickle.loads(pickle.dumps(opt))
     np.testing.assert_allclose(npy(p(x)), npy(f(x)), rtol=1e-13, atol=1e-13)
+
+
+def test_a_constant_read_transposed_by_large_products_is_stored_once_in_their_order():
+    # seed 002's forward-mode Jacobian: the weight read as the layer's x @ w.T by the
+    # primal (1000 rows) and by its three tangents (3000 rows), products of any size
+    rng = np.random.default_rng(4)
+    w, x, t = (xb(rng.standard_normal(s)) for s in ((64, 64), (1000, 64), (3, 1000, 64)))
+    f = lambda x, t: eg.einsum("...i,oi->...o", x, w) + eg.einsum("a...i,oi->a...o", t, w)
+    opt, raw = check(f, x, t, tol=dict(rtol=1e-13, atol=1e-13))
+    if NAME == "numpy":
+        (c,) = [c for c in opt.consts.values() if getattr(c, "ndim", 0) == 2]
+        np.testing.assert_array_equal(c, npy(w).T)
+        assert c.flags.c_contiguous
+        assert re.findall(r"einsum '([^']*)'", str(opt)) == ["...i,io->...o", "a...i,io->a...o"]

@@ -242,14 +242,15 @@ def merge_einsums(p) -> None:
 
 # -- constant layouts ----------------------------------------------------------------------------
 
-# A small product runs faster with its matrices in the order the GEMM reads
-# them than with one transposed (the BLAS packs a transposed operand at a cost
-# comparable to the product's): a constant matrix read transposed (a linear
-# layer's [out, in] weight in x @ w.T) is stored once in the other order.
-# Larger products pay the packing back, and their constants stay as they are.
+# A product runs faster with its matrices in the order the GEMM reads them than
+# with one transposed: the BLAS packs a transposed operand at a cost comparable
+# to a small product's, and the small-block kernels chosen for thin products
+# (einsumgrad.backends.mkl) read a transposed right factor slower at any size;
+# where neither holds the two orders run level. So a constant matrix read
+# transposed (a linear layer's [out, in] weight in x @ w.T) is stored once in
+# the other order, beside the original where another step reads that as is.
 # NumPy's arrays only: it is NumPy's BLAS whose packing this saves.
-LAYOUT_MAX_SIZE = 1 << 16  # elements of a constant re-laid
-LAYOUT_MAX_WORK = 1 << 22  # multiply-adds of the product
+LAYOUT_MAX_SIZE = 1 << 16  # elements of a constant re-laid (the copy it keeps)
 
 
 def constant_layouts(p) -> None:
@@ -257,6 +258,7 @@ def constant_layouts(p) -> None:
     right factor of a matrix product (its kept index first or last in the output),
     becomes a constant in the other order, the einsum's term for it swapped: the
     same sums, each term the same product."""
+    relaid: dict = {}  # constant slot -> the slot of its transpose
     for eq in p.eqs:
         if (eq.op != ("prim", "einsum") or len(eq.args) != 2 or eq.writes
                 or eq.kwargs.get("order") is not None):
@@ -277,14 +279,13 @@ def constant_layouts(p) -> None:
             # inside it (a product laid out by a transpose after), the operand's place says
             want = ((i, o) if spec.output[-1] == o else (o, i) if spec.output[0] == o
                     else (i, o) if k else (o, i))
-            shapes = [p.avals[x.slot][0] for x in eq.args]
-            work = numpy.prod([n for t, sh in zip(spec.inputs, shapes) for n in sh]) // c.shape[
-                term.index(i)]
-            if want == term or work > LAYOUT_MAX_WORK:
+            if want == term:
                 continue
-            slot = max(p.avals) + 1
-            p.consts[slot] = _read_only(numpy.ascontiguousarray(c.T))
-            p.avals[slot] = (c.shape[::-1], p.avals[a.slot][1])
+            slot = relaid.get(a.slot)
+            if slot is None:  # one copy however many steps read it so
+                slot = relaid[a.slot] = max(p.avals) + 1
+                p.consts[slot] = _read_only(numpy.ascontiguousarray(c.T))
+                p.avals[slot] = (c.shape[::-1], p.avals[a.slot][1])
             inputs = list(spec.inputs)
             inputs[k] = want
             args = list(eq.args)
