@@ -274,6 +274,30 @@ def test_a_kernel_runs_the_way_timed_faster_and_tries_the_other_now_and_then(
     assert rest.count(faster) >= len(rest) - 6 and 2 <= rest.count(slower) <= 6
 
 
+def test_a_way_that_stays_slower_is_tried_ever_less_often_until_it_wins():
+    pace, every = threads.Timed(2, every=4), 4
+    took = [1.0, 3.0]  # seconds per run of way 0 and way 1
+    ran = []
+    for _ in range(2 * threads.Timed.TRIES + 400):
+        way = pace.pick()
+        ran.append(way)
+        pace.record(way, took[way])
+    tried = [i for i, w in enumerate(ran) if w == 1][threads.Timed.TRIES:]
+    gaps = [b - a for a, b in zip(tried, tried[1:])]
+    cap = threads.Timed.BACKOFF * every
+    assert gaps[:4] == [2 * every, 4 * every, 8 * every, 16 * every] and set(gaps[4:]) == {cap}
+    took.reverse()  # way 1 became the faster: found at its turn, then kept
+    ran.clear()
+    for _ in range(cap + 4 * every):
+        way = pace.pick()
+        ran.append(way)
+        pace.record(way, took[way])
+    found = ran.index(1)
+    assert found <= cap
+    after = [i - found for i, w in enumerate(ran) if w == 0 and i > found]
+    assert after[:2] == [every, 3 * every]  # way 0 now the slower: tried after every calls again
+
+
 @contextlib.contextmanager
 def rows_on_threads(on: bool = True):
     """Every kernel's rows shared among three threads (whatever this machine's cores)."""

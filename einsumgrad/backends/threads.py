@@ -143,29 +143,35 @@ class Timed:
 
     The first calls take the ways in turn, :attr:`TRIES` each, a way's estimate
     the best of its times; after that each time moves its estimate a quarter of
-    the way, and every ``every`` calls one of the slower ways runs (in turn), so a
-    way that became the faster (a core another process freed) is found again.
+    the way, and now and then one of the slower ways runs (in turn), so a way that
+    became the faster (a core another process freed) is found again: after
+    ``every`` calls, then after twice as many each time the slower ways stay
+    slower (up to :attr:`BACKOFF` times ``every``: a way that loses for good costs
+    ever less), after ``every`` again once one wins.
     """
 
     TRIES = 3
+    BACKOFF = 16
 
-    __slots__ = ("times", "counts", "calls", "every")
+    __slots__ = ("times", "counts", "every", "gap", "left", "tried")
 
     def __init__(self, ways: int, every: int):
         self.times, self.counts = [float("inf")] * ways, [0] * ways
-        self.calls, self.every = 0, every
+        self.every = self.gap = self.left = every
+        self.tried = 0  # slower ways run so far: which runs next
 
     def pick(self) -> int:
         """The way to run now."""
-        self.calls += 1
         n = min(self.counts)
         if n < self.TRIES:
             return self.counts.index(n)
         best = min(range(len(self.times)), key=self.times.__getitem__)
-        if self.calls % self.every:
+        self.left -= 1
+        if self.left > 0:
             return best
         others = [i for i in range(len(self.times)) if i != best]
-        return others[self.calls // self.every % len(others)]
+        self.tried += 1
+        return others[self.tried % len(others)]
 
     def record(self, way: int, seconds: float) -> None:
         """How long ``way`` took this time (per unit of work, where that varies)."""
@@ -173,6 +179,10 @@ class Timed:
         t = self.times[way]
         self.times[way] = min(t, seconds) if self.counts[way] <= self.TRIES else \
             t + (seconds - t) / 4
+        if self.left <= 0:  # a slower way ran: did it win?
+            won = self.times[way] == min(self.times)
+            self.gap = self.every if won else min(2 * self.gap, self.BACKOFF * self.every)
+            self.left = self.gap
 
 
 _paces: dict = {}  # kernel loop -> its Timed (0: alone, 1: rows shared), per element operation
