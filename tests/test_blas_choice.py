@@ -19,6 +19,7 @@ def fresh(tmp_path, monkeypatch):
     real = mkl.openblas_team
     monkeypatch.setattr(mkl, "openblas_team",
                         lambda workers, small=False: None if small else real(workers))
+    monkeypatch.setattr(mkl, "SHAPE_AFTER", 10 ** 9)  # classes only (:func:`shapes_raced`)
     mkl.forget_choices()
     yield tmp_path
     mkl.forget_choices()
@@ -336,3 +337,114 @@ def test_each_layout_of_a_product_takes_its_own_choice(small, monkeypatch, mkl_t
         small.clear()
         assert_product(NUMPY.matmul(x, y), a, b)
         assert small == ([(4096, 64)] if blocks else []), (x.flags.c_contiguous, blocks)
+
+
+# -- a recurring product's own shape --------------------------------------------------------
+
+@pytest.fixture
+def shapes_raced(small, monkeypatch):
+    """:func:`small`, each recurring shape raced with times ``faster`` sets (seconds
+    per contender's name; the others 1.0); yields ``(faster, races)``, the latter the
+    contenders of each race run."""
+    if mkl.openblas_team(mkl._LIB.MKL_Get_Max_Threads(), small=True) is None:
+        pytest.skip("no OpenBLAS found or no OpenMP team")
+    monkeypatch.setattr(mkl, "SHAPE_AFTER", 3)
+    monkeypatch.setattr(mkl, "_race", lambda a, b, fns=None: (1.0, 1.0))  # classes: a tie
+    faster, races = {}, []
+    names = {mkl.matmul: "mkl", np.matmul: "numpy"}
+
+    def in_turns(sides, budget, most):
+        ran = [names.get(fn.func, "openblas-small" if getattr(fn.func, "small", False)
+                         else "openblas") for (fn,) in sides]
+        races.append(ran)
+        return tuple(faster.get(n, 1.0) for n in ran)
+    monkeypatch.setattr(mkl, "_in_turns", in_turns)
+    yield faster, races
+
+
+@needs_mkl
+def test_a_recurring_shape_is_raced_once_then_read_from_disk(shapes_raced, small, fresh):
+    # a convolution's block (896 x 288 @ 288 x 32): its class's choice for its first
+    # calls, then its own race's winner (the small blocks here), with NumPy's values;
+    # another shape of the class keeps the class's choice; a later process reads it
+    faster, races = shapes_raced
+    faster["openblas-small"] = 0.5
+    threads = mkl._LIB.MKL_Get_Max_Threads()
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((896, 288)), rng.standard_normal((288, 32))
+    for _ in range(mkl.SHAPE_AFTER - 1):
+        assert_product(NUMPY.matmul(a, b), a, b)
+    assert races == [] and small == []
+    for _ in range(3):
+        assert_product(NUMPY.matmul(a, b), a, b)
+    assert races == [["mkl", "openblas", "openblas-small"] if threads > 1
+                     else ["numpy", "mkl", "openblas-small"]]
+    assert small == [(896, 288)] * 3
+    saved = json.loads((fresh / "blas.json").read_text())
+    (entry,) = [v for k, v in saved.items() if k.endswith("|float64|shapes")]
+    assert entry == {f"thin|{threads}|896,32,288": "openblas-small"}
+    c = a[:, :200].copy()  # another shape of the class: not raced yet
+    for _ in range(mkl.SHAPE_AFTER - 1):
+        assert_product(NUMPY.matmul(c, b[:200]), c, b[:200])
+    assert len(races) == 1 and len(small) == 3
+    mkl.forget_choices()
+    for _ in range(mkl.SHAPE_AFTER + 1):
+        assert_product(NUMPY.matmul(a, b), a, b)
+    assert len(races) == 1 and len(small) == 5  # read back, not raced again
+
+
+@needs_mkl
+def test_a_shape_takes_a_winner_only_by_five_percent(shapes_raced):
+    faster, races = shapes_raced
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((896, 288)), rng.standard_normal((288, 32))
+    faster.update({"openblas-small": 0.97, "mkl": 0.97, "openblas": 0.97})
+    for _ in range(mkl.SHAPE_AFTER):
+        NUMPY.matmul(a, b)
+    (ran,) = races
+    kind = mkl._kind_and_work(a, b)[0]
+    now = mkl.blas_choices(np.float64)[kind][mkl._bucket(896 * 288 * 32)]
+    assert now in ran
+    saved = mkl._shape_saved[np.dtype(np.float64)]
+    assert list(saved.values()) == [now]
+
+
+@needs_mkl
+@pytest.mark.parametrize("case", ["below 2^20", "from 2^27", "fixed rule", "worker thread",
+                                  "block loop"])
+def test_where_no_shape_is_raced(shapes_raced, monkeypatch, case):
+    faster, races = shapes_raced
+    rng = np.random.default_rng(0)
+    m, k, n = {"below 2^20": (256, 64, 32), "from 2^27": (512, 512, 512)}.get(case, (896, 288, 32))
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    if case == "fixed rule":
+        monkeypatch.setenv("EINSUMGRAD_BLAS", "mkl")
+    run = lambda: [NUMPY.matmul(a, b) for _ in range(mkl.SHAPE_AFTER + 1)][-1]  # noqa: E731
+    if case == "worker thread":
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            got = pool.submit(run).result(timeout=120)
+    elif case == "block loop":  # the cores held: times there say nothing
+        from einsumgrad.backends import threads
+        with threads.one_thread:
+            got = run()
+    else:
+        got = run()
+    assert_product(got, a, b)
+    assert races == []
+
+
+@needs_mkl
+def test_an_accumulated_product_takes_its_shapes_library(shapes_raced, small):
+    # a convolution's weight gradient, block by block (c += a @ b): where its shape's
+    # product is not MKL's, that product added into c, in place
+    faster, races = shapes_raced
+    faster["openblas-small"] = 0.5
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((896, 288)).T, rng.standard_normal((896, 32))
+    c0 = rng.standard_normal((288, 32))
+    for _ in range(mkl.SHAPE_AFTER + 1):
+        c = c0.copy()
+        assert mkl.matmul_add(a, b, c) is True  # taken, not left to the backend
+        assert_product(c - c0, a, b)
+    assert len(races) == 1 and small == [(288, 896)] * 2

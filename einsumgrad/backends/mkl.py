@@ -15,7 +15,9 @@ other array type):
   faster (by 5%: a tie keeps NumPy's; the classes run on threads never take
   NumPy's own pool beside MKL's, see :func:`measure`), the
   result kept in ``~/.cache/einsumgrad/blas.json`` (``EINSUMGRAD_CACHE``) for
-  this machine; ``EINSUMGRAD_BLAS=mkl`` or ``=numpy`` fixes it (:func:`blas_choices`). Products BLAS cannot
+  this machine; ``EINSUMGRAD_BLAS=mkl`` or ``=numpy`` fixes it (:func:`blas_choices`). A
+  product of two matrices that recurs is raced once more at its own shape
+  (:data:`SHAPE_AFTER`), its winner saved beside the classes'. Products BLAS cannot
   take as laid out are copied first, as NumPy does; other dtypes and small
   products (where a ctypes call costs more than it saves, and OpenBLAS runs on
   one thread, so the two thread pools never contend) go to ``numpy.matmul``.
@@ -246,7 +248,9 @@ def _accumulating(lib: ctypes.CDLL) -> Callable:
 
     def matmul_add(a, b, c) -> bool:
         """``c += a @ b`` for matrices, in place (GEMM with beta 1), when BLAS can
-        take the three as laid out; False (and ``c`` untouched) when it cannot."""
+        take the three as laid out; False (and ``c`` untouched) when it cannot.
+        A product where ``chosen_matmul`` takes another library's is that one's,
+        added into ``c``."""
         if not all(type(v) is numpy.ndarray and v.ndim == 2 and v.dtype == c.dtype
                    for v in (a, b, c)) or c.dtype not in gemm:
             return False
@@ -256,6 +260,11 @@ def _accumulating(lib: ctypes.CDLL) -> Callable:
                 or not c.flags.writeable or 0 in (m, n, k)
                 or max(m, n, k, ta[1], tb[1], tc[1]) >= _INT_LIMIT or _overlaps(c, a, b)):
             return False
+        if m * n * k > _ONE_THREAD_WORK:  # where chosen_matmul takes a measured choice
+            product = chosen_matmul.pick(a, b)
+            if product is not matmul:  # another library's product, added: a pass over c
+                numpy.add(c, product(a, b), out=c)
+                return True
         fn, scalar = gemm[c.dtype]
         fn(_ROW, ta[0], tb[0], m, n, k, scalar(1.0), _PTR(a.ctypes.data), ta[1],
            _PTR(b.ctypes.data), tb[1], scalar(1.0), _PTR(c.ctypes.data), tc[1])
@@ -818,22 +827,40 @@ def blas_choices(dtype=None) -> dict:
 def _load_or_measure(dtype, what: str = "matmul", measure_fn: Callable | None = None) -> dict:
     """The choices of ``measure_fn`` (default :func:`measure`) for ``dtype`` on this
     machine: read from ``blas.json``, else measured and saved there."""
-    import json
     rule = os.environ.get("EINSUMGRAD_BLAS", "measure")
     if what == "matmul" and (matmul is None or rule in ("mkl", "numpy")):
         use = "mkl" if matmul is not None and rule == "mkl" else "numpy"
         return {kind: {b: use for b in _BUCKETS} for kind in CHOICE_KINDS}
-    path = _cache_file()
     key = f"{_machine()}|{dtype.name}" + ("" if what == "matmul" else f"|{what}")
+    saved = _read(key)
+    if saved is not None:
+        return {kind: {int(b): c for b, c in v.items()} for kind, v in saved.items()}
+    got = (measure_fn or measure)(dtype)
+    _save(key, got)
+    return got
+
+
+def _read(key: str) -> dict | None:
+    """``blas.json``'s entry ``key``, or None."""
+    import json
+    try:
+        with open(_cache_file()) as f:
+            return json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _save(key: str, value: dict) -> None:
+    """``blas.json``'s entry ``key`` set to ``value`` (read again first: another process
+    may have saved its own since)."""
+    import json
+    path = _cache_file()
     try:
         with open(path) as f:
             saved = json.load(f)
     except (OSError, ValueError):
         saved = {}
-    if key in saved:
-        return {kind: {int(b): c for b, c in v.items()} for kind, v in saved[key].items()}
-    got = (measure_fn or measure)(dtype)
-    saved[key] = got
+    saved[key] = value
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -842,10 +869,76 @@ def _load_or_measure(dtype, what: str = "matmul", measure_fn: Callable | None = 
         os.replace(tmp, path)
     except OSError:
         pass  # measured again in the next process
-    return got
 
 
 _table: dict = {}  # (dtype, kind, bucket, MKL's threads) -> the matmul chosen_matmul calls
+
+
+def _contender(use: str, threads: int) -> Callable:
+    """The matmul a choice names (MKL's where the team cannot run)."""
+    return ({"mkl": matmul, "numpy": numpy.matmul}.get(use)
+            or openblas_team(threads, use == "openblas-small") or matmul)
+
+
+# -- a recurring product's own shape ---------------------------------------------------------
+
+# A size class is timed on a few shapes; a product of another shape in it can rank
+# the libraries otherwise (a convolution's 896 x 288 @ 288 x 32 blocks fall in the
+# classes of a square product and of a classifier head's deep sum). So a product
+# of two matrices that recurs (a model's layer, step after step: its shape and
+# layout at the SHAPE_AFTER-th call) is raced once on its own operands among its
+# class's contenders, and from then on takes the winner (by 5%: else the class's
+# choice stays). The choice is saved with the class's (blas.json), so a later
+# process reads it. From 2^20 multiply-adds (where the small-block kernels enter
+# the race) to below 2^27 (a larger product was raced at its size by its class:
+# the last one holds them all, and its race would cost seconds).
+SHAPE_AFTER = 3
+_SHAPE_WORK = (1 << 20, 1 << 27)
+_SHAPES_MAX = 4096  # shapes counted in a process: beyond, new ones keep their class's choice
+_shaped: dict = {}  # class key + (m, n, k) -> calls so far, or the matmul chosen
+_shape_saved: dict = {}  # dtype -> {"kind|threads|m,n,k": choice} read from blas.json
+
+
+def nested() -> bool:
+    """Whether a block loop holds the cores: :func:`einsumgrad.backends.threads.nested`,
+    which puts itself in place of this one (this module does not import it)."""
+    return False
+
+
+def _may_race() -> bool:
+    """Whether a race may run here: on the main thread outside a block loop (whose
+    workers share the cores, so times there say nothing), and where no fixed rule
+    says which library."""
+    import threading
+    return (threading.current_thread() is threading.main_thread() and not nested()
+            and os.environ.get("EINSUMGRAD_BLAS") not in ("mkl", "numpy"))
+
+
+def _shape_choice(shape: tuple, a, b) -> Callable:
+    """The matmul for products of ``shape`` (:data:`_shaped`'s key): read from
+    ``blas.json``, else raced on ``a`` and ``b`` and saved there."""
+    dtype, kind, bucket, threads, m, n, k = shape
+    saved = _shape_saved.get(dtype)
+    if saved is None:
+        saved = _shape_saved[dtype] = _read(f"{_machine()}|{dtype.name}|shapes") or {}
+    name = f"{kind}|{threads}|{m},{n},{k}"
+    use = saved.get(name)
+    if use is None:
+        now = blas_choices(dtype)[kind][bucket]
+        ways = {u: {"mkl": matmul, "numpy": numpy.matmul}.get(u)
+                or openblas_team(threads, u == "openblas-small")
+                for u in (("mkl", "openblas") if threads > 1 and bucket >= _THREADED
+                          else ("numpy", "mkl")) + ("openblas-small",)}
+        ways = {u: f for u, f in ways.items() if f is not None}
+        names = list(ways)
+        times = _in_turns([[functools.partial(ways[u], a, b)] for u in names], 0.014, 41)
+        best = min(range(len(names)), key=times.__getitem__)
+        use = (names[best] if now not in ways or times[best] < 0.95 * times[names.index(now)]
+               else now)
+        saved[name] = use
+        key = f"{_machine()}|{dtype.name}|shapes"
+        _save(key, {**(_read(key) or {}), **saved})  # with what other processes raced
+    return _contender(use, threads)
 
 
 def forget_choices() -> None:
@@ -853,6 +946,8 @@ def forget_choices() -> None:
     measures again)."""
     _choices.clear()
     _table.clear()
+    _shaped.clear()
+    _shape_saved.clear()
     _vml.clear()
     _transposed.clear()
 
@@ -966,15 +1061,24 @@ def measure_transposed(dtype) -> dict:
 def _chooser() -> Callable:
     def pick(a, b):
         kind, work = _kind_and_work(a, b)
-        if kind in _BY_LAYOUT:  # a matrix whose rows are not contiguous: read transposed
+        by_layout = kind in _BY_LAYOUT
+        if by_layout:  # a matrix whose rows are not contiguous: read transposed
             kind += ("-bt" if b.strides[-1] != b.itemsize else
                      "-at" if a.strides[-1] != a.itemsize else "")
         key = (a.dtype, kind, _bucket(work), _LIB.MKL_Get_Max_Threads())
         fn = _table.get(key)
         if fn is None:
-            use = blas_choices(a.dtype)[kind][key[2]]
-            fn = _table[key] = ({"mkl": matmul, "numpy": numpy.matmul}.get(use)
-                                or openblas_team(key[3], use == "openblas-small") or matmul)
+            fn = _table[key] = _contender(blas_choices(a.dtype)[kind][key[2]], key[3])
+        if by_layout and _SHAPE_WORK[0] <= work < _SHAPE_WORK[1]:
+            shape = key + (a.shape[-2], b.shape[-1], a.shape[-1])
+            got = _shaped.get(shape, 0)
+            if type(got) is not int:
+                return got
+            if got + 1 < SHAPE_AFTER or not _may_race():
+                if got or len(_shaped) < _SHAPES_MAX:
+                    _shaped[shape] = got + 1
+                return fn
+            fn = _shaped[shape] = _shape_choice(shape, a, b)
         return fn
 
     def chosen_matmul(a, b, out=None):
@@ -995,6 +1099,7 @@ def _chooser() -> Callable:
             return out
         fn = pick(a, b)
         return fn(a, b) if out is None else fn(a, b, out=out)
+    chosen_matmul.pick = pick  # matmul_add's product, where it is not MKL's
     return chosen_matmul
 
 

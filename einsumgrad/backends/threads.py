@@ -69,6 +69,9 @@ def nested() -> bool:
     return bool(one_thread.depth) or _in_pool()
 
 
+mkl.nested = nested  # a product's race waits for the cores (mkl._may_race)
+
+
 def cores() -> int:
     """The cores this process may run on."""
     try:
