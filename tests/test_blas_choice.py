@@ -394,6 +394,24 @@ def test_a_recurring_shape_is_raced_once_then_read_from_disk(shapes_raced, small
 
 
 @needs_mkl
+def test_the_shapes_saved_are_the_latest_raced(shapes_raced, fresh, monkeypatch):
+    # a bounded file: a process meeting ever new shapes (sequences of every length)
+    # keeps the latest races, the older ones dropped (raced again if they recur)
+    faster, races = shapes_raced
+    monkeypatch.setattr(mkl, "_SHAPES_SAVED", 2)
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((288, 32))
+    for m in (896, 900, 904):
+        a = rng.standard_normal((m, 288))
+        for _ in range(mkl.SHAPE_AFTER):
+            assert_product(NUMPY.matmul(a, b), a, b)
+    assert len(races) == 3
+    saved = json.loads((fresh / "blas.json").read_text())
+    (entry,) = [v for k, v in saved.items() if k.endswith("|float64|shapes")]
+    assert [name.split("|")[-1] for name in entry] == ["900,32,288", "904,32,288"]
+
+
+@needs_mkl
 def test_a_shape_takes_a_winner_only_by_five_percent(shapes_raced):
     faster, races = shapes_raced
     rng = np.random.default_rng(0)

@@ -895,6 +895,7 @@ def _contender(use: str, threads: int) -> Callable:
 SHAPE_AFTER = 3
 _SHAPE_WORK = (1 << 20, 1 << 27)
 _SHAPES_MAX = 4096  # shapes counted in a process: beyond, new ones keep their class's choice
+_SHAPES_SAVED = 1024  # shapes kept in blas.json per machine and dtype: the latest raced
 _shaped: dict = {}  # class key + (m, n, k) -> calls so far, or the matmul chosen
 _shape_saved: dict = {}  # dtype -> {"kind|threads|m,n,k": choice} read from blas.json
 
@@ -937,7 +938,8 @@ def _shape_choice(shape: tuple, a, b) -> Callable:
                else now)
         saved[name] = use
         key = f"{_machine()}|{dtype.name}|shapes"
-        _save(key, {**(_read(key) or {}), **saved})  # with what other processes raced
+        merged = {**(_read(key) or {}), **saved}  # with what other processes raced
+        _save(key, dict(list(merged.items())[-_SHAPES_SAVED:]))  # the latest, a bounded file
     return _contender(use, threads)
 
 
