@@ -874,10 +874,15 @@ def _save(key: str, value: dict) -> None:
 _table: dict = {}  # (dtype, kind, bucket, MKL's threads) -> the matmul chosen_matmul calls
 
 
+def _way(use: str, threads: int) -> Callable | None:
+    """The matmul a choice names, or None where it cannot run (no team)."""
+    return ({"mkl": matmul, "numpy": numpy.matmul}.get(use)
+            or openblas_team(threads, use == "openblas-small"))
+
+
 def _contender(use: str, threads: int) -> Callable:
     """The matmul a choice names (MKL's where the team cannot run)."""
-    return ({"mkl": matmul, "numpy": numpy.matmul}.get(use)
-            or openblas_team(threads, use == "openblas-small") or matmul)
+    return _way(use, threads) or matmul
 
 
 # -- a recurring product's own shape ---------------------------------------------------------
@@ -926,8 +931,7 @@ def _shape_choice(shape: tuple, a, b) -> Callable:
     use = saved.get(name)
     if use is None:
         now = blas_choices(dtype)[kind][bucket]
-        ways = {u: {"mkl": matmul, "numpy": numpy.matmul}.get(u)
-                or openblas_team(threads, u == "openblas-small")
+        ways = {u: _way(u, threads)  # the class's race's contenders (measure)
                 for u in (("mkl", "openblas") if threads > 1 and bucket >= _THREADED
                           else ("numpy", "mkl")) + ("openblas-small",)}
         ways = {u: f for u, f in ways.items() if f is not None}
