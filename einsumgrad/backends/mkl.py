@@ -677,6 +677,12 @@ _THREADED = 18
 # (its test is <=), so NumPy's takes it whatever the choice: no pool to fight
 # MKL's, and MKL's call costs more than the product at this size.
 _ONE_THREAD_WORK = 1 << _THREADED
+
+
+def _on_pools(threads: int, bucket: int) -> bool:
+    """Whether a class's products run on threads beside MKL's pool: then they race
+    only contenders on MKL's team (:func:`measure`), never NumPy's own pool."""
+    return threads > 1 and bucket >= _THREADED
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
 _RULE = ("mkl-or-openblas-team-if-threaded|thin|layouts-warm-median-7|middle|head|small-blocks"
          "|by-layout")
@@ -721,7 +727,7 @@ def measure(dtype) -> dict:
     small = openblas_team(workers, small=True)
 
     def pick(kind, bucket, pairs):
-        if workers > 1 and bucket >= _THREADED:
+        if _on_pools(workers, bucket):
             if team is None or kind not in _BY_LAYOUT:
                 return "mkl"  # by rule: nothing to time
             ours, theirs = race(pairs, fns=(matmul, team))
@@ -932,7 +938,7 @@ def _shape_choice(shape: tuple, a, b) -> Callable:
     if use is None:
         now = blas_choices(dtype)[kind][bucket]
         ways = {u: _way(u, threads)  # the class's race's contenders (measure)
-                for u in (("mkl", "openblas") if threads > 1 and bucket >= _THREADED
+                for u in (("mkl", "openblas") if _on_pools(threads, bucket)
                           else ("numpy", "mkl")) + ("openblas-small",)}
         ways = {u: f for u, f in ways.items() if f is not None}
         names = list(ways)
