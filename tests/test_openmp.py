@@ -145,6 +145,46 @@ def test_a_forked_child_runs_products_and_kernels():
     assert r.stdout.split() == ["child", "0"]
 
 
+@pytest.mark.skipif(not kernels.available(), reason="needs numba")
+def test_a_second_process_loads_the_kernels_from_numbas_disk_cache(tmp_path):
+    """The first process compiles and caches the kernels; the next loads them, a
+    cache hit each, compiling none (a kernel keyed on something that pickles
+    differently in each process compiled and wrote a new cache file every run)."""
+    code = """
+        import numpy as np
+        from einsumgrad.backends import kernels
+        x = np.random.default_rng(0).standard_normal((512, 64))
+        kernels.gelu_vjp(x, x, x); kernels.relu_vjp(x, x)
+        ran = ["gelu_vjp", "relu_vjp"]
+        if kernels.team_matmul(x, x.T, workers=2) is not None:
+            ran.append("blas_parts_team")
+        for name in ran:
+            stats = kernels._kernels()[name].stats
+            print(name, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+    """
+    first, second = (_run(code, NUMBA_CACHE_DIR=str(tmp_path)) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    compiled = {line.split()[0]: line.split()[1:] for line in first.stdout.splitlines()}
+    loaded = {line.split()[0]: line.split()[1:] for line in second.stdout.splitlines()}
+    assert compiled == {name: ["0", "1"] for name in compiled}, first.stdout
+    assert loaded == {name: ["1", "0"] for name in compiled}, second.stdout
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs numba")
+def test_no_kernel_closes_over_what_pickles_apart_in_each_process():
+    """numba keys a kernel's disk cache on its closure, pickled: a module there
+    pickles as its name, a jitted function or an intrinsic differently in each
+    process, so every kernel reaches those through their module."""
+    import types
+    for name, entry in kernels._kernels().items():
+        for k in entry if isinstance(entry, tuple) else (entry,):
+            cells = k.py_func.__closure__ or ()
+            held = {v: type(c.cell_contents).__name__
+                    for v, c in zip(k.py_func.__code__.co_freevars, cells)
+                    if not isinstance(c.cell_contents, types.ModuleType)}
+            assert not held, (name, held)
+
+
 @pytest.mark.skipif(mkl.matmul is None or not kernels.available(),
                     reason="needs the mkl wheel and numba")
 def test_the_users_threading_layer_holds_and_the_kernels_then_share_rows_on_the_pool():

@@ -1,4 +1,5 @@
-"""LLVM operations numba has no spelling for, for the compiled kernels.
+"""LLVM operations numba has no spelling for, and the scalar helpers the compiled
+kernels inline.
 
 Imported only by code that compiles kernels (it imports numba): the pooling
 and other row kernels (:mod:`.kernels`) and the fused chains' generated
@@ -6,6 +7,7 @@ modules (``einsumgrad.program.vecmath``'s prelude imports them by name).
 """
 from __future__ import annotations
 
+import numba
 from numba import types
 from numba.extending import intrinsic
 
@@ -93,3 +95,19 @@ def call_int(typingctx, address, value):
         fn = builder.inttoptr(args[0], ir.FunctionType(i32, [i32]).as_pointer())
         return builder.call(fn, [context.cast(builder, args[1], sig.args[1], types.int32)])
     return sig, codegen
+
+
+# The scalar helpers live here, not beside the kernels that inline them: numba
+# keys a kernel's disk cache on its closure, pickled, and a jitted function in
+# a closure pickles differently in each process (see kernels._build).
+@numba.njit(inline="always", error_model="numpy")
+def clipped(v, tail):
+    """``v`` clipped to ``[-tail, tail]``."""
+    return -tail if v < -tail else tail if v > tail else v
+
+
+@numba.njit(inline="always", error_model="numpy")
+def relu_grad(g, y):
+    """ReLU's rule on its output ``y``: ``g`` where ``y > 0``, 0 where ``y`` is 0,
+    NaN at NaN."""
+    return g if y > 0 else g * 0 if y == 0 else g * y

@@ -90,7 +90,11 @@ def _build(numba, cache: bool) -> dict:
     # One thread each, on purpose (see above). error_model "numpy": x / 0 is
     # inf or NaN, as in NumPy, not an exception.
     opts = dict(cache=cache, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
-    from .intrinsics import call_int, gemm, gemm64, wide
+    # The kernels reach the intrinsics and helpers through their module: numba keys
+    # its disk cache on a kernel's closure, pickled, and a jitted function or an
+    # intrinsic there pickles differently in each process (a miss, a compile and a
+    # new cache file every run); a module pickles as its name.
+    from . import intrinsics as native
 
     # Constants come in as arguments of the array's dtype: a Python literal
     # would promote float32 arithmetic to float64 (no longer 16 lanes wide).
@@ -168,20 +172,16 @@ def _build(numba, cache: bool) -> dict:
             e = c * a / b  # within a few ulps of +-1 past |c| = 3.9: kept within
             out[i] = ((-1.0 if e < -1.0 else 1.0 if e > 1.0 else e) + 1.0) * 0.5
 
-    @numba.njit(inline="always", **opts)
-    def clipped(v, tail):
-        return -tail if v < -tail else tail if v > tail else v
-
     @numba.njit(**opts)
     def gelu_vjp_square(x, t, tail, half):
         for i in numba.prange(x.shape[0]):
-            c = clipped(x[i], tail)
+            c = native.clipped(x[i], tail)
             t[i] = c * half * c
 
     @numba.njit(**opts)
     def gelu_vjp(t, g, x, cdf, tail, scale):
         for i in numba.prange(x.shape[0]):
-            t[i] = g[i] * (t[i] * scale * clipped(x[i], tail) + cdf[i])
+            t[i] = g[i] * (t[i] * scale * native.clipped(x[i], tail) + cdf[i])
 
     @numba.njit(**opts)
     def softmax_vjp(g, out, dx, zero):
@@ -214,7 +214,7 @@ def _build(numba, cache: bool) -> dict:
         share = numpy.empty((x.shape[0], x.shape[4]), x.dtype)  # a row each: prange-safe
         zero = one - one
         for b in numba.prange(x.shape[0]):
-            wide()  # inside the loop: numba compiles a prange body as a function of its own
+            native.wide()  # in the loop: numba compiles a prange body as a function of its own
             for w in range(x.shape[2]):
                 for c in range(x.shape[4]):
                     share[b, c] = zero
@@ -236,15 +236,10 @@ def _build(numba, cache: bool) -> dict:
     # Batch norm, one pass over x each, in two layouts of C order: (N, M, C),
     # channels-last, with per-channel sums in vectors of C along the rows; and
     # (N, C, M) (the ``_by_row`` twins), each channel's M entries a row.
-    @numba.njit(inline="always", **opts)
-    def relu_grad(g, y):
-        # relu's rule on its output y: g where y > 0, 0 where y is 0, NaN at NaN
-        return g if y > 0 else g * 0 if y == 0 else g * y
-
     @numba.njit(**opts)
     def relu_vjp(g, y, dx):  # ReLU's VJP from its output, one pass
         for i in numba.prange(y.shape[0]):
-            dx[i] = relu_grad(g[i], y[i])
+            dx[i] = native.relu_grad(g[i], y[i])
 
     # The sums' kernels add into out[p] the rows of part p of out.shape[0] (one
     # part on the calling thread; a part a thread in the team twins, their rows
@@ -303,7 +298,7 @@ def _build(numba, cache: bool) -> dict:
             for i in range(x.shape[0] * p // parts, x.shape[0] * (p + 1) // parts):
                 for j in range(x.shape[1]):
                     for c in range(x.shape[2]):
-                        gv = relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
+                        gv = native.relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
                         sg[p, c] += gv
                         sgx[p, c] += gv * ((x[i, j, c] - mean[c]) * s[c])
 
@@ -315,7 +310,7 @@ def _build(numba, cache: bool) -> dict:
                 for c in range(x.shape[1]):
                     t, u = sg[p, c] * 0, sg[p, c] * 0
                     for j in range(x.shape[2]):
-                        gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
+                        gv = native.relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
                         t += gv
                         u += gv * ((x[i, c, j] - mean[c]) * s[c])
                     sg[p, c] += t
@@ -327,7 +322,7 @@ def _build(numba, cache: bool) -> dict:
         for i in numba.prange(x.shape[0]):
             for j in range(x.shape[1]):
                 for c in range(x.shape[2]):
-                    gv = relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
+                    gv = native.relu_grad(g[i, j, c], y[i, j, c]) if relu else g[i, j, c]
                     dx[i, j, c] = a[c] * (gv - mg[c] - (x[i, j, c] - mean[c]) * s[c] * mgx[c])
 
     @numba.njit(**opts)
@@ -335,7 +330,7 @@ def _build(numba, cache: bool) -> dict:
         for i in numba.prange(x.shape[0]):
             for c in range(x.shape[1]):
                 for j in range(x.shape[2]):
-                    gv = relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
+                    gv = native.relu_grad(g[i, c, j], y[i, c, j]) if relu else g[i, c, j]
                     dx[i, c, j] = a[c] * (gv - mg[c] - (x[i, c, j] - mean[c]) * s[c] * mgx[c])
 
     # One Adam step in one pass, each operation as optim.Adam's NumPy path writes
@@ -365,8 +360,8 @@ def _build(numba, cache: bool) -> dict:
         k, j, n = kh * kw * c, out.shape[1], other.shape[1]
         parts = totals.shape[0]
         for p in numba.prange(parts):
-            wide()
-            before = call_int(local_at, 1)  # MKL on this thread alone, then as it was
+            native.wide()
+            before = native.call_int(local_at, 1)  # MKL on this thread alone, then as it was
             pad = numpy.zeros((nb, hp, wp, c), x.dtype)  # its border stays zero
             cols = numpy.empty((nb, oh, ow, kh, kw, c), x.dtype)
             for s in range(r * p // parts, r * (p + 1) // parts, nb):
@@ -386,12 +381,12 @@ def _build(numba, cache: bool) -> dict:
                                                                         xo * sw + jj * dw, ch]
                 rows = m * oh * ow  # CBLAS's codes: 111 as laid out, 112 transposed
                 if j:  # out[block] = windows @ w
-                    gemm(gemm_at, 111, trans_w, rows, j, k, cols.ctypes.data, k, w, ldw, zero,
-                         out[s * oh * ow:].ctypes.data, j)
+                    native.gemm(gemm_at, 111, trans_w, rows, j, k, cols.ctypes.data, k, w, ldw,
+                                zero, out[s * oh * ow:].ctypes.data, j)
                 if n:  # totals[p] += windows^T @ other[block]
-                    gemm(gemm_at, 112, 111, k, n, rows, cols.ctypes.data, k,
-                         other[s * oh * ow:].ctypes.data, n, one, totals[p].ctypes.data, n)
-            call_int(local_at, before)
+                    native.gemm(gemm_at, 112, 111, k, n, rows, cols.ctypes.data, k,
+                                other[s * oh * ow:].ctypes.data, n, one, totals[p].ctypes.data, n)
+            native.call_int(local_at, before)
 
     # One product c = op(a) @ op(b) (row-major, c's rows ldc apart) in ``parts`` blocks
     # of rows (by_rows) or of columns of c, each by the CBLAS ?gemm at ``gemm_at``
@@ -412,9 +407,10 @@ def _build(numba, cache: bool) -> dict:
                 ap, cp, rows, cols = a, c + lo * item, m, hi - lo
             if rows > 0 and cols > 0:
                 if ilp:
-                    gemm64(gemm_at, ta, tb, rows, cols, k, ap, lda, bp, ldb, zero, cp, ldc)
+                    native.gemm64(gemm_at, ta, tb, rows, cols, k, ap, lda, bp, ldb, zero, cp,
+                                  ldc)
                 else:
-                    gemm(gemm_at, ta, tb, rows, cols, k, ap, lda, bp, ldb, zero, cp, ldc)
+                    native.gemm(gemm_at, ta, tb, rows, cols, k, ap, lda, bp, ldb, zero, cp, ldc)
 
     def team(kernel):
         # The prange twin (threads.openmp), cached by numba under a name of its own:
