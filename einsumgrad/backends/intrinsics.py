@@ -99,7 +99,10 @@ def call_int(typingctx, address, value):
 
 # The scalar helpers live here, not beside the kernels that inline them: numba
 # keys a kernel's disk cache on its closure, pickled, and a jitted function in
-# a closure pickles differently in each process (see kernels._build).
+# a closure pickles differently in each process (see kernels._build). It keys
+# them on kernels.py's own timestamp too, not on this file's: a change here
+# reaches their cache once kernels.py changes (the fused chains' sources carry
+# this file's digest, see einsumgrad.program.vecmath).
 @numba.njit(inline="always", error_model="numpy")
 def clipped(v, tail):
     """``v`` clipped to ``[-tail, tail]``."""
