@@ -10,6 +10,7 @@ batches shorter than a block, float32, batched and unbatched constants and
 outputs. On backends other than NumPy's the replay stays whole, and correct.
 """
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -492,3 +493,137 @@ def test_a_replay_does_not_keep_its_program_alive(rng, monkeypatch):
         gc.collect()
         assert ref() is None
         run([x])  # it runs on what it holds
+
+
+@pytest.mark.skipif(not CHUNKS, reason="chunked replay runs on NumPy's backend only")
+def test_a_whole_replay_past_its_memory_bound_is_not_raced(rng, monkeypatch):
+    monkeypatch.delenv("EINSUMGRAD_CHUNK", raising=False)
+    x = rng.standard_normal((20000, 3))
+    p = make_program(seed002(rng))(x)
+    assert "whole" in chunk.plan_replay(p).sides
+    monkeypatch.setattr(chunk, "WHOLE_BYTES", 1 << 20)  # below the program's live intermediates
+    run = chunk.plan_replay(p)
+    assert isinstance(run, chunk.Chunked) or "whole" not in run.sides
+    want, calls = p.run([x]), []
+    monkeypatch.setattr(p, "_run", lambda *v: calls.append(v))
+    for _ in range(4 * chunk.Raced.TRIES):
+        assert_same(run([x]), want)
+    assert not calls  # never the whole replay
+
+
+# -- a long batch traced on a block of its rows ---------------------------------------------
+
+TRACED = sys.modules["einsumgrad.program.jit"]
+
+
+@pytest.fixture
+def short_rows(monkeypatch):
+    """Batches from 64 rows traced on blocks of 7; the traces that ran so far: ``"rows"``
+    for one on a block, ``"whole"``, ``"unproved"`` for one on a block given up."""
+    monkeypatch.setattr(chunk, "TRACE_MIN_ROWS", 64)
+    monkeypatch.setattr(chunk, "TRACE_ROWS", 7)
+    monkeypatch.setattr(chunk.RowTrace.__init__, "__defaults__", (7,))
+    runs, trace = [], TRACED._trace
+
+    def spy(*args):
+        rows = args[7] if len(args) > 7 else None
+        try:
+            got = trace(*args)
+        except eg.TraceError:
+            raise
+        except BaseException:
+            runs.append("unproved")
+            raise
+        runs.append("whole" if rows is None else "rows")
+        return got
+    monkeypatch.setattr(TRACED, "_trace", spy)
+    return runs
+
+
+def whole_program(f, *args, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(chunk, "TRACE_MIN_ROWS", 10**12)
+        return make_program(f)(*args)
+
+
+ROW_WISE = {
+    "seed000": (seed000, 16), "seed002": (seed002, 3),
+    "seed001": (lambda rng: eg.batch_jacobian(mlp([12, 16, 4], rng, act=eg.relu)), 12),
+    "mlp": (lambda rng: mlp([5, 16, 16, 2], rng), 5),
+    "vmap of jacrev": (lambda rng: eg.vmap(eg.jacrev(mlp([3, 8, 2], rng))), 3),
+}
+
+
+@pytest.mark.parametrize("name", list(ROW_WISE))
+def test_a_long_batch_is_traced_on_a_block_into_the_batchs_own_program(name, rng, short_rows,
+                                                                      monkeypatch):
+    make, width = ROW_WISE[name]
+    f = make(rng)
+    x = xb(rng.standard_normal((150, width)))
+    p = make_program(f)(x)
+    assert short_rows == (["rows"] if CHUNKS else ["whole"])
+    q = whole_program(f, x, monkeypatch=monkeypatch)
+    assert str(p) == str(q) and p.source() == q.source()
+    assert_same(p(x), q(x))
+    j = jit(f)
+    assert_same(j(x), f(x), dict(rtol=1e-12, atol=1e-12), types=False)  # the first call
+    assert_same(j(x), f(x), dict(rtol=1e-12, atol=1e-12), types=False)
+    assert j.traces == 1
+
+
+LONG_MIXING = {
+    **{k: v for k, v in MIXING.items() if k != "reshape of the batch"},
+    "reshape of the batch": lambda x: eg.tanh(x).reshape(-1),
+    "a sum's gradient": eg.grad(lambda x: (eg.tanh(x) ** 2).sum()),
+    "a guard in a rule": lambda x: eg.grad(lambda a: eg.max(a, axis=1).sum())(x),
+    "caught by except Exception": lambda x: _swallow(x),
+}
+
+
+def _swallow(x):
+    try:
+        y = eg.tanh(x) * x.sum(0)
+    except Exception:  # must not catch the trace's own signal to start again
+        y = x
+    return y
+
+
+@pytest.mark.parametrize("name", list(LONG_MIXING))
+def test_a_trace_on_a_block_starts_again_whole_where_rows_meet(name, rng, short_rows,
+                                                               monkeypatch):
+    f = LONG_MIXING[name]
+    x = xb(rng.standard_normal((96, 96)))  # the batch has the length of the other axis
+    p = make_program(f)(x)
+    assert short_rows == (["unproved", "whole"] if CHUNKS else ["whole"])
+    assert str(p) == str(whole_program(f, x, monkeypatch=monkeypatch))
+    assert_same(jit(f)(x), f(x), dict(rtol=1e-9, atol=1e-9), types=False)
+
+
+def test_the_function_sees_the_batchs_shapes_on_a_block(rng, short_rows):
+    def f(x):
+        assert len(x) == 150 and x.shape == (150, 3) and x.size == 450
+        return eg.tanh(x) * (2.0 if x.shape[0] > 100 else 3.0)
+    x = xb(rng.standard_normal((150, 3)))
+    assert_same(jit(f)(x), 2.0 * np.tanh(npy(x)), types=False)
+    assert short_rows == (["rows"] if CHUNKS else ["whole"])
+
+
+def test_a_value_leaving_for_python_is_still_an_error_on_a_block(rng, short_rows):
+    x = xb(rng.standard_normal((150, 3)))
+    with pytest.raises(eg.TraceError, match="branch"):
+        make_program(lambda x: x * 2 if (x.sum() > 0) else x)(x)
+
+
+@pytest.mark.skipif(not CHUNKS, reason="a trace on a block runs on NumPy's backend only")
+def test_a_trace_on_a_block_computes_a_block_and_its_first_call_a_replay(rng):
+    import tracemalloc
+    f = seed002(rng)
+    x = rng.standard_normal((50000, 3))  # a batched intermediate: 50000 * 3 * 16 * 8 = 19 MB
+    tracemalloc.start()
+    try:
+        make_program(f)(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+    assert_same(jit(f)(x), f(x), dict(rtol=1e-12, atol=1e-12), types=False)

@@ -42,10 +42,16 @@ the blocks pay also depends on the machine (a product-bound program loses
 BLAS's second thread): the first calls run the whole replay, the chunked one
 and, on several cores, the chunked one on a thread per core in turns, and the
 fastest stays, a slower one timed again now and then in case the machine
-changed (:class:`Raced`).
+changed (:class:`Raced`); the whole replay only where its live intermediates fit
+:data:`WHOLE_BYTES`.
 
-``EINSUMGRAD_CHUNK=0`` turns chunking off; ``EINSUMGRAD_CHUNK=<rows>`` fixes the
-rows per block (for tests and measurement; the size heuristics are skipped).
+The same proof, step by step as a trace runs, lets a trace over a long batch
+compute each step on a block of rows only (:class:`RowTrace`): the program
+is the batch's, its trace holds a block's intermediates, not the batch's.
+
+``EINSUMGRAD_CHUNK=0`` turns chunking off (and traces on a block);
+``EINSUMGRAD_CHUNK=<rows>`` fixes the rows per block (for tests and measurement;
+the size heuristics are skipped).
 """
 from __future__ import annotations
 
@@ -62,7 +68,7 @@ from ..plan import AUTO, Plan
 from .passes import ELEMENTWISE  # with no parameters, the result broadcasts the operands
 from ..backends.threads import Timed, cores, one_thread, pool as thread_pool
 from .graph import is_ufunc
-from .trace import Eq, Ref
+from .trace import Eq, Ref, Unproved
 
 CACHE_BYTES = 1 << 21
 """The per-core L2 cache the blocks are sized for."""
@@ -87,6 +93,10 @@ rests MKL's team, which the next product starts again)."""
 SERIAL_MIN_BYTES = 2 * CACHE_BYTES
 """:data:`MIN_BYTES` where the process has one core (seed 000 at B = 4096, 4.8 MB
 in all: 0.80 ms in blocks against 0.87-0.95 whole)."""
+WHOLE_BYTES = 256 << 20
+"""The most bytes of intermediates live at once that the whole replay may hold to
+enter the race: a larger program runs in blocks only, as the eager path keeps a
+Jacobian's passes within ``transforms.JACOBIAN_MEMORY_BUDGET``."""
 
 
 def enabled() -> bool:
@@ -290,6 +300,116 @@ def _uniform(c, axis: int) -> bool:
     return bool(numpy.array_equal(c, numpy.broadcast_to(first, c.shape)))
 
 
+# -- a trace on a block of rows --------------------------------------------------------------
+
+TRACE_MIN_ROWS = 1 << 14
+"""Batches from this many rows are traced on a block of :data:`TRACE_ROWS` rows."""
+TRACE_ROWS = 61
+"""Rows a trace on a block computes (a length no other axis is likely to have)."""
+_PENDING = -1  # the slot a step's result is proved on before it has one
+
+
+class RowTrace:
+    """What a trace computes of a long batch: each step on a block of its rows.
+
+    The inputs of the batch's length (the longest leading axis among the arrays)
+    are batched along axis 0. A step that reads a batched value runs on the
+    block, where :func:`_step_axis` proves it keeps rows apart (as the chunked
+    replay proves it of the program), a whole value with one axis of the
+    batch's length cut to the block there (a Jacobian's basis); its result is
+    batched. A step that reads none runs whole. Anything else raises
+    :class:`~einsumgrad.program.trace.Unproved`: the trace starts again whole.
+    The program is the same: every shape the function sees is the batch's.
+    """
+
+    def __init__(self, size: int, rows: int = TRACE_ROWS):
+        self.size, self.rows = size, rows
+
+    @staticmethod
+    def of(values: list) -> "RowTrace | None":
+        """The trace on a block for these inputs, or None where the batch is short
+        (or the arrays are not NumPy's, or chunking is off)."""
+        arrays = [v for v in values if hasattr(v, "shape")]
+        if not enabled() or any(type(v) is not numpy.ndarray and not isinstance(v, numpy.generic)
+                                for v in arrays):
+            return None
+        lead = max((v.shape[0] for v in arrays if v.ndim), default=0)
+        return RowTrace(lead) if lead >= TRACE_MIN_ROWS else None
+
+    def batched(self, value) -> bool:
+        """Whether an input is batched (along axis 0)."""
+        return value.ndim > 0 and value.shape[0] == self.size
+
+    def stand_ins(self, rec, template, values):
+        """``values`` with each batched array as a stand-in of its whole shape (a
+        broadcast view): what a shape's query reads."""
+        def swap(t, v):
+            if type(t) is Ref and t.slot in rec.axes:
+                return numpy.broadcast_to(numpy.zeros((), v.dtype), rec.avals[t.slot][0])
+            if type(t) in (tuple, list):
+                return type(t)(swap(a, b) for a, b in zip(t, v))
+            if type(t) is dict:
+                return {k: swap(t[k], v[k]) for k in t}
+            return v
+        return swap(template, values)
+
+    def step(self, rec, eq: Eq, vals, kvals) -> tuple:
+        """``(result, its batch axis)``: the step run whole where it reads no batched
+        value (axis None), else on the block."""
+        refs = eq.refs()
+        if not any(s in rec.axes for s in refs):
+            return rec.run(eq.fn, vals, kvals), None
+        if any(s not in rec.axes for s in eq.writes):
+            raise Unproved("a value of the batch written into a whole one")
+        axes = {}
+        for s in refs:
+            if s in rec.axes:
+                axes[s] = rec.axes[s]
+            else:
+                on = [i for i, n in enumerate(rec.avals[s][0]) if n == self.size]
+                axes[s] = on[0] if len(on) == 1 else None
+        cuts = {s: ax for s, ax in axes.items() if ax is not None and s not in rec.axes}
+        vals, kvals = self._cut(eq.args, vals, cuts), self._cut(eq.kwargs, kvals, cuts)
+        if eq.op[0] == "backend" and eq.op[2] == "broadcast_to":
+            at = _broadcast_to_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes,
+                                    rec.avals, self.size)
+            if type(at) is int and type(vals[1]) is tuple:
+                vals = (vals[0], vals[1][:at] + (self.rows,) + vals[1][at + 1:])
+        if eq.op == ("prim", "einsum"):
+            kvals = {k: v for k, v in kvals.items() if k != "run"}  # planned for the batch
+        try:
+            result = rec.run(eq.fn, vals, kvals)
+        except Exception as e:  # the block's rows meet another axis: the whole trace says
+            raise Unproved(f"{eq.op[:3]} fails on a block: {e}") from None
+        if eq.op == ("prim", "identity") and result is vals[0]:
+            return result, None  # its operand's slot again: nothing recorded
+        if type(result) is not numpy.ndarray:
+            raise Unproved(f"{eq.op[:3]} gives no array of the batch")
+        proved = Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), writes=eq.writes)
+        try:
+            for i, n in enumerate(result.shape):
+                if n == self.rows:
+                    rec.avals[_PENDING] = (result.shape[:i] + (self.size,) + result.shape[i + 1:],
+                                           result.dtype)
+                    got = _step_axis(proved, axes, rec.avals, self.size)
+                    if got is not False and got == i:  # False == 0 holds
+                        return result, i
+        finally:
+            rec.avals.pop(_PENDING, None)
+        raise Unproved(f"{eq.op[:3]} is not known to keep the batch's rows apart")
+
+    def _cut(self, template, values, cuts: dict):
+        """``values`` with the whole arrays ``cuts`` names (slot -> axis) cut to the block."""
+        if type(template) is Ref:
+            ax = cuts.get(template.slot)
+            return values if ax is None else values[(slice(None),) * ax + (slice(0, self.rows),)]
+        if type(template) in (tuple, list):
+            return type(template)(self._cut(t, v, cuts) for t, v in zip(template, values))
+        if type(template) is dict:
+            return {k: self._cut(template[k], values[k], cuts) for k in template}
+        return values
+
+
 # -- sizing -----------------------------------------------------------------------------------
 
 def row_bytes(p, axes: dict, size: int) -> tuple:
@@ -477,22 +597,24 @@ class Raced:
     the fastest, a slower one tried now and then): which pays depends on the
     machine (its cores, its caches, how busy it is) more than a size threshold can
     say. Each call's result is a real one; they agree up to BLAS rounding (the two
-    chunked ones run the same blocks)."""
+    chunked ones run the same blocks). ``whole`` None: the blocks' two ways only
+    (a whole replay whose intermediates would not fit :data:`WHOLE_BYTES`)."""
 
     TRIES = Timed.TRIES  # calls timed per side before the first pick
     EVERY = 32  # then a slower side every this many calls
 
-    def __init__(self, whole: Callable, chunked: Chunked, parallel: Chunked | None = None):
+    def __init__(self, whole: Callable | None, chunked: Chunked,
+                 parallel: Chunked | None = None):
         self.whole, self.chunked, self.parallel = whole, chunked, parallel
-        self.timed = Timed(3 if parallel is not None else 2, self.EVERY)
+        self.sides = [name for name in ("whole", "chunked", "parallel")
+                      if getattr(self, name) is not None]
+        self.timed = Timed(len(self.sides), self.EVERY)
 
     def __call__(self, values: list) -> list:
         side = self.timed.pick()
+        name = self.sides[side]
         t = time.perf_counter()
-        if side == 0:
-            out = self.whole(*values)
-        else:
-            out = (self.chunked if side == 1 else self.parallel)(values)
+        out = self.whole(*values) if name == "whole" else getattr(self, name)(values)
         self.timed.record(side, time.perf_counter() - t)
         return out
 
@@ -521,6 +643,9 @@ def plan_replay(p) -> Callable | None:
         parallel = (chunked if shared == rows else
                     Chunked(p, size, axes, consts, shared)).on_threads(cores())
         parallel = parallel if len(parallel.lengths) > 1 else None
+    live = row_bytes(p, axes, size)[0] * size
+    if live > WHOLE_BYTES:
+        return Raced(None, chunked, parallel) if parallel is not None else chunked
     return Raced(p._run or p._compile(), chunked, parallel)
 
 

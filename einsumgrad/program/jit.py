@@ -10,11 +10,11 @@ from ..backends import backend_of
 from ..plan import Bounded
 from ..pytree import flatten, unflatten
 from ..tensor import Tensor, state
-from .chunk import replayer
+from .chunk import RowTrace, replayer
 from .core import Program, is_array, remember, signature
 from .passes import optimize as run_passes
 from .render import function_label, input_names
-from .trace import GuardFailed, Recorder, Ref, Traced, TraceError, tracing
+from .trace import GuardFailed, Recorder, Ref, Traced, TraceError, Unproved, tracing
 
 JIT_CACHE_SIZE = 64
 """Programs ``jit`` keeps per function (one per signature), the oldest dropped first."""
@@ -33,10 +33,22 @@ def _normalized(nums: tuple, n: int) -> tuple:
 
 def trace_program(f: Callable, args: tuple, kwargs: dict, static_argnums: tuple,
                   optimize: bool = True) -> tuple:
-    """Run ``f`` once on Traced stand-ins; returns ``(program, output leaves of this run)``."""
+    """Run ``f`` once on Traced stand-ins; returns ``(program, output leaves of this run)``,
+    the leaves None where the trace computed a block of the batch's rows only (see
+    :class:`~einsumgrad.program.chunk.RowTrace`): the program then gives them."""
     static_argnums = _normalized(static_argnums, len(args))
     key, values = signature(args, kwargs, static_argnums)
-    rec = Recorder()
+    rows = RowTrace.of(values)
+    if rows is not None:
+        try:
+            return _trace(f, args, kwargs, static_argnums, key, values, optimize, rows)
+        except Unproved:
+            pass  # a step mixes rows, or a value leaves for Python: trace it whole
+    return _trace(f, args, kwargs, static_argnums, key, values, optimize)
+
+
+def _trace(f, args, kwargs, static_argnums, key, values, optimize, rows=None) -> tuple:
+    rec = Recorder(rows)
     with tracing(rec):
         ins = [rec.input(v) for v in values]
         call_args, call_kwargs = _rebuild(args, kwargs, static_argnums, ins)
@@ -70,8 +82,8 @@ def trace_program(f: Callable, args: tuple, kwargs: dict, static_argnums: tuple,
     labels = input_names(f, args, kwargs, static_argnums, _is_input)
     p.input_names = labels if labels is not None and len(labels) == len(rec.inputs) else None
     if optimize:
-        run_passes(p, rec.values)
-    return p, now
+        run_passes(p, rec.values, rec.whole() if rows is not None else None)
+    return p, (now if rows is None else None)
 
 
 def _rebuild(args: tuple, kwargs: dict, static_argnums: tuple, ins: list) -> tuple:
@@ -134,7 +146,10 @@ class Jit:
                 pass  # a rule's branch goes the other way here: trace again
         self.traces += 1
         p, now = trace_program(self.f, args, kwargs, nums)
-        self.programs[key] = [p, None]
+        hit = self.programs[key] = [p, None]
+        if now is None:  # traced on a block of rows: the program computes them all
+            run = hit[1] = replayer(p)
+            now = run(values)
         return p.outputs_of(now)
 
     def program(self, *args, **kwargs) -> Program:
@@ -159,8 +174,12 @@ def jit(f: Callable, static_argnums=()) -> Jit:
     (backend), shape and dtype, and the static values (``static_argnums``
     arguments and non-array leaves, which must be hashable); programs are kept
     per signature (the last :data:`JIT_CACHE_SIZE`). A replay runs no Tensor
-    and no tape. Inside a transform, inside another trace, or with an input
-    that requires grad, ``f`` itself runs (its ops must be on the tape).
+    and no tape. A long batch (from ``chunk.TRACE_MIN_ROWS`` rows) is traced on a
+    block of its rows, every shape ``f`` sees the batch's, and its first call's
+    results come from the program; where a step mixes rows, ``f`` is traced again
+    on the whole batch (its Python side effects then happen twice). Inside a
+    transform, inside another trace, or with an input that requires grad, ``f``
+    itself runs (its ops must be on the tape).
 
     Raises:
         TraceError: at trace time, ``f`` branches on a value computed from its

@@ -43,10 +43,11 @@ ELEMENTWISE = frozenset(("add", "sub", "mul", "div", "pow", "maximum", "minimum"
                          "sigmoid", "softplus", "erf", "normal_pdf", "where"))
 
 
-def optimize(p, values: dict | None = None) -> None:
-    """All the passes, in place on ``p`` (``values``: what the trace computed per slot)."""
+def optimize(p, values: dict | None = None, whole: dict | None = None) -> None:
+    """All the passes, in place on ``p`` (``values``: what the trace computed per slot;
+    ``whole``: those of them computed whole, where a trace ran on a block of rows)."""
     if values is not None:
-        fold_constants(p, values)
+        fold_constants(p, values if whole is None else whole)
     drop_ones(p)
     common_subexpressions(p)
     merge_einsums(p)

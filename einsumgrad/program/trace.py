@@ -22,9 +22,17 @@ branch the program cannot take for every input. In the user's code it raises
 :class:`TraceError` naming the line; inside einsumgrad's own rules (a skip
 when no entry is NaN, a tie check) the value is recorded as a *guard*, checked
 on every run: a program whose guard fails is traced again by ``jit``.
+
+A trace over a long batch may compute each step on a few of its rows only
+(``Recorder(rows=...)``, see ``chunk.RowTrace``): the program and every shape
+the function sees are the batch's, each step's value a block of it, for as
+long as every step is proved to keep rows apart; the first that is not, or a
+value of the batch leaving for Python, raises :class:`Unproved` and the trace
+starts again on the whole batch.
 """
 from __future__ import annotations
 
+import math
 import operator
 import os
 import sys
@@ -44,6 +52,12 @@ class TraceError(RuntimeError):
     """A program trace met something it cannot record: a branch on a traced
     value, a traced value leaving for NumPy or Python, or an array the program
     does not follow written with one it does."""
+
+
+class Unproved(BaseException):
+    """A trace on a block of rows met a step not known to keep rows apart: trace
+    the whole batch instead. A BaseException: ``except Exception`` in the traced
+    function lets it through."""
 
 
 class GuardFailed(Exception):
@@ -134,18 +148,21 @@ class Traced:
     def __init__(self, value, slot: int, rec: "Recorder"):
         self.value, self.slot, self.rec = value, slot, rec
 
-    shape = property(lambda self: self.value.shape)
+    # The program's shape, which a trace on a block of rows computes less of
+    shape = property(lambda self: self.rec.avals[self.slot][0])
     dtype = property(lambda self: self.value.dtype)
     ndim = property(lambda self: self.value.ndim)
-    size = property(lambda self: self.value.size)
+    size = property(lambda self: math.prod(self.shape))
     strides = property(lambda self: self.value.strides)
     flags = property(lambda self: self.value.flags)
     itemsize = property(lambda self: self.value.itemsize)
-    nbytes = property(lambda self: self.value.nbytes)
+    nbytes = property(lambda self: self.size * self.value.itemsize)
     device = property(lambda self: getattr(self.value, "device", "cpu"))
 
     def __len__(self) -> int:
-        return len(self.value)
+        if not self.shape:
+            raise TypeError("len() of unsized object")
+        return self.shape[0]
 
     def __repr__(self) -> str:
         return f"<traced slot {self.slot}: {self.dtype}{list(self.shape)}>"
@@ -382,10 +399,10 @@ def _where(frame) -> str:
 class Recorder:
     """What one trace has recorded: equations, constants, the shape of every slot."""
 
-    def __init__(self):
+    def __init__(self, rows=None):
         self.eqs: list = []
         self.avals: dict = {}     # slot -> (shape, dtype)
-        self.values: dict = {}    # slot -> its value in this trace
+        self.values: dict = {}    # slot -> its value in this trace (a block's, see rows)
         self.consts: dict = {}    # slot -> array (a read-only view)
         self._const_of: dict = {}  # id(array) -> slot
         self._keep: list = []     # arrays whose ids _const_of holds
@@ -393,19 +410,33 @@ class Recorder:
         self.devices: dict = {}   # backend name -> device, for each backend called
         self.n = 0
         self.busy = False  # inside a recorded step: what it calls is part of it
+        # On a block of rows (chunk.RowTrace): each batched slot's batch axis; the
+        # other slots' values are whole.
+        self.rows, self.axes = rows, {}
 
     # slots
-    def new(self, value) -> int:
+    def new(self, value, axis: int | None = None) -> int:
+        """A slot for ``value``; ``axis``: its batch axis, ``value`` a block of rows."""
         slot = self.n
         self.n += 1
-        self.avals[slot] = (tuple(value.shape), value.dtype)
+        shape = tuple(value.shape)
+        if axis is not None:
+            shape = shape[:axis] + (self.rows.size,) + shape[axis + 1:]
+            self.axes[slot] = axis
+        self.avals[slot] = (shape, value.dtype)
         self.values[slot] = value  # what the trace computed: constant folding reads it
         return slot
 
     def input(self, value) -> Traced:
-        slot = self.new(value)
+        axis = 0 if self.rows is not None and self.rows.batched(value) else None
+        block = value if axis is None else value[:self.rows.rows].copy(order="K")  # its layout
+        slot = self.new(block, axis)
         self.inputs.append(slot)
-        return traced_type(backend_of(value))(value, slot, self)
+        return traced_type(backend_of(value))(block, slot, self)
+
+    def whole(self) -> dict:
+        """The values computed whole (on a block of rows, the unbatched ones)."""
+        return {s: v for s, v in self.values.items() if s not in self.axes}
 
     def const(self, a) -> tuple:
         """A constant's slot and the read-only view of it the program keeps."""
@@ -467,16 +498,20 @@ class Recorder:
             return prim.impl(*datas, **params)
         vals, args = self.scan(tuple(datas))
         pvals, kwargs = self.scan(params)
-        out = self.run(prim.impl, vals, pvals)
+        op, axis = ("prim", prim.name), None
+        if self.rows is None:
+            out = self.run(prim.impl, vals, pvals)
+        else:
+            out, axis = self.rows.step(self, Eq(op, prim.impl, args, kwargs, ()), vals, pvals)
         if prim.name == "identity" and out is vals[0]:
             return datas[0]  # the same array: the same slot
         scalar = isinstance(out, numpy.generic)
         if scalar:
             out = numpy.asarray(out)
         writes = tuple(a.slot for a, v in zip(args, vals) if v is out and type(a) is Ref)
-        slot = self.new(out)
-        self.eqs.append(Eq(("prim", prim.name), prim.impl, args, kwargs, (slot,),
-                           scalar=scalar, writes=writes, prim=prim))
+        slot = self.new(out, axis)
+        self.eqs.append(Eq(op, prim.impl, args, kwargs, (slot,), scalar=scalar,
+                           writes=writes, prim=prim))
         return traced_type(backend_of(out))(out, slot, self)
 
     def call(self, op: tuple, fn: Callable, args: tuple, kwargs: dict, protocol: bool = False):
@@ -487,9 +522,17 @@ class Recorder:
         kvals, tkw = self.scan(kwargs)
         name = _op_name(op)
         if name in METADATA:
+            if self.rows is not None and name in ("shape", "ndim", "size"):
+                vals, kvals = self.rows.stand_ins(self, targs, vals), \
+                    self.rows.stand_ins(self, tkw, kvals)
             return fn(*vals, **kvals)
         writes = self._writes(op, name, targs, tkw)
-        result = self.run(fn, vals, kvals)
+        axis = None
+        if self.rows is None:
+            result = self.run(fn, vals, kvals)
+        else:
+            result, axis = self.rows.step(self, Eq(op, fn, targs, tkw, (), writes=writes),
+                                          vals, kvals)
         if writes:
             # In place: the targets' arrays changed; the result, if any, is one of them.
             self.eqs.append(Eq(op, fn, targs, tkw, (), writes=writes))
@@ -498,7 +541,7 @@ class Recorder:
                     return a
             if result is None:
                 return None
-            slot = self.new(result)
+            slot = self.new(result, axis)
             self.eqs[-1].outs = (slot,)
             return traced_type(backend_of(result))(result, slot, self)
         if type(result) in (tuple, list) and result and all(is_array(r) for r in result):
@@ -511,7 +554,7 @@ class Recorder:
             result = numpy.asarray(result)
         elif not is_array(result):
             return result  # a description (a dtype, a shape): no value of the inputs
-        slot = self.new(result)
+        slot = self.new(result, axis)
         self.eqs.append(Eq(op, fn, targs, tkw, (slot,), scalar=scalar))
         return traced_type(backend_of(result))(result, slot, self)
 
@@ -549,6 +592,8 @@ class Recorder:
         if frame is None or not frame.f_code.co_filename.startswith(_PKG):
             raise self.error(f"{_WHAT.get(via, _WHAT.get(kind, kind))} a value computed "
                              f"from the program's inputs")
+        if t.slot in self.axes:
+            raise Unproved(f"a guard on a value of the batch at {_where(frame)}")
         value = CONVERT[kind](t.value, *args)
         self.eqs.append(Eq(("guard", kind), None, (Ref(t.slot),),
                            {"args": args, "expected": value, "where": _where(frame)}, ()))
