@@ -599,6 +599,18 @@ def test_a_trace_on_a_block_starts_again_whole_where_rows_meet(name, rng, short_
     assert_same(jit(f)(x), f(x), dict(rtol=1e-9, atol=1e-9), types=False)
 
 
+def test_a_whole_value_of_the_batchs_length_is_cut_where_rows_meet_it_else_kept_whole(
+        rng, short_rows, monkeypatch):
+    x = xb(rng.standard_normal((96, 96)))  # the batch has the length of the other axis
+    down = xb(rng.standard_normal((96, 1)))  # along the batch: cut to the block
+    across = xb(rng.standard_normal(96))     # along x's columns: whole in the block
+    f = lambda x: eg.tanh(x) * down + across
+    p = make_program(f)(x)
+    assert short_rows == (["rows"] if CHUNKS else ["whole"])
+    assert str(p) == str(whole_program(f, x, monkeypatch=monkeypatch))
+    assert_same(jit(f)(x), f(x), dict(rtol=1e-12, atol=1e-12), types=False)
+
+
 def test_the_function_sees_the_batchs_shapes_on_a_block(rng, short_rows):
     def f(x):
         assert len(x) == 150 and x.shape == (150, 3) and x.size == 450

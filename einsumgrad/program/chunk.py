@@ -355,20 +355,28 @@ class RowTrace:
 
     def step(self, rec, eq: Eq, vals, kvals) -> tuple:
         """``(result, its batch axis)``: the step run whole where it reads no batched
-        value (axis None), else on the block."""
+        value (axis None), else on the block: the whole values with one axis of the
+        batch's length batched there, else (where that proves nothing) unbatched."""
         refs = eq.refs()
         if not any(s in rec.axes for s in refs):
             return rec.run(eq.fn, vals, kvals), None
         if any(s not in rec.axes for s in eq.writes):
             raise Unproved("a value of the batch written into a whole one")
-        axes = {}
+        long = {}
         for s in refs:
-            if s in rec.axes:
-                axes[s] = rec.axes[s]
-            else:
-                on = [i for i, n in enumerate(rec.avals[s][0]) if n == self.size]
-                axes[s] = on[0] if len(on) == 1 else None
-        cuts = {s: ax for s, ax in axes.items() if ax is not None and s not in rec.axes}
+            on = [i for i, n in enumerate(rec.avals[s][0]) if n == self.size]
+            if s not in rec.axes and len(on) == 1:
+                long[s] = on[0]
+        for cuts in ([long, {}] if long else [{}]):
+            axes = {s: rec.axes.get(s, cuts.get(s)) for s in refs}
+            got = self._on_block(rec, eq, vals, kvals, axes, cuts)
+            if got is not None:
+                return got
+        raise Unproved(f"{eq.op[:3]} is not known to keep the batch's rows apart")
+
+    def _on_block(self, rec, eq: Eq, vals, kvals, axes: dict, cuts: dict):
+        """The step on the block, ``axes`` its operands' batch axes (``cuts``: the whole
+        ones cut to the block): ``(result, axis)``, or None where not proved."""
         vals, kvals = self._cut(eq.args, vals, cuts), self._cut(eq.kwargs, kvals, cuts)
         if eq.op[0] == "backend" and eq.op[2] == "broadcast_to":
             at = _broadcast_to_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes,
@@ -379,12 +387,12 @@ class RowTrace:
             kvals = {k: v for k, v in kvals.items() if k != "run"}  # planned for the batch
         try:
             result = rec.run(eq.fn, vals, kvals)
-        except Exception as e:  # the block's rows meet another axis: the whole trace says
-            raise Unproved(f"{eq.op[:3]} fails on a block: {e}") from None
+        except Exception:  # the block's rows meet another axis
+            return None
         if eq.op == ("prim", "identity") and result is vals[0]:
             return result, None  # its operand's slot again: nothing recorded
         if type(result) is not numpy.ndarray:
-            raise Unproved(f"{eq.op[:3]} gives no array of the batch")
+            return None
         proved = Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), writes=eq.writes)
         try:
             for i, n in enumerate(result.shape):
@@ -396,7 +404,7 @@ class RowTrace:
                         return result, i
         finally:
             rec.avals.pop(_PENDING, None)
-        raise Unproved(f"{eq.op[:3]} is not known to keep the batch's rows apart")
+        return None
 
     def _cut(self, template, values, cuts: dict):
         """``values`` with the whole arrays ``cuts`` names (slot -> axis) cut to the block."""
