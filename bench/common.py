@@ -46,11 +46,26 @@ def keep_freed_memory() -> str:
             "contenders" if ok else "malloc: defaults (not glibc)")
 
 
+WARM_CALLS, WARM_SECONDS = 12, 1.0
+"""Calls before timing (at most this long): plans, caches, the allocator, and a
+library's choices among its ways over its first calls (einsumgrad's replay race
+tries each of its three ways three times) settle as in a loop of many calls."""
+
+
+def warm_up(fn: Callable, sync: Callable | None = None) -> None:
+    """``fn()`` :data:`WARM_CALLS` times, or as many as fit :data:`WARM_SECONDS` (one at least)."""
+    t0 = time.perf_counter()
+    for _ in range(WARM_CALLS):
+        fn()
+        if sync:
+            sync()
+        if time.perf_counter() - t0 > WARM_SECONDS:
+            break
+
+
 def median_time(fn: Callable, *, min_time: float = 0.3, repeat: int = 7, sync: Callable | None = None) -> float:
     """Median seconds per call of ``fn()`` over ``repeat`` batches of at least ``min_time``/``repeat``."""
-    fn()  # warm up: plans, caches, allocator
-    if sync:
-        sync()
+    warm_up(fn, sync)
     t0 = time.perf_counter()
     fn()
     if sync:
@@ -81,7 +96,7 @@ def median_times(fns: dict, *, min_time: float = 0.3, repeat: int = 7) -> dict:
     """
     number = {}
     for name, fn in fns.items():
-        fn()  # warm up: plans, caches, allocator
+        warm_up(fn)
         t0 = time.perf_counter()
         fn()
         number[name] = max(1, int(min_time / repeat / max(time.perf_counter() - t0, 1e-7)))
