@@ -44,6 +44,12 @@ def seed002(rng, dtype=np.float64):
     return eg.batch_jacobian(mlp([3, 16, 16, 3], rng, dtype=dtype))
 
 
+def hessian(rng, dtype=np.float64):
+    # its tangents reshaped to a new axis of length 1 before the last product
+    f = mlp([3, 16, 1], rng, dtype=dtype)
+    return eg.batch_hessian(lambda x: f(x).sum(-1))
+
+
 def seed000(rng, dtype=np.float64):
     f = mlp([16, 32, 8], rng, dtype=dtype)
     return lambda x: eg.directional(f, 2)(x, x)
@@ -85,10 +91,11 @@ def check_blocks(f, x, rows, monkeypatch, tol=TOL64, chunked=None) -> None:
 
 # -- the analysis --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["seed000", "seed001", "seed002", "mlp", "relu_jacobian"])
+@pytest.mark.parametrize("name", ["seed000", "seed001", "seed002", "mlp", "relu_jacobian",
+                                  "hessian"])
 def test_the_seeds_and_an_mlp_are_row_independent(name, rng):
     f = {"seed000": seed000(rng), "seed002": seed002(rng),
-         "mlp": mlp([5, 16, 16, 2], rng),
+         "mlp": mlp([5, 16, 16, 2], rng), "hessian": hessian(rng),
          # reverse mode: the basis eye(4) reshaped and broadcast along the batch
          "seed001": eg.batch_jacobian(mlp([12, 16, 4], rng, act=eg.relu)),
          "relu_jacobian": eg.batch_jacobian(mlp([3, 16, 8], rng, act=eg.relu))}[name]
@@ -120,6 +127,7 @@ MIXING = {
     "transpose, same length": lambda x: x * eg.einsum("ij->ji", x),
     "softmax over the batch": lambda x: eg.softmax(x, axis=0),
     "reshape of the batch": lambda x: eg.tanh(x).reshape(4, 16),
+    "reshape of the batch into an axis of its length": lambda x: eg.tanh(x).reshape(2, 4, 8),
 }
 
 
@@ -161,6 +169,20 @@ def test_broadcast_to_follows_the_batch_axis_or_stays_whole():
     assert axis((1,), 0, (8, 8)) is False  # a batch axis that is not the batch's length
 
 
+def test_a_reshape_keeps_the_batch_axis_an_axis_of_its_own_or_disqualifies():
+    from einsumgrad.program.trace import Eq, Ref
+
+    def axis(x_shape, x_axis, shape):
+        eq = Eq(("prim", "reshape"), None, (Ref(0),), {"shape": shape}, (1,))
+        return chunk._step_axis(eq, {0: x_axis}, {0: (x_shape, "f8"), 1: (shape, "f8")}, 8)
+    assert axis((3, 8, 4), 1, (3, 1, 8, 2, 2)) == 2  # before and after it, apart
+    assert axis((8, 4, 2), 0, (8, 8)) == 0
+    assert axis((3, 4), None, (12,)) is None  # unbatched
+    assert axis((8, 8), 0, (2, 4, 8)) is False  # the batch split, the 8 left is a feature
+    assert axis((2, 8, 4), 1, (16, 4)) is False  # merged with the axis before it
+    assert axis((8, 2, 4), 0, (4, 16)) is False
+
+
 def test_an_unbatched_operand_may_broadcast_but_not_carry_the_batch(rng, monkeypatch):
     x = xb(rng.standard_normal((8, 8)))
     c = xb(rng.standard_normal((1, 8)))
@@ -187,12 +209,12 @@ def test_an_unbatched_operand_may_broadcast_but_not_carry_the_batch(rng, monkeyp
 
 @settings(max_examples=25)
 @given(batch=st.integers(1, 200), rows=st.integers(1, 90), which=st.sampled_from(
-    ["seed000", "seed001", "seed002", "mlp", "relu_jacobian"]), f32=st.booleans(),
+    ["seed000", "seed001", "seed002", "mlp", "relu_jacobian", "hessian"]), f32=st.booleans(),
     seed=st.integers(0, 2**16))
 def test_blocks_equal_the_whole_replay(batch, rows, which, f32, seed):
     rng = np.random.default_rng(seed)
     dtype = np.float32 if f32 else np.float64
-    f = {"seed000": seed000, "seed002": seed002,
+    f = {"seed000": seed000, "seed002": seed002, "hessian": hessian,
          "mlp": lambda rng, dtype: mlp([4, 8, 3], rng, dtype=dtype),
          # relu's derivative: NumPy ufuncs the rule calls, one writing in place
          "relu_jacobian": lambda rng, dtype: eg.batch_jacobian(
@@ -201,8 +223,12 @@ def test_blocks_equal_the_whole_replay(batch, rows, which, f32, seed):
              mlp([9, 8, 3], rng, act=eg.relu, dtype=dtype))}[which](rng, dtype)
     x = xb(rng.standard_normal((batch, {"seed000": 16, "mlp": 4, "seed001": 9}.get(which, 3)))
            .astype(dtype))
+    # a batch of a feature's length meets that axis (the basis has both): maybe whole
+    sizes = {"seed000": (16, 32, 8), "seed002": (3, 16), "hessian": (3, 16), "mlp": (4, 8, 3),
+             "relu_jacobian": (3, 8, 5), "seed001": (9, 8, 3)}[which]
     with pytest.MonkeyPatch.context() as mp:
-        check_blocks(f, x, rows, mp, tol=TOL32 if f32 else TOL64, chunked=rows < batch)
+        check_blocks(f, x, rows, mp, tol=TOL32 if f32 else TOL64,
+                     chunked=rows < batch if batch not in sizes else None)
 
 
 def test_tail_blocks_and_even_splits():
@@ -551,6 +577,7 @@ ROW_WISE = {
     "seed001": (lambda rng: eg.batch_jacobian(mlp([12, 16, 4], rng, act=eg.relu)), 12),
     "mlp": (lambda rng: mlp([5, 16, 16, 2], rng), 5),
     "vmap of jacrev": (lambda rng: eg.vmap(eg.jacrev(mlp([3, 8, 2], rng))), 3),
+    "batch_hessian": (hessian, 3),
 }
 
 
@@ -572,8 +599,9 @@ def test_a_long_batch_is_traced_on_a_block_into_the_batchs_own_program(name, rng
 
 
 LONG_MIXING = {
-    **{k: v for k, v in MIXING.items() if k != "reshape of the batch"},
+    **{k: v for k, v in MIXING.items() if not k.startswith("reshape")},
     "reshape of the batch": lambda x: eg.tanh(x).reshape(-1),
+    "reshape of the batch into an axis of its length": lambda x: eg.tanh(x).reshape(2, 48, 96),
     "a sum's gradient": eg.grad(lambda x: (eg.tanh(x) ** 2).sum()),
     "a guard in a rule": lambda x: eg.grad(lambda a: eg.max(a, axis=1).sum())(x),
     "caught by except Exception": lambda x: _swallow(x),

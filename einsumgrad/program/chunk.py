@@ -18,9 +18,9 @@ operands broadcast their batch axes onto one output axis and whose unbatched
 operands have no batch axis there; ``astype``; ``broadcast_to`` (a batched value
 keeps its axis, an unbatched one broadcast along one new axis of the batch's
 length is batched there: a Jacobian's basis); ``eye``, ``zeros``, ``ones`` and
-reshapes of unbatched values (unbatched). Any other step (a guard, a reshape of
-a batched value, an index, a reduction) keeps the program on its whole-batch
-replay.
+reshapes of unbatched values (unbatched); reshapes that keep the batch axis an
+axis of its own. Any other step (a guard, a reshape moving rows, an index, a
+reduction) keeps the program on its whole-batch replay.
 
 A block runs a program derived from the traced one, not a trace at the block's
 shape (a function may branch on its shape in Python): the same equations, the
@@ -146,6 +146,8 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
         if set(eq.kwargs) - {"spec", "run", "order"}:
             return False
         return _einsum_axis(eq, axes, avals, size)
+    if kind == "prim" and eq.op[1] == "reshape":
+        return _reshape_axis(eq, axes, avals, size)
     if kind == "fused" or (kind == "prim" and eq.op[1] in ELEMENTWISE):
         ok = not eq.kwargs
     elif kind == "ufunc":
@@ -189,6 +191,23 @@ def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int):
         return lead + ax if x[ax] == size and shape[lead + ax] == size else False
     new = [i for i, n in enumerate(shape) if n == size and (i < lead or x[i - lead] == 1)]
     return new[0] if len(new) == 1 else None
+
+
+def _reshape_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    """``reshape(x, shape)`` (C order): a batched ``x``'s batch axis stays an axis of its
+    own, the axes before it reshaped among themselves and those after among
+    themselves (a Hessian's tangents given a new axis of length 1)."""
+    x = eq.args[0] if len(eq.args) == 1 else None
+    if type(x) is not Ref or x.slot not in axes or set(eq.kwargs) != {"shape"}:
+        return False
+    ax = axes[x.slot]
+    if ax is None:
+        return None
+    before, out = math.prod(avals[x.slot][0][:ax]), avals[eq.outs[0]][0]
+    for j, n in enumerate(out):
+        if n == size and math.prod(out[:j]) == before:
+            return j
+    return False
 
 
 def _in_place_axis(eq: Eq, axes: dict, avals: dict, size: int):
@@ -383,6 +402,14 @@ class RowTrace:
                                     rec.avals, self.size)
             if type(at) is int and type(vals[1]) is tuple:
                 vals = (vals[0], vals[1][:at] + (self.rows,) + vals[1][at + 1:])
+        if eq.op == ("prim", "reshape") and type(kvals.get("shape")) is tuple:
+            rec.avals[_PENDING] = (kvals["shape"], None)
+            at = _reshape_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes,
+                               rec.avals, self.size)
+            del rec.avals[_PENDING]
+            if type(at) is int:
+                shape = kvals["shape"]
+                kvals = {**kvals, "shape": shape[:at] + (self.rows,) + shape[at + 1:]}
         if eq.op == ("prim", "einsum"):
             kvals = {k: v for k, v in kvals.items() if k != "run"}  # planned for the batch
         try:
@@ -492,6 +519,9 @@ def block_program(p, axes: dict, size: int, rows: int, consts: dict):
         elif eq.op[0] == "backend" and eq.op[2] == "broadcast_to" \
                 and axes.get(eq.outs[0]) is not None:
             eq = Eq(eq.op, eq.fn, (eq.args[0], avals[eq.outs[0]][0]), eq.kwargs, eq.outs,
+                    eq.seq, eq.scalar, eq.writes, eq.prim, eq.inner)
+        elif eq.op == ("prim", "reshape") and axes.get(eq.outs[0]) is not None:
+            eq = Eq(eq.op, eq.fn, eq.args, {"shape": avals[eq.outs[0]][0]}, eq.outs,
                     eq.seq, eq.scalar, eq.writes, eq.prim, eq.inner)
         eqs.append(eq)
     q = Program(p.name, eqs, list(p.inputs) + extra, new_consts, avals, p.outputs, p.out_tree,
