@@ -667,3 +667,27 @@ def test_a_trace_on_a_block_computes_a_block_and_its_first_call_a_replay(rng):
         tracemalloc.stop()
     assert peak < 4 << 20
     assert_same(jit(f)(x), f(x), dict(rtol=1e-12, atol=1e-12), types=False)
+
+
+def per_sample_grads(rng):
+    w2 = xb(rng.standard_normal((3, 8)) / 3)
+
+    def loss(w, x, y):
+        return ((eg.einsum("i,oi->o", eg.tanh(eg.einsum("i,oi->o", x, w)), w2) - y) ** 2).sum()
+    return eg.vmap(eg.grad(loss), in_axes=(None, 0, 0))
+
+
+def test_per_sample_gradients_keep_rows_apart_the_weights_broadcast_along_the_batch(
+        rng, short_rows, monkeypatch):
+    f = per_sample_grads(rng)
+    w = xb(rng.standard_normal((8, 5)) / 3)
+    x, y = xb(rng.standard_normal((150, 5))), xb(rng.standard_normal((150, 3)))
+    p = make_program(f)(w, x, y)  # vmap broadcasts w to every example: a primitive's broadcast
+    assert short_rows == (["rows"] if CHUNKS else ["whole"])
+    assert str(p) == str(whole_program(f, w, x, y, monkeypatch=monkeypatch))
+    size, axes, _ = chunk.batching(p)
+    assert size == 150 and axes[p.inputs[0]] is None and axes[p.outputs[0].slot] == 0
+    run, chunked = replayed(p, 40, monkeypatch)
+    assert chunked == CHUNKS
+    assert_same(p.outputs_of(run([w, x, y])), p.outputs_of(p.run([w, x, y])))
+    assert_same(p(w, x, y), f(w, x, y), dict(rtol=1e-12, atol=1e-12), types=False)

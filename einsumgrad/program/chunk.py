@@ -66,6 +66,7 @@ import numpy
 
 from ..plan import AUTO, Plan
 from .passes import ELEMENTWISE  # with no parameters, the result broadcasts the operands
+from .passes import shape_only
 from ..backends.threads import Timed, cores, one_thread, pool as thread_pool
 from .graph import is_ufunc
 from .trace import Eq, Ref, Unproved
@@ -148,6 +149,8 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
         return _einsum_axis(eq, axes, avals, size)
     if kind == "prim" and eq.op[1] == "reshape":
         return _reshape_axis(eq, axes, avals, size)
+    if kind == "prim" and eq.op[1] == "broadcast_to":
+        return _broadcast_to_axis(eq, axes, avals, size)
     if kind == "fused" or (kind == "prim" and eq.op[1] in ELEMENTWISE):
         ok = not eq.kwargs
     elif kind == "ufunc":
@@ -175,16 +178,37 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
     return _broadcast_axis(eq, axes, avals, size, eq.outs[0]) if ok else False
 
 
+def _target(eq: Eq):
+    """The shape a reshape or broadcast step gives its operand (its argument or, for
+    the primitive, its parameter), or None."""
+    if eq.op[0] == "backend" and eq.op[2] == "broadcast_to":
+        shape = eq.args[1] if len(eq.args) == 2 and not eq.kwargs else None
+    elif eq.op in (("prim", "broadcast_to"), ("prim", "reshape")):
+        shape = eq.kwargs.get("shape") if len(eq.args) == 1 and set(eq.kwargs) == {"shape"} \
+            else None
+    else:
+        return None
+    return shape if type(shape) is tuple and all(type(n) is int for n in shape) else None
+
+
+def _retargeted(eq: Eq, shape: tuple) -> Eq:
+    """The reshape or broadcast step giving ``shape`` instead."""
+    if eq.op[0] == "backend":
+        return Eq(eq.op, eq.fn, (eq.args[0], shape), eq.kwargs, eq.outs, eq.seq, eq.scalar,
+                  eq.writes, eq.prim, eq.inner)
+    return Eq(eq.op, eq.fn, eq.args, {"shape": shape}, eq.outs, eq.seq, eq.scalar, eq.writes,
+              eq.prim, eq.inner)
+
+
 def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int):
     """``broadcast_to(x, shape)``: a batched ``x`` keeps its batch axis (aligned at the
     end); an unbatched one broadcast along exactly one new axis of the batch's length
     is uniform along it, batched there (a block takes that axis cut to its rows, see
     :func:`block_program`); otherwise it stays unbatched and whole."""
-    if len(eq.args) != 2 or eq.kwargs or type(eq.args[0]) is not Ref \
-            or eq.args[0].slot not in axes or not isinstance(eq.args[1], tuple) \
-            or not all(type(n) is int for n in eq.args[1]):
+    shape = _target(eq)
+    if shape is None or type(eq.args[0]) is not Ref or eq.args[0].slot not in axes:
         return False
-    shape, x = eq.args[1], avals[eq.args[0].slot][0]
+    x = avals[eq.args[0].slot][0]
     lead = len(shape) - len(x)
     ax = axes[eq.args[0].slot]
     if ax is not None:
@@ -197,8 +221,8 @@ def _reshape_axis(eq: Eq, axes: dict, avals: dict, size: int):
     """``reshape(x, shape)`` (C order): a batched ``x``'s batch axis stays an axis of its
     own, the axes before it reshaped among themselves and those after among
     themselves (a Hessian's tangents given a new axis of length 1)."""
-    x = eq.args[0] if len(eq.args) == 1 else None
-    if type(x) is not Ref or x.slot not in axes or set(eq.kwargs) != {"shape"}:
+    x = eq.args[0]
+    if _target(eq) is None or type(x) is not Ref or x.slot not in axes:
         return False
     ax = axes[x.slot]
     if ax is None:
@@ -379,6 +403,10 @@ class RowTrace:
         refs = eq.refs()
         if not any(s in rec.axes for s in refs):
             return rec.run(eq.fn, vals, kvals), None
+        if shape_only(eq) and type(eq.args[0]) is Ref \
+                and not any(s in rec.axes for s in refs if s != eq.args[0].slot):
+            # ones_like(x): x's shape, not its values; whole, as a whole trace folds it
+            return rec.run(eq.fn, self.stand_ins(rec, eq.args, vals), kvals), None
         if any(s not in rec.axes for s in eq.writes):
             raise Unproved("a value of the batch written into a whole one")
         long = {}
@@ -397,19 +425,15 @@ class RowTrace:
         """The step on the block, ``axes`` its operands' batch axes (``cuts``: the whole
         ones cut to the block): ``(result, axis)``, or None where not proved."""
         vals, kvals = self._cut(eq.args, vals, cuts), self._cut(eq.kwargs, kvals, cuts)
-        if eq.op[0] == "backend" and eq.op[2] == "broadcast_to":
-            at = _broadcast_to_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes,
-                                    rec.avals, self.size)
-            if type(at) is int and type(vals[1]) is tuple:
-                vals = (vals[0], vals[1][:at] + (self.rows,) + vals[1][at + 1:])
-        if eq.op == ("prim", "reshape") and type(kvals.get("shape")) is tuple:
-            rec.avals[_PENDING] = (kvals["shape"], None)
-            at = _reshape_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes,
-                               rec.avals, self.size)
+        shape = _target(eq)
+        if shape is not None:  # the batch's shape it gives, cut to the block where batched
+            rec.avals[_PENDING] = (shape, None)
+            at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes,
+                            rec.avals, self.size)
             del rec.avals[_PENDING]
-            if type(at) is int:
-                shape = kvals["shape"]
-                kvals = {**kvals, "shape": shape[:at] + (self.rows,) + shape[at + 1:]}
+            if at is not False and at is not None:
+                cut = _retargeted(eq, shape[:at] + (self.rows,) + shape[at + 1:])
+                vals, kvals = (vals[0],) + cut.args[1:], {**kvals, **cut.kwargs}
         if eq.op == ("prim", "einsum"):
             kvals = {k: v for k, v in kvals.items() if k != "run"}  # planned for the batch
         try:
@@ -516,13 +540,8 @@ def block_program(p, axes: dict, size: int, rows: int, consts: dict):
     for eq in p.eqs:
         if eq.op == ("prim", "einsum"):
             eq = _replanned(eq, p, avals, xp)
-        elif eq.op[0] == "backend" and eq.op[2] == "broadcast_to" \
-                and axes.get(eq.outs[0]) is not None:
-            eq = Eq(eq.op, eq.fn, (eq.args[0], avals[eq.outs[0]][0]), eq.kwargs, eq.outs,
-                    eq.seq, eq.scalar, eq.writes, eq.prim, eq.inner)
-        elif eq.op == ("prim", "reshape") and axes.get(eq.outs[0]) is not None:
-            eq = Eq(eq.op, eq.fn, eq.args, {"shape": avals[eq.outs[0]][0]}, eq.outs,
-                    eq.seq, eq.scalar, eq.writes, eq.prim, eq.inner)
+        elif _target(eq) is not None and axes.get(eq.outs[0]) is not None:
+            eq = _retargeted(eq, avals[eq.outs[0]][0])
         eqs.append(eq)
     q = Program(p.name, eqs, list(p.inputs) + extra, new_consts, avals, p.outputs, p.out_tree,
                 p.out_tensor, p.key, p.static_argnums, p.devices, p.device)

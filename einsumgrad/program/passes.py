@@ -75,7 +75,7 @@ def fold_constants(p, values: dict) -> None:
     kept = []
     for eq in p.eqs:
         refs = eq.refs()
-        if _shape_only(eq):  # ones_like(x): x's shape and dtype, not its values
+        if shape_only(eq):  # ones_like(x): x's shape and dtype, not its values
             refs = [s for s in refs if not (type(eq.args[0]) is Ref and s == eq.args[0].slot)]
         if (not eq.writes and all(s in p.consts for s in refs)
                 and not any(groups[o] in bad for o in eq.outs)
@@ -90,7 +90,7 @@ def fold_constants(p, values: dict) -> None:
 _SHAPE_ONLY = frozenset(("ones_like", "zeros_like", "full_like", "empty_like"))
 
 
-def _shape_only(eq: Eq) -> bool:
+def shape_only(eq: Eq) -> bool:
     """A step whose result depends on its first argument's shape and dtype only."""
     op = eq.op
     name = op[2] if op[0] == "backend" else op[1].__name__ if op[0] == "function" else None
