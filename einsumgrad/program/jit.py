@@ -105,7 +105,9 @@ def make_program(f: Callable, static_argnums=()) -> Callable:
 
     ``f`` may be any composition of einsumgrad's transforms and ops; its
     arguments and result pytrees of arrays or Tensors (other leaves, and the
-    ``static_argnums`` arguments, are static: part of the signature).
+    ``static_argnums`` arguments, are static: part of the signature). A long
+    batch is traced on a block of its rows, and again whole where a step mixes
+    rows (see :func:`jit`).
 
     Raises:
         TraceError: ``f`` branches on a value computed from its inputs (names the line).
