@@ -578,7 +578,12 @@ ROW_WISE = {
     "mlp": (lambda rng: mlp([5, 16, 16, 2], rng), 5),
     "vmap of jacrev": (lambda rng: eg.vmap(eg.jacrev(mlp([3, 8, 2], rng))), 3),
     "batch_hessian": (hessian, 3),
+    "softmax classifier's Jacobian": (lambda rng: log_softmax_jacobian(mlp([4, 8, 3], rng)), 4),
 }
+
+
+def log_softmax_jacobian(f):
+    return eg.batch_jacobian(lambda x: eg.log_softmax(f(x)))
 
 
 @pytest.mark.parametrize("name", list(ROW_WISE))

@@ -19,7 +19,7 @@ operands have no batch axis there; ``astype``; ``broadcast_to`` (a batched value
 keeps its axis, an unbatched one broadcast along one new axis of the batch's
 length is batched there: a Jacobian's basis); ``eye``, ``zeros``, ``ones`` and
 reshapes of unbatched values (unbatched); reshapes that keep the batch axis an
-axis of its own. Any other step (a guard, a reshape moving rows, an index, a
+axis of its own; a softmax along another axis. Any other step (a guard, a reshape moving rows, an index, a
 reduction) keeps the program on its whole-batch replay.
 
 A block runs a program derived from the traced one, not a trace at the block's
@@ -151,6 +151,8 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
         return _reshape_axis(eq, axes, avals, size)
     if kind == "prim" and eq.op[1] == "broadcast_to":
         return _broadcast_to_axis(eq, axes, avals, size)
+    if kind == "prim" and eq.op[1] in ALONG_AXIS:
+        return _along_axis(eq, axes, avals)
     if kind == "fused" or (kind == "prim" and eq.op[1] in ELEMENTWISE):
         ok = not eq.kwargs
     elif kind == "ufunc":
@@ -215,6 +217,20 @@ def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int):
         return lead + ax if x[ax] == size and shape[lead + ax] == size else False
     new = [i for i, n in enumerate(shape) if n == size and (i < lead or x[i - lead] == 1)]
     return new[0] if len(new) == 1 else None
+
+
+ALONG_AXIS = frozenset(("softmax", "log_softmax"))
+"""Primitives of one operand that work along their ``axis`` parameter alone, the
+result shaped as the operand: rows apart where that is not the batch axis."""
+
+
+def _along_axis(eq: Eq, axes: dict, avals: dict):
+    x, axis = eq.args[0], eq.kwargs.get("axis")
+    if len(eq.args) != 1 or set(eq.kwargs) != {"axis"} or type(axis) is not int \
+            or type(x) is not Ref or x.slot not in axes:
+        return False
+    ax = axes[x.slot]
+    return ax if ax is None or axis % len(avals[x.slot][0]) != ax else False
 
 
 def _reshape_axis(eq: Eq, axes: dict, avals: dict, size: int):
