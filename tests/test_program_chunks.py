@@ -548,7 +548,6 @@ def short_rows(monkeypatch):
     for one on a block, ``"whole"``, ``"unproved"`` for one on a block given up."""
     monkeypatch.setattr(chunk, "TRACE_MIN_ROWS", 64)
     monkeypatch.setattr(chunk, "TRACE_ROWS", 7)
-    monkeypatch.setattr(chunk.RowTrace.__init__, "__defaults__", (7,))
     runs, trace = [], TRACED._trace
 
     def spy(*args):

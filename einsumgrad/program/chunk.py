@@ -381,8 +381,8 @@ class RowTrace:
     The program is the same: every shape the function sees is the batch's.
     """
 
-    def __init__(self, size: int, rows: int = TRACE_ROWS):
-        self.size, self.rows = size, rows
+    def __init__(self, size: int, rows: int | None = None):
+        self.size, self.rows = size, rows or TRACE_ROWS
 
     @staticmethod
     def of(values: list) -> "RowTrace | None":
