@@ -683,6 +683,8 @@ def _on_pools(threads: int, bucket: int) -> bool:
     """Whether a class's products run on threads beside MKL's pool: then they race
     only contenders on MKL's team (:func:`measure`), never NumPy's own pool."""
     return threads > 1 and bucket >= _THREADED
+
+
 # How measure() turns times into choices: in the cache key, so a new rule measures anew.
 _RULE = ("mkl-or-openblas-team-if-threaded|thin|layouts-warm-median-7|middle|head|small-blocks"
          "|by-layout")

@@ -19,8 +19,9 @@ operands have no batch axis there; ``astype``; ``broadcast_to`` (a batched value
 keeps its axis, an unbatched one broadcast along one new axis of the batch's
 length is batched there: a Jacobian's basis); ``eye``, ``zeros``, ``ones`` and
 reshapes of unbatched values (unbatched); reshapes that keep the batch axis an
-axis of its own; a softmax along another axis. Any other step (a guard, a reshape moving rows, an index, a
-reduction) keeps the program on its whole-batch replay.
+axis of its own; a softmax along another axis. Any other step (a guard, a
+reshape moving rows, an index, a reduction) keeps the program on its
+whole-batch replay.
 
 A block runs a program derived from the traced one, not a trace at the block's
 shape (a function may branch on its shape in Python): the same equations, the
@@ -32,8 +33,9 @@ Blocks run one after another, or shared among a thread per core (NumPy's
 ufuncs, BLAS and the fused kernels release the GIL), BLAS held at one thread
 meanwhile (threadpoolctl; without it, programs replay whole): a block's
 products are too small for a thread pool to pay, and a pool waiting on a core
-another process holds stalls every product. Chunking is a replay strategy of ``jit`` only: ``make_program``,
-a program's text, source and pickle are the same with it or without.
+another process holds stalls every product. Chunking changes how ``jit`` replays
+(and how much a trace holds, below), never the program: a program's text,
+source and pickle are the same with it or without.
 It runs on NumPy's backend only, for programs whose batched slots total at least
 :data:`MIN_BYTES` (:data:`SERIAL_MIN_BYTES` on one core), split in blocks of
 about :data:`SERIAL_BLOCK_BYTES` of live intermediates in turn, or
@@ -318,6 +320,16 @@ def _broadcast_axis(eq: Eq, axes: dict, avals: dict, size: int, result: int):
     return out
 
 
+def resized(shape: tuple, axis: int | None, n: int) -> tuple:
+    """``shape`` with ``n`` on the batch ``axis`` (as it is where None)."""
+    return shape if axis is None else shape[:axis] + (n,) + shape[axis + 1:]
+
+
+def rows_along(axis: int, start: int, stop: int) -> tuple:
+    """The index of rows ``start:stop`` of the batch along ``axis``."""
+    return (slice(None),) * axis + (slice(start, stop),)
+
+
 def batching(p) -> tuple | None:
     """``(size, axes, constants)`` for a program whose outputs are row-independent along
     axis 0 of its inputs of the batch size (the largest leading length tried first),
@@ -448,7 +460,7 @@ class RowTrace:
                             rec.avals, self.size)
             del rec.avals[_PENDING]
             if at is not False and at is not None:
-                cut = _retargeted(eq, shape[:at] + (self.rows,) + shape[at + 1:])
+                cut = _retargeted(eq, resized(shape, at, self.rows))
                 vals, kvals = (vals[0],) + cut.args[1:], {**kvals, **cut.kwargs}
         if eq.op == ("prim", "einsum"):
             kvals = {k: v for k, v in kvals.items() if k != "run"}  # planned for the batch
@@ -464,8 +476,7 @@ class RowTrace:
         try:
             for i, n in enumerate(result.shape):
                 if n == self.rows:
-                    rec.avals[_PENDING] = (result.shape[:i] + (self.size,) + result.shape[i + 1:],
-                                           result.dtype)
+                    rec.avals[_PENDING] = (resized(result.shape, i, self.size), result.dtype)
                     got = _step_axis(proved, axes, rec.avals, self.size)
                     if got is not False and got == i:  # False == 0 holds
                         return result, i
@@ -477,7 +488,7 @@ class RowTrace:
         """``values`` with the whole arrays ``cuts`` names (slot -> axis) cut to the block."""
         if type(template) is Ref:
             ax = cuts.get(template.slot)
-            return values if ax is None else values[(slice(None),) * ax + (slice(0, self.rows),)]
+            return values if ax is None else values[rows_along(ax, 0, self.rows)]
         if type(template) in (tuple, list):
             return type(template)(self._cut(t, v, cuts) for t, v in zip(template, values))
         if type(template) is dict:
@@ -540,13 +551,11 @@ def block_program(p, axes: dict, size: int, rows: int, consts: dict):
     from .core import Program
     from ..backends import device_backend
 
-    def cut(shape, ax):
-        return shape if ax is None else shape[:ax] + (rows,) + shape[ax + 1:]
-    avals = {s: (cut(shape, axes.get(s)), dt) for s, (shape, dt) in p.avals.items()}
+    avals = {s: (resized(shape, axes.get(s), rows), dt) for s, (shape, dt) in p.avals.items()}
     new_consts, extra = dict(p.consts), []
     for s, (ax, uniform) in consts.items():
         if uniform:
-            index = (slice(None),) * ax + (slice(0, rows),)
+            index = rows_along(ax, 0, rows)
             new_consts[s] = numpy.ascontiguousarray(numpy.asarray(p.consts[s])[index])
         else:
             del new_consts[s]
@@ -654,11 +663,11 @@ class Chunked:
             stop = start + n
             args = [v[start:stop] if c else v for v, c in zip(values, self.cut)]
             for c, ax in self.extra:
-                args.append(c[(slice(None),) * ax + (slice(start, stop),)])
+                args.append(c[rows_along(ax, start, stop)])
             res = self.runs[n](*args)
             for j, o in enumerate(self.outs):
                 if o[0] == "batched":
-                    full[o[1]][(slice(None),) * o[2] + (slice(start, stop),)] = res[j]
+                    full[o[1]][rows_along(o[2], start, stop)] = res[j]
                 elif o[0] == "slot" and i == 0:
                     whole[o[1]] = res[j]
 
