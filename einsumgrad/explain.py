@@ -130,6 +130,13 @@ class Tape:
 
 
 def trace(f: Callable, *args: Any) -> Tape:
-    """Run ``f`` once, recording every op, and return the :class:`Tape`."""
+    """Run ``f`` once, recording every op, and return the :class:`Tape`.
+
+    Raises:
+        TypeError: ``f`` is not callable (a matrix, as for NumPy's ``trace``).
+    """
+    if not callable(f):
+        raise TypeError(f"eg.trace(f, *args) records the ops f runs; f is a "
+                        f"{type(f).__name__}. A matrix's trace is eg.einsum('ii', a)")
     xs, out = trace_call(f, args, tuple(range(len(args))))
     return Tape(toposort([out], lambda t: True, {id(x) for x in xs}), xs, out)

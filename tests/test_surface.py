@@ -327,3 +327,31 @@ def test_constructors_take_the_default_dtype():
         assert eg.arange(3).dtype.kind == "i" and eg.full((2,), 1.5).dtype == np.float64
     finally:
         eg.set_default_dtype(np.float64)
+
+
+PLAIN = {
+    "pad": lambda a: eg.pad(a, 1), "flip": lambda a: eg.flip(a, 0),
+    "squeeze": lambda a: eg.squeeze(a[None] if isinstance(a, eg.Tensor) else a[None]),
+    "expand_dims": lambda a: eg.expand_dims(a, 0), "unsqueeze": lambda a: eg.unsqueeze(a, 1),
+    "reshape": lambda a: eg.reshape(a, (6,)), "split": lambda a: eg.split(a, 3)[1],
+    "copy": eg.copy, "clone": eg.clone, "astype": lambda a: eg.astype(a, np.float32),
+    "moveaxis": lambda a: eg.moveaxis(a, 0, 1), "swapaxes": lambda a: eg.swapaxes(a, 0, 1),
+    "transpose": eg.transpose, "cumsum": lambda a: eg.cumsum(a, 1), "prod": eg.prod,
+    "var": lambda a: eg.var(a, axis=1), "std": eg.std, "max": lambda a: eg.max(a, 0),
+    "logsumexp": eg.logsumexp, "softmax": eg.softmax, "clip": lambda a: eg.clip(a, 1, 4),
+    "where": lambda a: eg.where(a > 2, a, 0.0), "concatenate": lambda a: eg.concatenate([a, a]),
+    "stack": lambda a: eg.stack([a, a]),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAIN))
+def test_ops_take_a_plain_array_as_numpys_functions_do(name):
+    # a NumPy habit: eg.pad(x, 1) on the array itself, not a Tensor made of it
+    x = xb(np.arange(6.0).reshape(3, 2))
+    op = PLAIN[name]
+    np.testing.assert_array_equal(npy(op(x)), npy(op(eg.tensor(x))))
+
+
+def test_a_matrix_trace_by_habit_names_the_einsum():
+    with pytest.raises(TypeError, match="einsum"):
+        eg.trace(xb(np.eye(3)))

@@ -417,6 +417,7 @@ reshape_p.defvmap(lambda bdims, x, shape: reshape(x, x.shape[:1] + shape))
 
 def reshape(x: Tensor, *shape) -> Tensor:
     """``x`` with a new shape (NumPy rules, one ``-1`` allowed)."""
+    x = as_tensor(x)
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
     shape = tuple(int(n) for n in shape)
@@ -827,7 +828,7 @@ astype_p.defvmap(same_op(astype_p))
 def astype(x: Tensor, dtype) -> Tensor:
     """``x`` cast to ``dtype``, on the tape (the cotangent is cast back); to a
     non-floating dtype it leaves the tape, as torch's ``to``."""
-    dtype = numpy.dtype(dtype)
+    x, dtype = as_tensor(x), numpy.dtype(dtype)
     if x.dtype == dtype:
         return x
     if dtype.kind != "f":
@@ -846,6 +847,7 @@ def squeeze(x: Tensor, axis=None) -> Tensor:
         ValueError: an axis named whose size is not 1 (NumPy refuses it;
             torch's ``squeeze(dim)`` would leave it silently).
     """
+    x = as_tensor(x)
     if axis is None:
         axes = tuple(a for a, n in enumerate(x.shape) if n == 1)
     else:
@@ -859,6 +861,7 @@ def squeeze(x: Tensor, axis=None) -> Tensor:
 def expand_dims(x: Tensor, axis) -> Tensor:
     """``x`` with size-1 axes inserted at ``axis`` (an int or a tuple), as NumPy's:
     each axis counts in the result's rank."""
+    x = as_tensor(x)
     n = len(axis) if isinstance(axis, (tuple, list)) else 1
     axes = normalize_axes(axis, x.ndim + n)
     dims = iter(x.shape)
@@ -951,11 +954,12 @@ copy_p.defvmap(same_op(copy_p))
 
 def copy(x: Tensor) -> Tensor:
     """A copy of ``x`` on the tape (torch's ``clone``, NumPy's ``copy``)."""
-    return bind(copy_p, x)
+    return bind(copy_p, as_tensor(x))
 
 
 def flip(x: Tensor, axis=None) -> Tensor:
     """``x`` reversed along ``axis`` (all axes if None), as NumPy's ``flip``: a view."""
+    x = as_tensor(x)
     axes = normalize_axes(axis, x.ndim)
     return getitem(x, tuple(slice(None, None, -1) if a in axes else slice(None)
                             for a in range(x.ndim)))
@@ -968,6 +972,7 @@ def split(x: Tensor, indices_or_sections, axis=0) -> list:
     Raises:
         ValueError: a number of sections that does not divide the axis.
     """
+    x = as_tensor(x)
     (a,) = normalize_axes(axis, x.ndim)
     n = x.shape[a]
     if isinstance(indices_or_sections, (int, numpy.integer)):
@@ -1011,7 +1016,7 @@ def pad(x: Tensor, pad_width) -> Tensor:
     Raises:
         ValueError: a negative width, or widths that do not fit the rank.
     """
-    w = numpy.asarray(pad_width)
+    x, w = as_tensor(x), numpy.asarray(pad_width)
     if w.dtype.kind not in "iu" or w.ndim > 2 or (w.ndim == 2 and w.shape[1] != 2):
         raise ValueError(f"pad: pad_width {pad_width!r} is not an int, a (before, after) pair "
                          f"or one pair per axis")
