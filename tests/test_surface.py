@@ -331,7 +331,7 @@ def test_constructors_take_the_default_dtype():
 
 PLAIN = {
     "pad": lambda a: eg.pad(a, 1), "flip": lambda a: eg.flip(a, 0),
-    "squeeze": lambda a: eg.squeeze(a[None] if isinstance(a, eg.Tensor) else a[None]),
+    "squeeze": lambda a: eg.squeeze(a[None]),
     "expand_dims": lambda a: eg.expand_dims(a, 0), "unsqueeze": lambda a: eg.unsqueeze(a, 1),
     "reshape": lambda a: eg.reshape(a, (6,)), "split": lambda a: eg.split(a, 3)[1],
     "copy": eg.copy, "clone": eg.clone, "astype": lambda a: eg.astype(a, np.float32),
@@ -355,3 +355,13 @@ def test_ops_take_a_plain_array_as_numpys_functions_do(name):
 def test_a_matrix_trace_by_habit_names_the_einsum():
     with pytest.raises(TypeError, match="einsum"):
         eg.trace(xb(np.eye(3)))
+
+
+@pytest.mark.parametrize("join", [eg.concatenate, eg.stack])
+def test_joining_an_array_and_a_tensor_stays_on_their_backend(join):
+    # a plain array beside a Tensor, as in np.concatenate([x, f(x)]): not pulled to NumPy
+    x = xb(np.arange(6.0).reshape(3, 2))
+    got = join([x, eg.tanh(eg.tensor(x))])
+    assert type(got.data) is type(x)
+    np.testing.assert_array_equal(npy(got), np.asarray(join([npy(x), np.tanh(npy(x))]).data))
+    assert join([eg.tensor(x), [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]]).dtype == x.dtype

@@ -903,6 +903,14 @@ def _concat_batch(bdims, shapes, out_shape, axis):
 concat_p.defvmap(lambda bdims, *xs, axis: bind(concat_p, *batched_all(bdims, xs), axis=axis))
 
 
+def _joined(ts) -> list:
+    """The parts as Tensors: arrays on their own backend, lists and scalars on the
+    Tensors' (not NumPy's, which would pull a GPU array to the host or refuse it)."""
+    ts = list(ts)
+    like = next((t for t in ts if isinstance(t, Tensor)), None)
+    return [as_tensor(t, like=like) for t in ts]
+
+
 def concatenate(ts, axis=0) -> Tensor:
     """Join tensors along an existing axis (NumPy's ``concatenate``; ``axis=None``
     joins them flattened).
@@ -910,7 +918,7 @@ def concatenate(ts, axis=0) -> Tensor:
     Raises:
         ValueError: no tensors, 0-d tensors, ranks or shapes (off ``axis``) that differ.
     """
-    ts = [t if isinstance(t, Tensor) else Tensor(numpy.asarray(t)) for t in ts]
+    ts = _joined(ts)
     if not ts:
         raise ValueError("concatenate needs at least one tensor")
     if axis is None:
@@ -932,7 +940,7 @@ def stack(ts, axis=0) -> Tensor:
     Raises:
         ValueError: no tensors, or shapes that differ.
     """
-    ts = [t if isinstance(t, Tensor) else Tensor(numpy.asarray(t)) for t in ts]
+    ts = _joined(ts)
     if not ts:
         raise ValueError("stack needs at least one tensor")
     for i, t in enumerate(ts):
@@ -1003,10 +1011,10 @@ pad_p.defvmap(same_op(pad_p))  # the widths cover the trailing axes
 
 @pad_p.defbatch
 def _pad_batch(bdims, shapes, out_shape, width):
-    b = bdims[0]
-    if width[b] != (0, 0):
+    b = bdims[0] - (len(shapes[0]) - len(width))  # the widths cover the trailing axes
+    if b >= 0 and width[b] != (0, 0):
         raise BatchMixingError("pad adds rows along the batch axis: rows mix")
-    return b
+    return bdims[0]
 
 
 def pad(x: Tensor, pad_width) -> Tensor:
