@@ -1,10 +1,13 @@
 """Chunked replay (program/chunk.py): ``eg.jit`` runs a row-independent program block
 by block along the batch axis.
 
-The analysis accepts the seeds' and an MLP's programs and rejects every program
-that mixes rows (a sum over the batch broadcast back, a batch-norm-like mean, a
-reversal along the batch, an einsum contracting the batch, a guard, a batch
-axis meeting another axis of the same length); the blocks' results equal the
+The analysis accepts the seeds' and an MLP's programs, the steps their primitives'
+batch rules keep apart (nn layers, reductions and indexing along other axes, a
+NaN check guarded block by block), and rejects every program that mixes rows
+(a sum over the batch broadcast back, a batch-norm-like mean, a reversal, a
+cumsum or a pad along the batch, an einsum contracting the batch, a guard on
+the batch's values, a batch axis meeting another axis of the same length);
+the blocks' results equal the
 whole-batch replay for random batch sizes and block lengths, tail blocks,
 batches shorter than a block, float32, batched and unbatched constants and
 outputs. On backends other than NumPy's the replay stays whole, and correct.
@@ -17,6 +20,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import einsumgrad as eg
+import einsumgrad.nn as nn
 from einsumgrad.program import chunk, fuse, jit, make_program
 from einsumgrad.pytree import flatten
 
@@ -128,6 +132,13 @@ MIXING = {
     "softmax over the batch": lambda x: eg.softmax(x, axis=0),
     "reshape of the batch": lambda x: eg.tanh(x).reshape(4, 16),
     "reshape of the batch into an axis of its length": lambda x: eg.tanh(x).reshape(2, 4, 8),
+    "cumsum along the batch": lambda x: eg.cumsum(eg.tanh(x), axis=0),
+    "variance over the batch": lambda x: eg.var(x, axis=0) * x,
+    "a row picked for every row": lambda x: eg.tanh(x)[:1] * x,
+    "rows rolled": lambda x: eg.concatenate([x[1:], x[:1]], axis=0),
+    "padded along the batch": lambda x: eg.pad(x, ((1, 0), (0, 0)))[:8],
+    "max over the batch": lambda x: eg.max(x, axis=0) + x,
+    "logsumexp over the batch": lambda x: eg.logsumexp(x, axis=0, keepdims=True) + x,
 }
 
 
@@ -142,8 +153,8 @@ def test_programs_mixing_rows_are_rejected(name, rng, monkeypatch):
     assert_same(p.outputs_of(run([x])), f(x), dict(rtol=1e-9, atol=1e-9))
 
 
-def test_a_guard_disqualifies(rng):
-    # max's rule checks for ties: a guard, however row-wise the rest is
+def test_a_guard_on_a_value_of_the_batch_disqualifies(rng):
+    # max's rule checks for ties (the largest count > 1): a guard, however row-wise the rest is
     g = lambda x: eg.grad(lambda a: eg.max(a, axis=1).sum())(x)
     p = make_program(g)(xb(rng.standard_normal((6, 4))))
     guards = [eq for eq in p.eqs if eq.op[0] == "guard"]
@@ -151,6 +162,41 @@ def test_a_guard_disqualifies(rng):
     axes = {s: 0 for s in p.inputs}
     assert chunk._step_axis(guards[0], axes, p.avals, 6) is False
     assert chunk.batching(p) is None
+
+
+def _flag_program(use: str, expected: bool = False, name: str = "any"):
+    """x -> y = tanh(x) with ``flag = x.any()`` (or ``all``) read by a guard expecting
+    ``expected``, or by an element-wise product (``use="data"``), or returned."""
+    from types import SimpleNamespace
+    from einsumgrad.program.trace import Eq, Ref
+    eqs = [Eq(("prim", "tanh"), np.tanh, (Ref(0),), {}, (1,)),
+           Eq(("method", name), None, (Ref(0),), {}, (2,), scalar=True)]
+    outputs = [Ref(1)]
+    if use == "guard":
+        eqs.append(Eq(("guard", "bool"), None, (Ref(2),), {"args": (), "expected": expected,
+                                                          "where": "here"}, ()))
+    elif use == "data":
+        eqs.append(Eq(("ufunc", np.multiply, "__call__"), np.multiply, (Ref(1), Ref(2)), {}, (3,)))
+        outputs = [Ref(3)]
+    else:
+        outputs.append(Ref(2))
+    avals = {0: ((6, 4), np.float64), 1: ((6, 4), np.float64), 2: ((), np.bool_),
+             3: ((6, 4), np.float64)}
+    return SimpleNamespace(inputs=[0], consts={}, eqs=eqs, avals=avals, outputs=outputs)
+
+
+def test_a_flag_over_the_batch_is_read_by_a_guard_expecting_none_or_disqualifies():
+    # any() over the batch is False where every block's is; all() True likewise
+    axes = chunk.batch_axes(_flag_program("guard", False), 6, {0: 0})
+    assert axes is not None and axes[1] == 0 and 2 not in axes
+    assert chunk.batch_axes(_flag_program("guard", True, "all"), 6, {0: 0}) is not None
+    # one block's True is not every block's; the flag as data or as a result mixes rows
+    assert chunk.batch_axes(_flag_program("guard", True), 6, {0: 0}) is None
+    assert chunk.batch_axes(_flag_program("guard", False, "all"), 6, {0: 0}) is None
+    assert chunk.batch_axes(_flag_program("data"), 6, {0: 0}) is None
+    assert chunk.batch_axes(_flag_program("output"), 6, {0: 0}) is None
+    # of an unbatched value: the same in every block
+    assert chunk.batch_axes(_flag_program("data"), 6, {}) is not None
 
 
 def test_broadcast_to_follows_the_batch_axis_or_stays_whole():
@@ -695,3 +741,88 @@ def test_per_sample_gradients_keep_rows_apart_the_weights_broadcast_along_the_ba
     assert chunked == CHUNKS
     assert_same(p.outputs_of(run([w, x, y])), p.outputs_of(p.run([w, x, y])))
     assert_same(p(w, x, y), f(w, x, y), dict(rtol=1e-12, atol=1e-12), types=False)
+
+
+# -- steps proved by their primitives' batch rules -------------------------------------------
+
+def on_backend(module):
+    return module.to(eg.backends.backend_of(xb(np.zeros(1))))
+
+
+def linear_gelu_norm(rng):
+    nn.manual_seed(0)
+    lin, norm = on_backend(nn.Linear(6, 6)), on_backend(nn.LayerNorm(6))
+    return lambda x: norm(eg.gelu(lin(x)))
+
+
+def attention(rng):
+    nn.manual_seed(0)
+    return on_backend(nn.MultiheadAttention(6, 2))
+
+
+BY_RULES = {  # (f, an example's shape): each keeps rows apart along axis 0
+    "nn.Linear, GELU, LayerNorm": (linear_gelu_norm, (6,)),
+    "where and clip": (lambda rng: lambda x: eg.clip(eg.where(x > 0, x, 0.1 * x), -0.5, 0.5),
+                       (6,)),
+    "reductions along the features": (lambda rng: lambda x: (
+        eg.std(x, axis=1, keepdims=True) * x + eg.var(x, axis=1)[:, None]
+        + eg.logsumexp(x, axis=1, keepdims=True) * eg.prod(x, axis=1, keepdims=True)), (6,)),
+    "max along the features": (lambda rng: lambda x: eg.max(x, axis=1, keepdims=True) * x,
+                               (6,)),
+    "cumsum, flip and a slice of the features": (
+        lambda rng: lambda x: eg.cumsum(eg.tanh(x), axis=1)[:, ::-1][:, 1:5], (6,)),
+    "features joined and padded": (lambda rng: lambda x: eg.pad(
+        eg.concatenate([x, eg.tanh(x)], axis=1), ((0, 0), (1, 2))), (6,)),
+    "float32 and back": (lambda rng: lambda x: eg.tanh(x.astype(np.float32)).astype(np.float64),
+                         (6,)),
+    "attention over each example's tokens": (attention, (5, 6)),
+}
+
+
+@pytest.mark.parametrize("jacobian", [False, True])
+@pytest.mark.parametrize("name", list(BY_RULES))
+def test_steps_keep_rows_apart_by_their_primitives_batch_rules(name, jacobian, rng, monkeypatch):
+    make, shape = BY_RULES[name]
+    f = make(rng)
+    f = eg.batch_jacobian(f) if jacobian else f
+    x = xb(rng.standard_normal((40, *shape)))
+    p = make_program(f)(x)
+    found = chunk.batching(p)
+    # max's derivative splits ties by their count, guarded on the most in any row: whole
+    rowwise = not (jacobian and name.startswith("max"))
+    assert (found is not None and found[1][p.outputs[0].slot] == 0) == rowwise
+    tol = dict(rtol=2e-5, atol=2e-5) if "float32" in name else TOL64
+    check_blocks(f, x, 16, monkeypatch, tol, chunked=rowwise)
+
+
+@pytest.mark.parametrize("name", list(BY_RULES))
+def test_a_trace_on_a_block_follows_the_batch_rules(name, rng, short_rows, monkeypatch):
+    make, shape = BY_RULES[name]
+    f = make(rng)
+    x = xb(rng.standard_normal((150, *shape)))
+    p = make_program(f)(x)
+    assert short_rows == (["rows"] if CHUNKS else ["whole"])
+    assert str(p) == str(whole_program(f, x, monkeypatch=monkeypatch))
+    tol = dict(rtol=2e-5, atol=2e-5) if "float32" in name else dict(rtol=1e-12, atol=1e-12)
+    assert_same(jit(f)(x), f(x), tol, types=False)
+
+
+@pytest.mark.parametrize("where", [3, 100])  # in the traced block, or past it
+def test_a_guard_the_block_guessed_is_checked_on_the_batch(where, rng, short_rows, monkeypatch):
+    # clip's rule branches on x having a NaN: the block's answer (none) is the batch's
+    # only where the batch has none, which the program's replay checks
+    f = eg.batch_jacobian(lambda x: eg.clip(x, -0.5, 0.5))
+    x = rng.standard_normal((150, 4))
+    x[where, 2] = np.nan
+    x = xb(x)
+    p = make_program(f)(x)
+    nan = dict(rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert_same(p(x), f(x), nan, types=False)  # no TraceError: its guards hold for x
+    assert short_rows == ((["rows"] if where < 7 else ["rows", "whole"]) if CHUNKS else ["whole"])
+    j = jit(f)
+    assert_same(j(x), f(x), nan, types=False)
+    clean = xb(rng.standard_normal((150, 4)))
+    monkeypatch.setenv("EINSUMGRAD_CHUNK", "16")  # the clean program, in blocks
+    assert_same(j(clean), f(clean), nan, types=False)
+    assert_same(j(clean), f(clean), nan, types=False)
+    assert_same(j(x), f(x), nan, types=False)  # a block's NaN: the guard fails, traced again

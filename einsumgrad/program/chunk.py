@@ -9,18 +9,31 @@ output arrays allocated once for the whole batch.
 
 Whether a program is row-independent is proved per equation (:func:`batch_axes`),
 never assumed from shapes: each slot gets its batch axis, or ``None`` where it
-does not depend on the batch (the same for every block). Only the steps listed
-here pass: einsums whose batched operands share one batch label that the
-output keeps and no unbatched operand has; element-wise primitives, NumPy
-ufuncs (called directly or by a rule through the backend, also writing into
-their operand with ``out=``) and fused element-wise kernels, whose batched
-operands broadcast their batch axes onto one output axis and whose unbatched
-operands have no batch axis there; ``astype``; ``broadcast_to`` (a batched value
-keeps its axis, an unbatched one broadcast along one new axis of the batch's
-length is batched there: a Jacobian's basis); ``eye``, ``zeros``, ``ones`` and
-reshapes of unbatched values (unbatched); reshapes that keep the batch axis an
-axis of its own; a softmax along another axis. Any other step (a guard, a
-reshape moving rows, an index, a reduction) keeps the program on its
+does not depend on the batch (the same for every block). Only these steps pass:
+
+- a primitive, by its own batch rule (the one ``batch_jacobian`` proves rows
+  apart with): einsums whose batched operands share one batch label that the
+  output keeps and no unbatched operand has; element-wise primitives (add_bias,
+  GELU, ``where``: their array parameters broadcast as operands do, a result
+  written into its batched operand in place); reductions, scans, softmax, layer
+  norm and attention along other axes; an index, padding or join leaving the
+  batch axis whole; casts and copies (:data:`BY_RULE`); a reshape keeping the
+  batch axis an axis of its own; ``broadcast_to`` (a batched value keeps its axis,
+  an unbatched one broadcast along one new axis of the batch's length is batched
+  there: a Jacobian's basis);
+- NumPy's element-wise ufuncs, called directly or by a rule through the backend
+  (also writing into their operand with ``out=``), fused element-wise kernels,
+  ``where``, ``erf``, ``normal_cdf``; the backend's reductions, transposes,
+  ``expand_dims``, ``repeat``, reshapes, basic indexing and matrix products that
+  keep the batch axis; its layer-norm kernel on rows that are the batch's;
+  ``astype`` and same-size ``view``; ``eye``, ``zeros``, ``ones`` and reshapes of
+  unbatched values (unbatched);
+- a guard (a branch a rule took) on an unbatched value, or on ``any()`` /
+  ``all()`` over a batched value where it expects none (no NaN in the batch: then
+  none in each block, checked block by block).
+
+Any other step (a guard on the batch's values, a reshape moving rows, an index
+or a reduction along the batch, anything unknown) keeps the program on its
 whole-batch replay.
 
 A block runs a program derived from the traced one, not a trace at the block's
@@ -67,11 +80,13 @@ from typing import Callable
 import numpy
 
 from ..plan import AUTO, Plan
-from .passes import ELEMENTWISE  # with no parameters, the result broadcasts the operands
+from ..rules.elementwise import elementwise_batch
+from ..rules.shape import getitem_p
+from .passes import ELEMENTWISE  # the result broadcasts the operands
 from .passes import shape_only
 from ..backends.threads import Timed, cores, one_thread, pool as thread_pool
 from .graph import is_ufunc
-from .trace import Eq, Ref, Unproved
+from .trace import ACROSS, Eq, Ref, Unproved
 
 CACHE_BYTES = 1 << 21
 """The per-core L2 cache the blocks are sized for."""
@@ -126,23 +141,48 @@ def batch_axes(p, size: int, inputs: dict) -> dict | None:
             other input and constant is unbatched.
     """
     axes: dict = {s: inputs.get(s) for s in (*p.inputs, *p.consts)}
+    across: dict = {}  # flags over the batch (ACROSS): guards alone read them, block by block
     for eq in p.eqs:
-        out = _step_axis(eq, axes, p.avals, size)
+        out = _step_axis(eq, axes, p.avals, size, across)
         if out is False:
             return None
         for o in eq.outs:
-            axes[o] = out
+            if out in ACROSS:
+                across[o] = out
+            else:
+                axes[o] = out
+    if any(type(o) is Ref and o.slot in across for o in p.outputs):
+        return None
     return axes
 
 
-def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
-    """The batch axis of the step's one result, ``None`` (unbatched), or ``False``:
-    the step is not known to keep rows apart."""
+def _step_axis(eq: Eq, axes: dict, avals: dict, size: int, across: dict | None = None):
+    """The batch axis of the step's one result, ``None`` (unbatched), ``"any"`` or
+    ``"all"`` (a flag over the batch, in ``across`` then, :data:`ACROSS`), or
+    ``False``: the step is not known to keep rows apart."""
     kind = eq.op[0]
+    if kind == "guard":
+        return _guard_axis(eq, axes, across or {})
+    name = eq.op[1] if kind == "method" else eq.op[2] if kind == "backend" else None
+    if name in ACROSS and len(eq.args) == 1 and not eq.kwargs:
+        x = eq.args[0]
+        return False if type(x) is not Ref or x.slot not in axes else \
+            None if axes[x.slot] is None else name
+    if kind == "backend" and eq.op[2] == "layer_norm":
+        return _layer_norm_axis(eq, axes, avals, size)
     if eq.seq or eq.scalar:
         return False
-    if kind == "backend" and is_ufunc(eq.op[2]) and eq.writes and len(eq.outs) <= 1:
+    if eq.writes and len(eq.outs) <= 1 and (
+            (kind == "backend" and is_ufunc(eq.op[2]))
+            or (kind == "ufunc" and eq.op[2] == "__call__" and _numpys(eq.op[1]))):
         return _in_place_axis(eq, axes, avals, size)
+    if kind == "prim" and _elementwise(eq):
+        # array parameters (where's condition, GELU's CDF) broadcast as operands do
+        got = _broadcast_axis(eq, axes, avals, size, eq.outs[0], (*eq.args, *eq.kwargs.values()))
+        if eq.writes and not all(axes.get(w) == got and avals[w][0] == avals[eq.outs[0]][0]
+                                 for w in eq.writes):
+            return False  # written in place (a bias added to its product): rows stay put
+        return got
     if len(eq.outs) != 1 or eq.writes:
         return False
     if kind == "prim" and eq.op[1] == "einsum":
@@ -153,39 +193,84 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int):
         return _reshape_axis(eq, axes, avals, size)
     if kind == "prim" and eq.op[1] == "broadcast_to":
         return _broadcast_to_axis(eq, axes, avals, size)
-    if kind == "prim" and eq.op[1] in ALONG_AXIS:
-        return _along_axis(eq, axes, avals)
-    if kind == "fused" or (kind == "prim" and eq.op[1] in ELEMENTWISE):
+    if kind == "prim":
+        return _rule_axis(eq, axes, avals, size)
+    if kind == "fused":
         ok = not eq.kwargs
     elif kind == "ufunc":
-        u = eq.op[1]
-        ok = eq.op[2] == "__call__" and not eq.kwargs and is_ufunc(u.__name__) \
-            and getattr(numpy, u.__name__) is u
+        ok = eq.op[2] == "__call__" and not eq.kwargs and _numpys(eq.op[1])
+    elif kind == "getitem":
+        return _index_axis(eq, axes, avals)
+    elif kind == "method" and eq.op[1] == "view":
+        # the same bytes as another dtype of one size (a mask counted as bytes)
+        x, dt = (eq.args + (None, None))[:2]
+        ok = type(x) is Ref and x.slot in axes and len(eq.args) == 2 and not eq.kwargs \
+            and eq.outs[0] in avals and isinstance(dt, (type, numpy.dtype)) \
+            and numpy.dtype(dt).itemsize == numpy.dtype(avals[x.slot][1]).itemsize
+        return axes[x.slot] if ok else False
     elif kind == "method" and eq.op[1] == "astype":
         ok = set(eq.kwargs) <= {"copy"} and len(eq.args) == 2 and type(eq.args[1]) is not Ref
         return axes.get(eq.args[0].slot, False) if ok and type(eq.args[0]) is Ref else False
     elif kind == "backend" and eq.op[2] in ("eye", "zeros", "ones"):
         # an array from static values (a Jacobian's basis): the same in every block
         return None if not eq.refs() and set(eq.kwargs) <= {"dtype"} else False
+    elif kind == "backend" and name == "matmul":
+        return _matmul_axis(eq, axes, avals, size)
+    elif kind == "backend" and name == "reshape":
+        return _reshape_axis(eq, axes, avals, size)
     elif kind == "method" and eq.op[1] == "reshape":
-        # of an unbatched value only: where a batched axis goes is not followed here
         x = eq.args[0]
+        if _target(eq) is not None:
+            return _reshape_axis(eq, axes, avals, size)
+        # another spelling (dims one by one) of an unbatched value only
         return None if type(x) is Ref and axes.get(x.slot, False) is None and not eq.kwargs \
             and len(eq.refs()) == 1 else False
+    elif name == "transpose" and kind in ("method", "backend"):
+        return _transpose_axis(eq, axes)
+    elif name == "expand_dims" and kind == "backend":
+        return _expand_dims_axis(eq, axes, avals)
+    elif name == "repeat" and kind == "backend":
+        # each entry repeated along another axis (max's mask lined up with its input)
+        x, along = eq.args[0], eq.kwargs.get("axis")
+        if type(x) is not Ref or x.slot not in axes or len(eq.args) != 2 \
+                or type(eq.args[1]) is not int or set(eq.kwargs) != {"axis"} or type(along) is not int:
+            return False
+        ax = axes[x.slot]
+        return ax if ax is None or along % len(avals[x.slot][0]) != ax else False
     elif kind == "backend" and eq.op[2] == "broadcast_to":
         return _broadcast_to_axis(eq, axes, avals, size)
+    elif kind == "backend" and eq.op[2] in REDUCING:
+        return _reducing_axis(eq, axes, avals)
     elif kind == "backend":
-        # a rule's own call of the backend (relu's derivative): NumPy's element-wise ufuncs
-        ok = (is_ufunc(eq.op[2]) or eq.op[2] == "asarray") and not eq.kwargs
+        # a rule's own call of the backend (relu's derivative): NumPy's element-wise
+        # ufuncs, where, and the extras every backend has element-wise
+        ok = (is_ufunc(eq.op[2]) or eq.op[2] in ("asarray", "where", "erf", "normal_cdf")) \
+            and not eq.kwargs
     else:
         return False  # guards, views, indexing, reductions, anything unknown
     return _broadcast_axis(eq, axes, avals, size, eq.outs[0]) if ok else False
 
 
+def _guard_axis(eq: Eq, axes: dict, across: dict):
+    """A guard (a value a rule branched on, no result): on an unbatched value, the same
+    in every block; on a flag over the batch where it expects none (``any``: False,
+    ``all``: True), as every block's is then, checked block by block."""
+    x = eq.args[0]
+    if type(x) is not Ref:
+        return False
+    if axes.get(x.slot, False) is None:
+        return None
+    flag = across.get(x.slot)
+    expected = eq.kwargs.get("expected")
+    return None if flag is not None and eq.op[1] in ("bool", "__bool__") \
+        and type(expected) is bool and expected == (flag == "all") else False
+
+
 def _target(eq: Eq):
     """The shape a reshape or broadcast step gives its operand (its argument or, for
     the primitive, its parameter), or None."""
-    if eq.op[0] == "backend" and eq.op[2] == "broadcast_to":
+    if (eq.op[0] == "backend" and eq.op[2] in ("broadcast_to", "reshape")) \
+            or eq.op == ("method", "reshape"):
         shape = eq.args[1] if len(eq.args) == 2 and not eq.kwargs else None
     elif eq.op in (("prim", "broadcast_to"), ("prim", "reshape")):
         shape = eq.kwargs.get("shape") if len(eq.args) == 1 and set(eq.kwargs) == {"shape"} \
@@ -197,7 +282,7 @@ def _target(eq: Eq):
 
 def _retargeted(eq: Eq, shape: tuple) -> Eq:
     """The reshape or broadcast step giving ``shape`` instead."""
-    if eq.op[0] == "backend":
+    if eq.op[0] in ("backend", "method"):
         return Eq(eq.op, eq.fn, (eq.args[0], shape), eq.kwargs, eq.outs, eq.seq, eq.scalar,
                   eq.writes, eq.prim, eq.inner)
     return Eq(eq.op, eq.fn, eq.args, {"shape": shape}, eq.outs, eq.seq, eq.scalar, eq.writes,
@@ -221,18 +306,178 @@ def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int):
     return new[0] if len(new) == 1 else None
 
 
-ALONG_AXIS = frozenset(("softmax", "log_softmax"))
-"""Primitives of one operand that work along their ``axis`` parameter alone, the
-result shaped as the operand: rows apart where that is not the batch axis."""
+def _elementwise(eq: Eq) -> bool:
+    """An element-wise primitive (its batch rule the element-wise one: add_bias, GELU,
+    any defined so through ``einsumgrad.extend``), its parameters arrays if any."""
+    return (eq.op[1] in ELEMENTWISE or (eq.prim is not None and eq.prim.batch is elementwise_batch)) \
+        and len(eq.outs) == 1 and all(type(v) is Ref for v in eq.kwargs.values())
 
 
-def _along_axis(eq: Eq, axes: dict, avals: dict):
-    x, axis = eq.args[0], eq.kwargs.get("axis")
-    if len(eq.args) != 1 or set(eq.kwargs) != {"axis"} or type(axis) is not int \
-            or type(x) is not Ref or x.slot not in axes:
+BY_RULE = frozenset(("identity", "copy", "astype", "getitem", "concatenate", "pad", "max",
+                     "spread", "var", "prod", "scan", "cumsum", "softmax", "log_softmax",
+                     "normalize", "inv_std", "layer_norm", "batch_norm", "attention"))
+"""Primitives whose own batch rule (the one ``batch_jacobian`` proves rows apart with)
+gives the step's batch axis: a reduction, scan or softmax along other axes, an index
+or padding leaving the batch axis whole, a join along another axis, a layer norm."""
+
+
+def _rule_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    """A primitive of :data:`BY_RULE`: its batch rule's axis for the operands' batch
+    axes, where every array it reads whole (unbatched) has no axis of the batch's
+    length (a block reads it whole), each batched array parameter lines up with the
+    result (a mask or statistics of the same rows), and no other parameter holds the
+    batch's length (a shape, which a block would need cut)."""
+    prim, out = eq.prim, eq.outs[0]
+    if prim is None or prim.batch is None or eq.op[1] not in BY_RULE \
+            or not all(type(a) is Ref and a.slot in axes for a in eq.args):
+        return False
+    arrays = _refs_in(eq.kwargs)
+    if any(s not in axes for s in arrays) or _holds(eq.kwargs, size):
+        return False
+    bdims = [axes[a.slot] for a in eq.args]
+    if all(b is None for b in bdims):
+        return None if all(axes[s] is None for s in arrays) else False
+    try:
+        got = prim.batch(bdims, [avals[a.slot][0] for a in eq.args], avals[out][0], **eq.kwargs)
+    except Exception:  # BatchMixingError: rows mix
+        return False
+    shape = avals[out][0]
+    if type(got) is not int or not 0 <= got < len(shape) or shape[got] != size:
+        return False
+    for s in [a.slot for a in eq.args] + arrays:
+        sh, ax = avals[s][0], axes[s]
+        if ax is None and size in sh:
+            return False  # read whole by a block: along the rows, its length is the batch's
+        if s in arrays and ax is not None and ax != got and len(sh) - ax != len(shape) - got:
+            return False  # an array parameter's rows elsewhere than the result's
+    return got
+
+
+def _refs_in(obj) -> list:
+    found: list = []
+    if type(obj) is Ref:
+        found.append(obj.slot)
+    elif type(obj) in (tuple, list):
+        for v in obj:
+            found += _refs_in(v)
+    elif type(obj) is dict:
+        for v in obj.values():
+            found += _refs_in(v)
+    return found
+
+
+def _holds(obj, size: int) -> bool:
+    """Whether a parameter holds the integer ``size`` (a shape's length), or an array
+    with an axis of that length."""
+    if type(obj) is int:
+        return obj == size
+    if type(obj) in (tuple, list):
+        return any(_holds(v, size) for v in obj)
+    if type(obj) is dict:
+        return any(_holds(v, size) for v in obj.values())
+    return isinstance(obj, numpy.ndarray) and size in obj.shape
+
+
+def _layer_norm_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    """The backend's layer-norm kernel ``(x, n, eps[, weight, bias])``: each row of ``n``
+    entries on its own, its results (``x``'s shape, and one entry per row) batched
+    along axis 0 where ``x``'s rows are the batch's (its other axes all normalized)."""
+    x, rest = eq.args[0], eq.args[1:]
+    if type(x) is not Ref or x.slot not in axes or eq.kwargs or len(rest) not in (2, 4) \
+            or type(rest[0]) is not int or type(rest[1]) is not float:
+        return False
+    ax, shape = axes[x.slot], avals[x.slot][0]
+    params = [a for a in rest[2:] if type(a) is Ref]
+    if len(params) != len(rest) - 2 or any(axes.get(a.slot, False) is not None
+                                           or size in avals[a.slot][0] for a in params):
+        return False
+    if ax is None:
+        return None
+    return 0 if ax == 0 and shape[0] == size and math.prod(shape[1:]) == rest[0] else False
+
+
+REDUCING = frozenset(("max", "min", "amax", "amin", "sum", "mean", "prod", "any", "all"))
+"""The backend's reductions a rule calls (logsumexp's maximum): rows apart over other axes."""
+
+
+def _reducing_axis(eq: Eq, axes: dict, avals: dict):
+    """``xp.max(x, axis=..., keepdims=...)`` over axes that are not the batch's."""
+    x, axis = (eq.args + (None,))[0], eq.kwargs.get("axis")
+    if len(eq.args) != 1 or set(eq.kwargs) - {"axis", "keepdims"} or type(x) is not Ref \
+            or x.slot not in axes or type(eq.kwargs.get("keepdims", False)) is not bool:
+        return False
+    ax, ndim = axes[x.slot], len(avals[x.slot][0])
+    if ax is None:
+        return None
+    if type(axis) is int:
+        axis = (axis,)
+    if type(axis) is not tuple or not all(type(a) is int for a in axis):
+        return False  # None: over every axis, the batch's among them
+    gone = {a % ndim for a in axis}
+    if ax in gone:
+        return False
+    return ax if eq.kwargs.get("keepdims") else ax - sum(1 for a in gone if a < ax)
+
+
+def _transpose_axis(eq: Eq, axes: dict):
+    """``transpose(x, order)``: the batch axis goes where ``order`` puts it."""
+    x, order = (eq.args + (None, None))[:2]
+    if type(x) is not Ref or x.slot not in axes or len(eq.args) != 2 or eq.kwargs \
+            or type(order) not in (tuple, list) or not all(type(a) is int for a in order):
         return False
     ax = axes[x.slot]
-    return ax if ax is None or axis % len(avals[x.slot][0]) != ax else False
+    return None if ax is None else order.index(ax) if ax in order else False
+
+
+def _matmul_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    """``matmul(a, b)`` where one side is an unbatched matrix (or vector) and the other's
+    batch axis is one it keeps: a row of ``a``, a stack axis, or a column of ``b``."""
+    if len(eq.args) != 2 or eq.kwargs or not all(type(v) is Ref and v.slot in axes
+                                                  for v in eq.args):
+        return False
+    (a, b), out = (axes[v.slot] for v in eq.args), avals[eq.outs[0]][0]
+    sa, sb = (avals[v.slot][0] for v in eq.args)
+    if a is None and b is None:
+        return None
+    if a is not None and b is None and len(sb) <= 2 and size not in sb and a < len(sa) - 1:
+        return a  # out is a's shape without its last axis, then b's columns
+    if b is not None and a is None and len(sa) == 2 and size not in sa and b != len(sb) - 2 \
+            and len(sb) >= 2:
+        return b  # out has b's axes, its rows a's
+    return False
+
+
+def _index_axis(eq: Eq, axes: dict, avals: dict):
+    """``x[index]`` with a basic index (slices, integers, None, ``...``): the batch
+    axis where the getitem primitive's batch rule puts it (taken whole, or else False)."""
+    x, index = (eq.args + (None, None))[:2]
+    items = index if type(index) is tuple else (index,)
+    if type(x) is not Ref or x.slot not in axes or len(eq.args) != 2 or eq.kwargs or not all(
+            type(e) in (slice, int) or e is None or e is Ellipsis for e in items):
+        return False
+    ax = axes[x.slot]
+    if ax is None:
+        return None
+    try:
+        return getitem_p.batch([ax], [avals[x.slot][0]], avals[eq.outs[0]][0], index=index, nb=0)
+    except Exception:  # BatchMixingError: it selects along the batch axis
+        return False
+
+
+def _expand_dims_axis(eq: Eq, axes: dict, avals: dict):
+    """``expand_dims(x, axis)``: the batch axis among ``x``'s, new ones around it."""
+    x, axis = (eq.args + (None, None))[:2]
+    if type(axis) is int:
+        axis = (axis,)
+    if type(x) is not Ref or x.slot not in axes or len(eq.args) != 2 or eq.kwargs \
+            or type(axis) is not tuple or not all(type(a) is int for a in axis):
+        return False
+    ax = axes[x.slot]
+    if ax is None:
+        return None
+    n = len(avals[x.slot][0]) + len(axis)
+    new = {a % n for a in axis}
+    return [i for i in range(n) if i not in new][ax]
 
 
 def _reshape_axis(eq: Eq, axes: dict, avals: dict, size: int):
@@ -252,10 +497,17 @@ def _reshape_axis(eq: Eq, axes: dict, avals: dict, size: int):
     return False
 
 
+def _numpys(u) -> bool:
+    """Whether ``u`` is one of NumPy's element-wise ufuncs of one result."""
+    return is_ufunc(u.__name__) and getattr(numpy, u.__name__) is u
+
+
 def _in_place_axis(eq: Eq, axes: dict, avals: dict, size: int):
     """``ufunc(..., out=s)`` writing into ``s`` (and returning it, on some backends): the
     values written must keep ``s``'s rows where they were (the axis stays ``s``'s)."""
     out = eq.kwargs.get("out")
+    if type(out) is tuple and len(out) == 1:
+        out = out[0]
     if set(eq.kwargs) != {"out"} or type(out) is not Ref or eq.writes != (out.slot,) \
             or out.slot not in axes:
         return False
@@ -289,12 +541,13 @@ def _einsum_axis(eq: Eq, axes: dict, avals: dict, size: int):
     return out if avals[eq.outs[0]][0][out] == size else False
 
 
-def _broadcast_axis(eq: Eq, axes: dict, avals: dict, size: int, result: int):
-    """NumPy broadcasting of the operands onto ``result``'s shape: they align at their
-    last axes."""
+def _broadcast_axis(eq: Eq, axes: dict, avals: dict, size: int, result: int,
+                    operands: tuple | None = None):
+    """NumPy broadcasting of the operands (the step's arguments unless given) onto
+    ``result``'s shape: they align at their last axes."""
     shape = avals[result][0]
     found, unbatched = set(), []
-    for a in eq.args:
+    for a in eq.args if operands is None else operands:
         if type(a) is Ref:
             if a.slot not in axes:
                 return False
@@ -388,7 +641,11 @@ class RowTrace:
     block, where :func:`_step_axis` proves it keeps rows apart (as the chunked
     replay proves it of the program), a whole value with one axis of the
     batch's length cut to the block there (a Jacobian's basis); its result is
-    batched. A step that reads none runs whole. Anything else raises
+    batched. A step that reads none runs whole. A rule's branch on ``any()`` or
+    ``all()`` of a batched value (a NaN check) takes the block's flag where it
+    has one (a NaN in the block is one in the batch), else the batch is taken to
+    have none, which the program's first replay checks (``jit.traced``; where it
+    has one after all, the trace runs again whole). Anything else raises
     :class:`~einsumgrad.program.trace.Unproved`: the trace starts again whole.
     The program is the same: every shape the function sees is the batch's.
     """
@@ -429,9 +686,9 @@ class RowTrace:
         value (axis None), else on the block: the whole values with one axis of the
         batch's length batched there, else (where that proves nothing) unbatched."""
         refs = eq.refs()
-        if not any(s in rec.axes for s in refs):
+        if not any(s in rec.axes or s in rec.across for s in refs):
             return rec.run(eq.fn, vals, kvals), None
-        if shape_only(eq) and type(eq.args[0]) is Ref \
+        if shape_only(eq) and type(eq.args[0]) is Ref and eq.args[0].slot in rec.axes \
                 and not any(s in rec.axes for s in refs if s != eq.args[0].slot):
             # ones_like(x): x's shape, not its values; whole, as a whole trace folds it
             return rec.run(eq.fn, self.stand_ins(rec, eq.args, vals), kvals), None
@@ -443,7 +700,8 @@ class RowTrace:
             if s not in rec.axes and len(on) == 1:
                 long[s] = on[0]
         for cuts in ([long, {}] if long else [{}]):
-            axes = {s: rec.axes.get(s, cuts.get(s)) for s in refs}
+            # a block's flag over the batch (ACROSS) is not among them: no step reads it
+            axes = {s: rec.axes.get(s, cuts.get(s)) for s in refs if s not in rec.across}
             got = self._on_block(rec, eq, vals, kvals, axes, cuts)
             if got is not None:
                 return got
@@ -456,8 +714,8 @@ class RowTrace:
         shape = _target(eq)
         if shape is not None:  # the batch's shape it gives, cut to the block where batched
             rec.avals[_PENDING] = (shape, None)
-            at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes,
-                            rec.avals, self.size)
+            at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), prim=eq.prim),
+                            axes, rec.avals, self.size)
             del rec.avals[_PENDING]
             if at is not False and at is not None:
                 cut = _retargeted(eq, resized(shape, at, self.rows))
@@ -470,9 +728,21 @@ class RowTrace:
             return None
         if eq.op == ("prim", "identity") and result is vals[0]:
             return result, None  # its operand's slot again: nothing recorded
+        if type(result) in (tuple, list) and result \
+                and all(type(r) is numpy.ndarray for r in result):
+            at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (), seq=True), axes, rec.avals,
+                            self.size)  # a row kernel's results: one axis for all
+            ok = at is not False and at is not None \
+                and all(r.ndim > at and r.shape[at] == self.rows for r in result)
+            return (result, at) if ok else None
+        if isinstance(result, (numpy.ndarray, numpy.generic)) and result.ndim == 0:
+            flag = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes, rec.avals,
+                              self.size)
+            if flag in ACROSS:  # any() or all() of the block: a guard alone may read it
+                return result, flag
         if type(result) is not numpy.ndarray:
             return None
-        proved = Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), writes=eq.writes)
+        proved = Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), writes=eq.writes, prim=eq.prim)
         try:
             for i, n in enumerate(result.shape):
                 if n == self.rows:

@@ -36,15 +36,30 @@ def trace_program(f: Callable, args: tuple, kwargs: dict, static_argnums: tuple,
     """Run ``f`` once on Traced stand-ins; returns ``(program, output leaves of this run)``,
     the leaves None where the trace computed a block of the batch's rows only (see
     :class:`~einsumgrad.program.chunk.RowTrace`): the program then gives them."""
+    return traced(f, args, kwargs, static_argnums, optimize)[:2]
+
+
+def traced(f: Callable, args: tuple, kwargs: dict, static_argnums: tuple,
+           optimize: bool = True) -> tuple:
+    """:func:`trace_program`'s ``(program, leaves)`` and the replay that computed the
+    leaves, if one did (else None)."""
     static_argnums = _normalized(static_argnums, len(args))
     key, values = signature(args, kwargs, static_argnums)
     rows = RowTrace.of(values)
     if rows is not None:
         try:
-            return _trace(f, args, kwargs, static_argnums, key, values, optimize, rows)
+            p, _, guessed = _trace(f, args, kwargs, static_argnums, key, values, optimize, rows)
         except Unproved:
             pass  # a step mixes rows, or a value leaves for Python: trace it whole
-    return _trace(f, args, kwargs, static_argnums, key, values, optimize)
+        else:
+            if not guessed:
+                return p, None, None
+            run = replayer(p)
+            try:  # the batch's values check the guards the block guessed
+                return p, run(values), run
+            except GuardFailed:
+                pass  # the batch has what the block had not (a NaN, an overflow)
+    return (*_trace(f, args, kwargs, static_argnums, key, values, optimize)[:2], None)
 
 
 def _trace(f, args, kwargs, static_argnums, key, values, optimize, rows=None) -> tuple:
@@ -83,7 +98,7 @@ def _trace(f, args, kwargs, static_argnums, key, values, optimize, rows=None) ->
     p.input_names = labels if labels is not None and len(labels) == len(rec.inputs) else None
     if optimize:
         run_passes(p, rec.values, rec.whole() if rows is not None else None)
-    return p, (now if rows is None else None)
+    return p, (now if rows is None else None), rec.guessed
 
 
 def _rebuild(args: tuple, kwargs: dict, static_argnums: tuple, ins: list) -> tuple:
@@ -147,8 +162,8 @@ class Jit:
             except GuardFailed:
                 pass  # a rule's branch goes the other way here: trace again
         self.traces += 1
-        p, now = trace_program(self.f, args, kwargs, nums)
-        hit = self.programs[key] = [p, None]
+        p, now, run = traced(self.f, args, kwargs, nums)
+        hit = self.programs[key] = [p, run]
         if now is None:  # traced on a block of rows: the program computes them all
             run = hit[1] = replayer(p)
             now = run(values)

@@ -60,6 +60,12 @@ class Unproved(BaseException):
     function lets it through."""
 
 
+ACROSS = ("any", "all")
+"""A flag over every entry of a batched value (``any()``, ``all()``): what a trace on
+a block of rows (see :class:`~einsumgrad.program.chunk.RowTrace`) may branch on
+alone, where the block's flag speaks for the batch or the replay checks it."""
+
+
 class GuardFailed(Exception):
     """A value a program was traced on (a rule's branch) differs for these inputs."""
 
@@ -413,6 +419,8 @@ class Recorder:
         # On a block of rows (chunk.RowTrace): each batched slot's batch axis; the
         # other slots' values are whole.
         self.rows, self.axes = rows, {}
+        self.across: dict = {}  # slot -> "any" or "all": a block's flag (see ACROSS)
+        self.guessed = False  # a guard on a block's flag stands for the batch's unchecked
 
     # slots
     def new(self, value, axis: int | None = None) -> int:
@@ -420,7 +428,9 @@ class Recorder:
         slot = self.n
         self.n += 1
         shape = tuple(value.shape)
-        if axis is not None:
+        if axis in ACROSS:
+            self.across[slot] = axis
+        elif axis is not None:
             shape = shape[:axis] + (self.rows.size,) + shape[axis + 1:]
             self.axes[slot] = axis
         self.avals[slot] = (shape, value.dtype)
@@ -436,7 +446,7 @@ class Recorder:
 
     def whole(self) -> dict:
         """The values computed whole (on a block of rows, the unbatched ones)."""
-        return {s: v for s, v in self.values.items() if s not in self.axes}
+        return {s: v for s, v in self.values.items() if s not in self.axes and s not in self.across}
 
     def const(self, a) -> tuple:
         """A constant's slot and the read-only view of it the program keeps."""
@@ -502,7 +512,8 @@ class Recorder:
         if self.rows is None:
             out = self.run(prim.impl, vals, pvals)
         else:
-            out, axis = self.rows.step(self, Eq(op, prim.impl, args, kwargs, ()), vals, pvals)
+            out, axis = self.rows.step(self, Eq(op, prim.impl, args, kwargs, (), prim=prim),
+                                        vals, pvals)
         if prim.name == "identity" and out is vals[0]:
             return datas[0]  # the same array: the same slot
         scalar = isinstance(out, numpy.generic)
@@ -545,7 +556,7 @@ class Recorder:
             self.eqs[-1].outs = (slot,)
             return traced_type(backend_of(result))(result, slot, self)
         if type(result) in (tuple, list) and result and all(is_array(r) for r in result):
-            slots = tuple(self.new(r) for r in result)
+            slots = tuple(self.new(r, axis) for r in result)
             self.eqs.append(Eq(op, fn, targs, tkw, slots, seq=True))
             return type(result)(traced_type(backend_of(r))(r, s, self)
                                 for r, s in zip(result, slots))
@@ -592,9 +603,13 @@ class Recorder:
         if frame is None or not frame.f_code.co_filename.startswith(_PKG):
             raise self.error(f"{_WHAT.get(via, _WHAT.get(kind, kind))} a value computed "
                              f"from the program's inputs")
-        if t.slot in self.axes:
+        if t.slot in self.axes or (t.slot in self.across and kind not in ("bool", "__bool__")):
             raise Unproved(f"a guard on a value of the batch at {_where(frame)}")
         value = CONVERT[kind](t.value, *args)
+        if t.slot in self.across and value == (self.across[t.slot] == "all"):
+            # none in the block (no NaN, say): taken for the batch, which a replay checks;
+            # one in the block is one in the batch
+            self.guessed = True
         self.eqs.append(Eq(("guard", kind), None, (Ref(t.slot),),
                            {"args": args, "expected": value, "where": _where(frame)}, ()))
         return value
