@@ -154,14 +154,19 @@ def test_programs_mixing_rows_are_rejected(name, rng, monkeypatch):
 
 
 def test_a_guard_on_a_value_of_the_batch_disqualifies(rng):
-    # max's rule checks for ties (the largest count > 1): a guard, however row-wise the rest is
+    # max's rule checks its maximum for NaN: a flag over the batch, checked block by block
     g = lambda x: eg.grad(lambda a: eg.max(a, axis=1).sum())(x)
     p = make_program(g)(xb(rng.standard_normal((6, 4))))
     guards = [eq for eq in p.eqs if eq.op[0] == "guard"]
     assert guards
+    assert chunk.batching(p) is not None
+    # the same guard on a batched value itself (not a flag over it): rows would meet
     axes = {s: 0 for s in p.inputs}
-    assert chunk._step_axis(guards[0], axes, p.avals, 6) is False
-    assert chunk.batching(p) is None
+    on_value = [eq for eq in p.eqs if eq.op == ("backend", NAME, "isnan")][0].args[0].slot
+    axes[on_value] = 0
+    from einsumgrad.program.trace import Eq, Ref
+    guard = Eq(guards[0].op, None, (Ref(on_value),), guards[0].kwargs, ())
+    assert chunk._step_axis(guard, axes, p.avals, 6) is False
 
 
 def _flag_program(use: str, expected: bool = False, name: str = "any"):
@@ -760,6 +765,11 @@ def attention(rng):
     return on_backend(nn.MultiheadAttention(6, 2))
 
 
+def conv_relu_pool(rng):
+    nn.manual_seed(0)
+    return on_backend(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)))
+
+
 BY_RULES = {  # (f, an example's shape): each keeps rows apart along axis 0
     "nn.Linear, GELU, LayerNorm": (linear_gelu_norm, (6,)),
     "where and clip": (lambda rng: lambda x: eg.clip(eg.where(x > 0, x, 0.1 * x), -0.5, 0.5),
@@ -776,6 +786,8 @@ BY_RULES = {  # (f, an example's shape): each keeps rows apart along axis 0
     "float32 and back": (lambda rng: lambda x: eg.tanh(x.astype(np.float32)).astype(np.float64),
                          (6,)),
     "attention over each example's tokens": (attention, (5, 6)),
+    # the patches: a buffer of the batch's rows, written and viewed strided
+    "convolution, ReLU, max pooling": (conv_relu_pool, (2, 6, 6)),
 }
 
 
@@ -788,11 +800,9 @@ def test_steps_keep_rows_apart_by_their_primitives_batch_rules(name, jacobian, r
     x = xb(rng.standard_normal((40, *shape)))
     p = make_program(f)(x)
     found = chunk.batching(p)
-    # max's derivative splits ties by their count, guarded on the most in any row: whole
-    rowwise = not (jacobian and name.startswith("max"))
-    assert (found is not None and found[1][p.outputs[0].slot] == 0) == rowwise
+    assert found is not None and found[1][p.outputs[0].slot] == 0
     tol = dict(rtol=2e-5, atol=2e-5) if "float32" in name else TOL64
-    check_blocks(f, x, 16, monkeypatch, tol, chunked=rowwise)
+    check_blocks(f, x, 16, monkeypatch, tol, chunked=True)
 
 
 @pytest.mark.parametrize("name", list(BY_RULES))
@@ -826,3 +836,30 @@ def test_a_guard_the_block_guessed_is_checked_on_the_batch(where, rng, short_row
     assert_same(j(clean), f(clean), nan, types=False)
     assert_same(j(clean), f(clean), nan, types=False)
     assert_same(j(x), f(x), nan, types=False)  # a block's NaN: the guard fails, traced again
+
+
+def cnn_per_sample_grads(rng):
+    w2 = xb(rng.standard_normal((3, 16)) / 4)
+    b = xb(np.zeros(4))
+
+    def loss(w, x, y):  # ReLU's zeros tie in the pooling windows
+        h = eg.nn.functional.max_pool2d(eg.relu(eg.nn.functional.conv2d(x[None], w, b,
+                                                                        padding=1)), 2)
+        return eg.nn.functional.cross_entropy(eg.reshape(h, (1, -1)) @ w2.T, y[None])
+    return eg.vmap(eg.grad(loss), in_axes=(None, 0, 0))
+
+
+def test_per_sample_gradients_of_a_cnn_run_in_blocks_and_trace_on_one(rng, short_rows,
+                                                                       monkeypatch):
+    f = cnn_per_sample_grads(rng)
+    w = xb(rng.standard_normal((4, 1, 3, 3)) / 3)
+    x, y = xb(rng.standard_normal((150, 1, 4, 4))), xb(rng.integers(0, 3, 150))
+    p = make_program(f)(w, x, y)
+    assert short_rows == (["rows"] if CHUNKS else ["whole"])
+    assert str(p) == str(whole_program(f, w, x, y, monkeypatch=monkeypatch))
+    size, axes, _ = chunk.batching(p)
+    assert size == 150 and axes[p.outputs[0].slot] == 0
+    run, chunked = replayed(p, 40, monkeypatch)
+    assert chunked == CHUNKS
+    assert_same(p.outputs_of(run([w, x, y])), p.outputs_of(p.run([w, x, y])))
+    assert_same(jit(f)(w, x, y), f(w, x, y), dict(rtol=1e-12, atol=1e-12), types=False)

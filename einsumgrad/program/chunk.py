@@ -86,7 +86,7 @@ from .passes import ELEMENTWISE  # the result broadcasts the operands
 from .passes import shape_only
 from ..backends.threads import Timed, cores, one_thread, pool as thread_pool
 from .graph import is_ufunc
-from .trace import ACROSS, Eq, Ref, Unproved
+from .trace import ACROSS, FLAGS, Eq, Ref, Unproved
 
 CACHE_BYTES = 1 << 21
 """The per-core L2 cache the blocks are sized for."""
@@ -141,35 +141,57 @@ def batch_axes(p, size: int, inputs: dict) -> dict | None:
             other input and constant is unbatched.
     """
     axes: dict = {s: inputs.get(s) for s in (*p.inputs, *p.consts)}
-    across: dict = {}  # flags over the batch (ACROSS): guards alone read them, block by block
+    seen = Seen(p.eqs)
     for eq in p.eqs:
-        out = _step_axis(eq, axes, p.avals, size, across)
+        out = _step_axis(eq, axes, p.avals, size, seen)
         if out is False:
             return None
         for o in eq.outs:
             if out in ACROSS:
-                across[o] = out
+                seen.across[o] = out
             else:
                 axes[o] = out
-    if any(type(o) is Ref and o.slot in across for o in p.outputs):
+    if any(type(o) is Ref and o.slot in seen.across for o in p.outputs):
         return None
     return axes
 
 
-def _step_axis(eq: Eq, axes: dict, avals: dict, size: int, across: dict | None = None):
-    """The batch axis of the step's one result, ``None`` (unbatched), ``"any"`` or
-    ``"all"`` (a flag over the batch, in ``across`` then, :data:`ACROSS`), or
-    ``False``: the step is not known to keep rows apart."""
+class Seen:
+    """What the proof knows besides each slot's batch axis: the values over the whole
+    batch (slot -> one of :data:`ACROSS`), which only a comparison or a guard may
+    read, the steps so far (where a buffer came from) and, on a block trace, every
+    slot's batch axis (a step's proof is given its operands' only)."""
+
+    def __init__(self, eqs: list, across: dict | None = None, axes: dict | None = None):
+        self.eqs, self.across, self.axes = eqs, {} if across is None else across, axes
+
+    def producer(self, slot: int) -> Eq | None:
+        for eq in reversed(self.eqs):
+            if slot in eq.outs:
+                return eq
+        return None
+
+
+def _step_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen | None = None):
+    """The batch axis of the step's one result, ``None`` (unbatched), one of
+    :data:`ACROSS` (a value over the whole batch: ``any()``, the largest entry, a
+    flag from comparing it), or ``False``: the step is not known to keep rows apart."""
+    seen = seen or Seen([])
     kind = eq.op[0]
     if kind == "guard":
-        return _guard_axis(eq, axes, across or {})
+        return _guard_axis(eq, axes, seen.across)
     name = eq.op[1] if kind == "method" else eq.op[2] if kind == "backend" else None
-    if name in ACROSS and len(eq.args) == 1 and not eq.kwargs:
-        x = eq.args[0]
+    if name in ("any", "all", "max", "min", "amax", "amin") and len(eq.args) == 1 \
+            and eq.kwargs.get("axis", None) is None and set(eq.kwargs) <= {"axis"}:
+        x = eq.args[0]  # over every entry
         return False if type(x) is not Ref or x.slot not in axes else \
-            None if axes[x.slot] is None else name
+            None if axes[x.slot] is None else name.replace("amax", "max").replace("amin", "min")
+    if kind == "ufunc" and any(type(a) is Ref and a.slot in seen.across for a in eq.args):
+        return _compared(eq, seen.across)
     if kind == "backend" and eq.op[2] == "layer_norm":
         return _layer_norm_axis(eq, axes, avals, size)
+    if kind == "setitem":
+        return _setitem_axis(eq, axes, avals, size)
     if eq.seq or eq.scalar:
         return False
     if eq.writes and len(eq.outs) <= 1 and (
@@ -211,9 +233,15 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int, across: dict | None =
     elif kind == "method" and eq.op[1] == "astype":
         ok = set(eq.kwargs) <= {"copy"} and len(eq.args) == 2 and type(eq.args[1]) is not Ref
         return axes.get(eq.args[0].slot, False) if ok and type(eq.args[0]) is Ref else False
-    elif kind == "backend" and eq.op[2] in ("eye", "zeros", "ones"):
+    elif kind == "backend" and eq.op[2] in CREATE:
+        return _made_axis(eq, size)
+    elif kind == "backend" and eq.op[2] == "eye":
         # an array from static values (a Jacobian's basis): the same in every block
         return None if not eq.refs() and set(eq.kwargs) <= {"dtype"} else False
+    elif kind == "backend" and eq.op[2] == "as_strided":
+        return _strided_axis(eq, axes, avals, size, seen)
+    elif kind == "backend" and eq.op[2] == "moveaxis":
+        return _moveaxis_axis(eq, axes, avals)
     elif kind == "backend" and name == "matmul":
         return _matmul_axis(eq, axes, avals, size)
     elif kind == "backend" and name == "reshape":
@@ -239,7 +267,7 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int, across: dict | None =
         return ax if ax is None or along % len(avals[x.slot][0]) != ax else False
     elif kind == "backend" and eq.op[2] == "broadcast_to":
         return _broadcast_to_axis(eq, axes, avals, size)
-    elif kind == "backend" and eq.op[2] in REDUCING:
+    elif kind in ("backend", "method") and name in REDUCING:
         return _reducing_axis(eq, axes, avals)
     elif kind == "backend":
         # a rule's own call of the backend (relu's derivative): NumPy's element-wise
@@ -262,31 +290,161 @@ def _guard_axis(eq: Eq, axes: dict, across: dict):
         return None
     flag = across.get(x.slot)
     expected = eq.kwargs.get("expected")
-    return None if flag is not None and eq.op[1] in ("bool", "__bool__") \
+    return None if flag in FLAGS and eq.op[1] in ("bool", "__bool__") \
         and type(expected) is bool and expected == (flag == "all") else False
 
 
-def _target(eq: Eq):
-    """The shape a reshape or broadcast step gives its operand (its argument or, for
-    the primitive, its parameter), or None."""
-    if (eq.op[0] == "backend" and eq.op[2] in ("broadcast_to", "reshape")) \
-            or eq.op == ("method", "reshape"):
-        shape = eq.args[1] if len(eq.args) == 2 and not eq.kwargs else None
-    elif eq.op in (("prim", "broadcast_to"), ("prim", "reshape")):
-        shape = eq.kwargs.get("shape") if len(eq.args) == 1 and set(eq.kwargs) == {"shape"} \
+CREATE = frozenset(("zeros", "empty", "ones", "full"))
+"""The backend's functions making an array of a shape they are given."""
+
+
+def _shape_at(eq: Eq):
+    """Where a step names the shape it gives: ``("arg", i)``, ``("kw", name)``, or None
+    (a reshape's or broadcast's target, a new array's shape, a strided view's)."""
+    op = eq.op
+    if (op[0] == "backend" and op[2] in ("broadcast_to", "reshape")) or op == ("method", "reshape"):
+        return ("arg", 1) if len(eq.args) == 2 and not eq.kwargs else None
+    if op in (("prim", "broadcast_to"), ("prim", "reshape")):
+        return ("kw", "shape") if len(eq.args) == 1 and set(eq.kwargs) == {"shape"} else None
+    if op[0] == "backend" and op[2] in CREATE:
+        return ("arg", 0) if 1 <= len(eq.args) <= (2 if op[2] == "full" else 1) \
+            and set(eq.kwargs) <= {"dtype"} else None
+    if op[0] == "backend" and op[2] == "as_strided":
+        return ("kw", "shape") if len(eq.args) == 1 and set(eq.kwargs) == {"shape", "strides"} \
             else None
-    else:
+    return None
+
+
+def _target(eq: Eq):
+    """The shape a step names (see :func:`_shape_at`), or None."""
+    at = _shape_at(eq)
+    if at is None:
         return None
+    shape = eq.args[at[1]] if at[0] == "arg" else eq.kwargs[at[1]]
+    shape = (shape,) if type(shape) is int else shape  # zeros(n)
     return shape if type(shape) is tuple and all(type(n) is int for n in shape) else None
 
 
 def _retargeted(eq: Eq, shape: tuple) -> Eq:
-    """The reshape or broadcast step giving ``shape`` instead."""
-    if eq.op[0] in ("backend", "method"):
-        return Eq(eq.op, eq.fn, (eq.args[0], shape), eq.kwargs, eq.outs, eq.seq, eq.scalar,
-                  eq.writes, eq.prim, eq.inner)
-    return Eq(eq.op, eq.fn, eq.args, {"shape": shape}, eq.outs, eq.seq, eq.scalar, eq.writes,
-              eq.prim, eq.inner)
+    """The step naming ``shape`` instead (see :func:`_shape_at`)."""
+    where, key = _shape_at(eq)
+    args, kwargs = eq.args, eq.kwargs
+    if where == "arg":
+        args = args[:key] + (shape,) + args[key + 1:]
+    else:
+        kwargs = {**kwargs, key: shape}
+    return Eq(eq.op, eq.fn, args, kwargs, eq.outs, eq.seq, eq.scalar, eq.writes, eq.prim,
+              eq.inner)
+
+
+def _made_axis(eq: Eq, size: int):
+    """A new array of a static shape: batched along its one axis of the batch's length
+    (the same values in every row: a buffer a block writes its rows into, a Jacobian's
+    basis), else unbatched."""
+    shape = _target(eq)
+    if shape is None or any(type(a) is Ref for a in eq.args):
+        return False
+    on = [i for i, n in enumerate(shape) if n == size]
+    return on[0] if len(on) == 1 else None
+
+
+def _strided_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen):
+    """``as_strided(x, shape, strides)`` over a new C-ordered buffer whose rows are the
+    batch's (its axis 0, as a block's are; ``x`` may be a transpose of it): batched
+    where one axis of the view steps a row at a time and the others stay within a
+    row (a convolution's patches)."""
+    x, shape, strides = eq.args[0], _target(eq), eq.kwargs.get("strides")
+    if type(x) is not Ref or x.slot not in axes or shape is None or type(strides) is not tuple \
+            or len(strides) != len(shape) or not all(type(n) is int and n >= 0 for n in strides):
+        return False
+    if axes[x.slot] is None:
+        return None
+    xshape, dtype = avals[x.slot]
+    if not _fresh(x.slot, axes, seen):
+        return False
+    row = numpy.dtype(dtype).itemsize * math.prod(xshape) // size
+    on = [i for i, (n, st) in enumerate(zip(shape, strides)) if n == size and st == row]
+    if len(on) != 1:
+        return False
+    reach = sum((n - 1) * st for i, (n, st) in enumerate(zip(shape, strides)) if i != on[0])
+    return on[0] if reach < row else False
+
+
+def _fresh(slot: int, axes: dict, seen: Seen) -> bool:
+    """Whether ``slot`` holds a new C-ordered array batched along its axis 0, or a
+    transpose of one: a block's then is laid out as the batch's, a row less or more."""
+    eq = seen.producer(slot)
+    while eq is not None and eq.op[:1] == ("backend",) and eq.op[2] == "transpose" \
+            and len(eq.args) == 2 and type(eq.args[0]) is Ref:
+        eq = seen.producer(eq.args[0].slot)
+    return eq is not None and eq.op[0] == "backend" and eq.op[2] in CREATE \
+        and _shape_at(eq) is not None and (seen.axes or axes).get(eq.outs[0]) == 0
+
+
+def _setitem_axis(eq: Eq, axes: dict, avals: dict, size: int):
+    """``x[index] = v``, a basic index: ``v`` lines up with the batch axis of the region
+    it is written to (or is unbatched and broadcast there), the batch taken whole."""
+    if len(eq.args) != 3 or eq.kwargs or eq.writes != (getattr(eq.args[0], "slot", None),):
+        return False
+    x, index, v = eq.args
+    if x.slot not in axes or (type(v) is Ref and v.slot not in axes):
+        return False
+    ax = axes[x.slot]
+    vax = axes[v.slot] if type(v) is Ref else None
+    if ax is None:
+        return None if vax is None else False
+    region = _index_axis(Eq(("getitem",), None, (x, index), {}, (_PENDING,)), axes,
+                         {**avals, _PENDING: (_indexed_shape(avals[x.slot][0], index), None)})
+    if region is False or region is None or type(region) is not int:
+        return False
+    shape = _indexed_shape(avals[x.slot][0], index)
+    if vax is None:
+        vshape = avals[v.slot][0] if type(v) is Ref else numpy.shape(v)
+        i = len(vshape) - len(shape) + region
+        return ax if i < 0 or vshape[i] == 1 else False
+    return ax if len(shape) - len(avals[v.slot][0]) + vax == region else False
+
+
+def _indexed_shape(shape: tuple, index) -> tuple:
+    """The shape of ``x[index]`` for an array of ``shape`` (a basic index)."""
+    return numpy.empty(shape, dtype=numpy.bool_)[index].shape if math.prod(shape) < (1 << 16) \
+        else numpy.lib.stride_tricks.as_strided(numpy.empty(1, numpy.bool_), shape,
+                                                (0,) * len(shape))[index].shape
+
+
+def _moveaxis_axis(eq: Eq, axes: dict, avals: dict):
+    """``moveaxis(x, source, destination)``: the batch axis where NumPy's order puts it."""
+    if len(eq.args) != 3 or eq.kwargs or type(eq.args[0]) is not Ref or eq.args[0].slot not in axes:
+        return False
+    x, src, dst = eq.args
+    ax = axes[x.slot]
+    if ax is None:
+        return None
+    n = len(avals[x.slot][0])
+    src, dst = ((a,) if type(a) is int else a for a in (src, dst))
+    if type(src) not in (tuple, list) or type(dst) not in (tuple, list) or len(src) != len(dst):
+        return False
+    src, dst = [a % n for a in src], [a % n for a in dst]
+    order = [a for a in range(n) if a not in src]
+    for d, s_ in sorted(zip(dst, src)):
+        order.insert(d, s_)
+    return order.index(ax)
+
+
+def _compared(eq: Eq, across: dict):
+    """A comparison of the batch's largest (smallest) entry with a number: a flag,
+    ``any`` where it holds for the batch once it holds for one block, else ``all``."""
+    if eq.op[2] != "__call__" or eq.kwargs or len(eq.args) != 2:
+        return False
+    names = {numpy.greater: ">", numpy.greater_equal: ">", numpy.less: "<", numpy.less_equal: "<"}
+    side = names.get(eq.op[1])
+    a, b = eq.args
+    if type(b) is Ref:  # the number first: c < max is max > c
+        a, b, side = b, a, {">": "<", "<": ">"}.get(side)
+    if side is None or type(a) is not Ref or type(b) not in (int, float) \
+            or across.get(a.slot) not in ("max", "min"):
+        return False
+    return "any" if (side == ">") == (across[a.slot] == "max") else "all"
 
 
 def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int):
@@ -315,10 +473,12 @@ def _elementwise(eq: Eq) -> bool:
 
 BY_RULE = frozenset(("identity", "copy", "astype", "getitem", "concatenate", "pad", "max",
                      "spread", "var", "prod", "scan", "cumsum", "softmax", "log_softmax",
-                     "normalize", "inv_std", "layer_norm", "batch_norm", "attention"))
+                     "normalize", "inv_std", "layer_norm", "batch_norm", "attention",
+                     "patch_einsum", "unpatch_einsum", "patches", "unpatch"))
 """Primitives whose own batch rule (the one ``batch_jacobian`` proves rows apart with)
 gives the step's batch axis: a reduction, scan or softmax along other axes, an index
-or padding leaving the batch axis whole, a join along another axis, a layer norm."""
+or padding leaving the batch axis whole, a join along another axis, a layer norm, a
+convolution's products with its patches."""
 
 
 def _rule_axis(eq: Eq, axes: dict, avals: dict, size: int):
@@ -686,7 +846,8 @@ class RowTrace:
         value (axis None), else on the block: the whole values with one axis of the
         batch's length batched there, else (where that proves nothing) unbatched."""
         refs = eq.refs()
-        if not any(s in rec.axes or s in rec.across for s in refs):
+        made = eq.op[0] == "backend" and eq.op[2] in CREATE and _made_axis(eq, self.size)
+        if not any(s in rec.axes or s in rec.across for s in refs) and type(made) is not int:
             return rec.run(eq.fn, vals, kvals), None
         if shape_only(eq) and type(eq.args[0]) is Ref and eq.args[0].slot in rec.axes \
                 and not any(s in rec.axes for s in refs if s != eq.args[0].slot):
@@ -715,11 +876,15 @@ class RowTrace:
         if shape is not None:  # the batch's shape it gives, cut to the block where batched
             rec.avals[_PENDING] = (shape, None)
             at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), prim=eq.prim),
-                            axes, rec.avals, self.size)
+                            axes, rec.avals, self.size, Seen(rec.eqs, rec.across, rec.axes))
             del rec.avals[_PENDING]
             if at is not False and at is not None:
-                cut = _retargeted(eq, resized(shape, at, self.rows))
-                vals, kvals = (vals[0],) + cut.args[1:], {**kvals, **cut.kwargs}
+                where, key = _shape_at(eq)
+                cut = resized(shape, at, self.rows)
+                if where == "arg":
+                    vals = vals[:key] + (cut,) + vals[key + 1:]
+                else:
+                    kvals = {**kvals, key: cut}
         if eq.op == ("prim", "einsum"):
             kvals = {k: v for k, v in kvals.items() if k != "run"}  # planned for the batch
         try:
@@ -728,16 +893,21 @@ class RowTrace:
             return None
         if eq.op == ("prim", "identity") and result is vals[0]:
             return result, None  # its operand's slot again: nothing recorded
+        seen = Seen(rec.eqs, rec.across, rec.axes)
+        if result is None and eq.writes:  # x[index] = v: written in place, no result
+            done = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (), writes=eq.writes),
+                              axes, rec.avals, self.size, seen)
+            return None if done is False else (None, None)
         if type(result) in (tuple, list) and result \
                 and all(type(r) is numpy.ndarray for r in result):
             at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (), seq=True), axes, rec.avals,
-                            self.size)  # a row kernel's results: one axis for all
+                            self.size, seen)  # a row kernel's results: one axis for all
             ok = at is not False and at is not None \
                 and all(r.ndim > at and r.shape[at] == self.rows for r in result)
             return (result, at) if ok else None
         if isinstance(result, (numpy.ndarray, numpy.generic)) and result.ndim == 0:
             flag = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes, rec.avals,
-                              self.size)
+                              self.size, seen)
             if flag in ACROSS:  # any() or all() of the block: a guard alone may read it
                 return result, flag
         if type(result) is not numpy.ndarray:
@@ -747,7 +917,7 @@ class RowTrace:
             for i, n in enumerate(result.shape):
                 if n == self.rows:
                     rec.avals[_PENDING] = (resized(result.shape, i, self.size), result.dtype)
-                    got = _step_axis(proved, axes, rec.avals, self.size)
+                    got = _step_axis(proved, axes, rec.avals, self.size, seen)
                     if got is not False and got == i:  # False == 0 holds
                         return result, i
         finally:

@@ -60,10 +60,30 @@ class Unproved(BaseException):
     function lets it through."""
 
 
-ACROSS = ("any", "all")
-"""A flag over every entry of a batched value (``any()``, ``all()``): what a trace on
-a block of rows (see :class:`~einsumgrad.program.chunk.RowTrace`) may branch on
-alone, where the block's flag speaks for the batch or the replay checks it."""
+FLAGS = ("any", "all")
+"""A flag over every entry of a batched value (``any()``, ``all()``, or a comparison
+of its largest or smallest entry with a number): what a trace on a block of rows
+(see :class:`~einsumgrad.program.chunk.RowTrace`) may branch on alone, where the
+block's flag speaks for the batch or the replay checks it."""
+ACROSS = FLAGS + ("max", "min")
+"""Values over every entry of a batched value: the flags, and its largest and
+smallest entries (which only a comparison with a number may read)."""
+
+
+class _Remade(dict):
+    """Values by slot; those in ``remade`` (a call and its arguments) made on first read."""
+
+    def __init__(self, values: dict, remade: dict):
+        super().__init__(values)
+        self.remade = remade
+
+    def __contains__(self, slot) -> bool:
+        return dict.__contains__(self, slot) or slot in self.remade
+
+    def __missing__(self, slot):
+        fn, args, kwargs = self.remade[slot]
+        value = self[slot] = fn(*args, **kwargs)
+        return value
 
 
 class GuardFailed(Exception):
@@ -419,7 +439,8 @@ class Recorder:
         # On a block of rows (chunk.RowTrace): each batched slot's batch axis; the
         # other slots' values are whole.
         self.rows, self.axes = rows, {}
-        self.across: dict = {}  # slot -> "any" or "all": a block's flag (see ACROSS)
+        self.across: dict = {}  # slot -> one of ACROSS: a block's flag, max or min
+        self.remade: dict = {}  # slot -> how to make it whole: an array made on a block
         self.guessed = False  # a guard on a block's flag stands for the batch's unchecked
 
     # slots
@@ -445,8 +466,10 @@ class Recorder:
         return traced_type(backend_of(value))(block, slot, self)
 
     def whole(self) -> dict:
-        """The values computed whole (on a block of rows, the unbatched ones)."""
-        return {s: v for s, v in self.values.items() if s not in self.axes and s not in self.across}
+        """The values computed whole (on a block of rows, the unbatched ones, and an
+        array made of the batch's shape, made whole when constant folding reads it)."""
+        return _Remade({s: v for s, v in self.values.items()
+                        if s not in self.axes and s not in self.across}, self.remade)
 
     def const(self, a) -> tuple:
         """A constant's slot and the read-only view of it the program keeps."""
@@ -567,6 +590,8 @@ class Recorder:
             return result  # a description (a dtype, a shape): no value of the inputs
         slot = self.new(result, axis)
         self.eqs.append(Eq(op, fn, targs, tkw, (slot,), scalar=scalar))
+        if axis is not None and not self.eqs[-1].refs():
+            self.remade[slot] = (fn, vals, kvals)  # made of the batch's shape, on a block
         return traced_type(backend_of(result))(result, slot, self)
 
     def run(self, fn: Callable, args, kwargs):
@@ -603,7 +628,8 @@ class Recorder:
         if frame is None or not frame.f_code.co_filename.startswith(_PKG):
             raise self.error(f"{_WHAT.get(via, _WHAT.get(kind, kind))} a value computed "
                              f"from the program's inputs")
-        if t.slot in self.axes or (t.slot in self.across and kind not in ("bool", "__bool__")):
+        if t.slot in self.axes or (t.slot in self.across and (
+                kind not in ("bool", "__bool__") or self.across[t.slot] not in FLAGS)):
             raise Unproved(f"a guard on a value of the batch at {_where(frame)}")
         value = CONVERT[kind](t.value, *args)
         if t.slot in self.across and value == (self.across[t.slot] == "all"):

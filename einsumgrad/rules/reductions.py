@@ -93,11 +93,14 @@ max_p = Primitive("max", _max_impl)
 def _max_mask(x: Tensor, out: Tensor, axes: tuple) -> tuple:
     """Constants for max's rules: where ``x`` attains its maximum (a bool mask
     over small windows, else 1 and 0 in x's dtype), and ``1 / (number of ties)``
-    shaped like ``out``, or None where no window ties.
+    shaped like ``out`` (None where there are no windows).
 
     Ties (windows of zeros after a ReLU) split the derivative evenly; the
-    split is applied on the small output side, not on the mask. A window
-    whose max is NaN attains it at its NaNs (split between them), as torch.max.
+    split is applied on the small output side, not on the mask. It is applied
+    whether or not a window ties (1 where none does, exact): a branch on "any
+    ties" would be one on the whole batch, which a program traced with ties
+    could not replay block by block. A window whose max is NaN attains it at
+    its NaNs (split between them), as torch.max.
     """
     xp = backend_of(x.data)
     n = math.prod(x.shape[a] for a in axes)
@@ -114,7 +117,7 @@ def _max_mask(x: Tensor, out: Tensor, axes: tuple) -> tuple:
         # floats, and the cast would be one more pass over the input's size.
         count = back(_fold(hit.view(xp.uint8), axes_m, xp.add))
         mask = full_back(hit)
-    if not (xp.size(count) and xp.max(count) > 1):
+    if not xp.size(count):
         return Tensor(mask), None
     return Tensor(mask), Tensor(xp.reciprocal(count.astype(x.dtype)))
 
