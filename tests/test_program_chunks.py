@@ -863,3 +863,18 @@ def test_per_sample_gradients_of_a_cnn_run_in_blocks_and_trace_on_one(rng, short
     assert chunked == CHUNKS
     assert_same(p.outputs_of(run([w, x, y])), p.outputs_of(p.run([w, x, y])))
     assert_same(jit(f)(w, x, y), f(w, x, y), dict(rtol=1e-12, atol=1e-12), types=False)
+
+
+def test_an_array_made_of_the_batchs_shape_is_made_on_the_block_and_folded_whole(
+        rng, short_rows, monkeypatch):
+    from einsumgrad.backends import backend_of
+
+    def f(x):
+        t = eg.tanh(x)
+        return t * backend_of(t.data).full(t.shape, 2.0)  # read, never written: a constant
+    x = xb(rng.standard_normal((150, 3)))
+    p = make_program(f)(x)
+    assert short_rows == (["rows"] if CHUNKS else ["whole"])
+    assert str(p) == str(whole_program(f, x, monkeypatch=monkeypatch))
+    assert any(np.shape(c) == (150, 3) for c in p.consts.values())
+    assert_same(jit(f)(x), 2.0 * np.tanh(npy(x)), types=False)

@@ -70,20 +70,46 @@ ACROSS = FLAGS + ("max", "min")
 smallest entries (which only a comparison with a number may read)."""
 
 
-class _Remade(dict):
-    """Values by slot; those in ``remade`` (a call and its arguments) made on first read."""
+class _Whole(dict):
+    """The values a trace on a block computed whole, and on first read those its steps
+    would compute whole from them alone (an array made of the batch's shape, and
+    steps on it): what constant folding reads, as it reads a whole trace's."""
 
-    def __init__(self, values: dict, remade: dict):
+    def __init__(self, values: dict, rec: "Recorder"):
         super().__init__(values)
-        self.remade = remade
+        self.rec, self.made = rec, {}
+        self.producers = {o: eq for eq in rec.eqs for o in eq.outs}
 
     def __contains__(self, slot) -> bool:
-        return dict.__contains__(self, slot) or slot in self.remade
+        if dict.__contains__(self, slot):
+            return True
+        if slot not in self.made:
+            eq = self.producers.get(slot)
+            self.made[slot] = False  # a cycle through it computes nothing
+            self.made[slot] = eq is not None and len(eq.outs) == 1 and not eq.writes \
+                and not eq.seq and eq.op[0] not in ("guard", "fused") and slot not in self.rec.across \
+                and all(s in self for s in eq.refs())
+        return self.made[slot]
 
     def __missing__(self, slot):
-        fn, args, kwargs = self.remade[slot]
-        value = self[slot] = fn(*args, **kwargs)
+        if slot not in self:
+            raise KeyError(slot)
+        eq = self.producers[slot]
+        args, kwargs = _filled(eq.args, self), _filled(eq.kwargs, self)
+        value = self.rec.run(eq.fn, args, kwargs)
+        value = self[slot] = numpy.asarray(value) if eq.scalar else value
         return value
+
+
+def _filled(template, values):
+    """``template`` with each Ref replaced by its slot's value."""
+    if type(template) is Ref:
+        return values[template.slot]
+    if type(template) in (tuple, list):
+        return type(template)(_filled(t, values) for t in template)
+    if type(template) is dict:
+        return {k: _filled(v, values) for k, v in template.items()}
+    return template
 
 
 class GuardFailed(Exception):
@@ -440,7 +466,6 @@ class Recorder:
         # other slots' values are whole.
         self.rows, self.axes = rows, {}
         self.across: dict = {}  # slot -> one of ACROSS: a block's flag, max or min
-        self.remade: dict = {}  # slot -> how to make it whole: an array made on a block
         self.guessed = False  # a guard on a block's flag stands for the batch's unchecked
 
     # slots
@@ -468,8 +493,8 @@ class Recorder:
     def whole(self) -> dict:
         """The values computed whole (on a block of rows, the unbatched ones, and an
         array made of the batch's shape, made whole when constant folding reads it)."""
-        return _Remade({s: v for s, v in self.values.items()
-                        if s not in self.axes and s not in self.across}, self.remade)
+        return _Whole({s: v for s, v in self.values.items()
+                       if s not in self.axes and s not in self.across}, self)
 
     def const(self, a) -> tuple:
         """A constant's slot and the read-only view of it the program keeps."""
@@ -590,8 +615,6 @@ class Recorder:
             return result  # a description (a dtype, a shape): no value of the inputs
         slot = self.new(result, axis)
         self.eqs.append(Eq(op, fn, targs, tkw, (slot,), scalar=scalar))
-        if axis is not None and not self.eqs[-1].refs():
-            self.remade[slot] = (fn, vals, kvals)  # made of the batch's shape, on a block
         return traced_type(backend_of(result))(result, slot, self)
 
     def run(self, fn: Callable, args, kwargs):
