@@ -878,3 +878,61 @@ def test_an_array_made_of_the_batchs_shape_is_made_on_the_block_and_folded_whole
     assert str(p) == str(whole_program(f, x, monkeypatch=monkeypatch))
     assert any(np.shape(c) == (150, 3) for c in p.consts.values())
     assert_same(jit(f)(x), 2.0 * np.tanh(npy(x)), types=False)
+
+
+# -- random chains: whatever the proof decides, jit equals f --------------------------------
+
+def _chain_ops(rng, n, width):
+    w = xb(rng.standard_normal((width, width)))
+    col = xb(rng.standard_normal((n, 1)))
+    return {  # row-wise steps and steps that mix rows, on x of shape (n, width)
+        "tanh": eg.tanh, "product": lambda x: x @ w, "transposed product": lambda x: x @ w.T,
+        "column": lambda x: x * col, "gelu": eg.gelu, "relu": eg.relu,
+        "where": lambda x: eg.where(x > 0, x, 0.1 * x), "clip": lambda x: eg.clip(x, -.5, .5),
+        "sum of a row": lambda x: x.sum(1, keepdims=True) * x,
+        "sum over the batch": lambda x: x.sum(0) * x,
+        "softmax of a row": lambda x: eg.softmax(x, axis=1),
+        "softmax over the batch": lambda x: eg.softmax(x, axis=0),
+        "logsumexp of a row": lambda x: eg.logsumexp(x, axis=1, keepdims=True) + x,
+        "max of a row": lambda x: eg.max(x, axis=1, keepdims=True) * x,
+        "max over the batch": lambda x: eg.max(x, axis=0, keepdims=True) * x,
+        "std of a row": lambda x: eg.std(x, axis=1, keepdims=True) * x,
+        "var over the batch": lambda x: eg.var(x, axis=0) * x,
+        "cumsum of a row": lambda x: eg.cumsum(x, axis=1),
+        "cumsum over the batch": lambda x: eg.cumsum(x, axis=0),
+        "first column": lambda x: x[:, :1] * x, "first row": lambda x: x[:1] * x,
+        "rows reversed": lambda x: eg.flip(x, axis=0), "columns reversed": lambda x: x[:, ::-1],
+        "joined along a row": lambda x: eg.concatenate([x, x], axis=1)[:, 1:width + 1],
+        "padded rows": lambda x: eg.pad(x, ((0, 0), (1, 0)))[:, :width],
+        "float32": lambda x: x.astype(np.float32).astype(np.float64),
+        "layer norm": lambda x: eg.nn.functional.layer_norm(x, (width,)),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.sampled_from([70, 96, 5]), jacobian=st.booleans(),
+       rows=st.sampled_from([16, 33]), seed=st.integers(0, 2**16))
+def test_random_chains_jit_equals_f_on_a_block_trace_and_in_blocks(data, n, jacobian, rows,
+                                                                   seed):
+    rng = np.random.default_rng(seed)
+    width = 5  # n = 5: the batch has the length of the feature axis
+    ops = _chain_ops(rng, n, width)
+    names = data.draw(st.lists(st.sampled_from(sorted(ops)), min_size=1, max_size=4))
+
+    def f(x):
+        for name in names:
+            x = ops[name](x)
+        return x
+    f = eg.batch_jacobian(f) if jacobian else f
+    x = xb(rng.standard_normal((n, width)))
+    try:
+        want = f(x)
+    except eg.BatchMixingError:
+        return  # a batch Jacobian through rows that mix: refused, as it should be
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunk, "TRACE_MIN_ROWS", 64)
+        mp.setattr(chunk, "TRACE_ROWS", 7)
+        mp.setenv("EINSUMGRAD_CHUNK", str(rows))
+        j = jit(f)
+        for _ in range(2):  # the first call (a block trace's replay), then a replay
+            assert_same(j(x), want, dict(rtol=1e-9, atol=1e-9), types=False)
