@@ -629,6 +629,10 @@ ROW_WISE = {
     "vmap of jacrev": (lambda rng: eg.vmap(eg.jacrev(mlp([3, 8, 2], rng))), 3),
     "batch_hessian": (hessian, 3),
     "softmax classifier's Jacobian": (lambda rng: log_softmax_jacobian(mlp([4, 8, 3], rng)), 4),
+    # the loss, a sum over the batch, is recorded uncomputed: the gradient never reads it
+    "a sum's gradient": (lambda rng: eg.grad(lambda x: (eg.tanh(x) ** 2).sum()), 3),
+    "element-wise derivatives (seed 004)": (
+        lambda rng: eg.elementwise_grad(lambda k: 3.0 * k + 6.0 * k ** 2), 2),
 }
 
 
@@ -657,8 +661,11 @@ LONG_MIXING = {
     **{k: v for k, v in MIXING.items() if not k.startswith("reshape")},
     "reshape of the batch": lambda x: eg.tanh(x).reshape(-1),
     "reshape of the batch into an axis of its length": lambda x: eg.tanh(x).reshape(2, 48, 96),
-    "a sum's gradient": eg.grad(lambda x: (eg.tanh(x) ** 2).sum()),
-    "a guard in a rule": lambda x: eg.grad(lambda a: eg.max(a, axis=1).sum())(x),
+    "a summed loss returned with its gradient": eg.value_and_grad(
+        lambda x: (eg.tanh(x) ** 2).sum()),
+    # the mean's count of kept labels, float() of a sum over the batch: a guard on it
+    "a guard in a rule": lambda x: eg.grad(lambda a: eg.nn.functional.cross_entropy(
+        a, xb(np.arange(96) % 7)))(x),
     "caught by except Exception": lambda x: _swallow(x),
 }
 

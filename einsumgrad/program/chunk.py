@@ -86,7 +86,7 @@ from .passes import ELEMENTWISE  # the result broadcasts the operands
 from .passes import shape_only
 from ..backends.threads import Timed, cores, one_thread, pool as thread_pool
 from .graph import is_ufunc
-from .trace import ACROSS, FLAGS, Eq, Ref, Unproved
+from .trace import ACROSS, FLAGS, MIXED, Eq, Ref, Unproved
 
 CACHE_BYTES = 1 << 21
 """The per-core L2 cache the blocks are sized for."""
@@ -306,6 +306,8 @@ def _shape_at(eq: Eq):
         return ("arg", 1) if len(eq.args) == 2 and not eq.kwargs else None
     if op in (("prim", "broadcast_to"), ("prim", "reshape")):
         return ("kw", "shape") if len(eq.args) == 1 and set(eq.kwargs) == {"shape"} else None
+    if op == ("prim", "scatter_add"):  # an index's VJP: its cotangent into zeros of a shape
+        return ("kw", "shape") if len(eq.args) == 1 and "shape" in eq.kwargs else None
     if op[0] == "backend" and op[2] in CREATE:
         return ("arg", 0) if 1 <= len(eq.args) <= (2 if op[2] == "full" else 1) \
             and set(eq.kwargs) <= {"dtype"} else None
@@ -471,10 +473,10 @@ def _elementwise(eq: Eq) -> bool:
         and len(eq.outs) == 1 and all(type(v) is Ref for v in eq.kwargs.values())
 
 
-BY_RULE = frozenset(("identity", "copy", "astype", "getitem", "concatenate", "pad", "max",
-                     "spread", "var", "prod", "scan", "cumsum", "softmax", "log_softmax",
-                     "normalize", "inv_std", "layer_norm", "batch_norm", "attention",
-                     "patch_einsum", "unpatch_einsum", "patches", "unpatch"))
+BY_RULE = frozenset(("identity", "copy", "astype", "getitem", "scatter_add", "concatenate",
+                     "pad", "max", "spread", "var", "prod", "scan", "cumsum", "softmax",
+                     "log_softmax", "normalize", "inv_std", "layer_norm", "batch_norm",
+                     "attention", "patch_einsum", "unpatch_einsum", "patches", "unpatch"))
 """Primitives whose own batch rule (the one ``batch_jacobian`` proves rows apart with)
 gives the step's batch axis: a reduction, scan or softmax along other axes, an index
 or padding leaving the batch axis whole, a join along another axis, a layer norm, a
@@ -492,8 +494,9 @@ def _rule_axis(eq: Eq, axes: dict, avals: dict, size: int):
             or not all(type(a) is Ref and a.slot in axes for a in eq.args):
         return False
     arrays = _refs_in(eq.kwargs)
-    if any(s not in axes for s in arrays) or _holds(eq.kwargs, size):
-        return False
+    named = {k: v for k, v in eq.kwargs.items() if k != "shape" or _shape_at(eq) is None}
+    if any(s not in axes for s in arrays) or _holds(named, size):
+        return False  # a shape of the batch's length other than one a block retargets
     bdims = [axes[a.slot] for a in eq.args]
     if all(b is None for b in bdims):
         return None if all(axes[s] is None for s in arrays) else False
@@ -805,8 +808,11 @@ class RowTrace:
     ``all()`` of a batched value (a NaN check) takes the block's flag where it
     has one (a NaN in the block is one in the batch), else the batch is taken to
     have none, which the program's first replay checks (``jit.traced``; where it
-    has one after all, the trace runs again whole). Anything else raises
-    :class:`~einsumgrad.program.trace.Unproved`: the trace starts again whole.
+    has one after all, the trace runs again whole). An einsum summing over the
+    batch (a loss) is recorded uncomputed (:data:`~einsumgrad.program.trace.MIXED`):
+    a gradient never reads it; a step, a guard or an output reading it raises
+    :class:`~einsumgrad.program.trace.Unproved`, as does anything else not
+    proved: the trace starts again whole.
     The program is the same: every shape the function sees is the batch's.
     """
 
@@ -846,6 +852,8 @@ class RowTrace:
         value (axis None), else on the block: the whole values with one axis of the
         batch's length batched there, else (where that proves nothing) unbatched."""
         refs = eq.refs()
+        if any(s in rec.mixed for s in refs):
+            raise Unproved(f"{eq.op[:3]} reads a value that mixes the batch's rows")
         made = eq.op[0] == "backend" and eq.op[2] in CREATE and _made_axis(eq, self.size)
         if not any(s in rec.axes or s in rec.across for s in refs) and type(made) is not int:
             return rec.run(eq.fn, vals, kvals), None
@@ -866,6 +874,14 @@ class RowTrace:
             got = self._on_block(rec, eq, vals, kvals, axes, cuts)
             if got is not None:
                 return got
+        if eq.op == ("prim", "einsum") and not eq.writes:
+            # a sum over the batch (a loss): left uncomputed, an error only where read
+            shapes = [rec.avals[a.slot][0] for a in eq.args]
+            spec = eq.kwargs["spec"]
+            sizes = {l: n for term, shape in zip(spec.inputs, shapes) for l, n in zip(term, shape)}
+            dtype = numpy.result_type(*(rec.avals[a.slot][1] for a in eq.args))
+            shape = tuple(sizes[l] for l in spec.output)
+            return numpy.broadcast_to(numpy.zeros((), dtype), shape), MIXED
         raise Unproved(f"{eq.op[:3]} is not known to keep the batch's rows apart")
 
     def _on_block(self, rec, eq: Eq, vals, kvals, axes: dict, cuts: dict):

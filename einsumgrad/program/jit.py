@@ -76,6 +76,8 @@ def _trace(f, args, kwargs, static_argnums, key, values, optimize, rows=None) ->
         if isinstance(d, Traced):
             if d.rec is not rec:
                 raise TraceError("f returned a value traced by another program")
+            if d.slot in rec.mixed:
+                raise Unproved("f returns a value that mixes the batch's rows")
             outputs.append(Ref(d.slot))
             now.append(d.value)
         elif hasattr(d, "shape") and hasattr(d, "dtype"):

@@ -70,6 +70,12 @@ ACROSS = FLAGS + ("max", "min")
 smallest entries (which only a comparison with a number may read)."""
 
 
+MIXED = "mixed"
+"""A step's batch axis on a block trace where its result mixes the batch's rows (a
+loss summed over the batch): recorded, its value not computed, an error only
+where a later step, a guard or the outputs read it (a gradient's never does)."""
+
+
 class _Whole(dict):
     """The values a trace on a block computed whole, and on first read those its steps
     would compute whole from them alone (an array made of the batch's shape, and
@@ -466,6 +472,7 @@ class Recorder:
         # other slots' values are whole.
         self.rows, self.axes = rows, {}
         self.across: dict = {}  # slot -> one of ACROSS: a block's flag, max or min
+        self.mixed: set = set()  # slots whose values mix the batch's rows: not computed
         self.guessed = False  # a guard on a block's flag stands for the batch's unchecked
 
     # slots
@@ -474,7 +481,9 @@ class Recorder:
         slot = self.n
         self.n += 1
         shape = tuple(value.shape)
-        if axis in ACROSS:
+        if axis == MIXED:
+            self.mixed.add(slot)  # value: a stand-in of its whole shape
+        elif axis in ACROSS:
             self.across[slot] = axis
         elif axis is not None:
             shape = shape[:axis] + (self.rows.size,) + shape[axis + 1:]
@@ -494,7 +503,8 @@ class Recorder:
         """The values computed whole (on a block of rows, the unbatched ones, and an
         array made of the batch's shape, made whole when constant folding reads it)."""
         return _Whole({s: v for s, v in self.values.items()
-                       if s not in self.axes and s not in self.across}, self)
+                       if s not in self.axes and s not in self.across and s not in self.mixed},
+                      self)
 
     def const(self, a) -> tuple:
         """A constant's slot and the read-only view of it the program keeps."""
@@ -651,7 +661,7 @@ class Recorder:
         if frame is None or not frame.f_code.co_filename.startswith(_PKG):
             raise self.error(f"{_WHAT.get(via, _WHAT.get(kind, kind))} a value computed "
                              f"from the program's inputs")
-        if t.slot in self.axes or (t.slot in self.across and (
+        if t.slot in self.axes or t.slot in self.mixed or (t.slot in self.across and (
                 kind not in ("bool", "__bool__") or self.across[t.slot] not in FLAGS)):
             raise Unproved(f"a guard on a value of the batch at {_where(frame)}")
         value = CONVERT[kind](t.value, *args)
