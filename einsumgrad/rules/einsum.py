@@ -35,13 +35,22 @@ def _einsum_impl(*arrays, spec, run=None, order=None):
 einsum_p = Primitive("einsum", _einsum_impl)
 
 
+def _layout(x) -> tuple | None:
+    """The memory order of an operand's cotangent: its own, so that the ops meeting it
+    next (the operand's other rules, its producer's VJP) read it without a copy; C
+    order for a matrix, or where it is broadcast (a weight vmap gives every example:
+    a stride-0 axis has no place in memory, and laid out innermost it would put each
+    example's gradient entries an example apart)."""
+    if x.ndim <= 2 or any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape)):
+        return None
+    return tuple(memory_order(x))
+
+
 @einsum_p.defvjp
 def _einsum_vjp(k, g, out, *xs, spec, run=None, order=None):
     others = xs[:k] + xs[k + 1:]
     nb = g.ndim - out.ndim
-    # The cotangent laid out like its primal: the ops that meet it next (the
-    # primal's other rules, its producer's VJP) then read it without a copy.
-    like = tuple(memory_order(xs[k].data)) if nb == 0 and xs[k].ndim > 2 else None
+    like = _layout(xs[k].data) if nb == 0 else None
     return run_vjp(vjp_pattern(spec, k, (), spec.inputs[k]), g, *others, shape=xs[k].shape,
                    nb=nb, order=like)
 
@@ -61,7 +70,7 @@ class _ArrayVJPs:
     def __getitem__(self, k: int):
         g, xs = self.g, self.xs
         x = xs[k]
-        like = tuple(memory_order(x)) if self.nb == 0 and x.ndim > 2 else None
+        like = _layout(x) if self.nb == 0 else None
         key = self.key
         if key is None:  # shared by the operands: one node's arrays
             key = self.key = (self.spec, type(g), g.shape, g.dtype, tuple(map(type, xs)),
