@@ -633,6 +633,9 @@ ROW_WISE = {
     "a sum's gradient": (lambda rng: eg.grad(lambda x: (eg.tanh(x) ** 2).sum()), 3),
     "element-wise derivatives (seed 004)": (
         lambda rng: eg.elementwise_grad(lambda k: 3.0 * k + 6.0 * k ** 2), 2),
+    # pad's VJP takes the batch axis, not padded, whole
+    "a padded value's gradient": (lambda rng: eg.grad(
+        lambda x: (eg.pad(eg.tanh(x), ((0, 0), (1, 2))) ** 2).sum()), 3),
 }
 
 

@@ -178,24 +178,24 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen | None = N
     flag from comparing it), or ``False``: the step is not known to keep rows apart."""
     seen = seen or Seen([])
     kind = eq.op[0]
+    name = eq.op[1] if kind in ("prim", "method") else eq.op[2] if kind == "backend" else None
     if kind == "guard":
         return _guard_axis(eq, axes, seen.across)
-    name = eq.op[1] if kind == "method" else eq.op[2] if kind == "backend" else None
-    if name in ("any", "all", "max", "min", "amax", "amin") and len(eq.args) == 1 \
+    if kind in ("method", "backend") and name in OVER_ALL and len(eq.args) == 1 \
             and eq.kwargs.get("axis", None) is None and set(eq.kwargs) <= {"axis"}:
         x = eq.args[0]  # over every entry
         return False if type(x) is not Ref or x.slot not in axes else \
-            None if axes[x.slot] is None else name.replace("amax", "max").replace("amin", "min")
+            None if axes[x.slot] is None else OVER_ALL[name]
     if kind == "ufunc" and any(type(a) is Ref and a.slot in seen.across for a in eq.args):
         return _compared(eq, seen.across)
-    if kind == "backend" and eq.op[2] == "layer_norm":
-        return _layer_norm_axis(eq, axes, avals, size)
     if kind == "setitem":
         return _setitem_axis(eq, axes, avals, size)
+    if kind == "backend" and name == "layer_norm":  # a row kernel of two results
+        return _layer_norm_axis(eq, axes, avals, size)
     if eq.seq or eq.scalar:
         return False
     if eq.writes and len(eq.outs) <= 1 and (
-            (kind == "backend" and is_ufunc(eq.op[2]))
+            (kind == "backend" and is_ufunc(name))
             or (kind == "ufunc" and eq.op[2] == "__call__" and _numpys(eq.op[1]))):
         return _in_place_axis(eq, axes, avals, size)
     if kind == "prim" and _elementwise(eq):
@@ -207,76 +207,76 @@ def _step_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen | None = N
         return got
     if len(eq.outs) != 1 or eq.writes:
         return False
-    if kind == "prim" and eq.op[1] == "einsum":
-        if set(eq.kwargs) - {"spec", "run", "order"}:
-            return False
-        return _einsum_axis(eq, axes, avals, size)
-    if kind == "prim" and eq.op[1] == "reshape":
-        return _reshape_axis(eq, axes, avals, size)
-    if kind == "prim" and eq.op[1] == "broadcast_to":
-        return _broadcast_to_axis(eq, axes, avals, size)
     if kind == "prim":
-        return _rule_axis(eq, axes, avals, size)
+        return PRIM_STEPS.get(name, _rule_axis)(eq, axes, avals, size, seen)
+    if kind in ("method", "backend") and name in ARRAY_STEPS:
+        return ARRAY_STEPS[name](eq, axes, avals, size, seen)
     if kind == "fused":
         ok = not eq.kwargs
     elif kind == "ufunc":
         ok = eq.op[2] == "__call__" and not eq.kwargs and _numpys(eq.op[1])
     elif kind == "getitem":
         return _index_axis(eq, axes, avals)
-    elif kind == "method" and eq.op[1] == "view":
-        # the same bytes as another dtype of one size (a mask counted as bytes)
-        x, dt = (eq.args + (None, None))[:2]
-        ok = type(x) is Ref and x.slot in axes and len(eq.args) == 2 and not eq.kwargs \
-            and eq.outs[0] in avals and isinstance(dt, (type, numpy.dtype)) \
-            and numpy.dtype(dt).itemsize == numpy.dtype(avals[x.slot][1]).itemsize
-        return axes[x.slot] if ok else False
-    elif kind == "method" and eq.op[1] == "astype":
-        ok = set(eq.kwargs) <= {"copy"} and len(eq.args) == 2 and type(eq.args[1]) is not Ref
-        return axes.get(eq.args[0].slot, False) if ok and type(eq.args[0]) is Ref else False
-    elif kind == "backend" and eq.op[2] in CREATE:
-        return _made_axis(eq, size)
-    elif kind == "backend" and eq.op[2] == "eye":
-        # an array from static values (a Jacobian's basis): the same in every block
-        return None if not eq.refs() and set(eq.kwargs) <= {"dtype"} else False
-    elif kind == "backend" and eq.op[2] == "as_strided":
-        return _strided_axis(eq, axes, avals, size, seen)
-    elif kind == "backend" and eq.op[2] == "moveaxis":
-        return _moveaxis_axis(eq, axes, avals)
-    elif kind == "backend" and name == "matmul":
-        return _matmul_axis(eq, axes, avals, size)
-    elif kind == "backend" and name == "reshape":
-        return _reshape_axis(eq, axes, avals, size)
-    elif kind == "method" and eq.op[1] == "reshape":
-        x = eq.args[0]
-        if _target(eq) is not None:
-            return _reshape_axis(eq, axes, avals, size)
-        # another spelling (dims one by one) of an unbatched value only
-        return None if type(x) is Ref and axes.get(x.slot, False) is None and not eq.kwargs \
-            and len(eq.refs()) == 1 else False
-    elif name == "transpose" and kind in ("method", "backend"):
-        return _transpose_axis(eq, axes)
-    elif name == "expand_dims" and kind == "backend":
-        return _expand_dims_axis(eq, axes, avals)
-    elif name == "repeat" and kind == "backend":
-        # each entry repeated along another axis (max's mask lined up with its input)
-        x, along = eq.args[0], eq.kwargs.get("axis")
-        if type(x) is not Ref or x.slot not in axes or len(eq.args) != 2 \
-                or type(eq.args[1]) is not int or set(eq.kwargs) != {"axis"} or type(along) is not int:
-            return False
-        ax = axes[x.slot]
-        return ax if ax is None or along % len(avals[x.slot][0]) != ax else False
-    elif kind == "backend" and eq.op[2] == "broadcast_to":
-        return _broadcast_to_axis(eq, axes, avals, size)
-    elif kind in ("backend", "method") and name in REDUCING:
-        return _reducing_axis(eq, axes, avals)
     elif kind == "backend":
         # a rule's own call of the backend (relu's derivative): NumPy's element-wise
         # ufuncs, where, and the extras every backend has element-wise
-        ok = (is_ufunc(eq.op[2]) or eq.op[2] in ("asarray", "where", "erf", "normal_cdf")) \
+        ok = (is_ufunc(name) or name in ("asarray", "where", "erf", "normal_cdf")) \
             and not eq.kwargs
     else:
-        return False  # guards, views, indexing, reductions, anything unknown
+        return False  # views, anything unknown
     return _broadcast_axis(eq, axes, avals, size, eq.outs[0]) if ok else False
+
+
+OVER_ALL = {"any": "any", "all": "all", "max": "max", "min": "min", "amax": "max",
+            "amin": "min"}
+"""A method or backend reduction over every entry (no axis): a value over the batch."""
+
+
+def _einsum_step(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen):
+    if set(eq.kwargs) - {"spec", "run", "order"}:
+        return False
+    return _einsum_axis(eq, axes, avals, size)
+
+
+def _reshape_step(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen):
+    if _target(eq) is not None:
+        return _reshape_axis(eq, axes, avals, size)
+    x = eq.args[0]  # the method's other spelling (dims one by one): of an unbatched value
+    return None if eq.op[0] == "method" and type(x) is Ref and axes.get(x.slot, False) is None \
+        and not eq.kwargs and len(eq.refs()) == 1 else False
+
+
+def _view_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen):
+    """``x.view(dtype)``: the same bytes as another dtype of one size (a mask counted
+    as bytes)."""
+    x, dt = (eq.args + (None, None))[:2]
+    ok = eq.op[0] == "method" and type(x) is Ref and x.slot in axes and len(eq.args) == 2 \
+        and not eq.kwargs and isinstance(dt, (type, numpy.dtype)) \
+        and numpy.dtype(dt).itemsize == numpy.dtype(avals[x.slot][1]).itemsize
+    return axes[x.slot] if ok else False
+
+
+def _astype_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen):
+    x = eq.args[0]
+    ok = eq.op[0] == "method" and set(eq.kwargs) <= {"copy"} and len(eq.args) == 2 \
+        and type(eq.args[1]) is not Ref and type(x) is Ref
+    return axes.get(x.slot, False) if ok else False
+
+
+def _eye_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen):
+    # an array from static values (a Jacobian's basis): the same in every block
+    return None if eq.op[0] == "backend" and not eq.refs() and set(eq.kwargs) <= {"dtype"} \
+        else False
+
+
+def _repeat_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen):
+    """``repeat(x, n, axis)`` along another axis (max's mask lined up with its input)."""
+    x, along = eq.args[0], eq.kwargs.get("axis")
+    if type(x) is not Ref or x.slot not in axes or len(eq.args) != 2 \
+            or type(eq.args[1]) is not int or set(eq.kwargs) != {"axis"} or type(along) is not int:
+        return False
+    ax = axes[x.slot]
+    return ax if ax is None or along % len(avals[x.slot][0]) != ax else False
 
 
 def _guard_axis(eq: Eq, axes: dict, across: dict):
@@ -339,7 +339,7 @@ def _retargeted(eq: Eq, shape: tuple) -> Eq:
               eq.inner)
 
 
-def _made_axis(eq: Eq, size: int):
+def _made_axis(eq: Eq, axes: dict, avals: dict, size: int, seen: Seen | None = None):
     """A new array of a static shape: batched along its one axis of the batch's length
     (the same values in every row: a buffer a block writes its rows into, a Jacobian's
     basis), else unbatched."""
@@ -414,7 +414,7 @@ def _indexed_shape(shape: tuple, index) -> tuple:
                                                 (0,) * len(shape))[index].shape
 
 
-def _moveaxis_axis(eq: Eq, axes: dict, avals: dict):
+def _moveaxis_axis(eq: Eq, axes: dict, avals: dict, *_):
     """``moveaxis(x, source, destination)``: the batch axis where NumPy's order puts it."""
     if len(eq.args) != 3 or eq.kwargs or type(eq.args[0]) is not Ref or eq.args[0].slot not in axes:
         return False
@@ -449,7 +449,7 @@ def _compared(eq: Eq, across: dict):
     return "any" if (side == ">") == (across[a.slot] == "max") else "all"
 
 
-def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int):
+def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int, *_):
     """``broadcast_to(x, shape)``: a batched ``x`` keeps its batch axis (aligned at the
     end); an unbatched one broadcast along exactly one new axis of the batch's length
     is uniform along it, batched there (a block takes that axis cut to its rows, see
@@ -483,7 +483,7 @@ or padding leaving the batch axis whole, a join along another axis, a layer norm
 convolution's products with its patches."""
 
 
-def _rule_axis(eq: Eq, axes: dict, avals: dict, size: int):
+def _rule_axis(eq: Eq, axes: dict, avals: dict, size: int, *_):
     """A primitive of :data:`BY_RULE`: its batch rule's axis for the operands' batch
     axes, where every array it reads whole (unbatched) has no axis of the batch's
     length (a block reads it whole), each batched array parameter lines up with the
@@ -563,7 +563,7 @@ REDUCING = frozenset(("max", "min", "amax", "amin", "sum", "mean", "prod", "any"
 """The backend's reductions a rule calls (logsumexp's maximum): rows apart over other axes."""
 
 
-def _reducing_axis(eq: Eq, axes: dict, avals: dict):
+def _reducing_axis(eq: Eq, axes: dict, avals: dict, *_):
     """``xp.max(x, axis=..., keepdims=...)`` over axes that are not the batch's."""
     x, axis = (eq.args + (None,))[0], eq.kwargs.get("axis")
     if len(eq.args) != 1 or set(eq.kwargs) - {"axis", "keepdims"} or type(x) is not Ref \
@@ -582,7 +582,7 @@ def _reducing_axis(eq: Eq, axes: dict, avals: dict):
     return ax if eq.kwargs.get("keepdims") else ax - sum(1 for a in gone if a < ax)
 
 
-def _transpose_axis(eq: Eq, axes: dict):
+def _transpose_axis(eq: Eq, axes: dict, *_):
     """``transpose(x, order)``: the batch axis goes where ``order`` puts it."""
     x, order = (eq.args + (None, None))[:2]
     if type(x) is not Ref or x.slot not in axes or len(eq.args) != 2 or eq.kwargs \
@@ -592,7 +592,7 @@ def _transpose_axis(eq: Eq, axes: dict):
     return None if ax is None else order.index(ax) if ax in order else False
 
 
-def _matmul_axis(eq: Eq, axes: dict, avals: dict, size: int):
+def _matmul_axis(eq: Eq, axes: dict, avals: dict, size: int, *_):
     """``matmul(a, b)`` where one side is an unbatched matrix (or vector) and the other's
     batch axis is one it keeps: a row of ``a``, a stack axis, or a column of ``b``."""
     if len(eq.args) != 2 or eq.kwargs or not all(type(v) is Ref and v.slot in axes
@@ -627,7 +627,7 @@ def _index_axis(eq: Eq, axes: dict, avals: dict):
         return False
 
 
-def _expand_dims_axis(eq: Eq, axes: dict, avals: dict):
+def _expand_dims_axis(eq: Eq, axes: dict, avals: dict, *_):
     """``expand_dims(x, axis)``: the batch axis among ``x``'s, new ones around it."""
     x, axis = (eq.args + (None, None))[:2]
     if type(axis) is int:
@@ -643,7 +643,7 @@ def _expand_dims_axis(eq: Eq, axes: dict, avals: dict):
     return [i for i in range(n) if i not in new][ax]
 
 
-def _reshape_axis(eq: Eq, axes: dict, avals: dict, size: int):
+def _reshape_axis(eq: Eq, axes: dict, avals: dict, size: int, *_):
     """``reshape(x, shape)`` (C order): a batched ``x``'s batch axis stays an axis of its
     own, the axes before it reshaped among themselves and those after among
     themselves (a Hessian's tangents given a new axis of length 1)."""
@@ -734,6 +734,21 @@ def _broadcast_axis(eq: Eq, axes: dict, avals: dict, size: int, result: int,
         if i >= 0 and sh[i] != 1:
             return False
     return out
+
+
+PRIM_STEPS = {"einsum": _einsum_step, "reshape": _reshape_axis,
+              "broadcast_to": _broadcast_to_axis}
+"""The proof of a primitive's step: these, else its own batch rule (:func:`_rule_axis`)."""
+
+ARRAY_STEPS = {
+    **dict.fromkeys(CREATE, _made_axis), "eye": _eye_axis, "as_strided": _strided_axis,
+    "broadcast_to": _broadcast_to_axis, "reshape": _reshape_step, "transpose": _transpose_axis,
+    "moveaxis": _moveaxis_axis, "expand_dims": _expand_dims_axis, "repeat": _repeat_axis,
+    "matmul": _matmul_axis, **dict.fromkeys(REDUCING, _reducing_axis), "view": _view_axis,
+    "astype": _astype_axis,
+}
+"""The proof of a call of the backend or of an array's method, by name: the array
+calls rules make (a convolution's patches, max's mask, a layer norm's statistics)."""
 
 
 def resized(shape: tuple, axis: int | None, n: int) -> tuple:
@@ -854,7 +869,7 @@ class RowTrace:
         refs = eq.refs()
         if any(s in rec.mixed for s in refs):
             raise Unproved(f"{eq.op[:3]} reads a value that mixes the batch's rows")
-        made = eq.op[0] == "backend" and eq.op[2] in CREATE and _made_axis(eq, self.size)
+        made = eq.op[0] == "backend" and eq.op[2] in CREATE and _made_axis(eq, {}, {}, self.size)
         if not any(s in rec.axes or s in rec.across for s in refs) and type(made) is not int:
             return rec.run(eq.fn, vals, kvals), None
         if shape_only(eq) and type(eq.args[0]) is Ref and eq.args[0].slot in rec.axes \

@@ -1003,8 +1003,11 @@ def _pad_impl(x, width):
 
 
 pad_p = Primitive("pad", _pad_impl)  # width covers the trailing axes: batch axes go first
+# An axis not padded is taken whole (slice(None)): a batch axis stays one the batch
+# rules see whole.
 pad_p.defvjp(lambda k, g, out, x, width: getitem(g, (Ellipsis,) + tuple(
-    slice(b, b + n) for (b, _), n in zip(width, x.shape[x.ndim - len(width):]))))
+    slice(b, b + n) if b or a else slice(None)
+    for (b, a), n in zip(width, x.shape[x.ndim - len(width):]))))
 pad_p.defjvp(lambda k, t, out, x, width: bind(pad_p, t, width=width))
 pad_p.defvmap(same_op(pad_p))  # the widths cover the trailing axes
 
