@@ -24,12 +24,17 @@ does not depend on the batch (the same for every block). Only these steps pass:
 - NumPy's element-wise ufuncs, called directly or by a rule through the backend
   (also writing into their operand with ``out=``), fused element-wise kernels,
   ``where``, ``erf``, ``normal_cdf``; the backend's reductions, transposes,
-  ``expand_dims``, ``repeat``, reshapes, basic indexing and matrix products that
-  keep the batch axis; its layer-norm kernel on rows that are the batch's;
-  ``astype`` and same-size ``view``; ``eye``, ``zeros``, ``ones`` and reshapes of
-  unbatched values (unbatched);
+  ``moveaxis``, ``expand_dims``, ``repeat``, reshapes, basic indexing (reading,
+  and ``x[index] = v``) and matrix products that keep the batch axis; its
+  layer-norm kernel on rows that are the batch's; ``astype`` and same-size
+  ``view`` (:data:`ARRAY_STEPS`);
+- a new array (``zeros``, ``empty``, ...) with one axis of the batch's length,
+  batched there (a buffer a block writes its rows into), else unbatched;
+  ``as_strided`` over such a buffer whose rows are the batch's, each window
+  within a row (a convolution's patches);
 - a guard (a branch a rule took) on an unbatched value, or on ``any()`` /
-  ``all()`` over a batched value where it expects none (no NaN in the batch: then
+  ``all()`` over a batched value, or a comparison of its largest or smallest
+  entry with a number, where it expects none (no NaN, no tie in the batch: then
   none in each block, checked block by block).
 
 Any other step (a guard on the batch's values, a reshape moving rows, an index
