@@ -124,7 +124,9 @@ def make_program(f: Callable, static_argnums=()) -> Callable:
     arguments and result pytrees of arrays or Tensors (other leaves, and the
     ``static_argnums`` arguments, are static: part of the signature). A long
     batch is traced on a block of its rows, and again whole where a step mixes
-    rows (see :func:`jit`).
+    rows (see :func:`jit`); where a rule's check of the batch (for a NaN, say)
+    took the block's answer for the batch's, the program runs once on the
+    arguments to check it.
 
     Raises:
         TraceError: ``f`` branches on a value computed from its inputs (names the line).
