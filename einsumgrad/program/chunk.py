@@ -307,7 +307,8 @@ def _shape_at(eq: Eq):
     """Where a step names the shape it gives: ``("arg", i)``, ``("kw", name)``, or None
     (a reshape's or broadcast's target, a new array's shape, a strided view's)."""
     op = eq.op
-    if (op[0] == "backend" and op[2] in ("broadcast_to", "reshape")) or op == ("method", "reshape"):
+    if (op[0] == "backend" and op[2] in ("broadcast_to", "reshape")) \
+            or op == ("method", "reshape"):
         return ("arg", 1) if len(eq.args) == 2 and not eq.kwargs else None
     if op in (("prim", "broadcast_to"), ("prim", "reshape")):
         return ("kw", "shape") if len(eq.args) == 1 and set(eq.kwargs) == {"shape"} else None
@@ -421,7 +422,8 @@ def _indexed_shape(shape: tuple, index) -> tuple:
 
 def _moveaxis_axis(eq: Eq, axes: dict, avals: dict, *_):
     """``moveaxis(x, source, destination)``: the batch axis where NumPy's order puts it."""
-    if len(eq.args) != 3 or eq.kwargs or type(eq.args[0]) is not Ref or eq.args[0].slot not in axes:
+    if len(eq.args) != 3 or eq.kwargs or type(eq.args[0]) is not Ref \
+            or eq.args[0].slot not in axes:
         return False
     x, src, dst = eq.args
     ax = axes[x.slot]
@@ -474,7 +476,8 @@ def _broadcast_to_axis(eq: Eq, axes: dict, avals: dict, size: int, *_):
 def _elementwise(eq: Eq) -> bool:
     """An element-wise primitive (its batch rule the element-wise one: add_bias, GELU,
     any defined so through ``einsumgrad.extend``), its parameters arrays if any."""
-    return (eq.op[1] in ELEMENTWISE or (eq.prim is not None and eq.prim.batch is elementwise_batch)) \
+    return (eq.op[1] in ELEMENTWISE
+            or (eq.prim is not None and eq.prim.batch is elementwise_batch)) \
         and len(eq.outs) == 1 and all(type(v) is Ref for v in eq.kwargs.values())
 
 

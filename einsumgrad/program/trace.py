@@ -89,12 +89,11 @@ class _Whole(dict):
     def __contains__(self, slot) -> bool:
         if dict.__contains__(self, slot):
             return True
-        if slot not in self.made:
+        if slot not in self.made:  # a step of one result, from values made whole alone
             eq = self.producers.get(slot)
-            self.made[slot] = False  # a cycle through it computes nothing
             self.made[slot] = eq is not None and len(eq.outs) == 1 and not eq.writes \
-                and not eq.seq and eq.op[0] not in ("guard", "fused") and slot not in self.rec.across \
-                and all(s in self for s in eq.refs())
+                and not eq.seq and eq.op[0] not in ("guard", "fused") \
+                and slot not in self.rec.across and all(s in self for s in eq.refs())
         return self.made[slot]
 
     def __missing__(self, slot):
