@@ -91,7 +91,7 @@ from .passes import ELEMENTWISE  # the result broadcasts the operands
 from .passes import shape_only
 from ..backends.threads import Timed, cores, one_thread, pool as thread_pool
 from .graph import is_ufunc
-from .trace import ACROSS, FLAGS, MIXED, Eq, Ref, Unproved
+from .trace import ACROSS, FLAGS, MIXED, Eq, Ref, Unproved, refs_in
 
 CACHE_BYTES = 1 << 21
 """The per-core L2 cache the blocks are sized for."""
@@ -401,11 +401,11 @@ def _setitem_axis(eq: Eq, axes: dict, avals: dict, size: int):
     vax = axes[v.slot] if type(v) is Ref else None
     if ax is None:
         return None if vax is None else False
-    region = _index_axis(Eq(("getitem",), None, (x, index), {}, (_PENDING,)), axes,
-                         {**avals, _PENDING: (_indexed_shape(avals[x.slot][0], index), None)})
-    if region is False or region is None or type(region) is not int:
-        return False
     shape = _indexed_shape(avals[x.slot][0], index)
+    region = _index_axis(Eq(("getitem",), None, (x, index), {}, (_PENDING,)), axes,
+                         {**avals, _PENDING: (shape, None)})
+    if type(region) is not int:
+        return False
     if vax is None:
         vshape = avals[v.slot][0] if type(v) is Ref else numpy.shape(v)
         i = len(vshape) - len(shape) + region
@@ -414,10 +414,9 @@ def _setitem_axis(eq: Eq, axes: dict, avals: dict, size: int):
 
 
 def _indexed_shape(shape: tuple, index) -> tuple:
-    """The shape of ``x[index]`` for an array of ``shape`` (a basic index)."""
-    return numpy.empty(shape, dtype=numpy.bool_)[index].shape if math.prod(shape) < (1 << 16) \
-        else numpy.lib.stride_tricks.as_strided(numpy.empty(1, numpy.bool_), shape,
-                                                (0,) * len(shape))[index].shape
+    """The shape of ``x[index]`` for an array of ``shape`` (a basic index), read off a
+    view of one element broadcast to it."""
+    return numpy.broadcast_to(numpy.empty((), numpy.bool_), shape)[index].shape
 
 
 def _moveaxis_axis(eq: Eq, axes: dict, avals: dict, *_):
@@ -501,7 +500,7 @@ def _rule_axis(eq: Eq, axes: dict, avals: dict, size: int, *_):
     if prim is None or prim.batch is None or eq.op[1] not in BY_RULE \
             or not all(type(a) is Ref and a.slot in axes for a in eq.args):
         return False
-    arrays = _refs_in(eq.kwargs)
+    arrays = refs_in(eq.kwargs)
     named = {k: v for k, v in eq.kwargs.items() if k != "shape" or _shape_at(eq) is None}
     if any(s not in axes for s in arrays) or _holds(named, size):
         return False  # a shape of the batch's length other than one a block retargets
@@ -522,19 +521,6 @@ def _rule_axis(eq: Eq, axes: dict, avals: dict, size: int, *_):
         if s in arrays and ax is not None and ax != got and len(sh) - ax != len(shape) - got:
             return False  # an array parameter's rows elsewhere than the result's
     return got
-
-
-def _refs_in(obj) -> list:
-    found: list = []
-    if type(obj) is Ref:
-        found.append(obj.slot)
-    elif type(obj) in (tuple, list):
-        for v in obj:
-            found += _refs_in(v)
-    elif type(obj) is dict:
-        for v in obj.values():
-            found += _refs_in(v)
-    return found
 
 
 def _holds(obj, size: int) -> bool:
@@ -911,11 +897,12 @@ class RowTrace:
         """The step on the block, ``axes`` its operands' batch axes (``cuts``: the whole
         ones cut to the block): ``(result, axis)``, or None where not proved."""
         vals, kvals = self._cut(eq.args, vals, cuts), self._cut(eq.kwargs, kvals, cuts)
+        seen = Seen(rec.eqs, rec.across, rec.axes)
         shape = _target(eq)
         if shape is not None:  # the batch's shape it gives, cut to the block where batched
             rec.avals[_PENDING] = (shape, None)
             at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), prim=eq.prim),
-                            axes, rec.avals, self.size, Seen(rec.eqs, rec.across, rec.axes))
+                            axes, rec.avals, self.size, seen)
             del rec.avals[_PENDING]
             if at is not False and at is not None:
                 where, key = _shape_at(eq)
@@ -932,7 +919,6 @@ class RowTrace:
             return None
         if eq.op == ("prim", "identity") and result is vals[0]:
             return result, None  # its operand's slot again: nothing recorded
-        seen = Seen(rec.eqs, rec.across, rec.axes)
         if result is None and eq.writes:  # x[index] = v: written in place, no result
             done = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (), writes=eq.writes),
                               axes, rec.avals, self.size, seen)

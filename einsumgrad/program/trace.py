@@ -169,12 +169,17 @@ class Eq:
 
     def refs(self) -> list:
         """The slots this step reads, in order (``writes`` among them)."""
-        found: list = []
-        _refs((self.args, self.kwargs), found)
-        return found
+        return refs_in((self.args, self.kwargs))
 
     def __repr__(self) -> str:
         return f"Eq({self.op[:2]}, outs={self.outs})"
+
+
+def refs_in(obj: Any) -> list:
+    """The slots a template (arguments, parameters) reads, in order."""
+    found: list = []
+    _refs(obj, found)
+    return found
 
 
 def _refs(obj: Any, found: list) -> None:
