@@ -259,10 +259,10 @@ def mlp_step(rng) -> None:
             out.backward()
             return [out.detach()] + [p.grad for p in tparams]
         peers["PyTorch eager (backward)"] = (torch_step, (px, py))
-    print(gemm_rates(B, sizes, f32))
     run_case("MLP step 512-1024-1024-10, batch 256, float32: loss and gradients",
              (params, x, onehot), eg.value_and_grad(loss), peers, min_time=2.0, tol=1e-4,
              targets={"JAX jit(value_and_grad)": 1.0, "PyTorch eager (backward)": 0.7})
+    print(gemm_rates(B, sizes, f32))
 
 
 def gemm_rates(batch: int, sizes: list, dtype) -> str:
@@ -289,8 +289,16 @@ def gemm_rates(batch: int, sizes: list, dtype) -> str:
     rates = {name: flops / median_time(lambda f=f, ms=ms: [f(a, b) for a, b in ms],
                                        min_time=0.5) / 1e9
              for name, (f, ms) in pairs.items()}
+    # The floor no framework passes: the step's products (no gradient for x, so
+    # not the first layer's backward product into it) at the best rate this
+    # machine's BLAS reaches on any shape, a large square product.
+    a, b = (rng.standard_normal((2048, 2048)).astype(dtype) for _ in range(2))
+    peak = 2 * 2048 ** 3 / min(median_time(lambda: a @ b, min_time=0.3) for _ in range(3)) / 1e9
+    step = flops - 2 * batch * sizes[0] * sizes[1]
     return ("  the step's GEMMs, GFLOP/s: "
-            + ", ".join(f"{name} {r:.0f}" for name, r in rates.items()))
+            + ", ".join(f"{name} {r:.0f}" for name, r in rates.items())
+            + f"\n  its floor: {step / 1e9:.2f} GFLOP at NumPy's BLAS peak here (2048^3 products, "
+            f"{peak:.0f} GFLOP/s) take {fmt(step / peak / 1e9).strip()}")
 
 
 def small_grad(rng) -> None:
