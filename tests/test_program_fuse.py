@@ -274,28 +274,71 @@ def test_a_kernel_runs_the_way_timed_faster_and_tries_the_other_now_and_then(
     assert rest.count(faster) >= len(rest) - 6 and 2 <= rest.count(slower) <= 6
 
 
+def _turns(ran: list, way: int) -> list:
+    """Where each run of ``way``'s calls in a row begins in ``ran``."""
+    return [i for i, w in enumerate(ran) if w == way and (i == 0 or ran[i - 1] != way)]
+
+
+def _race(pace, took, calls: int, ran: list) -> None:
+    for _ in range(calls):
+        way = pace.pick()
+        ran.append(way)
+        pace.record(way, took(way) if callable(took) else took[way])
+
+
 def test_a_way_that_stays_slower_is_tried_ever_less_often_until_it_wins():
+    tries = threads.Timed.TRIES
     pace, every = threads.Timed(2, every=4), 4
     took = [1.0, 3.0]  # seconds per run of way 0 and way 1
-    ran = []
-    for _ in range(2 * threads.Timed.TRIES + 400):
-        way = pace.pick()
-        ran.append(way)
-        pace.record(way, took[way])
-    tried = [i for i, w in enumerate(ran) if w == 1][threads.Timed.TRIES:]
-    gaps = [b - a for a, b in zip(tried, tried[1:])]
+    ran: list = []
+    _race(pace, took, 2 * tries + 400, ran)
+    turns = _turns(ran[2 * tries:], 1)  # each a turn of TRIES calls in a row
+    assert all(ran[2 * tries + t:2 * tries + t + tries] == [1] * tries for t in turns)
+    gaps = [b - a for a, b in zip(turns, turns[1:])]
     cap = threads.Timed.BACKOFF * every
-    assert gaps[:4] == [2 * every, 4 * every, 8 * every, 16 * every] and set(gaps[4:]) == {cap}
+    assert gaps[:4] == [g * every + tries - 1 for g in (2, 4, 8, 16)]
+    assert set(gaps[4:]) == {cap + tries - 1}
     took.reverse()  # way 1 became the faster: found at its turn, then kept
     ran.clear()
-    for _ in range(cap + 4 * every):
-        way = pace.pick()
-        ran.append(way)
-        pace.record(way, took[way])
+    _race(pace, took, cap + 6 * every, ran)
     found = ran.index(1)
-    assert found <= cap
-    after = [i - found for i, w in enumerate(ran) if w == 0 and i > found]
-    assert after[:2] == [every, 3 * every]  # way 0 now the slower: tried after every calls again
+    assert found <= cap and ran[found:found + tries] == [1] * tries
+    after = [t - found for t in _turns(ran, 0) if t > found]
+    assert after[:2] == [tries + every - 1, 2 * tries + 3 * every - 2]  # way 0 now the slower
+
+
+def test_a_turn_is_timed_past_its_first_call_and_a_slow_spell_brings_turns_back():
+    tries = threads.Timed.TRIES
+    pace, every = threads.Timed(2, every=4), 4
+    ran: list = []
+    # way 0's first calls paid once (a cold start), later ones 1.0; each turn of it
+    # after way 1 has run starts cold (3.0) and then runs warm: way 0 is found
+    cold = {"first": 3, "after": False}
+
+    def took(way):
+        if way == 1:
+            cold["after"] = True
+            return 2.0
+        if cold["first"]:
+            cold["first"] -= 1
+            return 5.0
+        slow, cold["after"] = cold["after"], False
+        return 3.0 if slow else 1.0
+    _race(pace, took, 2 * tries + 2 * every, ran)
+    start = 2 * tries + every - 1  # way 0's first turn
+    assert ran[2 * tries:start] == [1] * (every - 1) and ran[start:start + tries] == [0] * tries
+    assert set(ran[start + tries:]) == {0}  # its warm time won: kept from then on
+    # the leader's times grow (a busy core): the other way leads, and the first
+    # leader's turn comes after `every` calls, not after the backoff grown so far
+    ran.clear()
+    _race(pace, [1.0, 2.0], 400, ran)  # way 1 loses turn after turn: a long backoff
+    assert pace.gap == threads.Timed.BACKOFF * every
+    ran.clear()
+    _race(pace, [9.0, 2.0], 4 * every, ran)  # way 0's slow spell: way 1 leads
+    lead = ran.index(1)
+    assert ran[lead:lead + every - 1] == [1] * (every - 1)
+    assert ran[lead + every - 1:lead + every - 1 + tries] == [0] * tries  # way 0's turn, soon
+
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ on that team.
 """
 from __future__ import annotations
 
+import collections
+
 import concurrent.futures
 import ctypes
 import os
@@ -144,48 +146,64 @@ the rows (tests and measurements set it)."""
 class Timed:
     """Ways of running one thing, each timed as it runs: the fastest runs.
 
-    The first calls take the ways in turn, :attr:`TRIES` each, a way's estimate
-    the best of its times; after that each time moves its estimate a quarter of
-    the way, and now and then one of the slower ways runs (in turn), so a way that
-    became the faster (a core another process freed) is found again: after
-    ``every`` calls, then after twice as many each time the slower ways stay
-    slower (up to :attr:`BACKOFF` times ``every``: a way that loses for good costs
-    ever less), after ``every`` again once one wins.
+    A way's estimate is its best time over its last :attr:`TRIES` runs: noise
+    only ever slows a run, so one slow call (an interrupt, another process) moves
+    nothing, while a way slowed for good (a busy core) shows within as many calls.
+    The first calls take the ways in turn, :attr:`TRIES` each; then the fastest
+    runs, and now and then one of the others takes a turn, :attr:`TRIES` calls in
+    a row, so a way that became the faster (a core another process freed) is
+    found again: a turn's first call finds caches that another way's calls
+    filled (timed on it alone, a whole replay lost to a blocked one 20% slower),
+    and its earlier estimate may hold costs its first calls paid once (a product's
+    own BLAS race). A slower way takes its turn after ``every`` calls, then after
+    twice as many each time the slower ways stay slower (up to :attr:`BACKOFF`
+    times ``every``: a way that loses for good costs ever less), after ``every``
+    again once another way leads (by winning its turn, or by the leader slowing).
     """
 
     TRIES = 3
     BACKOFF = 16
 
-    __slots__ = ("times", "counts", "every", "gap", "left", "tried")
+    __slots__ = ("times", "recent", "counts", "every", "gap", "left", "tried", "turn",
+                 "streak", "leader")
 
     def __init__(self, ways: int, every: int):
         self.times, self.counts = [float("inf")] * ways, [0] * ways
+        self.recent = [collections.deque(maxlen=self.TRIES) for _ in range(ways)]
         self.every = self.gap = self.left = every
-        self.tried = 0  # slower ways run so far: which runs next
+        self.tried = 0  # slower ways' turns so far: whose comes next
+        self.turn, self.streak = None, 0  # a turn under way: its way, its calls left
+        self.leader = None  # the way run between turns
 
     def pick(self) -> int:
         """The way to run now."""
         n = min(self.counts)
         if n < self.TRIES:
             return self.counts.index(n)
+        if self.streak:
+            return self.turn
         best = min(range(len(self.times)), key=self.times.__getitem__)
+        if best != self.leader:  # the others' turns come soon again
+            self.leader, self.gap, self.left = best, self.every, self.every
         self.left -= 1
         if self.left > 0:
             return best
         others = [i for i in range(len(self.times)) if i != best]
         self.tried += 1
-        return others[self.tried % len(others)]
+        self.turn, self.streak = others[self.tried % len(others)], self.TRIES
+        return self.turn
 
     def record(self, way: int, seconds: float) -> None:
         """How long ``way`` took this time (per unit of work, where that varies)."""
         self.counts[way] += 1
-        t = self.times[way]
-        self.times[way] = min(t, seconds) if self.counts[way] <= self.TRIES else \
-            t + (seconds - t) / 4
-        if self.left <= 0:  # a slower way ran: did it win?
-            won = self.times[way] == min(self.times)
-            self.gap = self.every if won else min(2 * self.gap, self.BACKOFF * self.every)
-            self.left = self.gap
+        self.recent[way].append(seconds)
+        self.times[way] = min(self.recent[way])
+        if self.streak:  # a slower way's turn
+            self.streak -= 1
+            if not self.streak:  # over: did it win?
+                won = self.times[way] == min(self.times)
+                self.gap = self.every if won else min(2 * self.gap, self.BACKOFF * self.every)
+                self.left = self.gap
 
 
 _paces: dict = {}  # kernel loop -> its Timed (0: alone, 1: rows shared), per element operation
