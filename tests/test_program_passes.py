@@ -151,6 +151,76 @@ def test_elementwise_chains_fuse_exactly(steps, dtype, seed):
         check(f, *ins, tol=tol, other=[half(a) for a in ins])
 
 
+class _NumPyAsCuPy:
+    """NumPy in the place of CuPy's module for the GPU fusion: ``fuse`` runs the chain's
+    function as written, so the fused step must equal the unfused ufuncs bit for bit."""
+
+    def __init__(self):
+        self.fused = []
+
+    def fuse(self):
+        def wrap(fn):
+            self.fused.append(fn)
+            return fn
+        return wrap
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.skipif(NAME != "numpy", reason="NumPy's arrays stand in for CuPy's")
+@settings(max_examples=25, deadline=None)
+@given(elementwise_chains(), st.sampled_from([np.float64, np.float32]),
+       st.integers(0, 2 ** 31 - 1))
+def test_on_cupy_a_chain_is_one_cupy_fuse_of_the_same_ufuncs(steps, dtype, seed):
+    rng = np.random.default_rng(seed)
+    ins = [rng.standard_normal(s).astype(dtype) for s in ((32, 40), (40,), (32, 1))]
+
+    def f(a, b, c):
+        vals = [a, b, c]
+        for step in steps:
+            fn = UNARY.get(step[0]) or BINARY[step[0]]
+            vals.append(fn(*[vals[i] for i in step[1:]]))
+        return vals[-1] + 0.0 * a
+    xp = _NumPyAsCuPy()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fuse, "_target", lambda p: xp)
+        opt = trace_program(f, tuple(ins), {}, ())[0]
+        mp.setattr(eg.backends, "cupy_backend", lambda: type("B", (), {"module": xp})())
+        again = pickle.loads(pickle.dumps(opt))  # the kernel made again from its source
+    raw = trace_program(f, tuple(ins), {}, (), optimize=False)[0]
+    fused = [eq for eq in opt.eqs if eq.op[0] == "fused"]
+    assert all(eq.op[1].startswith(fuse.GPU_MARK) for eq in fused)
+    assert all(step(eq) in fuse.GPU for eq in fused for step in [fuse.step] for eq in eq.inner)
+    assert len(xp.fused) == len(fused)
+    want = npy(raw(*ins))
+    for q in (opt, again):
+        np.testing.assert_array_equal(npy(q(*ins)), want)
+
+
+def test_on_cupy_a_chains_kernel_calls_the_unfused_programs_ufuncs():
+    x = np.random.default_rng(0).standard_normal((64, 64))
+    f = eg.grad(lambda a: eg.tanh(eg.relu(a) * 2.0 + 1.0).sum())
+    xp = _NumPyAsCuPy()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fuse, "_target", lambda p: xp)
+        p = make_program(f)(x)
+    (eq,) = p.eqs  # the whole gradient: one kernel
+    assert eq.op[0] == "fused" and "fused[" in str(p)
+    head, signature, *body, ret = eq.op[1].splitlines()
+    assert head + "\n" == fuse.GPU_MARK and signature.startswith("def kernel(i0")
+    assert ret == f"    return t{len(body) - 1}"
+    calls = [re.fullmatch(r"    t(\d+) = xp\.(\w+)\((.*)\)", line) for line in body]
+    assert all(calls) and [int(c[1]) for c in calls] == list(range(len(body)))
+    assert {"maximum", "multiply", "add", "tanh", "subtract"} <= {c[2] for c in calls}
+    assert "i0, 0" in {c[3] for c in calls}  # relu as the unfused program calls it
+    raw = trace_program(f, (x,), {}, (), optimize=False)[0]
+    np.testing.assert_array_equal(p(x), raw(x))
+    # off NumPy's and CuPy's backends (the strict stand-in) the chain stays as it is
+    assert fuse._target(type("P", (), {"device": "strict", "devices": {"strict": "strict"}})) \
+        is None
+
+
 def half(a):
     """Another argument of ``a``'s signature (0-d stays an array)."""
     return xb(np.asarray(npy(a) * 0.5))

@@ -208,8 +208,8 @@ def _eq_from(s: tuple, program: Program) -> Eq:
     if inner is not None:
         inner = [_eq_from(e, program) for e in inner]
     if kind == "fused":
-        from .fuse import compile_kernel
-        fn = compile_kernel(op[1])
+        from .fuse import kernel_of
+        fn = kernel_of(op[1])
     elif kind == "prim":
         prim = primitive(op[1])
         fn = prim.impl

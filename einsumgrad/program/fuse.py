@@ -27,7 +27,11 @@ pool, timed both ways.
 The kernel's source is written to a cache folder and compiled with numba's
 disk cache (:func:`einsumgrad.backends.compiled.compile_kernel`), so a program
 traced again (or unpickled) in another process does not compile it again.
-Without numba, or on another backend than NumPy's, the chain stays as it is.
+On CuPy's backend a chain is one ``cupy.fuse`` of a function calling the ufuncs
+the unfused program calls, in its order (:func:`_fused_gpu`): one CUDA kernel,
+whose arithmetic CuPy's compiler may contract into fused multiply-adds.
+Without numba on NumPy's backend, or on the strict stand-in, the chain stays
+as it is.
 
 The kernel computes the same scalar operations in the same order and dtype
 (constants take the array's dtype, as NumPy's weak scalars do), so arithmetic
@@ -81,10 +85,11 @@ def available() -> bool:
 
 def fuse_elementwise(p) -> None:
     """Fuse element-wise chains of ``p`` in place (see the module docstring)."""
-    if p.device != "cpu" or "numpy" not in p.devices:
+    target = _target(p)
+    if target is None:
         return
     bad, groups = written(p)
-    fusable = [_fusable(eq, p) and groups[eq.outs[0]] not in bad
+    fusable = [_fusable(eq, p, target) and groups[eq.outs[0]] not in bad
                and not any(groups.get(s) in bad for s in eq.refs()) for eq in p.eqs]
     readers: dict = {}  # slot -> the steps reading it
     for i, eq in enumerate(p.eqs):
@@ -113,12 +118,13 @@ def fuse_elementwise(p) -> None:
             roots[r].append(i)
     chains = {r: sorted(members + [r]) for r, members in roots.items()
               if len(members) + 1 >= MIN_STEPS and size(r) >= MIN_SIZE}
-    if not chains or not available():  # numba is imported only where a chain is found
+    if not chains or (target == "numba" and not available()):  # numba: imported only here
         return
     replaced = {}
     for r, steps in chains.items():
         replaced.update((i, None) for i in steps if i != r)
-        replaced[r] = _fused([p.eqs[i] for i in steps], p)
+        chain = [p.eqs[i] for i in steps]
+        replaced[r] = _fused(chain, p) if target == "numba" else _fused_gpu(chain, p, target)
     p.eqs = [replaced.get(i, eq) for i, eq in enumerate(p.eqs)
              if replaced.get(i, eq) is not None]
 
@@ -132,13 +138,88 @@ def step(eq: Eq) -> str | None:
     return None
 
 
-def _fusable(eq: Eq, p) -> bool:
+def _target(p):
+    """What fuses ``p``'s chains: ``"numba"`` on NumPy's backend, CuPy's module on
+    CuPy's (``cupy.fuse``), None elsewhere (the strict stand-in: the chain stays)."""
+    if p.device == "cpu" and "numpy" in p.devices:
+        return "numba"
+    if set(p.devices) == {"cupy"}:
+        from ..backends import cupy_backend
+        return cupy_backend().module
+    return None
+
+
+def _fusable(eq: Eq, p, target="numba") -> bool:
     if eq.kwargs or eq.writes or len(eq.outs) != 1:
         return False
     dtype = p.avals[eq.outs[0]][1]
-    ops = FUSED | VECTOR if dtype == numpy.float64 else FUSED
+    ops = (GPU if target != "numba" else FUSED | VECTOR if dtype == numpy.float64
+           else FUSED)
     return step(eq) in ops and dtype in (numpy.float32, numpy.float64) and all(
         p.avals[s][1] == dtype for s in eq.refs())
+
+
+# On CuPy a chain is its steps' own ufuncs, fused by ``cupy.fuse`` into one CUDA kernel:
+# each step the function the unfused program calls (compile.DIRECT), or ``sign``.
+GPU = frozenset(prim for prim in FUSED | VECTOR if prim in DIRECT or prim == "sign")
+GPU_MARK = "# cupy.fuse\n"  # the first line of a CuPy kernel's source
+
+
+def _fused_gpu(steps: list, p, xp) -> Eq:
+    """One equation running ``steps`` as ``xp.fuse`` of a function calling the same
+    ufuncs in the same order (every input, constants too, an argument of it)."""
+    inside = {eq.outs[0] for eq in steps}
+    inputs: list = []
+    names: dict = {}
+    lines = []
+    for k, eq in enumerate(steps):
+        args = []
+        for a in eq.args:
+            if a.slot in inside:
+                args.append(names[a.slot])
+            else:
+                if a.slot not in inputs:
+                    inputs.append(a.slot)
+                args.append(f"i{inputs.index(a.slot)}")
+        name, extra = DIRECT.get(step(eq), (step(eq), ""))
+        names[eq.outs[0]] = f"t{k}"
+        lines.append(f"    t{k} = xp.{name}({', '.join(args)}{extra})")
+    src = (GPU_MARK + f"def kernel({', '.join(f'i{k}' for k in range(len(inputs)))}):\n"
+           + "\n".join(lines) + f"\n    return t{len(steps) - 1}\n")
+    shape = p.avals[steps[-1].outs[0]][0]
+    return Eq(("fused", src, tuple(step(eq) for eq in steps)), gpu_kernel(src, xp),
+              tuple(Ref(s) for s in inputs), {}, (steps[-1].outs[0],), scalar=shape == (),
+              inner=list(steps))
+
+
+_gpu_kernels: dict = {}  # (source, module) -> kernel
+
+
+def gpu_kernel(src: str, xp=None):
+    """The kernel of a CuPy chain's source: ``kernel(*inputs, out=None)``, the chain's
+    function under ``xp.fuse`` (a module without ``fuse`` runs it as it is)."""
+    if xp is None:
+        from ..backends import cupy_backend
+        xp = cupy_backend().module
+    kernel = _gpu_kernels.get((src, xp))
+    if kernel is None:
+        ns = {"xp": xp}
+        exec(compile(src, "einsumgrad_fused_gpu", "exec"), ns)
+        fused = xp.fuse()(ns["kernel"]) if hasattr(xp, "fuse") else ns["kernel"]
+
+        def kernel(*inputs, out=None):
+            result = fused(*inputs)
+            if out is None:
+                return result
+            out[...] = result
+            return out
+        kernel = _gpu_kernels[(src, xp)] = kernel
+    return kernel
+
+
+def kernel_of(src: str):
+    """A fused step's kernel from its source (a program unpickled)."""
+    return gpu_kernel(src) if src.startswith(GPU_MARK) else compile_kernel(src)
 
 
 def _fused(steps: list, p) -> Eq:
