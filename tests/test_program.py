@@ -262,6 +262,35 @@ def test_inside_a_transform_or_with_a_graph_jit_runs_f_itself():
     assert j.traces == 0
 
 
+def test_a_training_step_with_its_update_jits():
+    """A step returning the loss and the parameters after SGD with momentum, the update
+    written in engine ops: traced once, each step equal to the eager one."""
+    rng = np.random.default_rng(3)
+    x, y = xb(rng.standard_normal((32, 6))), xb(np.eye(3)[rng.integers(0, 3, 32)])
+
+    def loss(params, x, y):
+        (w1, b1), (w2, b2) = params
+        h = eg.tanh(eg.einsum("bi,oi->bo", x, w1) + b1)
+        return -(eg.log_softmax(eg.einsum("bi,oi->bo", h, w2) + b2) * y).sum() / 32.0
+
+    def step(params, velocity, x, y, lr):
+        value, grads = eg.value_and_grad(loss)(params, x, y)
+        velocity = [[0.9 * v + g for v, g in zip(vs, gs)] for vs, gs in zip(velocity, grads)]
+        params = [[p - lr * v for p, v in zip(ps, vs)] for ps, vs in zip(params, velocity)]
+        return value, params, velocity
+    params = [[xb(rng.standard_normal((8, 6)) * 0.3), xb(np.zeros(8))],
+              [xb(rng.standard_normal((3, 8)) * 0.3), xb(np.zeros(3))]]
+    velocity = [[xb(np.zeros(npy(p).shape)) for p in ps] for ps in params]
+    fast = jit(step, static_argnums=(4,))
+    state, eager, losses = (params, velocity), (params, velocity), []
+    for _ in range(5):
+        value, *state = fast(*state, x, y, 0.1)
+        want, *eager = step(*eager, x, y, 0.1)
+        assert_same((value, state), (want, eager))
+        losses.append(float(npy(value)))
+    assert fast.traces == 1 and losses[-1] < losses[0]
+
+
 def test_in_place_updates_and_setitem_inside():
     def f(x):
         y = x * 2.0

@@ -32,7 +32,10 @@ def signature(args: tuple, kwargs: dict, static_argnums: tuple) -> tuple:
     values), and the arrays (the inputs, in order).
 
     Leaves that are arrays or Tensors are inputs; any other leaf (a Python
-    number, a string) is static, as the ``static_argnums`` arguments are.
+    number, a string) is static, as the ``static_argnums`` arguments are. An
+    array and a Tensor of it are the same input (a trace sees Tensors either
+    way: a training loop feeds a step's Tensors back without a new trace); each
+    part's first item says whether it is a Tensor that requires grad.
     """
     if not kwargs and not static_argnums:  # the common call: arrays or Tensors, no nesting
         values, parts = [], []
@@ -42,7 +45,7 @@ def signature(args: tuple, kwargs: dict, static_argnums: tuple) -> tuple:
             if not (tp is Tensor or tp is numpy.ndarray):
                 break
             values.append(d)
-            parts.append((tp is Tensor, type(d), d.shape, d.dtype))
+            parts.append((tp is Tensor and a.requires_grad, type(d), d.shape, d.dtype))
         else:
             return (_flat_tree(len(args)), (), tuple(parts)), values
     dyn = tuple(None if i in static_argnums else a for i, a in enumerate(args))
@@ -53,7 +56,7 @@ def signature(args: tuple, kwargs: dict, static_argnums: tuple) -> tuple:
         if isinstance(leaf, Tensor):
             d = leaf.data
             values.append(d)
-            parts.append((True, type(d), d.shape, d.dtype))
+            parts.append((leaf.requires_grad, type(d), d.shape, d.dtype))
         elif isinstance(leaf, numpy.generic):
             values.append(numpy.asarray(leaf))
             parts.append((False, numpy.generic, (), leaf.dtype))

@@ -153,8 +153,7 @@ class Jit:
             return self.f(*args, **kwargs)  # inside a trace or a transform: f itself, on the tape
         nums = _normalized(self.static_argnums, len(args))
         key, values = signature(args, kwargs, nums)
-        if any(part[0] is True for part in key[2]) and any(
-                t.requires_grad for t in _tensors(args, kwargs)):
+        if any(part[0] is True for part in key[2]):  # a Tensor that requires grad
             return self.f(*args, **kwargs)  # a graph is wanted: the tape records f
         hit = self.programs.get(key)  # [program, its replay (made at the first replay)]
         if hit is not None:
@@ -181,11 +180,6 @@ class Jit:
         if hit is None:
             hit = self.programs[key] = [trace_program(self.f, args, kwargs, nums)[0], None]
         return hit[0]
-
-
-def _tensors(args: tuple, kwargs: dict) -> list:
-    leaves, _ = flatten((args, kwargs))
-    return [leaf for leaf in leaves if isinstance(leaf, Tensor)]
 
 
 def jit(f: Callable, static_argnums=()) -> Jit:
