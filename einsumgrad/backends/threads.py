@@ -24,7 +24,6 @@ on that team.
 from __future__ import annotations
 
 import collections
-
 import concurrent.futures
 import ctypes
 import os
@@ -153,8 +152,8 @@ class Timed:
     runs, and now and then one of the others takes a turn, :attr:`TRIES` calls in
     a row, so a way that became the faster (a core another process freed) is
     found again: a turn's first call finds caches that another way's calls
-    filled (timed on it alone, a whole replay lost to a blocked one 20% slower),
-    and its earlier estimate may hold costs its first calls paid once (a product's
+    filled (timed on it alone, a whole replay lost to a slower blocked one), and
+    its earlier estimate may hold costs its first calls paid once (a product's
     own BLAS race). A slower way takes its turn after ``every`` calls, then after
     twice as many each time the slower ways stay slower (up to :attr:`BACKOFF`
     times ``every``: a way that loses for good costs ever less), after ``every``
