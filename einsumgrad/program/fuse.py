@@ -168,28 +168,39 @@ GPU_MARK = "# cupy.fuse\n"  # the first line of a CuPy kernel's source
 def _fused_gpu(steps: list, p, xp) -> Eq:
     """One equation running ``steps`` as ``xp.fuse`` of a function calling the same
     ufuncs in the same order (every input, constants too, an argument of it)."""
-    inside = {eq.outs[0] for eq in steps}
-    inputs: list = []
-    names: dict = {}
+    inputs, args = _wired(steps)
     lines = []
-    for k, eq in enumerate(steps):
-        args = []
-        for a in eq.args:
-            if a.slot in inside:
-                args.append(names[a.slot])
-            else:
-                if a.slot not in inputs:
-                    inputs.append(a.slot)
-                args.append(f"i{inputs.index(a.slot)}")
+    for k, (eq, names) in enumerate(zip(steps, args)):
         name, extra = DIRECT.get(step(eq), (step(eq), ""))
-        names[eq.outs[0]] = f"t{k}"
-        lines.append(f"    t{k} = xp.{name}({', '.join(args)}{extra})")
+        lines.append(f"    t{k} = xp.{name}({', '.join(names)}{extra})")
     src = (GPU_MARK + f"def kernel({', '.join(f'i{k}' for k in range(len(inputs)))}):\n"
            + "\n".join(lines) + f"\n    return t{len(steps) - 1}\n")
     shape = p.avals[steps[-1].outs[0]][0]
     return Eq(("fused", src, tuple(step(eq) for eq in steps)), gpu_kernel(src, xp),
               tuple(Ref(s) for s in inputs), {}, (steps[-1].outs[0],), scalar=shape == (),
               inner=list(steps))
+
+
+def _wired(steps: list) -> tuple:
+    """A chain's inputs from outside (slots, in the order first read) and, per step,
+    its arguments' names in the kernel: ``i<k>`` input k, ``t<j>`` step j's result."""
+    inside = {eq.outs[0] for eq in steps}
+    inputs: list = []
+    names: dict = {}
+    args = []
+    for k, eq in enumerate(steps):
+        row = []
+        for a in eq.args:
+            s = a.slot
+            if s in inside:
+                row.append(names[s])
+            else:
+                if s not in inputs:
+                    inputs.append(s)
+                row.append(f"i{inputs.index(s)}")
+        names[eq.outs[0]] = f"t{k}"
+        args.append(row)
+    return inputs, args
 
 
 _gpu_kernels: dict = {}  # (source, module) -> kernel
@@ -224,22 +235,9 @@ def kernel_of(src: str):
 
 def _fused(steps: list, p) -> Eq:
     """One equation running ``steps`` (in order, the last its root) as one kernel."""
-    inside = {eq.outs[0] for eq in steps}
-    inputs: list = []
-    names: dict = {}
-    lines = []
-    for k, eq in enumerate(steps):
-        args = []
-        for a in eq.args:
-            s = a.slot
-            if s in inside:
-                args.append(names[s])
-            else:
-                if s not in inputs:
-                    inputs.append(s)
-                args.append(f"i{inputs.index(s)}")
-        names[eq.outs[0]] = f"t{k}"
-        lines.append(f"t{k} = {SCALAR[step(eq)].format(*args)}")
+    inputs, args = _wired(steps)
+    lines = [f"t{k} = {SCALAR[step(eq)].format(*names)}"
+             for k, (eq, names) in enumerate(zip(steps, args))]
     root = steps[-1].outs[0]
     shape, dtype = p.avals[root]
     steps = _compact_constants(steps, inputs, shape, p)
