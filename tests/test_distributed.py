@@ -4,6 +4,7 @@ Every result is checked against the NumPy call on the whole array (float64,
 1e-12); the blocks are uneven, and feature axes arrive split in chunks too.
 One cluster serves the whole module.
 """
+import concurrent.futures
 import os
 import pathlib
 import re
@@ -238,6 +239,34 @@ def test_parameters_are_scattered_once_per_step(client, monkeypatch):
     egd.value_and_grad(loss)(params, x, onehot)
     assert len(scattered) == 1 and scattered[0]["broadcast"] is True
     assert len(computed) == 1 and computed[0] < 40_000   # 8 blocks; no copy of the parameters
+
+
+def test_a_step_whose_parameters_were_lost_runs_once_more(client, monkeypatch):
+    """The workers holding a step's scattered parameters gone (its result cancelled):
+    scattered again and the whole step run again, once; a second loss raises."""
+    params = {"w": rng.standard_normal((5, 4)), "b": rng.standard_normal(4)}
+    x, onehot = rng.standard_normal((24, 5)), np.eye(4)[rng.integers(0, 4, 24)]
+    want = eg.value_and_grad(lambda p, x, y: loss(p, x, y).mean())(params, x, onehot)
+    scattered, compute = [], client.compute
+    lost = [1]  # how many computations to cancel, first to last
+
+    def spy_compute(c, **kw):
+        fut = compute(c, **kw)
+        if lost[0]:
+            lost[0] -= 1
+            client.cancel(fut)
+        return fut
+    monkeypatch.setattr(client, "compute", spy_compute)
+    monkeypatch.setattr(client, "scatter", lambda data, _s=client.scatter, **kw:
+                        scattered.append(kw) or _s(data, **kw))
+    got_l, got_g = egd.value_and_grad(loss)(params, dask_of(x, 4), dask_of(onehot, 4))
+    close(got_l, want[0])
+    close(got_g["w"], want[1]["w"])
+    close(got_g["b"], want[1]["b"])
+    assert len(scattered) == 2
+    lost[0] = 2
+    with pytest.raises(concurrent.futures.CancelledError):
+        egd.value_and_grad(loss)(params, dask_of(x, 4), dask_of(onehot, 4))
 
 
 # -- 5. a worker killed mid-computation -------------------------------------------------

@@ -7,6 +7,7 @@ tree, so no block's rows ever leave the worker that holds them.
 """
 from __future__ import annotations
 
+from concurrent.futures import CancelledError
 from typing import Callable
 
 import numpy as np
@@ -100,8 +101,9 @@ def value_and_grad(f: Callable, argnums=0, reduction: str = "mean", *,
     take the scattered parameters (a future) as its argument.
 
     A worker that dies mid-step has its blocks recomputed on the others (no
-    block lost or counted twice); the step fails only if every worker holding
-    its parameters dies before it ends (call it again). Without a
+    block lost or counted twice). Where every worker holding its parameters dies
+    before it ends, the step runs once more from its start with the parameters
+    scattered again, and fails if they are lost again. Without a
     ``dask.distributed`` client the same graph runs on dask's local scheduler. Before anything is scheduled, ``f`` is traced on two rows to
     check that samples stay apart (``eg.BatchMixingError`` otherwise; integer
     data, such as labels, is not tracked).
@@ -147,20 +149,30 @@ def value_and_grad(f: Callable, argnums=0, reduction: str = "mean", *,
 
         step = Step(f, [None if i in data else a for i, a in enumerate(args)],
                     nums[0] if isinstance(argnums, int) else nums, data)
+        blocks = list(zip(*(args[i].to_delayed().ravel() for i in data)))
+
+        def total(ref):  # the sum of the blocks' (loss, grads), as a tree of additions
+            parts = [delayed(_block)(ref, *b) for b in blocks]
+            while len(parts) > 1:
+                parts = [delayed(_add)(*parts[k:k + split_every])
+                         for k in range(0, len(parts), split_every)]
+            return parts[0]
         client = _client()
-        ref = client.scatter(step, broadcast=True, hash=False) if client else step
-        blocks = zip(*(args[i].to_delayed().ravel() for i in data))
-        parts = [delayed(_block)(ref, *b) for b in blocks]
-        while len(parts) > 1:
-            parts = [delayed(_add)(*parts[k:k + split_every])
-                     for k in range(0, len(parts), split_every)]
         if client is None:
-            loss, grads = parts[0].compute()
+            loss, grads = total(step).compute()
         else:
-            try:
-                loss, grads = client.compute(parts[0]).result()
-            finally:
-                ref.release()  # this step's parameters: no longer needed on the workers
+            for attempt in range(2):
+                ref = client.scatter(step, broadcast=True, hash=False)
+                try:
+                    loss, grads = client.compute(total(ref)).result()
+                    break
+                except CancelledError:
+                    # the workers holding the parameters died (a worker that joined as
+                    # they were scattered had none): the whole step once more, anew
+                    if attempt:
+                        raise
+                finally:
+                    ref.release()  # this step's parameters: no longer needed on the workers
         if reduction == "mean":
             loss, grads = loss / n, tree_map(lambda g: g / n, grads)
         return Tensor(loss), tree_map(Tensor, grads)
