@@ -898,12 +898,20 @@ class RowTrace:
         ones cut to the block): ``(result, axis)``, or None where not proved."""
         vals, kvals = self._cut(eq.args, vals, cuts), self._cut(eq.kwargs, kvals, cuts)
         seen = Seen(rec.eqs, rec.across, rec.axes)
+
+        def proof(outs=(_PENDING,), aval=None, **flags):
+            """The step's batch axis (:func:`_step_axis`) as a step of these results,
+            ``aval`` the pending one's whole shape and dtype."""
+            if aval is not None:
+                rec.avals[_PENDING] = aval
+            try:
+                return _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, outs, **flags), axes,
+                                  rec.avals, self.size, seen)
+            finally:
+                rec.avals.pop(_PENDING, None)
         shape = _target(eq)
         if shape is not None:  # the batch's shape it gives, cut to the block where batched
-            rec.avals[_PENDING] = (shape, None)
-            at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), prim=eq.prim),
-                            axes, rec.avals, self.size, seen)
-            del rec.avals[_PENDING]
+            at = proof(aval=(shape, None), prim=eq.prim)
             if at is not False and at is not None:
                 where, key = _shape_at(eq)
                 cut = resized(shape, at, self.rows)
@@ -920,33 +928,26 @@ class RowTrace:
         if eq.op == ("prim", "identity") and result is vals[0]:
             return result, None  # its operand's slot again: nothing recorded
         if result is None and eq.writes:  # x[index] = v: written in place, no result
-            done = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (), writes=eq.writes),
-                              axes, rec.avals, self.size, seen)
+            done = proof((), writes=eq.writes)
             return None if done is False else (None, None)
         if type(result) in (tuple, list) and result \
                 and all(type(r) is numpy.ndarray for r in result):
-            at = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (), seq=True), axes, rec.avals,
-                            self.size, seen)  # a row kernel's results: one axis for all
+            at = proof((), seq=True)  # a row kernel's results: one axis for all
             ok = at is not False and at is not None \
                 and all(r.ndim > at and r.shape[at] == self.rows for r in result)
             return (result, at) if ok else None
         if isinstance(result, (numpy.ndarray, numpy.generic)) and result.ndim == 0:
-            flag = _step_axis(Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,)), axes, rec.avals,
-                              self.size, seen)
+            flag = proof()
             if flag in ACROSS:  # any() or all() of the block: a guard alone may read it
                 return result, flag
         if type(result) is not numpy.ndarray:
             return None
-        proved = Eq(eq.op, eq.fn, eq.args, eq.kwargs, (_PENDING,), writes=eq.writes, prim=eq.prim)
-        try:
-            for i, n in enumerate(result.shape):
-                if n == self.rows:
-                    rec.avals[_PENDING] = (resized(result.shape, i, self.size), result.dtype)
-                    got = _step_axis(proved, axes, rec.avals, self.size, seen)
-                    if got is not False and got == i:  # False == 0 holds
-                        return result, i
-        finally:
-            rec.avals.pop(_PENDING, None)
+        for i, n in enumerate(result.shape):
+            if n == self.rows:
+                got = proof(aval=(resized(result.shape, i, self.size), result.dtype),
+                            writes=eq.writes, prim=eq.prim)
+                if got is not False and got == i:  # False == 0 holds
+                    return result, i
         return None
 
     def _cut(self, template, values, cuts: dict):
