@@ -846,15 +846,8 @@ class RowTrace:
     def stand_ins(self, rec, template, values):
         """``values`` with each batched array as a stand-in of its whole shape (a
         broadcast view): what a shape's query reads."""
-        def swap(t, v):
-            if type(t) is Ref and t.slot in rec.axes:
-                return numpy.broadcast_to(numpy.zeros((), v.dtype), rec.avals[t.slot][0])
-            if type(t) in (tuple, list):
-                return type(t)(swap(a, b) for a, b in zip(t, v))
-            if type(t) is dict:
-                return {k: swap(t[k], v[k]) for k in t}
-            return v
-        return swap(template, values)
+        return _at_refs(template, values, lambda slot, v: v if slot not in rec.axes else
+                        numpy.broadcast_to(numpy.zeros((), v.dtype), rec.avals[slot][0]))
 
     def step(self, rec, eq: Eq, vals, kvals) -> tuple:
         """``(result, its batch axis)``: the step run whole where it reads no batched
@@ -952,14 +945,20 @@ class RowTrace:
 
     def _cut(self, template, values, cuts: dict):
         """``values`` with the whole arrays ``cuts`` names (slot -> axis) cut to the block."""
-        if type(template) is Ref:
-            ax = cuts.get(template.slot)
-            return values if ax is None else values[rows_along(ax, 0, self.rows)]
-        if type(template) in (tuple, list):
-            return type(template)(self._cut(t, v, cuts) for t, v in zip(template, values))
-        if type(template) is dict:
-            return {k: self._cut(template[k], values[k], cuts) for k in template}
-        return values
+        return _at_refs(template, values, lambda slot, v: v if cuts.get(slot) is None
+                        else v[rows_along(cuts[slot], 0, self.rows)])
+
+
+def _at_refs(template, values, fn):
+    """``values`` (laid out as ``template``) with each value where the template holds a
+    Ref replaced by ``fn(slot, value)``."""
+    if type(template) is Ref:
+        return fn(template.slot, values)
+    if type(template) in (tuple, list):
+        return type(template)(_at_refs(t, v, fn) for t, v in zip(template, values))
+    if type(template) is dict:
+        return {k: _at_refs(template[k], values[k], fn) for k in template}
+    return values
 
 
 # -- sizing -----------------------------------------------------------------------------------
